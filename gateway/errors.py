@@ -1,0 +1,173 @@
+"""The gateway's one error hierarchy: each class knows its CoAP response code and CLI exit status.
+
+The CoAP front door (`gateway.coap`) and the CLI map errors to responses in one place each,
+reading `coap_code` and `exit_status` from the class; nothing else inspects error types.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+# CLI exit statuses (documented in README.md, "Exit codes").
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_CONFIG = 3
+EXIT_UNAVAILABLE = 4  # daemon or device not reachable
+EXIT_STORE = 5
+
+
+class GatewayError(Exception):
+    """Base of every error the gateway raises on purpose."""
+
+    #: CoAP response code as "class.detail" (e.g. "4.00"); the CoAP layer turns it into a code.
+    coap_code: str = "5.00"
+    exit_status: int = EXIT_FAILURE
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigIssue:
+    """One problem in a configuration, at a TOML path such as `devices.boiler-1.interval`."""
+
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" if self.path else self.message
+
+
+class ConfigError(GatewayError):
+    """A configuration is invalid; carries every issue found, each with its TOML path."""
+
+    coap_code = "4.00"
+    exit_status = EXIT_CONFIG
+
+    def __init__(self, issues: Iterable[ConfigIssue] | str, path: str = "") -> None:
+        if isinstance(issues, str):
+            issues = [ConfigIssue(path, issues)]
+        self.issues: list[ConfigIssue] = list(issues)
+        super().__init__("\n".join(str(i) for i in self.issues) or "invalid configuration")
+
+    @property
+    def path(self) -> str:
+        return self.issues[0].path if self.issues else ""
+
+
+class PayloadError(GatewayError):
+    """A request's payload is malformed (bad CBOR/JSON/SenML, wrong types); names the problem."""
+
+    coap_code = "4.00"
+    exit_status = EXIT_USAGE
+
+
+class UnsupportedFormatError(GatewayError):
+    coap_code = "4.15"
+    exit_status = EXIT_USAGE
+
+
+class PayloadTooLargeError(GatewayError):
+    coap_code = "4.13"
+    exit_status = EXIT_USAGE
+
+    def __init__(self, message: str, limit: int) -> None:
+        super().__init__(message)
+        self.limit = limit
+
+
+class DriverError(GatewayError):
+    """A device could not be read or written."""
+
+    coap_code = "5.02"
+    exit_status = EXIT_UNAVAILABLE
+
+    def __init__(self, device: str, message: str) -> None:
+        super().__init__(f"{device}: {message}" if device else message)
+        self.device = device
+
+
+class DeviceUnavailable(DriverError):  # noqa: N818 - name fixed by DESIGN.md
+    coap_code = "5.03"
+
+
+class DeviceTimeout(DriverError):  # noqa: N818 - name fixed by DESIGN.md
+    coap_code = "5.04"
+
+
+class DeviceProtocolError(DriverError):
+    """The device answered with an error of its protocol (a Modbus exception, a CoAP 4.xx...)."""
+
+    coap_code = "5.02"
+
+    def __init__(self, device: str, message: str, code: int | str | None = None) -> None:
+        super().__init__(device, message)
+        self.code = code
+
+
+class PointNotFound(DriverError):  # noqa: N818 - name fixed by DESIGN.md
+    coap_code = "4.04"
+    exit_status = EXIT_USAGE
+
+
+class NotFoundError(GatewayError):
+    """A resource (device, point, registration, command) that does not exist."""
+
+    coap_code = "4.04"
+    exit_status = EXIT_USAGE
+
+
+class AuthError(GatewayError):
+    coap_code = "4.01"
+    exit_status = EXIT_USAGE
+
+
+class ForbiddenError(AuthError):
+    coap_code = "4.03"
+
+
+class StoreError(GatewayError):
+    coap_code = "5.03"
+    exit_status = EXIT_STORE
+
+
+class StoreFull(StoreError):  # noqa: N818 - name fixed by DESIGN.md
+    """The disk quota is reached under the `reject_new` policy; retry after `retry_after` s."""
+
+    def __init__(self, message: str, retry_after: int = 30) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class StoreClosedError(StoreError):
+    """The store is shutting down and takes no more appends."""
+
+    def __init__(self, message: str = "store is shutting down", retry_after: int = 5) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class ConcurrencyError(StoreError):
+    """An append's expected stream version did not match: someone else appended first."""
+
+    coap_code = "4.12"
+
+    def __init__(self, stream: str, expected: int, actual: int) -> None:
+        super().__init__(
+            f"stream {stream!r}: expected version {expected}, but it is at version {actual}"
+        )
+        self.stream = stream
+        self.expected = expected
+        self.actual = actual
+
+
+class DaemonUnavailableError(GatewayError):
+    """The CLI could not reach the daemon's control socket."""
+
+    exit_status = EXIT_UNAVAILABLE

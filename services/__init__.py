@@ -1,0 +1,1 @@
+"""In-process services run by the supervisor: devices, collection (and more to come)."""
