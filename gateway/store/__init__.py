@@ -1,0 +1,640 @@
+"""The event store: an append-only log in SQLite (WAL) with projections and an outbox.
+
+One writer thread owns the write connection and does group commit: appends from many
+producers are batched into one transaction, and each producer's await returns only after
+that transaction committed. The whole batch (events, outbox rows, projections, stream
+versions) runs as one function in the writer thread: one thread hop per transaction, which
+is why the writer uses sqlite3 in its own thread rather than aiosqlite's per-statement calls.
+Readers use their own connection in a reader thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import sqlite3
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import cbor2
+
+from gateway import events as ev
+from gateway.clock import SystemClock
+from gateway.config import StoreConfig
+from gateway.errors import ConcurrencyError, StoreClosedError, StoreError, StoreFull
+from gateway.events import Event, NewEvent
+from gateway.store import queries
+from gateway.store.projections import projections
+from gateway.store.schema import migrate
+
+__all__ = ["Event", "EventStore", "NewEvent", "StoreStats", "open_readonly", "quarantine"]
+
+log = logging.getLogger("gateway.store")
+T = TypeVar("T")
+
+Listener = Callable[[Sequence[Event]], None]
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStats:
+    path: str
+    file_bytes: int
+    used_bytes: int
+    quota_bytes: int
+    last_seq: int
+    events: int
+    outbox_depth: int
+    outbox_bytes: int
+    oldest_undelivered: float | None  # wall time
+    dead_letters: int
+    dropped: int
+    rejected: int
+    batches: int
+    appended: int
+
+
+class _Pending:
+    __slots__ = ("events", "future")
+
+    def __init__(self, events: Sequence[NewEvent], future: asyncio.Future[list[Event]]) -> None:
+        self.events = events
+        self.future = future
+
+
+class _Job:
+    __slots__ = ("fn", "future")
+
+    def __init__(self, fn: Callable[[sqlite3.Connection], Any], future: asyncio.Future[Any]):
+        self.fn = fn
+        self.future = future
+
+
+def _connect(path: Path, synchronous: str, readonly: bool = False) -> sqlite3.Connection:
+    if readonly:
+        conn = sqlite3.connect(
+            f"file:{path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False
+        )
+    else:
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
+    conn.execute("PRAGMA busy_timeout=5000")
+    conn.execute("PRAGMA foreign_keys=OFF")
+    return conn
+
+
+def open_readonly(path: str | os.PathLike[str]) -> sqlite3.Connection:
+    """A read-only connection for the CLI (works while the daemon writes, thanks to WAL)."""
+    p = Path(path)
+    if not p.exists():
+        raise StoreError(f"{p}: no database here (has gatewayd run with this config?)")
+    return _connect(p, "normal", readonly=True)
+
+
+def quarantine(path: Path, reason: str) -> Path:
+    """Move a corrupt database (and its -wal/-shm) aside with a timestamped name; never delete."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    target = path.with_name(f"{path.name}.corrupt-{stamp}")
+    n = 1
+    while target.exists():
+        target = path.with_name(f"{path.name}.corrupt-{stamp}-{n}")
+        n += 1
+    shutil.move(str(path), target)
+    for suffix in ("-wal", "-shm"):
+        side = Path(str(path) + suffix)
+        if side.exists():
+            shutil.move(str(side), str(target) + suffix)
+    log.error("database %s is corrupt (%s): moved aside to %s; starting on a fresh file",
+              path, reason, target)  # fmt: skip
+    return target
+
+
+def _check(path: Path) -> str | None:
+    """None if the file is a healthy database (or absent), else what is wrong."""
+    if not path.exists():
+        return None
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            rows = conn.execute("PRAGMA quick_check").fetchall()
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as exc:
+        return str(exc)
+    if rows != [("ok",)]:
+        return "; ".join(str(r[0]) for r in rows[:5])
+    return None
+
+
+class EventStore:
+    """Append events durably; read them back; keep projections and the outbox in step."""
+
+    def __init__(
+        self,
+        path: Path,
+        config: StoreConfig,
+        gateway_id: str,
+        clock: SystemClock,
+    ) -> None:
+        self.path = path
+        self.config = config
+        self.gateway_id = gateway_id
+        self.clock = clock
+        self.quarantined: Path | None = None
+        self._wx = ThreadPoolExecutor(1, thread_name_prefix="store-writer")
+        self._rx = ThreadPoolExecutor(1, thread_name_prefix="store-reader")
+        self._w: sqlite3.Connection | None = None
+        self._r: sqlite3.Connection | None = None
+        self._queue: deque[_Pending] = deque()
+        self._jobs: deque[_Job] = deque()
+        self._wake = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
+        self._closing = False
+        self._listeners: list[Listener] = []
+        # Writer-thread state (touched only in the writer thread, or before it starts).
+        self._versions: dict[str, int] = {}
+        self._last_seq = 0
+        self._since_snapshot: dict[str, int] = {}
+        self._used_bytes = 0
+        self._page_size = 4096
+        # Figures.
+        self.batches = 0
+        self.appended = 0
+        self.rejected = 0
+        self.dropped = 0
+        self.last_commit_mono = time.monotonic()
+        self.writer_error: BaseException | None = None
+
+    # -- life -----------------------------------------------------------------------------
+    @classmethod
+    async def open(
+        cls,
+        path: str | os.PathLike[str],
+        config: StoreConfig | None = None,
+        *,
+        gateway_id: str = "gateway",
+        clock: SystemClock | None = None,
+    ) -> EventStore:
+        store = cls(Path(path), config or StoreConfig(), gateway_id, clock or SystemClock())
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(store._wx, store._open_sync)
+        except BaseException:
+            store._wx.shutdown(wait=False)
+            store._rx.shutdown(wait=False)
+            raise
+        store._writer = asyncio.create_task(store._run_writer(), name="store-writer")
+        if store.quarantined is not None:
+            await store.append(
+                ev.GATEWAY_STREAM, "store.quarantined",
+                {"moved_to": str(store.quarantined), "reason": "corrupt database at start"},
+            )  # fmt: skip
+        return store
+
+    def _open_sync(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        problem = _check(self.path)
+        if problem is not None:
+            self.quarantined = quarantine(self.path, problem)
+        try:
+            self._w = _connect(self.path, self.config.synchronous)
+            migrate(self._w)
+        except sqlite3.DatabaseError as exc:
+            # quick_check passed but the file still cannot be used: quarantine, start fresh.
+            if self._w is not None:
+                self._w.close()
+            self.quarantined = quarantine(self.path, str(exc))
+            self._w = _connect(self.path, self.config.synchronous)
+            migrate(self._w)
+        self._r = _connect(self.path, self.config.synchronous, readonly=True)
+        self._last_seq = self._w.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0]
+        # Counters survive restarts in the `counters` table (dropped events...).
+        for name, value in self._w.execute("SELECT name, value FROM counters"):
+            if name == "dropped":
+                self.dropped = int(value)
+        self._page_size = self._w.execute("PRAGMA page_size").fetchone()[0]
+        self._measure()
+
+    async def close(self) -> None:
+        """Stop taking appends, commit everything queued, checkpoint, close. Idempotent."""
+        if self._closing and self._writer is None:
+            return
+        self._closing = True
+        self._wake.set()
+        if self._writer is not None:
+            await self._writer
+            self._writer = None
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._wx, self._close_sync)
+        self._wx.shutdown(wait=True)
+        self._rx.shutdown(wait=True)
+
+    def _close_sync(self) -> None:
+        if self._w is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._w.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self._w.close()
+            self._w = None
+        if self._r is not None:
+            self._r.close()
+            self._r = None
+
+    @property
+    def closed(self) -> bool:
+        return self._closing
+
+    def add_listener(self, listener: Listener) -> None:
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: Listener) -> None:
+        with contextlib.suppress(ValueError):
+            self._listeners.remove(listener)
+
+    @property
+    def last_seq(self) -> int:
+        return self._last_seq
+
+    # -- appending ------------------------------------------------------------------------
+    async def append(
+        self,
+        stream: str,
+        type: str,  # noqa: A002 - the event's type
+        data: Mapping[str, Any],
+        *,
+        expected_version: int | None = None,
+        outbox: bool = True,
+    ) -> Event:
+        """Append one event; returns once it is committed (durable under `synchronous=full`)."""
+        return (await self.append_many([NewEvent(stream, type, data, expected_version, outbox)]))[0]
+
+    def append_many(self, events: Sequence[NewEvent]) -> asyncio.Future[list[Event]]:
+        """Append events atomically (all or none); the future resolves after the commit."""
+        future: asyncio.Future[list[Event]] = asyncio.get_running_loop().create_future()
+        if self._closing:
+            future.set_exception(StoreClosedError())
+        elif self.writer_error is not None:
+            future.set_exception(StoreError(f"store writer failed: {self.writer_error}"))
+        else:
+            self._queue.append(_Pending(events, future))
+            self._wake.set()
+        return future
+
+    async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `fn(conn)` in the writer thread inside its own transaction; returns its result."""
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        if self._closing and self._writer is None:
+            raise StoreClosedError()
+        self._jobs.append(_Job(fn, future))
+        self._wake.set()
+        return await future
+
+    async def _run_writer(self) -> None:
+        loop = asyncio.get_running_loop()
+        linger = self.config.linger_ms / 1000
+        limit = self.config.batch_max
+        while True:
+            if not self._queue and not self._jobs:
+                if self._closing:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            if self._jobs:
+                job = self._jobs.popleft()
+                try:
+                    result = await loop.run_in_executor(self._wx, self._run_job, job.fn)
+                except Exception as exc:  # noqa: BLE001 - handed to the caller
+                    if not job.future.done():
+                        job.future.set_exception(exc)
+                else:
+                    if not job.future.done():
+                        job.future.set_result(result)
+                continue
+            if linger and len(self._queue) < limit and not self._closing:
+                await asyncio.sleep(linger)
+            batch: list[_Pending] = []
+            n = 0
+            while self._queue and n < limit:
+                p = self._queue.popleft()
+                if p.future.cancelled():
+                    continue  # the producer gave up before we wrote: nothing was promised
+                batch.append(p)
+                n += len(p.events)
+            if not batch:
+                continue
+            try:
+                outcome = await loop.run_in_executor(self._wx, self._commit, batch)
+            except Exception as exc:  # noqa: BLE001 - every producer gets the error
+                log.error("store commit failed: %s", exc)
+                err = exc if isinstance(exc, StoreError) else StoreError(f"commit failed: {exc}")
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_exception(err)
+                continue
+            self.last_commit_mono = time.monotonic()
+            committed: list[Event] = []
+            for p, result in zip(batch, outcome, strict=True):
+                if isinstance(result, BaseException):
+                    if not p.future.done():
+                        p.future.set_exception(result)
+                else:
+                    committed.extend(result)
+                    if not p.future.done():
+                        p.future.set_result(result)
+            if committed:
+                for listener in self._listeners:
+                    try:
+                        listener(committed)
+                    except Exception:
+                        log.exception("store listener failed")
+
+    def _run_job(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        conn = self._w
+        assert conn is not None
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            result = fn(conn)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            self._reload_versions()
+            raise
+        self._measure()
+        return result
+
+    def _quota_bytes(self) -> int:
+        return int(self.config.quota_mb * 1024 * 1024)
+
+    def _measure(self) -> None:
+        assert self._w is not None
+        pages, free = self._w.execute(
+            "SELECT page_count, freelist_count FROM pragma_page_count, pragma_freelist_count"
+        ).fetchone()
+        self._used_bytes = (pages - free) * self._page_size
+
+    def _reload_versions(self) -> None:
+        self._versions.clear()  # reloaded lazily from the `streams` table
+
+    def _version_of(self, conn: sqlite3.Connection, stream: str) -> int:
+        v = self._versions.get(stream)
+        if v is None:
+            row = conn.execute("SELECT version FROM streams WHERE stream = ?", (stream,)).fetchone()
+            v = int(row[0]) if row else 0
+            if len(self._versions) > 50_000:
+                self._versions.clear()
+            self._versions[stream] = v
+        return v
+
+    def _commit(self, batch: Sequence[_Pending]) -> list[list[Event] | BaseException]:
+        """Writer thread: one transaction for the whole batch."""
+        conn = self._w
+        assert conn is not None
+        over = self._used_bytes >= self._quota_bytes()
+        if over and self.config.overflow == "reject_new":
+            self.rejected += sum(len(p.events) for p in batch)
+            full = StoreFull(
+                f"disk quota reached ({self._used_bytes // 1024} KiB used of "
+                f"{self._quota_bytes() // 1024} KiB, policy reject_new)"
+            )
+            return [full for _ in batch]
+        now = self.clock.time()
+        mono = self.clock.monotonic()
+        boot = self.clock.boot_id
+        synced = int(self.clock.synced())
+        seq = self._last_seq
+        versions: dict[str, int] = {}
+        out: list[list[Event] | BaseException] = []
+        rows: list[tuple[Any, ...]] = []
+        outbox: list[tuple[int, str]] = []
+        committed: list[Event] = []
+        for p in batch:
+            mine: list[Event] = []
+            local: dict[str, int] = {}
+            failed: BaseException | None = None
+            for ne in p.events:
+                cur = local.get(ne.stream)
+                if cur is None:
+                    cur = versions.get(ne.stream)
+                if cur is None:
+                    cur = self._version_of(conn, ne.stream)
+                if ne.expected_version is not None and ne.expected_version != cur:
+                    failed = ConcurrencyError(ne.stream, ne.expected_version, cur)
+                    break
+                local[ne.stream] = cur + 1
+                mine.append(
+                    Event(0, ne.stream, cur + 1, ne.type, now, mono, boot, bool(synced), ne.data)
+                )
+            if failed is not None:
+                out.append(failed)
+                continue
+            try:
+                blobs = [cbor2.dumps(dict(e.data)) for e in mine]
+            except (cbor2.CBOREncodeError, TypeError, ValueError) as exc:
+                out.append(StoreError(f"event data cannot be encoded as CBOR: {exc}"))
+                continue
+            versions.update(local)
+            numbered: list[Event] = []
+            for e, blob, ne in zip(mine, blobs, p.events, strict=True):
+                seq += 1
+                rows.append((seq, e.stream, e.version, e.type, now, mono, boot, synced, blob))
+                if ne.outbox:
+                    outbox.append((seq, e.stream))
+                numbered.append(
+                    Event(seq, e.stream, e.version, e.type, now, mono, boot, e.clock_synced, e.data)
+                )
+            committed.extend(numbered)
+            out.append(numbered)
+        if not rows:
+            return out
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            if outbox:
+                conn.executemany(
+                    "INSERT INTO outbox (seq, stream, attempts) VALUES (?, ?, 0)", outbox
+                )
+            conn.executemany(
+                "INSERT INTO streams VALUES (?, ?) "
+                "ON CONFLICT(stream) DO UPDATE SET version = excluded.version",
+                list(versions.items()),
+            )
+            for proj in projections():
+                proj.apply(conn, committed)
+            self._maybe_snapshot(conn, versions)
+            if over and self.config.overflow == "drop_oldest":
+                seq = self._drop_oldest(conn, seq, now, mono, boot, synced)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            self._reload_versions()
+            raise
+        self._last_seq = seq
+        self._versions.update(versions)
+        self.batches += 1
+        self.appended += len(rows)
+        self._measure()
+        return out
+
+    def _maybe_snapshot(self, conn: sqlite3.Connection, versions: dict[str, int]) -> None:
+        """Snapshot a stream every `snapshot_every` events (counted since the last one)."""
+        every = self.config.snapshot_every
+        for stream, version in versions.items():
+            n = self._since_snapshot.get(stream, 0) + version - self._version_of(conn, stream)
+            if n >= every:
+                self._snapshot(conn, stream, version)
+                n = 0
+            self._since_snapshot[stream] = n
+
+    def _snapshot(self, conn: sqlite3.Connection, stream: str, version: int) -> None:
+        state = {}
+        for i, proj in enumerate(projections()):
+            s = proj.snapshot(conn, stream)
+            if s is not None:
+                state[str(i)] = s
+        at = conn.execute(
+            "SELECT coalesce(max(seq), 0) FROM events WHERE stream = ? AND version <= ?",
+            (stream, version),
+        ).fetchone()[0]
+        conn.execute(
+            "INSERT OR REPLACE INTO snapshots VALUES (?, ?, ?, ?)",
+            (stream, version, at, cbor2.dumps(state)),
+        )
+
+    def _drop_oldest(
+        self, conn: sqlite3.Connection, seq: int, now: float, mono: float, boot: str, synced: int
+    ) -> int:
+        """Over quota with drop_oldest: delete the oldest events (after snapshotting their
+        streams so projections survive), count them, and say so in an event."""
+        n = max(100, self.appended // 100 or 100)
+        victims = conn.execute(
+            "SELECT seq, stream, version FROM events WHERE stream != ? ORDER BY seq LIMIT ?",
+            (ev.GATEWAY_STREAM, n),
+        ).fetchall()
+        if not victims:
+            return seq
+        for stream in {v[1] for v in victims}:
+            version = self._version_of(conn, stream)
+            self._snapshot(conn, stream, version)
+        upto = victims[-1][0]
+        conn.execute("DELETE FROM outbox WHERE seq <= ?", (upto,))
+        conn.execute("DELETE FROM events WHERE seq <= ? AND stream != ?", (upto, ev.GATEWAY_STREAM))
+        self.dropped += len(victims)
+        conn.execute(
+            "INSERT INTO counters VALUES ('dropped', ?) "
+            "ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+            (self.dropped,),
+        )
+        version = self._version_of(conn, ev.GATEWAY_STREAM) + 1
+        seq += 1
+        data = {"count": len(victims), "up_to_seq": upto, "total": self.dropped}
+        conn.execute(
+            "INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (seq, ev.GATEWAY_STREAM, version, ev.STORE_DROPPED, now, mono, boot, synced,
+             cbor2.dumps(data)),
+        )  # fmt: skip
+        conn.execute("INSERT INTO outbox (seq, stream) VALUES (?, ?)", (seq, ev.GATEWAY_STREAM))
+        conn.execute(
+            "INSERT INTO streams VALUES (?, ?) ON CONFLICT(stream) DO UPDATE SET version = ?",
+            (ev.GATEWAY_STREAM, version, version),
+        )
+        self._versions[ev.GATEWAY_STREAM] = version
+        log.warning("store over quota: dropped %d oldest events (up to seq %d)", len(victims), upto)
+        return seq
+
+    # -- maintenance ----------------------------------------------------------------------
+    async def prune(self, older_than: float | None = None, batch: int = 5000) -> int:
+        """Retention: delete delivered events older than the configured age (snapshotting
+        their streams first, so projections can still be rebuilt). Returns how many."""
+        cutoff = self.clock.time() - (
+            older_than if older_than is not None else self.config.retention_days * 86400
+        )
+        total = 0
+        while True:
+            n = await self.write(lambda conn: self._prune_sync(conn, cutoff, batch))
+            total += n
+            if n < batch:
+                return total
+
+    def _prune_sync(self, conn: sqlite3.Connection, cutoff: float, batch: int) -> int:
+        victims = conn.execute(
+            "SELECT e.seq, e.stream FROM events e WHERE e.wall_time < ? "
+            "AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.seq = e.seq) "
+            "AND NOT EXISTS (SELECT 1 FROM dead_letters d WHERE d.seq = e.seq) "
+            "ORDER BY e.seq LIMIT ?",
+            (cutoff, batch),
+        ).fetchall()
+        if not victims:
+            return 0
+        for stream in {v[1] for v in victims}:
+            self._snapshot(conn, stream, self._version_of(conn, stream))
+        conn.executemany("DELETE FROM events WHERE seq = ?", [(v[0],) for v in victims])
+        return len(victims)
+
+    async def rebuild(self) -> int:
+        """Reset every projection and replay snapshots + the log. Returns events replayed."""
+        return await self.write(self._rebuild_sync)
+
+    def _rebuild_sync(self, conn: sqlite3.Connection) -> int:
+        return queries.rebuild(conn)
+
+    async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `fn(conn)` on the read connection, in the reader thread."""
+        if self._r is None:
+            raise StoreClosedError()
+        conn = self._r
+        return await asyncio.get_running_loop().run_in_executor(self._rx, fn, conn)
+
+    async def events(
+        self, after_seq: int = 0, limit: int = 1000, stream: str | None = None
+    ) -> list[Event]:
+        return await self.read(lambda c: queries.events(c, after_seq, limit, stream))
+
+    async def stats(self) -> StoreStats:
+        def q(c: sqlite3.Connection) -> StoreStats:
+            base = queries.stats(c)
+            return StoreStats(
+                path=str(self.path),
+                file_bytes=_file_bytes(self.path),
+                used_bytes=self._used_bytes,
+                quota_bytes=self._quota_bytes(),
+                last_seq=self._last_seq,
+                events=base["events"],
+                outbox_depth=base["outbox_depth"],
+                outbox_bytes=base["outbox_bytes"],
+                oldest_undelivered=base["oldest_undelivered"],
+                dead_letters=base["dead_letters"],
+                dropped=self.dropped,
+                rejected=self.rejected,
+                batches=self.batches,
+                appended=self.appended,
+            )
+
+        return await self.read(q)
+
+    @property
+    def used_bytes(self) -> int:
+        return self._used_bytes
+
+    def healthy(self, stall: float = 30.0) -> bool:
+        """The writer is alive and not stuck: nothing queued for longer than `stall` s."""
+        if self.writer_error is not None or self._writer is None or self._writer.done():
+            return False
+        if self._queue and time.monotonic() - self.last_commit_mono > stall:
+            return False
+        return True
+
+
+def _file_bytes(path: Path) -> int:
+    total = 0
+    for suffix in ("", "-wal", "-shm"):
+        with contextlib.suppress(OSError):
+            total += os.stat(str(path) + suffix).st_size
+    return total

@@ -1,0 +1,145 @@
+"""Projections: tables derived from events, updated in the same transaction as the events.
+
+Each projection can be reset and rebuilt from the log; per-stream snapshots (taken by the
+store) bound replay time and survive retention.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import cbor2
+
+from gateway import events as ev
+from gateway.events import Event
+
+
+class Projection(Protocol):
+    #: Tables this projection owns (emptied by `reset`).
+    tables: tuple[str, ...]
+
+    def reset(self, conn: sqlite3.Connection) -> None: ...
+
+    def apply(self, conn: sqlite3.Connection, events: Sequence[Event]) -> None: ...
+
+    def snapshot(self, conn: sqlite3.Connection, stream: str) -> Any:
+        """This stream's rows as a CBOR-able value (None: nothing to keep)."""
+
+    def restore(self, conn: sqlite3.Connection, stream: str, state: Any) -> None: ...
+
+
+class DeviceProjection:
+    """`devices` (availability, last seen, registrations) and `latest` (value per point)."""
+
+    tables = ("devices", "latest")
+
+    def reset(self, conn: sqlite3.Connection) -> None:
+        conn.execute("DELETE FROM latest")
+        conn.execute("DELETE FROM devices")
+
+    def apply(self, conn: sqlite3.Connection, events: Sequence[Event]) -> None:
+        latest: dict[tuple[str, str], tuple[bytes, str | None, float, int]] = {}
+        seen: dict[str, float] = {}
+        for e in events:
+            device = ev.stream_device(e.stream)
+            if device is None:
+                continue
+            if e.type == ev.READINGS:
+                for rec in ev.iter_readings(e.data):
+                    name = rec.get("n")
+                    if not isinstance(name, str):
+                        continue
+                    t = rec.get("t")
+                    ts = float(t) if isinstance(t, int | float) else e.wall_time
+                    unit = rec.get("u")
+                    latest[(device, name)] = (
+                        cbor2.dumps(rec.get("v")),
+                        unit if isinstance(unit, str) else None,
+                        ts,
+                        e.seq,
+                    )
+                seen[device] = e.wall_time
+            elif e.type in (ev.DEVICE_AVAILABLE, ev.DEVICE_UNAVAILABLE):
+                up = e.type == ev.DEVICE_AVAILABLE
+                reason = e.data.get("reason")
+                driver = e.data.get("driver")
+                conn.execute(
+                    "INSERT INTO devices (id, driver, available, reason) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT(id) DO UPDATE SET available = excluded.available, "
+                    "reason = excluded.reason, driver = coalesce(excluded.driver, driver)",
+                    (device, driver, int(up), reason if isinstance(reason, str) else None),
+                )
+            elif e.type == ev.DEVICE_REGISTERED:
+                source = e.data.get("source", "config")
+                driver = e.data.get("driver")
+                meta = {k: v for k, v in e.data.items() if k not in ("source", "driver")}
+                conn.execute(
+                    "INSERT INTO devices (id, driver, source, meta) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT(id) DO UPDATE SET driver = excluded.driver, "
+                    "source = excluded.source, meta = excluded.meta",
+                    (device, driver, str(source), cbor2.dumps(meta)),
+                )
+            elif e.type == ev.DEVICE_UNREGISTERED:
+                conn.execute("DELETE FROM devices WHERE id = ?", (device,))
+        if latest:
+            conn.executemany(
+                "INSERT INTO latest (device, point, value, unit, ts, seq) VALUES (?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT(device, point) DO UPDATE SET value = excluded.value,"
+                " unit = excluded.unit, ts = excluded.ts, seq = excluded.seq",
+                [(d, p, *rest) for (d, p), rest in latest.items()],
+            )
+        if seen:
+            conn.executemany(
+                "INSERT INTO devices (id, last_seen) VALUES (?, ?) "
+                "ON CONFLICT(id) DO UPDATE SET last_seen = excluded.last_seen",
+                list(seen.items()),
+            )
+
+    def snapshot(self, conn: sqlite3.Connection, stream: str) -> Any:
+        device = ev.stream_device(stream)
+        if device is None:
+            return None
+        row = conn.execute(
+            "SELECT driver, source, available, reason, last_seen, meta FROM devices WHERE id = ?",
+            (device,),
+        ).fetchone()
+        points = conn.execute(
+            "SELECT point, value, unit, ts, seq FROM latest WHERE device = ?", (device,)
+        ).fetchall()
+        return {"device": list(row) if row else None, "latest": [list(p) for p in points]}
+
+    def restore(self, conn: sqlite3.Connection, stream: str, state: Any) -> None:
+        device = ev.stream_device(stream)
+        if device is None or not isinstance(state, dict):
+            return
+        row = state.get("device")
+        if row:
+            conn.execute(
+                "INSERT OR REPLACE INTO devices (id, driver, source, available, reason, "
+                "last_seen, meta) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (device, *row),
+            )
+        conn.executemany(
+            "INSERT OR REPLACE INTO latest (device, point, value, unit, ts, seq) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            [(device, *p) for p in state.get("latest", [])],
+        )
+
+
+_REGISTRY: list[Projection] = [DeviceProjection()]
+
+
+def register_projection(projection: Projection) -> None:
+    """Add a projection (once per class); it is applied from the next batch on."""
+    if not any(type(p) is type(projection) for p in _REGISTRY):
+        _REGISTRY.append(projection)
+
+
+def projections() -> list[Projection]:
+    return list(_REGISTRY)
+
+
+def projection_tables() -> list[str]:
+    return [t for p in _REGISTRY for t in p.tables]

@@ -1,0 +1,133 @@
+"""Schema and migrations. Each component has its own version sequence in `schema_versions`.
+
+The core's sequence is `CORE`; other parts (coap, sync...) add theirs with `register_schema`.
+A migration is applied once, in its own transaction, at open; never edited after release:
+add a new one instead.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+
+CORE: list[str] = [
+    # v1
+    """
+    CREATE TABLE events (
+        seq       INTEGER PRIMARY KEY,
+        stream    TEXT    NOT NULL,
+        version   INTEGER NOT NULL,
+        type      TEXT    NOT NULL,
+        wall_time REAL    NOT NULL,
+        mono_time REAL    NOT NULL,
+        boot_id   TEXT    NOT NULL,
+        synced    INTEGER NOT NULL,
+        data      BLOB    NOT NULL,
+        UNIQUE (stream, version)
+    );
+    CREATE INDEX events_wall_time ON events (wall_time);
+    CREATE TABLE streams (
+        stream  TEXT PRIMARY KEY,
+        version INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE outbox (
+        seq        INTEGER PRIMARY KEY,
+        stream     TEXT    NOT NULL,
+        attempts   INTEGER NOT NULL DEFAULT 0,
+        last_error TEXT
+    );
+    CREATE TABLE dead_letters (
+        seq    INTEGER PRIMARY KEY,
+        stream TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        at     REAL NOT NULL
+    );
+    CREATE TABLE snapshots (
+        stream  TEXT PRIMARY KEY,
+        version INTEGER NOT NULL,
+        seq     INTEGER NOT NULL,
+        state   BLOB    NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE devices (
+        id        TEXT PRIMARY KEY,
+        driver    TEXT,
+        source    TEXT NOT NULL DEFAULT 'config',
+        available INTEGER,
+        reason    TEXT,
+        last_seen REAL,
+        meta      BLOB
+    ) WITHOUT ROWID;
+    CREATE TABLE latest (
+        device TEXT NOT NULL,
+        point  TEXT NOT NULL,
+        value  BLOB,
+        unit   TEXT,
+        ts     REAL NOT NULL,
+        seq    INTEGER NOT NULL,
+        PRIMARY KEY (device, point)
+    ) WITHOUT ROWID;
+    CREATE TABLE counters (
+        name  TEXT PRIMARY KEY,
+        value INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    """,
+]
+
+_REGISTRY: dict[str, list[str]] = {"core": CORE}
+
+
+def register_schema(component: str, migrations: Sequence[str]) -> None:
+    """Declare a component's migrations (v1, v2, ... in order). Idempotent per component."""
+    _REGISTRY[component] = list(migrations)
+
+
+def schemas() -> dict[str, list[str]]:
+    return dict(_REGISTRY)
+
+
+def migrate(conn: sqlite3.Connection) -> dict[str, int]:
+    """Bring every registered component to its newest version; returns component -> version."""
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS schema_versions "
+        "(component TEXT PRIMARY KEY, version INTEGER NOT NULL) WITHOUT ROWID"
+    )
+    have = dict(conn.execute("SELECT component, version FROM schema_versions").fetchall())
+    out: dict[str, int] = {}
+    for component, steps in _REGISTRY.items():
+        current = int(have.get(component, 0))
+        if current > len(steps):
+            raise sqlite3.DatabaseError(
+                f"database schema of {component!r} is at version {current}, newer than this "
+                f"gatewayd knows ({len(steps)}): refusing to touch it"
+            )
+        for version in range(current + 1, len(steps) + 1):
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for stmt in _split(steps[version - 1]):
+                    conn.execute(stmt)
+                conn.execute(
+                    "INSERT INTO schema_versions VALUES (?, ?) "
+                    "ON CONFLICT(component) DO UPDATE SET version = excluded.version",
+                    (component, version),
+                )
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        out[component] = len(steps)
+    return out
+
+
+def _split(script: str) -> list[str]:
+    """Split a migration into statements (sqlite3 cannot run a script inside our transaction)."""
+    stmts: list[str] = []
+    buf = ""
+    for line in script.splitlines(keepends=True):
+        buf += line
+        if sqlite3.complete_statement(buf):
+            if buf.strip():
+                stmts.append(buf.strip())
+            buf = ""
+    if buf.strip():
+        stmts.append(buf.strip())
+    return stmts
