@@ -1,0 +1,397 @@
+"""systemd: the shipped unit checked by systemd's own tools, and sd_notify against a real socket.
+
+PID 1 here is not systemd, so the unit is checked offline (`systemd-analyze verify` and
+`systemd-analyze security --offline=true`). The notify protocol is tested against a unix
+datagram socket this test binds and points `NOTIFY_SOCKET` at, which is what systemd does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from gateway import systemd
+from gateway.config import GatewaySection
+from tests.peers import require_binary
+
+ROOT = Path(__file__).resolve().parent.parent
+UNIT = ROOT / "systemd" / "gatewayd.service"
+SYSUSERS = ROOT / "systemd" / "gateway.sysusers"
+SHIPPED_EXEC = "/usr/local/bin/gatewayd"
+MAX_EXPOSURE = 1.5
+
+
+# --- the unit file ----------------------------------------------------------------------
+
+
+def unit_settings(text: str) -> dict[str, list[str]]:
+    """`Key=value` lines of a unit, every occurrence kept in order (keys may repeat)."""
+    out: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith(("#", ";", "[")):
+            continue
+        key, _, value = line.partition("=")
+        out.setdefault(key.strip(), []).append(value.strip())
+    return out
+
+
+def seconds(value: str) -> float:
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(ms|s|min)?", value)
+    assert m, f"unexpected time span {value!r}"
+    return float(m[1]) * {"ms": 0.001, "s": 1.0, "min": 60.0, None: 1.0}[m[2]]
+
+
+@pytest.fixture
+def checkable_unit(tmp_path: Path) -> Path:
+    """A copy of the shipped unit whose ExecStart binary exists on this machine.
+
+    `systemd-analyze verify` fails when the ExecStart binary is missing, and
+    /usr/local/bin/gatewayd exists only once the package is installed system-wide. Only the
+    binary's path is rewritten (to this Python); everything else is checked as shipped.
+    """
+    text = UNIT.read_text()
+    assert f"ExecStart={SHIPPED_EXEC} " in text
+    unit = tmp_path / "gatewayd.service"  # verify wants the real unit name
+    unit.write_text(text.replace(f"ExecStart={SHIPPED_EXEC} ", f"ExecStart={sys.executable} "))
+    return unit
+
+
+def run(argv: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_unit_verifies_clean(checkable_unit: Path) -> None:
+    tool = require_binary("systemd-analyze")
+    res = run([tool, "verify", str(checkable_unit)])
+    about_us = [line for line in (res.stdout + res.stderr).splitlines() if "gatewayd" in line]
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert about_us == []
+
+
+def test_verify_does_catch_mistakes(tmp_path: Path, checkable_unit: Path) -> None:
+    """The clean verify above means something: the same tool rejects a broken copy."""
+    tool = require_binary("systemd-analyze")
+    broken = tmp_path / "broken" / "gatewayd.service"
+    broken.parent.mkdir()
+    broken.write_text(
+        checkable_unit.read_text().replace(sys.executable, str(tmp_path / "no-such-binary"))
+    )
+    res = run([tool, "verify", str(broken)])
+    assert res.returncode != 0
+    assert "no-such-binary" in res.stdout + res.stderr
+
+
+def test_unit_exposure_at_most_1_5(checkable_unit: Path) -> None:
+    tool = require_binary("systemd-analyze")
+    # --threshold is on the tool's 0-100 scale: 15 is exposure 1.5.
+    res = run([tool, "security", "--offline=true", "--threshold=15", str(checkable_unit)])
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out
+    m = re.search(r"Overall exposure level for gatewayd\.service:\s*(\d+(?:\.\d+)?)", out)
+    assert m, out
+    assert float(m[1]) <= MAX_EXPOSURE, out
+    # systemd itself read the device ACL the way we meant it (serial ports reachable).
+    acl = next(line for line in out.splitlines() if "DeviceAllow=" in line)
+    for dev in ("char-ttyUSB:rw", "char-ttyACM:rw", "char-ttyAMA:rw"):
+        assert dev in acl, acl
+    assert "transient non-root user" in out
+
+
+def test_unit_keeps_what_the_gateway_needs() -> None:
+    """Hardening must not cut the daemon off from its devices, BlueZ or the network."""
+    s = unit_settings(UNIT.read_text())
+
+    def one(key: str) -> str:
+        assert len(s.get(key, [])) == 1, f"{key}: {s.get(key)}"
+        return s[key][0]
+
+    assert one("Type") == "notify"
+    assert one("NotifyAccess") == "main"
+    assert one("Restart") == "on-failure"
+    assert one("ExecStart") == f"{SHIPPED_EXEC} --config /etc/gateway/config.toml"
+    assert one("ExecReload") == "/bin/kill -HUP $MAINPID"
+    assert one("StateDirectory") == "gateway"
+    assert one("RuntimeDirectory") == "gateway"
+    assert one("ConfigurationDirectory") == "gateway"
+    assert seconds(one("WatchdogSec")) > 0
+    # systemd must not SIGKILL the daemon while it is still draining within its own bound.
+    assert seconds(one("TimeoutStopSec")) > GatewaySection().stop_timeout
+    # Serial ports: group and device cgroup; PrivateDevices= would hide /dev/tty*.
+    assert "dialout" in one("SupplementaryGroups").split()
+    assert "bluetooth" in one("SupplementaryGroups").split()  # BlueZ's D-Bus policy
+    assert {"char-ttyUSB rw", "char-ttyACM rw", "char-ttyAMA rw"} <= set(s["DeviceAllow"])
+    assert "PrivateDevices" not in s
+    # D-Bus to BlueZ (AF_UNIX), CoAP on UDP and outbound TCP (AF_INET/AF_INET6).
+    families = one("RestrictAddressFamilies").split()
+    assert {"AF_UNIX", "AF_INET", "AF_INET6"} <= set(families)
+    assert "PrivateNetwork" not in s and "IPAddressDeny" not in s
+    # Port 5683 is unprivileged: no capability is needed, so none is kept.
+    assert one("CapabilityBoundingSet") == ""
+
+
+def test_sysusers_snippet_creates_the_supplementary_groups(tmp_path: Path) -> None:
+    tool = require_binary("systemd-sysusers")
+    (tmp_path / "etc").mkdir()
+    res = run([tool, f"--root={tmp_path}", str(SYSUSERS)])
+    assert res.returncode == 0, res.stderr
+    groups = {line.split(":")[0] for line in (tmp_path / "etc" / "group").read_text().splitlines()}
+    wanted = set(unit_settings(UNIT.read_text())["SupplementaryGroups"][0].split())
+    assert wanted <= groups
+
+
+# --- sd_notify --------------------------------------------------------------------------
+
+
+def bind_receiver(address: str | bytes) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    # Like systemd: ask the kernel for the sender's credentials (NotifyAccess=main uses them).
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+    sock.bind(address)
+    sock.setblocking(False)
+    return sock
+
+
+def received(sock: socket.socket) -> list[tuple[str, int]]:
+    """Every datagram already queued (sendto has returned, so it is there): (text, sender pid)."""
+    out = []
+    while True:
+        try:
+            data, anc, _flags, _addr = sock.recvmsg(4096, socket.CMSG_SPACE(12))
+        except BlockingIOError:
+            return out
+        pid = -1
+        for level, kind, payload in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                pid = int.from_bytes(payload[:4], sys.byteorder)
+        out.append((data.decode(), pid))
+
+
+@pytest.fixture
+def receiver(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[socket.socket]:
+    path = tmp_path / "notify"
+    sock = bind_receiver(str(path))
+    monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+    yield sock
+    sock.close()
+
+
+def texts(sock: socket.socket) -> list[str]:
+    return [text for text, _pid in received(sock)]
+
+
+def test_ready_status_stopping(receiver: socket.socket) -> None:
+    assert systemd.ready("serving 3 devices")
+    assert systemd.status("3 devices, backlog 0")
+    assert systemd.watchdog()
+    assert systemd.stopping()
+    got = received(receiver)
+    assert [text for text, _ in got] == [
+        "READY=1\nSTATUS=serving 3 devices",
+        "STATUS=3 devices, backlog 0",
+        "WATCHDOG=1",
+        "STOPPING=1",
+    ]
+    # The kernel vouches for the sender: it is this process, as NotifyAccess=main requires.
+    assert {pid for _, pid in got} == {os.getpid()}
+
+
+def test_plain_ready_and_notify_fields(receiver: socket.socket) -> None:
+    assert systemd.ready()
+    assert systemd.notify("STATUS=draining", "ERRNO=0")
+    assert systemd.stopping("stopping: draining the writer")
+    assert texts(receiver) == [
+        "READY=1",
+        "STATUS=draining\nERRNO=0",
+        "STOPPING=1\nSTATUS=stopping: draining the writer",
+    ]
+
+
+def test_status_is_one_line_and_cannot_forge_fields(receiver: socket.socket) -> None:
+    assert systemd.status("store full\nREADY=1\n\tretrying")
+    assert texts(receiver) == ["STATUS=store full READY=1 retrying"]
+
+
+def test_reloading_carries_monotonic_usec(receiver: socket.socket) -> None:
+    before = time.monotonic_ns() // 1000
+    assert systemd.reloading()
+    after = time.monotonic_ns() // 1000
+    [text] = texts(receiver)
+    fields = dict(f.split("=", 1) for f in text.split("\n"))
+    assert fields["RELOADING"] == "1"
+    assert before <= int(fields["MONOTONIC_USEC"]) <= after
+
+
+def test_abstract_namespace_socket(monkeypatch: pytest.MonkeyPatch) -> None:
+    name = f"gatewayd-test-{uuid.uuid4().hex}"
+    sock = bind_receiver(b"\0" + name.encode())
+    try:
+        monkeypatch.setenv("NOTIFY_SOCKET", "@" + name)
+        assert systemd.ready()
+        assert texts(sock) == ["READY=1"]
+    finally:
+        sock.close()
+
+
+def test_no_socket_is_a_no_op(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    assert systemd.notify("READY=1") is False
+    assert systemd.ready() is False
+    assert systemd.status("x") is False
+    assert systemd.watchdog() is False
+    assert systemd.stopping() is False
+    assert systemd.reloading() is False
+
+
+@pytest.mark.parametrize("value", ["relative/path", "vsock:2:1234", "@"])
+def test_unusable_socket_values_do_not_raise(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, value: str
+) -> None:
+    monkeypatch.setenv("NOTIFY_SOCKET", value)
+    assert systemd.ready() is False
+
+
+def test_vanished_socket_does_not_raise(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """systemd gone (or the path wrong): the daemon carries on, notify just reports False."""
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "nobody-listens"))
+    assert systemd.ready() is False
+    assert systemd.watchdog() is False
+
+
+# --- watchdog ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("usec", "pid", "expected"),
+    [
+        ("30000000", None, 15.0),
+        ("30000000", "self", 15.0),
+        ("30000000", "other", None),
+        ("0", None, None),
+        ("-5", None, None),
+        ("abc", None, None),
+        (None, None, None),
+        ("1000", "garbage", None),
+    ],
+)
+def test_watchdog_interval(
+    monkeypatch: pytest.MonkeyPatch, usec: str | None, pid: str | None, expected: float | None
+) -> None:
+    if usec is None:
+        monkeypatch.delenv("WATCHDOG_USEC", raising=False)
+    else:
+        monkeypatch.setenv("WATCHDOG_USEC", usec)
+    pids = {"self": str(os.getpid()), "other": str(os.getpid() + 1), "garbage": "x"}
+    if pid is None:
+        monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    else:
+        monkeypatch.setenv("WATCHDOG_PID", pids[pid])
+    assert systemd.watchdog_interval() == expected
+
+
+def test_watchdog_pings_only_while_healthy(receiver: socket.socket) -> None:
+    """Each tick asks the health check; healthy ticks ping, failing or raising ones skip."""
+    script: list[bool | str] = [True, True, False, "raise", False, True]
+
+    async def main() -> systemd.Watchdog:
+        done = asyncio.Event()
+
+        def healthy() -> bool:
+            if not script:
+                done.set()
+                return False
+            step = script.pop(0)
+            if step == "raise":
+                raise RuntimeError("writer thread is gone")
+            return bool(step)
+
+        wd = systemd.Watchdog(healthy, interval=0.001)
+        wd.start()
+        assert wd.running
+        await asyncio.wait_for(done.wait(), timeout=30)  # bound for a hang, not a measurement
+        await wd.stop()
+        assert not wd.running
+        return wd
+
+    wd = asyncio.run(main())
+    assert texts(receiver) == ["WATCHDOG=1"] * 3
+    assert wd.sent == 3
+    assert wd.skipped >= 4  # False, raise, False, then the script's end
+    assert wd.last_healthy is False
+
+
+def test_watchdog_skips_once_the_check_raises_and_keeps_going(receiver: socket.socket) -> None:
+    calls: list[str] = []
+
+    async def main() -> systemd.Watchdog:
+        resumed = asyncio.Event()
+
+        def healthy() -> bool:
+            calls.append("x")
+            if len(calls) == 1:
+                raise OSError("disk gone")
+            resumed.set()
+            return True
+
+        wd = systemd.Watchdog(healthy, interval=0.001)
+        wd.start()
+        await asyncio.wait_for(resumed.wait(), timeout=30)
+        await wd.stop()
+        return wd
+
+    wd = asyncio.run(main())
+    assert wd.last_error is None  # the last check passed
+    assert wd.skipped == 1
+    assert wd.sent >= 1
+    assert texts(receiver) == ["WATCHDOG=1"] * wd.sent
+
+
+def test_watchdog_follows_systemd_environment(
+    receiver: socket.socket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WATCHDOG_USEC", "4000000")
+    monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
+
+    async def main() -> systemd.Watchdog:
+        wd = systemd.Watchdog(lambda: True)
+        assert wd.interval == 2.0
+        wd.start()
+        # The first ping goes out at once: wait for that tick, not for a duration.
+        for _ in range(1000):
+            if wd.sent:
+                break
+            await asyncio.sleep(0)
+        await wd.stop()
+        return wd
+
+    wd = asyncio.run(main())
+    assert texts(receiver) == ["WATCHDOG=1"]
+    assert wd.sent == 1
+
+
+def test_watchdog_off_without_systemd(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("WATCHDOG_USEC", raising=False)
+
+    async def main() -> None:
+        wd = systemd.Watchdog(lambda: True)
+        assert not wd.enabled
+        wd.start()
+        assert not wd.running
+        await wd.stop()
+
+    asyncio.run(main())
+
+
+def test_watchdog_rejects_a_nonpositive_interval() -> None:
+    with pytest.raises(ValueError, match="must be > 0"):
+        systemd.Watchdog(lambda: True, interval=0)
