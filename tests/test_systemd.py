@@ -164,7 +164,7 @@ def bind_receiver(address: str | bytes) -> socket.socket:
 
 def received(sock: socket.socket) -> list[tuple[str, int]]:
     """Every datagram already queued (sendto has returned, so it is there): (text, sender pid)."""
-    out = []
+    out: list[tuple[str, int]] = []
     while True:
         try:
             data, anc, _flags, _addr = sock.recvmsg(4096, socket.CMSG_SPACE(12))
