@@ -1,0 +1,278 @@
+"""`gatewayd`: load the config, open the store, start the services, serve until a signal.
+
+SIGTERM/SIGINT stop the services in reverse order within `gateway.stop_timeout`, then drain
+the store's writer (everything already handed to it is committed) before exiting.
+SIGHUP reloads the config: a valid one is applied, an invalid one is logged and ignored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib
+import logging
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+from gateway import __version__, systemd
+from gateway import config as cfg
+from gateway import events as ev
+from gateway.bus import Bus
+from gateway.control import ControlServer
+from gateway.errors import ConfigError, GatewayError
+from gateway.service import Service
+from gateway.store import EventStore
+from gateway.supervisor import Supervisor
+
+log = logging.getLogger("gateway")
+
+#: Services started when their config section is present: section -> "module:Class".
+OPTIONAL_SERVICES: dict[str, str] = {
+    "coap": "gateway.coap.service:CoapService",
+    "sync": "gateway.sync.service:SyncService",
+}
+
+
+def build_services(config: cfg.GatewayConfig) -> list[Service]:
+    from services.collection import CollectionService
+    from services.devices import DevicesService
+
+    out: list[Service] = [DevicesService(), CollectionService()]
+    for section, ref in OPTIONAL_SERVICES.items():
+        conf = config.sections.get(section)
+        if conf is None or getattr(conf, "enabled", True) is False:
+            continue
+        module, _, attr = ref.partition(":")
+        out.append(getattr(importlib.import_module(module), attr)())
+    return out
+
+
+class Daemon:
+    def __init__(self, config: cfg.GatewayConfig, config_path: str) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.started_mono = time.monotonic()
+        self.started_wall = time.time()
+        self._stop = asyncio.Event()
+        self._reload_task: asyncio.Task[None] | None = None
+        self.store: EventStore | None = None
+        self.supervisor: Supervisor | None = None
+        self.control: ControlServer | None = None
+        self.reloads = 0
+        self.last_reload_error = ""
+
+    async def run(self) -> int:
+        c = self.config
+        self.store = await EventStore.open(c.db_path, c.store, gateway_id=c.gateway.id)
+        bus = Bus(self.store)
+        self.control = ControlServer(c.socket_path, c.control.group)
+        self.supervisor = Supervisor(
+            build_services(c), config=c, store=self.store, bus=bus, control=self.control
+        )
+        self._register_verbs()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self._on_hup)
+        watchdog = systemd.Watchdog(self._healthy)
+        try:
+            await self.control.start()
+            await self.supervisor.start()
+            await self.store.append(
+                ev.GATEWAY_STREAM, ev.GATEWAY_STARTED,
+                {"version": __version__, "pid": os.getpid(), "devices": len(c.devices)},
+            )  # fmt: skip
+            systemd.ready(self.status_line())
+            log.info("gatewayd %s ready: %s", __version__, self.status_line())
+            watchdog.start()
+            status_task = asyncio.create_task(self._status_loop(), name="status")
+            maint_task = asyncio.create_task(self._maintenance(), name="maintenance")
+            await self._stop.wait()
+            status_task.cancel()
+            maint_task.cancel()
+        finally:
+            systemd.stopping("stopping")
+            log.info("stopping")
+            await watchdog.stop()
+            await self._shutdown()
+        return 0
+
+    async def _shutdown(self) -> None:
+        timeout = self.config.gateway.stop_timeout
+        if self.supervisor is not None:
+            await self.supervisor.stop(timeout * 0.7)
+        if self.control is not None:
+            await self.control.stop()
+        if self.store is not None:
+            with contextlib.suppress(GatewayError):
+                await self.store.append(ev.GATEWAY_STREAM, ev.GATEWAY_STOPPED, {"pid": os.getpid()})
+            await self.store.close()
+
+    def _healthy(self) -> bool:
+        return self.store is not None and self.store.healthy()
+
+    def _on_hup(self) -> None:
+        if self._reload_task is None or self._reload_task.done():
+            self._reload_task = asyncio.create_task(self.reload(), name="reload")
+
+    async def reload(self) -> bool:
+        systemd.reloading()
+        try:
+            new = cfg.load(self.config_path)
+        except ConfigError as exc:
+            self.last_reload_error = str(exc)
+            log.error("reload rejected, the running config stays:\n%s", exc)
+            systemd.ready(self.status_line())
+            return False
+        assert self.supervisor is not None and self.store is not None
+        self.config = new
+        await self.supervisor.reload(new)
+        self.reloads += 1
+        self.last_reload_error = ""
+        await self.store.append(
+            ev.GATEWAY_STREAM, ev.CONFIG_RELOADED, {"devices": sorted(new.devices)}
+        )
+        log.info("config reloaded: %d devices", len(new.devices))
+        systemd.ready(self.status_line())
+        return True
+
+    def status_line(self) -> str:
+        assert self.supervisor is not None and self.store is not None
+        health = self.supervisor.health()
+        bad = [n for n, h in health.items() if h["state"] not in ("ok",)]
+        coll = health.get("collection", {})
+        parts = [
+            f"{len(self.config.devices)} devices",
+            f"{len(coll.get('unavailable', []))} down",
+            f"seq {self.store.last_seq}",
+        ]
+        sync = health.get("sync")
+        if sync and "backlog" in sync:
+            parts.append(f"backlog {sync['backlog']}")
+        if bad:
+            parts.append("attention: " + ", ".join(f"{n} {health[n]['state']}" for n in bad))
+        return "; ".join(parts)
+
+    async def _status_loop(self) -> None:
+        while True:
+            await asyncio.sleep(10)
+            systemd.status(self.status_line())
+
+    async def _maintenance(self) -> None:
+        assert self.store is not None
+        while True:
+            await asyncio.sleep(self.config.store.check_interval)
+            try:
+                n = await self.store.prune()
+                if n:
+                    log.info("retention: pruned %d delivered events", n)
+            except GatewayError as exc:
+                log.warning("retention failed: %s", exc)
+
+    # -- control verbs --------------------------------------------------------------------
+    def _register_verbs(self) -> None:
+        assert self.control is not None
+        self.control.register("status", self._cmd_status)
+        self.control.register("reload", self._cmd_reload)
+        self.control.register("db.backup", self._cmd_backup)
+        self.control.register("db.rebuild", self._cmd_rebuild)
+        self.control.register("db.prune", self._cmd_prune)
+
+    async def _cmd_status(self, args: dict[str, Any]) -> Any:
+        assert self.store is not None and self.supervisor is not None
+        st = await self.store.stats()
+        return {
+            "gateway": self.config.gateway.id,
+            "version": __version__,
+            "pid": os.getpid(),
+            "uptime": time.monotonic() - self.started_mono,
+            "started": self.started_wall,
+            "config": self.config_path,
+            "status": self.status_line(),
+            "services": self.supervisor.health(),
+            "devices": len(self.config.devices),
+            "store": {
+                "path": st.path, "file_bytes": st.file_bytes, "used_bytes": st.used_bytes,
+                "quota_bytes": st.quota_bytes, "last_seq": st.last_seq, "events": st.events,
+                "dropped": st.dropped, "rejected": st.rejected,
+            },
+            "outbox": {
+                "depth": st.outbox_depth, "bytes": st.outbox_bytes,
+                "oldest_undelivered": st.oldest_undelivered, "dead_letters": st.dead_letters,
+            },
+            "reloads": self.reloads,
+            "last_reload_error": self.last_reload_error,
+        }  # fmt: skip
+
+    async def _cmd_reload(self, args: dict[str, Any]) -> Any:
+        ok = await self.reload()
+        return {"applied": ok, "errors": self.last_reload_error}
+
+    async def _cmd_backup(self, args: dict[str, Any]) -> Any:
+        assert self.store is not None
+        target = str(args["file"])
+        from gateway.store.maintenance import backup
+
+        return await self.store.read(lambda conn: backup(conn, target))
+
+    async def _cmd_rebuild(self, args: dict[str, Any]) -> Any:
+        assert self.store is not None
+        return {"replayed": await self.store.rebuild()}
+
+    async def _cmd_prune(self, args: dict[str, Any]) -> Any:
+        assert self.store is not None
+        age = args.get("older_than")
+        return {"pruned": await self.store.prune(float(age) if age is not None else None)}
+
+
+def setup_logging(level: str) -> None:
+    # Under systemd, journald adds the time; the priority prefix <N> sets the journal level.
+    under_journal = bool(os.environ.get("JOURNAL_STREAM"))
+    fmt = "<%(levelno_sd)s>%(name)s: %(message)s" if under_journal else (
+        "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+    class _Fmt(logging.Formatter):
+        def format(self, record: logging.LogRecord) -> str:
+            record.levelno_sd = {10: 7, 20: 6, 30: 4, 40: 3, 50: 2}.get(record.levelno, 6)
+            return super().format(record)
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Fmt(fmt))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="gatewayd", description="Edge gateway daemon.")
+    parser.add_argument(
+        "--config", default=None,
+        help=f"config file (default: $GATEWAY_CONFIG, then {cfg.DEFAULT_CONFIG_PATH})",
+    )  # fmt: skip
+    parser.add_argument("--version", action="version", version=f"gatewayd {__version__}")
+    args = parser.parse_args(argv)
+    path = args.config or cfg.default_path()
+    try:
+        config = cfg.load(path)
+    except ConfigError as exc:
+        print(f"gatewayd: invalid configuration {path}:", file=sys.stderr)
+        for issue in exc.issues:
+            print(f"  {issue}", file=sys.stderr)
+        return exc.exit_status
+    setup_logging(config.gateway.log_level)
+    try:
+        return asyncio.run(Daemon(config, path).run())
+    except GatewayError as exc:
+        log.error("%s", exc)
+        return exc.exit_status
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

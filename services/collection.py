@@ -1,0 +1,338 @@
+"""Collection: holds the drivers, polls devices on their schedules and turns readings into
+events. Push drivers hand readings in through their context (`emit`).
+
+A poll that overruns its interval skips the cycles it missed (counted) instead of piling up.
+Availability is evented once per change; the first failure of a device is logged at WARNING,
+repeats at DEBUG, recovery at INFO.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from drivers import driver_class
+from drivers.base import DiscoveredDevice, Driver, RawReading
+from gateway import events as ev
+from gateway.clock import SystemClock
+from gateway.config import DeviceSpec, GatewayConfig, PointSpec
+from gateway.errors import DriverError, GatewayError, StoreError
+from gateway.service import Health, Service, ServiceContext
+
+PUSH_QUEUE = 10_000
+
+
+@dataclass
+class DeviceStats:
+    polls: int = 0
+    failures: int = 0
+    skipped: int = 0  # cycles skipped because a poll overran its interval
+    last_error: str = ""
+    available: bool | None = None
+    last_values: dict[str, Any] = field(default_factory=dict)
+
+
+class _Context:
+    """The DriverContext handed to drivers: emit, set_available, discovered, logger, clock."""
+
+    def __init__(self, owner: CollectionService, kind: str) -> None:
+        self._owner = owner
+        self.logger = logging.getLogger(f"gateway.driver.{kind}")
+        self.clock = owner.clock
+
+    def emit(self, device_id: str, readings: Sequence[RawReading]) -> None:
+        self._owner._push(device_id, readings)
+
+    def set_available(self, device_id: str, available: bool, reason: str = "") -> None:
+        self._owner._set_available(device_id, available, reason)
+
+    def discovered(self, device: DiscoveredDevice) -> None:
+        self._owner._discovered(device)
+
+
+def convert(point: PointSpec, value: Any) -> Any:
+    """Apply the point's scale and offset to numbers; other values pass unchanged."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return value
+    if point.scale == 1.0 and point.offset == 0.0:
+        return value
+    return value * point.scale + point.offset
+
+
+class CollectionService(Service):
+    name: ClassVar[str] = "collection"
+    requires: ClassVar[tuple[str, ...]] = ("devices",)
+
+    def __init__(self) -> None:
+        self.clock = SystemClock()
+        self.drivers: dict[str, Driver] = {}
+        self.specs: dict[str, DeviceSpec] = {}
+        self.stats: dict[str, DeviceStats] = defaultdict(DeviceStats)
+        self._pollers: dict[str, list[asyncio.Task[None]]] = {}
+        self._push_q: asyncio.Queue[tuple[str, Sequence[RawReading]]] = asyncio.Queue(PUSH_QUEUE)
+        self._push_dropped = 0
+        self._status_tasks: set[asyncio.Task[None]] = set()
+        self._discovered_seen: dict[tuple[str, str], float] = {}
+        self._ctx: ServiceContext | None = None
+        self._driver_errors: dict[str, str] = {}
+
+    # -- life -----------------------------------------------------------------------------
+    async def start(self, ctx: ServiceContext) -> None:
+        self._ctx = ctx
+        self.log = ctx.logger
+        self.store = ctx.store
+        ctx.create_task(self._push_loop(), "push")
+        ctx.control.register("read", self._cmd_read)
+        for spec in ctx.config.devices.values():
+            if spec.enabled:
+                await self._add(spec, ctx.config)
+
+    async def stop(self) -> None:
+        for dev_id in list(self.specs):
+            await self._remove(dev_id)
+        for kind, drv in list(self.drivers.items()):
+            try:
+                await asyncio.wait_for(drv.stop(), 5)
+            except Exception as exc:  # noqa: BLE001 - stopping must go on
+                self.log.warning("driver %s did not stop cleanly: %s", kind, exc)
+        self.drivers.clear()
+        # Readings already handed in by push drivers are committed before we go.
+        await self._flush_push()
+        for t in list(self._status_tasks):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(t, 2)
+
+    async def reload(self, config: GatewayConfig) -> None:
+        new = {i: s for i, s in config.devices.items() if s.enabled}
+        for dev_id in [d for d in self.specs if d not in new or new[d] != self.specs[d]]:
+            await self._remove(dev_id)
+        for dev_id, spec in new.items():
+            if dev_id not in self.specs:
+                await self._add(spec, config)
+
+    def health(self) -> Health:
+        down = [d for d, s in self.stats.items() if s.available is False and d in self.specs]
+        figures = {
+            "devices": len(self.specs),
+            "unavailable": down,
+            "polls": sum(s.polls for s in self.stats.values()),
+            "failures": sum(s.failures for s in self.stats.values()),
+            "skipped_cycles": sum(s.skipped for s in self.stats.values()),
+            "push_dropped": self._push_dropped,
+            "driver_errors": dict(self._driver_errors),
+        }
+        if down or self._driver_errors:
+            return Health.degraded(
+                f"{len(down)} of {len(self.specs)} devices unavailable", **figures
+            )
+        return Health.ok(f"{len(self.specs)} devices", **figures)
+
+    # -- devices --------------------------------------------------------------------------
+    async def _driver(self, kind: str, config: GatewayConfig) -> Driver:
+        drv = self.drivers.get(kind)
+        if drv is None:
+            cls = driver_class(kind)
+            drv = cls(_Context(self, kind), config.drivers.get(kind, {}))
+            await drv.start()
+            self.drivers[kind] = drv
+        return drv
+
+    async def _add(self, spec: DeviceSpec, config: GatewayConfig) -> None:
+        try:
+            drv = await self._driver(spec.driver, config)
+            await drv.add_device(spec)
+        except (GatewayError, OSError) as exc:
+            self._driver_errors[spec.id] = str(exc)
+            self.log.error("device %s: cannot be added to driver %s: %s", spec.id, spec.driver, exc)
+            self._set_available(spec.id, False, str(exc))
+            return
+        self._driver_errors.pop(spec.id, None)
+        self.specs[spec.id] = spec
+        assert self._ctx is not None
+        if drv.polled and spec.points:
+            groups: dict[float, list[PointSpec]] = defaultdict(list)
+            for p in spec.points:
+                groups[p.interval or spec.interval].append(p)
+            self._pollers[spec.id] = [
+                self._ctx.create_task(self._poll(drv, spec, interval, pts), f"poll:{spec.id}")
+                for interval, pts in groups.items()
+            ]
+
+    async def _remove(self, dev_id: str) -> None:
+        spec = self.specs.pop(dev_id, None)
+        for t in self._pollers.pop(dev_id, []):
+            t.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        if spec is not None and spec.driver in self.drivers:
+            with contextlib.suppress(Exception):
+                await self.drivers[spec.driver].remove_device(dev_id)
+
+    # -- polling --------------------------------------------------------------------------
+    async def _poll(
+        self, drv: Driver, spec: DeviceSpec, interval: float, points: list[PointSpec]
+    ) -> None:
+        st = self.stats[spec.id]
+        # Spread the first polls of many devices over the interval.
+        await asyncio.sleep(random.uniform(0, min(interval, 1.0) * spec.jitter))
+        next_at = time.monotonic()
+        while True:
+            st.polls += 1
+            try:
+                readings = await asyncio.wait_for(drv.read(spec.id, points), spec.timeout)
+            except TimeoutError:
+                self._failed(spec, st, f"no answer within {spec.timeout:g} s")
+            except DriverError as exc:
+                self._failed(spec, st, str(exc))
+            else:
+                if st.available is not True:
+                    self._set_available(spec.id, True, "")
+                await self._record(spec, readings)
+            next_at += interval
+            now = time.monotonic()
+            if now > next_at:  # overran: skip the missed cycles, do not pile up
+                missed = int((now - next_at) // interval) + 1
+                st.skipped += missed
+                next_at += missed * interval
+            delay = next_at - now
+            if spec.jitter:
+                delay += random.uniform(0, spec.jitter * interval * 0.1)
+            await asyncio.sleep(max(0.0, delay))
+
+    def _failed(self, spec: DeviceSpec, st: DeviceStats, why: str) -> None:
+        st.failures += 1
+        st.last_error = why
+        if st.available is not False:
+            self._set_available(spec.id, False, why)
+
+    async def _record(self, spec: DeviceSpec, readings: Sequence[RawReading]) -> None:
+        records = self._records(spec, readings)
+        if not records:
+            return
+        try:
+            await self.store.append_many([ev.readings_event(spec.id, records)])
+        except StoreError as exc:
+            self.stats[spec.id].last_error = str(exc)
+            self.log.warning("device %s: readings not stored: %s", spec.id, exc)
+
+    def _records(self, spec: DeviceSpec, readings: Sequence[RawReading]) -> list[dict[str, Any]]:
+        st = self.stats[spec.id]
+        out = []
+        for r in readings:
+            p = spec.point(r.point)
+            if p is None:
+                value, unit = r.value, None
+            else:
+                value, unit = convert(p, r.value), p.unit
+                if p.deadband is not None and isinstance(value, int | float):
+                    last = st.last_values.get(r.point)
+                    if isinstance(last, int | float) and abs(value - last) <= p.deadband:
+                        continue
+            st.last_values[r.point] = value
+            out.append(ev.reading_record(r.point, value, unit, r.ts))
+        return out
+
+    # -- push path ------------------------------------------------------------------------
+    def _push(self, device_id: str, readings: Sequence[RawReading]) -> None:
+        try:
+            self._push_q.put_nowait((device_id, readings))
+        except asyncio.QueueFull:
+            self._push_dropped += 1
+
+    async def _push_loop(self) -> None:
+        while True:
+            first = await self._push_q.get()
+            await self._append_pushed([first, *self._drain()])
+
+    def _drain(self) -> list[tuple[str, Sequence[RawReading]]]:
+        items = []
+        while not self._push_q.empty():
+            items.append(self._push_q.get_nowait())
+        return items
+
+    async def _flush_push(self) -> None:
+        items = self._drain()
+        if items and self.store is not None and not self.store.closed:
+            await self._append_pushed(items)
+
+    async def _append_pushed(self, items: list[tuple[str, Sequence[RawReading]]]) -> None:
+        per_device: dict[str, list[RawReading]] = defaultdict(list)
+        for dev, rs in items:
+            per_device[dev].extend(rs)
+        batch = []
+        for dev, rs in per_device.items():
+            spec = self.specs.get(dev)
+            st = self.stats[dev]
+            if spec is not None and st.available is not True:
+                self._set_available(dev, True, "")
+            records = (
+                self._records(spec, rs)
+                if spec is not None
+                else [ev.reading_record(r.point, r.value, None, r.ts) for r in rs]
+            )
+            if records:
+                batch.append(ev.readings_event(dev, records))
+        if batch:
+            try:
+                await self.store.append_many(batch)
+            except StoreError as exc:
+                self.log.warning("pushed readings not stored: %s", exc)
+
+    # -- availability and discovery -------------------------------------------------------
+    def _set_available(self, device_id: str, available: bool, reason: str) -> None:
+        st = self.stats[device_id]
+        if st.available is available:
+            return
+        before = st.available
+        st.available = available
+        if available:
+            if before is False:
+                self.log.info("device %s is available again", device_id)
+        else:
+            self.log.warning("device %s unavailable: %s", device_id, reason)
+        spec = self.specs.get(device_id)
+        data: dict[str, Any] = {"reason": reason} if reason else {}
+        if spec is not None:
+            data["driver"] = spec.driver
+        etype = ev.DEVICE_AVAILABLE if available else ev.DEVICE_UNAVAILABLE
+        self._spawn(self.store.append(ev.device_stream(device_id), etype, data))
+
+    def _discovered(self, d: DiscoveredDevice) -> None:
+        key = (d.driver, d.address)
+        now = time.monotonic()
+        if now - self._discovered_seen.get(key, -1e9) < 3600:
+            return
+        self._discovered_seen[key] = now
+        data = {"driver": d.driver, "address": d.address, "name": d.name, "kind": d.kind,
+                "rssi": d.rssi, "values": dict(d.values)}  # fmt: skip
+        self._spawn(self.store.append("discovered", ev.DEVICE_DISCOVERED, data, outbox=False))
+
+    def _spawn(self, coro: Any) -> None:
+        async def run() -> None:
+            try:
+                await coro
+            except StoreError as exc:
+                self.log.warning("event not stored: %s", exc)
+
+        t = asyncio.create_task(run())
+        self._status_tasks.add(t)
+        t.add_done_callback(self._status_tasks.discard)
+
+    # -- control --------------------------------------------------------------------------
+    async def _cmd_read(self, args: Mapping[str, Any]) -> Any:
+        """Read a device now (for `gatewayctl probe`-like checks of configured devices)."""
+        dev = str(args.get("device", ""))
+        spec = self.specs.get(dev)
+        if spec is None:
+            from gateway.errors import NotFoundError
+
+            raise NotFoundError(f"no configured device {dev!r}")
+        readings = await self.drivers[spec.driver].read(dev, spec.points)
+        return [{"point": r.point, "value": r.value, "ts": r.ts} for r in readings]

@@ -1,0 +1,78 @@
+"""Devices: the registry. Configured devices are registered (evented) when they appear or
+change in the config and unregistered when they leave it; other sources (CoAP Resource
+Directory, BLE adoption) register through events too. Serves the `devices` control verb."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+from gateway import events as ev
+from gateway.config import DeviceSpec, GatewayConfig
+from gateway.events import NewEvent
+from gateway.service import Health, Service, ServiceContext
+from gateway.store import queries
+
+
+def _describe(spec: DeviceSpec) -> dict[str, Any]:
+    return {
+        "source": "config",
+        "driver": spec.driver,
+        "description": spec.description,
+        "enabled": spec.enabled,
+        "interval": spec.interval,
+        "points": [p.name for p in spec.points],
+    }
+
+
+class DevicesService(Service):
+    name: ClassVar[str] = "devices"
+
+    async def start(self, ctx: ServiceContext) -> None:
+        self.ctx = ctx
+        ctx.control.register("devices", self._cmd_devices)
+        await self._sync(ctx.config)
+
+    async def stop(self) -> None:
+        return None
+
+    async def reload(self, config: GatewayConfig) -> None:
+        await self._sync(config)
+
+    async def _sync(self, config: GatewayConfig) -> None:
+        rows = await self.ctx.store.read(queries.devices)
+        known = {r["id"]: r for r in rows if r["source"] == "config"}
+        todo: list[NewEvent] = []
+        for dev_id, spec in config.devices.items():
+            want = _describe(spec)
+            have = known.pop(dev_id, None)
+            meta_want = {k: v for k, v in want.items() if k not in ("source", "driver")}
+            if have is None or have["driver"] != spec.driver or have["meta"] != meta_want:
+                todo.append(NewEvent(ev.device_stream(dev_id), ev.DEVICE_REGISTERED, want))
+        for dev_id in known:
+            todo.append(
+                NewEvent(
+                    ev.device_stream(dev_id), ev.DEVICE_UNREGISTERED,
+                    {"reason": "removed from the configuration"},
+                )  # fmt: skip
+            )
+        if todo:
+            await self.ctx.store.append_many(todo)
+
+    async def _cmd_devices(self, args: Mapping[str, Any]) -> Any:
+        return await self.ctx.store.read(devices_view)
+
+    def health(self) -> Health:
+        return Health.ok(f"{len(self.ctx.config.devices)} configured")
+
+
+def devices_view(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+    """Devices with their latest values, for `gatewayctl devices` (daemon or file)."""
+    devs = queries.devices(conn)
+    latest: dict[str, list[dict[str, Any]]] = {}
+    for row in queries.latest(conn):
+        latest.setdefault(row["device"], []).append(row)
+    for d in devs:
+        d["points"] = len(latest.get(d["id"], []))
+    return devs
