@@ -1,0 +1,290 @@
+"""Modbus RTU and TCP driver: typed register maps, coalesced reads, one lock per bus, breakers.
+
+Importing this package does not import pymodbus (config checks stay cheap): the connection
+code in `drivers.modbus.bus` is imported when the first device is added.
+Values are returned in engineering units (`raw * scale + offset`) and written back the same
+way, range-checked against the point's `min`/`max`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from drivers.base import Driver, DriverContext, RawReading, Value
+from gateway.config import DeviceSpec, PointSpec
+from gateway.errors import (
+    ConfigError,
+    DeviceProtocolError,
+    DeviceUnavailable,
+    DriverError,
+    PayloadError,
+    PointNotFound,
+)
+
+from .breaker import Breaker
+from .config import DeviceConfig, parse_device
+from .plan import ModbusPoint, ReadRequest, compile_plan
+from .registers import DEAD_UNIT_CODES, CodecError, encode, encode_bit, remove_scale
+
+if TYPE_CHECKING:
+    from .bus import Bus, Session
+
+__all__ = ["ModbusDriver"]
+
+
+@dataclass(eq=False)
+class _Device:
+    config: DeviceConfig
+    bus: Bus
+    breaker: Breaker
+    points: dict[str, ModbusPoint]
+    full_plan: list[ReadRequest]
+    plans: dict[frozenset[str], list[ReadRequest]] = field(default_factory=dict)
+    failing: bool = False
+    failures: int = 0
+    available: bool | None = None
+
+    def plan_for(self, names: frozenset[str]) -> list[ReadRequest]:
+        if len(names) == len(self.points):
+            return self.full_plan
+        plan = self.plans.get(names)
+        if plan is None:
+            cfg = self.config
+            plan = compile_plan(
+                (self.points[n] for n in names), max_gap=cfg.max_gap,
+                max_registers=cfg.max_registers, max_bits=cfg.max_bits,
+            )  # fmt: skip
+            if len(self.plans) >= 64:  # subsets come from per-point intervals: few in practice
+                self.plans.clear()
+            self.plans[names] = plan
+        return plan
+
+
+class ModbusDriver(Driver):
+    kind: ClassVar[str] = "modbus"
+
+    def __init__(self, ctx: DriverContext, options: Mapping[str, Any] | None = None) -> None:
+        super().__init__(ctx, options)
+        self._devices: dict[str, _Device] = {}
+        self._buses: dict[tuple[str, str], Bus] = {}
+
+    @classmethod
+    def validate_device(cls, spec: DeviceSpec) -> None:
+        parse_device(spec)
+
+    async def start(self) -> None:
+        pass  # buses open lazily, on a device's first request
+
+    async def stop(self) -> None:
+        for bus in list(self._buses.values()):
+            await bus.close()
+        self._buses.clear()
+        self._devices.clear()
+
+    async def add_device(self, spec: DeviceSpec) -> None:
+        from .bus import Bus
+
+        cfg = parse_device(spec)
+        if spec.id in self._devices:
+            await self.remove_device(spec.id)
+        bus = self._buses.get(cfg.bus.key)
+        if bus is None:
+            bus = self._buses[cfg.bus.key] = Bus(cfg.bus, self.ctx.logger)
+        elif bus.settings != cfg.bus:
+            raise ConfigError(
+                f"{bus.label} is already used by {', '.join(sorted(bus.users))} with other "
+                "settings (baudrate, parity, frame_gap, queue_size...): a bus has one setting",
+                spec.path,
+            )
+        for other in self._devices.values():
+            if other.bus is bus and other.config.unit == cfg.unit:
+                raise ConfigError(
+                    f"unit {cfg.unit} on {bus.label} is already device {other.config.id!r}",
+                    spec.path,
+                )
+        bus.users.add(spec.id)
+        points = {p.name: p for p in cfg.points}
+        plan = compile_plan(
+            cfg.points, max_gap=cfg.max_gap, max_registers=cfg.max_registers,
+            max_bits=cfg.max_bits,
+        )  # fmt: skip
+        self._devices[spec.id] = _Device(
+            cfg, bus, Breaker(cfg.breaker_threshold, cfg.breaker_cooldown), points, plan
+        )
+
+    async def remove_device(self, device_id: str) -> None:
+        dev = self._devices.pop(device_id, None)
+        if dev is None:
+            return
+        dev.bus.users.discard(device_id)
+        if not dev.bus.users:
+            self._buses.pop(dev.bus.settings.key, None)
+            await dev.bus.close()
+
+    def _device(self, device_id: str) -> _Device:
+        dev = self._devices.get(device_id)
+        if dev is None:
+            raise DeviceUnavailable(device_id, "not a device of the modbus driver")
+        return dev
+
+    def plan(self, device_id: str) -> list[ReadRequest]:
+        """The compiled read plan of all of a device's points (for diagnostics and bench)."""
+        return list(self._device(device_id).full_plan)
+
+    async def read(self, device_id: str, points: Sequence[PointSpec]) -> list[RawReading]:
+        dev = self._device(device_id)
+        names = frozenset(p.name for p in points)
+        for name in names:
+            if name not in dev.points:
+                raise PointNotFound(device_id, f"no point {name!r}")
+        plan = dev.plan_for(names)
+        readings: list[RawReading] = []
+
+        async def run(s: Session) -> None:
+            for req in plan:
+                values = await s.read(req.table, req.address, req.count)
+                for name, value in req.split(values):
+                    if name in names:
+                        readings.append(RawReading(name, _value(value)))
+
+        await self._guarded(dev, run)
+        return readings
+
+    async def write(self, device_id: str, point: PointSpec, value: object) -> None:
+        dev = self._device(device_id)
+        mp = dev.points.get(point.name)
+        if mp is None:
+            raise PointNotFound(device_id, f"no point {point.name!r}")
+        if not mp.writable:
+            raise PayloadError(f"{device_id}.{mp.name}: the point is not writable")
+        flag = mp.is_bit_table or mp.layout.type == "bool" or mp.layout.bit is not None
+        regs: list[int] = []
+        if flag:
+            if isinstance(value, bool) or value in (0, 1):
+                bit = bool(value)
+            else:
+                raise PayloadError(f"{device_id}.{mp.name}: needs true/false, got {value!r}")
+        else:
+            regs = _encode_value(device_id, mp, value)
+
+        async def run(s: Session) -> None:
+            if mp.is_bit_table:
+                await s.write_coil(mp.address, bit)
+                if mp.verify:
+                    coil = await s.read("coil", mp.address, 1)
+                    _check_readback(device_id, mp, [int(bit)], [int(coil[0])])
+            elif flag:
+                # A flag inside a register: read-modify-write, with the bus held throughout.
+                current = await s.read(mp.table, mp.address, 1)
+                new = encode_bit(int(current[0]), mp.layout, bit)
+                await s.write_registers(mp.address, [new])
+                if mp.verify:
+                    again = await s.read(mp.table, mp.address, 1)
+                    _check_readback(device_id, mp, [new], [int(v) for v in again])
+            else:
+                await s.write_registers(mp.address, regs)
+                if mp.verify:
+                    back = await s.read(mp.table, mp.address, len(regs))
+                    _check_readback(device_id, mp, regs, [int(v) for v in back])
+
+        await self._guarded(dev, run)
+
+    async def _guarded(self, dev: _Device, run: Any) -> None:
+        """Run requests on the device's bus behind its breaker; log and report availability."""
+        cfg = dev.config
+        clock = self.ctx.clock
+        if not dev.breaker.allow(clock.monotonic()):
+            raise DeviceUnavailable(
+                cfg.id, f"circuit open after {dev.breaker.failures} failures; next probe in "
+                f"{dev.breaker.retry_in(clock.monotonic()):.1f} s",
+            )  # fmt: skip
+        try:
+            async with dev.bus.session(cfg.id, cfg.unit, cfg.timeout) as s:
+                await run(s)
+        except DriverError as exc:
+            self._failed(dev, exc)
+            raise
+        except BaseException:
+            dev.breaker.release()
+            raise
+        self._succeeded(dev)
+
+    def _failed(self, dev: _Device, exc: DriverError) -> None:
+        log = self.ctx.logger
+        dev.failures += 1
+        if not dev.failing:
+            dev.failing = True
+            log.warning("modbus %s: %s", dev.config.id, exc.message)
+        else:
+            log.debug("modbus %s: %s (failure %d)", dev.config.id, exc.message, dev.failures)
+        counts = not (isinstance(exc, DeviceProtocolError) and _is_live_answer(exc))
+        if "bus busy" in exc.message:
+            counts = False
+        if not counts:
+            dev.breaker.release()
+            return
+        if dev.breaker.failure(self.ctx.clock.monotonic()):
+            log.debug(
+                "modbus %s: circuit open for %.1f s after %d failures",
+                dev.config.id, dev.breaker.cooldown, dev.breaker.failures,
+            )  # fmt: skip
+        if dev.breaker.state != "closed" and dev.available is not False:
+            dev.available = False
+            self.ctx.set_available(dev.config.id, False, exc.message)
+
+    def _succeeded(self, dev: _Device) -> None:
+        dev.breaker.success()
+        if dev.failing:
+            self.ctx.logger.info(
+                "modbus %s: recovered after %d failures", dev.config.id, dev.failures
+            )
+        dev.failing = False
+        dev.failures = 0
+        if dev.available is not True:
+            dev.available = True
+            self.ctx.set_available(dev.config.id, True, "answering")
+
+
+def _is_live_answer(exc: DeviceProtocolError) -> bool:
+    return exc.code is not None and exc.code not in DEAD_UNIT_CODES
+
+
+def _value(v: object) -> Value:
+    if isinstance(v, bool | int | float | str | bytes) or v is None:
+        return v
+    raise TypeError(f"unexpected decoded value {v!r}")
+
+
+def _encode_value(device_id: str, mp: ModbusPoint, value: object) -> list[int]:
+    where = f"{device_id}.{mp.name}"
+    if mp.layout.type == "string":
+        if not isinstance(value, str):
+            raise PayloadError(f"{where}: needs a string, got {value!r}")
+        raw: object = value
+    else:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise PayloadError(f"{where}: needs a number, got {value!r}")
+        if isinstance(value, float) and math.isnan(value):
+            raise PayloadError(f"{where}: NaN cannot be written")
+        if mp.min is not None and value < mp.min:
+            raise PayloadError(f"{where}: {value} is below the minimum {mp.min:g}")
+        if mp.max is not None and value > mp.max:
+            raise PayloadError(f"{where}: {value} is above the maximum {mp.max:g}")
+        raw = value
+        if mp.scale != 1.0 or mp.offset != 0.0:
+            raw = remove_scale(float(value), mp.scale, mp.offset)
+    try:
+        return encode(raw, mp.layout)
+    except CodecError as exc:
+        raise PayloadError(f"{where}: {exc}") from None
+
+
+def _check_readback(device_id: str, mp: ModbusPoint, wrote: list[int], got: list[int]) -> None:
+    if wrote != got:
+        raise DeviceProtocolError(
+            device_id, f"{mp.name}: read-back after write gave {got}, wrote {wrote}",
+            code="verify",
+        )  # fmt: skip

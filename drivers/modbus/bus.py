@@ -1,0 +1,221 @@
+"""One physical Modbus bus (an RS-485 line or a TCP host:port): one pymodbus client, one lock.
+
+Every unit on the bus goes through `Bus.session()`, which waits for the lock (failing at once
+when `queue_size` requests already wait), reconnects with backoff when the link is down, and
+keeps `frame_gap` of silence between frames. Inside a session, `read`/`write_*` turn pymodbus
+outcomes into the gateway's errors: an exception response is a DeviceProtocolError named after
+its code, no answer is a DeviceTimeout, a broken link is dropped and is a DeviceUnavailable.
+Imports pymodbus: only the driver's connection code imports this module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
+from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
+
+from gateway.errors import DeviceProtocolError, DeviceTimeout, DeviceUnavailable
+
+from .config import BusSettings
+from .registers import exception_name
+
+# pymodbus logs every time-out at ERROR and every reconnect at WARNING; the driver reports
+# faults itself (first failure WARNING, repeats DEBUG), so pymodbus' own chatter is muted.
+logging.getLogger("pymodbus.logging").setLevel(logging.CRITICAL)
+
+
+class Bus:
+    def __init__(self, settings: BusSettings, logger: logging.Logger) -> None:
+        self.settings = settings
+        self.logger = logger
+        self.users: set[str] = set()
+        self._lock = asyncio.Lock()
+        self._waiting = 0
+        self._last_frame = 0.0
+        self._client: AsyncModbusTcpClient | AsyncModbusSerialClient | None = None
+        self._delay = settings.reconnect_delay
+        self._next_connect = 0.0
+        self.requests = 0  # frames sent, for the benchmark and diagnostics
+
+    @property
+    def label(self) -> str:
+        return self.settings.label
+
+    def _make_client(self, timeout: float) -> AsyncModbusTcpClient | AsyncModbusSerialClient:
+        s = self.settings
+        # reconnect_delay=0: pymodbus must not reconnect behind our back; retries=0: a
+        # silent unit costs one time-out, and the breaker decides about repeats.
+        if s.transport == "tcp":
+            client: AsyncModbusTcpClient | AsyncModbusSerialClient = AsyncModbusTcpClient(
+                s.host, port=s.port, timeout=timeout, retries=0, reconnect_delay=0
+            )
+        else:
+            client = AsyncModbusSerialClient(
+                s.serial_port, baudrate=s.baudrate, parity=s.parity, stopbits=s.stopbits,
+                bytesize=s.bytesize, timeout=timeout, retries=0, reconnect_delay=0,
+            )  # fmt: skip
+        # One silent unit must not tear down the link its neighbours share.
+        client.set_max_no_responses(1 << 30)
+        return client
+
+    async def _ensure_connected(self, device: str, limit: float) -> None:
+        client = self._client
+        if client is not None and client.connected:
+            return
+        now = time.monotonic()
+        if now < self._next_connect:
+            raise DeviceUnavailable(
+                device, f"{self.label}: not connected (next attempt in "
+                f"{self._next_connect - now:.1f} s)",
+            )  # fmt: skip
+        if client is None:
+            client = self._client = self._make_client(limit)
+        client.comm_params.timeout_connect = limit
+        try:
+            ok = await asyncio.wait_for(client.connect(), limit + 1.0)
+        except (TimeoutError, OSError, ModbusException) as exc:
+            ok = False
+            reason = str(exc) or type(exc).__name__
+        else:
+            reason = "connection refused or port unavailable"
+        if ok and client.connected:
+            self._delay = self.settings.reconnect_delay
+            self._next_connect = 0.0
+            self.logger.debug("modbus %s: connected", self.label)
+            return
+        client.close()
+        # Exponential backoff with jitter, so several gateways do not reconnect in step.
+        wait = self._delay * random.uniform(0.5, 1.0)
+        self._next_connect = time.monotonic() + wait
+        self._delay = min(self._delay * 2, self.settings.reconnect_delay_max)
+        raise DeviceUnavailable(device, f"{self.label}: cannot connect: {reason}")
+
+    def drop(self) -> None:
+        """Close a broken connection; the next session reconnects (after backoff)."""
+        if self._client is not None:
+            self._client.close()
+
+    @contextlib.asynccontextmanager
+    async def session(self, device: str, unit: int, limit: float) -> AsyncIterator[Session]:
+        """Hold the bus for a few requests of one unit."""
+        if self._lock.locked() and self._waiting >= self.settings.queue_size:
+            raise DeviceUnavailable(
+                device, f"{self.label}: bus busy ({self._waiting} requests already waiting)"
+            )
+        self._waiting += 1
+        try:
+            await self._lock.acquire()
+        finally:
+            self._waiting -= 1
+        try:
+            await self._ensure_connected(device, limit)
+            assert self._client is not None
+            self._client.comm_params.timeout_connect = limit
+            yield Session(self, self._client, device, unit, limit)
+        finally:
+            self._lock.release()
+
+    async def _call(
+        self, device: str, limit: float, what: str, call: Callable[[], Awaitable[Any]]
+    ) -> Any:
+        gap = self.settings.frame_gap
+        if gap > 0:
+            wait = self._last_frame + gap - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+        self.requests += 1
+        try:
+            # pymodbus times out by itself; the outer bound only guards against a stuck call.
+            response = await asyncio.wait_for(call(), limit * 2 + 1.0)
+        except ConnectionException as exc:
+            self.drop()
+            raise DeviceUnavailable(device, f"{self.label}: connection lost ({exc})") from None
+        except ModbusIOException as exc:
+            if self._client is not None and not self._client.connected:
+                self.drop()
+                raise DeviceUnavailable(device, f"{self.label}: connection lost") from None
+            if "No response" in str(exc):
+                raise DeviceTimeout(device, f"no answer to {what} within {limit:g} s") from None
+            raise DeviceProtocolError(device, f"{what}: {exc}") from None
+        except TimeoutError:
+            self.drop()
+            raise DeviceTimeout(device, f"no answer to {what} within {limit:g} s") from None
+        except ModbusException as exc:
+            raise DeviceProtocolError(device, f"{what}: {exc}") from None
+        finally:
+            self._last_frame = time.monotonic()
+        if response.isError():
+            code = int(getattr(response, "exception_code", 0))
+            raise DeviceProtocolError(
+                device, f"{what}: {exception_name(code)} (exception {code})", code=code
+            )
+        return response
+
+    async def close(self) -> None:
+        async with self._lock:
+            if self._client is not None:
+                self._client.close()
+                self._client = None
+
+
+class Session:
+    """Requests to one unit while its bus is held."""
+
+    def __init__(
+        self,
+        bus: Bus,
+        client: AsyncModbusTcpClient | AsyncModbusSerialClient,
+        device: str,
+        unit: int,
+        timeout: float,
+    ) -> None:
+        self.bus = bus
+        self.client = client
+        self.device = device
+        self.unit = unit
+        self.timeout = timeout
+
+    async def read(self, table: str, address: int, count: int) -> list[int] | list[bool]:
+        c, u = self.client, self.unit
+        what = f"read {table} {address}+{count} (unit {u})"
+        readers: dict[str, Callable[[], Awaitable[Any]]] = {
+            "holding": lambda: c.read_holding_registers(address, count=count, device_id=u),
+            "input": lambda: c.read_input_registers(address, count=count, device_id=u),
+            "coil": lambda: c.read_coils(address, count=count, device_id=u),
+            "discrete_input": lambda: c.read_discrete_inputs(address, count=count, device_id=u),
+        }
+        response = await self.bus._call(self.device, self.timeout, what, readers[table])
+        if table in ("coil", "discrete_input"):
+            bits: list[bool] = list(response.bits[:count])
+            if len(bits) < count:
+                raise DeviceProtocolError(self.device, f"{what}: short answer ({len(bits)} bits)")
+            return bits
+        regs: list[int] = list(response.registers)
+        if len(regs) != count:
+            raise DeviceProtocolError(self.device, f"{what}: answer has {len(regs)} registers")
+        return regs
+
+    async def write_coil(self, address: int, value: bool) -> None:
+        c, u = self.client, self.unit
+        what = f"write coil {address} (unit {u})"
+        await self.bus._call(
+            self.device, self.timeout, what, lambda: c.write_coil(address, value, device_id=u)
+        )
+
+    async def write_registers(self, address: int, values: list[int]) -> None:
+        c, u = self.client, self.unit
+        what = f"write holding {address}+{len(values)} (unit {u})"
+        if len(values) == 1:
+            call: Callable[[], Awaitable[Any]] = lambda: c.write_register(  # noqa: E731
+                address, values[0], device_id=u
+            )
+        else:
+            call = lambda: c.write_registers(address, values, device_id=u)  # noqa: E731
+        await self.bus._call(self.device, self.timeout, what, call)

@@ -1,0 +1,263 @@
+"""A Modbus device's options and register map, read from its `[devices.<id>]` table. Pure.
+
+Every problem is reported with its TOML path, all at once: unknown keys, a table or type that
+does not exist, addresses out of range, overlapping points, a bit on a 32-bit type, a string
+without a length, a write to a read-only table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from drivers.base import device_options, point_options
+from gateway.config import DeviceSpec, Issues, Section
+from gateway.errors import ConfigError
+
+from .plan import ModbusPoint
+from .registers import (
+    BIT_TABLES,
+    MAX_ADDRESS,
+    MAX_READ_BITS,
+    MAX_READ_REGISTERS,
+    NUMERIC,
+    TABLES,
+    TYPES,
+    WRITABLE_TABLES,
+    Layout,
+)
+
+PARITIES = ("N", "E", "O")
+BAUDRATES = (1200, 2400, 4800, 9600, 14400, 19200, 38400, 57600, 115200, 230400)
+
+
+@dataclass(frozen=True, slots=True)
+class BusSettings:
+    """The physical bus a device sits on; devices with the same `key` share one connection."""
+
+    transport: str  # "tcp" | "rtu"
+    host: str = ""
+    port: int = 502
+    serial_port: str = ""
+    baudrate: int = 19200
+    parity: str = "E"
+    stopbits: int = 1
+    bytesize: int = 8
+    frame_gap: float = 0.0  # seconds of silence between frames on this bus
+    queue_size: int = 16  # requests that may wait for the bus; more fail at once
+    reconnect_delay: float = 0.5
+    reconnect_delay_max: float = 30.0
+
+    @property
+    def key(self) -> tuple[str, str]:
+        if self.transport == "tcp":
+            return ("tcp", f"{self.host}:{self.port}")
+        return ("rtu", self.serial_port)
+
+    @property
+    def label(self) -> str:
+        return self.key[1] if self.transport == "tcp" else f"rtu:{self.serial_port}"
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceConfig:
+    id: str
+    unit: int
+    timeout: float
+    bus: BusSettings
+    points: tuple[ModbusPoint, ...]
+    max_gap: int = 10
+    max_registers: int = MAX_READ_REGISTERS
+    max_bits: int = MAX_READ_BITS
+    breaker_threshold: int = 3  # consecutive failures that open the breaker
+    breaker_cooldown: float = 30.0  # seconds before a half-open probe
+    verify_writes: bool = False
+
+
+def rtu_frame_gap(baudrate: int) -> float:
+    """3.5 character times (11 bits each); fixed 1.75 ms above 19200 baud (Serial Line 2.5.1.1)."""
+    return 0.00175 if baudrate > 19200 else 3.5 * 11 / baudrate
+
+
+def parse_device(spec: DeviceSpec) -> DeviceConfig:
+    """Read and check a Modbus device; raises ConfigError with every issue found."""
+    sec, issues = device_options(spec)
+    bus = _parse_bus(sec)
+    unit = _parse_unit(sec)
+    max_gap = sec.int("max_gap", 10, min=0, max=MAX_READ_REGISTERS)
+    max_registers = sec.int("max_registers", MAX_READ_REGISTERS, min=1, max=MAX_READ_REGISTERS)
+    max_bits = sec.int("max_bits", MAX_READ_BITS, min=1, max=MAX_READ_BITS)
+    breaker_threshold = sec.int("breaker_threshold", 3, min=1, max=1000)
+    breaker_cooldown = sec.float("breaker_cooldown", 30.0, gt=0, max=86400)
+    verify_writes = sec.bool("verify_writes", False)
+    sec.done()
+
+    points: list[ModbusPoint] = []
+    for p in spec.points:
+        psec = point_options(spec, p, issues)
+        mp = _parse_point(spec, p.name, psec, verify_writes, max_registers)
+        psec.done()
+        if mp is not None:
+            mp = ModbusPoint(
+                name=mp.name, table=mp.table, address=mp.address, layout=mp.layout,
+                scale=p.scale, offset=p.offset, min=p.min, max=p.max, writable=p.writable,
+                verify=mp.verify,
+            )  # fmt: skip
+            _check_value_block(spec, p.name, mp, issues)
+            points.append(mp)
+    _check_overlaps(spec, points, issues)
+    if issues:
+        raise ConfigError(issues.items)
+    return DeviceConfig(
+        id=spec.id, unit=unit, timeout=spec.timeout, bus=bus, points=tuple(points),
+        max_gap=max_gap, max_registers=max_registers, max_bits=max_bits,
+        breaker_threshold=breaker_threshold, breaker_cooldown=breaker_cooldown,
+        verify_writes=verify_writes,
+    )  # fmt: skip
+
+
+def _parse_unit(sec: Section) -> int:
+    # `device_id` is pymodbus' word for it; accept either, not both.
+    if sec.has("unit") and sec.has("device_id"):
+        sec.error("device_id", "give the unit id once: `unit` or `device_id`, not both")
+    key = "device_id" if sec.has("device_id") and not sec.has("unit") else "unit"
+    sec.mark("unit", "device_id")
+    value: int = sec.int(key, 1, min=0, max=247)
+    return value
+
+
+def _parse_bus(sec: Section) -> BusSettings:
+    queue_size = sec.int("queue_size", 16, min=1, max=10_000)
+    reconnect_delay = sec.float("reconnect_delay", 0.5, gt=0, max=3600)
+    reconnect_delay_max = sec.float("reconnect_delay_max", 30.0, gt=0, max=86400)
+    if reconnect_delay_max < reconnect_delay:
+        sec.error("reconnect_delay_max", f"must be >= reconnect_delay ({reconnect_delay:g})")
+    if sec.has("host"):
+        host = sec.str("host")
+        port = sec.int("port", 502, min=1, max=65535)
+        for key in ("baudrate", "parity", "stopbits", "bytesize"):
+            if sec.has(key):
+                sec.mark(key)
+                sec.error(key, "is a serial (RTU) setting; this device uses Modbus TCP (`host`)")
+        frame_gap = sec.float("frame_gap", 0.0, min=0, max=10)
+        return BusSettings(
+            transport="tcp", host=host, port=port, frame_gap=frame_gap, queue_size=queue_size,
+            reconnect_delay=reconnect_delay, reconnect_delay_max=reconnect_delay_max,
+        )  # fmt: skip
+    if not sec.has("port"):
+        sec.error(
+            "", "missing connection: set `host` (and `port`) for Modbus TCP, or `port` "
+            "= a serial device path (e.g. /dev/serial/by-id/...) for Modbus RTU",
+        )  # fmt: skip
+        return BusSettings(transport="tcp")
+    if not isinstance(sec.data["port"], str):
+        sec.mark("port")
+        sec.error("port", "without `host` this is Modbus RTU: `port` must be a serial device path")
+        return BusSettings(transport="rtu")
+    serial_port = sec.str("port")
+    baudrate = sec.int("baudrate", 19200, min=50, max=4_000_000)
+    parity = sec.str("parity", "E", choices=PARITIES)
+    stopbits = sec.int("stopbits", 1, min=1, max=2)
+    bytesize = sec.int("bytesize", 8, min=7, max=8)
+    frame_gap = sec.float("frame_gap", rtu_frame_gap(baudrate), min=0, max=10)
+    return BusSettings(
+        transport="rtu", serial_port=serial_port, baudrate=baudrate, parity=parity,
+        stopbits=stopbits, bytesize=bytesize, frame_gap=frame_gap, queue_size=queue_size,
+        reconnect_delay=reconnect_delay, reconnect_delay_max=reconnect_delay_max,
+    )  # fmt: skip
+
+
+def _parse_point(
+    spec: DeviceSpec, name: str, sec: Section, verify_default: bool, max_registers: int
+) -> ModbusPoint | None:
+    ok = True
+    table = sec.str("table", "holding", choices=TABLES)
+    address = sec.int("address", min=0, max=MAX_ADDRESS)
+    bits = table in BIT_TABLES
+    type_ = sec.str("type", "bool" if bits else "uint16", choices=TYPES)
+    if table not in TABLES or type_ not in TYPES or not isinstance(address, int):
+        ok = False
+    if bits and type_ != "bool":
+        sec.error("type", f"a {table} holds one bit: type must be 'bool', got {type_!r}")
+        ok = False
+    word_order = sec.str("word_order", "big", choices=["big", "little"])
+    byte_order = sec.str("byte_order", "big", choices=["big", "little"])
+    bit = sec.int("bit", None, min=0, max=15)
+    length = sec.int("length", None, min=1, max=max_registers)
+    verify = sec.bool("verify", verify_default)
+    if bits:
+        for key in ("word_order", "byte_order", "bit", "length"):
+            if sec.has(key):
+                sec.error(key, f"does not apply to a {table} (a single bit)")
+                ok = False
+    else:
+        if type_ == "string" and length is None:
+            sec.error("length", "a string needs its length in registers (`length = N`)")
+            ok = False
+        if type_ != "string" and sec.has("length"):
+            sec.error("length", f"only a string has a length; {type_} has a fixed size")
+            ok = False
+        if bit is not None and type_ == "string":
+            sec.error("bit", "a string has no bit index")
+            ok = False
+        elif bit is not None and type_ in NUMERIC and NUMERIC[type_][1] != 1:
+            sec.error("bit", f"a bit index needs a 16-bit register; {type_} spans "
+                             f"{NUMERIC[type_][1]} registers")  # fmt: skip
+            ok = False
+        if type_ == "string" and sec.has("word_order"):
+            sec.error("word_order", "a string is text in register order; use byte_order")
+            ok = False
+        elif type_ in ("bool", "int16", "uint16") and sec.has("word_order"):
+            sec.error("word_order", f"{type_} is a single register: it has no word order")
+            ok = False
+    if not ok:
+        return None
+    layout = Layout(
+        type=type_, word_order=word_order, byte_order=byte_order, bit=bit,
+        length=length if type_ == "string" else None,
+    )  # fmt: skip
+    end = address + (1 if bits else layout.registers) - 1
+    if end > MAX_ADDRESS:
+        sec.error("address", f"{type_} at {address} ends at {end}, past the last address 65535")
+        return None
+    return ModbusPoint(name=name, table=table, address=address, layout=layout, verify=verify)
+
+
+def _check_value_block(spec: DeviceSpec, name: str, p: ModbusPoint, issues: Issues) -> None:
+    path = spec.point_path(name)
+    t = p.layout.type
+    is_flag = p.is_bit_table or t == "bool" or p.layout.bit is not None
+    if (is_flag or t == "string") and (p.scale != 1.0 or p.offset != 0.0):
+        key = "scale" if p.scale != 1.0 else "offset"
+        issues.add(f"{path}.{key}", f"a {'bit' if is_flag else 'string'} cannot be scaled")
+    if (is_flag or t == "string") and (p.min is not None or p.max is not None):
+        key = "min" if p.min is not None else "max"
+        issues.add(f"{path}.{key}", f"a {'bit' if is_flag else 'string'} has no numeric range")
+    if p.writable and p.table not in WRITABLE_TABLES:
+        issues.add(f"{path}.writable", f"the {p.table} table is read-only in Modbus")
+
+
+def _check_overlaps(spec: DeviceSpec, points: list[ModbusPoint], issues: Issues) -> None:
+    # Bits of one register may be shared by flag points; anything else may not overlap.
+    by_table: dict[str, list[ModbusPoint]] = {}
+    for p in points:
+        by_table.setdefault(p.table, []).append(p)
+    for group in by_table.values():
+        group.sort(key=lambda q: (q.address, q.end))
+        for i, p in enumerate(group):
+            for q in group[:i]:
+                if q.end < p.address:
+                    continue
+                if (
+                    p.layout.bit is not None
+                    and q.layout.bit is not None
+                    and p.address == q.address
+                    and p.layout.bit != q.layout.bit
+                ):
+                    continue
+                what = f"bit {p.layout.bit} of " if p.layout.bit is not None else ""
+                issues.add(
+                    f"{spec.point_path(p.name)}.address",
+                    f"{what}{p.table} {p.address}..{p.end} overlaps point {q.name!r} "
+                    f"({q.address}..{q.end})",
+                )
+                break
