@@ -178,7 +178,6 @@ class Daemon:
         assert self.control is not None
         self.control.register("status", self._cmd_status)
         self.control.register("reload", self._cmd_reload)
-        self.control.register("db.backup", self._cmd_backup)
         self.control.register("db.rebuild", self._cmd_rebuild)
         self.control.register("db.prune", self._cmd_prune)
 
@@ -211,13 +210,6 @@ class Daemon:
     async def _cmd_reload(self, args: dict[str, Any]) -> Any:
         ok = await self.reload()
         return {"applied": ok, "errors": self.last_reload_error}
-
-    async def _cmd_backup(self, args: dict[str, Any]) -> Any:
-        assert self.store is not None
-        target = str(args["file"])
-        from gateway.store.maintenance import backup
-
-        return await self.store.read(lambda conn: backup(conn, target))
 
     async def _cmd_rebuild(self, args: dict[str, Any]) -> Any:
         assert self.store is not None

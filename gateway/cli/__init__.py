@@ -1,0 +1,1 @@
+"""gatewayctl: the on-site command line."""

@@ -1,0 +1,99 @@
+"""`gatewayctl`: the on-site CLI. Talks to the daemon over its control socket, and reads the
+SQLite file read-only when the daemon is down.
+
+Exit codes: 0 ok; 1 failure; 2 usage error (bad arguments, unknown device); 3 invalid
+configuration; 4 daemon or device unreachable; 5 store problem (corrupt, missing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+from gateway import __version__
+from gateway.errors import EXIT_USAGE, GatewayError
+
+#: Modules that add verbs: each has `add_parsers(sub)`. Missing ones are skipped.
+VERB_MODULES = ("gateway.cli.core", "gateway.sync.cli")
+#: Drivers with a `probe.py` (`add_parser(sub)`): `gatewayctl probe <kind> ...`.
+PROBE_KINDS = ("modbus", "serial", "ble", "coap")
+
+
+class _Parser(argparse.ArgumentParser):
+    """Every parser, nested ones included, takes --config and --json, before or after verbs;
+    usage errors exit with status 2 and name the problem."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.add_argument(
+            "--config", default=argparse.SUPPRESS,
+            help="config file (default: $GATEWAY_CONFIG, then /etc/gateway/config.toml)",
+        )  # fmt: skip
+        self.add_argument(
+            "--json", action="store_true", default=argparse.SUPPRESS,
+            help="machine-readable output",
+        )  # fmt: skip
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+
+def _import_optional(ref: str) -> Any:
+    """Import a module that may not be part of this build (None then); real errors propagate."""
+    try:
+        return importlib.import_module(ref)
+    except ModuleNotFoundError as exc:
+        if exc.name and ref.startswith(exc.name):
+            return None
+        raise
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="gatewayctl",
+        description="Look at and operate a running gateway.",
+        epilog="exit codes: 0 ok, 1 failure, 2 usage, 3 bad config, 4 unreachable, 5 store",
+    )
+    parser.add_argument("--version", action="version", version=f"gatewayctl {__version__}")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    sub.required = True
+    for ref in VERB_MODULES:
+        module = _import_optional(ref)
+        if module is not None:
+            module.add_parsers(sub)
+    probe = sub.add_parser("probe", help="talk to a device directly, without the config")
+    psub = probe.add_subparsers(dest="kind", metavar="KIND")
+    psub.required = True
+    for kind in PROBE_KINDS:
+        module = _import_optional(f"drivers.{kind}.probe")
+        if module is not None:
+            module.add_parser(psub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "json"):
+        args.json = False
+    if not hasattr(args, "config"):
+        args.config = None
+    try:
+        status: int = args.func(args)
+    except GatewayError as exc:
+        print(f"gatewayctl: {exc}", file=sys.stderr)
+        return exc.exit_status
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
