@@ -41,15 +41,21 @@ class DiscoveredDevice:
 
 
 class Clock(Protocol):
+    boot_id: str
+
     def time(self) -> float: ...
     def monotonic(self) -> float: ...
+    def synced(self) -> bool: ...
 
 
 class DriverContext(Protocol):
     """What a driver may do with the outside world: four things (and a discovery report)."""
 
-    logger: logging.Logger
-    clock: Clock
+    @property
+    def logger(self) -> logging.Logger: ...
+
+    @property
+    def clock(self) -> Clock: ...
 
     def emit(self, device_id: str, readings: Sequence[RawReading]) -> None:
         """Hand readings a device pushed (notifications, advertisements) to the core."""

@@ -101,9 +101,7 @@ class Subscription:
         batch = await store.events(self.cursor, 500)
         if batch:
             self.cursor = batch[-1].seq
-            self._backlog.extend(
-                e for e in batch if self.types is None or e.type in self.types
-            )
+            self._backlog.extend(e for e in batch if self.types is None or e.type in self.types)
         elif self.cursor >= self.bus.last_seq:
             # Caught up: no await between this check and the flag flip, so nothing
             # published in between can be missed.

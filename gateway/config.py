@@ -31,6 +31,11 @@ class _Required:
 
 REQUIRED: Final = _Required()
 
+# Section's readers are named after the types they read; these keep the builtins reachable.
+_Str = str
+_Bool = bool
+_Float = float
+
 _TOML_TYPE_NAMES = {
     str: "a string",
     int: "an integer",
@@ -124,34 +129,32 @@ class Section:
     # -- typed readers ---------------------------------------------------------------------
     def str(
         self,
-        key: str,
+        key: _Str,
         default: Any = REQUIRED,
         *,
         choices: Sequence[str] | None = None,
-        nonempty: bool = True,
+        nonempty: _Bool = True,
     ) -> Any:
         found, value = self._get(key, default, "a string")
         if not found:
             return value
-        if not isinstance(value, str):
+        if not isinstance(value, _Str):
             self.error(key, f"must be a string, got {_type_name(value)} {value!r}")
             return default if default is not REQUIRED else ""
         if nonempty and not value:
             self.error(key, "must not be empty")
         if choices is not None and value not in choices:
             hint = _did_you_mean(value, choices)
-            self.error(
-                key, f"must be one of {', '.join(map(repr, choices))}, got {value!r}{hint}"
-            )
+            self.error(key, f"must be one of {', '.join(map(repr, choices))}, got {value!r}{hint}")
         return value
 
     def int(
         self,
-        key: str,
+        key: _Str,
         default: Any = REQUIRED,
         *,
-        min: int | None = None,  # noqa: A002 - reads naturally at call sites
-        max: int | None = None,  # noqa: A002
+        min: int | None = None,
+        max: int | None = None,
     ) -> Any:
         found, value = self._get(key, default, "an integer")
         if not found:
@@ -164,12 +167,12 @@ class Section:
 
     def float(
         self,
-        key: str,
+        key: _Str,
         default: Any = REQUIRED,
         *,
-        min: float | None = None,  # noqa: A002
-        max: float | None = None,  # noqa: A002
-        gt: float | None = None,
+        min: _Float | None = None,
+        max: _Float | None = None,
+        gt: _Float | None = None,
     ) -> Any:
         found, value = self._get(key, default, "a number")
         if not found:
@@ -186,7 +189,7 @@ class Section:
         self._range(key, value, min, max)
         return value
 
-    def bool(self, key: str, default: Any = REQUIRED) -> Any:
+    def bool(self, key: _Str, default: Any = REQUIRED) -> Any:
         found, value = self._get(key, default, "a boolean")
         if not found:
             return value
@@ -195,7 +198,7 @@ class Section:
             return default if default is not REQUIRED else False
         return value
 
-    def list(self, key: str, default: Any = REQUIRED, *, of: type | None = None) -> Any:
+    def list(self, key: _Str, default: Any = REQUIRED, *, of: type | None = None) -> Any:
         found, value = self._get(key, default, "an array")
         if not found:
             return value
@@ -215,11 +218,11 @@ class Section:
                     )
         return value
 
-    def raw(self, key: str, default: Any = REQUIRED) -> Any:
+    def raw(self, key: _Str, default: Any = REQUIRED) -> Any:
         """Any value, unchecked (the caller checks it)."""
         return self._get(key, default, "a value")[1]
 
-    def table(self, key: str, *, required: bool = False) -> Section:
+    def table(self, key: _Str, *, required: _Bool = False) -> Section:
         """The sub-table `key` (an empty one when absent and not required)."""
         found, value = self._get(key, REQUIRED if required else None, "a table")
         if not found:
@@ -229,10 +232,10 @@ class Section:
             return Section({}, self.at(key), self.issues)
         return Section(value, self.at(key), self.issues)
 
-    def tables(self, key: str) -> dict[str, Section]:
+    def tables(self, key: _Str) -> dict[_Str, Section]:
         """A table of tables, such as `devices` or `points`: name -> Section."""
         outer = self.table(key)
-        out: dict[str, Section] = {}
+        out: dict[_Str, Section] = {}
         for name, value in outer.data.items():
             outer.mark(name)
             if not isinstance(value, dict):
@@ -248,7 +251,7 @@ class Section:
                 hint = _did_you_mean(key, sorted(self._seen))
                 self.error(key, f"unknown key{hint}")
 
-    def _range(self, key: str, value: float, lo: float | None, hi: float | None) -> None:
+    def _range(self, key: _Str, value: _Float, lo: _Float | None, hi: _Float | None) -> None:
         if lo is not None and value < lo:
             self.error(key, f"must be >= {lo:g}, got {value:g}")
         if hi is not None and value > hi:

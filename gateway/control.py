@@ -152,7 +152,9 @@ def call(path: Path, verb: str, args: dict[str, Any] | None = None, timeout: flo
         try:
             s.connect(str(path))
         except (FileNotFoundError, ConnectionRefusedError) as exc:
-            raise DaemonUnavailableError(f"gatewayd is not running ({path}: {exc.strerror})") from None
+            raise DaemonUnavailableError(
+                f"gatewayd is not running ({path}: {exc.strerror})"
+            ) from None
         except PermissionError:
             raise DaemonUnavailableError(
                 f"{path}: permission denied (join the socket's group, or use sudo)"

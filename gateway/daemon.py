@@ -117,7 +117,10 @@ class Daemon:
 
     def _on_hup(self) -> None:
         if self._reload_task is None or self._reload_task.done():
-            self._reload_task = asyncio.create_task(self.reload(), name="reload")
+            self._reload_task = asyncio.create_task(self._reload_quietly(), name="reload")
+
+    async def _reload_quietly(self) -> None:
+        await self.reload()
 
     async def reload(self) -> bool:
         systemd.reloading()
@@ -224,8 +227,10 @@ class Daemon:
 def setup_logging(level: str) -> None:
     # Under systemd, journald adds the time; the priority prefix <N> sets the journal level.
     under_journal = bool(os.environ.get("JOURNAL_STREAM"))
-    fmt = "<%(levelno_sd)s>%(name)s: %(message)s" if under_journal else (
-        "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    fmt = (
+        "<%(levelno_sd)s>%(name)s: %(message)s"
+        if under_journal
+        else ("%(asctime)s %(levelname)s %(name)s: %(message)s")
     )
 
     class _Fmt(logging.Formatter):

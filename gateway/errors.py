@@ -93,11 +93,11 @@ class DriverError(GatewayError):
         self.device = device
 
 
-class DeviceUnavailable(DriverError):  # noqa: N818 - name fixed by DESIGN.md
+class DeviceUnavailable(DriverError):
     coap_code = "5.03"
 
 
-class DeviceTimeout(DriverError):  # noqa: N818 - name fixed by DESIGN.md
+class DeviceTimeout(DriverError):
     coap_code = "5.04"
 
 
@@ -111,7 +111,7 @@ class DeviceProtocolError(DriverError):
         self.code = code
 
 
-class PointNotFound(DriverError):  # noqa: N818 - name fixed by DESIGN.md
+class PointNotFound(DriverError):
     coap_code = "4.04"
     exit_status = EXIT_USAGE
 
@@ -137,7 +137,7 @@ class StoreError(GatewayError):
     exit_status = EXIT_STORE
 
 
-class StoreFull(StoreError):  # noqa: N818 - name fixed by DESIGN.md
+class StoreFull(StoreError):
     """The disk quota is reached under the `reject_new` policy; retry after `retry_after` s."""
 
     def __init__(self, message: str, retry_after: int = 30) -> None:

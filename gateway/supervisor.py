@@ -142,8 +142,10 @@ class Supervisor:
         loop = len(slot.crashes) >= CRASH_LOOP_COUNT
         slot.state = HealthState.CRASH_LOOP if loop else HealthState.FAILED
         if loop:
-            log.error("service %s is in a crash loop (%d crashes in %.0f s): %s",
-                      slot.service.name, len(slot.crashes), CRASH_LOOP_WINDOW, slot.last_error)  # fmt: skip
+            log.error(
+                "service %s is in a crash loop (%d crashes in %.0f s): %s",
+                slot.service.name, len(slot.crashes), CRASH_LOOP_WINDOW, slot.last_error,
+            )  # fmt: skip
         if slot.restarting is None or slot.restarting.done():
             slot.restarting = asyncio.create_task(self._restart(slot), name="restart")
 
@@ -194,7 +196,7 @@ class Supervisor:
             if slot.state in (HealthState.OK, HealthState.DEGRADED):
                 try:
                     h = slot.service.health()
-                except Exception as exc:  # noqa: BLE001 - a health check must not kill status
+                except Exception as exc:
                     h = Health(HealthState.DEGRADED, f"health check failed: {exc}")
                 state = h.state if slot.state == HealthState.OK else slot.state
                 out[name] = {"state": str(state), "detail": h.detail, **h.figures}

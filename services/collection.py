@@ -100,7 +100,7 @@ class CollectionService(Service):
         for kind, drv in list(self.drivers.items()):
             try:
                 await asyncio.wait_for(drv.stop(), 5)
-            except Exception as exc:  # noqa: BLE001 - stopping must go on
+            except Exception as exc:
                 self.log.warning("driver %s did not stop cleanly: %s", kind, exc)
         self.drivers.clear()
         # Readings already handed in by push drivers are committed before we go.

@@ -53,9 +53,10 @@ class DevicesService(Service):
         for dev_id in known:
             todo.append(
                 NewEvent(
-                    ev.device_stream(dev_id), ev.DEVICE_UNREGISTERED,
+                    ev.device_stream(dev_id),
+                    ev.DEVICE_UNREGISTERED,
                     {"reason": "removed from the configuration"},
-                )  # fmt: skip
+                )
             )
         if todo:
             await self.ctx.store.append_many(todo)

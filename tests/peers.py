@@ -42,7 +42,9 @@ def free_port(kind: int = socket.SOCK_STREAM, host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def wait_until(check: Callable[[], bool], what: str, attempts: int = 200, pause: float = 0.05) -> None:
+def wait_until(
+    check: Callable[[], bool], what: str, attempts: int = 200, pause: float = 0.05
+) -> None:
     """Poll a readiness check a bounded number of times (for peers that offer no event)."""
     for _ in range(attempts):
         if check():

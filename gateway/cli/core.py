@@ -273,8 +273,8 @@ def cmd_config_check(args: argparse.Namespace) -> int:
         c = cfg.load(path)
     except ConfigError as exc:
         if args.json:
-            emit_json({"ok": False, "file": path,
-                       "errors": [{"path": i.path, "message": i.message} for i in exc.issues]})  # fmt: skip
+            errors = [{"path": i.path, "message": i.message} for i in exc.issues]
+            emit_json({"ok": False, "file": path, "errors": errors})
         else:
             print(f"{path}: {len(exc.issues)} error(s)", file=sys.stderr)
             for issue in exc.issues:

@@ -266,7 +266,7 @@ class EventStore:
     async def append(
         self,
         stream: str,
-        type: str,  # noqa: A002 - the event's type
+        type: str,
         data: Mapping[str, Any],
         *,
         expected_version: int | None = None,
@@ -311,7 +311,7 @@ class EventStore:
                 job = self._jobs.popleft()
                 try:
                     result = await loop.run_in_executor(self._wx, self._run_job, job.fn)
-                except Exception as exc:  # noqa: BLE001 - handed to the caller
+                except Exception as exc:
                     if not job.future.done():
                         job.future.set_exception(exc)
                 else:
@@ -332,7 +332,7 @@ class EventStore:
                 continue
             try:
                 outcome = await loop.run_in_executor(self._wx, self._commit, batch)
-            except Exception as exc:  # noqa: BLE001 - every producer gets the error
+            except Exception as exc:
                 log.error("store commit failed: %s", exc)
                 err = exc if isinstance(exc, StoreError) else StoreError(f"commit failed: {exc}")
                 for p in batch:
@@ -627,9 +627,7 @@ class EventStore:
         """The writer is alive and not stuck: nothing queued for longer than `stall` s."""
         if self.writer_error is not None or self._writer is None or self._writer.done():
             return False
-        if self._queue and time.monotonic() - self.last_commit_mono > stall:
-            return False
-        return True
+        return not (self._queue and time.monotonic() - self.last_commit_mono > stall)
 
 
 def _file_bytes(path: Path) -> int:

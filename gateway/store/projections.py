@@ -33,7 +33,7 @@ class Projection(Protocol):
 class DeviceProjection:
     """`devices` (availability, last seen, registrations) and `latest` (value per point)."""
 
-    tables = ("devices", "latest")
+    tables: tuple[str, ...] = ("devices", "latest")
 
     def reset(self, conn: sqlite3.Connection) -> None:
         conn.execute("DELETE FROM latest")
