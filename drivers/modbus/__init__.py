@@ -217,9 +217,9 @@ class ModbusDriver(Driver):
         dev.failures += 1
         if not dev.failing:
             dev.failing = True
-            log.warning("modbus %s: %s", dev.config.id, exc.message)
+            log.warning("modbus %s", exc.message)  # the message starts with the device id
         else:
-            log.debug("modbus %s: %s (failure %d)", dev.config.id, exc.message, dev.failures)
+            log.debug("modbus %s (failure %d)", exc.message, dev.failures)
         counts = not (isinstance(exc, DeviceProtocolError) and _is_live_answer(exc))
         if "bus busy" in exc.message:
             counts = False

@@ -209,7 +209,7 @@ def _parse_point(
         elif type_ in ("bool", "int16", "uint16") and sec.has("word_order"):
             sec.error("word_order", f"{type_} is a single register: it has no word order")
             ok = False
-    if not ok:
+    if not ok or not 0 <= address <= MAX_ADDRESS:  # a bad address is reported already
         return None
     layout = Layout(
         type=type_, word_order=word_order, byte_order=byte_order, bit=bit,

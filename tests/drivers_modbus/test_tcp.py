@@ -1,0 +1,319 @@
+"""The Modbus driver against a pymodbus TCP server (a separate process) and mbpoll (libmodbus).
+
+The "silent unit" server is pymodbus with a `trace_packet` hook that drops the answers to
+one unit id (see modbus_server.py): a real RS-485 slave that is absent stays silent, while
+pymodbus itself answers an unknown unit with exception 4.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from drivers.modbus import ModbusDriver
+from gateway.config import DeviceSpec, loads
+from gateway.errors import DeviceProtocolError, DeviceTimeout, DeviceUnavailable, PayloadError
+from tests.drivers_modbus.support import (
+    ModbusServer,
+    RecordingContext,
+    device_toml,
+    mbpoll,
+    type_matrix,
+)
+
+TABLES, POINTS, EXPECTED = type_matrix()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModbusServer]:
+    tmp = tmp_path_factory.mktemp("mbtcp")
+    writable = {"hr": [0] * 40, "co": [False] * 16}
+    srv = ModbusServer(
+        tmp, {1: TABLES, 2: writable, 3: {"hr": [7, 8, 9]}}, silent=[5], name="tcp"
+    ).start()
+    yield srv
+    srv.stop()
+
+
+def specs(text: str) -> dict[str, DeviceSpec]:
+    return dict(loads(text).devices)
+
+
+def tcp(port: int) -> str:
+    return f'host = "127.0.0.1"\nport = {port}'
+
+
+def test_every_type_and_order_decodes(server: ModbusServer) -> None:
+    spec = specs(device_toml("all", tcp(server.port), POINTS, unit=1))["all"]
+
+    async def main() -> dict[str, object]:
+        drv = ModbusDriver(RecordingContext())
+        await drv.start()
+        try:
+            await drv.add_device(spec)
+            # The whole map (holding, input, coil and discrete input) coalesces into 4 reads.
+            assert len(drv.plan("all")) == 4
+            readings = await drv.read("all", spec.points)
+        finally:
+            await drv.stop()
+        return {r.point: r.value for r in readings}
+
+    got = asyncio.run(main())
+    assert set(got) == set(EXPECTED)
+    for name, want in EXPECTED.items():
+        if isinstance(want, float):
+            assert got[name] == pytest.approx(want), name
+        else:
+            assert got[name] == want, name
+
+
+WRITE_POINTS = """
+[devices.w.points.setpoint]
+address = 0
+type = "int16"
+scale = 0.1
+min = -50.0
+max = 120.0
+writable = true
+verify = true
+
+[devices.w.points.ratio]
+address = 2
+type = "float32"
+writable = true
+
+[devices.w.points.total]
+address = 4
+type = "uint32"
+word_order = "little"
+writable = true
+
+[devices.w.points.enable]
+address = 10
+bit = 2
+writable = true
+verify = true
+
+[devices.w.points.relay]
+table = "coil"
+address = 3
+writable = true
+verify = true
+
+[devices.w.points.label]
+address = 12
+type = "string"
+length = 3
+writable = true
+
+[devices.w.points.status]
+address = 20
+"""
+
+
+def test_writes_are_read_back_by_mbpoll(server: ModbusServer) -> None:
+    spec = specs(device_toml("w", tcp(server.port), WRITE_POINTS, unit=2))["w"]
+    p = {pt.name: pt for pt in spec.points}
+
+    async def main() -> None:
+        drv = ModbusDriver(RecordingContext())
+        await drv.start()
+        try:
+            await drv.add_device(spec)
+            await drv.write("w", p["setpoint"], 21.5)
+            await drv.write("w", p["ratio"], -0.75)
+            await drv.write("w", p["total"], 100_000)
+            await drv.write("w", p["enable"], True)
+            await drv.write("w", p["relay"], True)
+            await drv.write("w", p["label"], "AB")
+            with pytest.raises(PayloadError, match="above the maximum"):
+                await drv.write("w", p["setpoint"], 130)
+            with pytest.raises(PayloadError, match="not writable"):
+                await drv.write("w", p["status"], 1)
+            with pytest.raises(PayloadError, match="number"):
+                await drv.write("w", p["ratio"], "fast")
+            got = {r.point: r.value for r in await drv.read("w", spec.points)}
+            assert got["setpoint"] == pytest.approx(21.5) and got["enable"] is True
+        finally:
+            await drv.stop()
+
+    asyncio.run(main())
+    base = ["-m", "tcp", "-p", str(server.port), "-a", "2"]
+    assert mbpoll("127.0.0.1", *base, "-t", "4", "-r", "0", "-c", "1") == ["215"]
+    assert float(mbpoll("127.0.0.1", *base, "-t", "4:float", "-B", "-r", "2", "-c", "1")[0]) == -0.75
+    # word_order little is mbpoll's default for 32-bit values (no -B)
+    assert mbpoll("127.0.0.1", *base, "-t", "4:int", "-r", "4", "-c", "1") == ["100000"]
+    assert mbpoll("127.0.0.1", *base, "-t", "4", "-r", "10", "-c", "1") == ["4"]
+    assert mbpoll("127.0.0.1", *base, "-t", "0", "-r", "3", "-c", "1") == ["1"]
+    assert mbpoll("127.0.0.1", *base, "-t", "4:hex", "-r", "12", "-c", "2") == ["0x4142", "0x0000"]
+
+
+def test_exception_response_is_a_protocol_error(
+    server: ModbusServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Unit 3 holds 3 registers: reading register 100 is ILLEGAL DATA ADDRESS. The unit is
+    # alive, so its breaker stays closed and it stays available.
+    pts = "[devices.x.points.far]\naddress = 100\n"
+    spec = specs(device_toml("x", tcp(server.port), pts, unit=3, breaker_threshold=2))["x"]
+    ctx = RecordingContext("test.modbus.exc")
+
+    async def main() -> None:
+        drv = ModbusDriver(ctx)
+        await drv.add_device(spec)
+        try:
+            for _ in range(3):
+                with pytest.raises(DeviceProtocolError, match="ILLEGAL DATA ADDRESS") as info:
+                    await drv.read("x", spec.points)
+                assert info.value.code == 2
+        finally:
+            await drv.stop()
+
+    with caplog.at_level(logging.DEBUG, logger="test.modbus.exc"):
+        asyncio.run(main())
+    records = [r for r in caplog.records if r.name == "test.modbus.exc"]
+    levels = [r.levelno for r in records if "ILLEGAL DATA ADDRESS" in r.getMessage()]
+    assert levels == [logging.WARNING, logging.DEBUG, logging.DEBUG]
+    assert ctx.changes("x") == []
+
+
+def test_unknown_unit_exception_4_opens_the_breaker(server: ModbusServer) -> None:
+    # pymodbus answers a unit it does not serve with exception 4 (SERVER DEVICE FAILURE).
+    pts = "[devices.ghost.points.v]\naddress = 0\n"
+    spec = specs(
+        device_toml("ghost", tcp(server.port), pts, unit=9, breaker_threshold=2,
+                    breaker_cooldown=3600.0)  # fmt: skip
+    )["ghost"]
+    ctx = RecordingContext()
+
+    async def main() -> None:
+        drv = ModbusDriver(ctx)
+        await drv.add_device(spec)
+        try:
+            for _ in range(2):
+                with pytest.raises(DeviceProtocolError, match="SERVER DEVICE FAILURE") as info:
+                    await drv.read("ghost", spec.points)
+                assert info.value.code == 4
+            bus = next(iter(drv._buses.values()))
+            sent = bus.requests
+            with pytest.raises(DeviceUnavailable, match="circuit open"):
+                await drv.read("ghost", spec.points)
+            assert bus.requests == sent  # an open breaker costs the bus nothing
+        finally:
+            await drv.stop()
+
+    asyncio.run(main())
+    assert ctx.changes("ghost") == [False]
+
+
+def test_silent_unit_times_out_and_its_neighbour_keeps_working(server: ModbusServer) -> None:
+    text = device_toml(
+        "silent", tcp(server.port), "[devices.silent.points.v]\naddress = 0\n", unit=5,
+        timeout=0.3, breaker_threshold=2, breaker_cooldown=3600.0,
+    ) + device_toml("alive", tcp(server.port), "[devices.alive.points.v]\naddress = 0\n", unit=3)
+    s = specs(text)
+    ctx = RecordingContext()
+
+    async def main() -> None:
+        drv = ModbusDriver(ctx)
+        await drv.add_device(s["silent"])
+        await drv.add_device(s["alive"])
+        try:
+            assert len(drv._buses) == 1  # one host:port, one connection, one lock
+            for _ in range(2):
+                with pytest.raises(DeviceTimeout, match="no answer"):
+                    await drv.read("silent", s["silent"].points)
+                # the shared connection survives the other unit's silence
+                assert [r.value for r in await drv.read("alive", s["alive"].points)] == [7]
+            with pytest.raises(DeviceUnavailable, match="circuit open"):
+                await drv.read("silent", s["silent"].points)
+            assert [r.value for r in await drv.read("alive", s["alive"].points)] == [7]
+        finally:
+            await drv.stop()
+
+    asyncio.run(main())
+    assert ctx.changes("silent") == [False]
+    assert ctx.changes("alive") == [True]
+
+
+def test_bounded_queue_fails_fast(server: ModbusServer) -> None:
+    text = device_toml(
+        "q", tcp(server.port), "[devices.q.points.v]\naddress = 0\n", unit=3, queue_size=1
+    )
+    spec = specs(text)["q"]
+
+    async def main() -> list[object]:
+        drv = ModbusDriver(RecordingContext())
+        await drv.add_device(spec)
+        try:
+            return await asyncio.gather(
+                *(drv.read("q", spec.points) for _ in range(5)), return_exceptions=True
+            )
+        finally:
+            await drv.stop()
+
+    results = asyncio.run(main())
+    busy = [r for r in results if isinstance(r, DeviceUnavailable)]
+    ok = [r for r in results if isinstance(r, list)]
+    assert busy and all("bus busy" in str(r) for r in busy)
+    assert len(ok) == 2  # the one holding the bus and the one waiting
+    assert len(busy) + len(ok) == 5
+
+
+def test_killed_server_opens_the_breaker_and_recovers(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    a = ModbusServer(tmp_path, {1: {"hr": [11, 12]}}, name="a").start()
+    b = ModbusServer(tmp_path, {1: {"hr": [21, 22]}}, name="b").start()
+    text = device_toml(
+        "a", tcp(a.port), "[devices.a.points.v]\naddress = 0\n", timeout=0.5,
+        breaker_threshold=2, breaker_cooldown=0.2, reconnect_delay=0.05,
+        reconnect_delay_max=0.2,
+    ) + device_toml("b", tcp(b.port), "[devices.b.points.v]\naddress = 1\n")  # fmt: skip
+    s = specs(text)
+    ctx = RecordingContext("test.modbus.kill")
+
+    async def poll_until(drv: ModbusDriver, done: object, what: str) -> tuple[int, int]:
+        """Poll both devices like the collection service would, until `done()`."""
+        b_reads = a_fails = 0
+        for _ in range(400):
+            try:
+                await drv.read("a", s["a"].points)
+            except (DeviceUnavailable, DeviceTimeout):
+                a_fails += 1
+            assert [r.value for r in await drv.read("b", s["b"].points)] == [22]
+            b_reads += 1
+            if done():  # type: ignore[operator]
+                return b_reads, a_fails
+            await asyncio.sleep(0.02)  # the polling interval
+        raise AssertionError(f"timed out waiting for {what}")
+
+    async def main() -> None:
+        drv = ModbusDriver(ctx)
+        await drv.add_device(s["a"])
+        await drv.add_device(s["b"])
+        try:
+            assert [r.value for r in await drv.read("a", s["a"].points)] == [11]
+            a.stop()
+            await poll_until(drv, lambda: ctx.changes("a") == [True, False], "breaker open")
+            a.start()  # same port
+            await poll_until(drv, lambda: ctx.changes("a") == [True, False, True], "recovery")
+            assert [r.value for r in await drv.read("a", s["a"].points)] == [11]
+        finally:
+            await drv.stop()
+
+    try:
+        with caplog.at_level(logging.DEBUG, logger="test.modbus.kill"):
+            asyncio.run(main())
+    finally:
+        a.stop()
+        b.stop()
+    assert ctx.changes("b") == [True]
+    records = [r for r in caplog.records if r.name == "test.modbus.kill"]
+    assert [r.levelno for r in records if r.levelno >= logging.INFO] == [
+        logging.WARNING, logging.INFO,
+    ]  # fmt: skip
+    assert "recovered" in records[-1].getMessage()
