@@ -1,0 +1,206 @@
+"""Wire formats of the relay: event rows -> batch payloads (CBOR array, JSON array, NDJSON,
+CBOR sequence), and cloud command messages -> validated command data. Pure: no I/O.
+
+Every event carries its idempotency key `"<gateway>:<seq>"`: a receiver that has seen a key
+drops the message (delivery is at-least-once). For CBOR the event's stored data blob (already
+CBOR) is spliced in as is: the relay never decodes what it only forwards.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import cbor2
+
+from gateway.errors import PayloadError
+
+
+class Row(NamedTuple):
+    """One undelivered event as read from `outbox JOIN events`."""
+
+    seq: int
+    stream: str
+    version: int
+    type: str
+    wall_time: float
+    mono_time: float
+    boot_id: str
+    synced: int
+    data: bytes
+
+
+ENVELOPE_KEYS = (
+    "key", "gateway", "seq", "stream", "version", "type",
+    "wall_time", "mono_time", "boot_id", "clock_synced", "data",
+)  # fmt: skip
+_CBOR_KEYS = [cbor2.dumps(k) for k in ENVELOPE_KEYS]
+_CBOR_MAP_HEADER = bytes([0xA0 + len(ENVELOPE_KEYS)])  # a map of < 24 pairs: one byte
+
+
+def _cbor_array_header(n: int) -> bytes:
+    if n < 24:
+        return bytes([0x80 + n])
+    if n < 256:
+        return bytes([0x98, n])
+    if n < 65536:
+        return b"\x99" + n.to_bytes(2, "big")
+    return b"\x9a" + n.to_bytes(4, "big")
+
+
+def idempotency_key(gateway: str, seq: int) -> str:
+    return f"{gateway}:{seq}"
+
+
+def cbor_event(gateway: str, row: Row) -> bytes:
+    """One event as a CBOR map; the stored data blob is spliced in without re-encoding."""
+    k = _CBOR_KEYS
+    d = cbor2.dumps
+    return b"".join(
+        (
+            _CBOR_MAP_HEADER,
+            k[0], d(idempotency_key(gateway, row.seq)),
+            k[1], d(gateway),
+            k[2], d(row.seq),
+            k[3], d(row.stream),
+            k[4], d(row.version),
+            k[5], d(row.type),
+            k[6], d(row.wall_time),
+            k[7], d(row.mono_time),
+            k[8], d(row.boot_id),
+            k[9], b"\xf5" if row.synced else b"\xf4",
+            k[10], row.data,
+        )
+    )  # fmt: skip
+
+
+def event_dict(gateway: str, row: Row) -> dict[str, Any]:
+    return {
+        "key": idempotency_key(gateway, row.seq),
+        "gateway": gateway,
+        "seq": row.seq,
+        "stream": row.stream,
+        "version": row.version,
+        "type": row.type,
+        "wall_time": row.wall_time,
+        "mono_time": row.mono_time,
+        "boot_id": row.boot_id,
+        "clock_synced": bool(row.synced),
+        "data": cbor2.loads(row.data),
+    }
+
+
+class NotRepresentableError(PayloadError):
+    """An event that cannot be written in the chosen format (e.g. bytes in JSON)."""
+
+
+def _json_safe(value: Any, where: str) -> None:
+    if isinstance(value, str | int | bool) or value is None:
+        return
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise NotRepresentableError(f"{where}: {value!r} has no JSON form")
+        return
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise NotRepresentableError(f"{where}: map key {k!r} is not a string")
+            _json_safe(v, f"{where}.{k}")
+        return
+    if isinstance(value, list | tuple):
+        for i, v in enumerate(value):
+            _json_safe(v, f"{where}[{i}]")
+        return
+    raise NotRepresentableError(f"{where}: a {type(value).__name__} has no JSON form")
+
+
+def json_event(gateway: str, row: Row) -> bytes:
+    """One event as compact JSON (raises NotRepresentableError for bytes, NaN, ...)."""
+    try:
+        obj = event_dict(gateway, row)
+    except (cbor2.CBORDecodeError, ValueError) as exc:
+        raise NotRepresentableError(f"stored data is not valid CBOR: {exc}") from None
+    _json_safe(obj["data"], "data")
+    return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
+
+
+def encode_one(fmt: str, gateway: str, row: Row) -> bytes:
+    """One event in `fmt` ("cbor" or "json"): the unit of a batch and of a file record."""
+    return cbor_event(gateway, row) if fmt == "cbor" else json_event(gateway, row)
+
+
+def batch_payload(fmt: str, items: Sequence[bytes]) -> bytes:
+    """A batch message: a CBOR array or a JSON array of already encoded events."""
+    if fmt == "cbor":
+        return _cbor_array_header(len(items)) + b"".join(items)
+    return b"[" + b",".join(items) + b"]"
+
+
+def decode_batch(payload: bytes) -> list[dict[str, Any]]:
+    """Inverse of batch_payload (for receivers and tests): JSON if it starts with '['."""
+    if payload[:1] == b"[":
+        out: list[dict[str, Any]] = json.loads(payload)
+        return out
+    res: list[dict[str, Any]] = cbor2.loads(payload)
+    return res
+
+
+# -- downlink ----------------------------------------------------------------------------
+MAX_COMMAND_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    id: str
+    data: dict[str, Any]
+
+
+def _safe_id(value: str) -> bool:
+    return (
+        0 < len(value) <= 128
+        and all(c.isascii() and (c.isalnum() or c in "-_.") for c in value)
+        and value[0] not in "-."
+    )
+
+
+def parse_command(payload: bytes) -> Command:
+    """A command from the cloud: a JSON or CBOR map with a string `id` (the idempotency key:
+    the same id twice is one command) and a string `device`; other keys are kept as given.
+    Raises PayloadError naming what is wrong; the reason goes back on the response topic."""
+    if len(payload) > MAX_COMMAND_BYTES:
+        raise PayloadError(f"command is {len(payload)} bytes, over {MAX_COMMAND_BYTES}")
+    if not payload:
+        raise PayloadError("empty command")
+    obj: Any
+    try:
+        obj = json.loads(payload) if payload.lstrip()[:1] == b"{" else cbor2.loads(payload)
+    except (ValueError, cbor2.CBORDecodeError) as exc:
+        raise PayloadError(f"command is neither a JSON nor a CBOR map: {exc}") from None
+    if not isinstance(obj, dict):
+        raise PayloadError(f"command must be a map, got {type(obj).__name__}")
+    cid = obj.get("id")
+    if not isinstance(cid, str) or not _safe_id(cid):
+        raise PayloadError(
+            f"command id must be a string of letters, digits, '-', '_', '.' (1-128), got {cid!r}"
+        )
+    device = obj.get("device")
+    if not isinstance(device, str) or not device:
+        raise PayloadError(f"command {cid}: 'device' must be a non-empty string, got {device!r}")
+    point = obj.get("point")
+    if point is not None and not isinstance(point, str):
+        raise PayloadError(f"command {cid}: 'point' must be a string, got {point!r}")
+    for k in obj:
+        if not isinstance(k, str):
+            raise PayloadError(f"command {cid}: map key {k!r} is not a string")
+    data = dict(obj)
+    data["source"] = "cloud"
+    return Command(cid, data)
+
+
+def response_payload(fmt: str, body: Mapping[str, Any]) -> bytes:
+    if fmt == "cbor":
+        return cbor2.dumps(dict(body))
+    return json.dumps(dict(body), separators=(",", ":"), default=repr).encode()

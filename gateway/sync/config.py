@@ -1,0 +1,236 @@
+"""The `[sync]` section: where the outbox goes (MQTT endpoints in failover order, or a file
+sink), in which format, and how hard the relay pushes (batches, backoff, breaker, backfill).
+
+```toml
+[sync]
+format = "cbor"                 # cbor | json (the MQTT payload)
+batch_size = 100                # events per message
+inflight = 16                   # messages awaiting PUBACK at once
+[[sync.endpoints]]              # failover order: the first one is preferred
+url = "mqtts://broker.example.com:8883"
+ca_file = "/etc/gateway/ca.pem"
+cert_file = "/etc/gateway/gw.pem"
+key_file = "/etc/gateway/gw.key"
+username = "gw-1"
+password_file = "/etc/gateway/mqtt.pass"
+[sync.topics]
+telemetry = "gateways/{gateway}/events/{stream}"
+```
+"""
+
+from __future__ import annotations
+
+import urllib.parse
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.config import Section
+
+TOPIC_FIELDS = ("gateway", "stream", "type")
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointConfig:
+    host: str
+    port: int
+    tls: bool = False
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    username: str | None = None
+    password: str | None = None
+    password_file: str | None = None
+    path: str = ""  # TOML path, for messages
+
+    @property
+    def label(self) -> str:
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+
+DEFAULT_TELEMETRY = "gateways/{gateway}/events/{stream}"
+DEFAULT_BACKFILL = "gateways/{gateway}/backfill/{stream}"
+DEFAULT_COMMANDS = "gateways/{gateway}/commands"
+DEFAULT_RESPONSES = "gateways/{gateway}/responses"
+
+
+@dataclass(frozen=True, slots=True)
+class TopicsConfig:
+    telemetry: str = DEFAULT_TELEMETRY
+    backfill: str = DEFAULT_BACKFILL
+    commands: str = DEFAULT_COMMANDS
+    responses: str = DEFAULT_RESPONSES
+
+
+@dataclass(frozen=True, slots=True)
+class FileSinkConfig:
+    directory: str
+    format: str = "ndjson"  # ndjson | cbor-seq
+    rotate_bytes: int = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class SyncConfig:
+    endpoints: tuple[EndpointConfig, ...] = ()
+    file: FileSinkConfig | None = None
+    mqtt_version: str = "5"  # "5" | "3.1.1"
+    keepalive: int = 60
+    client_id: str | None = None  # default: "gatewayd-<gateway id>"
+    session_expiry: int = 7 * 86400  # MQTT 5: how long the broker keeps our session
+    connect_timeout: float = 10.0
+    ack_timeout: float = 30.0  # no PUBACK for this long: the link is treated as dead
+    topics: TopicsConfig = field(default_factory=TopicsConfig)
+    format: str = "cbor"  # cbor | json
+    batch_size: int = 100
+    inflight: int = 16
+    backoff_base: float = 1.0
+    backoff_cap: float = 300.0
+    breaker_threshold: int = 5
+    breaker_cooldown: float = 60.0
+    backfill_threshold: int = 10_000  # backlog depth at (re)connect that turns on live-first
+    backfill_rate: float = 500.0  # events/s for the backlog while live-first is on
+    commands: bool = True  # subscribe to the command topic
+
+
+def _check_template(sec: Section, key: str, value: str, allowed: tuple[str, ...]) -> None:
+    import string
+
+    try:
+        names = [f for _, f, _, _ in string.Formatter().parse(value) if f is not None]
+    except ValueError as exc:
+        sec.error(key, f"not a valid topic template: {exc}")
+        return
+    for name in names:
+        if name not in allowed:
+            sec.error(
+                key,
+                f"unknown placeholder {{{name}}}; allowed: "
+                + ", ".join("{" + a + "}" for a in allowed),
+            )
+    if "+" in value or "#" in value:
+        sec.error(key, "a topic to publish on must not contain the wildcards '+' or '#'")
+
+
+def _endpoint(sec: Section) -> EndpointConfig | None:
+    url = sec.str("url", None)
+    host = sec.str("host", None)
+    port = sec.int("port", None, min=1, max=65535)
+    tls = sec.bool("tls", None)
+    if url is not None:
+        if host is not None or port is not None:
+            sec.error("url", "give either url or host/port, not both")
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
+            sec.error("url", f"scheme must be mqtt:// or mqtts://, got {url!r}")
+            return None
+        if not parts.hostname:
+            sec.error("url", f"no host in {url!r}")
+            return None
+        url_tls = parts.scheme in ("mqtts", "ssl")
+        if tls is not None and tls != url_tls:
+            sec.error("tls", f"contradicts the url scheme {parts.scheme!r}")
+        tls = url_tls
+        host = parts.hostname
+        try:
+            port = parts.port
+        except ValueError:
+            sec.error("url", f"bad port in {url!r}")
+            return None
+    elif host is None:
+        sec.error("", "an endpoint needs url (mqtt://host:port or mqtts://...) or host")
+        return None
+    tls = bool(tls)
+    if port is None:
+        port = 8883 if tls else 1883
+    ca_file = sec.str("ca_file", None)
+    cert_file = sec.str("cert_file", None)
+    key_file = sec.str("key_file", None)
+    if (ca_file or cert_file or key_file) and not tls:
+        sec.error("tls", "certificate files are given but TLS is off (use mqtts:// or tls = true)")
+    if key_file and not cert_file:
+        sec.error("key_file", "key_file needs cert_file")
+    username = sec.str("username", None)
+    password = sec.str("password", None, nonempty=False)
+    password_file = sec.str("password_file", None)
+    if password is not None and password_file is not None:
+        sec.error("password_file", "give either password or password_file, not both")
+    if (password is not None or password_file is not None) and username is None:
+        sec.error("username", "a password needs a username")
+    sec.done()
+    return EndpointConfig(
+        host=host, port=port, tls=tls, ca_file=ca_file, cert_file=cert_file, key_file=key_file,
+        username=username, password=password, password_file=password_file, path=sec.path,
+    )  # fmt: skip
+
+
+def parse(sec: Section) -> SyncConfig:
+    """Read `[sync]`; every issue goes to the section's Issues with its TOML path."""
+    endpoints: list[EndpointConfig] = []
+    raw_eps: Any = sec.list("endpoints", [])
+    if isinstance(raw_eps, list):
+        for i, item in enumerate(raw_eps):
+            path = f"{sec.at('endpoints')}[{i}]"
+            if not isinstance(item, dict):
+                sec.issues.add(path, "must be a table ([[sync.endpoints]])")
+                continue
+            ep = _endpoint(Section(item, path, sec.issues))
+            if ep is not None:
+                endpoints.append(ep)
+
+    file_cfg: FileSinkConfig | None = None
+    if sec.has("file"):
+        f = sec.table("file")
+        file_cfg = FileSinkConfig(
+            directory=f.str("directory"),
+            format=f.str("format", "ndjson", choices=["ndjson", "cbor-seq"]),
+            rotate_bytes=int(f.float("rotate_mb", 16.0, gt=0) * 1024 * 1024),
+        )
+        f.done()
+    if not endpoints and file_cfg is None:
+        sec.error("endpoints", "give at least one [[sync.endpoints]] or a [sync.file] sink")
+    if endpoints and file_cfg is not None:
+        sec.error("file", "give either [[sync.endpoints]] or [sync.file], not both")
+
+    t = sec.table("topics")
+    topics = TopicsConfig(
+        telemetry=t.str("telemetry", DEFAULT_TELEMETRY),
+        backfill=t.str("backfill", DEFAULT_BACKFILL),
+        commands=t.str("commands", DEFAULT_COMMANDS),
+        responses=t.str("responses", DEFAULT_RESPONSES),
+    )
+    for key in ("telemetry", "backfill"):
+        _check_template(t, key, getattr(topics, key), TOPIC_FIELDS)
+    for key in ("commands", "responses"):
+        _check_template(t, key, getattr(topics, key), ("gateway",))
+    t.done()
+
+    base = sec.float("backoff_base", 1.0, gt=0, max=600)
+    cap = sec.float("backoff_cap", 300.0, gt=0, max=86400)
+    if cap < base:
+        sec.error("backoff_cap", f"must be >= backoff_base ({base:g}), got {cap:g}")
+    b = sec.table("backfill")
+    backfill_threshold = b.int("threshold", 10_000, min=0)
+    backfill_rate = b.float("rate", 500.0, gt=0)
+    b.done()
+    cfg = SyncConfig(
+        endpoints=tuple(endpoints),
+        file=file_cfg,
+        mqtt_version=sec.str("mqtt_version", "5", choices=["5", "3.1.1"]),
+        keepalive=sec.int("keepalive", 60, min=5, max=65535),
+        client_id=sec.str("client_id", None),
+        session_expiry=sec.int("session_expiry", 7 * 86400, min=0, max=2**32 - 1),
+        connect_timeout=sec.float("connect_timeout", 10.0, gt=0, max=600),
+        ack_timeout=sec.float("ack_timeout", 30.0, gt=0, max=3600),
+        topics=topics,
+        format=sec.str("format", "cbor", choices=["cbor", "json"]),
+        batch_size=sec.int("batch_size", 100, min=1, max=10_000),
+        inflight=sec.int("inflight", 16, min=1, max=1000),
+        backoff_base=base,
+        backoff_cap=cap,
+        breaker_threshold=sec.int("breaker_threshold", 5, min=1),
+        breaker_cooldown=sec.float("breaker_cooldown", 60.0, gt=0),
+        backfill_threshold=backfill_threshold,
+        backfill_rate=backfill_rate,
+        commands=sec.bool("commands", True),
+    )
+    sec.done()
+    return cfg

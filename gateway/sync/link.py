@@ -1,0 +1,477 @@
+"""The MQTT link: connect to the first healthy endpoint (failover order), with exponential
+backoff and full jitter between rounds and a circuit breaker per endpoint; publish at QoS 1
+and hand back the broker's PUBACK reason code; take cloud commands from the command topic.
+
+aiomqtt does the connection; two things it hides are taken from paho underneath it: the
+PUBACK reason code (aiomqtt drops it, and it is how a broker refuses one message) and the
+manual acknowledgement of incoming commands (a command is acked only after its event has
+committed: acknowledged means durable).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import random
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+
+from gateway.sync.config import EndpointConfig, SyncConfig
+
+if TYPE_CHECKING:
+    import aiomqtt
+
+
+class Ack(NamedTuple):
+    """The receiver's answer to one batch: MQTT reason code (< 0x80 = accepted) and its name."""
+
+    code: int
+    reason: str
+
+    @property
+    def ok(self) -> bool:
+        return self.code < 0x80
+
+
+ACCEPTED = Ack(0, "Success")
+
+# PUBACK codes that say "not now" rather than "never": retried after a reconnect.
+TRANSIENT_CODES = frozenset({0x91, 0x97})  # packet identifier in use, quota exceeded
+
+
+class LinkDownError(Exception):
+    """The link went away while batches were in flight (they are sent again later)."""
+
+
+class Channel(Protocol):
+    """One connected session to a sink. `send` returns the receiver's Ack for one batch,
+    or raises LinkDownError; `closed` resolves when the session ends."""
+
+    label: str
+    item_format: str  # how the relay encodes each event for this sink: "cbor" | "json"
+    closed: asyncio.Future[None]
+
+    def send(self, lane: str, stream: str, type_: str, items: list[bytes]) -> asyncio.Future[Ack]:
+        ...
+
+    async def close(self) -> None: ...
+
+
+class Sink(Protocol):
+    """Something the relay delivers to: `connect` returns a Channel (retrying as it sees fit)."""
+
+    async def connect(self) -> Channel: ...
+
+    def kick(self) -> None: ...
+
+    def figures(self) -> dict[str, Any]: ...
+
+
+# -- retry policy ------------------------------------------------------------------------
+class Backoff:
+    """Exponential backoff with full jitter: a uniform delay in [0, min(cap, base * 2^n)]."""
+
+    def __init__(self, base: float, cap: float, rng: Callable[[], float] = random.random):
+        self.base = base
+        self.cap = cap
+        self.attempt = 0
+        self._rng = rng
+
+    def ceiling(self) -> float:
+        return float(min(self.cap, self.base * (2 ** min(self.attempt, 62))))
+
+    def next(self) -> float:
+        delay = self._rng() * self.ceiling()
+        self.attempt += 1
+        return delay
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+class BreakerState(enum.StrEnum):
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half-open"
+
+
+class Breaker:
+    """Per endpoint: after `threshold` failures in a row it opens for `cooldown` seconds
+    (nothing is tried), then lets one attempt through (half-open)."""
+
+    def __init__(
+        self, threshold: int, cooldown: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.threshold = threshold
+        self.cooldown = cooldown
+        self.failures = 0
+        self.opened_at: float | None = None
+        self._clock = clock
+
+    @property
+    def state(self) -> BreakerState:
+        if self.opened_at is None:
+            return BreakerState.CLOSED
+        if self._clock() - self.opened_at >= self.cooldown:
+            return BreakerState.HALF_OPEN
+        return BreakerState.OPEN
+
+    def allows(self) -> bool:
+        return self.state is not BreakerState.OPEN
+
+    def reopens_in(self) -> float:
+        if self.opened_at is None:
+            return 0.0
+        return max(0.0, self.opened_at + self.cooldown - self._clock())
+
+    def success(self) -> None:
+        self.failures = 0
+        self.opened_at = None
+
+    def failure(self, hard: bool = False) -> None:
+        """A hard failure (refused credentials or certificate) opens the breaker at once:
+        retrying a wrong password quickly only fills the broker's log."""
+        self.failures += 1
+        if hard or self.failures >= self.threshold or self.opened_at is not None:
+            self.opened_at = self._clock()
+
+    def reset(self) -> None:
+        self.success()
+
+
+# -- errors made readable ------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class ConnectFailure:
+    message: str
+    hard: bool  # credentials/certificates: will not fix itself
+
+
+def explain(ep: EndpointConfig, exc: BaseException) -> ConnectFailure:
+    """Turn what paho/aiomqtt/ssl raised into one line an operator can act on."""
+    from aiomqtt.exceptions import MqttConnectError
+
+    where = ep.label
+    chain: list[BaseException] = []
+    e: BaseException | None = exc
+    while e is not None and len(chain) < 5:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    for c in chain:
+        if isinstance(c, ssl.SSLCertVerificationError):
+            return ConnectFailure(
+                f"{where}: TLS: the broker's certificate was not accepted ({c.verify_message}); "
+                "check ca_file and the broker's certificate (its name must match the host)",
+                True,
+            )
+        if isinstance(c, ssl.SSLError):
+            return ConnectFailure(
+                f"{where}: TLS handshake failed ({c.reason or c}); check cert_file/key_file "
+                "and that the broker trusts the client certificate",
+                True,
+            )
+    if isinstance(exc, MqttConnectError):
+        rc: Any = exc.rc
+        code = int(getattr(rc, "value", rc) or 0)
+        name = str(rc) if not isinstance(rc, int) else str(exc)
+        if code in (4, 5, 0x86, 0x87, 0x8C):
+            return ConnectFailure(
+                f"{where}: the broker refused the login ({name}, code {code}): "
+                "check username and password (or password_file) and the broker's ACL",
+                True,
+            )
+        if code == 0x85 or code == 2:
+            return ConnectFailure(f"{where}: client id refused ({name}, code {code})", True)
+        return ConnectFailure(f"{where}: connection refused by the broker ({name}, code {code})",
+                              False)  # fmt: skip
+    text = str(exc) or type(exc).__name__
+    low = text.lower()
+    if "ssl" in low or "tls" in low or "certificate" in low:
+        return ConnectFailure(f"{where}: TLS handshake failed ({text})", True)
+    return ConnectFailure(f"{where}: cannot connect ({text})", False)
+
+
+# -- the MQTT channel ------------------------------------------------------------------------
+DownlinkHandler = Callable[[bytes], Awaitable[bytes | None]]
+
+
+def _client_class() -> type[aiomqtt.Client]:
+    import aiomqtt
+
+    class _Client(aiomqtt.Client):
+        """aiomqtt's client, keeping the PUBACK reason code for the relay."""
+
+        acks: dict[int, asyncio.Future[Ack]]
+
+        def _on_publish(
+            self, client: Any, userdata: Any, mid: int, reason_code: Any, properties: Any
+        ) -> None:
+            fut = self.acks.pop(mid, None)
+            if fut is not None and not fut.done():
+                code = int(getattr(reason_code, "value", 0) or 0)
+                fut.set_result(Ack(code, str(reason_code) if code else "Success"))
+            super()._on_publish(client, userdata, mid, reason_code, properties)
+
+    return _Client
+
+
+class MqttChannel:
+    """One connected MQTT session."""
+
+    def __init__(
+        self,
+        client: Any,
+        ep: EndpointConfig,
+        cfg: SyncConfig,
+        gateway_id: str,
+        logger: logging.Logger,
+    ) -> None:
+        self._client = client
+        self._paho = client._client
+        self.ep = ep
+        self.label = ep.label
+        self.item_format = cfg.format
+        self._cfg = cfg
+        self._gw = gateway_id
+        self._log = logger
+        self._acks: dict[int, asyncio.Future[Ack]] = client.acks
+        loop = asyncio.get_running_loop()
+        self.closed: asyncio.Future[None] = loop.create_future()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._props: Any = None
+        if cfg.mqtt_version == "5":
+            from paho.mqtt.packettypes import PacketTypes
+            from paho.mqtt.properties import Properties
+
+            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            if cfg.format == "json":
+                props.PayloadFormatIndicator = 1
+                props.ContentType = "application/json"
+            else:
+                props.ContentType = "application/cbor"
+            self._props = props
+        client._disconnected.add_done_callback(self._on_disconnected)
+
+    def _on_disconnected(self, fut: asyncio.Future[None]) -> None:
+        exc = fut.exception() if not fut.cancelled() else None
+        self._fail_all(LinkDownError(f"{self.label}: connection lost ({exc or 'closed'})"))
+
+    def _fail_all(self, exc: BaseException) -> None:
+        acks = list(self._acks.values())
+        self._acks.clear()
+        for fut in acks:
+            if not fut.done():
+                fut.set_exception(exc)
+                fut.exception()  # retrieved here: the relay may already have given up on it
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def topic(self, lane: str, stream: str, type_: str) -> str:
+        t = self._cfg.topics.backfill if lane == "backfill" else self._cfg.topics.telemetry
+        return t.format(gateway=self._gw, stream=stream, type=type_)
+
+    def send(self, lane: str, stream: str, type_: str, items: list[bytes]) -> asyncio.Future[Ack]:
+        from gateway.sync.codec import batch_payload
+
+        fut: asyncio.Future[Ack] = asyncio.get_running_loop().create_future()
+        if self.closed.done():
+            fut.set_exception(LinkDownError(f"{self.label}: not connected"))
+            return fut
+        payload = batch_payload(self.item_format, items)
+        info = self._paho.publish(self.topic(lane, stream, type_), payload, 1, False, self._props)
+        if info.rc != 0:
+            fut.set_exception(LinkDownError(f"{self.label}: publish failed (paho rc {info.rc})"))
+            return fut
+        self._acks[info.mid] = fut
+        return fut
+
+    def start_downlink(self, handler: DownlinkHandler) -> None:
+        self._tasks.append(
+            asyncio.create_task(self._downlink(handler), name=f"sync-downlink-{self.label}")
+        )
+
+    async def subscribe_commands(self) -> None:
+        topic = self._cfg.topics.commands.format(gateway=self._gw)
+        await self._client.subscribe(topic, qos=1, timeout=self._cfg.connect_timeout)
+
+    async def _downlink(self, handler: DownlinkHandler) -> None:
+        import aiomqtt
+
+        responses = self._cfg.topics.responses.format(gateway=self._gw)
+        try:
+            async for msg in self._client.messages:
+                payload = msg.payload if isinstance(msg.payload, bytes | bytearray) else b""
+                try:
+                    answer = await handler(bytes(payload))
+                except Exception:
+                    # Not acked: the broker sends it again on the next session.
+                    self._log.exception("command handling failed; the broker will redeliver")
+                    continue
+                if answer is not None:
+                    self._paho.publish(responses, answer, 1, False, None)
+                if msg.qos > 0:
+                    self._paho.ack(msg.mid, msg.qos)
+        except aiomqtt.MqttError:
+            return  # link down: the channel's `closed` tells the relay
+
+    async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        self._fail_all(LinkDownError(f"{self.label}: closed"))
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._client.__aexit__(None, None, None), 5.0)
+
+
+# -- the link ---------------------------------------------------------------------------------
+class MqttLink:
+    """Connects to the configured endpoints; `connect()` returns once a session is up."""
+
+    def __init__(
+        self,
+        cfg: SyncConfig,
+        gateway_id: str,
+        logger: logging.Logger,
+        downlink: DownlinkHandler | None = None,
+        rng: Callable[[], float] = random.random,
+    ) -> None:
+        self.cfg = cfg
+        self.gateway_id = gateway_id
+        self.log = logger
+        self.downlink = downlink
+        self.backoff = Backoff(cfg.backoff_base, cfg.backoff_cap, rng)
+        self.breakers = {
+            ep.label: Breaker(cfg.breaker_threshold, cfg.breaker_cooldown) for ep in cfg.endpoints
+        }
+        self.endpoint: str | None = None
+        self.last_error: str | None = None
+        self.failures = 0
+        self.connects = 0
+        self._kick = asyncio.Event()
+        self._warned: set[str] = set()
+
+    def kick(self) -> None:
+        """Retry now: forget backoff and open breakers, cut the current wait short."""
+        self.backoff.reset()
+        for b in self.breakers.values():
+            b.reset()
+        self._kick.set()
+
+    def figures(self) -> dict[str, Any]:
+        return {
+            "endpoint": self.endpoint,
+            "breakers": {k: b.state.value for k, b in self.breakers.items()},
+            "last_error": self.last_error,
+            "connect_failures": self.failures,
+            "connects": self.connects,
+        }
+
+    def _tls_context(self, ep: EndpointConfig) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=ep.ca_file)
+        if ep.cert_file:
+            ctx.load_cert_chain(ep.cert_file, ep.key_file)
+        return ctx
+
+    def _password(self, ep: EndpointConfig) -> str | None:
+        if ep.password_file:
+            with open(ep.password_file, encoding="utf-8") as f:
+                return f.read().strip("\r\n")
+        return ep.password
+
+    async def _try(self, ep: EndpointConfig) -> MqttChannel:
+        import aiomqtt
+
+        try:
+            tls = self._tls_context(ep) if ep.tls else None
+            password = self._password(ep)
+        except (OSError, ssl.SSLError) as exc:
+            raise _Hard(f"{ep.label}: cannot load credentials ({exc})") from exc
+        v5 = self.cfg.mqtt_version == "5"
+        props: Any = None
+        if v5:
+            from paho.mqtt.packettypes import PacketTypes
+            from paho.mqtt.properties import Properties
+
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            props.SessionExpiryInterval = self.cfg.session_expiry
+        client_id = self.cfg.client_id or f"gatewayd-{self.gateway_id}"
+        cls = _client_class()
+        client: Any = cls(
+            ep.host, ep.port,
+            username=ep.username, password=password, identifier=client_id,
+            protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
+            clean_session=None if v5 else False,
+            clean_start=False,
+            keepalive=self.cfg.keepalive,
+            timeout=self.cfg.connect_timeout,
+            max_inflight_messages=max(self.cfg.inflight, 20),
+            properties=props,
+            tls_context=tls,
+            logger=self.log.getChild("paho"),
+        )  # fmt: skip
+        client.acks = {}
+        client._client.manual_ack_set(True)
+        await asyncio.wait_for(client.__aenter__(), self.cfg.connect_timeout + 1)
+        ch = MqttChannel(client, ep, self.cfg, self.gateway_id, self.log)
+        try:
+            if self.downlink is not None and self.cfg.commands:
+                ch.start_downlink(self.downlink)
+                await ch.subscribe_commands()
+        except BaseException:
+            await ch.close()
+            raise
+        return ch
+
+    async def connect(self) -> MqttChannel:
+        """Try the endpoints in order (skipping open breakers); between rounds wait a
+        jittered backoff. Never raises for a failed attempt: it logs it and retries."""
+        while True:
+            self._kick.clear()
+            for ep in self.cfg.endpoints:
+                br = self.breakers[ep.label]
+                if not br.allows():
+                    continue
+                try:
+                    ch = await self._try(ep)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    fail = (
+                        ConnectFailure(str(exc), True) if isinstance(exc, _Hard)
+                        else explain(ep, exc)
+                    )  # fmt: skip
+                    br.failure(hard=fail.hard)
+                    self.failures += 1
+                    self.last_error = fail.message
+                    # First failure of a kind at WARNING, repeats at DEBUG (flapping links).
+                    if fail.message not in self._warned:
+                        self._warned.add(fail.message)
+                        self.log.warning("sync: %s", fail.message)
+                    else:
+                        self.log.debug("sync: %s", fail.message)
+                    continue
+                br.success()
+                self.backoff.reset()
+                self.endpoint = ep.label
+                self.connects += 1
+                if self._warned:
+                    self.log.info("sync: connected to %s", ep.label)
+                self._warned.clear()
+                return ch
+            self.endpoint = None
+            delay = self.backoff.next()
+            opens = [b.reopens_in() for b in self.breakers.values() if not b.allows()]
+            if len(opens) == len(self.breakers):  # every endpoint is resting
+                delay = max(delay, min(opens))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._kick.wait(), delay)
+
+
+class _Hard(Exception):
+    """A failure that will not fix itself by retrying soon (bad credentials files)."""
