@@ -1,0 +1,422 @@
+"""The CoAP resources of the front door: telemetry ingest, device state, Observe, discovery.
+
+Every resource derives from `GatewayResource`, whose `render` sends any exception through
+`gateway.coap.errors.error_response` (the one mapping). Block-wise *uploads* are refused
+(4.13 with Size1): a request must fit one datagram, so no per-request reassembly state is
+kept for anyone (aiocoap's Block1Spool would hold partial uploads for 93 s, unbounded).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import cbor2
+from aiocoap import Code, Message
+from aiocoap import resource as coap_resource
+from aiocoap.interfaces import ObservableResource
+
+from gateway import events as ev
+from gateway.coap import senml
+from gateway.coap.config import CoapConfig
+from gateway.coap.errors import error_response
+from gateway.errors import (
+    AuthError,
+    ForbiddenError,
+    NotFoundError,
+    PayloadError,
+    PayloadTooLargeError,
+    UnsupportedFormatError,
+)
+from gateway.events import Event, NewEvent
+
+
+class Backend:
+    """What the resources need from the store: append, and read projections.
+
+    A thin adapter so that the resource layer does not depend on the store's module."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+
+    async def append_many(self, events: Sequence[NewEvent]) -> list[Event]:
+        result: list[Event] = await self.store.append_many(events)
+        return result
+
+    async def latest(self, device: str, point: str | None = None) -> list[tuple[Any, ...]]:
+        def q(conn: Any) -> list[tuple[Any, ...]]:
+            sql = "SELECT point, value, unit, ts FROM latest WHERE device = ?"
+            args: list[Any] = [device]
+            if point is not None:
+                sql += " AND point = ?"
+                args.append(point)
+            return [(p, cbor2.loads(v) if v is not None else None, u, ts)
+                    for p, v, u, ts in conn.execute(sql + " ORDER BY point", args)]  # fmt: skip
+
+        rows: list[tuple[Any, ...]] = await self.store.read(q)
+        return rows
+
+    async def device(self, device: str) -> tuple[Any, ...] | None:
+        def q(conn: Any) -> tuple[Any, ...] | None:
+            row = conn.execute(
+                "SELECT driver, source, available, reason, last_seen FROM devices WHERE id = ?",
+                (device,),
+            ).fetchone()
+            return tuple(row) if row is not None else None
+
+        out: tuple[Any, ...] | None = await self.store.read(q)
+        return out
+
+
+@dataclass
+class Gate:
+    """Who may do what: identity from the security context, credentials, known devices."""
+
+    config: CoapConfig
+    known: set[str] = field(default_factory=set)
+    log: logging.Logger = field(default_factory=lambda: logging.getLogger("gateway.coap"))
+
+    @staticmethod
+    def identity(request: Message) -> str | None:
+        claims = getattr(request.remote, "authenticated_claims", None) or []
+        for claim in claims:
+            if isinstance(claim, str):
+                return claim
+        return None
+
+    def check_unauthenticated(self, device: str | None) -> None:
+        if device is not None:
+            creds = self.config.credentials_for(device)
+            if creds is not None and creds.has_any:
+                raise AuthError(f"device {device!r} has credentials: use DTLS-PSK or OSCORE")
+        if not self.config.allow_unauthenticated:
+            raise AuthError("unauthenticated requests are not allowed here")
+
+    def authorize(self, request: Message, device: str) -> None:
+        """May the sender of `request` act as / read `device`? Raises 4.01/4.03/4.04."""
+        who = self.identity(request)
+        if who is not None:
+            if who != device:
+                raise ForbiddenError(f"authenticated as {who!r}, not as {device!r}")
+        else:
+            self.check_unauthenticated(device)
+        if device not in self.known and not self.config.accept_unknown_devices:
+            raise NotFoundError(f"unknown device {device!r}")
+
+
+def content_format(request: Message) -> int | None:
+    cf = request.opt.content_format
+    return None if cf is None else int(cf)
+
+
+def check_size(request: Message, limit: int) -> None:
+    """One datagram, at most `limit` bytes: no block-wise upload, nothing reassembled."""
+    block1 = request.opt.block1
+    if block1 is not None and (block1.more or block1.block_number != 0):
+        raise PayloadTooLargeError(f"block-wise upload not supported: at most {limit} bytes",
+                                   limit)  # fmt: skip
+    size1 = request.opt.size1
+    if size1 is not None and size1 > limit:
+        raise PayloadTooLargeError(f"payload of {size1} bytes is over the limit of {limit}",
+                                   limit)  # fmt: skip
+    if len(request.payload) > limit:
+        raise PayloadTooLargeError(
+            f"payload of {len(request.payload)} bytes is over the limit of {limit}", limit
+        )
+
+
+def _valid_device(device: str) -> str:
+    if not device or "/" in device or len(device) > 128:
+        raise PayloadError(f"device id {device!r} is not usable (empty, too long, or has '/')")
+    return device
+
+
+def group_readings(
+    records: Iterable[senml.Record], fixed_device: str | None
+) -> dict[str, list[dict[str, Any]]]:
+    """Records -> {device: [reading records]}. With `fixed_device` (from the path or the
+    security context) a record without base name is a point of that device, and a base name
+    must name that device."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        if r.base_name:
+            device, point = senml.split_name(r.name, r.base_name)
+        elif fixed_device is not None:
+            device, point = fixed_device, r.name
+        else:
+            device, point = senml.split_name(r.name)
+        _valid_device(device)
+        if fixed_device is not None and device != fixed_device:
+            raise ForbiddenError(f"base name names device {device!r}, not {fixed_device!r}")
+        value: Any = r.value if r.value is not None else r.sum
+        rec = ev.reading_record(point, value, r.unit, r.time)
+        if r.sum is not None and r.value is not None:
+            rec["s"] = r.sum
+        out.setdefault(device, []).append(rec)
+    return out
+
+
+class GatewayResource(coap_resource.Resource):
+    """Base of our resources: one error mapping; no block-wise upload reassembly."""
+
+    log = logging.getLogger("gateway.coap")
+
+    async def needs_blockwise_assembly(self, request: Message) -> bool:
+        # Block2 (large responses) is fine; Block1 (uploads) would keep state per request.
+        return request.opt.block1 is None
+
+    async def render(self, request: Message) -> Message:
+        try:
+            response: Message = await super().render(request)
+            return response
+        except Exception as exc:
+            return error_response(exc, self.log)
+
+
+class TelemetryResource(GatewayResource):
+    """POST /telemetry: SenML CBOR/JSON or a plain CBOR map; 2.04 only after the commit."""
+
+    rt = "gw.telemetry"
+    ct = f"{senml.CF_SENML_CBOR} {senml.CF_SENML_JSON} {senml.CF_CBOR}"
+
+    def __init__(self, gate: Gate, backend: Backend, clock: Callable[[], float] = time.time):
+        super().__init__()
+        self.gate = gate
+        self.backend = backend
+        self.clock = clock
+        self.accepted = 0
+
+    async def ingest(self, request: Message, path_device: str | None) -> Message:
+        check_size(request, self.gate.config.max_payload)
+        who = self.gate.identity(request)
+        if who is None:
+            self.gate.check_unauthenticated(path_device)
+        fixed = path_device or who
+        if path_device is not None and who is not None and path_device != who:
+            raise ForbiddenError(f"authenticated as {who!r}, not as {path_device!r}")
+        cf = content_format(request)
+        if cf == senml.CF_CBOR and fixed is None:
+            raise PayloadError("a plain CBOR map needs a device: POST it to /d/<device>")
+        records = senml.decode(request.payload, cf, self.clock())
+        grouped = group_readings(records, fixed)
+        for device in grouped:
+            self.gate.authorize(request, device)
+        events = [ev.readings_event(device, recs) for device, recs in grouped.items()]
+        # The acknowledgement is the commit: nothing is answered before append_many returns.
+        await self.backend.append_many(events)
+        self.accepted += 1
+        return Message(code=Code.CHANGED)
+
+    async def render_post(self, request: Message) -> Message:
+        return await self.ingest(request, None)
+
+
+def _accept(request: Message, allowed: Sequence[int], default: int) -> int:
+    accept = request.opt.accept
+    if accept is None:
+        return default
+    if int(accept) not in allowed:
+        raise UnsupportedFormatError(
+            f"cannot answer in content-format {int(accept)}; "
+            f"available: {', '.join(map(str, allowed))}"
+        )
+    return int(accept)
+
+
+def _encode_any(value: Any, cf: int) -> bytes:
+    if cf == senml.CF_JSON:
+        return json.dumps(value, separators=(",", ":"), default=repr).encode("utf-8")
+    return bytes(cbor2.dumps(value))
+
+
+def _senml_value(value: Any) -> float | str | bool | bytes | None:
+    if isinstance(value, bool | str | bytes):
+        return value
+    if isinstance(value, int | float) and math.isfinite(float(value)):
+        return float(value) if isinstance(value, float) else value
+    return None if value is None else str(value)
+
+
+@dataclass
+class _Observed:
+    observations: set[Any] = field(default_factory=set)
+    #: the values last sent to these observers (point -> value)
+    values: dict[str, Any] = field(default_factory=dict)
+
+
+class DeviceResource(GatewayResource, coap_resource.PathCapable, ObservableResource):
+    """/d/{device} (state, POST telemetry), /d/{device}/{point} (latest as SenML),
+    /d/{device}/commands (pending commands). All GETs are observable."""
+
+    rt = "gw.device"
+
+    def __init__(self, gate: Gate, backend: Backend, telemetry: TelemetryResource) -> None:
+        super().__init__()
+        self.gate = gate
+        self.backend = backend
+        self.telemetry = telemetry
+        self._observed: dict[tuple[str, ...], _Observed] = {}
+        #: Pending commands per device, filled by the control service (set_commands).
+        self.commands: dict[str, list[Any]] = {}
+
+    # -- paths ----------------------------------------------------------------------------
+    @staticmethod
+    def _path(request: Message) -> tuple[str, ...]:
+        path = tuple(request.opt.uri_path)
+        if not path or len(path) > 2 or not path[0]:
+            raise NotFoundError("use /d/<device>, /d/<device>/<point> or /d/<device>/commands")
+        return path
+
+    def get_link_description(self) -> dict[str, Any] | None:
+        return None  # listed per device by get_resources_as_linkheader
+
+    def get_resources_as_linkheader(self) -> Any:
+        from aiocoap.util.linkformat import Link, LinkFormat
+
+        links = []
+        for device in sorted(self.gate.known)[:64]:  # a device list, not an inventory dump
+            links.append(Link(f"/{device}", rt="gw.device", obs=None))
+        return LinkFormat(links)
+
+    # -- rendering ------------------------------------------------------------------------
+    async def render_get(self, request: Message) -> Message:
+        path = self._path(request)
+        device = path[0]
+        self.gate.authorize(request, device)
+        if len(path) == 1:
+            return await self._state(request, device)
+        if path[1] == "commands":
+            cf = _accept(request, (senml.CF_CBOR, senml.CF_JSON), senml.CF_CBOR)
+            pending = self.commands.get(device, [])
+            return Message(payload=_encode_any(pending, cf), content_format=cf)
+        return await self._point(request, device, path[1])
+
+    async def render_post(self, request: Message) -> Message:
+        path = self._path(request)
+        if len(path) != 1:
+            raise NotFoundError("POST telemetry to /d/<device> or /telemetry")
+        return await self.telemetry.ingest(request, _valid_device(path[0]))
+
+    async def _state(self, request: Message, device: str) -> Message:
+        cf = _accept(request, (senml.CF_CBOR, senml.CF_JSON), senml.CF_CBOR)
+        row = await self.backend.device(device)
+        rows = await self.backend.latest(device)
+        if row is None and not rows and device not in self.gate.known:
+            raise NotFoundError(f"no device {device!r}")
+        driver, source, available, reason, last_seen = row or (None, None, None, None, None)
+        points = {p: {"v": _senml_value(v), **({"u": u} if u else {}), "t": ts}
+                  for p, v, u, ts in rows}  # fmt: skip
+        state = {
+            "device": device,
+            "driver": driver,
+            "source": source,
+            "available": None if available is None else bool(available),
+            "reason": reason,
+            "last_seen": last_seen,
+            "points": points,
+        }
+        self._remember((device,), {p: v for p, v, _u, _t in rows})
+        return Message(payload=_encode_any(state, cf), content_format=cf)
+
+    async def _point(self, request: Message, device: str, point: str) -> Message:
+        cf = _accept(request, (senml.CF_SENML_CBOR, senml.CF_SENML_JSON), senml.CF_SENML_CBOR)
+        rows = await self.backend.latest(device, point)
+        if not rows:
+            raise NotFoundError(f"no value for {device!r} point {point!r} yet")
+        p, value, unit, ts = rows[0]
+        self._remember((device, point), {p: value})
+        rec = senml.Record(f"{device}/{p}", _senml_value(value), unit, ts)
+        return Message(payload=senml.encode([rec], cf, f"{device}/"), content_format=cf)
+
+    # -- observation ----------------------------------------------------------------------
+    async def add_observation(self, request: Message, serverobservation: Any) -> None:
+        try:
+            path = self._path(request)
+            self.gate.authorize(request, path[0])
+        except Exception:
+            return  # the render that follows answers with the error
+        total = sum(len(o.observations) for o in self._observed.values())
+        if total >= self.gate.config.max_observations:
+            self.log.info("observation refused: %d observations already", total)
+            return
+        entry = self._observed.setdefault(path, _Observed())
+        entry.observations.add(serverobservation)
+
+        def cancel() -> None:
+            entry.observations.discard(serverobservation)
+            if not entry.observations and self._observed.get(path) is entry:
+                del self._observed[path]
+
+        serverobservation.accept(cancel)
+
+    def _remember(self, path: tuple[str, ...], values: dict[str, Any]) -> None:
+        entry = self._observed.get(path)
+        if entry is not None:
+            entry.values.update(values)
+
+    @property
+    def observation_count(self) -> int:
+        return sum(len(o.observations) for o in self._observed.values())
+
+    def on_commit(self, events: Sequence[Event]) -> None:
+        """Store listener: notify observers whose value changed in committed events."""
+        if not self._observed:
+            return
+        for e in events:
+            device = ev.stream_device(e.stream)
+            if device is None:
+                continue
+            if e.type == ev.READINGS:
+                changed: set[tuple[str, ...]] = set()
+                for rec in ev.iter_readings(e.data):
+                    point, value = rec.get("n"), rec.get("v")
+                    if not isinstance(point, str):
+                        continue
+                    for path in ((device, point), (device,)):
+                        entry = self._observed.get(path)
+                        if entry is not None and entry.values.get(point, _MISSING) != value:
+                            entry.values[point] = value
+                            changed.add(path)
+                for path in changed:
+                    self._trigger(path)
+            elif e.type in (ev.DEVICE_AVAILABLE, ev.DEVICE_UNAVAILABLE, ev.DEVICE_REGISTERED,
+                            ev.DEVICE_UNREGISTERED):  # fmt: skip
+                self._trigger((device,))
+
+    def set_commands(self, device: str, commands: list[Any]) -> None:
+        """The control service's hook: the commands waiting for `device` changed."""
+        if commands:
+            self.commands[device] = list(commands)
+        else:
+            self.commands.pop(device, None)
+        self._trigger((device, "commands"))
+
+    def _trigger(self, path: tuple[str, ...]) -> None:
+        entry = self._observed.get(path)
+        if entry is None:
+            return
+        for so in list(entry.observations):
+            so.trigger()
+
+
+_MISSING = object()
+
+
+class WellKnownCore(GatewayResource):
+    """/.well-known/core (RFC 6690), with the `href`, `rt`, `if`... query filters."""
+
+    def __init__(self, site: coap_resource.Site) -> None:
+        super().__init__()
+        self._wkc = coap_resource.WKCResource(site.get_resources_as_linkheader)
+
+    def get_link_description(self) -> dict[str, Any] | None:
+        return None
+
+    async def render_get(self, request: Message) -> Message:
+        response: Message = await self._wkc.render_get(request)
+        return response

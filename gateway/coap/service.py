@@ -1,0 +1,209 @@
+"""`CoapService`: the CoAP front door as a supervised service (started when `[coap]` exists).
+
+It builds the resource tree, binds one UDP endpoint per configured address (plus DTLS-PSK
+when some device has a PSK, and OSCORE when some device has a context), each with the
+bounded `LeanMessageManager`, and feeds committed events to the Observe machinery.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+import socket
+from typing import Any
+
+from gateway.coap.config import CoapConfig
+from gateway.service import Health, Service, ServiceContext
+
+log = logging.getLogger("gateway.coap")
+
+
+def _bind_host(addr: str) -> str:
+    # aiocoap's UDP transport uses one AF_INET6 socket: IPv4 goes as a v4-mapped address.
+    return f"::ffff:{addr}" if ":" not in addr else addr
+
+
+class CoapServer:
+    """The server without the supervisor: config + store in, bound contexts out.
+
+    Used by `CoapService`, by tests that run it on its own, and by `bench/coap.py`."""
+
+    def __init__(self, config: CoapConfig, store: Any, *, known: set[str] | None = None,
+                 logger: logging.Logger = log) -> None:  # fmt: skip
+        from gateway.coap.rd import Directory, RdEntries, RdLookupResource, RdResource
+        from gateway.coap.resources import (
+            Backend,
+            DeviceResource,
+            Gate,
+            TelemetryResource,
+            WellKnownCore,
+        )
+
+        self.config = config
+        self.store = store
+        self.log = logger
+        known_devices = set(known or ()) | {d for d, c in config.credentials.items()}
+        self.gate = Gate(config, known_devices, logger)
+        self.backend = Backend(store)
+        self.telemetry = TelemetryResource(self.gate, self.backend)
+        self.devices = DeviceResource(self.gate, self.backend, self.telemetry)
+        self.directory = Directory(self.gate, self.backend, logger)
+
+        from aiocoap import resource as coap_resource
+
+        site = coap_resource.Site()
+        site.add_resource((".well-known", "core"), WellKnownCore(site))
+        site.add_resource(("telemetry",), self.telemetry)
+        site.add_resource(("d",), self.devices)
+        site.add_resource(("rd",), RdResource(self.directory))
+        site.add_resource(("rd",), RdEntries(self.directory))
+        site.add_resource(("rd-lookup", "ep"), RdLookupResource(self.directory, "ep"))
+        site.add_resource(("rd-lookup", "res"), RdLookupResource(self.directory, "res"))
+        self.site = site
+        self.context: Any = None
+        self.managers: list[Any] = []
+        self._expiry: asyncio.Task[None] | None = None
+        self.addresses: list[tuple[str, int, str]] = []  # (host, port, "udp"|"dtls")
+
+    def _credentials(self) -> Any:
+        from aiocoap.credentials import DTLS, CredentialsMap
+
+        creds = CredentialsMap()
+        for device, c in self.config.credentials.items():
+            if c.psk is not None and c.psk_identity is not None:
+                # The entry's name is what aiocoap reports as the authenticated claim.
+                creds[device] = DTLS(psk=c.psk, client_identity=c.psk_identity)
+            if c.oscore_context is not None:
+                from aiocoap.oscore import FilesystemSecurityContext
+
+                ctx = FilesystemSecurityContext(c.oscore_context)
+                ctx.authenticated_claims = [device]
+                creds[f"oscore:{device}"] = ctx
+        return creds
+
+    async def start(self) -> None:
+        from aiocoap import Context
+        from aiocoap.tokenmanager import TokenManager
+        from aiocoap.transports.udp6 import MessageInterfaceUDP6
+
+        from gateway.coap.lean import LeanMessageManager
+
+        await self.directory.load()
+        creds = self._credentials()
+        site: Any = self.site
+        if any(c.oscore_context for c in self.config.credentials.values()):
+            from aiocoap.oscore_sitewrapper import OscoreSiteWrapper
+
+            site = OscoreSiteWrapper(self.site, creds)
+        loop = asyncio.get_running_loop()
+        ctx = Context(loop=loop, serversite=site, loggername="gateway.coap.aiocoap",
+                      server_credentials=creds)  # fmt: skip
+        self.context = ctx
+
+        async def add(constructor: Any) -> Any:
+            tman = TokenManager(ctx)
+            mman = LeanMessageManager(tman, self.config.dedup_max)
+            transport = await constructor(mman)
+            mman.message_interface = transport
+            tman.token_interface = mman
+            ctx.request_interfaces.append(tman)
+            self.managers.append(mman)
+            return transport
+
+        try:
+            for host in self.config.bind:
+                transport = await add(
+                    lambda mman, host=host: MessageInterfaceUDP6.create_server_transport_endpoint(
+                        mman, log=ctx.log, loop=loop, bind=(_bind_host(host), self.config.port),
+                        multicast=[],
+                    )
+                )  # fmt: skip
+                port = _local_port(transport, self.config.port)
+                self.addresses.append((host, port, "udp"))
+            if any(c.psk is not None for c in self.config.credentials.values()):
+                from aiocoap.transports.tinydtls_server import MessageInterfaceTinyDTLSServer
+
+                for host in self.config.bind:
+                    await add(
+                        lambda mman, host=host: MessageInterfaceTinyDTLSServer.create_server(
+                            (host, self.config.dtls_port), mman, log=ctx.log, loop=loop,
+                            server_credentials=creds,
+                        )
+                    )  # fmt: skip
+                    self.addresses.append((host, self.config.dtls_port, "dtls"))
+        except BaseException:
+            await self.stop()
+            raise
+        self.store.add_listener(self.devices.on_commit)
+        self._expiry = asyncio.create_task(self.directory.expire_forever(), name="coap:rd-expiry")
+        # Everything built so far lives as long as the process: keep it out of the GC's
+        # generations so full collections only walk what requests create (short pauses).
+        gc.freeze()
+        self.log.info(
+            "CoAP listening on %s", ", ".join(f"{k}://[{h}]:{p}" for h, p, k in self.addresses)
+        )
+
+    async def stop(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._expiry
+            self._expiry = None
+        with contextlib.suppress(Exception):
+            self.store.remove_listener(self.devices.on_commit)
+        if self.context is not None:
+            ctx, self.context = self.context, None
+            await asyncio.wait_for(ctx.shutdown(), 5.0)
+        self.managers.clear()
+
+    def figures(self) -> dict[str, Any]:
+        return {
+            "accepted": self.telemetry.accepted,
+            "observations": self.devices.observation_count,
+            "registrations": len(self.directory.by_ep),
+            "dedup_entries": sum(len(m.dedup) for m in self.managers),
+            "dedup_early_evictions": sum(m.dedup.early_evictions for m in self.managers),
+            "duplicates": sum(m.duplicates for m in self.managers),
+        }
+
+
+def _local_port(transport: Any, default: int) -> int:
+    """The port actually bound (differs from the config when it says 0)."""
+    with contextlib.suppress(Exception):
+        sock = transport.transport.get_extra_info("socket")
+        if isinstance(sock, socket.socket):
+            return int(sock.getsockname()[1])
+    return default
+
+
+class CoapService(Service):
+    name = "coap"
+
+    def __init__(self) -> None:
+        self.server: CoapServer | None = None
+
+    async def start(self, ctx: ServiceContext) -> None:
+        config: CoapConfig = ctx.config.sections["coap"]
+        known = set(ctx.config.devices)
+        self.server = CoapServer(config, ctx.store, known=known, logger=ctx.logger)
+        await self.server.start()
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            server, self.server = self.server, None
+            await server.stop()
+
+    def health(self) -> Health:
+        if self.server is None:
+            return Health.degraded("not running")
+        return Health.ok(
+            ", ".join(f"{k}://[{h}]:{p}" for h, p, k in self.server.addresses),
+            **self.server.figures(),
+        )
+
+    def set_commands(self, device: str, commands: list[Any]) -> None:
+        """For the control service: the commands waiting for `device` (observable)."""
+        if self.server is not None:
+            self.server.devices.set_commands(device, commands)
