@@ -1,0 +1,115 @@
+"""`gatewayctl outbox`: backlog figures, forced reconnect, dead letters and requeue.
+
+Figures and dead letters come from the daemon when it runs, else from the database file
+(read-only); `retry` and `requeue` need the daemon (it owns the only writer)."""
+
+from __future__ import annotations
+
+import argparse
+import sqlite3
+import time
+from typing import Any
+
+from gateway.cli.common import (
+    ask_daemon,
+    daemon_or_file,
+    emit_json,
+    fmt_age,
+    fmt_bytes,
+    fmt_time,
+    table,
+)
+from gateway.errors import EXIT_OK, EXIT_USAGE
+from gateway.store import queries
+from gateway.sync.relay import dead_letter_rows
+
+
+def add_parsers(sub: Any) -> None:
+    p = sub.add_parser("outbox", help="cloud sync: backlog, link, dead letters")
+    p.set_defaults(func=cmd_outbox)
+    osub = p.add_subparsers(dest="action", metavar="ACTION")
+    r = osub.add_parser("retry", help="reconnect now (skip the backoff and open breakers)")
+    r.set_defaults(func=cmd_retry)
+    d = osub.add_parser("dead-letters", help="events the cloud refused for good, with reasons")
+    d.add_argument("-n", "--limit", type=int, default=1000)
+    d.set_defaults(func=cmd_dead_letters)
+    q = osub.add_parser("requeue", help="put dead letters back in the outbox")
+    q.add_argument("seqs", nargs="*", type=int, metavar="SEQ")
+    q.add_argument("--all", action="store_true", help="every dead letter")
+    q.set_defaults(func=cmd_requeue)
+
+
+def _from_file(conn: sqlite3.Connection) -> dict[str, Any]:
+    st = queries.stats(conn)
+    oldest = st["oldest_undelivered"]
+    return {
+        "backlog": st["outbox_depth"],
+        "backlog_bytes": st["outbox_bytes"],
+        "oldest_age": None if oldest is None else max(0.0, time.time() - oldest),
+        "dead_letters": st["dead_letters"],
+        "state": "daemon not running",
+    }
+
+
+def cmd_outbox(args: argparse.Namespace) -> int:
+    data, live = daemon_or_file(args, "outbox", _from_file)
+    data["live"] = live
+    if args.json:
+        emit_json(data)
+        return EXIT_OK
+    rate = data.get("delivery_rate")
+    lines = [
+        f"backlog:      {data.get('backlog')} events ({fmt_bytes(data.get('backlog_bytes'))})",
+        f"oldest:       {fmt_age(data.get('oldest_age'))}",
+        f"dead letters: {data.get('dead_letters')}",
+        f"state:        {data.get('state')}",
+    ]
+    if live:
+        lines += [
+            f"endpoint:     {data.get('endpoint') or '-'} (breaker {data.get('breaker') or '-'})",
+            f"delivered:    {data.get('delivered')} ({rate if rate is not None else '-'} events/s)",
+        ]
+        if data.get("live_first"):
+            lines.append(f"backfill:     {data.get('backfill_left')} events left (live first)")
+        lines.append(f"last error:   {data.get('last_error') or '-'}")
+    print("\n".join(lines))
+    return EXIT_OK
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    data = ask_daemon(args, "outbox.retry")
+    if args.json:
+        emit_json(data)
+    else:
+        print("reconnecting now")
+    return EXIT_OK
+
+
+def cmd_dead_letters(args: argparse.Namespace) -> int:
+    rows, _live = daemon_or_file(
+        args, "outbox.dead_letters", lambda c: dead_letter_rows(c, args.limit), limit=args.limit
+    )
+    if args.json:
+        emit_json(rows)
+        return EXIT_OK
+    if not rows:
+        print("no dead letters")
+        return EXIT_OK
+    print(table(
+        [(r["seq"], r["stream"], r["type"], fmt_time(r["at"]), r["reason"]) for r in rows],
+        ["SEQ", "STREAM", "TYPE", "AT", "REASON"],
+    ))  # fmt: skip
+    return EXIT_OK
+
+
+def cmd_requeue(args: argparse.Namespace) -> int:
+    if not args.all and not args.seqs:
+        print("gatewayctl outbox requeue: give SEQ... or --all")
+        return EXIT_USAGE
+    kw: dict[str, Any] = {"all": True} if args.all else {"seqs": args.seqs}
+    data = ask_daemon(args, "outbox.requeue", **kw)
+    if args.json:
+        emit_json(data)
+    else:
+        print(f"requeued {len(data['requeued'])} events")
+    return EXIT_OK

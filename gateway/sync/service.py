@@ -1,0 +1,148 @@
+"""The `sync` service: runs the outbox relay over the configured sink (MQTT or files),
+reports its figures to `gatewayctl status`/systemd and answers the `outbox*` control verbs."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Any, ClassVar
+
+from gateway.errors import PayloadError
+from gateway.service import Health, Service, ServiceContext
+from gateway.sync.config import SyncConfig
+from gateway.sync.filesink import FileSink
+from gateway.sync.link import MqttLink, Sink
+from gateway.sync.relay import Relay, dead_letter_rows, requeue_rows
+
+STATS_EVERY = 5.0  # seconds between backlog measurements (count/sum over the outbox)
+
+
+class SyncService(Service):
+    name: ClassVar[str] = "sync"
+
+    def __init__(self) -> None:
+        self.relay: Relay | None = None
+        self.sink: Sink | None = None
+        self.cfg: SyncConfig | None = None
+        self._ctx: ServiceContext | None = None
+        self._task: asyncio.Task[Any] | None = None
+        self._stats: dict[str, Any] = {}
+        self._verbs = ("outbox", "outbox.retry", "outbox.dead_letters", "outbox.requeue")
+
+    async def start(self, ctx: ServiceContext) -> None:
+        cfg = ctx.config.sections["sync"]
+        assert isinstance(cfg, SyncConfig)
+        self.cfg = cfg
+        self._ctx = ctx
+        gw = ctx.config.gateway.id
+        relay_box: list[Relay] = []
+
+        async def downlink(payload: bytes) -> bytes | None:
+            return await relay_box[0].handle_command(payload)
+
+        if cfg.file is not None:
+            self.sink = FileSink(cfg.file, ctx.logger, cfg.backoff_base, cfg.backoff_cap)
+        else:
+            self.sink = MqttLink(cfg, gw, ctx.logger, downlink=downlink)
+        self.relay = Relay(ctx.store, self.sink, cfg, gw, ctx.logger)
+        relay_box.append(self.relay)
+        await self._measure()
+        self._task = ctx.create_task(self.relay.run(), "relay")
+        ctx.create_task(self._stats_loop(), "stats")
+        ctx.control.register("outbox", self._cmd_outbox)
+        ctx.control.register("outbox.retry", self._cmd_retry)
+        ctx.control.register("outbox.dead_letters", self._cmd_dead_letters)
+        ctx.control.register("outbox.requeue", self._cmd_requeue)
+
+    async def stop(self) -> None:
+        if self._ctx is not None:
+            for verb in self._verbs:
+                with contextlib.suppress(KeyError):
+                    self._ctx.control.unregister(verb)
+        if self._task is not None:
+            # Cancelling the relay closes the session and records the acks already received.
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        if isinstance(self.sink, FileSink):
+            self.sink.close()
+
+    # -- figures ----------------------------------------------------------------------------
+    async def _measure(self) -> None:
+        assert self._ctx is not None
+        st = await self._ctx.store.stats()
+        self._stats = {
+            "backlog": st.outbox_depth,
+            "backlog_bytes": st.outbox_bytes,
+            "oldest_undelivered": st.oldest_undelivered,
+            "dead_letters": st.dead_letters,
+        }
+
+    async def _stats_loop(self) -> None:
+        while True:
+            await asyncio.sleep(STATS_EVERY)
+            with contextlib.suppress(Exception):
+                await self._measure()
+
+    def figures(self) -> dict[str, Any]:
+        out = dict(self._stats)
+        oldest = out.pop("oldest_undelivered", None)
+        out["oldest_age"] = None if oldest is None else max(0.0, time.time() - oldest)
+        if self.relay is not None:
+            r = self.relay.figures()
+            out.update(
+                state=r["state"], delivered=r["delivered"], delivery_rate=r["delivery_rate"],
+                dead_lettered=r["dead_lettered"], inflight_batches=r["inflight_batches"],
+                live_first=r["live_first"], backfill_left=r["backfill_left"],
+            )  # fmt: skip
+            last_error = r["last_error"]
+        else:
+            last_error = None
+        if self.sink is not None:
+            s = self.sink.figures()
+            out["endpoint"] = s.get("endpoint")
+            breakers = s.get("breakers") or {}
+            out["breakers"] = breakers
+            out["breaker"] = (
+                breakers.get(out["endpoint"])
+                if out["endpoint"] else ",".join(sorted(set(breakers.values()))) or None
+            )  # fmt: skip
+            last_error = s.get("last_error") or last_error
+        out["last_error"] = last_error
+        return out
+
+    def health(self) -> Health:
+        f = self.figures()
+        if f.get("state") in ("connected",):
+            if f.get("dead_letters"):
+                return Health.degraded(f"{f['dead_letters']} dead letters", **f)
+            return Health.ok(f"to {f.get('endpoint')}", **f)
+        return Health.degraded(f"not connected: {f.get('last_error') or f.get('state')}", **f)
+
+    # -- control verbs --------------------------------------------------------------------------
+    async def _cmd_outbox(self, args: dict[str, Any]) -> Any:
+        await self._measure()
+        return self.figures()
+
+    async def _cmd_retry(self, args: dict[str, Any]) -> Any:
+        assert self.relay is not None
+        self.relay.retry()
+        return {"retrying": True}
+
+    async def _cmd_dead_letters(self, args: dict[str, Any]) -> Any:
+        assert self._ctx is not None
+        limit = int(args.get("limit", 1000))
+        return await self._ctx.store.read(lambda c: dead_letter_rows(c, limit))
+
+    async def _cmd_requeue(self, args: dict[str, Any]) -> Any:
+        assert self._ctx is not None and self.relay is not None
+        seqs = args.get("seqs")
+        if args.get("all"):
+            seqs = None
+        elif not isinstance(seqs, list) or not all(isinstance(s, int) for s in seqs) or not seqs:
+            raise PayloadError("requeue needs 'seqs' (a list of sequence numbers) or 'all'")
+        done = await self._ctx.store.write(lambda c: requeue_rows(c, seqs))
+        self.relay.requeued(done)
+        await self._measure()
+        return {"requeued": done}
