@@ -12,7 +12,14 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
-from gateway.config import DeviceSpec, Issues, PointSpec, Section
+from gateway.config import (
+    GENERIC_DEVICE_KEYS,
+    GENERIC_POINT_KEYS,
+    DeviceSpec,
+    Issues,
+    PointSpec,
+    Section,
+)
 from gateway.errors import ConfigError
 
 #: A reading's value: numbers, booleans, strings, raw bytes; None = "not available".
@@ -122,11 +129,12 @@ class Discoverer(Protocol):
 def device_options(spec: DeviceSpec) -> tuple[Section, Issues]:
     """A Section over a device's driver-specific keys, for `validate_device` to read."""
     issues = Issues()
-    return Section(spec.options, spec.path, issues), issues
+    sec = Section(spec.options, spec.path, issues, GENERIC_DEVICE_KEYS + ("points",))
+    return sec, issues
 
 
 def point_options(spec: DeviceSpec, point: PointSpec, issues: Issues) -> Section:
-    return Section(point.options, spec.point_path(point.name), issues)
+    return Section(point.options, spec.point_path(point.name), issues, GENERIC_POINT_KEYS)
 
 
 def raise_issues(issues: Issues) -> None:

@@ -92,15 +92,23 @@ def join_path(base: str, key: str) -> str:
 class Section:
     """One TOML table being read. Reads are typed; unread keys are reported by `done()`."""
 
-    def __init__(self, data: Mapping[str, Any], path: str, issues: Issues) -> None:
+    def __init__(
+        self,
+        data: Mapping[str, Any],
+        path: str,
+        issues: Issues,
+        siblings: Sequence[str] = (),
+    ) -> None:
+        """`siblings`: keys valid in this table but read elsewhere (for "did you mean")."""
         self.data = data
         self.path = path
         self.issues = issues
         self._seen: set[str] = set()
+        self._siblings = tuple(siblings)
 
     # -- helpers ---------------------------------------------------------------------------
     def at(self, key: str) -> str:
-        return join_path(self.path, key)
+        return join_path(self.path, key) if key else self.path
 
     def error(self, key: str, message: str) -> None:
         self.issues.add(self.at(key) if key else self.path, message)
@@ -248,7 +256,7 @@ class Section:
         """Report every key of this table that nobody read."""
         for key in self.data:
             if key not in self._seen:
-                hint = _did_you_mean(key, sorted(self._seen))
+                hint = _did_you_mean(key, sorted(self._seen | set(self._siblings)))
                 self.error(key, f"unknown key{hint}")
 
     def _range(self, key: _Str, value: _Float, lo: _Float | None, hi: _Float | None) -> None:
@@ -395,8 +403,8 @@ SECTION_PARSERS: dict[str, str] = {
     "sync": "gateway.sync.config:parse",
 }
 
-_GENERIC_DEVICE_KEYS = ("driver", "interval", "jitter", "timeout", "enabled", "description")
-_GENERIC_POINT_KEYS = (
+GENERIC_DEVICE_KEYS = ("driver", "interval", "jitter", "timeout", "enabled", "description")
+GENERIC_POINT_KEYS = (
     "unit", "scale", "offset", "min", "max", "writable", "interval", "deadband",
 )  # fmt: skip
 
@@ -422,7 +430,7 @@ def _parse_point(name: str, sec: Section) -> PointSpec:
     writable = sec.bool("writable", False)
     interval = sec.float("interval", None, gt=0)
     deadband = sec.float("deadband", None, min=0)
-    sec.mark(*_GENERIC_POINT_KEYS)
+    sec.mark(*GENERIC_POINT_KEYS)
     return PointSpec(
         name=name, unit=unit, scale=scale, offset=offset, min=lo, max=hi, writable=writable,
         interval=interval, deadband=deadband, options=sec.unread(),
@@ -440,7 +448,7 @@ def _parse_device(dev_id: str, sec: Section, issues: Issues) -> DeviceSpec | Non
     enabled = sec.bool("enabled", True)
     description = sec.str("description", "", nonempty=False)
     points = tuple(_parse_point(name, p) for name, p in sec.tables("points").items())
-    sec.mark(*_GENERIC_DEVICE_KEYS, "points")
+    sec.mark(*GENERIC_DEVICE_KEYS, "points")
     spec = DeviceSpec(
         id=dev_id, driver=driver, interval=interval, jitter=jitter, timeout=timeout,
         enabled=enabled, description=description, points=points, options=sec.unread(),

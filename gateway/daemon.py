@@ -23,7 +23,7 @@ from gateway import config as cfg
 from gateway import events as ev
 from gateway.bus import Bus
 from gateway.control import ControlServer
-from gateway.errors import ConfigError, GatewayError
+from gateway.errors import ConfigError, GatewayError, PayloadError
 from gateway.service import Service
 from gateway.store import EventStore
 from gateway.supervisor import Supervisor
@@ -183,6 +183,7 @@ class Daemon:
         self.control.register("reload", self._cmd_reload)
         self.control.register("db.rebuild", self._cmd_rebuild)
         self.control.register("db.prune", self._cmd_prune)
+        self.control.register("note", self._cmd_note)
 
     async def _cmd_status(self, args: dict[str, Any]) -> Any:
         assert self.store is not None and self.supervisor is not None
@@ -217,6 +218,20 @@ class Daemon:
     async def _cmd_rebuild(self, args: dict[str, Any]) -> Any:
         assert self.store is not None
         return {"replayed": await self.store.rebuild()}
+
+    async def _cmd_note(self, args: dict[str, Any]) -> Any:
+        """An operator's note into the log ("replaced sensor"); answered after the commit."""
+        assert self.store is not None
+        text = args.get("text")
+        if not isinstance(text, str) or not text.strip():
+            raise PayloadError("note: text must be a non-empty string")
+        if len(text) > 4096:
+            raise PayloadError(f"note: text is {len(text)} characters, at most 4096")
+        data: dict[str, Any] = {"text": text}
+        if isinstance(args.get("author"), str):
+            data["author"] = args["author"]
+        e = await self.store.append(ev.OPERATOR_STREAM, ev.OPERATOR_NOTE, data)
+        return {"seq": e.seq, "version": e.version}
 
     async def _cmd_prune(self, args: dict[str, Any]) -> Any:
         assert self.store is not None

@@ -27,8 +27,10 @@ STORE_DROPPED: Final = "store.dropped"  # data: {"count": n, "up_to_seq": seq}
 GATEWAY_STARTED: Final = "gateway.started"
 GATEWAY_STOPPED: Final = "gateway.stopped"
 CONFIG_RELOADED: Final = "config.reloaded"
+OPERATOR_NOTE: Final = "operator.note"  # data: {"text": str, "author"?: str}
 
 GATEWAY_STREAM: Final = "gateway"
+OPERATOR_STREAM: Final = "operator"
 
 
 def device_stream(device_id: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sqlite3
 import sys
@@ -63,6 +64,11 @@ def add_parsers(sub: Any) -> None:
     b.set_defaults(func=cmd_db_backup)
     r = dsub.add_parser("rebuild", help="rebuild projections from the log")
     r.set_defaults(func=cmd_db_rebuild)
+
+    p = sub.add_parser("note", help="write an operator's note into the event log")
+    p.add_argument("text")
+    p.add_argument("--author", default=os.environ.get("SUDO_USER") or os.environ.get("USER"))
+    p.set_defaults(func=cmd_note)
 
     p = sub.add_parser("config", help="configuration")
     csub = p.add_subparsers(dest="action", metavar="ACTION")
@@ -263,6 +269,17 @@ def cmd_db_rebuild(args: argparse.Namespace) -> int:
         emit_json(result)
     else:
         print(f"projections rebuilt {where}: {result['replayed']} events replayed")
+    return EXIT_OK
+
+
+# -- note -------------------------------------------------------------------------------
+def cmd_note(args: argparse.Namespace) -> int:
+    c = load_config(args)
+    result = call(c.socket_path, "note", {"text": args.text, "author": args.author})
+    if args.json:
+        emit_json(result)
+    else:
+        print(f"noted as event {result['seq']}")
     return EXIT_OK
 
 

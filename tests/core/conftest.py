@@ -1,0 +1,131 @@
+"""Fixtures for the core: a real gatewayd process on a temporary config, with a notify socket."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.peers import Peer
+
+VIRTUAL_CONFIG = """
+[gateway]
+id = "gw-test"
+state_dir = "{state}"
+runtime_dir = "{run}"
+log_level = "info"
+stop_timeout = {stop_timeout}
+
+[store]
+synchronous = "full"
+check_interval = 3600
+
+[devices.boiler-1]
+driver = "virtual"
+interval = 0.05
+
+[devices.boiler-1.points.temperature]
+signal = "sine"
+base = 60.0
+unit = "Cel"
+
+[devices.boiler-1.points.pressure]
+signal = "random_walk"
+base = 1.5
+step = 0.01
+unit = "bar"
+
+[devices.meter-1]
+driver = "virtual"
+interval = 0.05
+
+[devices.meter-1.points.energy]
+signal = "counter"
+unit = "kWh"
+"""
+
+
+def write_config(tmp: Path, text: str | None = None, stop_timeout: float = 10.0) -> Path:
+    path = tmp / "config.toml"
+    body = (text or VIRTUAL_CONFIG).format(
+        state=tmp / "state", run=tmp / "run", stop_timeout=stop_timeout
+    )
+    path.write_text(body)
+    return path
+
+
+@dataclass
+class Daemon:
+    peer: Peer
+    config: Path
+    notify: socket.socket
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.peer.pid
+
+    def messages(self, until: str, limit: int = 1000) -> list[str]:
+        """Notify datagrams until one contains `until` (blocking; bounded by the socket's
+        timeout: a daemon that never says it is a failure, not a hang)."""
+        got: list[str] = []
+        for _ in range(limit):
+            try:
+                data = self.notify.recv(4096).decode()
+            except TimeoutError:
+                raise AssertionError(
+                    f"gatewayd never sent {until!r}; got {got}; log:\n{self.log.read_text()}"
+                ) from None
+            got.append(data)
+            if until in data:
+                return got
+        raise AssertionError(f"no {until!r} in {limit} notify messages")
+
+    def stop(self) -> int | None:
+        rc = self.peer.stop(timeout=30)
+        return rc
+
+    def kill(self) -> None:
+        self.peer.signal(signal.SIGKILL)
+        self.peer.proc.wait(10)
+
+
+def start_daemon(config: Path, tmp: Path, name: str = "gatewayd") -> Daemon:
+    notify_path = tmp / f"{name}-notify.sock"
+    if notify_path.exists():
+        notify_path.unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(notify_path))
+    sock.settimeout(30)
+    env = dict(os.environ)
+    env["NOTIFY_SOCKET"] = str(notify_path)
+    env.pop("STATE_DIRECTORY", None)
+    env.pop("RUNTIME_DIRECTORY", None)
+    log = tmp / f"{name}.log"
+    peer = Peer([sys.executable, "-m", "gateway.daemon", "--config", str(config)], env=env, log=log)
+    d = Daemon(peer, config, sock, log)
+    d.messages("READY=1")
+    return d
+
+
+@pytest.fixture
+def daemon_factory(tmp_path: Path) -> Iterator[list[Daemon]]:
+    started: list[Daemon] = []
+    yield started
+    for d in started:
+        d.peer.stop(timeout=30)
+        d.notify.close()
+
+
+def run_cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway.cli.main", "--config", str(config), *args],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
