@@ -31,8 +31,7 @@ def _block(values: list[Any], default: Any) -> ModbusSequentialDataBlock:
     return ModbusSequentialDataBlock(1, list(values) or [default] * 10)
 
 
-async def main(spec_path: str) -> None:
-    spec = json.loads(Path(spec_path).read_text())
+async def main(spec: dict[str, Any]) -> None:
     devices = {}
     for unit, tables in spec["units"].items():
         devices[int(unit)] = ModbusDeviceContext(
@@ -63,9 +62,10 @@ async def main(spec_path: str) -> None:
         )
     await server.serve_forever(background=True)
     if spec.get("ready"):
-        Path(spec["ready"]).write_text("ready")
+        with open(spec["ready"], "w") as f:  # noqa: ASYNC230 - once, before serving anyone
+            f.write("ready")
     await asyncio.Event().wait()
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1]))
+    asyncio.run(main(json.loads(Path(sys.argv[1]).read_text())))

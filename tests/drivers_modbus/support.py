@@ -7,23 +7,15 @@ import json
 import logging
 import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from drivers.base import DiscoveredDevice, RawReading
+from gateway.clock import SystemClock
 from tests.peers import Peer, free_port, require_binary, wait_until
 
 SERVER = Path(__file__).with_name("modbus_server.py")
-
-
-class Clock:
-    def time(self) -> float:
-        return time.time()
-
-    def monotonic(self) -> float:
-        return time.monotonic()
 
 
 class RecordingContext:
@@ -31,7 +23,7 @@ class RecordingContext:
 
     def __init__(self, name: str = "test.modbus") -> None:
         self.logger = logging.getLogger(name)
-        self.clock = Clock()
+        self.clock = SystemClock()
         self.availability: list[tuple[str, bool, str]] = []
         self.emitted: list[tuple[str, list[RawReading]]] = []
 
@@ -179,7 +171,7 @@ def type_matrix() -> tuple[dict[str, list[Any]], str, dict[str, Any]]:
             expected[name] = value
             hr += regs
     for byte in ("big", "little"):
-        regs = ModbusTcpClient.convert_to_registers("Hello", dt.STRING) + [0]
+        regs = [*ModbusTcpClient.convert_to_registers("Hello", dt.STRING), 0]
         if byte == "little":
             regs = _swap(regs)
         name = f"text_{byte[0]}"

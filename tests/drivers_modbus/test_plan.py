@@ -6,7 +6,9 @@ from drivers.modbus.plan import ModbusPoint, compile_plan
 from drivers.modbus.registers import Layout
 
 
-def reg(name: str, address: int, type_: str = "uint16", table: str = "holding", **kw: object) -> ModbusPoint:
+def reg(
+    name: str, address: int, type_: str = "uint16", table: str = "holding", **kw: object
+) -> ModbusPoint:
     length = kw.pop("length", None)
     bit = kw.pop("bit", None)
     layout = Layout(type_, bit=bit, length=length)  # type: ignore[arg-type]

@@ -51,8 +51,9 @@ def test_rtu_types_silent_unit_and_exception_4(line: tuple[PtyPair, ModbusServer
     pty, _ = line
     text = (
         device_toml("all", rtu(pty.b), POINTS, unit=1)
-        + device_toml("gone", rtu(pty.b), "[devices.gone.points.v]\naddress = 0\n", unit=5,
-                      timeout=0.3)  # fmt: skip
+        + device_toml(
+            "gone", rtu(pty.b), "[devices.gone.points.v]\naddress = 0\n", unit=5, timeout=0.3
+        )
         + device_toml("ghost", rtu(pty.b), "[devices.ghost.points.v]\naddress = 0\n", unit=9)
     )
     s = loads(text).devices

@@ -144,7 +144,9 @@ def test_writes_are_read_back_by_mbpoll(server: ModbusServer) -> None:
     asyncio.run(main())
     base = ["-m", "tcp", "-p", str(server.port), "-a", "2"]
     assert mbpoll("127.0.0.1", *base, "-t", "4", "-r", "0", "-c", "1") == ["215"]
-    assert float(mbpoll("127.0.0.1", *base, "-t", "4:float", "-B", "-r", "2", "-c", "1")[0]) == -0.75
+    assert (
+        float(mbpoll("127.0.0.1", *base, "-t", "4:float", "-B", "-r", "2", "-c", "1")[0]) == -0.75
+    )
     # word_order little is mbpoll's default for 32-bit values (no -B)
     assert mbpoll("127.0.0.1", *base, "-t", "4:int", "-r", "4", "-c", "1") == ["100000"]
     assert mbpoll("127.0.0.1", *base, "-t", "4", "-r", "10", "-c", "1") == ["4"]
@@ -184,8 +186,9 @@ def test_unknown_unit_exception_4_opens_the_breaker(server: ModbusServer) -> Non
     # pymodbus answers a unit it does not serve with exception 4 (SERVER DEVICE FAILURE).
     pts = "[devices.ghost.points.v]\naddress = 0\n"
     spec = specs(
-        device_toml("ghost", tcp(server.port), pts, unit=9, breaker_threshold=2,
-                    breaker_cooldown=3600.0)  # fmt: skip
+        device_toml(
+            "ghost", tcp(server.port), pts, unit=9, breaker_threshold=2, breaker_cooldown=3600.0
+        )
     )["ghost"]
     ctx = RecordingContext()
 
@@ -211,8 +214,13 @@ def test_unknown_unit_exception_4_opens_the_breaker(server: ModbusServer) -> Non
 
 def test_silent_unit_times_out_and_its_neighbour_keeps_working(server: ModbusServer) -> None:
     text = device_toml(
-        "silent", tcp(server.port), "[devices.silent.points.v]\naddress = 0\n", unit=5,
-        timeout=0.3, breaker_threshold=2, breaker_cooldown=3600.0,
+        "silent",
+        tcp(server.port),
+        "[devices.silent.points.v]\naddress = 0\n",
+        unit=5,
+        timeout=0.3,
+        breaker_threshold=2,
+        breaker_cooldown=3600.0,
     ) + device_toml("alive", tcp(server.port), "[devices.alive.points.v]\naddress = 0\n", unit=3)
     s = specs(text)
     ctx = RecordingContext()
@@ -278,14 +286,13 @@ def test_killed_server_opens_the_breaker_and_recovers(
 
     async def poll_until(drv: ModbusDriver, done: object, what: str) -> tuple[int, int]:
         """Poll both devices like the collection service would, until `done()`."""
-        b_reads = a_fails = 0
-        for _ in range(400):
+        a_fails = 0
+        for b_reads in range(1, 401):
             try:
                 await drv.read("a", s["a"].points)
             except (DeviceUnavailable, DeviceTimeout):
                 a_fails += 1
             assert [r.value for r in await drv.read("b", s["b"].points)] == [22]
-            b_reads += 1
             if done():  # type: ignore[operator]
                 return b_reads, a_fails
             await asyncio.sleep(0.02)  # the polling interval
