@@ -36,7 +36,7 @@ def auto_value(text: str) -> Value:
 
 def convert(value: Value, kind: str) -> Value:
     """Convert a parsed value to a point's `type`. Raises ValueError naming what went wrong."""
-    if value is None or kind == "auto" and not isinstance(value, str):
+    if value is None or (kind == "auto" and not isinstance(value, str)):
         return value
     if kind == "auto":
         assert isinstance(value, str)

@@ -209,6 +209,14 @@ def _xdr(fields: tuple[str, ...]) -> tuple[dict[str, Value], float | None]:
 
 _DECODERS: Final = {"GGA": _gga, "RMC": _rmc, "XDR": _xdr}
 
+#: Field names of the fully decoded sentences (for checking point mappings at load time).
+KNOWN_FIELDS: Final[dict[str, tuple[str, ...]]] = {
+    "GGA": ("time", "lat", "lon", "quality", "satellites", "hdop", "altitude",
+            "geoid_separation", "dgps_age", "dgps_station"),
+    "RMC": ("time", "valid", "lat", "lon", "speed_knots", "course", "date",
+            "magnetic_variation", "mode", "timestamp"),
+}  # fmt: skip
+
 #: Field names of common sentences; "" marks a field that only says which unit the previous
 #: one is in (the name already says it).
 _FIELD_NAMES: Final[dict[str, tuple[str, ...]]] = {
@@ -222,6 +230,10 @@ _FIELD_NAMES: Final[dict[str, tuple[str, ...]]] = {
     "ZDA": ("time", "day", "month", "year", "zone_hours", "zone_minutes"),
     "GSA": ("selection", "fix", *(f"prn{i}" for i in range(1, 13)), "pdop", "hdop", "vdop"),
 }
+
+
+for _kind, _names in _FIELD_NAMES.items():
+    KNOWN_FIELDS[_kind] = tuple(n for n in _names if n)
 
 
 def _named(names: tuple[str, ...], fields: tuple[str, ...]) -> dict[str, Value]:
