@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
-from drivers.ble.common import AdvertisementError, Decoded, Value, check_size
+from drivers.ble.common import Decoded, Value, check_size
 
 #: type name -> (struct code, size in bytes); 24-bit integers are read by hand.
 TYPES: Final[dict[str, tuple[str, int]]] = {

@@ -58,7 +58,7 @@ def test_bthome_encrypted_without_key() -> None:
 
 def test_bthome_multiple_objects_of_one_type_and_signedness() -> None:
     # packet id 9, two temperatures (-5.00 and 21.5 via 0x45), battery 97, count uint32
-    data = bytes.fromhex("40" "0009" "020cfe" "45d700" "0161" "3e01020304")
+    data = bytes.fromhex("400009020cfe45d70001613e01020304")
     d = bthome.parse(data)
     assert d.packet_id == 9
     assert d.values == {
@@ -105,14 +105,14 @@ def test_every_object_id_parses() -> None:
 
 
 def test_bthome_button_and_dimmer_events() -> None:
-    d = bthome.parse(bytes.fromhex("44" "0001" "3a00" "3a04" "3c0103"))
+    d = bthome.parse(bytes.fromhex("4400013a003a043c0103"))
     # first button: no event (not reported); second: long press; dimmer: 3 steps left
     assert d.values == {"button_2": "long_press", "dimmer": "rotate_left", "dimmer_steps": 3}
     assert set(d.events) == {"button_2", "dimmer", "dimmer_steps"}
 
 
 def test_bthome_mac_included() -> None:
-    d = bthome.parse(bytes.fromhex("42" "a5808fe64854" "02ca09"))
+    d = bthome.parse(bytes.fromhex("42a5808fe6485402ca09"))
     assert d.mac == MAC and d.values == {"temperature": 25.06}
 
 
@@ -205,7 +205,7 @@ def test_ruuvi_spec_vector() -> None:
 
 
 def test_ruuvi_not_available_sentinels_are_missing() -> None:
-    data = bytes.fromhex("05" "8000" "FFFF" "FFFF" "8000" "8000" "8000" "FFFF" "FF" "FFFF")
+    data = bytes.fromhex("058000FFFFFFFF800080008000FFFFFFFFFF")
     d = ruuvi.parse(data + b"\xff" * 6)
     assert all(v is None for v in d.values.values()), d.values
     assert d.packet_id is None
