@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -22,7 +23,7 @@ import pytest
 
 from gateway import systemd
 from gateway.config import GatewaySection
-from tests.peers import require_binary
+from tests.peers import Peer, require_binary
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "gatewayd.service"
@@ -395,3 +396,55 @@ def test_watchdog_off_without_systemd(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_watchdog_rejects_a_nonpositive_interval() -> None:
     with pytest.raises(ValueError, match="must be > 0"):
         systemd.Watchdog(lambda: True, interval=0)
+
+
+# --- the daemon under a notify socket --------------------------------------------------
+
+
+def wait_for(sock: socket.socket, prefix: str, limit: int = 50) -> list[str]:
+    """Datagrams up to and including the first starting with `prefix` (blocking, bounded)."""
+    seen: list[str] = []
+    sock.setblocking(True)
+    sock.settimeout(30)  # a bound against a hang, not a measurement
+    try:
+        for _ in range(limit):
+            text = sock.recv(4096).decode()
+            seen.append(text)
+            if text.startswith(prefix):
+                return seen
+    finally:
+        sock.setblocking(False)
+    raise AssertionError(f"no {prefix} among {seen}")
+
+
+def test_daemon_notifies_systemd(tmp_path: Path) -> None:
+    """gatewayd on the shipped config, started the way systemd starts it: READY=1 once it
+    serves (state and socket in $STATE_DIRECTORY / $RUNTIME_DIRECTORY), WATCHDOG=1 while it
+    is healthy, STOPPING=1 on SIGTERM, then a clean exit."""
+    state, run_dir = tmp_path / "state", tmp_path / "run"
+    state.mkdir()
+    run_dir.mkdir()
+    receiver = bind_receiver(str(tmp_path / "notify"))
+    env = dict(os.environ)
+    env.update(
+        NOTIFY_SOCKET=str(tmp_path / "notify"),
+        WATCHDOG_USEC="60000000",  # pings every 30 s; the first goes out at once
+        STATE_DIRECTORY=str(state),
+        RUNTIME_DIRECTORY=str(run_dir),
+        PYTHONPATH=str(ROOT),
+    )
+    env.pop("WATCHDOG_PID", None)
+    argv = [sys.executable, "-m", "gateway.daemon", "--config", str(ROOT / "config.toml")]
+    daemon = Peer(argv, cwd=tmp_path, env=env, log=tmp_path / "gatewayd.log")
+    try:
+        ready = wait_for(receiver, "READY=1")[-1]
+        assert "\nSTATUS=" in ready
+        assert list(state.glob("*.db")), "no database in $STATE_DIRECTORY"
+        assert any(p.is_socket() for p in run_dir.iterdir())
+        wait_for(receiver, "WATCHDOG=1")
+        daemon.signal(signal.SIGTERM)
+        wait_for(receiver, "STOPPING=1")
+        assert daemon.stop(timeout=30) == 0, (tmp_path / "gatewayd.log").read_text()
+    finally:
+        daemon.stop(timeout=30)
+        receiver.close()
