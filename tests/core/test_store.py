@@ -104,8 +104,8 @@ async def test_local_events_skip_the_outbox(store: EventStore) -> None:
 
 async def test_projections_follow_events_and_match_a_rebuild(store: EventStore) -> None:
     for i in range(25):
-        await store.append(ev.device_stream("b"), ev.READINGS,
-                           {"r": [{"n": "t", "v": i, "u": "Cel"}, {"n": "p", "v": -i}]})  # fmt: skip
+        recs = [{"n": "t", "v": i, "u": "Cel"}, {"n": "p", "v": -i}]
+        await store.append(ev.device_stream("b"), ev.READINGS, {"r": recs})
     await store.append(ev.device_stream("b"), ev.DEVICE_UNAVAILABLE, {"reason": "timeout"})
     latest = await store.read(lambda c: queries.latest(c, "b"))
     assert [(r["point"], r["value"], r["unit"]) for r in latest] == [
@@ -153,9 +153,7 @@ async def test_quota_reject_new_then_retention_frees(tmp_path: Path) -> None:
 
 
 async def test_quota_drop_oldest_counts_and_events(tmp_path: Path) -> None:
-    s = await EventStore.open(
-        tmp_path / "d.db", StoreConfig(quota_mb=0.25, overflow="drop_oldest")
-    )
+    s = await EventStore.open(tmp_path / "d.db", StoreConfig(quota_mb=0.25, overflow="drop_oldest"))
     try:
         for i in range(300):
             await s.append("device:x", "readings", {"r": [{"n": "t", "v": i}], "pad": "y" * 2000})
