@@ -27,6 +27,8 @@ class _Parser(argparse.ArgumentParser):
     usage errors exit with status 2 and name the problem."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # "resolve": a verb module that declares --json itself just takes it over.
+        kwargs.setdefault("conflict_handler", "resolve")
         super().__init__(*args, **kwargs)
         self.add_argument(
             "--config", default=argparse.SUPPRESS,
