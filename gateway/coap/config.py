@@ -159,6 +159,12 @@ def parse(sec: Section) -> CoapConfig:
             if name in creds:
                 sec.error("credentials_file", f"device {name!r} has credentials in both places")
             creds[name] = c
+    if any(c.psk is not None for c in creds.values()) and isinstance(bind, list):
+        for addr in bind:
+            if isinstance(addr, str) and addr in ("::", "0.0.0.0"):
+                # aiocoap's DTLS server must know its own address to answer from it.
+                sec.error("bind", f"DTLS-PSK needs specific addresses, not {addr!r}: list the "
+                          "addresses to serve, e.g. [\"192.0.2.10\", \"::1\"]")  # fmt: skip
     idents: dict[bytes, str] = {}
     for name, c in creds.items():
         if c.psk_identity is not None:

@@ -194,8 +194,10 @@ class TelemetryResource(GatewayResource):
     async def ingest(self, request: Message, path_device: str | None) -> Message:
         check_size(request, self.gate.config.max_payload)
         who = self.gate.identity(request)
-        if who is None:
+        if who is None and path_device is not None:
             self.gate.check_unauthenticated(path_device)
+        # (Without a device in the path, the devices named in the pack are checked one by
+        # one after decoding, so that the refusal can name the device.)
         fixed = path_device or who
         if path_device is not None and who is not None and path_device != who:
             raise ForbiddenError(f"authenticated as {who!r}, not as {path_device!r}")

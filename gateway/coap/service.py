@@ -128,7 +128,8 @@ class CoapServer:
                 for host in self.config.bind:
                     await add(
                         lambda mman, host=host: MessageInterfaceTinyDTLSServer.create_server(
-                            (host, self.config.dtls_port), mman, log=ctx.log, loop=loop,
+                            # aiocoap adds 1 (5683 -> 5684) to the port it is given.
+                            (host, self.config.dtls_port - 1), mman, log=ctx.log, loop=loop,
                             server_credentials=creds,
                         )
                     )  # fmt: skip

@@ -38,7 +38,8 @@ class CoapGateway:
         self.config = directory / "config.toml"
         self.config.write_text(
             f'[gateway]\nid = "gw-test"\nstate_dir = "{directory}"\n'
-            f"[coap]\nport = {self.port}\ndtls_port = {self.dtls_port}\n"
+            f"[coap]\nbind = [\"127.0.0.1\", \"::1\"]\nport = {self.port}\n"
+            f"dtls_port = {self.dtls_port}\n"
             + coap_toml + "\n" + extra_toml
         )
         self.log = directory / "server.log"
