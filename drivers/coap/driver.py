@@ -44,6 +44,7 @@ class _Device:
     link: Link | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     available: bool | None = None  # None: not known yet (nothing reported)
+    live: set[str] = field(default_factory=set)  # paths with an active observation
     # Problems already logged at WARNING (repeats go to DEBUG until the thing works again).
     warned: set[str] = field(default_factory=set)
 
@@ -174,9 +175,9 @@ class CoapDriver(Driver):
         t = dev.breaker.failure(self.ctx.clock.monotonic(), exc.message, auth=auth)
         log = self.ctx.logger
         if t.first_failure:
-            log.warning("coap device %s: %s", dev.cfg.id, exc.message)
+            log.warning("coap device %s", exc.message)  # the message starts with the device
         else:
-            log.debug("coap device %s: %s", dev.cfg.id, exc.message)
+            log.debug("coap device %s", exc.message)
         if t.opened:
             log.debug(
                 "coap device %s: breaker open, next try in %.1f s",
@@ -191,6 +192,7 @@ class CoapDriver(Driver):
 
     def _problem(self, dev: _Device, key: str, message: str) -> None:
         """A device-side problem that is not a link failure (undecodable payload...)."""
+        message = message.removeprefix(dev.cfg.id + ": ")
         if key in dev.warned:
             self.ctx.logger.debug("coap device %s: %s", dev.cfg.id, message)
         else:
@@ -242,13 +244,16 @@ class CoapDriver(Driver):
     # -- Driver interface ---------------------------------------------------------------------
     async def read(self, device_id: str, points: Sequence[PointSpec]) -> list[RawReading]:
         """GET each distinct path once. A failure to reach the device raises; a point that
-        cannot be decoded is left out (and logged) unless no point could be read at all."""
+        cannot be decoded is left out (and logged) unless no point could be read at all.
+        Observe points are read only while their observation is down (else they are pushed)."""
         dev = self._device(device_id)
         by_path: dict[str, list[CoapPoint]] = {}
         for spec in points:
             cp = dev.cfg.points.get(spec.name)
             if cp is None:
                 raise PointNotFound(device_id, f"point {spec.name!r} is not configured")
+            if cp.mode == "observe" and cp.path in dev.live:
+                continue  # its notifications arrive through ctx.emit; a GET would duplicate them
             by_path.setdefault(cp.path, []).append(cp)
         out: list[RawReading] = []
         errors: list[tuple[str, GatewayError]] = []
@@ -334,6 +339,7 @@ class CoapDriver(Driver):
                     await asyncio.sleep(cfg_interval(dev))
                     continue
                 log.debug("coap device %s: observing %s", cfg.id, url)
+                dev.live.add(path)
                 max_age = obs.first.max_age
                 while True:
                     deadline = max_age + cfg.observe_margin
@@ -358,6 +364,7 @@ class CoapDriver(Driver):
                         break
                     self._deliver(dev, key, points, resp)
             finally:
+                dev.live.discard(path)
                 obs.cancel()
 
     def _deliver(self, dev: _Device, key: str, points: list[CoapPoint], resp: Response) -> None:

@@ -109,7 +109,9 @@ def _body(args: argparse.Namespace, cf: int | None) -> bytes:
     try:
         value = json.loads(text)
     except ValueError as exc:
-        raise PayloadError(f"--payload is not JSON ({exc}); needed for content-format {cf}")
+        raise PayloadError(
+            f"--payload is not JSON ({exc}); needed for content-format {cf}"
+        ) from None
     if cf == pl.CF_JSON or cf == pl.CF_SENML_JSON:
         return json.dumps(value, separators=(",", ":")).encode("utf-8")
     import cbor2
@@ -249,11 +251,11 @@ async def _run(args: argparse.Namespace) -> int:
                 print("(the resource is not observable)", file=sys.stderr)
                 return EXIT_OK
             while (left := end - time.monotonic()) > 0:
-                resp = await obs.next(left)
-                if resp is None:
+                note = await obs.next(left)
+                if note is None:
                     break
-                _print(describe(resp, args.format, time.time()), args.json, False)
-                if not resp.ok:
+                _print(describe(note, args.format, time.time()), args.json, False)
+                if not note.ok:
                     status = EXIT_FAILURE
                     break
         except DriverError as exc:

@@ -109,8 +109,7 @@ class Count(resource.Resource):
         return aiocoap.Message(payload=cbor2.dumps({"count": self.dev.count}), content_format=60)
 
 
-async def main(spec_path: str) -> None:
-    spec = json.loads(Path(spec_path).read_text())
+async def main(spec: dict[str, Any]) -> None:
     dev = Device(int(spec.get("max_age", 60)), bool(spec.get("oscore")))
     site: Any = resource.Site()
     sensors = Sensors(dev)
@@ -134,10 +133,11 @@ async def main(spec_path: str) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
-    Path(spec["ready"]).write_text("ready")
+    ready = Path(spec["ready"])
+    await asyncio.to_thread(ready.write_text, "ready")
     await stop.wait()
     await ctx.shutdown()
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1]))
+    asyncio.run(main(json.loads(Path(sys.argv[1]).read_text())))

@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import socket
 import sys
 import time
@@ -66,6 +67,14 @@ class LibcoapServer:
             self.peer.stop()
             self.peer = None
 
+    def kill(self) -> None:
+        """SIGKILL, like a power cut: libcoap sends its observers nothing (on SIGTERM it
+        ends each observation with a 4.04, which a client notices without any timer)."""
+        if self.peer is not None:
+            self.peer.signal(signal.SIGKILL)
+            self.peer.stop()
+            self.peer = None
+
 
 @pytest.fixture
 def libcoap(tmp_path: Path) -> Iterator[LibcoapServer]:
@@ -78,8 +87,10 @@ def libcoap(tmp_path: Path) -> Iterator[LibcoapServer]:
 class AiocoapDevice:
     """tests/drivers_coap/coap_server.py as a process: an aiocoap server acting as a device."""
 
-    def __init__(self, tmp: Path, *, max_age: int = 60, oscore: Path | None = None) -> None:
-        self.port = free_port(socket.SOCK_DGRAM)
+    def __init__(
+        self, tmp: Path, *, max_age: int = 60, oscore: Path | None = None, port: int = 0
+    ) -> None:
+        self.port = port or free_port(socket.SOCK_DGRAM)
         self.tmp = tmp
         self.spec = tmp / f"server-{self.port}.json"
         self.ready = tmp / f"server-{self.port}.ready"
@@ -108,6 +119,12 @@ class AiocoapDevice:
 
     def stop(self) -> None:
         if self.peer is not None:
+            self.peer.stop()
+            self.peer = None
+
+    def kill(self) -> None:
+        if self.peer is not None:
+            self.peer.signal(signal.SIGKILL)
             self.peer.stop()
             self.peer = None
 

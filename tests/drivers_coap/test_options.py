@@ -43,7 +43,12 @@ def test_a_good_device_compiles_into_points() -> None:
     assert dev.secure and dev.credentials.kind == "dtls-psk"
     assert dev.observe_margin == 2.0
     temp, setpoint = dev.points["temp"], dev.points["setpoint"]
-    assert (temp.path, temp.mode, temp.format, temp.record) == ("/sensors", "observe", "senml", "temp")
+    assert (temp.path, temp.mode, temp.format, temp.record) == (
+        "/sensors",
+        "observe",
+        "senml",
+        "temp",
+    )
     assert dev.url(setpoint) == "coaps://127.0.0.1:5684/setpoint?unit=C"
     assert (setpoint.mode, setpoint.format, setpoint.write_method) == ("poll", "auto", "post")
     assert setpoint.write_format == "text"
@@ -51,8 +56,9 @@ def test_a_good_device_compiles_into_points() -> None:
 
 
 def test_credentials_never_show_their_key() -> None:
-    spec = config.loads(GOOD.replace('psk_key_file = "/etc/gateway/keys/thermo.psk"',
-                                     'psk_key = "s3cret-key"')).devices["thermo"]
+    spec = config.loads(
+        GOOD.replace('psk_key_file = "/etc/gateway/keys/thermo.psk"', 'psk_key = "s3cret-key"')
+    ).devices["thermo"]
     assert "s3cret" not in repr(compile_device(spec))
 
 
@@ -88,10 +94,22 @@ write_method = "put"
     ("options", "expected"),
     [
         ('uri = "coaps://h"', "devices.d.uri: coaps:// needs DTLS-PSK credentials"),
-        ('uri = "coap://h"\npsk_identity = "i"\npsk_key = "k"', "devices.d.uri: DTLS-PSK credentials need a coaps:// URI"),
-        ('uri = "coap://h"\npsk_identity = "i"', "devices.d.psk_identity: needs psk_key or psk_key_file"),
-        ('uri = "coaps://h"\npsk_identity = "i"\npsk_key = "k"\npsk_key_file = "f"', "devices.d.psk_key: give psk_key or psk_key_file, not both"),
-        ('uri = "coaps://h"\npsk_identity = "i"\npsk_key = "k"\noscore = "/o"', "devices.d.oscore: OSCORE runs over coap://"),
+        (
+            'uri = "coap://h"\npsk_identity = "i"\npsk_key = "k"',
+            "devices.d.uri: DTLS-PSK credentials need a coaps:// URI",
+        ),
+        (
+            'uri = "coap://h"\npsk_identity = "i"',
+            "devices.d.psk_identity: needs psk_key or psk_key_file",
+        ),
+        (
+            'uri = "coaps://h"\npsk_identity = "i"\npsk_key = "k"\npsk_key_file = "f"',
+            "devices.d.psk_key: give psk_key or psk_key_file, not both",
+        ),
+        (
+            'uri = "coaps://h"\npsk_identity = "i"\npsk_key = "k"\noscore = "/o"',
+            "devices.d.oscore: OSCORE runs over coap://",
+        ),
         ('uri = "coap://h:99999"', "devices.d.uri: has an invalid port"),
         ('uri = "coap://h/x?y=1"', "devices.d.uri: must not have a query"),
         ('uri = "coap://h"\nretries = 3', "devices.d.retries: unknown key"),

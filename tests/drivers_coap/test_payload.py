@@ -17,9 +17,16 @@ RFC_5_1_2 = (
 # The same pack in SenML CBOR with Table 4 labels: -2 bn, 0 n, 1 u, 2 v.
 RFC_5_1_2_CBOR = bytes.fromhex(
     "82"  # array(2)
-    "a4" "21" "781c" + b"urn:dev:ow:10e2073a01080063:".hex()
-    + "00" "67" + b"voltage".hex() + "01" "61" + b"V".hex() + "02" "fb405e066666666666"
-    + "a3" "00" "67" + b"current".hex() + "01" "61" + b"A".hex() + "02" "fb3ff3333333333333"
+    "a4"
+    "21"
+    "781c" + b"urn:dev:ow:10e2073a01080063:".hex() + "00"
+    "67" + b"voltage".hex() + "01"
+    "61" + b"V".hex() + "02"
+    "fb405e066666666666" + "a3"
+    "00"
+    "67" + b"current".hex() + "01"
+    "61" + b"A".hex() + "02"
+    "fb3ff3333333333333"
 )
 
 
@@ -51,8 +58,14 @@ def test_senml_relative_time_becomes_device_time() -> None:
 @pytest.mark.parametrize(
     ("body", "value"),
     [
-        (b"21", 21), (b"-3\n", -3), (b"21.5", 21.5), (b" 1e3 ", 1000.0), (b"true", True),
-        (b"FALSE", False), (b"Nov 28 20:31:55", "Nov 28 20:31:55"), (b"nan", "nan"),
+        (b"21", 21),
+        (b"-3\n", -3),
+        (b"21.5", 21.5),
+        (b" 1e3 ", 1000.0),
+        (b"true", True),
+        (b"FALSE", False),
+        (b"Nov 28 20:31:55", "Nov 28 20:31:55"),
+        (b"nan", "nan"),
     ],
 )
 def test_text(body: bytes, value: object) -> None:
@@ -64,8 +77,13 @@ def test_text(body: bytes, value: object) -> None:
 @pytest.mark.parametrize(
     ("body", "value"),
     [
-        ("f94d60", 21.5), ("1864", 100), ("20", -1), ("f5", True), ("6368656c", "hel"),
-        ("43010203", b"\x01\x02\x03"), ("f6", None),
+        ("f94d60", 21.5),
+        ("1864", 100),
+        ("20", -1),
+        ("f5", True),
+        ("6368656c", "hel"),
+        ("43010203", b"\x01\x02\x03"),
+        ("f6", None),
     ],
 )
 def test_cbor_scalars(body: str, value: object) -> None:
@@ -116,9 +134,13 @@ def test_a_single_value_has_no_records() -> None:
 @pytest.mark.parametrize(
     ("value", "fmt", "body", "cf"),
     [
-        (21.5, "text", b"21.5", 0), (7, "text", b"7", 0), (True, "text", b"true", 0),
-        ("on", "text", b"on", 0), (b"\x01", "text", b"\x01", 42),
-        (21.5, "cbor", bytes.fromhex("fb4035800000000000"), 60), (True, "cbor", b"\xf5", 60),
+        (21.5, "text", b"21.5", 0),
+        (7, "text", b"7", 0),
+        (True, "text", b"true", 0),
+        ("on", "text", b"on", 0),
+        (b"\x01", "text", b"\x01", 42),
+        (21.5, "cbor", bytes.fromhex("fb4035800000000000"), 60),
+        (True, "cbor", b"\xf5", 60),
         (1, "json", b"1", 50),
         (21.5, "senml", bytes.fromhex("81a2006474656d7002fb4035800000000000"), 112),
         (True, "senml+json", b'[{"n":"temp","vb":true}]', 110),
