@@ -200,8 +200,6 @@ def _framing(sec: Section) -> FramingSpec:
     spec = FramingSpec(type=kind, max_frame=max_frame)
     if kind == "delimiter":
         delim = _bytes(sec, "delimiter", b"\n")
-        if delim == b"":
-            sec.error("delimiter", "must not be empty")
         spec = FramingSpec(type=kind, delimiter=delim or b"\n", max_frame=max_frame)
     elif kind == "fixed":
         length = sec.int("length", min=1, max=max_frame)
@@ -301,8 +299,10 @@ def _point_field_error(parser: ParserSpec, field_name: str) -> str | None:
     return None
 
 
-def parse_options(spec: DeviceSpec) -> SerialOptions:
-    """Check and compile a serial device's options; raises ConfigError listing every issue."""
+def parse_options(spec: DeviceSpec, *, require_points: bool = True) -> SerialOptions:
+    """Check and compile a serial device's options; raises ConfigError listing every issue.
+
+    `require_points=False` is for `gatewayctl probe serial`, which shows every field."""
     dev, issues = device_options(spec)
     port = dev.str("port")
     if isinstance(port, str) and port and not port.startswith("/"):
@@ -341,7 +341,7 @@ def parse_options(spec: DeviceSpec) -> SerialOptions:
     dev.done()
 
     points: dict[str, PointMap] = {}
-    if not spec.points:
+    if not spec.points and require_points:
         issues.add(spec.path + ".points", "a serial device needs at least one point")
     for p in spec.points:
         sec = point_options(spec, p, issues)
