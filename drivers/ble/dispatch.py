@@ -49,6 +49,7 @@ class DeviceState:
     rejected: dict[str, int] = field(default_factory=dict)
     #: A change held back by min_interval: (values, packet id), emitted once it is due.
     pending: tuple[dict[str, Value], int | None] | None = None
+    last_raw: bytes | None = None  # the last accepted packet's bytes
     accepted: int = 0
     emitted: int = 0
 
@@ -113,18 +114,20 @@ class Dispatcher:
     def _handle(self, state: DeviceState, adv: Advert) -> int:
         now = self.clock.monotonic()
         dev = state.device
+        data = self._select(state, adv)
+        self._seen(state, now, adv)
+        # No data of this format (a scan response), or the device repeating its last packet
+        # (it does, several times a second): nothing new to decode.
+        if data is None or data == state.last_raw:
+            return self._flush(state, now)
         try:
-            decoded = self._decode(state, adv)
+            decoded = self._decode(state, data)
         except AdvertisementError as exc:
-            self._seen(state, now, adv)
             if exc.reason == "duplicate":
                 return self._flush(state, now)
             self._reject(state, exc)
             return 0
-        if decoded is None:  # an advertisement without this format's data (a scan response)
-            self._seen(state, now, adv)
-            return self._flush(state, now)
-        self._seen(state, now, adv)
+        state.last_raw = data
         state.accepted += 1
         values = {p: decoded.values[f] for p, f in dev.fields.items() if f in decoded.values}
         if not values:
@@ -143,20 +146,25 @@ class Dispatcher:
             state.pending = (values, decoded.packet_id)
         return 0
 
-    def _decode(self, state: DeviceState, adv: Advert) -> Decoded | None:
+    def _select(self, state: DeviceState, adv: Advert) -> bytes | None:
+        """The bytes of the device's format in this advertisement, if any."""
         dev = state.device
         if dev.format == "bthome":
-            data = adv.service_data.get(bthome.UUID)
-            if data is None:
-                return None
+            return adv.service_data.get(bthome.UUID)
+        if dev.format == "ruuvi":
+            return adv.manufacturer_data.get(ruuvi.COMPANY_ID)
+        assert dev.custom is not None
+        return dev.custom.select(adv.manufacturer_data, adv.service_data)
+
+    def _decode(self, state: DeviceState, data: bytes) -> Decoded:
+        dev = state.device
+        if dev.format == "bthome":
             assert state.guard is not None
             return state.guard.accept(data, dev.address)
         if dev.format == "ruuvi":
-            data = adv.manufacturer_data.get(ruuvi.COMPANY_ID)
-            return None if data is None else ruuvi.parse(data)
+            return ruuvi.parse(data)
         assert dev.custom is not None
-        data = dev.custom.select(adv.manufacturer_data, adv.service_data)
-        return None if data is None else custom.parse(dev.custom, data)
+        return custom.parse(dev.custom, data)
 
     def _seen(self, state: DeviceState, now: float, adv: Advert) -> None:
         state.last_seen = now
