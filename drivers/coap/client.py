@@ -194,7 +194,11 @@ class Link:
         """Drop the context (sockets, DTLS sessions, exchanges); the next use makes a new one."""
         ctx, self._ctx = self._ctx, None
         if ctx is not None:
-            await ctx.shutdown()
+            await asyncio.sleep(0)  # let aiocoap run the done-callbacks of cancelled requests
+            try:
+                await ctx.shutdown()
+            except Exception:  # a half-dead context must not take the driver down with it
+                self.log.debug("coap device %s: context shutdown", self.device.id, exc_info=True)
 
     async def close(self) -> None:
         await self.reset()
@@ -246,14 +250,28 @@ class Link:
             req = ctx.request(self._message(method, url, payload, content_format, False))
         except Exception as exc:  # a malformed URI, a missing transport
             raise self._failure(exc, url, t) from exc
-        try:
-            async with asyncio.timeout(t):
-                message = await req.response
-        except Exception as exc:
-            # Cancelling the response future stops aiocoap's retransmissions of it.
-            req.response.cancel()
-            raise self._failure(exc, url, t) from exc
+        message = await self._response(req, url, t)
         return to_response(message, url)
+
+    async def _response(self, req: Any, url: str, t: float) -> Any:
+        # Not `asyncio.timeout` around `await req.response`: that cancels aiocoap's future
+        # itself, and aiocoap learns of it only in a done-callback one loop turn later; a
+        # context shutdown in between makes aiocoap set a result on the cancelled future
+        # (InvalidStateError). Waiting without cancelling, then cancelling and yielding once,
+        # lets aiocoap drop the exchange (and its retransmissions) first.
+        try:
+            done, _ = await asyncio.wait({req.response}, timeout=t)
+        except asyncio.CancelledError:
+            req.response.cancel()
+            raise
+        if not done:
+            req.response.cancel()
+            await asyncio.sleep(0)
+            raise self._failure(TimeoutError(), url, t)
+        try:
+            return req.response.result()
+        except Exception as exc:
+            raise self._failure(exc, url, t) from exc
 
     async def observe(self, url: str, *, within: float | None = None) -> Observation:
         """Register an observation; returns it with its first response (any code)."""
@@ -263,12 +281,7 @@ class Link:
             req = ctx.request(self._message("GET", url, b"", None, True))
         except Exception as exc:
             raise self._failure(exc, url, t) from exc
-        try:
-            async with asyncio.timeout(t):
-                message = await req.response
-        except Exception as exc:
-            req.response.cancel()
-            raise self._failure(exc, url, t) from exc
+        message = await self._response(req, url, t)
         return Observation(self, req, to_response(message, url), url)
 
 
