@@ -260,3 +260,58 @@ def test_psk_key_file_must_be_private(tmp_path: Path, libcoap: LibcoapServer) ->
             await drv.stop()
 
     asyncio.run(main())
+
+
+def test_an_observed_device_that_dies_becomes_unavailable_and_comes_back(
+    libcoap: LibcoapServer,
+) -> None:
+    spec = spec_for(
+        f"coap://127.0.0.1:{libcoap.port}",
+        '[devices.dev.points.ticks]\npath = "/time?ticks"\nmode = "observe"\n',
+        extra="observe_margin = 0.5\nbreaker_threshold = 1",
+        timeout=1.0,
+    )
+
+    async def main() -> None:
+        rec = Recorder()
+        drv = CoapDriver(rec)
+        await drv.add_device(spec)
+        await drv.start()
+        try:
+            await rec.until(lambda: rec.values("ticks") != [], "a first notification")
+            await asyncio.to_thread(libcoap.kill)
+            # Notifications stop; registering again fails: the breaker opens.
+            await rec.until(lambda: rec.availability[-1][:2] == ("dev", False), "unavailable")
+            seen = len(rec.readings)
+            await asyncio.to_thread(libcoap.start)
+            await rec.until(lambda: rec.availability[-1][:2] == ("dev", True), "available again")
+            await rec.until(lambda: len(rec.readings) > seen, "notifications again")
+        finally:
+            await drv.stop()
+        # A stopped driver leaves no task behind.
+        assert asyncio.all_tasks() == {asyncio.current_task()}
+
+    asyncio.run(main())
+
+
+def test_removing_a_device_ends_its_observation(libcoap: LibcoapServer) -> None:
+    spec = spec_for(
+        f"coap://127.0.0.1:{libcoap.port}",
+        '[devices.dev.points.ticks]\npath = "/time?ticks"\nmode = "observe"\n',
+    )
+
+    async def main() -> None:
+        rec = Recorder()
+        drv = CoapDriver(rec)
+        await drv.start()
+        await drv.add_device(spec)
+        try:
+            await rec.until(lambda: rec.values("ticks") != [], "a first notification")
+            await drv.remove_device("dev")
+            assert [t for t in asyncio.all_tasks() if "coap observe" in t.get_name()] == []
+            with pytest.raises(DeviceUnavailable, match="not a configured coap device"):
+                await drv.read("dev", spec.points)
+        finally:
+            await drv.stop()
+
+    asyncio.run(main())
