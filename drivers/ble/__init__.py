@@ -50,7 +50,9 @@ class BleDriver(Driver):
     # -- life -----------------------------------------------------------------------------
     async def start(self) -> None:
         self._started = True
-        if self.opts.discovery or any(d.advertises for d in self.devices.values()):
+        # The scanner also runs for GATT-only setups: BlueZ only keeps objects for devices it
+        # hears, and connecting needs that object.
+        if self.opts.discovery or self.devices:
             self._ensure_scanner()
         for dev in self.devices.values():
             if not dev.advertises:
@@ -115,12 +117,12 @@ class BleDriver(Driver):
         self.devices[dev.id] = dev
         if dev.advertises:
             self.dispatcher.add(dev)
-            if self._started:
-                self._ensure_scanner()
-                if dev.custom is not None and self._scanner is not None:
-                    self._scanner.customs.append(dev.custom)
-        elif self._started:
-            self._start_link(dev)
+        if self._started:
+            self._ensure_scanner()
+            if dev.custom is not None and self._scanner is not None:
+                self._scanner.customs.append(dev.custom)
+            if not dev.advertises:
+                self._start_link(dev)
 
     async def remove_device(self, device_id: str) -> None:
         self.devices.pop(device_id, None)

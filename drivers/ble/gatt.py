@@ -202,13 +202,16 @@ class GattLink:
                 await asyncio.sleep(wait)
             try:
                 await self._session()
-                self.breaker.success()
                 delay = self.options.retry_initial
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 self.breaker.failure(self.clock.monotonic())
-                why = str(exc) if isinstance(exc, DriverError) else str(explain(exc))
+                why = (
+                    str(exc)
+                    if isinstance(exc, DriverError)
+                    else str(explain(exc, self.options.adapter, gatt=True))
+                )
                 first = self.last_error != why
                 self.last_error = why
                 self.log.log(logging.WARNING if first else logging.DEBUG,
@@ -232,6 +235,7 @@ class GattLink:
                 client = await self._connect()
                 self.client = client
             try:
+                self.breaker.success()
                 self.last_error = None
                 self._set_available(True, "connected")
                 for p in self._notify_points:
@@ -245,6 +249,12 @@ class GattLink:
                         await asyncio.wait_for(self._disconnected.wait(), timeout)
                     if self._disconnected.is_set():
                         raise DeviceUnavailable(self.device.id, "disconnected")
+            except Exception as exc:
+                # A link that drops mid-read surfaces as whatever bleak was doing at the time
+                # ("Service Discovery has not been performed yet"); name the real cause.
+                if self._disconnected.is_set() and not isinstance(exc, DeviceUnavailable):
+                    raise DeviceUnavailable(self.device.id, "disconnected") from exc
+                raise
             finally:
                 self.client = None
                 with contextlib.suppress(Exception):
@@ -336,4 +346,4 @@ class GattLink:
         name = type(exc).__name__
         if name in ("BleakCharacteristicNotFoundError", "BleakDBusError"):
             return DeviceProtocolError(self.device.id, f"{name}: {exc}")
-        return DeviceUnavailable(self.device.id, str(explain(exc)))
+        return DeviceUnavailable(self.device.id, str(explain(exc, self.options.adapter, gatt=True)))

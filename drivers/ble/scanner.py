@@ -39,8 +39,9 @@ def _adapter_name(adapter: str | None) -> str:
     return f"adapter {adapter!r}" if adapter else "a Bluetooth adapter"
 
 
-def explain(exc: BaseException, adapter: str | None = None) -> Fault:
-    """Map a bleak / D-Bus / OS error to a Fault (cause + fix). Never raises."""
+def explain(exc: BaseException, adapter: str | None = None, *, gatt: bool = False) -> Fault:
+    """Map a bleak / D-Bus / OS error to a Fault (cause + fix). Never raises. `gatt`: the
+    error came from talking to one device (its faults get device advice)."""
     name = type(exc).__name__
     text = str(exc)
     dbus_error = str(getattr(exc, "dbus_error", "") or "")
@@ -80,17 +81,35 @@ def explain(exc: BaseException, adapter: str | None = None) -> Fault:
             f"{_adapter_name(adapter)} is powered off",
             "'bluetoothctl power on' (and 'rfkill unblock bluetooth' if it is blocked)",
         )
+    if name == "BleakDeviceNotFoundError" or (gatt and "UnknownObject" in dbus_error):
+        return Fault(
+            f"BlueZ does not know this device ({text or name})",
+            "check that it is powered and advertising nearby ('gatewayctl probe ble scan'); "
+            "BlueZ forgets devices it has not heard for a while",
+        )
     if reason in ("NO_BLUETOOTH", "NO_BLE_CENTRAL_ROLE") or "not found" in text:
         return Fault(
             f"no Bluetooth adapter: BlueZ does not know {_adapter_name(adapter)}",
             "plug in or enable the adapter ('bluetoothctl list' shows what BlueZ sees; "
             "'rfkill unblock bluetooth'), or set [drivers.ble] adapter to one it lists",
         )
-    if "or_patterns" in text or "AdvertisementMonitor" in text or "NotSupported" in dbus_error:
+    if (
+        "passive scanning" in text
+        or "or_patterns" in text
+        or "AdvertisementMonitor" in text
+        or "NotSupported" in dbus_error
+    ):
         return Fault(
             f"passive scanning is not supported here ({text or name})",
             'set [drivers.ble] scan_mode = "active", or run bluetoothd with --experimental '
             "(BlueZ >= 5.56 with the advertisement monitor API)",
+        )
+    if gatt:
+        what = "timed out" if isinstance(exc, TimeoutError) else f"{name}: {text or dbus_error}"
+        return Fault(
+            f"GATT connection or transfer failed ({what})",
+            "check that the device is powered, in range, and not connected to another "
+            "central (a phone app); the driver retries with backoff",
         )
     if isinstance(exc, TimeoutError):
         return Fault("BlueZ did not answer in time", "check 'journalctl -u bluetooth'")

@@ -7,6 +7,7 @@ Tests point bleak at it with DBUS_SYSTEM_BUS_ADDRESS. See ../shared/PEERS.md ("B
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Iterable, Mapping
@@ -44,6 +45,9 @@ DENY_BLUEZ = """<policy context="mandatory">
   </policy>"""
 
 _CONNECT = (
+    # a blocked device refuses connections, as BlueZ does (tests block it to make it fail)
+    "if self.props['org.bluez.Device1']['Blocked']:\n"
+    "    raise dbus.exceptions.DBusException('Page Timeout', name='org.bluez.Error.Failed')\n"
     "self.props['org.bluez.Device1']['Connected'] = dbus.Boolean(True)\n"
     "self.props['org.bluez.Device1']['ServicesResolved'] = dbus.Boolean(True)\n"
     "self.EmitSignal('org.freedesktop.DBus.Properties', 'PropertiesChanged', 'sa{sv}as',"
@@ -78,7 +82,14 @@ def device_path(address: str, adapter: str = "hci0") -> str:
 class BluezBus:
     """A private bus with (optionally) the BlueZ mock on it. `stop()` stops both, by PID."""
 
-    def __init__(self, tmp: Path, *, extra_policy: str = "", bluez: bool = True) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        *,
+        extra_policy: str = "",
+        bluez: bool = True,
+        parameters: Mapping[str, Any] | None = None,
+    ) -> None:
         require_binary("dbus-daemon")
         try:
             import dbus  # noqa: F401
@@ -96,6 +107,7 @@ class BluezBus:
             ["dbus-daemon", "--nofork", f"--config-file={conf}"], log=tmp / "dbus-daemon.log"
         )
         self.mock: Peer | None = None
+        self.parameters = dict(parameters or {})
         self._conn: Any = None
         try:
             wait_until(self.sock.exists, "dbus-daemon socket")
@@ -115,11 +127,9 @@ class BluezBus:
 
     def start_bluez(self) -> None:
         env = dict(os.environ, DBUS_SYSTEM_BUS_ADDRESS=self.address)
-        self.mock = Peer(
-            [sys.executable, "-m", "dbusmock", "--system", "--template", "bluez5"],
-            env=env,
-            log=self.tmp / "dbusmock.log",
-        )
+        argv = [sys.executable, "-m", "dbusmock", "--system", "--template", "bluez5"]
+        argv += ["--parameters", json.dumps(self.parameters)]
+        self.mock = Peer(argv, env=env, log=self.tmp / "dbusmock.log")
         wait_until(lambda: bool(self._bus().name_has_owner("org.bluez")), "BlueZ mock on D-Bus")
 
     def stop_bluez(self) -> None:
@@ -266,6 +276,22 @@ class BluezBus:
         )
         _interfaces_added(root, path, CHAR, cprops)
         return path
+
+    def set_blocked(self, address: str, blocked: bool, adapter: str = "hci0") -> None:
+        import dbus
+
+        self._obj(device_path(address, adapter)).UpdateProperties(
+            DEVICE, {"Blocked": dbus.Boolean(blocked)}
+        )
+
+    def disconnect(self, address: str, adapter: str = "hci0") -> None:
+        """The device drops the link (out of range, rebooted)."""
+        import dbus
+
+        dev = dbus.Interface(
+            self._bus().get_object("org.bluez", device_path(address, adapter)), DEVICE
+        )
+        dev.Disconnect()
 
     def notify(self, char_path: str, value: bytes) -> None:
         import dbus

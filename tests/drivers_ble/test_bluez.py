@@ -311,3 +311,132 @@ def test_no_system_bus_at_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
         assert "D-Bus system bus is not reachable" in _fault_of(ctx, "kitchen")
 
     run_driver(FAST + ADVERT_DEVICES, scenario)
+
+
+def test_passive_scan(bus: BluezBus) -> None:
+    bus.add_adapter()
+
+    async def scenario(driver: BleDriver, ctx: RecordingContext) -> None:
+        await scanning(driver)
+        bus.add_device(RUUVI_MAC, manufacturer_data={0x0499: RUUVI})
+        await ctx.wait_for(lambda: len(ctx.emitted("shed")) == 1, "a reading, passively")
+
+    run_driver(FAST + 'scan_mode = "passive"\n' + ADVERT_DEVICES, scenario)
+
+
+def test_passive_scan_unsupported_is_explained(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    b = BluezBus(tmp_path, parameters={"enable_monitor_api": False})
+    monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", b.address)
+    try:
+        b.add_adapter()
+
+        async def scenario(driver: BleDriver, ctx: RecordingContext) -> None:
+            await ctx.wait_for(lambda: bool(ctx.availability), "a fault report")
+            reason = _fault_of(ctx, "shed")
+            assert "passive scanning is not supported" in reason
+            assert 'scan_mode = "active"' in reason
+
+        run_driver(FAST + 'scan_mode = "passive"\n' + ADVERT_DEVICES, scenario)
+    finally:
+        b.stop()
+
+
+async def poll_until(check: Callable[[], bool], what: str, attempts: int = 500) -> None:
+    """Bounded readiness poll, for state that no report announces (a breaker's state)."""
+    for _ in range(attempts):
+        if check():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"never happened: {what}")
+
+
+def test_gatt_breaker_opens_and_device_recovers(bus: BluezBus) -> None:
+    bus.add_adapter()
+    bus.add_device(GATT_MAC, name="thermostat")
+    bus.add_characteristic(GATT_MAC, TEMP_CHAR, struct.pack("<h", 2150), handle=0x0B)
+    bus.set_blocked(GATT_MAC, True)
+    toml = (
+        FAST
+        + "breaker_failures = 2\nbreaker_reset = 0.3\n"
+        + f"""
+[devices.thermostat]
+driver = "ble"
+address = "{GATT_MAC}"
+format = "gatt"
+interval = 3600
+[devices.thermostat.points.temperature]
+char = "2a6e"
+type = "int16"
+"""
+    )
+
+    async def scenario(driver: BleDriver, ctx: RecordingContext) -> None:
+        await ctx.wait_for(lambda: bool(ctx.availability), "the failure reported")
+        assert ctx.availability[0][:2] == ("thermostat", False)
+        assert "Page Timeout" in ctx.availability[0][2]
+        link = driver.links["thermostat"]
+        await poll_until(lambda: link.breaker.state == "open", "breaker open")
+        assert driver.status()["devices"]["thermostat"]["breaker"] == "open"
+        bus.set_blocked(GATT_MAC, False)  # back in range
+        await ctx.wait_for(lambda: "temperature" in ctx.values("thermostat"), "a reading")
+        assert link.breaker.state == "closed"
+        assert ctx.last_availability("thermostat") == (True, "connected")
+
+    run_driver(toml, scenario)
+
+
+def test_gatt_link_drop_reconnects_and_resubscribes(bus: BluezBus) -> None:
+    bus.add_adapter()
+    bus.add_device(GATT_MAC, name="thermostat")
+    bus.add_characteristic(GATT_MAC, TEMP_CHAR, struct.pack("<h", 2150), handle=0x0B)
+    bus.add_characteristic(GATT_MAC, LED_CHAR, b"\x00", handle=0x0E)
+    button = bus.add_characteristic(GATT_MAC, BUTTON_CHAR, b"\x00", handle=0x11)
+
+    async def scenario(driver: BleDriver, ctx: RecordingContext) -> None:
+        await ctx.wait_for(lambda: "temperature" in ctx.values("thermostat"), "first reading")
+        await poll_until(lambda: _notifying(bus, button), "subscribed")
+        bus.disconnect(GATT_MAC)
+        await ctx.wait_for(
+            lambda: [a for _, a, _ in ctx.availability] == [True, False, True], "reconnected"
+        )
+        assert ctx.availability[1][2] == "thermostat: disconnected"
+        await poll_until(lambda: _notifying(bus, button), "subscribed again")
+        bus.notify(button, b"\x07")
+        await ctx.wait_for(lambda: ctx.values("thermostat").get("button") == 7, "notification")
+
+    run_driver(FAST + GATT_DEVICE, scenario)
+
+
+def test_connection_limit_queues_devices(bus: BluezBus) -> None:
+    bus.add_adapter()
+    macs = ["C0:FF:EE:00:00:0A", "C0:FF:EE:00:00:0B", "C0:FF:EE:00:00:0C"]
+    toml = FAST + "max_connections = 1\n"
+    for i, mac in enumerate(macs):
+        bus.add_device(mac)
+        bus.add_characteristic(mac, TEMP_CHAR, struct.pack("<h", 100 * i), handle=0x0B)
+        toml += f"""
+[devices.t{i}]
+driver = "ble"
+address = "{mac}"
+format = "gatt"
+interval = 3600
+[devices.t{i}.points.temperature]
+char = "2a6e"
+type = "int16"
+"""
+
+    async def scenario(driver: BleDriver, ctx: RecordingContext) -> None:
+        peak = 0
+
+        def watch() -> bool:
+            nonlocal peak
+            peak = max(peak, driver.pool.in_use)
+            return all("temperature" in ctx.values(f"t{i}") for i in range(3))
+
+        await ctx.wait_for(watch, "all three read, one at a time")
+        assert peak <= 1
+        assert [ctx.values(f"t{i}")["temperature"] for i in range(3)] == [0, 100, 200]
+
+    run_driver(toml, scenario)
