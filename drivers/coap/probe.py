@@ -39,6 +39,15 @@ def add_parser(sub: Any) -> None:
         "coap",
         help="GET/PUT/POST/observe a CoAP resource on a device",
         description="Send one CoAP request (or observe a resource) and show the answer.",
+        epilog="examples:\n"
+        "  gatewayctl probe coap coap://192.0.2.7/sensors\n"
+        "  gatewayctl probe coap coap://192.0.2.7/setpoint -m put -p 21.5\n"
+        "  gatewayctl probe coap coap://192.0.2.7/led -m put -p true -t cbor\n"
+        "  gatewayctl probe coap coaps://192.0.2.7/sensors --psk-identity gw "
+        "--psk-key-file key.psk\n"
+        "  gatewayctl probe coap coap://192.0.2.7/sensors --observe 30 --json\n"
+        "exit status: 0 answer 2.xx, 1 answer 4.xx/5.xx, 2 bad arguments, 4 unreachable",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("uri", help="coap://host[:port]/path[?query] or coaps://...")
     p.add_argument(
@@ -283,5 +292,6 @@ def run(args: argparse.Namespace) -> int:
     try:
         return asyncio.run(_run(args))
     except ConfigError as exc:
-        print(f"gatewayctl: {exc}", file=sys.stderr)
+        # No config file is involved here: its TOML paths would only confuse.
+        print("gatewayctl: " + "; ".join(i.message for i in exc.issues), file=sys.stderr)
         return EXIT_USAGE

@@ -4,6 +4,7 @@ not ours): read, write, Observe; a wrong key never yields data and opens the bre
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 import pytest
@@ -98,3 +99,19 @@ def test_a_wrong_key_gets_no_data_and_opens_the_breaker(
             await drv.stop()
 
     asyncio.run(main())
+
+
+def test_probe_over_dtls_psk(tmp_path: Path, server: LibcoapServer) -> None:
+    from tests.drivers_coap.test_probe import gatewayctl
+
+    key = key_file(tmp_path, PSK)
+    url = f"coaps://127.0.0.1:{server.dtls_port}/door"
+    out = gatewayctl(url, "-m", "put", "-p", "open", "--psk-identity", "gw", "--psk-key-file",
+                     str(key))  # fmt: skip
+    assert out.returncode == 0 and out.stdout.startswith("2.01"), out.stderr
+    out = gatewayctl(url, "--json", "--psk-identity", "gw", "--psk-key-file", str(key))
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["values"] == [{"n": "", "v": "open"}]
+    key.chmod(0o644)
+    out = gatewayctl(url, "--psk-identity", "gw", "--psk-key-file", str(key))
+    assert out.returncode == 2 and "readable by others" in out.stderr
