@@ -203,8 +203,9 @@ def _data(index: int, value: object, binary: bool) -> bytes:
     if not isinstance(value, str):
         raise _problem(index, f"'vd' must be base64url text, got {_type(value)}")
     try:
-        return base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
-    except (binascii.Error, ValueError):
+        padded = value + "=" * (-len(value) % 4)
+        return base64.b64decode(padded.encode("ascii"), altchars=b"-_", validate=True)
+    except (binascii.Error, ValueError, UnicodeEncodeError):
         raise _problem(index, "'vd' is not valid base64url") from None
 
 
