@@ -354,8 +354,15 @@ class CoapDriver(Driver):
                     deadline = max_age + cfg.observe_margin
                     try:
                         resp = await obs.next(deadline)
-                    except DriverError as exc:
+                    except DeviceProtocolError as exc:
                         self._problem(dev, key, f"observation of {url} ended: {exc.message}")
+                        await self._pause(dev, retry)
+                        break
+                    except DriverError as exc:
+                        # The link failed under the observation (an ICMP error...): a failure
+                        # like any other for the breaker, logged once with the rest.
+                        if dev.link is not None:
+                            await self._failed(dev, dev.link, exc, auth=False)
                         await self._pause(dev, retry)
                         break
                     if resp is None:
