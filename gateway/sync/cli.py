@@ -47,7 +47,7 @@ def _from_file(conn: sqlite3.Connection) -> dict[str, Any]:
         "backlog_bytes": st["outbox_bytes"],
         "oldest_age": None if oldest is None else max(0.0, time.time() - oldest),
         "dead_letters": st["dead_letters"],
-        "state": "daemon not running",
+        "link": "daemon not running",
     }
 
 
@@ -62,7 +62,7 @@ def cmd_outbox(args: argparse.Namespace) -> int:
         f"backlog:      {data.get('backlog')} events ({fmt_bytes(data.get('backlog_bytes'))})",
         f"oldest:       {fmt_age(data.get('oldest_age'))}",
         f"dead letters: {data.get('dead_letters')}",
-        f"state:        {data.get('state')}",
+        f"link:         {data.get('link')}",
     ]
     if live:
         lines += [

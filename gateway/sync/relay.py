@@ -289,7 +289,9 @@ class Relay:
             # Completed batches first: they free streams and window slots.
             while self._done:
                 fut, item = self._done.popleft()
-                inflight.pop(fut, None)
+                if inflight.pop(fut, None) is None:
+                    fut.exception()  # from an earlier session: retrieved, ignored
+                    continue
                 self._completed(fut, item, ch)
             for lane in lanes:
                 if not lane.exhausted and lane.npending < self._prefetch:

@@ -92,7 +92,7 @@ class SyncService(Service):
         if self.relay is not None:
             r = self.relay.figures()
             out.update(
-                state=r["state"], delivered=r["delivered"], delivery_rate=r["delivery_rate"],
+                link=r["state"], delivered=r["delivered"], delivery_rate=r["delivery_rate"],
                 dead_lettered=r["dead_lettered"], inflight_batches=r["inflight_batches"],
                 live_first=r["live_first"], backfill_left=r["backfill_left"],
             )  # fmt: skip
@@ -114,11 +114,11 @@ class SyncService(Service):
 
     def health(self) -> Health:
         f = self.figures()
-        if f.get("state") in ("connected",):
+        if f.get("link") == "connected":
             if f.get("dead_letters"):
                 return Health.degraded(f"{f['dead_letters']} dead letters", **f)
             return Health.ok(f"to {f.get('endpoint')}", **f)
-        return Health.degraded(f"not connected: {f.get('last_error') or f.get('state')}", **f)
+        return Health.degraded(f"not connected: {f.get('last_error') or f.get('link')}", **f)
 
     # -- control verbs --------------------------------------------------------------------------
     async def _cmd_outbox(self, args: dict[str, Any]) -> Any:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,12 +22,19 @@ def _readable(path: Path) -> None:
     path.chmod(0o644)
 
 
+def shared_dir(prefix: str) -> Path:
+    """A directory user `mosquitto` can reach (pytest's tmp_path sits under a 0700 parent)."""
+    d = Path(tempfile.mkdtemp(prefix=prefix))
+    d.chmod(0o777)
+    return d
+
+
 class Mosquitto:
-    def __init__(self, directory: Path, conf: str = "", port: int | None = None) -> None:
+    """A broker of our own: its config, ACL, certificates and log live in `self.dir`."""
+
+    def __init__(self, conf: str = "", port: int | None = None) -> None:
         self.binary = require_binary("mosquitto")
-        self.dir = directory
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.dir.chmod(0o777)
+        self.dir = shared_dir("sync-mosquitto-")
         self.port = port or free_port()
         self.extra = conf
         self.peer: Peer | None = None
@@ -39,7 +47,7 @@ class Mosquitto:
         )
         conf.write_text(
             text + f"\npersistence true\npersistence_location {self.dir}/\n"
-            "log_dest stdout\nlog_type all\n"
+            f"log_dest file {self.dir}/mosquitto.log\nlog_type all\n"
         )
         _readable(conf)
         return conf
@@ -58,18 +66,29 @@ class Mosquitto:
             self.peer.stop()
             self.peer = None
 
+    def remove(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def file(self, name: str, text: str) -> Path:
+        p = self.dir / name
+        p.write_text(text)
+        _readable(p)
+        return p
+
     def log(self) -> str:
-        return "".join(p.read_text(errors="replace") for p in sorted(self.dir.glob("log.*")))
+        p = self.dir / "mosquitto.log"
+        return p.read_text(errors="replace") if p.exists() else ""
 
 
 @pytest.fixture
-def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
-    m = Mosquitto(tmp_path / "broker")
-    m.start()
+def mosquitto() -> Iterator[Mosquitto]:
+    m = Mosquitto()
     try:
+        m.start()
         yield m
     finally:
-        m.stop()
+        m.remove()
 
 
 class Subscriber:
@@ -95,14 +114,24 @@ class Subscriber:
         )  # fmt: skip
         return "gateways/probe" in self.out.read_text(errors="replace")
 
-    def messages(self) -> list[tuple[str, list[dict[str, Any]]]]:
+    def raw(self) -> list[tuple[str, bytes]]:
         out = []
         for line in self.out.read_text(errors="replace").splitlines():
             topic, _, hexpayload = line.partition(" ")
             if topic == "gateways/probe" or not hexpayload:
                 continue
-            out.append((topic, decode_batch(bytes.fromhex(hexpayload))))
+            try:
+                out.append((topic, bytes.fromhex(hexpayload)))
+            except ValueError:
+                continue  # a line being written right now
         return out
+
+    def messages(self) -> list[tuple[str, list[dict[str, Any]]]]:
+        """Event batches (telemetry and backfill topics), decoded."""
+        return [
+            (t, decode_batch(p)) for t, p in self.raw()
+            if "/events/" in t or "/backfill/" in t
+        ]  # fmt: skip
 
     def events(self) -> list[dict[str, Any]]:
         return [e for _, batch in self.messages() for e in batch]
@@ -145,4 +174,3 @@ def make_pki(d: Path) -> dict[str, Path]:
             if p.suffix in (".pem", ".key")}  # fmt: skip
 
 
-os.environ.setdefault("PYTHONASYNCIODEBUG", "0")
