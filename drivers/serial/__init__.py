@@ -18,7 +18,6 @@ port is opened (`link.py`), so validating a config stays cheap.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -40,7 +39,7 @@ from gateway.errors import (
 if TYPE_CHECKING:
     from drivers.serial.link import SerialLink
 
-__all__ = ["SerialDriver", "SerialOptions", "parse_options"]
+__all__ = ["DeviceStats", "SerialDevice", "SerialDriver", "SerialOptions", "parse_options"]
 
 
 @dataclass
@@ -75,7 +74,8 @@ class SerialDevice:
         self.parser: Parser = opts.parser.parser()
         self.fields: dict[str, list[PointMap]] = opts.fields()
         self.stats = DeviceStats()
-        self.latest: dict[str, tuple[Value, float]] = {}  # point -> (value, ts)
+        # point -> (value, ts, monotonic time received)
+        self.latest: dict[str, tuple[Value, float, float]] = {}
         self.last_frame: float | None = None  # monotonic time of the last good frame
         self.lock = asyncio.Lock()  # one request (or write) on the line at a time
         self.waiter: _Waiter | None = None
@@ -107,7 +107,7 @@ class SerialDevice:
             self.stats.ignored += 1
             return
         self.stats.frames += 1
-        self.last_frame = time.monotonic()
+        self.last_frame = mono = self.ctx.clock.monotonic()
         received = self.ctx.clock.time()
         readings: list[RawReading] = []
         for name, value in parsed.values.items():
@@ -119,7 +119,8 @@ class SerialDevice:
                     self.log.debug("%s: point %s: %s", self.spec.id, pm.name, exc)
                     continue
                 readings.append(RawReading(pm.name, v, parsed.ts))
-                self.latest[pm.name] = (v, parsed.ts if parsed.ts is not None else received)
+                ts = parsed.ts if parsed.ts is not None else received
+                self.latest[pm.name] = (v, ts, mono)
         if self.opts.mode == "request":
             w = self.waiter
             if w is None or w.future.done():
@@ -152,7 +153,7 @@ class SerialDevice:
     def latest_readings(self, points: Sequence[PointSpec]) -> list[RawReading]:
         self._check_open()
         max_age = self.opts.max_age
-        now = time.monotonic()
+        now = self.ctx.clock.monotonic()
         if max_age is not None and self.last_frame is not None and now - self.last_frame > max_age:
             raise DeviceTimeout(
                 self.spec.id, f"no frame for {now - self.last_frame:.1f} s (max_age {max_age:g})"
@@ -162,7 +163,7 @@ class SerialDevice:
             if p.name not in self.opts.points:
                 raise PointNotFound(self.spec.id, f"no point {p.name!r}")
             got = self.latest.get(p.name)
-            if got is not None:
+            if got is not None and (max_age is None or now - got[2] <= max_age):
                 out.append(RawReading(p.name, got[0], got[1]))
         return out
 
@@ -241,7 +242,12 @@ class SerialDriver(Driver):
 
     async def remove_device(self, device_id: str) -> None:
         dev = self.devices.pop(device_id, None)
-        if dev is not None and dev.link is not None:
+        if dev is None:
+            return
+        w = dev.waiter
+        if w is not None and not w.future.done():
+            w.future.set_exception(DeviceUnavailable(device_id, "device removed"))
+        if dev.link is not None:
             await dev.link.close()
 
     def _device(self, device_id: str) -> SerialDevice:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from drivers.base import DiscoveredDevice, RawReading
+from drivers.base import Clock, DiscoveredDevice, RawReading
+from gateway.clock import SystemClock
 from tests.peers import Peer, require_binary, wait_until
 
 
@@ -47,20 +47,12 @@ class PtyPair:
         return os.open(self.b, os.O_RDWR | os.O_NOCTTY)
 
 
-class FakeClock:
-    def time(self) -> float:
-        return time.time()
-
-    def monotonic(self) -> float:
-        return time.monotonic()
-
-
 class RecordingContext:
     """A DriverContext that queues what the driver reports, so tests can await it."""
 
     def __init__(self) -> None:
         self.logger = logging.getLogger("gateway.driver.serial.test")
-        self.clock = FakeClock()
+        self.clock: Clock = SystemClock()
         self.readings: asyncio.Queue[tuple[str, list[RawReading]]] = asyncio.Queue()
         self.states: asyncio.Queue[tuple[str, bool, str]] = asyncio.Queue()
 

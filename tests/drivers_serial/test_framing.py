@@ -6,13 +6,16 @@ from drivers.serial.framing import (
     DelimiterDeframer,
     Discarded,
     FixedDeframer,
+    Item,
     LengthPrefixDeframer,
     frames,
 )
 
 
-def feed_bytewise(d: DelimiterDeframer | FixedDeframer | LengthPrefixDeframer, data: bytes) -> list:
-    out = []
+def feed_bytewise(
+    d: DelimiterDeframer | FixedDeframer | LengthPrefixDeframer, data: bytes
+) -> list[Item]:
+    out: list[Item] = []
     for b in data:
         out += d.feed(bytes([b]))
     return out

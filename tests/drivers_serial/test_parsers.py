@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from drivers.serial.convert import auto_value, convert
@@ -111,7 +113,7 @@ def test_raw_parser() -> None:
     [("21.5", 21.5), ("-3", -3), ("+7", 7), (" 0012 ", 12), ("1e3", 1000.0), ("", None),
      ("nan", "nan"), ("0012A", "0012A"), (".5", 0.5)],
 )  # fmt: skip
-def test_auto_value(text: str, value: object) -> None:
+def test_auto_value(text: str, value: Any) -> None:
     assert auto_value(text) == value
     assert type(auto_value(text)) is type(value)
 
@@ -127,6 +129,7 @@ def test_convert_point_types() -> None:
     assert convert(b"\x01", "str") == "01"
     assert convert(True, "auto") is True
     assert convert(None, "int") is None
-    for value, kind in [("x", "float"), ("2.5", "int"), (2.5, "int"), ("maybe", "bool")]:
+    bad: list[tuple[Any, str]] = [("x", "float"), ("2.5", "int"), (2.5, "int"), ("maybe", "bool")]
+    for value, kind in bad:
         with pytest.raises(ValueError):
             convert(value, kind)
