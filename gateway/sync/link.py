@@ -56,8 +56,9 @@ class Channel(Protocol):
     item_format: str  # how the relay encodes each event for this sink: "cbor" | "json"
     closed: asyncio.Future[None]
 
-    def send(self, lane: str, stream: str, type_: str, items: list[bytes]) -> asyncio.Future[Ack]:
-        ...
+    def send(
+        self, lane: str, stream: str, type_: str, items: list[bytes]
+    ) -> asyncio.Future[Ack]: ...
 
     async def close(self) -> None: ...
 

@@ -55,9 +55,7 @@ def _rows(
 
 def _rows_in(conn: sqlite3.Connection, seqs: Sequence[int]) -> list[tuple[Any, ...]]:
     marks = ",".join("?" * len(seqs))
-    return conn.execute(
-        _SELECT + f"WHERE o.seq IN ({marks}) ORDER BY o.seq", list(seqs)
-    ).fetchall()
+    return conn.execute(_SELECT + f"WHERE o.seq IN ({marks}) ORDER BY o.seq", list(seqs)).fetchall()
 
 
 class _TokenBucket:

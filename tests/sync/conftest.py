@@ -3,7 +3,6 @@ and a real subscriber (`mosquitto_sub`, QoS 1, persistent session) writing what 
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import tempfile
@@ -42,8 +41,10 @@ class Mosquitto:
 
     def write_conf(self) -> Path:
         conf = self.dir / "mosquitto.conf"
-        text = self.extra if "listener" in self.extra else (
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\n" + self.extra
+        text = (
+            self.extra
+            if "listener" in self.extra
+            else (f"listener {self.port} 127.0.0.1\nallow_anonymous true\n" + self.extra)
         )
         conf.write_text(
             text + f"\npersistence true\npersistence_location {self.dir}/\n"
@@ -172,5 +173,3 @@ def make_pki(d: Path) -> dict[str, Path]:
         p.chmod(0o644)
     return {p.stem + ("_key" if p.suffix == ".key" else ""): p for p in d.iterdir()
             if p.suffix in (".pem", ".key")}  # fmt: skip
-
-

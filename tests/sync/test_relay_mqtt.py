@@ -7,7 +7,15 @@ from pathlib import Path
 import pytest
 
 from tests.sync.conftest import Mosquitto, Subscriber
-from tests.sync.helpers import aio, check_order, mqtt_config, open_store, outbox_depth, running_relay, until
+from tests.sync.helpers import (
+    aio,
+    check_order,
+    mqtt_config,
+    open_store,
+    outbox_depth,
+    running_relay,
+    until,
+)
 
 pytestmark = pytest.mark.peer("mosquitto")
 
