@@ -64,7 +64,9 @@ class StoreStats:
 class _Pending:
     __slots__ = ("events", "future")
 
-    def __init__(self, events: Sequence[NewEvent], future: asyncio.Future[list[Event]]) -> None:
+    def __init__(
+        self, events: Sequence[NewEvent], future: asyncio.Future[list[Event]] | None
+    ) -> None:
         self.events = events
         self.future = future
 
@@ -75,6 +77,15 @@ class _Job:
     def __init__(self, fn: Callable[[sqlite3.Connection], Any], future: asyncio.Future[Any]):
         self.fn = fn
         self.future = future
+
+
+def _settle(future: asyncio.Future[list[Event]] | None, result: Any) -> None:
+    if future is None or future.done():
+        return
+    if isinstance(result, BaseException):
+        future.set_exception(result)
+    else:
+        future.set_result(result)
 
 
 def _connect(path: Path, synchronous: str, readonly: bool = False) -> sqlite3.Connection:
@@ -324,31 +335,27 @@ class EventStore:
             n = 0
             while self._queue and n < limit:
                 p = self._queue.popleft()
-                if p.future.cancelled():
+                if p.future is None or p.future.cancelled():
                     continue  # the producer gave up before we wrote: nothing was promised
                 batch.append(p)
                 n += len(p.events)
             if not batch:
                 continue
             try:
-                outcome = await loop.run_in_executor(self._wx, self._commit, batch)
+                outcome, internal = await loop.run_in_executor(self._wx, self._commit, batch)
             except Exception as exc:
                 log.error("store commit failed: %s", exc)
                 err = exc if isinstance(exc, StoreError) else StoreError(f"commit failed: {exc}")
                 for p in batch:
-                    if not p.future.done():
-                        p.future.set_exception(err)
+                    _settle(p.future, err)
                 continue
             self.last_commit_mono = time.monotonic()
             committed: list[Event] = []
             for p, result in zip(batch, outcome, strict=True):
-                if isinstance(result, BaseException):
-                    if not p.future.done():
-                        p.future.set_exception(result)
-                else:
+                if not isinstance(result, BaseException):
                     committed.extend(result)
-                    if not p.future.done():
-                        p.future.set_result(result)
+                _settle(p.future, result)
+            committed.extend(internal)
             if committed:
                 for listener in self._listeners:
                     try:
@@ -393,8 +400,11 @@ class EventStore:
             self._versions[stream] = v
         return v
 
-    def _commit(self, batch: Sequence[_Pending]) -> list[list[Event] | BaseException]:
-        """Writer thread: one transaction for the whole batch."""
+    def _commit(
+        self, batch: Sequence[_Pending]
+    ) -> tuple[list[list[Event] | BaseException], list[Event]]:
+        """Writer thread: one transaction for the whole batch. Returns each append's events
+        (or its error), and the events the store added itself (store.dropped)."""
         conn = self._w
         assert conn is not None
         over = self._used_bytes >= self._quota_bytes()
@@ -404,56 +414,71 @@ class EventStore:
                 f"disk quota reached ({self._used_bytes // 1024} KiB used of "
                 f"{self._quota_bytes() // 1024} KiB, policy reject_new)"
             )
-            return [full for _ in batch]
+            return [full for _ in batch], []
+        victims: list[tuple[int, str]] = []
+        if over and self.config.overflow == "drop_oldest":
+            # Single writer: what we select now is still there when we delete it below.
+            victims = conn.execute(
+                "SELECT seq, stream FROM events WHERE stream != ? ORDER BY seq LIMIT ?",
+                (ev.GATEWAY_STREAM, max(100, self.appended // 100)),
+            ).fetchall()
+            if victims:
+                self.dropped += len(victims)
+                note = {"count": len(victims), "up_to_seq": victims[-1][0], "total": self.dropped}
+                dropped = NewEvent(ev.GATEWAY_STREAM, ev.STORE_DROPPED, note)
+                batch = [*batch, _Pending([dropped], None)]
         now = self.clock.time()
         mono = self.clock.monotonic()
         boot = self.clock.boot_id
-        synced = int(self.clock.synced())
+        is_synced = self.clock.synced()
+        synced = int(is_synced)
         seq = self._last_seq
         versions: dict[str, int] = {}
         out: list[list[Event] | BaseException] = []
         rows: list[tuple[Any, ...]] = []
         outbox: list[tuple[int, str]] = []
         committed: list[Event] = []
+        dumps = cbor2.dumps
         for p in batch:
-            mine: list[Event] = []
+            # First check versions (no allocation for a conflict), then number and encode.
             local: dict[str, int] = {}
             failed: BaseException | None = None
             for ne in p.events:
                 cur = local.get(ne.stream)
                 if cur is None:
                     cur = versions.get(ne.stream)
-                if cur is None:
-                    cur = self._version_of(conn, ne.stream)
+                    if cur is None:
+                        cur = self._version_of(conn, ne.stream)
                 if ne.expected_version is not None and ne.expected_version != cur:
                     failed = ConcurrencyError(ne.stream, ne.expected_version, cur)
                     break
                 local[ne.stream] = cur + 1
-                mine.append(
-                    Event(0, ne.stream, cur + 1, ne.type, now, mono, boot, bool(synced), ne.data)
-                )
             if failed is not None:
                 out.append(failed)
                 continue
             try:
-                blobs = [cbor2.dumps(dict(e.data)) for e in mine]
+                blobs = [dumps(ne.data) for ne in p.events]
             except (cbor2.CBOREncodeError, TypeError, ValueError) as exc:
                 out.append(StoreError(f"event data cannot be encoded as CBOR: {exc}"))
                 continue
-            versions.update(local)
             numbered: list[Event] = []
-            for e, blob, ne in zip(mine, blobs, p.events, strict=True):
+            for ne, blob in zip(p.events, blobs, strict=True):
                 seq += 1
-                rows.append((seq, e.stream, e.version, e.type, now, mono, boot, synced, blob))
+                version = versions.get(ne.stream)
+                if version is None:
+                    version = self._version_of(conn, ne.stream)
+                version += 1
+                versions[ne.stream] = version
+                rows.append((seq, ne.stream, version, ne.type, now, mono, boot, synced, blob))
                 if ne.outbox:
-                    outbox.append((seq, e.stream))
+                    outbox.append((seq, ne.stream))
                 numbered.append(
-                    Event(seq, e.stream, e.version, e.type, now, mono, boot, e.clock_synced, e.data)
+                    Event(seq, ne.stream, version, ne.type, now, mono, boot, is_synced, ne.data)
                 )
             committed.extend(numbered)
             out.append(numbered)
         if not rows:
-            return out
+            return out, []
         conn.execute("BEGIN IMMEDIATE")
         try:
             conn.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
@@ -468,86 +493,76 @@ class EventStore:
             )
             for proj in projections():
                 proj.apply(conn, committed)
-            self._maybe_snapshot(conn, versions)
-            if over and self.config.overflow == "drop_oldest":
-                seq = self._drop_oldest(conn, seq, now, mono, boot, synced)
+            self._maybe_snapshot(conn, versions, seq)
+            if victims:
+                self._drop(conn, victims, versions, seq)
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             self._reload_versions()
+            if victims:
+                self.dropped -= len(victims)
             raise
+        internal: list[Event] = []
+        if victims:
+            last = out.pop()  # the store.dropped event: nobody awaits it
+            internal = last if isinstance(last, list) else []
+            log.warning(
+                "store over quota: dropped the %d oldest events (up to seq %d)",
+                len(victims), victims[-1][0],
+            )  # fmt: skip
         self._last_seq = seq
         self._versions.update(versions)
         self.batches += 1
         self.appended += len(rows)
         self._measure()
-        return out
+        return out, internal
 
-    def _maybe_snapshot(self, conn: sqlite3.Connection, versions: dict[str, int]) -> None:
+    def _maybe_snapshot(self, conn: sqlite3.Connection, versions: dict[str, int], seq: int) -> None:
         """Snapshot a stream every `snapshot_every` events (counted since the last one)."""
         every = self.config.snapshot_every
         for stream, version in versions.items():
             n = self._since_snapshot.get(stream, 0) + version - self._version_of(conn, stream)
             if n >= every:
-                self._snapshot(conn, stream, version)
+                self._snapshot(conn, stream, version, seq)
                 n = 0
             self._since_snapshot[stream] = n
 
-    def _snapshot(self, conn: sqlite3.Connection, stream: str, version: int) -> None:
+    def _snapshot(self, conn: sqlite3.Connection, stream: str, version: int, at: int) -> None:
+        """Record the stream's projection state as of seq `at` (taken inside the transaction
+        that brought the projections to `at`, so rebuild replays only events after it)."""
         state = {}
         for i, proj in enumerate(projections()):
             s = proj.snapshot(conn, stream)
             if s is not None:
                 state[str(i)] = s
-        at = conn.execute(
-            "SELECT coalesce(max(seq), 0) FROM events WHERE stream = ? AND version <= ?",
-            (stream, version),
-        ).fetchone()[0]
         conn.execute(
             "INSERT OR REPLACE INTO snapshots VALUES (?, ?, ?, ?)",
             (stream, version, at, cbor2.dumps(state)),
         )
 
-    def _drop_oldest(
-        self, conn: sqlite3.Connection, seq: int, now: float, mono: float, boot: str, synced: int
-    ) -> int:
-        """Over quota with drop_oldest: delete the oldest events (after snapshotting their
-        streams so projections survive), count them, and say so in an event."""
-        n = max(100, self.appended // 100 or 100)
-        victims = conn.execute(
-            "SELECT seq, stream, version FROM events WHERE stream != ? ORDER BY seq LIMIT ?",
-            (ev.GATEWAY_STREAM, n),
-        ).fetchall()
-        if not victims:
-            return seq
+    def _drop(
+        self,
+        conn: sqlite3.Connection,
+        victims: list[tuple[int, str]],
+        versions: dict[str, int],
+        seq: int,
+    ) -> None:
+        """Over quota with drop_oldest: delete the oldest events, after snapshotting their
+        streams so the projections can still be rebuilt, and keep the count."""
         for stream in {v[1] for v in victims}:
-            version = self._version_of(conn, stream)
-            self._snapshot(conn, stream, version)
+            version = versions.get(stream)
+            if version is None:
+                version = self._version_of(conn, stream)
+            self._snapshot(conn, stream, version, seq)
         upto = victims[-1][0]
-        conn.execute("DELETE FROM outbox WHERE seq <= ?", (upto,))
+        conn.execute("DELETE FROM outbox WHERE seq <= ? AND stream != ?", (upto, ev.GATEWAY_STREAM))
         conn.execute("DELETE FROM events WHERE seq <= ? AND stream != ?", (upto, ev.GATEWAY_STREAM))
-        self.dropped += len(victims)
         conn.execute(
             "INSERT INTO counters VALUES ('dropped', ?) "
             "ON CONFLICT(name) DO UPDATE SET value = excluded.value",
             (self.dropped,),
         )
-        version = self._version_of(conn, ev.GATEWAY_STREAM) + 1
-        seq += 1
-        data = {"count": len(victims), "up_to_seq": upto, "total": self.dropped}
-        conn.execute(
-            "INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (seq, ev.GATEWAY_STREAM, version, ev.STORE_DROPPED, now, mono, boot, synced,
-             cbor2.dumps(data)),
-        )  # fmt: skip
-        conn.execute("INSERT INTO outbox (seq, stream) VALUES (?, ?)", (seq, ev.GATEWAY_STREAM))
-        conn.execute(
-            "INSERT INTO streams VALUES (?, ?) ON CONFLICT(stream) DO UPDATE SET version = ?",
-            (ev.GATEWAY_STREAM, version, version),
-        )
-        self._versions[ev.GATEWAY_STREAM] = version
-        log.warning("store over quota: dropped %d oldest events (up to seq %d)", len(victims), upto)
-        return seq
 
     # -- maintenance ----------------------------------------------------------------------
     async def prune(self, older_than: float | None = None, batch: int = 5000) -> int:
@@ -574,7 +589,7 @@ class EventStore:
         if not victims:
             return 0
         for stream in {v[1] for v in victims}:
-            self._snapshot(conn, stream, self._version_of(conn, stream))
+            self._snapshot(conn, stream, self._version_of(conn, stream), self._last_seq)
         conn.executemany("DELETE FROM events WHERE seq = ?", [(v[0],) for v in victims])
         return len(victims)
 

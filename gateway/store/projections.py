@@ -24,6 +24,32 @@ class Projection(Protocol):
 
     def apply(self, conn: sqlite3.Connection, events: Sequence[Event]) -> None: ...
 
+    def _apply_other(self, conn: sqlite3.Connection, device: str, e: Event) -> None:
+        if e.type in (ev.DEVICE_AVAILABLE, ev.DEVICE_UNAVAILABLE):
+            reason = e.data.get("reason")
+            conn.execute(
+                "INSERT INTO devices (id, driver, available, reason) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(id) DO UPDATE SET available = excluded.available, "
+                "reason = excluded.reason, driver = coalesce(excluded.driver, driver)",
+                (
+                    device,
+                    e.data.get("driver"),
+                    int(e.type == ev.DEVICE_AVAILABLE),
+                    reason if isinstance(reason, str) else None,
+                ),
+            )
+        elif e.type == ev.DEVICE_REGISTERED:
+            meta = {k: v for k, v in e.data.items() if k not in ("source", "driver")}
+            conn.execute(
+                "INSERT INTO devices (id, driver, source, meta) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(id) DO UPDATE SET driver = excluded.driver, "
+                "source = excluded.source, meta = excluded.meta",
+                (device, e.data.get("driver"), str(e.data.get("source", "config")),
+                 cbor2.dumps(meta)),
+            )  # fmt: skip
+        elif e.type == ev.DEVICE_UNREGISTERED:
+            conn.execute("DELETE FROM devices WHERE id = ?", (device,))
+
     def snapshot(self, conn: sqlite3.Connection, stream: str) -> Any:
         """This stream's rows as a CBOR-able value (None: nothing to keep)."""
 
@@ -40,49 +66,49 @@ class DeviceProjection:
         conn.execute("DELETE FROM devices")
 
     def apply(self, conn: sqlite3.Connection, events: Sequence[Event]) -> None:
+        # Hot path (runs for every committed batch): readings inlined, other types below.
         latest: dict[tuple[str, str], tuple[bytes, str | None, float, int]] = {}
         seen: dict[str, float] = {}
+        dumps = cbor2.dumps
         for e in events:
-            device = ev.stream_device(e.stream)
-            if device is None:
+            stream = e.stream
+            if not stream.startswith("device:"):
                 continue
+            device = stream[7:]
             if e.type == ev.READINGS:
-                for rec in ev.iter_readings(e.data):
-                    name = rec.get("n")
-                    if not isinstance(name, str):
+                recs = e.data.get("r")
+                if type(recs) is not list:
+                    continue
+                wall = e.wall_time
+                seq = e.seq
+                for rec in recs:
+                    name = rec.get("n") if type(rec) is dict else None
+                    if type(name) is not str:
                         continue
                     t = rec.get("t")
-                    ts = float(t) if isinstance(t, int | float) else e.wall_time
                     unit = rec.get("u")
                     latest[(device, name)] = (
-                        cbor2.dumps(rec.get("v")),
-                        unit if isinstance(unit, str) else None,
-                        ts,
-                        e.seq,
+                        dumps(rec.get("v")),
+                        unit if type(unit) is str else None,
+                        float(t) if type(t) is float or type(t) is int else wall,
+                        seq,
                     )
-                seen[device] = e.wall_time
-            elif e.type in (ev.DEVICE_AVAILABLE, ev.DEVICE_UNAVAILABLE):
-                up = e.type == ev.DEVICE_AVAILABLE
-                reason = e.data.get("reason")
-                driver = e.data.get("driver")
-                conn.execute(
-                    "INSERT INTO devices (id, driver, available, reason) VALUES (?, ?, ?, ?) "
-                    "ON CONFLICT(id) DO UPDATE SET available = excluded.available, "
-                    "reason = excluded.reason, driver = coalesce(excluded.driver, driver)",
-                    (device, driver, int(up), reason if isinstance(reason, str) else None),
-                )
-            elif e.type == ev.DEVICE_REGISTERED:
-                source = e.data.get("source", "config")
-                driver = e.data.get("driver")
-                meta = {k: v for k, v in e.data.items() if k not in ("source", "driver")}
-                conn.execute(
-                    "INSERT INTO devices (id, driver, source, meta) VALUES (?, ?, ?, ?) "
-                    "ON CONFLICT(id) DO UPDATE SET driver = excluded.driver, "
-                    "source = excluded.source, meta = excluded.meta",
-                    (device, driver, str(source), cbor2.dumps(meta)),
-                )
-            elif e.type == ev.DEVICE_UNREGISTERED:
-                conn.execute("DELETE FROM devices WHERE id = ?", (device,))
+                seen[device] = wall
+            else:
+                # Keep the order of effects independent of how events are batched, so a
+                # rebuild (other batch boundaries) gives the same rows.
+                self._flush(conn, latest, seen)
+                latest.clear()
+                seen.clear()
+                self._apply_other(conn, device, e)
+        self._flush(conn, latest, seen)
+
+    def _flush(
+        self,
+        conn: sqlite3.Connection,
+        latest: dict[tuple[str, str], tuple[bytes, str | None, float, int]],
+        seen: dict[str, float],
+    ) -> None:
         if latest:
             conn.executemany(
                 "INSERT INTO latest (device, point, value, unit, ts, seq) VALUES (?, ?, ?, ?, ?, ?)"
@@ -96,6 +122,32 @@ class DeviceProjection:
                 "ON CONFLICT(id) DO UPDATE SET last_seen = excluded.last_seen",
                 list(seen.items()),
             )
+
+    def _apply_other(self, conn: sqlite3.Connection, device: str, e: Event) -> None:
+        if e.type in (ev.DEVICE_AVAILABLE, ev.DEVICE_UNAVAILABLE):
+            reason = e.data.get("reason")
+            conn.execute(
+                "INSERT INTO devices (id, driver, available, reason) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(id) DO UPDATE SET available = excluded.available, "
+                "reason = excluded.reason, driver = coalesce(excluded.driver, driver)",
+                (
+                    device,
+                    e.data.get("driver"),
+                    int(e.type == ev.DEVICE_AVAILABLE),
+                    reason if isinstance(reason, str) else None,
+                ),
+            )
+        elif e.type == ev.DEVICE_REGISTERED:
+            meta = {k: v for k, v in e.data.items() if k not in ("source", "driver")}
+            conn.execute(
+                "INSERT INTO devices (id, driver, source, meta) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(id) DO UPDATE SET driver = excluded.driver, "
+                "source = excluded.source, meta = excluded.meta",
+                (device, e.data.get("driver"), str(e.data.get("source", "config")),
+                 cbor2.dumps(meta)),
+            )  # fmt: skip
+        elif e.type == ev.DEVICE_UNREGISTERED:
+            conn.execute("DELETE FROM devices WHERE id = ?", (device,))
 
     def snapshot(self, conn: sqlite3.Connection, stream: str) -> Any:
         device = ev.stream_device(stream)

@@ -22,10 +22,14 @@ CORE: list[str] = [
         mono_time REAL    NOT NULL,
         boot_id   TEXT    NOT NULL,
         synced    INTEGER NOT NULL,
-        data      BLOB    NOT NULL,
-        UNIQUE (stream, version)
+        data      BLOB    NOT NULL
     );
     CREATE INDEX events_wall_time ON events (wall_time);
+    -- The authority on stream versions (optimistic concurrency): updated in the same
+    -- transaction as the events by the single writer, and kept when retention prunes a
+    -- stream's events. No UNIQUE(stream, version) index on events: with many streams it
+    -- dirties one index leaf per stream per commit, which costs more WAL per event than
+    -- anything else in a transaction.
     CREATE TABLE streams (
         stream  TEXT PRIMARY KEY,
         version INTEGER NOT NULL
