@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from drivers.base import Driver, DriverContext, RawReading, Value
+from drivers.base import Driver, DriverContext, RawReading
 from gateway.config import DeviceSpec, PointSpec
 from gateway.errors import (
     ConfigError,
@@ -42,6 +42,7 @@ class _Device:
     breaker: Breaker
     points: dict[str, ModbusPoint]
     full_plan: list[ReadRequest]
+    spec_points: tuple[PointSpec, ...]
     plans: dict[frozenset[str], list[ReadRequest]] = field(default_factory=dict)
     failing: bool = False
     failures: int = 0
@@ -112,7 +113,12 @@ class ModbusDriver(Driver):
             max_bits=cfg.max_bits,
         )  # fmt: skip
         self._devices[spec.id] = _Device(
-            cfg, bus, Breaker(cfg.breaker_threshold, cfg.breaker_cooldown), points, plan
+            cfg,
+            bus,
+            Breaker(cfg.breaker_threshold, cfg.breaker_cooldown),
+            points,
+            plan,
+            spec.points,
         )
 
     async def remove_device(self, device_id: str) -> None:
@@ -136,19 +142,26 @@ class ModbusDriver(Driver):
 
     async def read(self, device_id: str, points: Sequence[PointSpec]) -> list[RawReading]:
         dev = self._device(device_id)
-        names = frozenset(p.name for p in points)
-        for name in names:
-            if name not in dev.points:
-                raise PointNotFound(device_id, f"no point {name!r}")
-        plan = dev.plan_for(names)
+        names: frozenset[str] = frozenset()
+        if points is dev.spec_points:  # the usual poll: the spec's own tuple, nothing to check
+            plan = dev.full_plan
+        else:
+            names = frozenset(p.name for p in points)
+            for name in names:
+                if name not in dev.points:
+                    raise PointNotFound(device_id, f"no point {name!r}")
+            plan = dev.plan_for(names)
         readings: list[RawReading] = []
+
+        everything = plan is dev.full_plan
 
         async def run(s: Session) -> None:
             for req in plan:
                 values = await s.read(req.table, req.address, req.count)
-                for name, value in req.split(values):
-                    if name in names:
-                        readings.append(RawReading(name, _value(value)))
+                if everything:
+                    readings.extend(req.readings(values))
+                else:
+                    readings.extend(r for r in req.readings(values) if r.point in names)
 
         await self._guarded(dev, run)
         return readings
@@ -250,12 +263,6 @@ class ModbusDriver(Driver):
 
 def _is_live_answer(exc: DeviceProtocolError) -> bool:
     return exc.code is not None and exc.code not in DEAD_UNIT_CODES
-
-
-def _value(v: object) -> Value:
-    if isinstance(v, bool | int | float | str | bytes) or v is None:
-        return v
-    raise TypeError(f"unexpected decoded value {v!r}")
 
 
 def _encode_value(device_id: str, mp: ModbusPoint, value: object) -> list[int]:
