@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -110,7 +111,7 @@ class BluezBus:
         self.parameters = dict(parameters or {})
         self._conn: Any = None
         try:
-            wait_until(self.sock.exists, "dbus-daemon socket")
+            wait_until(self._accepting, "dbus-daemon accepting connections")
             if bluez:
                 self.start_bluez()
         except BaseException:
@@ -118,6 +119,15 @@ class BluezBus:
             raise
 
     # -- processes ------------------------------------------------------------------------
+    def _accepting(self) -> bool:
+        # The socket file appears at bind(), a moment before listen(): connect to be sure.
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            try:
+                s.connect(str(self.sock))
+            except OSError:
+                return False
+        return True
+
     def _bus(self) -> Any:
         import dbus
 

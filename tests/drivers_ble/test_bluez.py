@@ -440,3 +440,29 @@ type = "int16"
         assert [ctx.values(f"t{i}")["temperature"] for i in range(3)] == [0, 100, 200]
 
     run_driver(toml, scenario)
+
+
+def test_bluez_restart_while_scanning_is_survived(bus: BluezBus) -> None:
+    bus.add_adapter()
+
+    async def scenario(driver: BleDriver, ctx: RecordingContext) -> None:
+        await scanning(driver)
+        bus.add_device(RUUVI_MAC, manufacturer_data={0x0499: RUUVI})
+        await ctx.wait_for(lambda: len(ctx.emitted("shed")) == 1, "first reading")
+
+        bus.stop_bluez()  # bluetoothd stops (crash, package upgrade)
+        await ctx.wait_for(lambda: ctx.last_availability("shed") is not None
+                           and ctx.last_availability("shed")[0] is False,  # type: ignore[index]
+                           "unavailable")  # fmt: skip
+        reason = _fault_of(ctx, "shed")
+        assert "BlueZ is not running" in reason and "systemctl enable --now bluetooth" in reason
+
+        bus.start_bluez()
+        bus.add_adapter()
+        await scanning(driver)
+        later = bytearray(RUUVI)
+        later[16:18] = (206).to_bytes(2, "big")
+        bus.add_device(RUUVI_MAC, manufacturer_data={0x0499: bytes(later)})
+        await ctx.wait_for(lambda: len(ctx.emitted("shed")) == 2, "reading after restart")
+
+    run_driver(FAST + ADVERT_DEVICES, scenario)
