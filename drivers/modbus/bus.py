@@ -161,10 +161,11 @@ class Bus:
         return response
 
     async def close(self) -> None:
-        async with self._lock:
-            if self._client is not None:
-                self._client.close()
-                self._client = None
+        # Not under the lock: stopping must not wait for a queue of slow requests; one still
+        # in flight ends with its own time-out.
+        if self._client is not None:
+            self._client.close()
+            self._client = None
 
 
 class Session:

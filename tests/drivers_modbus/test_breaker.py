@@ -1,0 +1,62 @@
+"""The per-device circuit breaker (pure, driven by an explicit clock) and the driver's rules
+for sharing a bus: one setting per bus, one device per unit id."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from drivers.modbus import ModbusDriver
+from drivers.modbus.breaker import Breaker
+from gateway.config import loads
+from gateway.errors import ConfigError
+from tests.drivers_modbus.support import RecordingContext, device_toml
+
+
+def test_breaker_cycle() -> None:
+    b = Breaker(threshold=3, cooldown=10.0)
+    assert b.allow(0.0)
+    assert not b.failure(0.0) and not b.failure(1.0)
+    assert b.success() is False  # closed stays closed; the count restarts
+    assert not b.failure(2.0) and not b.failure(2.5)
+    assert b.failure(3.0)  # third in a row: open
+    assert b.state == "open" and not b.allow(12.9)
+    assert b.retry_in(5.0) == pytest.approx(8.0)
+    assert b.allow(13.0) and b.state == "half_open"  # one probe after the cool-down...
+    assert not b.allow(13.1)  # ...and only one
+    assert not b.failure(13.2) and b.state == "open"  # failed probe: open again, no new event
+    assert not b.allow(20.0) and b.allow(23.2)
+    assert b.success() is True and b.state == "closed"
+
+
+def test_released_probe_may_be_retried() -> None:
+    b = Breaker(threshold=1, cooldown=1.0)
+    b.failure(0.0)
+    assert b.allow(1.0)
+    b.release()  # e.g. the bus was busy: the probe said nothing about the device
+    assert b.allow(1.0)
+
+
+def test_bus_sharing_rules() -> None:
+    conn = 'host = "127.0.0.1"\nport = 1502'
+    text = (
+        device_toml("a", conn, unit=1, queue_size=4)
+        + device_toml("b", conn, unit=2, queue_size=8)
+        + device_toml("c", conn, unit=1, queue_size=4)
+    )
+    s = loads(text).devices
+
+    async def main() -> None:
+        drv = ModbusDriver(RecordingContext())
+        await drv.add_device(s["a"])
+        with pytest.raises(ConfigError, match="other settings") as info:
+            await drv.add_device(s["b"])
+        assert info.value.path == "devices.b"
+        with pytest.raises(ConfigError, match="unit 1 .* already device 'a'"):
+            await drv.add_device(s["c"])
+        await drv.remove_device("a")
+        assert drv._buses == {}  # the last device closes its bus
+        await drv.stop()
+
+    asyncio.run(main())
