@@ -53,7 +53,7 @@ def test_bus_sharing_rules() -> None:
         with pytest.raises(ConfigError, match="other settings") as info:
             await drv.add_device(s["b"])
         assert info.value.path == "devices.b"
-        with pytest.raises(ConfigError, match="unit 1 .* already device 'a'"):
+        with pytest.raises(ConfigError, match=r"unit 1 .* already device 'a'"):
             await drv.add_device(s["c"])
         await drv.remove_device("a")
         assert drv._buses == {}  # the last device closes its bus
