@@ -110,13 +110,13 @@ class SerialLink:
     # -- the reopen loop -------------------------------------------------------------------
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        attempt = 0
+        failed = 0  # consecutive failed opens
         down_since: float | None = None
         while True:
             try:
                 self._open(loop)
             except Exception as exc:
-                attempt += 1
+                failed += 1
                 self.failures += 1
                 why = f"cannot open {self.settings.port}: {exc}"
                 if down_since is None:
@@ -124,25 +124,23 @@ class SerialLink:
                     self.log.warning("%s: %s; retrying with backoff", self.name, why)
                     self._set_state(False, why)
                 else:
-                    self.log.debug(
-                        "%s: still unavailable (attempt %d): %s", self.name, attempt, why
-                    )
-                await asyncio.sleep(self._backoff(attempt))
+                    self.log.debug("%s: still unavailable (try %d): %s", self.name, failed, why)
+                await asyncio.sleep(self._backoff(failed))
                 continue
             self.opens += 1
             if down_since is not None:
                 downtime = time.monotonic() - down_since
                 self.log.info(
-                    "%s: %s reopened (%s) after %d attempt(s), %.1f s down",
-                    self.name, self.settings.port, settings_text(self.settings), attempt,
-                    downtime,
+                    "%s: %s reopened (%s) after %.1f s down, %d failed open(s)",
+                    self.name, self.settings.port, settings_text(self.settings), downtime,
+                    failed,
                 )  # fmt: skip
             else:
                 self.log.info(
                     "%s: opened %s (%s)", self.name, self.settings.port,
                     settings_text(self.settings),
                 )  # fmt: skip
-            attempt = 0
+            failed = 0
             down_since = None
             self._set_state(True, "")
             assert self._lost is not None
@@ -152,8 +150,7 @@ class SerialLink:
             self.log.warning("%s: %s lost: %s; reopening with backoff", self.name,
                              self.settings.port, why)  # fmt: skip
             self._set_state(False, why)
-            attempt = 1
-            await asyncio.sleep(self._backoff(attempt))
+            await asyncio.sleep(self._backoff(1))
 
     def _backoff(self, attempt: int) -> float:
         # Exponential, capped, with jitter so that several ports on one hub do not retry
