@@ -156,10 +156,19 @@ def bench_raw(
     return {"rate": seq / elapsed, "events": seq, "commits": commits, "elapsed": elapsed}
 
 
+def _median(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    return sorted(runs, key=lambda r: float(r["rate"]))[len(runs) // 2]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seconds", type=float, default=8.0, help="store run per producer count")
-    ap.add_argument("--raw-seconds", type=float, default=3.0, help="raw sqlite3 run per count")
+    ap.add_argument("--seconds", type=float, default=3.0, help="store run per round")
+    ap.add_argument("--raw-seconds", type=float, default=3.0, help="raw sqlite3 run per round")
+    ap.add_argument(
+        "--rounds", type=int, default=3,
+        help="store and raw runs alternate this many times; medians are printed "
+        "(a busy machine then slows both alike)",
+    )  # fmt: skip
     ap.add_argument("--producers", default="1,16,256")
     ap.add_argument("--synchronous", choices=("full", "normal"), default="full")
     ap.add_argument("--dir", type=Path, default=ROOT / "var")
@@ -182,11 +191,26 @@ def main() -> int:
     print(header)
     try:
         for n in counts:
-            raw = bench_raw(work / f"raw-{n}.db", n, args.raw_seconds, args.synchronous)
-            raw1 = bench_raw(
-                work / f"raw1-{n}.db", n, args.raw_seconds, args.synchronous, merge=False
-            )
-            st = asyncio.run(bench_store(work / f"store-{n}.db", n, args.seconds, args.synchronous))
+            raws, raw1s, sts = [], [], []
+            for r in range(args.rounds):
+                raws.append(
+                    bench_raw(work / f"raw-{n}-{r}.db", n, args.raw_seconds, args.synchronous)
+                )
+                sts.append(
+                    asyncio.run(
+                        bench_store(work / f"store-{n}-{r}.db", n, args.seconds, args.synchronous)
+                    )
+                )
+                raw1s.append(
+                    bench_raw(
+                        work / f"raw1-{n}-{r}.db",
+                        n,
+                        args.raw_seconds,
+                        args.synchronous,
+                        merge=False,
+                    )
+                )
+            raw, raw1, st = _median(raws), _median(raw1s), _median(sts)
             print(
                 f"{n:>9}  {st['rate']:>10,.0f}  {st['commits']:>7,.0f}"
                 f"  {st['events'] / max(st['commits'], 1):>9.1f}"
@@ -195,6 +219,7 @@ def main() -> int:
                 flush=True,
             )
         print(
+            f"medians of {args.rounds} alternating rounds. "
             "ratio = store ev/s / raw ev/s. raw: one `latest` upsert per (device, point) per "
             "batch, as the store's projection does; raw-1by1: one upsert per reading."
         )
