@@ -78,7 +78,8 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._on_hup)
-        watchdog = systemd.Watchdog(self._healthy)
+        # gateway.watchdog = false leaves WatchdogSec= pings off (for debugging under gdb...).
+        watchdog = systemd.Watchdog(self._healthy) if c.gateway.watchdog else None
         try:
             await self.control.start()
             await self.supervisor.start()
@@ -88,7 +89,8 @@ class Daemon:
             )  # fmt: skip
             systemd.ready(self.status_line())
             log.info("gatewayd %s ready: %s", __version__, self.status_line())
-            watchdog.start()
+            if watchdog is not None:
+                watchdog.start()
             status_task = asyncio.create_task(self._status_loop(), name="status")
             maint_task = asyncio.create_task(self._maintenance(), name="maintenance")
             await self._stop.wait()
@@ -97,7 +99,8 @@ class Daemon:
         finally:
             systemd.stopping("stopping")
             log.info("stopping")
-            await watchdog.stop()
+            if watchdog is not None:
+                await watchdog.stop()
             await self._shutdown()
         return 0
 
