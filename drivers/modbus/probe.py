@@ -54,6 +54,10 @@ def add_parser(sub: argparse._SubParsersAction[Any]) -> None:
 class _Context:
     def __init__(self) -> None:
         self.logger = logging.getLogger("gatewayctl.probe.modbus")
+        if not self.logger.handlers:
+            # The probe prints the error itself; without a handler, logging's last resort
+            # would print the driver's WARNING a second time.
+            self.logger.addHandler(logging.NullHandler())
         self.clock: Clock = SystemClock()
 
     def emit(self, device_id: str, readings: Any) -> None:
