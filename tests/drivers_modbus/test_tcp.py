@@ -58,6 +58,7 @@ def test_every_type_and_order_decodes(server: ModbusServer) -> None:
             # The whole map (holding, input, coil and discrete input) coalesces into 4 reads.
             assert len(drv.plan("all")) == 4
             readings = await drv.read("all", spec.points)
+            assert next(iter(drv._buses.values())).requests == 4  # on the wire, too
         finally:
             await drv.stop()
         return {r.point: r.value for r in readings}
