@@ -191,6 +191,12 @@ def explain(ep: EndpointConfig, exc: BaseException) -> ConnectFailure:
                               False)  # fmt: skip
     text = str(exc) or type(exc).__name__
     low = text.lower()
+    if "alert" in low and ep.cert_file:
+        return ConnectFailure(
+            f"{where}: TLS: the broker rejected our client certificate ({text}); check "
+            "cert_file/key_file and that the broker's CA signed them",
+            True,
+        )
     if "ssl" in low or "tls" in low or "certificate" in low:
         return ConnectFailure(f"{where}: TLS handshake failed ({text})", True)
     return ConnectFailure(f"{where}: cannot connect ({text})", False)
@@ -373,8 +379,12 @@ class MqttLink:
             "connects": self.connects,
         }
 
-    def _tls_context(self, ep: EndpointConfig) -> ssl.SSLContext:
-        ctx = ssl.create_default_context(cafile=ep.ca_file)
+    def _tls_context(self, ep: EndpointConfig) -> _TrackingContext:
+        ctx = _TrackingContext(ssl.PROTOCOL_TLS_CLIENT)
+        if ep.ca_file:
+            ctx.load_verify_locations(cafile=ep.ca_file)
+        else:
+            ctx.load_default_certs()
         if ep.cert_file:
             ctx.load_cert_chain(ep.cert_file, ep.key_file)
         return ctx
@@ -386,13 +396,23 @@ class MqttLink:
         return ep.password
 
     async def _try(self, ep: EndpointConfig) -> MqttChannel:
-        import aiomqtt
-
         try:
             tls = self._tls_context(ep) if ep.tls else None
             password = self._password(ep)
         except (OSError, ssl.SSLError) as exc:
             raise _Hard(f"{ep.label}: cannot load credentials ({exc})") from exc
+        try:
+            return await self._attempt(ep, tls, password)
+        except BaseException:
+            if tls is not None:
+                tls.close_all()  # paho leaks the socket of a failed TLS handshake
+            raise
+
+    async def _attempt(
+        self, ep: EndpointConfig, tls: _TrackingContext | None, password: str | None
+    ) -> MqttChannel:
+        import aiomqtt
+
         v5 = self.cfg.mqtt_version == "5"
         props: Any = None
         if v5:
@@ -418,7 +438,29 @@ class MqttLink:
         )  # fmt: skip
         client.acks = {}
         client._client.manual_ack_set(True)
-        await asyncio.wait_for(client.__aenter__(), self.cfg.connect_timeout + 1)
+        # paho only logs a socket error seen while waiting for CONNACK (a TLS alert when the
+        # broker rejects our certificate): catch it, so the attempt fails now and says why.
+        catcher = _PahoErrors()
+        paho_log = self.log.getChild("paho")
+        paho_log.addFilter(catcher)
+        try:
+            entering = asyncio.ensure_future(client.__aenter__())
+            await asyncio.wait(
+                [entering, catcher.failed], timeout=self.cfg.connect_timeout + 1,
+                return_when=asyncio.FIRST_COMPLETED,
+            )  # fmt: skip
+            if not entering.done():
+                entering.cancel()
+                with contextlib.suppress(BaseException):
+                    await entering
+                with contextlib.suppress(Exception):
+                    client._client.disconnect()
+                raise ConnectionError(catcher.message or "no CONNACK in time")
+            entering.result()
+        finally:
+            paho_log.removeFilter(catcher)
+            if not catcher.failed.done():
+                catcher.failed.cancel()
         ch = MqttChannel(client, ep, self.cfg, self.gateway_id, self.log)
         try:
             if self.downlink is not None and self.cfg.commands:
@@ -472,6 +514,49 @@ class MqttLink:
                 delay = max(delay, min(opens))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._kick.wait(), delay)
+
+
+class _TrackingContext(ssl.SSLContext):
+    """An SSLContext that remembers the sockets it wrapped, so a failed attempt can close
+    them (paho drops the socket of a failed handshake without closing it)."""
+
+    sockets: list[ssl.SSLSocket]
+
+    def wrap_socket(self, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
+        sock = super().wrap_socket(*args, **kwargs)
+        if not hasattr(self, "sockets"):
+            self.sockets = []
+        self.sockets.append(sock)
+        return sock
+
+    def close_all(self) -> None:
+        for sock in getattr(self, "sockets", []):
+            with contextlib.suppress(OSError):
+                sock.close()
+        self.sockets = []
+
+
+class _PahoErrors(logging.Filter):
+    """Keeps paho's error log lines of one connection attempt (and keeps them out of the
+    log: the link reports one clear line of its own)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.message = ""
+        self._loop = asyncio.get_running_loop()
+        self.failed: asyncio.Future[None] = self._loop.create_future()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        self.message = record.getMessage()
+        # paho may log from the executor thread that runs its blocking connect().
+        self._loop.call_soon_threadsafe(self._fail)
+        return False
+
+    def _fail(self) -> None:
+        if not self.failed.done():
+            self.failed.set_result(None)
 
 
 class _Hard(Exception):
