@@ -16,6 +16,7 @@ from gateway.errors import ConfigError
 from .plan import ModbusPoint
 from .registers import (
     BIT_TABLES,
+    INTEGER_TYPES,
     MAX_ADDRESS,
     MAX_READ_BITS,
     MAX_READ_REGISTERS,
@@ -24,6 +25,7 @@ from .registers import (
     TYPES,
     WRITABLE_TABLES,
     Layout,
+    int_range,
 )
 
 PARITIES = ("N", "E", "O")
@@ -232,6 +234,17 @@ def _check_value_block(spec: DeviceSpec, name: str, p: ModbusPoint, issues: Issu
     if (is_flag or t == "string") and (p.min is not None or p.max is not None):
         key = "min" if p.min is not None else "max"
         issues.add(f"{path}.{key}", f"a {'bit' if is_flag else 'string'} has no numeric range")
+    if t in INTEGER_TYPES and not is_flag:
+        # A limit the raw type cannot reach is a mistake in the map (wrong type or scale).
+        lo, hi = int_range(t)
+        ends = sorted((lo * p.scale + p.offset, hi * p.scale + p.offset))
+        for key, limit in (("min", p.min), ("max", p.max)):
+            if limit is not None and not ends[0] <= limit <= ends[1]:
+                issues.add(
+                    f"{path}.{key}",
+                    f"{limit:g} is outside what {t} can hold here ({ends[0]:g}..{ends[1]:g}"
+                    + (" after scale and offset)" if p.scale != 1 or p.offset != 0 else ")"),
+                )
     if p.writable and p.table not in WRITABLE_TABLES:
         issues.add(f"{path}.writable", f"the {p.table} table is read-only in Modbus")
 

@@ -133,6 +133,16 @@ length = 2
 [devices.b.points.typo]
 address = 90
 tpye = "int16"
+
+[devices.b.points.toobig]
+address = 91
+max = 70000.0
+
+[devices.b.points.tenths]
+address = 92
+type = "int16"
+scale = 0.1
+min = -4000.0
 """
 
 
@@ -154,6 +164,8 @@ def test_every_bad_entry_is_named_by_its_path() -> None:
         f"{p}.scaledbit.scale": "cannot be scaled",
         f"{p}.nolength.length": "only a string has a length",
         f"{p}.typo.tpye": "did you mean 'type'",
+        f"{p}.toobig.max": "outside what uint16 can hold here (0..65535)",
+        f"{p}.tenths.min": "(-3276.8..3276.7 after scale and offset)",
     }
     for path, words in expected.items():
         assert path in found, f"{path} not reported; got {sorted(found)}"
