@@ -25,10 +25,17 @@ from tests.sync.helpers import (
 pytestmark = pytest.mark.peer("mosquitto")
 
 
-@pytest.fixture
-def tls_broker() -> Iterator[tuple[Mosquitto, dict[str, Path], int]]:
+@pytest.fixture(scope="module")
+def pki() -> Iterator[dict[str, Path]]:
     pki_dir = shared_dir("sync-pki-")
-    pki = make_pki(pki_dir)
+    try:
+        yield make_pki(pki_dir)
+    finally:
+        shutil.rmtree(pki_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def tls_broker(pki: dict[str, Path]) -> Iterator[tuple[Mosquitto, dict[str, Path], int]]:
     broker = Mosquitto()
     passwd = broker.file("passwd", "")
     subprocess.run(
@@ -54,7 +61,6 @@ allow_anonymous true
         yield broker, pki, tls_port
     finally:
         broker.remove()
-        shutil.rmtree(pki_dir, ignore_errors=True)
 
 
 def endpoint(port: int, pki: dict[str, Path], **kw: str) -> dict[str, str]:
