@@ -26,6 +26,7 @@ from gateway.errors import (
 
 from .breaker import Breaker
 from .config import DeviceConfig, parse_device
+from .errors import BusBusyError
 from .plan import ModbusPoint, ReadRequest, compile_plan
 from .registers import DEAD_UNIT_CODES, CodecError, encode, encode_bit, remove_scale
 
@@ -146,6 +147,8 @@ class ModbusDriver(Driver):
         if points is dev.spec_points:  # the usual poll: the spec's own tuple, nothing to check
             plan = dev.full_plan
         else:
+            if not points:
+                return []
             names = frozenset(p.name for p in points)
             for name in names:
                 if name not in dev.points:
@@ -233,11 +236,15 @@ class ModbusDriver(Driver):
             log.warning("modbus %s", exc.message)  # the message starts with the device id
         else:
             log.debug("modbus %s (failure %d)", exc.message, dev.failures)
-        counts = not (isinstance(exc, DeviceProtocolError) and _is_live_answer(exc))
-        if "bus busy" in exc.message:
-            counts = False
-        if not counts:
-            dev.breaker.release()
+        if isinstance(exc, BusBusyError):
+            dev.breaker.release()  # says nothing about the device
+            return
+        if isinstance(exc, DeviceProtocolError) and _is_live_answer(exc):
+            # The unit answered (about a bad request): it is reachable, the breaker closes.
+            dev.breaker.success()
+            if dev.available is False:
+                dev.available = True
+                self.ctx.set_available(dev.config.id, True, "answering")
             return
         if dev.breaker.failure(self.ctx.clock.monotonic()):
             log.debug(

@@ -24,6 +24,7 @@ from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOEx
 from gateway.errors import DeviceProtocolError, DeviceTimeout, DeviceUnavailable
 
 from .config import BusSettings
+from .errors import BusBusyError
 from .registers import exception_name
 
 # pymodbus logs every time-out at ERROR and every reconnect at WARNING; the driver reports
@@ -106,7 +107,7 @@ class Bus:
     async def session(self, device: str, unit: int, limit: float) -> AsyncIterator[Session]:
         """Hold the bus for a few requests of one unit."""
         if self._lock.locked() and self._waiting >= self.settings.queue_size:
-            raise DeviceUnavailable(
+            raise BusBusyError(
                 device, f"{self.label}: bus busy ({self._waiting} requests already waiting)"
             )
         self._waiting += 1

@@ -254,8 +254,10 @@ def test_bounded_queue_fails_fast(server: ModbusServer) -> None:
     )
     spec = specs(text)["q"]
 
+    ctx = RecordingContext()
+
     async def main() -> list[object]:
-        drv = ModbusDriver(RecordingContext())
+        drv = ModbusDriver(ctx)
         await drv.add_device(spec)
         try:
             return await asyncio.gather(
@@ -270,6 +272,7 @@ def test_bounded_queue_fails_fast(server: ModbusServer) -> None:
     assert busy and all("bus busy" in str(r) for r in busy)
     assert len(ok) == 2  # the one holding the bus and the one waiting
     assert len(busy) + len(ok) == 5
+    assert ctx.changes("q") == [True]  # a full queue says nothing about the device
 
 
 def test_killed_server_opens_the_breaker_and_recovers(
