@@ -32,6 +32,10 @@ from .registers import exception_name
 logging.getLogger("pymodbus.logging").setLevel(logging.CRITICAL)
 
 
+#: Consecutive time-outs (of any unit) after which a TCP connection is considered dead.
+TCP_DROP_AFTER_TIMEOUTS = 3
+
+
 class Bus:
     def __init__(self, settings: BusSettings, logger: logging.Logger) -> None:
         self.settings = settings
@@ -44,6 +48,7 @@ class Bus:
         self._delay = settings.reconnect_delay
         self._next_connect = 0.0
         self.requests = 0  # frames sent, for the benchmark and diagnostics
+        self._timeouts = 0  # consecutive, any unit
 
     @property
     def label(self) -> str:
@@ -98,6 +103,17 @@ class Bus:
         self._delay = min(self._delay * 2, self.settings.reconnect_delay_max)
         raise DeviceUnavailable(device, f"{self.label}: cannot connect: {reason}")
 
+    def _timed_out(self) -> None:
+        # A TCP link on which nobody answers any more (a half-open connection, a gateway that
+        # allows one client and lost track of us) is dropped and reopened. One silent unit
+        # among live ones does not trigger this: their answers reset the count.
+        self._timeouts += 1
+        if self.settings.transport == "tcp" and self._timeouts >= TCP_DROP_AFTER_TIMEOUTS:
+            self.logger.debug("modbus %s: %d time-outs in a row, reconnecting", self.label,
+                              self._timeouts)  # fmt: skip
+            self._timeouts = 0
+            self.drop()
+
     def drop(self) -> None:
         """Close a broken connection; the next session reconnects (after backoff)."""
         if self._client is not None:
@@ -144,7 +160,10 @@ class Bus:
             if self._client is not None and not self._client.connected:
                 self.drop()
                 raise DeviceUnavailable(device, f"{self.label}: connection lost") from None
+            # pymodbus (pinned to 3.16) says "No response received..." for a time-out; its
+            # other I/O errors (a mismatched unit or transaction id) are protocol errors.
             if "No response" in str(exc):
+                self._timed_out()
                 raise DeviceTimeout(device, f"no answer to {what} within {limit:g} s") from None
             raise DeviceProtocolError(device, f"{what}: {exc}") from None
         except TimeoutError:
@@ -154,6 +173,7 @@ class Bus:
             raise DeviceProtocolError(device, f"{what}: {exc}") from None
         finally:
             self._last_frame = time.monotonic()
+        self._timeouts = 0
         if response.isError():
             code = int(getattr(response, "exception_code", 0))
             raise DeviceProtocolError(
