@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiocoap
 import aiocoap.error
@@ -138,6 +139,17 @@ def release_oscore(context: Any) -> None:
         context._destroy()
 
 
+def credentials_patterns(uri: str) -> list[str]:
+    """The URI patterns under which aiocoap must find a device's credentials: it matches the
+    request URI as written, so `coaps://h` and `coaps://h:5684` are both registered."""
+    parts = urlsplit(uri)
+    default = {"coap": 5683, "coaps": 5684}[parts.scheme]
+    host = parts.netloc if parts.port is None else parts.netloc[: parts.netloc.rfind(":")]
+    if parts.port is None or parts.port == default:
+        return [f"{parts.scheme}://{host}/*", f"{parts.scheme}://{host}:{default}/*"]
+    return [f"{parts.scheme}://{parts.netloc}/*"]
+
+
 class Link:
     """A device's aiocoap client context, created on first use and dropped after failures
     (a fresh context also means a fresh DTLS session when the device restarted)."""
@@ -178,15 +190,18 @@ class Link:
                     )
                 except OSError as exc:
                     raise DeviceUnavailable(self.device.id, f"cannot open a socket: {exc}") from exc
-                pattern = self.device.uri + "/*"
                 creds = self.device.credentials
+                entry: Any = None
                 if creds.kind == "dtls-psk":
                     assert creds.psk_identity is not None and self._psk is not None
-                    ctx.client_credentials[pattern] = aiocoap.credentials.DTLS(
+                    entry = aiocoap.credentials.DTLS(
                         psk=self._psk, client_identity=creds.psk_identity.encode("utf-8")
                     )
                 elif creds.kind == "oscore":
-                    ctx.client_credentials[pattern] = self._oscore
+                    entry = self._oscore
+                if entry is not None:
+                    for pattern in credentials_patterns(self.device.uri):
+                        ctx.client_credentials[pattern] = entry
                 self._ctx = ctx
             return self._ctx
 

@@ -27,7 +27,7 @@ check_interval = 3600
 driver = "coap"
 uri = "coap://127.0.0.1:PORT"
 interval = 0.2
-timeout = 1
+timeout = 5
 backoff_initial = 0.2
 backoff_max = 0.5
 observe_margin = 0.5
@@ -73,10 +73,12 @@ def test_gatewayd_collects_polled_and_observed_coap_points(
 
 def run(d: Daemon, config: Path, libcoap: LibcoapServer) -> None:
     db = cfg.load(config).db_path
-    wait_until(lambda: set(latest(db)) == {"temp", "ticks"}, "temp and ticks in the store")
+    wait_until(
+        lambda: set(latest(db)) == {"temp", "ticks"}, "temp and ticks in the store", attempts=600
+    )
     assert latest(db)["temp"] == 21.5
     put(libcoap, "/temp", "22")
-    wait_until(lambda: latest(db).get("temp") == 22, "the new polled value")
+    wait_until(lambda: latest(db).get("temp") == 22, "the new polled value", attempts=600)
     r = run_cli(config, "--json", "devices")
     assert r.returncode == 0, r.stderr
     assert "panel" in r.stdout
@@ -87,5 +89,6 @@ def run(d: Daemon, config: Path, libcoap: LibcoapServer) -> None:
             for dev in json.loads(run_cli(config, "--json", "devices").stdout or "[]")
         ),
         "panel to be reported unavailable",
+        attempts=600,
     )
     assert d.stop() == 0

@@ -29,12 +29,14 @@ def server(tmp_path: Path):  # type: ignore[no-untyped-def]
     srv.stop()
 
 
-def spec_for(server: LibcoapServer, key_file: Path, extra: str = ""):  # type: ignore[no-untyped-def]
+def spec_for(  # type: ignore[no-untyped-def]
+    server: LibcoapServer, key_file: Path, extra: str = "", timeout: float = 10
+):
     return device_spec(f"""
 [devices.dev]
 driver = "coap"
 uri = "coaps://127.0.0.1:{server.dtls_port}"
-timeout = 2
+timeout = {timeout}
 psk_identity = "gateway"
 psk_key_file = "{key_file}"
 backoff_initial = 0.2
@@ -79,7 +81,9 @@ def test_read_write_and_observe_over_dtls_psk(tmp_path: Path, server: LibcoapSer
 def test_a_wrong_key_gets_no_data_and_opens_the_breaker(
     tmp_path: Path, server: LibcoapServer
 ) -> None:
-    spec = spec_for(server, key_file(tmp_path, "not-the-key"), extra="breaker_threshold = 1")
+    spec = spec_for(
+        server, key_file(tmp_path, "not-the-key"), extra="breaker_threshold = 1", timeout=2
+    )
 
     async def main() -> None:
         rec = Recorder()
@@ -115,3 +119,13 @@ def test_probe_over_dtls_psk(tmp_path: Path, server: LibcoapServer) -> None:
     key.chmod(0o644)
     out = gatewayctl(url, "--psk-identity", "gw", "--psk-key-file", str(key))
     assert out.returncode == 2 and "readable by others" in out.stderr
+
+
+def test_credentials_are_found_with_or_without_the_default_port() -> None:
+    from drivers.coap.client import credentials_patterns
+
+    assert credentials_patterns("coaps://192.0.2.7") == [
+        "coaps://192.0.2.7/*", "coaps://192.0.2.7:5684/*",
+    ]  # fmt: skip
+    assert credentials_patterns("coaps://[::1]:5684") == ["coaps://[::1]/*", "coaps://[::1]:5684/*"]
+    assert credentials_patterns("coap://h:61616") == ["coap://h:61616/*"]

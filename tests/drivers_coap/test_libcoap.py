@@ -24,7 +24,7 @@ from tests.peers import require_binary
 
 
 def spec_for(  # type: ignore[no-untyped-def]
-    uri: str, points: str, extra: str = "", timeout: float = 2.0, backoff: float = 0.2
+    uri: str, points: str, extra: str = "", timeout: float = 10.0, backoff: float = 0.2
 ):
     return device_spec(
         f'[devices.dev]\ndriver = "coap"\nuri = "{uri}"\ntimeout = {timeout}\n'
@@ -198,7 +198,7 @@ def test_breaker_opens_on_a_dead_server_and_closes_when_it_is_back(
         f"coap://127.0.0.1:{libcoap.port}",
         '[devices.dev.points.temp]\npath = "/temp"\n',
         extra="breaker_threshold = 2",
-        timeout=1.0,
+        timeout=5.0,
         backoff=0.3,
     )
     caplog.set_level(logging.DEBUG, logger="test.drivers.coap")
@@ -269,7 +269,7 @@ def test_an_observed_device_that_dies_becomes_unavailable_and_comes_back(
         f"coap://127.0.0.1:{libcoap.port}",
         '[devices.dev.points.ticks]\npath = "/time?ticks"\nmode = "observe"\n',
         extra="observe_margin = 0.5\nbreaker_threshold = 1",
-        timeout=1.0,
+        timeout=5.0,
     )
 
     async def main() -> None:
