@@ -328,3 +328,29 @@ def test_killed_server_opens_the_breaker_and_recovers(
         logging.WARNING, logging.INFO,
     ]  # fmt: skip
     assert "recovered" in records[-1].getMessage()
+
+
+def test_tcp_link_where_nobody_answers_is_reopened(server: ModbusServer) -> None:
+    pts = "[devices.mute.points.v]\naddress = 0\n"
+    spec = specs(
+        device_toml("mute", tcp(server.port), pts, unit=5, timeout=0.2, breaker_threshold=10)
+    )["mute"]
+
+    async def main() -> None:
+        drv = ModbusDriver(RecordingContext())
+        await drv.add_device(spec)
+        try:
+            bus = next(iter(drv._buses.values()))
+            for _ in range(2):
+                with pytest.raises(DeviceTimeout):
+                    await drv.read("mute", spec.points)
+            assert bus._client is not None and bus._client.connected
+            with pytest.raises(DeviceTimeout):
+                await drv.read("mute", spec.points)
+            assert not bus._client.connected  # third time-out in a row: dropped
+            with pytest.raises(DeviceTimeout):  # reopened, and still silent
+                await drv.read("mute", spec.points)
+        finally:
+            await drv.stop()
+
+    asyncio.run(main())
