@@ -77,8 +77,14 @@ class CoapDriver(Driver):
 
         self._client = client
         self._started = True
-        for dev in self._devices.values():
-            self._open(dev)
+        for dev in list(self._devices.values()):
+            try:
+                self._open(dev)
+            except GatewayError as exc:
+                # One device's unreadable key must not keep the others from starting.
+                self.ctx.logger.error("coap device %s cannot start: %s", dev.cfg.id, exc)
+                self._devices.pop(dev.cfg.id, None)
+                self.ctx.set_available(dev.cfg.id, False, str(exc))
 
     async def stop(self) -> None:
         self._started = False

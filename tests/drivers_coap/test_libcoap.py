@@ -315,3 +315,33 @@ def test_removing_a_device_ends_its_observation(libcoap: LibcoapServer) -> None:
             await drv.stop()
 
     asyncio.run(main())
+
+
+def test_a_device_with_a_bad_key_does_not_stop_the_others(
+    tmp_path: Path, libcoap: LibcoapServer
+) -> None:
+    put(libcoap, "/temp", "20")
+    bad = spec_for(
+        f"coaps://127.0.0.1:{libcoap.dtls_port}", '[devices.dev.points.t]\npath = "/t"\n',
+        extra=f'psk_identity = "gw"\npsk_key_file = "{tmp_path / "missing.psk"}"',
+    )  # fmt: skip
+    good = device_spec(
+        f'[devices.ok]\ndriver = "coap"\nuri = "coap://127.0.0.1:{libcoap.port}"\n'
+        '[devices.ok.points.temp]\npath = "/temp"\n',
+        "ok",
+    )
+
+    async def main() -> None:
+        rec = Recorder()
+        drv = CoapDriver(rec)
+        await drv.add_device(bad)
+        await drv.add_device(good)
+        await drv.start()
+        try:
+            assert rec.availability[0][:2] == ("dev", False)
+            assert "cannot read key file" in rec.availability[0][2]
+            assert (await drv.read("ok", good.points))[0].value == 20
+        finally:
+            await drv.stop()
+
+    asyncio.run(main())
