@@ -48,3 +48,79 @@ async def _zero(store: object) -> bool:
 
     assert isinstance(store, EventStore)
     return await outbox_depth(store) == 0
+
+
+def _pub(port: int, topic: str, payload: str) -> None:
+    import subprocess
+
+    from tests.peers import require_binary
+
+    subprocess.run(
+        [require_binary("mosquitto_pub"), "-h", "127.0.0.1", "-p", str(port), "-V", "mqttv5",
+         "-q", "1", "-t", topic, "-m", payload],
+        check=True, capture_output=True, timeout=10,
+    )  # fmt: skip
+
+
+@aio
+async def test_commands_from_the_cloud_become_one_event_each_and_bad_ones_are_answered(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    import cbor2
+
+    sub = Subscriber(mosquitto.port, tmp_path, topic="gateways/gw/responses")
+    try:
+        async with open_store(tmp_path / "gw.db") as store:
+            async with running_relay(store, mqtt_config(mosquitto.port)) as relay:
+                await until(lambda: relay.channel is not None, "connected")
+                cmd = '{"id": "c-1", "device": "boiler", "point": "setpoint", "value": 21.5}'
+                _pub(mosquitto.port, "gateways/gw/commands", cmd)
+                _pub(mosquitto.port, "gateways/gw/commands", cmd)  # redelivery: same id
+                _pub(mosquitto.port, "gateways/gw/commands", '{"id": "c 2", "device": "x"}')
+                _pub(mosquitto.port, "gateways/gw/commands", "not json")
+                await until(lambda: len(sub.raw()) >= 2, "two refusals answered")
+                # The valid command's event committed before the broker got its PUBACK;
+                # the refusals were published after it (one session, in order).
+                evs = await store.events(0, 100, stream="command:c-1")
+        assert [(e.type, e.version) for e in evs] == [("command.requested", 1)]
+        assert evs[0].data["device"] == "boiler" and evs[0].data["value"] == 21.5
+        assert evs[0].data["source"] == "cloud"
+        answers = [cbor2.loads(p) for _, p in sub.raw()]  # format "cbor" (the default)
+        assert all(a["status"] == "rejected" for a in answers)
+        assert "command id must be a string" in answers[0]["reason"]
+        assert answers[0]["id"] is None or answers[0]["id"] == "c 2"
+        assert "neither a JSON nor a CBOR map" in answers[1]["reason"]
+    finally:
+        sub.stop()
+
+
+@aio
+async def test_live_events_overtake_a_rate_limited_backlog(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    sub = Subscriber(mosquitto.port, tmp_path)
+    try:
+        async with open_store(tmp_path / "gw.db") as store:
+            for i in range(400):  # the backlog of an outage
+                await store.append(f"device:old{i % 2}", "readings", {"r": [{"n": "t", "v": i}]})
+            cfg = mqtt_config(
+                mosquitto.port, batch_size=10, backfill={"threshold": 100, "rate": 40.0}
+            )
+            async with running_relay(store, cfg) as relay:
+                await until(lambda: relay.live_first, "live-first mode")
+                live = await store.append("device:new", "readings", {"r": [{"n": "t", "v": 1}]})
+                old = await store.append("device:old0", "readings", {"r": [{"n": "t", "v": -1}]})
+                keys = {f"gw:{live.seq}", f"gw:{old.seq}"}
+                await until(lambda: keys <= {e["key"] for e in sub.events()}, "live events")
+                backfilled = [e for t, b in sub.messages() if "/backfill/" in t for e in b]
+                # The live events are out while most of the backlog still waits its turn.
+                assert len(backfilled) < 400
+                assert relay.backfill_left > 0
+        msgs = sub.messages()
+        live_topics = {t for t, b in msgs if any(e["key"] in keys for e in b)}
+        assert live_topics == {"gateways/gw/events/device:new", "gateways/gw/events/device:old0"}
+        # Each lane is in order per stream.
+        check_order([e for t, b in msgs if "/backfill/" in t for e in b])
+        check_order([e for t, b in msgs if "/events/" in t for e in b])
+    finally:
+        sub.stop()
