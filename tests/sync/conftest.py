@@ -101,7 +101,8 @@ class Subscriber:
         self.port = port
         argv = [
             self.binary, "-h", "127.0.0.1", "-p", str(port), "-V", "mqttv5", "-q", "1",
-            "-c", "-i", f"test-sub-{port}", "-x", "86400", "-t", topic, "-t", "gateways/probe", "-F", "%t %x",
+            "-c", "-i", f"test-sub-{port}", "-x", "86400", "-t", topic, "-t", "gateways/probe",
+            "-F", "%t %x",
         ]  # fmt: skip
         self.peer = Peer(argv, log=self.out)
         # Ready once the broker has the subscription: seen in its log or by a probe message.

@@ -70,18 +70,20 @@ async def test_commands_from_the_cloud_become_one_event_each_and_bad_ones_are_an
 
     sub = Subscriber(mosquitto.port, tmp_path, topic="gateways/gw/responses")
     try:
-        async with open_store(tmp_path / "gw.db") as store:
-            async with running_relay(store, mqtt_config(mosquitto.port)) as relay:
-                await until(lambda: relay.channel is not None, "connected")
-                cmd = '{"id": "c-1", "device": "boiler", "point": "setpoint", "value": 21.5}'
-                _pub(mosquitto.port, "gateways/gw/commands", cmd)
-                _pub(mosquitto.port, "gateways/gw/commands", cmd)  # redelivery: same id
-                _pub(mosquitto.port, "gateways/gw/commands", '{"id": "c 2", "device": "x"}')
-                _pub(mosquitto.port, "gateways/gw/commands", "not json")
-                await until(lambda: len(sub.raw()) >= 2, "two refusals answered")
-                # The valid command's event committed before the broker got its PUBACK;
-                # the refusals were published after it (one session, in order).
-                evs = await store.events(0, 100, stream="command:c-1")
+        async with (
+            open_store(tmp_path / "gw.db") as store,
+            running_relay(store, mqtt_config(mosquitto.port)) as relay,
+        ):
+            await until(lambda: relay.channel is not None, "connected")
+            cmd = '{"id": "c-1", "device": "boiler", "point": "setpoint", "value": 21.5}'
+            _pub(mosquitto.port, "gateways/gw/commands", cmd)
+            _pub(mosquitto.port, "gateways/gw/commands", cmd)  # redelivery: same id
+            _pub(mosquitto.port, "gateways/gw/commands", '{"id": "c 2", "device": "x"}')
+            _pub(mosquitto.port, "gateways/gw/commands", "not json")
+            await until(lambda: len(sub.raw()) >= 2, "two refusals answered")
+            # The valid command's event committed before the broker got its PUBACK;
+            # the refusals were published after it (one session, in order).
+            evs = await store.events(0, 100, stream="command:c-1")
         assert [(e.type, e.version) for e in evs] == [("command.requested", 1)]
         assert evs[0].data["device"] == "boiler" and evs[0].data["value"] == 21.5
         assert evs[0].data["source"] == "cloud"
