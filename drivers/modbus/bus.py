@@ -149,10 +149,9 @@ class Bus:
                 await asyncio.sleep(wait)
         self.requests += 1
         try:
-            # pymodbus times out by itself; the outer bound only guards against a stuck call
-            # (asyncio.timeout, unlike wait_for, costs no extra task per request).
-            async with asyncio.timeout(limit * 2 + 1.0):
-                response = await call()
+            # No outer time-out: pymodbus bounds every request by `timeout_connect` itself
+            # (and each bus has its own client, so its internal lock is never contended).
+            response = await call()
         except ConnectionException as exc:
             self.drop()
             raise DeviceUnavailable(device, f"{self.label}: connection lost ({exc})") from None
@@ -166,9 +165,6 @@ class Bus:
                 self._timed_out()
                 raise DeviceTimeout(device, f"no answer to {what} within {limit:g} s") from None
             raise DeviceProtocolError(device, f"{what}: {exc}") from None
-        except TimeoutError:
-            self.drop()
-            raise DeviceTimeout(device, f"no answer to {what} within {limit:g} s") from None
         except ModbusException as exc:
             raise DeviceProtocolError(device, f"{what}: {exc}") from None
         finally:
