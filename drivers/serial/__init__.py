@@ -101,6 +101,7 @@ class SerialDevice:
             self._malformed(str(exc))
             return
         except Exception as exc:
+            # A library surprise on odd bytes (cbor2, re) is a bad frame, not a dead driver.
             self._malformed(f"{type(exc).__name__}: {exc}")
             return
         if parsed is None:

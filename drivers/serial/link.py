@@ -116,6 +116,7 @@ class SerialLink:
             try:
                 self._open(loop)
             except Exception as exc:
+                # pyserial raises SerialException, OSError or ValueError; all mean "not now".
                 failed += 1
                 self.failures += 1
                 why = f"cannot open {self.settings.port}: {exc}"

@@ -62,13 +62,16 @@ def add_parser(sub: argparse._SubParsersAction[Any]) -> None:
     p.add_argument("--length-order", choices=["big", "little"], default="big")
     p.add_argument("--length-adjust", type=int, default=0)
     p.add_argument("--max-frame", type=int, default=4096)
-    p.add_argument("--parser", choices=PARSER_TYPES, default="raw")
+    p.add_argument(
+        "--parser", choices=PARSER_TYPES, default="raw",
+        help="default raw: each frame in hex (as text with --encoding ascii)",
+    )  # fmt: skip
     p.add_argument("--pattern", help="regex parser: pattern with named groups")
     p.add_argument("--columns", help="csv parser: column names, comma-separated")
     p.add_argument("--separator", help="csv parser: column separator (default ',')")
     p.add_argument("--encoding", help="text encoding (regex, csv, json, raw)")
     p.add_argument("--sentences", help="nmea parser: sentence types to show, e.g. GGA,RMC")
-    p.add_argument("--no-checksum", action="store_true", help="nmea: accept sentences without")
+    p.add_argument("--no-checksum", action="store_true", help="nmea: accept no '*HH'")
     p.add_argument("--request", help="send this query every --interval s and show the answers")
     p.add_argument("--interval", type=float, default=1.0, help="seconds between requests")
     p.add_argument("--seconds", type=float, default=10.0, help="stop after this long (10)")
@@ -161,7 +164,7 @@ async def _probe(args: argparse.Namespace, opts: SerialOptions, out: TextIO | No
 
     try:
         ser = open_port(opts.port)
-    except Exception as exc:
+    except Exception as exc:  # SerialException, OSError or ValueError from pyserial
         raise DeviceUnavailable(opts.port.port, f"cannot open: {exc}") from None
     loop = asyncio.get_running_loop()
     deframer, parser = opts.framing.deframer(), opts.parser.parser()
