@@ -28,6 +28,9 @@ from typing import Any
 from aiocoap.message import Message
 from aiocoap.messagemanager import MessageManager
 from aiocoap.numbers.types import CON
+from aiocoap.pipe import error_to_message, run_driving_pipe
+from aiocoap.protocol import Context
+from aiocoap.resource import Site
 
 EXCHANGE_LIFETIME = 247.0
 
@@ -110,3 +113,41 @@ class LeanMessageManager(MessageManager):  # type: ignore[misc]  # aiocoap is un
         key = dedup_key(message.remote, message.mid)
         if self.dedup.get(key) is not None:
             self.dedup.set_response(key, message.encode())
+
+
+class LeanContext(Context):  # type: ignore[misc]  # aiocoap is untyped
+    """aiocoap's Context minus a per-request `repr()` of the request (and so of its remote,
+    which calls getsockname and if_indextoname) that only named the render task."""
+
+    def render_to_pipe(self, pipe: Any) -> None:
+        run_driving_pipe(error_to_message(pipe, self.log), self._render_to_pipe(pipe),
+                         name="coap-render")  # fmt: skip
+
+
+class LeanSite(Site):  # type: ignore[misc]  # aiocoap is untyped
+    """aiocoap's Site, routing without the per-request deep copy and URI rebuild.
+
+    `Site` deep-copies every request (`Message.copy`) and rebuilds its full URI (which
+    formats the remote, calling getsockname) before handing it to a resource; measured at
+    ~0.3 ms per request here, more than decoding and storing a SenML pack. A resource at an
+    exact path does not look at the path, so it gets the request as it is; a PathCapable
+    subtree (/d/..., /rd/<id>) still gets a copy with the remaining path, as before."""
+
+    def _find_child_and_pathstripped_message(self, request: Message) -> tuple[Any, Message]:
+        path = request.opt.uri_path
+        child = self._resources.get(path)
+        if child is not None:
+            return child, request
+        if not path:
+            raise KeyError()
+        remainder = [path[-1]]
+        prefix = path[:-1]
+        while prefix:
+            sub = self._subsites.get(prefix)
+            if sub is not None:
+                if remainder == [""]:
+                    remainder = []
+                return sub, request.copy(uri_path=remainder)
+            remainder.insert(0, prefix[-1])
+            prefix = prefix[:-1]
+        raise KeyError()

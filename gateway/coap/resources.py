@@ -184,6 +184,9 @@ class TelemetryResource(GatewayResource):
     rt = "gw.telemetry"
     ct = f"{senml.CF_SENML_CBOR} {senml.CF_SENML_JSON} {senml.CF_CBOR}"
 
+    async def needs_blockwise_assembly(self, request: Message) -> bool:
+        return False  # one datagram in (check_size), a bodiless 2.04 out: nothing to split
+
     def __init__(self, gate: Gate, backend: Backend, clock: Callable[[], float] = time.time):
         super().__init__()
         self.gate = gate

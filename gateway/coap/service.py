@@ -51,9 +51,9 @@ class CoapServer:
         self.devices = DeviceResource(self.gate, self.backend, self.telemetry)
         self.directory = Directory(self.gate, self.backend, logger)
 
-        from aiocoap import resource as coap_resource
+        from gateway.coap.lean import LeanSite
 
-        site = coap_resource.Site()
+        site = LeanSite()
         site.add_resource((".well-known", "core"), WellKnownCore(site))
         site.add_resource(("telemetry",), self.telemetry)
         site.add_resource(("d",), self.devices)
@@ -84,11 +84,10 @@ class CoapServer:
         return creds
 
     async def start(self) -> None:
-        from aiocoap import Context
         from aiocoap.tokenmanager import TokenManager
         from aiocoap.transports.udp6 import MessageInterfaceUDP6
 
-        from gateway.coap.lean import LeanMessageManager
+        from gateway.coap.lean import LeanContext, LeanMessageManager
 
         await self.directory.load()
         creds = self._credentials()
@@ -98,7 +97,7 @@ class CoapServer:
 
             site = OscoreSiteWrapper(self.site, creds)
         loop = asyncio.get_running_loop()
-        ctx = Context(loop=loop, serversite=site, loggername="gateway.coap.aiocoap",
+        ctx = LeanContext(loop=loop, serversite=site, loggername="gateway.coap.aiocoap",
                       server_credentials=creds)  # fmt: skip
         self.context = ctx
 
