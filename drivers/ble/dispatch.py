@@ -115,18 +115,22 @@ class Dispatcher:
         now = self.clock.monotonic()
         dev = state.device
         data = self._select(state, adv)
-        self._seen(state, now, adv)
         # No data of this format (a scan response), or the device repeating its last packet
         # (it does, several times a second): nothing new to decode.
         if data is None or data == state.last_raw:
+            self._seen(state, now, adv)
             return self._flush(state, now)
         try:
             decoded = self._decode(state, data)
         except AdvertisementError as exc:
             if exc.reason == "duplicate":
+                self._seen(state, now, adv)
                 return self._flush(state, now)
+            # A rejected packet does not count as a sign of life: a spoofer sending garbage
+            # or downgraded packets under a device's address must not keep it "available".
             self._reject(state, exc)
             return 0
+        self._seen(state, now, adv)
         state.last_raw = data
         state.accepted += 1
         values = {p: decoded.values[f] for p, f in dev.fields.items() if f in decoded.values}

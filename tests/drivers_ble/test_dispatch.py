@@ -156,3 +156,14 @@ def test_a_decoder_bug_is_contained(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(d, "_decode", boom)
     assert d.handle(adv("4002ca09")) == 0
     assert d.errors == 1
+
+
+def test_rejected_packets_are_no_sign_of_life() -> None:
+    d, ctx, clock = setup('bindkey = "231d39c1d7cc1ab1aee224cd096db932"\nunseen_timeout = 10')
+    d.handle(adv("41a47266c95f730011223378237214"))
+    assert ctx.availability == [("k", True, "advertising")]
+    for _ in range(3):
+        clock.t += 4
+        d.handle(adv("4002ca09"))  # unencrypted packets under its address: rejected
+    d.check_unseen()
+    assert ctx.availability[-1] == ("k", False, "no advertisement for 10 s")
