@@ -295,11 +295,15 @@ class GattLink:
 
     @contextlib.asynccontextmanager
     async def _client(self) -> Any:
-        """The live connection, or a short one of our own (through the pool)."""
+        """The live connection, or a short one of our own (through the pool). Our own is
+        held under the connection lock, so the schedule cannot connect over it."""
         if self.client is not None:
             yield self.client
             return
         async with self.pool.slot(), self._conn_lock:
+            if self.client is not None:  # the schedule connected while we queued
+                yield self.client
+                return
             client = await self._connect()
             try:
                 yield client
@@ -327,6 +331,8 @@ class GattLink:
 
     async def write(self, name: str, value: object) -> None:
         point = self._point(name)
+        if not point.writable:
+            raise DriverError(self.device.id, f"point {name!r} is not writable (writable = true)")
         data = encode(point, value)
         try:
             async with self._client() as client:

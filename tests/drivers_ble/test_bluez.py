@@ -16,6 +16,7 @@ import pytest
 
 from drivers.ble import BleDriver
 from gateway.config import loads
+from gateway.errors import DriverError
 from tests.drivers_ble.bluez import DENY_BLUEZ, BluezBus
 from tests.drivers_ble.context import RecordingContext
 
@@ -438,6 +439,13 @@ type = "int16"
         await ctx.wait_for(watch, "all three read, one at a time")
         assert peak <= 1
         assert [ctx.values(f"t{i}")["temperature"] for i in range(3)] == [0, 100, 200]
+
+        # On demand, between scheduled reads: a short connection of its own
+        spec = loads(toml).devices["t2"]
+        got = await driver.read("t2", spec.points)
+        assert [(r.point, r.value) for r in got] == [("temperature", 200)]
+        with pytest.raises(DriverError, match="not writable"):
+            await driver.write("t2", spec.points[0], 5)
 
     run_driver(toml, scenario)
 
