@@ -116,9 +116,14 @@ class Driver(abc.ABC):
     @abc.abstractmethod
     async def write(self, device_id: str, point: PointSpec, value: object) -> None: ...
 
-    #: A push-only driver (BLE advertisements, CoAP Observe) sets this False: the collection
-    #: service then does not poll it and relies on `ctx.emit`.
+    #: A push-only driver (BLE advertisements) sets this False: the collection service then
+    #: does not poll it and relies on `ctx.emit`.
     polled: ClassVar[bool] = True
+
+    def polls(self, spec: DeviceSpec) -> bool:
+        """Whether the collection service polls this device (a driver whose devices differ,
+        such as serial streams versus request/response, decides per device)."""
+        return self.polled
 
 
 @runtime_checkable

@@ -156,7 +156,7 @@ class CollectionService(Service):
         self._driver_errors.pop(spec.id, None)
         self.specs[spec.id] = spec
         assert self._ctx is not None
-        if drv.polled and spec.points:
+        if drv.polls(spec) and spec.points:
             groups: dict[float, list[PointSpec]] = defaultdict(list)
             for p in spec.points:
                 groups[p.interval or spec.interval].append(p)

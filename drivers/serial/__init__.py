@@ -220,6 +220,11 @@ class SerialDriver(Driver):
         for dev_id in list(self.devices):
             await self.remove_device(dev_id)
 
+    def polls(self, spec: DeviceSpec) -> bool:
+        """Streaming devices push every frame through `ctx.emit`; only request/response
+        devices are polled (polling a stream would store its latest values twice)."""
+        return bool(spec.options.get("mode", "stream") == "request")
+
     async def add_device(self, spec: DeviceSpec) -> None:
         from drivers.serial.link import SerialLink
 
