@@ -9,6 +9,8 @@ slave on a real line; unit 9 is unknown to pymodbus, which answers exception 4.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +18,7 @@ import pytest
 
 from drivers.modbus import ModbusDriver
 from gateway.config import loads
-from gateway.errors import DeviceProtocolError, DeviceTimeout
+from gateway.errors import DeviceProtocolError, DeviceTimeout, DeviceUnavailable
 from tests.drivers_modbus.support import (
     ModbusServer,
     PtyPair,
@@ -111,3 +113,62 @@ writable = true
     base = ["-m", "rtu", "-b", "19200", "-P", "none", "-a", "2"]
     assert mbpoll(pty.b, *base, "-t", "4:int", "-B", "-r", "3", "-c", "1") == ["-70000"]
     assert mbpoll(pty.b, *base, "-t", "0", "-r", "2", "-c", "1") == ["1"]
+
+
+def test_rtu_line_that_vanishes_and_returns(tmp_path: Path) -> None:
+    # Like a USB RS-485 adapter unplugged and plugged back: the PTY pair and the server go
+    # away (same paths afterwards); the breaker opens, then the driver reopens the port.
+    pty = PtyPair(tmp_path)
+    srv = ModbusServer(tmp_path, {1: {"hr": [42]}}, rtu=pty.a)
+    text = device_toml(
+        "m", rtu(pty.b), "[devices.m.points.v]\naddress = 0\n", timeout=0.3,
+        breaker_threshold=2, breaker_cooldown=0.2, reconnect_delay=0.05,
+        reconnect_delay_max=0.2,
+    )  # fmt: skip
+    spec = loads(text).devices["m"]
+    ctx = RecordingContext()
+    state = {"pty": pty}
+
+    async def poll_until(drv: ModbusDriver, want: list[bool]) -> None:
+        for _ in range(400):
+            with contextlib.suppress(DeviceUnavailable, DeviceTimeout):
+                await drv.read("m", spec.points)
+            if ctx.changes("m") == want:
+                return
+            await asyncio.sleep(0.02)  # the polling interval
+        raise AssertionError(f"availability {ctx.changes('m')}, wanted {want}")
+
+    async def main() -> None:
+        drv = ModbusDriver(ctx)
+        await drv.add_device(spec)
+        try:
+            assert [r.value for r in await drv.read("m", spec.points)] == [42]
+            srv.stop()
+            state["pty"].stop()
+            await poll_until(drv, [True, False])
+            state["pty"] = PtyPair(tmp_path)
+            srv.start()
+            await poll_until(drv, [True, False, True])
+            assert [r.value for r in await drv.read("m", spec.points)] == [42]
+        finally:
+            await drv.stop()
+
+    try:
+        srv.start()
+        asyncio.run(main())
+    finally:
+        srv.stop()
+        state["pty"].stop()
+
+
+def test_probe_over_rtu(
+    line: tuple[PtyPair, ModbusServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from gateway.cli.main import main
+
+    pty, _ = line
+    base = ["probe", "modbus", "--serial", pty.b, "--parity", "N", "--unit", "2", "--json"]
+    assert main([*base, "--address", "6", "--type", "uint32", "--write", "123456"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["value"] == 123456
+    assert main([*base, "--address", "6", "--count", "2"]) == 0
+    assert [r["value"] for r in json.loads(capsys.readouterr().out)] == [1, 57920]
