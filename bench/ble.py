@@ -20,10 +20,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from drivers.base import DiscoveredDevice, RawReading  # noqa: E402
-from drivers.ble.config import compile_device  # noqa: E402
-from drivers.ble.dispatch import Advert, Dispatcher  # noqa: E402
-from gateway.config import loads  # noqa: E402
+from drivers.base import DiscoveredDevice, RawReading
+from drivers.ble.config import compile_device
+from drivers.ble.dispatch import Advert, Dispatcher
+from gateway.config import loads
 
 UUID = "0000fcd2-0000-1000-8000-00805f9b34fb"
 KEY = bytes.fromhex("231d39c1d7cc1ab1aee224cd096db932")
