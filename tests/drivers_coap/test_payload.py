@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from drivers.coap import payload as pl
 from gateway.errors import PayloadError, UnsupportedFormatError
@@ -154,3 +156,40 @@ def test_encode_writes(value: object, fmt: str, body: bytes, cf: int) -> None:
 def test_encode_refuses_what_it_cannot_write(value: object) -> None:
     with pytest.raises(PayloadError):
         pl.encode(value, "cbor", "temp")
+
+
+@settings(max_examples=1000, deadline=None)
+@given(
+    body=st.one_of(
+        st.binary(max_size=64),
+        st.builds(
+            lambda v: __import__("cbor2").dumps(v),
+            st.recursive(
+                st.none()
+                | st.booleans()
+                | st.integers()
+                | st.floats()
+                | st.text(max_size=8)
+                | st.binary(max_size=8),
+                lambda inner: (
+                    st.lists(inner, max_size=4)
+                    | st.dictionaries(st.integers(-8, 8) | st.text(max_size=4), inner, max_size=4)
+                ),
+                max_leaves=12,
+            ),
+        ),
+    ),
+    cf=st.sampled_from([None, 0, 42, 50, 60, 110, 112, 11542]),
+    fmt=st.sampled_from(["auto", "senml", "cbor", "json", "text"]),
+    record=st.sampled_from([None, "temp", "n"]),
+)
+def test_any_payload_decodes_or_is_refused_by_name(
+    body: bytes, cf: int | None, fmt: str, record: str | None
+) -> None:
+    # A device can send anything: the driver gets a value or a PayloadError, never a crash.
+    try:
+        value, ts = pl.decode(body, cf, fmt, NOW).value_for("temp", record)
+    except (PayloadError, UnsupportedFormatError):
+        return
+    assert value is None or isinstance(value, bool | int | float | str | bytes)
+    assert ts is None or isinstance(ts, float)
