@@ -293,32 +293,8 @@ class RdResource(GatewayResource):
         super().__init__()
         self.directory = directory
 
-    def _href(self, request: Message) -> str | None:
-        path = tuple(request.opt.uri_path)
-        if not path:
-            return None
-        if len(path) != 1:
-            raise NotFoundError("no such registration")
-        return "/rd/" + path[0]
-
     async def render_post(self, request: Message) -> Message:
-        href = self._href(request)
-        if href is None:
-            return await self.directory.register(request)
-        return await self.directory.update(request, href)
-
-    async def render_delete(self, request: Message) -> Message:
-        href = self._href(request)
-        if href is None:
-            raise NotFoundError("DELETE a registration resource /rd/<id>")
-        return await self.directory.remove(request, href)
-
-    async def render_get(self, request: Message) -> Message:
-        href = self._href(request)
-        if href is None:
-            raise NotFoundError("GET /rd-lookup/ep or /rd-lookup/res")
-        reg = self.directory._owned(request, href)
-        return Message(payload=reg.links.encode("utf-8"), content_format=senml.CF_LINK_FORMAT)
+        return await self.directory.register(request)
 
 
 class RdEntries(RdResource, coap_resource.PathCapable):
@@ -326,6 +302,23 @@ class RdEntries(RdResource, coap_resource.PathCapable):
 
     def get_resources_as_linkheader(self) -> LinkFormat:
         return LinkFormat([])  # registration resources are found through rd-lookup/ep
+
+    @staticmethod
+    def _href(request: Message) -> str:
+        path = tuple(request.opt.uri_path)  # what is left below /rd
+        if len(path) != 1 or not path[0]:
+            raise NotFoundError("no such registration")
+        return "/rd/" + path[0]
+
+    async def render_post(self, request: Message) -> Message:
+        return await self.directory.update(request, self._href(request))
+
+    async def render_delete(self, request: Message) -> Message:
+        return await self.directory.remove(request, self._href(request))
+
+    async def render_get(self, request: Message) -> Message:
+        reg = self.directory._owned(request, self._href(request))
+        return Message(payload=reg.links.encode("utf-8"), content_format=senml.CF_LINK_FORMAT)
 
 
 class RdLookupResource(GatewayResource):
