@@ -24,6 +24,7 @@ from drivers.coap.options import CoapDevice, CoapPoint, compile_device
 from gateway.config import DeviceSpec, PointSpec
 from gateway.errors import (
     DeviceProtocolError,
+    DeviceTimeout,
     DeviceUnavailable,
     DriverError,
     GatewayError,
@@ -199,6 +200,10 @@ class CoapDriver(Driver):
             # A fresh context next time: a restarted device has lost our DTLS session.
             if dev.link is link:
                 await link.reset()
+        elif dev.cfg.secure and isinstance(exc, DeviceTimeout) and dev.link is link:
+            # Over DTLS, silence usually means the device restarted and drops records of
+            # the session it forgot: a new handshake now beats waiting for the breaker.
+            await link.reset()
 
     def _problem(self, dev: _Device, key: str, message: str) -> None:
         """A device-side problem that is not a link failure (undecodable payload...)."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
+import time
 from pathlib import Path
 
 import pytest
@@ -129,3 +131,28 @@ def test_credentials_are_found_with_or_without_the_default_port() -> None:
     ]  # fmt: skip
     assert credentials_patterns("coaps://[::1]:5684") == ["coaps://[::1]/*", "coaps://[::1]:5684/*"]
     assert credentials_patterns("coap://h:61616") == ["coap://h:61616/*"]
+
+
+def test_observe_over_dtls_survives_a_server_restart(tmp_path: Path, server: LibcoapServer) -> None:
+    # The restarted server knows neither our observation nor our DTLS session: the driver
+    # must notice the silence and register again over a new handshake.
+    spec = spec_for(server, key_file(tmp_path, PSK), extra="observe_margin = 0.5", timeout=3)
+
+    async def main() -> None:
+        rec = Recorder()
+        drv = CoapDriver(rec)
+        await drv.add_device(spec)
+        await drv.start()
+        try:
+            await rec.until(lambda: len(rec.values("ticks")) >= 2, "ticks over DTLS")
+            await asyncio.to_thread(server.kill)
+            stopped = math.floor(time.time())
+            await asyncio.to_thread(server.start)
+            await rec.until(
+                lambda: any(v >= stopped + 2 for v in rec.values("ticks")),  # type: ignore[operator]
+                "a notification from the restarted server",
+            )
+        finally:
+            await drv.stop()
+
+    asyncio.run(main())
