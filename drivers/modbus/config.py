@@ -2,7 +2,21 @@
 
 Every problem is reported with its TOML path, all at once: unknown keys, a table or type that
 does not exist, addresses out of range, overlapping points, a bit on a 32-bit type, a string
-without a length, a write to a read-only table.
+without a length, a write to a read-only table, a min/max the raw type cannot reach.
+
+Device keys (besides the generic driver/interval/timeout/...):
+  host, port (int, 502)              Modbus TCP; or
+  port (path), baudrate (19200), parity ("E"), stopbits (1), bytesize (8)   Modbus RTU
+  unit | device_id (1)               RTU 1..247, TCP 0..255
+  frame_gap (s; RTU 3.5 chars, TCP 0), queue_size (16)      per bus: same for all its units
+  reconnect_delay (0.5), reconnect_delay_max (30)           per bus
+  max_gap (10 registers; 16x for bits), max_registers (125), max_bits (2000)
+  breaker_threshold (3), breaker_cooldown (30 s), verify_writes (false)
+Point keys (besides unit/scale/offset/min/max/writable/...):
+  table ("holding" | "input" | "coil" | "discrete_input"), address (0-based, required),
+  type ("uint16"; bool, int16, uint16, int32, uint32, int64, uint64, float32, float64,
+  string), word_order / byte_order ("big" | "little"), bit (0..15 of a 16-bit register),
+  length (registers, strings only), verify (read back after a write).
 """
 
 from __future__ import annotations
@@ -84,7 +98,7 @@ def parse_device(spec: DeviceSpec) -> DeviceConfig:
     """Read and check a Modbus device; raises ConfigError with every issue found."""
     sec, issues = device_options(spec)
     bus = _parse_bus(sec)
-    unit = _parse_unit(sec)
+    unit = _parse_unit(sec, bus.transport)
     max_gap = sec.int("max_gap", 10, min=0, max=MAX_READ_REGISTERS)
     max_registers = sec.int("max_registers", MAX_READ_REGISTERS, min=1, max=MAX_READ_REGISTERS)
     max_bits = sec.int("max_bits", MAX_READ_BITS, min=1, max=MAX_READ_BITS)
@@ -117,13 +131,16 @@ def parse_device(spec: DeviceSpec) -> DeviceConfig:
     )  # fmt: skip
 
 
-def _parse_unit(sec: Section) -> int:
+def _parse_unit(sec: Section, transport: str) -> int:
     # `device_id` is pymodbus' word for it; accept either, not both.
     if sec.has("unit") and sec.has("device_id"):
         sec.error("device_id", "give the unit id once: `unit` or `device_id`, not both")
     key = "device_id" if sec.has("device_id") and not sec.has("unit") else "unit"
     sec.mark("unit", "device_id")
-    value: int = sec.int(key, 1, min=0, max=247)
+    # On a serial line 0 is broadcast (nobody answers) and 248..255 are reserved; behind
+    # TCP, 0 and 255 commonly address the device itself.
+    lo, hi = (1, 247) if transport == "rtu" else (0, 255)
+    value: int = sec.int(key, 1, min=lo, max=hi)
     return value
 
 

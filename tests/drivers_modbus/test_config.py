@@ -151,7 +151,7 @@ def test_every_bad_entry_is_named_by_its_path() -> None:
     p = "devices.b.points"
     expected = {
         "devices.b.baudrate": "serial",
-        "devices.b.unit": "<= 247",
+        "devices.b.unit": "<= 255",
         "devices.b.colaesce": "unknown key",
         f"{p}.big.address": "<= 65535",
         f"{p}.end.address": "past the last address",
@@ -179,11 +179,12 @@ def test_connection_errors() -> None:
     assert "serial device path" in found["devices.x.port"]
     found = issues(
         '[devices.x]\ndriver = "modbus"\nport = "/dev/ttyUSB0"\nparity = "X"\nstopbits = 3\n'
-        "unit = 1\ndevice_id = 2\nqueue_size = 0\n"
+        "unit = 0\ndevice_id = 2\nqueue_size = 0\n"
     )
     assert "must be one of" in found["devices.x.parity"]
     assert "<= 2" in found["devices.x.stopbits"]
     assert "not both" in found["devices.x.device_id"]
+    assert ">= 1" in found["devices.x.unit"]  # 0 is broadcast on a serial line
     assert ">= 1" in found["devices.x.queue_size"]
 
 
