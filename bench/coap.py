@@ -21,7 +21,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import gc
 import os
+import signal
 import random
 import socket
 import statistics
@@ -144,11 +146,53 @@ def rss_mb(pid: int) -> float:
 # -- the two servers (each in its own process) ------------------------------------------
 
 
-async def serve_gateway(port: int, db: str) -> None:
+class GcPauses:
+    """Longest garbage-collector pause per generation (a full collection of a big heap is
+    what stalls every request at once)."""
+
+    def __init__(self) -> None:
+        self.longest = [0.0, 0.0, 0.0]
+        self.count = [0, 0, 0]
+        self._t0 = 0.0
+        gc.callbacks.append(self._cb)
+
+    def _cb(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        else:
+            g = info["generation"]
+            self.count[g] += 1
+            self.longest[g] = max(self.longest[g], time.perf_counter() - self._t0)
+
+    def report(self) -> str:
+        return (f"gen2 collections {self.count[2]}, longest gen2 pause "
+                f"{self.longest[2] * 1000:.1f} ms, longest gen0/1 "
+                f"{max(self.longest[:2]) * 1000:.1f} ms")  # fmt: skip
+
+
+async def until_terminated() -> None:
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    await stop.wait()
+
+
+async def serve_gateway(port: int, db: str, stock: bool = False) -> None:
     import gateway.coap  # noqa: F401 - registers the coap schema before the store opens
     from gateway.coap.config import CoapConfig
     from gateway.coap.service import CoapServer
     from gateway.store import EventStore
+
+    if stock:
+        # For comparison only: aiocoap's own duplicate detection instead of DedupCache.
+        from aiocoap.messagemanager import MessageManager
+
+        from gateway.coap.lean import LeanMessageManager
+
+        LeanMessageManager._deduplicate_message = MessageManager._deduplicate_message
+        LeanMessageManager._store_response_for_duplicates = (
+            MessageManager._store_response_for_duplicates
+        )
+    pauses = GcPauses()
 
     store = await EventStore.open(db)
     config = CoapConfig(bind=("127.0.0.1",), port=port, allow_unauthenticated=True,
@@ -157,8 +201,9 @@ async def serve_gateway(port: int, db: str) -> None:
     await server.start()
     print("READY", flush=True)
     try:
-        await asyncio.Event().wait()
+        await until_terminated()
     finally:
+        print(pauses.report(), flush=True)
         await server.stop()
         await store.close()
 
@@ -171,12 +216,14 @@ async def serve_bare(port: int) -> None:
         async def render_post(self, request: aiocoap.Message) -> aiocoap.Message:
             return aiocoap.Message(code=aiocoap.CHANGED)
 
+    pauses = GcPauses()
     site = resource.Site()
     site.add_resource(("telemetry",), Changed())
     await aiocoap.Context.create_server_context(site, bind=("::ffff:127.0.0.1", port),
                                                 transports=["udp6"])  # fmt: skip
     print("READY", flush=True)
-    await asyncio.Event().wait()
+    await until_terminated()
+    print(pauses.report(), flush=True)
 
 
 def start_server(kind: str, port: int, db: str) -> subprocess.Popen[bytes]:
@@ -209,12 +256,15 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=100_000)
     ap.add_argument("--levels", default="1,16,64")
-    ap.add_argument("--serve", choices=["gateway", "bare"], help=argparse.SUPPRESS)
+    ap.add_argument("--with-stock", action="store_true",
+                    help="also run the gateway with aiocoap's own duplicate detection")
+    ap.add_argument("--serve", choices=["gateway", "gateway-stock", "bare"],
+                    help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--db", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.serve == "gateway":
-        asyncio.run(serve_gateway(args.port, args.db))
+    if args.serve in ("gateway", "gateway-stock"):
+        asyncio.run(serve_gateway(args.port, args.db, stock=args.serve == "gateway-stock"))
         return 0
     if args.serve == "bare":
         asyncio.run(serve_bare(args.port))
@@ -222,12 +272,14 @@ def main() -> int:
 
     levels = [int(x) for x in args.levels.split(",")]
     results: dict[tuple[str, int], tuple[float, list[float], int]] = {}
+    gc_line: dict[str, str] = {}
     print(f"CoAP POST /telemetry, 5-record SenML CBOR pack; {args.requests} requests per level "
           f"(c=1: {max(1, args.requests // 10)}); {os.cpu_count()} CPUs")  # fmt: skip
-    print(f"{'server':8} {'c':>3} {'req':>7} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} "
+    print(f"{'server':13} {'c':>3} {'req':>7} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} "
           f"{'p99.9':>7} {'max':>7} {'fail':>5} {'RSS MB before->after':>22}")  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
-        for kind in ("bare", "gateway"):
+        kinds = ["bare", "gateway"] + (["gateway-stock"] if args.with_stock else [])
+        for kind in kinds:
             port = free_udp_port()
             proc = start_server(kind, port, str(Path(tmp) / f"{kind}.db"))
             try:
@@ -240,18 +292,21 @@ def main() -> int:
                     after = rss_mb(proc.pid)
                     rate = len(lat) / elapsed
                     results[(kind, c)] = (rate, lat, fails)
-                    print(f"{kind:8} {c:>3} {n:>7} {rate:>8.0f} {pct(lat, 50):>7.2f} "
+                    print(f"{kind:13} {c:>3} {n:>7} {rate:>8.0f} {pct(lat, 50):>7.2f} "
                           f"{pct(lat, 99):>7.2f} {pct(lat, 99.9):>7.2f} "
                           f"{(max(lat) * 1000 if lat else float('nan')):>7.1f} {fails:>5} "
                           f"{before:>10.1f} -> {after:<8.1f}", flush=True)  # fmt: skip
             finally:
                 proc.terminate()
                 try:
-                    proc.wait(10)
+                    out, _ = proc.communicate(timeout=30)
+                    gc_line[kind] = out.decode().strip()
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
     print()
+    for kind, line in gc_line.items():
+        print(f"{kind:14} GC: {line}")
     for c in levels:
         if ("bare", c) in results and ("gateway", c) in results:
             g, b = results[("gateway", c)][0], results[("bare", c)][0]

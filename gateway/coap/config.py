@@ -55,7 +55,7 @@ class CoapConfig:
     rd_max_lifetime: int = 7 * 86400
     rd_max_registrations: int = 1000
     #: Bound of the message-ID deduplication cache (entries); see gateway.coap.lean.
-    dedup_max: int = 8192
+    dedup_max: int = 32768
     #: Largest number of concurrently observed resources (across all observers).
     max_observations: int = 256
     credentials: Mapping[str, DeviceCredentials] = field(default_factory=dict)
@@ -144,7 +144,7 @@ def parse(sec: Section) -> CoapConfig:
     rd_default = sec.int("rd_default_lifetime", 90000, min=60, max=2**32 - 1)
     rd_max = sec.int("rd_max_lifetime", 7 * 86400, min=60, max=2**32 - 1)
     rd_count = sec.int("rd_max_registrations", 1000, min=1, max=100_000)
-    dedup_max = sec.int("dedup_max", 8192, min=64, max=1_000_000)
+    dedup_max = sec.int("dedup_max", 32768, min=64, max=1_000_000)
     max_obs = sec.int("max_observations", 256, min=1, max=100_000)
     creds: dict[str, DeviceCredentials] = {}
     for name, dsec in sec.tables("devices").items():

@@ -12,7 +12,7 @@ and millions of GC-tracked objects that make every full collection pause for ~0.
 `DedupCache`: keys are short strings ("host port mid"), values the *encoded* response bytes
 (re-decoded only when a duplicate actually arrives); no timers, no Message objects. Entries
 live in two generations that rotate every EXCHANGE_LIFETIME (an entry is kept between one
-and two lifetimes) and the total is capped at `max_entries`. Under a flood that exceeds
+and two lifetimes), each holding at most half of `max_entries`. Under a flood that exceeds
 the cap, the oldest generation is dropped early and counted (`early_evictions`): the dedup
 window then shrinks below EXCHANGE_LIFETIME, which only matters for a client retransmitting
 a request whose response was lost that long ago (RFC 7252 allows bounding this state).
@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from aiocoap.message import Message
+from aiocoap.message import Direction, Message
 from aiocoap.messagemanager import MessageManager
 from aiocoap.numbers.types import CON
 from aiocoap.pipe import error_to_message, run_driving_pipe
@@ -59,14 +59,17 @@ class DedupCache:
 
     def add(self, key: Any) -> None:
         now = self.clock()
-        if now - self.rotated_at >= self.lifetime:
-            # Everything in `previous` is older than one lifetime: done with it.
-            self.previous = self.current if now - self.rotated_at < 2 * self.lifetime else {}
+        age = now - self.rotated_at
+        if age >= self.lifetime:
+            # `previous` is older than one lifetime: done with it. `current` is kept for
+            # one more lifetime, unless it is that old too.
+            self.previous = self.current if age < 2 * self.lifetime else {}
             self.current = {}
             self.rotated_at = now
-        elif len(self.current) + len(self.previous) >= self.max_entries:
-            if self.previous:
-                self.early_evictions += len(self.previous)
+        elif len(self.current) >= self.max_entries // 2:
+            # A flood: each generation holds at most half the cap, so the oldest one goes
+            # before its time (counted: the dedup window is now shorter than a lifetime).
+            self.early_evictions += len(self.previous)
             self.previous = self.current
             self.current = {}
             self.rotated_at = now
@@ -105,7 +108,8 @@ class LeanMessageManager(MessageManager):  # type: ignore[misc]  # aiocoap is un
         self.duplicates += 1
         if message.mtype is CON and stored:
             # Same answer again, re-encoded from the bytes we kept (RFC 7252 section 4.5).
-            again = Message.decode(stored, remote=message.remote)
+            again = Message.decode(stored, remote=message.remote.as_response_address())
+            again.direction = Direction.OUTGOING
             self._send_via_transport(again)
         return True
 
