@@ -117,6 +117,9 @@ class BleDriver(Driver):
         self.devices[dev.id] = dev
         if dev.advertises:
             self.dispatcher.add(dev)
+            fault = self._scanner.fault if self._scanner is not None else None
+            if fault is not None:  # added while Bluetooth is down: say so at once
+                self.dispatcher.mark_all_unavailable(str(fault))
         if self._started:
             self._ensure_scanner()
             if dev.custom is not None and self._scanner is not None:

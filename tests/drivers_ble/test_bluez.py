@@ -90,16 +90,23 @@ async def close_bleak() -> None:
 
 
 def run_driver(
-    toml: str, scenario: Callable[[BleDriver, RecordingContext], Awaitable[None]]
+    toml: str,
+    scenario: Callable[[BleDriver, RecordingContext], Awaitable[None]],
+    *,
+    add_first: bool = False,
 ) -> RecordingContext:
     cfg = loads(toml)
     ctx = RecordingContext()
 
     async def main() -> None:
         driver = BleDriver(ctx, cfg.drivers.get("ble", {}))
+        # The collection service's order is start, then add; both must work.
+        if not add_first:
+            await driver.start()
         for spec in cfg.devices.values():
             await driver.add_device(spec)
-        await driver.start()
+        if add_first:
+            await driver.start()
         try:
             await scenario(driver, ctx)
         finally:
@@ -202,7 +209,7 @@ def test_gatt_read_notify_write(bus: BluezBus) -> None:
         got = await driver.read("thermostat", [led_point])
         assert [(r.point, r.value) for r in got] == [("led", 1)]
 
-    ctx = run_driver(FAST + GATT_DEVICE, scenario)
+    ctx = run_driver(FAST + GATT_DEVICE, scenario, add_first=True)
     assert ctx.last_availability("thermostat") is not None
     assert ctx.availability[0] == ("thermostat", True, "connected")
 
@@ -244,7 +251,7 @@ def test_adapter_disappearing_is_survived(bus: BluezBus) -> None:
         await ctx.wait_for(lambda: len(ctx.emitted("shed")) == 2, "reading after recovery")
         assert ctx.last_availability("shed") == (True, "advertising")
 
-    run_driver(FAST + ADVERT_DEVICES, scenario)
+    run_driver(FAST + ADVERT_DEVICES, scenario, add_first=True)
 
 
 def _fault_of(ctx: RecordingContext, device: str) -> str:
