@@ -120,7 +120,8 @@ class CoapDriver(Driver):
         for path, points in by_path.items():
             dev.tasks.append(
                 asyncio.create_task(
-                    self._observe(dev, path, points), name=f"coap observe {dev.cfg.id}{path}"
+                    self._observe_forever(dev, path, points),
+                    name=f"coap observe {dev.cfg.id}{path}",
                 )
             )
 
@@ -327,6 +328,18 @@ class CoapDriver(Driver):
     async def _pause(self, dev: _Device, delay: float) -> None:
         """Sleep before the next registration: the backoff, or longer while the breaker is open."""
         await asyncio.sleep(max(delay, dev.breaker.wait(self.ctx.clock.monotonic())))
+
+    async def _observe_forever(self, dev: _Device, path: str, points: list[CoapPoint]) -> None:
+        """`_observe`, restarted after a bug rather than silently dead (logged with its
+        traceback): an observed point must not stop for good on one odd notification."""
+        while True:
+            try:
+                await self._observe(dev, path, points)
+            except Exception:
+                self.ctx.logger.exception(
+                    "coap device %s: observing %s failed unexpectedly", dev.cfg.id, path
+                )
+                await asyncio.sleep(dev.cfg.backoff_max)
 
     async def _observe(self, dev: _Device, path: str, points: list[CoapPoint]) -> None:
         cfg = dev.cfg
