@@ -207,3 +207,20 @@ def test_oscore_protected_device(tmp_path: Path, oscore_pair: tuple[Path, Path])
 def test_no_env_leaks() -> None:
     # aiocoap honours AIOCOAP_CLIENT_TRANSPORT; the driver picks its transports itself.
     assert "AIOCOAP_CLIENT_TRANSPORT" not in os.environ
+
+
+def test_probe_with_oscore(tmp_path: Path, oscore_pair: tuple[Path, Path]) -> None:
+    from tests.drivers_coap.test_probe import gatewayctl
+
+    client_ctx, server_ctx = oscore_pair
+    device = AiocoapDevice(tmp_path, oscore=server_ctx)
+    device.start()
+    try:
+        out = gatewayctl(f"{device.uri}/sensors", "--json", "--oscore", str(client_ctx))
+        assert out.returncode == 0, out.stderr
+        values = json.loads(out.stdout)["values"]
+        assert {"n": "dev-1/temp", "u": "Cel", "v": 21.5} in values
+        refused = gatewayctl(f"{device.uri}/sensors")
+        assert refused.returncode == 1 and refused.stdout.startswith("4.01")
+    finally:
+        device.stop()
