@@ -76,7 +76,11 @@ def explain(exc: BaseException, adapter: str | None = None, *, gatt: bool = Fals
             f"the D-Bus system bus is not reachable ({exc})",
             "start D-Bus ('systemctl start dbus') or check DBUS_SYSTEM_BUS_ADDRESS",
         )
-    if reason == "POWERED_OFF" or "powered" in text.lower():
+    if (
+        reason == "POWERED_OFF"
+        or "powered" in text.lower()
+        or dbus_error == "org.bluez.Error.NotReady"
+    ):
         return Fault(
             f"{_adapter_name(adapter)} is powered off",
             "'bluetoothctl power on' (and 'rfkill unblock bluetooth' if it is blocked)",
@@ -140,6 +144,10 @@ def or_patterns(customs: Sequence[CustomFormat]) -> list[tuple[int, int, bytes]]
     return patterns
 
 
+class AdapterPoweredOffError(Exception):
+    pass
+
+
 class _Watch:
     """Our own small D-Bus connection that tells when the adapter or BlueZ goes away."""
 
@@ -200,6 +208,28 @@ class _Watch:
             self._lose("the D-Bus connection was lost")
 
         self._bus_task = asyncio.create_task(watch_bus(), name="ble-dbus-watch")
+
+    async def check_powered(self) -> None:
+        """Refuse to start on a configured adapter that is powered off (BlueZ would answer
+        NotReady to StartDiscovery; asking first gives the clearer message)."""
+        if self.adapter_path is None or self.bus is None:
+            return
+        from dbus_fast import Message, MessageType
+
+        reply = await self.bus.call(
+            Message(
+                destination="org.bluez",
+                path=self.adapter_path,
+                interface="org.freedesktop.DBus.Properties",
+                member="Get",
+                signature="ss",
+                body=[ADAPTER_IFACE, "Powered"],
+            )
+        )
+        # Errors (no adapter, no BlueZ, access denied) are left to bleak's own start.
+        if reply.message_type == MessageType.METHOD_RETURN and not reply.body[0].value:
+            name = self.adapter_path.rsplit("/", 1)[-1]
+            raise AdapterPoweredOffError(f"adapter {name} is powered off")
 
     async def close(self) -> None:
         if self.bus is not None:
@@ -279,6 +309,7 @@ class Scanner:
             scanner: Any = None
             try:
                 await watch.open()
+                await watch.check_powered()
                 scanner = await self._start()
             except asyncio.CancelledError:
                 await watch.close()

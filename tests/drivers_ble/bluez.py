@@ -163,6 +163,13 @@ class BluezBus:
     def add_adapter(self, name: str = "hci0") -> None:
         self._obj("/", BLUEZ_MOCK).AddAdapter(name, "gateway-test")
 
+    def power(self, on: bool, name: str = "hci0") -> None:
+        import dbus
+
+        self._obj(f"/org/bluez/{name}").UpdateProperties(
+            "org.bluez.Adapter1", {"Powered": dbus.Boolean(on)}
+        )
+
     def remove_adapter(self, name: str = "hci0") -> None:
         self._obj("/", BLUEZ_MOCK).RemoveAdapterWithDevices(name)
 

@@ -481,3 +481,29 @@ def test_bluez_restart_while_scanning_is_survived(bus: BluezBus) -> None:
         await ctx.wait_for(lambda: len(ctx.emitted("shed")) == 2, "reading after restart")
 
     run_driver(FAST + ADVERT_DEVICES, scenario)
+
+
+def test_adapter_powered_off_and_on(bus: BluezBus) -> None:
+    bus.add_adapter()
+
+    async def scenario(driver: BleDriver, ctx: RecordingContext) -> None:
+        await scanning(driver)
+        bus.add_device(RUUVI_MAC, manufacturer_data={0x0499: RUUVI})
+        await ctx.wait_for(lambda: len(ctx.emitted("shed")) == 1, "first reading")
+        bus.power(False)  # rfkill, or someone ran 'bluetoothctl power off'
+        await ctx.wait_for(lambda: ctx.last_availability("shed") is not None
+                           and ctx.last_availability("shed")[0] is False,  # type: ignore[index]
+                           "unavailable")  # fmt: skip
+        reason = _fault_of(ctx, "shed")
+        assert "adapter hci0 was powered off" in reason and "bluetoothctl power on" in reason
+        await poll_until(lambda: driver._scanner is not None and driver._scanner.fault is not None
+                         and "is powered off" in driver._scanner.fault.cause,
+                         "start refused while off")  # fmt: skip
+        bus.power(True)
+        await scanning(driver)
+        later = bytearray(RUUVI)
+        later[16:18] = (206).to_bytes(2, "big")
+        bus.advertise(RUUVI_MAC, rssi=-40, manufacturer_data={0x0499: bytes(later)})
+        await ctx.wait_for(lambda: len(ctx.emitted("shed")) == 2, "reading after power on")
+
+    run_driver(FAST + 'adapter = "hci0"\n' + ADVERT_DEVICES, scenario)
