@@ -23,8 +23,8 @@ import asyncio
 import collections
 import gc
 import os
-import signal
 import random
+import signal
 import socket
 import statistics
 import subprocess
@@ -43,11 +43,17 @@ MAX_TRIES = 4
 def pack_payload() -> bytes:
     import cbor2
 
-    return bytes(cbor2.dumps([
-        {-2: "bench-1/", -4: "Cel", 0: "t1", 2: 21.5},
-        {0: "t2", 2: 22.5}, {0: "t3", 2: 23.5}, {0: "t4", 2: 24.5},
-        {0: "hum", 1: "%RH", 2: 40.0},
-    ]))  # fmt: skip
+    return bytes(
+        cbor2.dumps(
+            [
+                {-2: "bench-1/", -4: "Cel", 0: "t1", 2: 21.5},
+                {0: "t2", 2: 22.5},
+                {0: "t3", 2: 23.5},
+                {0: "t4", 2: 24.5},
+                {0: "hum", 1: "%RH", 2: 40.0},
+            ]
+        )
+    )
 
 
 def coap_post(mid: int, token: bytes, path: str, payload: bytes) -> bytes:
@@ -82,13 +88,15 @@ class Slot(asyncio.DatagramProtocol):
         mid = data[2] << 8 | data[3]
         if code == 0:
             return  # empty ACK: the response will come separately
-        if mid == self.mid and mtype == 2 or data[4 : 4 + tkl] == self.token:
+        if (mid == self.mid and mtype == 2) or data[4 : 4 + tkl] == self.token:
             if mtype == 0 and self.transport is not None:  # separate CON response: ACK it
                 self.transport.sendto(bytes([0x60, 0, data[2], data[3]]))
             self.waiting.set_result(data)
 
 
-async def load(host: str, port: int, requests: int, concurrency: int) -> tuple[list[float], int, float]:
+async def load(
+    host: str, port: int, requests: int, concurrency: int
+) -> tuple[list[float], int, float]:
     loop = asyncio.get_running_loop()
     payload = pack_payload()
     latencies: list[float] = []
@@ -165,9 +173,11 @@ class GcPauses:
             self.longest[g] = max(self.longest[g], time.perf_counter() - self._t0)
 
     def report(self) -> str:
-        return (f"gen2 collections {self.count[2]}, longest gen2 pause "
-                f"{self.longest[2] * 1000:.1f} ms, longest gen0/1 "
-                f"{max(self.longest[:2]) * 1000:.1f} ms")  # fmt: skip
+        return (
+            f"gen2 collections {self.count[2]}, longest gen2 pause "
+            f"{self.longest[2] * 1000:.1f} ms, longest gen0/1 "
+            f"{max(self.longest[:2]) * 1000:.1f} ms"
+        )
 
 
 async def until_terminated() -> None:
@@ -195,8 +205,9 @@ async def serve_gateway(port: int, db: str, stock: bool = False) -> None:
     pauses = GcPauses()
 
     store = await EventStore.open(db)
-    config = CoapConfig(bind=("127.0.0.1",), port=port, allow_unauthenticated=True,
-                        accept_unknown_devices=True)  # fmt: skip
+    config = CoapConfig(
+        bind=("127.0.0.1",), port=port, allow_unauthenticated=True, accept_unknown_devices=True
+    )
     server = CoapServer(config, store)
     await server.start()
     print("READY", flush=True)
@@ -219,8 +230,9 @@ async def serve_bare(port: int) -> None:
     pauses = GcPauses()
     site = resource.Site()
     site.add_resource(("telemetry",), Changed())
-    await aiocoap.Context.create_server_context(site, bind=("::ffff:127.0.0.1", port),
-                                                transports=["udp6"])  # fmt: skip
+    await aiocoap.Context.create_server_context(
+        site, bind=("::ffff:127.0.0.1", port), transports=["udp6"]
+    )
     print("READY", flush=True)
     await until_terminated()
     print(pauses.report(), flush=True)
@@ -229,8 +241,9 @@ async def serve_bare(port: int) -> None:
 def start_server(kind: str, port: int, db: str) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen(
         [sys.executable, __file__, "--serve", kind, "--port", str(port), "--db", db],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
     assert proc.stdout is not None
     line = proc.stdout.readline()
     if b"READY" not in line:
@@ -256,10 +269,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=100_000)
     ap.add_argument("--levels", default="1,16,64")
-    ap.add_argument("--with-stock", action="store_true",
-                    help="also run the gateway with aiocoap's own duplicate detection")
-    ap.add_argument("--serve", choices=["gateway", "gateway-stock", "bare"],
-                    help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--with-stock",
+        action="store_true",
+        help="also run the gateway with aiocoap's own duplicate detection",
+    )
+    ap.add_argument("--serve", choices=["gateway", "gateway-stock", "bare"], help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--db", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -273,10 +288,14 @@ def main() -> int:
     levels = [int(x) for x in args.levels.split(",")]
     results: dict[tuple[str, int], tuple[float, list[float], int]] = {}
     gc_line: dict[str, str] = {}
-    print(f"CoAP POST /telemetry, 5-record SenML CBOR pack; {args.requests} requests per level "
-          f"(c=1: {max(1, args.requests // 10)}); {os.cpu_count()} CPUs")  # fmt: skip
-    print(f"{'server':13} {'c':>3} {'req':>7} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} "
-          f"{'p99.9':>7} {'max':>7} {'fail':>5} {'RSS MB before->after':>22}")  # fmt: skip
+    print(
+        f"CoAP POST /telemetry, 5-record SenML CBOR pack; {args.requests} requests per level "
+        f"(c=1: {max(1, args.requests // 10)}); {os.cpu_count()} CPUs"
+    )
+    print(
+        f"{'server':13} {'c':>3} {'req':>7} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} "
+        f"{'p99.9':>7} {'max':>7} {'fail':>5} {'RSS MB before->after':>22}"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         kinds = ["bare", "gateway"] + (["gateway-stock"] if args.with_stock else [])
         for kind in kinds:
@@ -292,10 +311,13 @@ def main() -> int:
                     after = rss_mb(proc.pid)
                     rate = len(lat) / elapsed
                     results[(kind, c)] = (rate, lat, fails)
-                    print(f"{kind:13} {c:>3} {n:>7} {rate:>8.0f} {pct(lat, 50):>7.2f} "
-                          f"{pct(lat, 99):>7.2f} {pct(lat, 99.9):>7.2f} "
-                          f"{(max(lat) * 1000 if lat else float('nan')):>7.1f} {fails:>5} "
-                          f"{before:>10.1f} -> {after:<8.1f}", flush=True)  # fmt: skip
+                    print(
+                        f"{kind:13} {c:>3} {n:>7} {rate:>8.0f} {pct(lat, 50):>7.2f} "
+                        f"{pct(lat, 99):>7.2f} {pct(lat, 99.9):>7.2f} "
+                        f"{(max(lat) * 1000 if lat else float('nan')):>7.1f} {fails:>5} "
+                        f"{before:>10.1f} -> {after:<8.1f}",
+                        flush=True,
+                    )
             finally:
                 proc.terminate()
                 try:
@@ -313,9 +335,11 @@ def main() -> int:
             print(f"c={c:<3} gateway/bare requests/s: {g:.0f}/{b:.0f} = {g / b:.2f}x")
     if ("gateway", 16) in results:
         lat = results[("gateway", 16)][1]
-        print(f"targets at c=16: ratio >= 0.90, p99.9 <= 20 ms (gateway p99.9 "
-              f"{pct(lat, 99.9):.2f} ms, median {statistics.median(lat) * 1000:.2f} ms); "
-              "RSS after 100k <= 64 MB (see the gateway c=16 row)")  # fmt: skip
+        print(
+            f"targets at c=16: ratio >= 0.90, p99.9 <= 20 ms (gateway p99.9 "
+            f"{pct(lat, 99.9):.2f} ms, median {statistics.median(lat) * 1000:.2f} ms); "
+            "RSS after 100k <= 64 MB (see the gateway c=16 row)"
+        )
     return 0
 
 

@@ -136,8 +136,9 @@ def parse(sec: Section) -> CoapConfig:
     if isinstance(bind, list) and not bind:
         sec.error("bind", "must list at least one address")
     port = sec.int("port", 5683, min=0, max=65535)
-    dtls_port = sec.int("dtls_port", port + 1 if isinstance(port, int) and port else 5684,
-                        min=0, max=65535)  # fmt: skip
+    dtls_port = sec.int(
+        "dtls_port", port + 1 if isinstance(port, int) and port else 5684, min=0, max=65535
+    )
     max_payload = sec.int("max_payload", 1024, min=16, max=65536)
     allow_unauth = sec.bool("allow_unauthenticated", False)
     accept_unknown = sec.bool("accept_unknown_devices", False)
@@ -163,8 +164,11 @@ def parse(sec: Section) -> CoapConfig:
         for addr in bind:
             if isinstance(addr, str) and addr in ("::", "0.0.0.0"):
                 # aiocoap's DTLS server must know its own address to answer from it.
-                sec.error("bind", f"DTLS-PSK needs specific addresses, not {addr!r}: list the "
-                          "addresses to serve, e.g. [\"192.0.2.10\", \"::1\"]")  # fmt: skip
+                sec.error(
+                    "bind",
+                    f"DTLS-PSK needs specific addresses, not {addr!r}: list the "
+                    'addresses to serve, e.g. ["192.0.2.10", "::1"]',
+                )
     idents: dict[bytes, str] = {}
     for name, c in creds.items():
         if c.psk_identity is not None:

@@ -38,8 +38,12 @@ EXCHANGE_LIFETIME = 247.0
 class DedupCache:
     """(remote, message id) -> encoded response (b"" while none is known yet)."""
 
-    def __init__(self, max_entries: int, lifetime: float = EXCHANGE_LIFETIME,
-                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+    def __init__(
+        self,
+        max_entries: int,
+        lifetime: float = EXCHANGE_LIFETIME,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.max_entries = max_entries
         self.lifetime = lifetime
         self.clock = clock
@@ -124,8 +128,9 @@ class LeanContext(Context):  # type: ignore[misc]  # aiocoap is untyped
     which calls getsockname and if_indextoname) that only named the render task."""
 
     def render_to_pipe(self, pipe: Any) -> None:
-        run_driving_pipe(error_to_message(pipe, self.log), self._render_to_pipe(pipe),
-                         name="coap-render")  # fmt: skip
+        run_driving_pipe(
+            error_to_message(pipe, self.log), self._render_to_pipe(pipe), name="coap-render"
+        )
 
 
 class LeanSite(Site):  # type: ignore[misc]  # aiocoap is untyped

@@ -32,7 +32,7 @@ SCHEMA = [
 class RdProjection:
     """`coap_rd`: the live registrations, from device.registered/unregistered events."""
 
-    tables = ("coap_rd",)
+    tables: tuple[str, ...] = ("coap_rd",)
 
     def reset(self, conn: sqlite3.Connection) -> None:
         conn.execute("DELETE FROM coap_rd")
@@ -47,9 +47,16 @@ class RdProjection:
                 conn.execute(
                     "INSERT OR REPLACE INTO coap_rd (ep, sector, href, base, lt, links, updated)"
                     " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (ep, d.get("d"), str(d.get("href", "")), str(d.get("base", "")),
-                     int(d.get("lt", 0)), str(d.get("links", "")), e.wall_time),
-                )  # fmt: skip
+                    (
+                        ep,
+                        d.get("d"),
+                        str(d.get("href", "")),
+                        str(d.get("base", "")),
+                        int(d.get("lt", 0)),
+                        str(d.get("links", "")),
+                        e.wall_time,
+                    ),
+                )
             elif e.type == ev.DEVICE_UNREGISTERED:
                 conn.execute("DELETE FROM coap_rd WHERE ep = ?", (ep,))
 

@@ -48,8 +48,14 @@ class Registration:
     expires: float  # monotonic
 
     def data(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"source": "rd", "driver": "coap", "href": self.href,
-                               "base": self.base, "lt": self.lt, "links": self.links}  # fmt: skip
+        out: dict[str, Any] = {
+            "source": "rd",
+            "driver": "coap",
+            "href": self.href,
+            "base": self.base,
+            "lt": self.lt,
+            "links": self.links,
+        }
         if self.sector is not None:
             out["d"] = self.sector
         return out
@@ -86,8 +92,13 @@ def _source_base(request: Message) -> str:
 class Directory:
     """Live registrations, their expiry, and the events that record them."""
 
-    def __init__(self, gate: Gate, backend: Backend, log: logging.Logger,
-                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+    def __init__(
+        self,
+        gate: Gate,
+        backend: Backend,
+        log: logging.Logger,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.gate = gate
         self.backend = backend
         self.log = log
@@ -161,8 +172,7 @@ class Directory:
         if old is None and len(self.by_ep) >= self.gate.config.rd_max_registrations:
             raise StoreFull("resource directory is full", retry_after=60)
         href = old.href if old is not None else f"/rd/{secrets.token_hex(4)}"
-        reg = Registration(ep, query.get("d"), href, base, lt, str(links),
-                           self.clock() + lt)  # fmt: skip
+        reg = Registration(ep, query.get("d"), href, base, lt, str(links), self.clock() + lt)
         await self.backend.append_many(
             [NewEvent(ev.device_stream(ep), ev.DEVICE_REGISTERED, reg.data())]
         )
@@ -189,13 +199,15 @@ class Directory:
         query = _query(request)
         lt = self._lifetime(query) if "lt" in query else reg.lt
         links = str(_link_format(request.payload)) if request.payload else reg.links
-        new = replace(reg, lt=lt, base=query.get("base", reg.base), links=links,
-                      expires=self.clock() + lt)  # fmt: skip
+        new = replace(
+            reg, lt=lt, base=query.get("base", reg.base), links=links, expires=self.clock() + lt
+        )
         changed = (new.lt, new.base, new.links) != (reg.lt, reg.base, reg.links)
         # A plain refresh still has to survive a restart (its expiry moved), but it is
         # local bookkeeping: it does not go to the cloud.
-        await self.backend.append_many([NewEvent(ev.device_stream(reg.ep), ev.DEVICE_REGISTERED,
-                                                 new.data(), outbox=changed)])  # fmt: skip
+        await self.backend.append_many(
+            [NewEvent(ev.device_stream(reg.ep), ev.DEVICE_REGISTERED, new.data(), outbox=changed)]
+        )
         self._put(new)
         return Message(code=Code.CHANGED)
 
@@ -206,9 +218,14 @@ class Directory:
 
     async def _unregister(self, reg: Registration, reason: str) -> None:
         await self.backend.append_many(
-            [NewEvent(ev.device_stream(reg.ep), ev.DEVICE_UNREGISTERED,
-                      {"reason": reason, "source": "rd"})]
-        )  # fmt: skip
+            [
+                NewEvent(
+                    ev.device_stream(reg.ep),
+                    ev.DEVICE_UNREGISTERED,
+                    {"reason": reason, "source": "rd"},
+                )
+            ]
+        )
         self._drop(reg)
         self.log.info("rd: %s %s", reason, reg.ep)
 
@@ -254,9 +271,9 @@ class Directory:
             attrs = {"ep": reg.ep, "base": reg.base, "rt": "core.rd-ep", "lt": str(reg.lt)}
             if reg.sector is not None:
                 attrs["d"] = reg.sector
-            if all(self._match(attrs.get(k), v) for k, v in filters if k != "href"):
-                if all(self._match(reg.href, v) for k, v in filters if k == "href"):
-                    links.append(Link(reg.href, **attrs))
+            ctx = {**attrs, "href": reg.href}
+            if all(self._match(ctx.get(k), v) for k, v in filters):
+                links.append(Link(reg.href, **attrs))
         return LinkFormat(links)
 
     def lookup_res(self, request: Message) -> LinkFormat:
@@ -297,7 +314,7 @@ class RdResource(GatewayResource):
         return await self.directory.register(request)
 
 
-class RdEntries(RdResource, coap_resource.PathCapable):
+class RdEntries(RdResource, coap_resource.PathCapable):  # type: ignore[misc]
     """/rd/<id>: aiocoap's Site routes a path *below* a prefix only to a PathCapable."""
 
     def get_resources_as_linkheader(self) -> LinkFormat:
@@ -308,7 +325,7 @@ class RdEntries(RdResource, coap_resource.PathCapable):
         path = tuple(request.opt.uri_path)  # what is left below /rd
         if len(path) != 1 or not path[0]:
             raise NotFoundError("no such registration")
-        return "/rd/" + path[0]
+        return "/rd/" + str(path[0])
 
     async def render_post(self, request: Message) -> Message:
         return await self.directory.update(request, self._href(request))

@@ -55,8 +55,10 @@ class Backend:
             if point is not None:
                 sql += " AND point = ?"
                 args.append(point)
-            return [(p, cbor2.loads(v) if v is not None else None, u, ts)
-                    for p, v, u, ts in conn.execute(sql + " ORDER BY point", args)]  # fmt: skip
+            return [
+                (p, cbor2.loads(v) if v is not None else None, u, ts)
+                for p, v, u, ts in conn.execute(sql + " ORDER BY point", args)
+            ]
 
         rows: list[tuple[Any, ...]] = await self.store.read(q)
         return rows
@@ -118,12 +120,10 @@ def check_size(request: Message, limit: int) -> None:
     """One datagram, at most `limit` bytes: no block-wise upload, nothing reassembled."""
     block1 = request.opt.block1
     if block1 is not None and (block1.more or block1.block_number != 0):
-        raise PayloadTooLargeError(f"block-wise upload not supported: at most {limit} bytes",
-                                   limit)  # fmt: skip
+        raise PayloadTooLargeError(f"block-wise upload not supported: at most {limit} bytes", limit)
     size1 = request.opt.size1
     if size1 is not None and size1 > limit:
-        raise PayloadTooLargeError(f"payload of {size1} bytes is over the limit of {limit}",
-                                   limit)  # fmt: skip
+        raise PayloadTooLargeError(f"payload of {size1} bytes is over the limit of {limit}", limit)
     if len(request.payload) > limit:
         raise PayloadTooLargeError(
             f"payload of {len(request.payload)} bytes is over the limit of {limit}", limit
@@ -161,7 +161,7 @@ def group_readings(
     return out
 
 
-class GatewayResource(coap_resource.Resource):
+class GatewayResource(coap_resource.Resource):  # type: ignore[misc]  # aiocoap is untyped
     """Base of our resources: one error mapping; no block-wise upload reassembly."""
 
     log = logging.getLogger("gateway.coap")
@@ -254,7 +254,7 @@ class _Observed:
     values: dict[str, Any] = field(default_factory=dict)
 
 
-class DeviceResource(GatewayResource, coap_resource.PathCapable, ObservableResource):
+class DeviceResource(GatewayResource, coap_resource.PathCapable, ObservableResource):  # type: ignore[misc]
     """/d/{device} (state, POST telemetry), /d/{device}/{point} (latest as SenML),
     /d/{device}/commands (pending commands). All GETs are observable."""
 
@@ -314,8 +314,9 @@ class DeviceResource(GatewayResource, coap_resource.PathCapable, ObservableResou
         if row is None and not rows and device not in self.gate.known:
             raise NotFoundError(f"no device {device!r}")
         driver, source, available, reason, last_seen = row or (None, None, None, None, None)
-        points = {p: {"v": _senml_value(v), **({"u": u} if u else {}), "t": ts}
-                  for p, v, u, ts in rows}  # fmt: skip
+        points = {
+            p: {"v": _senml_value(v), **({"u": u} if u else {}), "t": ts} for p, v, u, ts in rows
+        }
         state = {
             "device": device,
             "driver": driver,
@@ -382,15 +383,20 @@ class DeviceResource(GatewayResource, coap_resource.PathCapable, ObservableResou
                     point, value = rec.get("n"), rec.get("v")
                     if not isinstance(point, str):
                         continue
-                    for path in ((device, point), (device,)):
+                    paths: tuple[tuple[str, ...], ...] = ((device, point), (device,))
+                    for path in paths:
                         entry = self._observed.get(path)
                         if entry is not None and entry.values.get(point, _MISSING) != value:
                             entry.values[point] = value
                             changed.add(path)
                 for path in changed:
                     self._trigger(path)
-            elif e.type in (ev.DEVICE_AVAILABLE, ev.DEVICE_UNAVAILABLE, ev.DEVICE_REGISTERED,
-                            ev.DEVICE_UNREGISTERED):  # fmt: skip
+            elif e.type in (
+                ev.DEVICE_AVAILABLE,
+                ev.DEVICE_UNAVAILABLE,
+                ev.DEVICE_REGISTERED,
+                ev.DEVICE_UNREGISTERED,
+            ):
                 self._trigger((device,))
 
     def set_commands(self, device: str, commands: list[Any]) -> None:

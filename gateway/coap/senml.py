@@ -37,9 +37,22 @@ RELATIVE_TIME_LIMIT: Final = 2**28
 
 #: RFC 8428 Table 4: CBOR integer labels.
 CBOR_LABELS: Final[Mapping[int, str]] = {
-    -1: "bver", -2: "bn", -3: "bt", -4: "bu", -5: "bv", -6: "bs",
-    0: "n", 1: "u", 2: "v", 3: "vs", 4: "vb", 5: "s", 6: "t", 7: "ut", 8: "vd",
-}  # fmt: skip
+    -1: "bver",
+    -2: "bn",
+    -3: "bt",
+    -4: "bu",
+    -5: "bv",
+    -6: "bs",
+    0: "n",
+    1: "u",
+    2: "v",
+    3: "vs",
+    4: "vb",
+    5: "s",
+    6: "t",
+    7: "ut",
+    8: "vd",
+}
 _LABEL_NUMBERS: Final = {name: num for num, name in CBOR_LABELS.items()}
 
 _KNOWN: Final = frozenset(CBOR_LABELS.values())
@@ -156,9 +169,10 @@ def resolve(pack: object, now: float, *, binary_vd: bool) -> list[Record]:
             raise _problem(i, f"name is longer than {MAX_NAME} characters")
         if not _NAME_RE.match(name):
             raise _problem(
-                i, f"name {name!r} must start with a letter or digit and use only "
+                i,
+                f"name {name!r} must start with a letter or digit and use only "
                 "letters, digits and - : . / _",
-            )  # fmt: skip
+            )
 
         kinds = [k for k in ("v", "vs", "vb", "vd") if k in rec]
         if len(kinds) > 1:
@@ -285,8 +299,10 @@ def decode_plain_cbor(payload: bytes, now: float) -> list[Record]:
         elif isinstance(value, bytes):
             pack.append({"n": name, "vd": value})
         else:
-            raise PayloadError(f"CBOR map value of {name!r} must be a number, text, boolean "
-                               f"or bytes, got {_type(value)}")  # fmt: skip
+            raise PayloadError(
+                f"CBOR map value of {name!r} must be a number, text, boolean "
+                f"or bytes, got {_type(value)}"
+            )
     try:
         return resolve(pack, now, binary_vd=True)
     except PayloadError as exc:

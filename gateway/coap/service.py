@@ -30,8 +30,14 @@ class CoapServer:
 
     Used by `CoapService`, by tests that run it on its own, and by `bench/coap.py`."""
 
-    def __init__(self, config: CoapConfig, store: Any, *, known: set[str] | None = None,
-                 logger: logging.Logger = log) -> None:  # fmt: skip
+    def __init__(
+        self,
+        config: CoapConfig,
+        store: Any,
+        *,
+        known: set[str] | None = None,
+        logger: logging.Logger = log,
+    ) -> None:
         from gateway.coap.rd import Directory, RdEntries, RdLookupResource, RdResource
         from gateway.coap.resources import (
             Backend,
@@ -97,8 +103,9 @@ class CoapServer:
 
             site = OscoreSiteWrapper(self.site, creds)
         loop = asyncio.get_running_loop()
-        ctx = LeanContext(loop=loop, serversite=site, loggername="gateway.coap.aiocoap",
-                      server_credentials=creds)  # fmt: skip
+        ctx = LeanContext(
+            loop=loop, serversite=site, loggername="gateway.coap.aiocoap", server_credentials=creds
+        )
         self.context = ctx
 
         async def add(constructor: Any) -> Any:
@@ -115,10 +122,13 @@ class CoapServer:
             for host in self.config.bind:
                 transport = await add(
                     lambda mman, host=host: MessageInterfaceUDP6.create_server_transport_endpoint(
-                        mman, log=ctx.log, loop=loop, bind=(_bind_host(host), self.config.port),
+                        mman,
+                        log=ctx.log,
+                        loop=loop,
+                        bind=(_bind_host(host), self.config.port),
                         multicast=[],
                     )
-                )  # fmt: skip
+                )
                 port = _local_port(transport, self.config.port)
                 self.addresses.append((host, port, "udp"))
             if any(c.psk is not None for c in self.config.credentials.values()):
@@ -128,10 +138,13 @@ class CoapServer:
                     await add(
                         lambda mman, host=host: MessageInterfaceTinyDTLSServer.create_server(
                             # aiocoap adds 1 (5683 -> 5684) to the port it is given.
-                            (host, self.config.dtls_port - 1), mman, log=ctx.log, loop=loop,
+                            (host, self.config.dtls_port - 1),
+                            mman,
+                            log=ctx.log,
+                            loop=loop,
                             server_credentials=creds,
                         )
-                    )  # fmt: skip
+                    )
                     self.addresses.append((host, self.config.dtls_port, "dtls"))
         except BaseException:
             await self.stop()

@@ -38,9 +38,8 @@ class CoapGateway:
         self.config = directory / "config.toml"
         self.config.write_text(
             f'[gateway]\nid = "gw-test"\nstate_dir = "{directory}"\n'
-            f"[coap]\nbind = [\"127.0.0.1\", \"::1\"]\nport = {self.port}\n"
-            f"dtls_port = {self.dtls_port}\n"
-            + coap_toml + "\n" + extra_toml
+            f'[coap]\nbind = ["127.0.0.1", "::1"]\nport = {self.port}\n'
+            f"dtls_port = {self.dtls_port}\n" + coap_toml + "\n" + extra_toml
         )
         self.log = directory / "server.log"
         self.peer: Peer | None = None
@@ -48,8 +47,9 @@ class CoapGateway:
     def start(self) -> None:
         self.peer = Peer(
             [sys.executable, "-m", "tests.coap.serve", str(self.config), str(self.db)],
-            cwd=ROOT, log=self.log,
-        )  # fmt: skip
+            cwd=ROOT,
+            log=self.log,
+        )
         wait_until(lambda: "READY" in self.text() or not self.alive(), "CoAP server ready")
         assert self.alive(), self.text()
 
@@ -73,8 +73,11 @@ class CoapGateway:
 def gateway_factory(tmp_path: Path) -> Iterator[Callable[..., CoapGateway]]:
     started: list[CoapGateway] = []
 
-    def make(coap_toml: str = "allow_unauthenticated = true\naccept_unknown_devices = true",
-             extra_toml: str = "", start: bool = True) -> CoapGateway:  # fmt: skip
+    def make(
+        coap_toml: str = "allow_unauthenticated = true\naccept_unknown_devices = true",
+        extra_toml: str = "",
+        start: bool = True,
+    ) -> CoapGateway:
         gw = CoapGateway(tmp_path / f"gw{len(started)}", coap_toml, extra_toml)
         started.append(gw)
         if start:
@@ -93,8 +96,10 @@ def coap_client(binary: str, args: list[str], uri: str, tmp: Path, timeout: int 
     out.unlink(missing_ok=True)
     proc = subprocess.run(
         [exe, "-B", str(timeout), "-v", "6", "-o", str(out), *args, uri],
-        capture_output=True, timeout=timeout + 10, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        timeout=timeout + 10,
+        check=False,
+    )
     log = proc.stdout.decode(errors="replace") + proc.stderr.decode(errors="replace")
     codes = _CODE.findall(log)
     responses = [c for c in codes if not c.startswith("0.")]

@@ -74,8 +74,10 @@ def test_config_defaults_and_values() -> None:
     c = _coap("[coap]\n")
     assert c.port == 5683 and c.dtls_port == 5684 and c.bind == ("::",)
     assert not c.allow_unauthenticated and not c.accept_unknown_devices
-    c = _coap('[coap]\nbind = ["127.0.0.1", "::1"]\nport = 6000\nmax_payload = 512\n'
-              '[coap.devices.d1]\npsk_hex = "0a0b"\n')  # fmt: skip
+    c = _coap(
+        '[coap]\nbind = ["127.0.0.1", "::1"]\nport = 6000\nmax_payload = 512\n'
+        '[coap.devices.d1]\npsk_hex = "0a0b"\n'
+    )
     assert c.dtls_port == 6001 and c.max_payload == 512
     creds = c.credentials["d1"]
     assert creds.psk == b"\x0a\x0b" and creds.psk_identity == b"d1"
@@ -84,8 +86,10 @@ def test_config_defaults_and_values() -> None:
 
 def test_config_errors_name_their_paths() -> None:
     with pytest.raises(ConfigError) as info:
-        loads('[coap]\nbind = ["localhost"]\nport = 70000\nmax_payload = "big"\ntypo = 1\n'
-              '[coap.devices.d1]\npsk_identity = "x"\n')  # fmt: skip
+        loads(
+            '[coap]\nbind = ["localhost"]\nport = 70000\nmax_payload = "big"\ntypo = 1\n'
+            '[coap.devices.d1]\npsk_identity = "x"\n'
+        )
     text = str(info.value)
     assert "coap.bind[0]: 'localhost' is not an IP address" in text
     assert "coap.port: must be <= 65535" in text
@@ -95,7 +99,7 @@ def test_config_errors_name_their_paths() -> None:
 
 
 def test_dtls_needs_specific_bind_addresses() -> None:
-    with pytest.raises(ConfigError, match="coap.bind: DTLS-PSK needs specific addresses"):
+    with pytest.raises(ConfigError, match=r"coap\.bind: DTLS-PSK needs specific addresses"):
         loads('[coap]\n[coap.devices.d1]\npsk = "k"\n')
 
 
@@ -107,7 +111,7 @@ def test_credentials_file_must_be_private(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="permissions 0644 let others read the keys"):
         loads(base)
     os.chmod(creds, 0o600)
-    with pytest.raises(ConfigError, match="devices.s2.oscore_context: '/nope' is not a directory"):
+    with pytest.raises(ConfigError, match=r"s2\.oscore_context: '/nope' is not a directory"):
         loads(base)
     creds.write_text('[devices.s1]\npsk = "s1-key"\n')
     c = _coap(base)

@@ -23,11 +23,15 @@ from gateway.coap.config import CoapConfig
 from gateway.coap.resources import Backend, DeviceResource, Gate, TelemetryResource
 from gateway.events import Event, NewEvent
 
-VALID_CBOR = cbor2.dumps([
-    {-2: "boiler-1/", -3: 1.7e9, -4: "Cel", 0: "t1", 2: 21.5},
-    {0: "t2", 2: 22.0, 6: -5}, {0: "label", 3: "hall"}, {0: "on", 4: True},
-    {0: "raw", 8: b"\x01\x02"},
-])  # fmt: skip
+VALID_CBOR = cbor2.dumps(
+    [
+        {-2: "boiler-1/", -3: 1.7e9, -4: "Cel", 0: "t1", 2: 21.5},
+        {0: "t2", 2: 22.0, 6: -5},
+        {0: "label", 3: "hall"},
+        {0: "on", 4: True},
+        {0: "raw", 8: b"\x01\x02"},
+    ]
+)
 VALID_JSON = (
     b'[{"bn":"boiler-1/","bt":1.7e9,"bu":"Cel","n":"t1","v":21.5},{"n":"t2","v":22,"t":-5},'
     b'{"n":"label","vs":"hall"},{"n":"on","vb":true},{"n":"raw","vd":"AQI"}]'
@@ -125,8 +129,12 @@ MUTATIONS = 20000  # plain random mutations: cheaper per case than hypothesis, s
 def test_mutated_valid_packs_never_crash() -> None:
     h = Harness()
     rng = random.Random(8428)
-    seeds = [(VALID_CBOR, 112, False), (VALID_JSON, 110, False), (VALID_MAP, 60, True),
-             (VALID_CBOR, None, False)]  # fmt: skip
+    seeds = [
+        (VALID_CBOR, 112, False),
+        (VALID_JSON, 110, False),
+        (VALID_MAP, 60, True),
+        (VALID_CBOR, None, False),
+    ]
     try:
         for seed, cf, device_path in seeds:  # the seeds themselves are accepted
             h.check(seed, cf, device_path)
@@ -139,12 +147,19 @@ def test_mutated_valid_packs_never_crash() -> None:
         h.close()
 
 
-FAST = settings(max_examples=300, deadline=None, derandomize=True,
-                suppress_health_check=[HealthCheck.too_slow])  # fmt: skip
+FAST = settings(
+    max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
 
 
-_scalars = (st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats()
-            | st.text(max_size=8) | st.binary(max_size=8))  # fmt: skip
+_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats()
+    | st.text(max_size=8)
+    | st.binary(max_size=8)
+)
 _keys = st.sampled_from([-6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, -7]) | st.text(
     max_size=4
 )
@@ -159,8 +174,10 @@ def test_structured_cbor_and_json_never_crash() -> None:
     h = Harness()
 
     @FAST
-    @given(st.lists(st.dictionaries(_keys, _values, max_size=6), max_size=4) | _values,
-           st.sampled_from([112, 60, None]))  # fmt: skip
+    @given(
+        st.lists(st.dictionaries(_keys, _values, max_size=6), max_size=4) | _values,
+        st.sampled_from([112, 60, None]),
+    )
     def run_cbor(value: Any, cf: int | None) -> None:
         h.check(cbor2.dumps(value), cf, device_path=cf == 60)
 

@@ -19,8 +19,9 @@ from tests.peers import require_binary, wait_until
 
 
 def _post_json(gw: Any, tmp: Path, body: str, path: str = "/telemetry") -> str | None:
-    reply = coap_client("coap-client-notls", ["-m", "post", "-t", "110", "-e", body],
-                        gw.uri(path), tmp)  # fmt: skip
+    reply = coap_client(
+        "coap-client-notls", ["-m", "post", "-t", "110", "-e", body], gw.uri(path), tmp
+    )
     return reply.code
 
 
@@ -44,8 +45,10 @@ async def _observe(gw: Any, tmp: Path) -> list[float]:
         loop = asyncio.get_running_loop()
         # A new value (from another client, libcoap) must produce a notification; the same
         # value again must not.
-        for body in ('[{"bn":"obs-1/","n":"temp","v":20.0}]',
-                     '[{"bn":"obs-1/","n":"temp","v":23.5}]'):  # fmt: skip
+        for body in (
+            '[{"bn":"obs-1/","n":"temp","v":20.0}]',
+            '[{"bn":"obs-1/","n":"temp","v":23.5}]',
+        ):
             code = await loop.run_in_executor(None, _post_json, gw, tmp, body)
             assert code == "2.04"
         async with asyncio.timeout(5):
@@ -70,8 +73,11 @@ def test_observe_with_coap_client(gateway_factory: Any, tmp_path: Path) -> None:
     exe = require_binary("coap-client-notls")
     log = tmp_path / "observe.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([exe, "-s", "4", "-B", "6", "-v", "6", "-A", "110",
-                                 gw.uri("/d/obs-2/hum")], stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+        proc = subprocess.Popen(
+            [exe, "-s", "4", "-B", "6", "-v", "6", "-A", "110", gw.uri("/d/obs-2/hum")],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     try:
         wait_until(lambda: '"v":40' in log.read_text(errors="replace"), "first notification")
         assert _post_json(gw, tmp_path, '[{"bn":"obs-2/","n":"hum","v":41}]') == "2.04"
@@ -99,28 +105,63 @@ psk = "sensor-9-secret"
 def test_dtls_psk_with_coap_client_openssl(gateway_factory: Any, tmp_path: Path) -> None:
     gw = gateway_factory(DTLS_TOML)
     uri = f"coaps://127.0.0.1:{gw.dtls_port}/telemetry"
-    ok = coap_client("coap-client-openssl",
-                     ["-u", "sensor-9", "-k", "sensor-9-secret", "-m", "post", "-t", "110",
-                      "-e", '[{"n":"temp","v":18.5}]'], uri, tmp_path)  # fmt: skip
+    ok = coap_client(
+        "coap-client-openssl",
+        [
+            "-u",
+            "sensor-9",
+            "-k",
+            "sensor-9-secret",
+            "-m",
+            "post",
+            "-t",
+            "110",
+            "-e",
+            '[{"n":"temp","v":18.5}]',
+        ],
+        uri,
+        tmp_path,
+    )
     assert ok.code == "2.04", ok.log
     # The identity came from the DTLS session: no base name needed, and it is stored there.
     assert _readings(gw.db) == [("device:sensor-9", {"r": [{"n": "temp", "v": 18.5}]})]
 
     # Read back over DTLS, Observe included.
-    got = coap_client("coap-client-openssl", ["-u", "sensor-9", "-k", "sensor-9-secret",
-                      "-A", "110"], f"coaps://127.0.0.1:{gw.dtls_port}/d/sensor-9/temp",
-                      tmp_path)  # fmt: skip
+    got = coap_client(
+        "coap-client-openssl",
+        ["-u", "sensor-9", "-k", "sensor-9-secret", "-A", "110"],
+        f"coaps://127.0.0.1:{gw.dtls_port}/d/sensor-9/temp",
+        tmp_path,
+    )
     assert got.code == "2.05" and json.loads(got.payload)[0]["v"] == 18.5
 
-    wrong = coap_client("coap-client-openssl",
-                        ["-u", "sensor-9", "-k", "not-the-key", "-m", "post", "-t", "110",
-                         "-e", '[{"n":"temp","v":99}]'], uri, tmp_path, timeout=2)  # fmt: skip
+    wrong = coap_client(
+        "coap-client-openssl",
+        [
+            "-u",
+            "sensor-9",
+            "-k",
+            "not-the-key",
+            "-m",
+            "post",
+            "-t",
+            "110",
+            "-e",
+            '[{"n":"temp","v":99}]',
+        ],
+        uri,
+        tmp_path,
+        timeout=2,
+    )
     assert wrong.code is None or not wrong.code.startswith("2."), wrong.log
 
     # The same device without DTLS: refused, even with its name in the base name.
-    plain = coap_client("coap-client-notls", ["-m", "post", "-t", "110", "-e",
-                        '[{"bn":"sensor-9/","n":"temp","v":99}]'], gw.uri("/telemetry"),
-                        tmp_path)  # fmt: skip
+    plain = coap_client(
+        "coap-client-notls",
+        ["-m", "post", "-t", "110", "-e", '[{"bn":"sensor-9/","n":"temp","v":99}]'],
+        gw.uri("/telemetry"),
+        tmp_path,
+    )
     assert plain.code == "4.01", plain.log
     assert "has credentials" in plain.payload.decode()
     assert len(_readings(gw.db)) == 1
@@ -146,8 +187,12 @@ async def _oscore_requests(gw: Any, client_dir: Path) -> tuple[str, str, str]:
         ctx.client_credentials.load_from_dict(
             {f"coap://127.0.0.1:{gw.port}/*": {"oscore": {"basedir": str(client_dir)}}}
         )
-        post = Message(code=POST, uri=gw.uri("/telemetry"), content_format=110,
-                       payload=b'[{"n":"level","v":3}]')  # fmt: skip
+        post = Message(
+            code=POST,
+            uri=gw.uri("/telemetry"),
+            content_format=110,
+            payload=b'[{"n":"level","v":3}]',
+        )
         r1 = await asyncio.wait_for(ctx.request(post).response, 10)
         get = Message(code=GET, uri=gw.uri("/d/valve-2/level"), accept=110)
         r2 = await asyncio.wait_for(ctx.request(get).response, 10)
@@ -155,8 +200,12 @@ async def _oscore_requests(gw: Any, client_dir: Path) -> tuple[str, str, str]:
         await ctx.shutdown()
     plain_ctx = await Context.create_client_context(transports=["udp6"])
     try:
-        plain = Message(code=POST, uri=gw.uri("/d/valve-2"), content_format=110,
-                        payload=b'[{"n":"level","v":4}]')  # fmt: skip
+        plain = Message(
+            code=POST,
+            uri=gw.uri("/d/valve-2"),
+            content_format=110,
+            payload=b'[{"n":"level","v":4}]',
+        )
         r3 = await asyncio.wait_for(plain_ctx.request(plain).response, 10)
     finally:
         await plain_ctx.shutdown()

@@ -17,21 +17,37 @@ NOW = 1_700_000_000.0
 RFC_CBOR = bytes.fromhex(
     "82a421781b75726e3a6465763a6f773a3130653230373361303130383030363a"
     "0067766f6c7461676501615602fb405e066666666666"
-    "a3006763757272656e74016141" "02fb3ff3333333333333"
-)  # fmt: skip
+    "a3006763757272656e74016141"
+    "02fb3ff3333333333333"
+)
 
 
 def test_rfc8428_section6_cbor_example() -> None:
     records = senml.decode_cbor(RFC_CBOR, NOW)
     assert records == [
-        Record("urn:dev:ow:10e2073a0108006:voltage", 120.1, "V", None, None, None,
-               "urn:dev:ow:10e2073a0108006:"),
-        Record("urn:dev:ow:10e2073a0108006:current", 1.2, "A", None, None, None,
-               "urn:dev:ow:10e2073a0108006:"),
-    ]  # fmt: skip
+        Record(
+            "urn:dev:ow:10e2073a0108006:voltage",
+            120.1,
+            "V",
+            None,
+            None,
+            None,
+            "urn:dev:ow:10e2073a0108006:",
+        ),
+        Record(
+            "urn:dev:ow:10e2073a0108006:current",
+            1.2,
+            "A",
+            None,
+            None,
+            None,
+            "urn:dev:ow:10e2073a0108006:",
+        ),
+    ]
     assert senml.split_name(records[0].name, records[0].base_name) == (
-        "urn:dev:ow:10e2073a0108006", "voltage",
-    )  # fmt: skip
+        "urn:dev:ow:10e2073a0108006",
+        "voltage",
+    )
 
 
 def test_rfc8428_single_datapoint() -> None:
@@ -51,10 +67,14 @@ def test_rfc8428_multiple_measurements_resolve_base_time_and_unit() -> None:
     records = senml.decode_json(pack, NOW)
     # RFC 8428 section 5.1.4 ("resolved data"): the same pack with every base applied.
     assert [(r.name.rsplit(":", 1)[1], r.unit, r.value) for r in records] == [
-        ("voltage", "V", 120.1), ("current", "A", 1.2), ("current", "A", 1.3),
-        ("current", "A", 1.4), ("current", "A", 1.5), ("current", "A", 1.6),
+        ("voltage", "V", 120.1),
+        ("current", "A", 1.2),
+        ("current", "A", 1.3),
+        ("current", "A", 1.4),
+        ("current", "A", 1.5),
+        ("current", "A", 1.6),
         ("current", "A", 1.7),
-    ]  # fmt: skip
+    ]
     times = [r.time for r in records]
     assert times[0] == pytest.approx(1.276020076001e9)
     assert times[1] == pytest.approx(1.276020071001e9)
@@ -82,8 +102,12 @@ def test_base_value_and_sum() -> None:
 
 
 def test_cbor_vd_is_a_byte_string_and_roundtrip() -> None:
-    recs = [Record("dev/a", 1.5, "Cel", NOW), Record("dev/b", b"\x00\x01"),
-            Record("dev/c", "on"), Record("dev/d", True)]  # fmt: skip
+    recs = [
+        Record("dev/a", 1.5, "Cel", NOW),
+        Record("dev/b", b"\x00\x01"),
+        Record("dev/c", "on"),
+        Record("dev/d", True),
+    ]
     for cf in (senml.CF_SENML_CBOR, senml.CF_SENML_JSON):
         back = senml.decode(senml.encode(recs, cf, "dev/"), cf, NOW)
         assert [(r.name, r.value, r.unit, r.time) for r in back] == [

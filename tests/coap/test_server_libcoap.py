@@ -27,7 +27,7 @@ def test_well_known_core_lists_the_resources(gateway_factory: Any, tmp_path: Pat
     reply = coap_client(CLIENT, [], gw.uri("/.well-known/core"), tmp_path)
     assert reply.code == "2.05", reply.log
     text = reply.payload.decode()
-    for link in ("</telemetry>", '</rd>;', "</rd-lookup/ep>", "</rd-lookup/res>"):
+    for link in ("</telemetry>", "</rd>;", "</rd-lookup/ep>", "</rd-lookup/res>"):
         assert link in text
     assert 'rt="core.rd"' in text
 
@@ -38,16 +38,24 @@ def test_post_senml_cbor_and_json_from_files_then_get_back(
     gw = gateway_factory()
     # RFC 8428 integer labels: -2 bn, 0 n, 1 u, 2 v.
     cbor_file = tmp_path / "pack.cbor"
-    cbor_file.write_bytes(cbor2.dumps([{-2: "boiler-1/", 0: "temp", 1: "Cel", 2: 21.5},
-                                       {0: "pressure", 1: "bar", 2: 1.8}]))  # fmt: skip
-    reply = coap_client(CLIENT, ["-m", "post", "-t", "112", "-f", str(cbor_file)],
-                        gw.uri("/telemetry"), tmp_path)  # fmt: skip
+    cbor_file.write_bytes(
+        cbor2.dumps(
+            [{-2: "boiler-1/", 0: "temp", 1: "Cel", 2: 21.5}, {0: "pressure", 1: "bar", 2: 1.8}]
+        )
+    )
+    reply = coap_client(
+        CLIENT, ["-m", "post", "-t", "112", "-f", str(cbor_file)], gw.uri("/telemetry"), tmp_path
+    )
     assert reply.code == "2.04", reply.log
 
     json_file = tmp_path / "pack.json"
     json_file.write_text(json.dumps([{"bn": "boiler-1/", "n": "temp", "u": "Cel", "v": 22.25}]))
-    reply = coap_client(CLIENT, ["-m", "post", "-t", "110", "-f", str(json_file)],
-                        gw.uri("/telemetry", host="::1"), tmp_path)  # fmt: skip
+    reply = coap_client(
+        CLIENT,
+        ["-m", "post", "-t", "110", "-f", str(json_file)],
+        gw.uri("/telemetry", host="::1"),
+        tmp_path,
+    )
     assert reply.code == "2.04", reply.log
 
     reply = coap_client(CLIENT, ["-A", "110"], gw.uri("/d/boiler-1/temp"), tmp_path)
@@ -68,18 +76,20 @@ def test_post_senml_cbor_and_json_from_files_then_get_back(
 
     readings = _events(gw.db, "readings")
     assert [(s, [r["n"] for r in d["r"]]) for s, _t, d in readings] == [
-        ("device:boiler-1", ["temp", "pressure"]), ("device:boiler-1", ["temp"]),
-    ]  # fmt: skip
+        ("device:boiler-1", ["temp", "pressure"]),
+        ("device:boiler-1", ["temp"]),
+    ]
 
 
 def test_plain_cbor_map_to_a_device_path(gateway_factory: Any, tmp_path: Path) -> None:
     gw = gateway_factory()
     f = tmp_path / "map.cbor"
     f.write_bytes(cbor2.dumps({"temp": 19.5, "door": True, "label": "hall"}))
-    reply = coap_client(CLIENT, ["-m", "post", "-t", "60", "-f", str(f)],
-                        gw.uri("/d/esp-7"), tmp_path)  # fmt: skip
+    reply = coap_client(
+        CLIENT, ["-m", "post", "-t", "60", "-f", str(f)], gw.uri("/d/esp-7"), tmp_path
+    )
     assert reply.code == "2.04", reply.log
-    (_s, _t, data), = _events(gw.db, "readings")
+    ((_s, _t, data),) = _events(gw.db, "readings")
     assert {r["n"]: r["v"] for r in data["r"]} == {"temp": 19.5, "door": True, "label": "hall"}
 
 
@@ -94,14 +104,17 @@ def test_plain_cbor_map_to_a_device_path(gateway_factory: Any, tmp_path: Path) -
     ],
 )
 def test_bad_requests_get_a_4xx_with_a_diagnostic(
-    gateway_factory: Any, tmp_path: Path, args: list[str], payload: bytes, code: str,
+    gateway_factory: Any,
+    tmp_path: Path,
+    args: list[str],
+    payload: bytes,
+    code: str,
     diagnostic: str,
-) -> None:  # fmt: skip
+) -> None:
     gw = gateway_factory()
     f = tmp_path / "payload"
     f.write_bytes(payload)
-    reply = coap_client(CLIENT, ["-m", "post", *args, "-f", str(f)], gw.uri("/telemetry"),
-                        tmp_path)  # fmt: skip
+    reply = coap_client(CLIENT, ["-m", "post", *args, "-f", str(f)], gw.uri("/telemetry"), tmp_path)
     assert reply.code == code, reply.log
     assert diagnostic in reply.payload.decode()
     assert gw.alive()
@@ -109,12 +122,14 @@ def test_bad_requests_get_a_4xx_with_a_diagnostic(
 
 
 def test_oversized_payload_gets_4_13_with_size1(gateway_factory: Any, tmp_path: Path) -> None:
-    gw = gateway_factory("allow_unauthenticated = true\naccept_unknown_devices = true\n"
-                         "max_payload = 64")  # fmt: skip
+    gw = gateway_factory(
+        "allow_unauthenticated = true\naccept_unknown_devices = true\nmax_payload = 64"
+    )
     f = tmp_path / "big.json"
     f.write_text(json.dumps([{"bn": "d1/", "n": f"p{i}", "v": i} for i in range(20)]))
-    reply = coap_client(CLIENT, ["-m", "post", "-t", "110", "-f", str(f)], gw.uri("/telemetry"),
-                        tmp_path)  # fmt: skip
+    reply = coap_client(
+        CLIENT, ["-m", "post", "-t", "110", "-f", str(f)], gw.uri("/telemetry"), tmp_path
+    )
     assert reply.code == "4.13", reply.log
     assert "Size1:64" in reply.log.replace(" ", "")
 
@@ -122,17 +137,21 @@ def test_oversized_payload_gets_4_13_with_size1(gateway_factory: Any, tmp_path: 
 def test_unknown_device_refused_when_unknown_devices_are_not_accepted(
     gateway_factory: Any, tmp_path: Path
 ) -> None:
-    gw = gateway_factory("allow_unauthenticated = true\naccept_unknown_devices = false",
-                         '[devices.pump-1]\ndriver = "virtual"\n[devices.pump-1.points.t]\n')  # fmt: skip
+    gw = gateway_factory(
+        "allow_unauthenticated = true\naccept_unknown_devices = false",
+        '[devices.pump-1]\ndriver = "virtual"\n[devices.pump-1.points.t]\n',
+    )
     f = tmp_path / "p.json"
     f.write_text('[{"bn":"stranger/","n":"t","v":1}]')
-    reply = coap_client(CLIENT, ["-m", "post", "-t", "110", "-f", str(f)], gw.uri("/telemetry"),
-                        tmp_path)  # fmt: skip
+    reply = coap_client(
+        CLIENT, ["-m", "post", "-t", "110", "-f", str(f)], gw.uri("/telemetry"), tmp_path
+    )
     assert reply.code == "4.04", reply.log
     assert "unknown device 'stranger'" in reply.payload.decode()
     f.write_text('[{"bn":"pump-1/","n":"t","v":1}]')
-    reply = coap_client(CLIENT, ["-m", "post", "-t", "110", "-f", str(f)], gw.uri("/telemetry"),
-                        tmp_path)  # fmt: skip
+    reply = coap_client(
+        CLIENT, ["-m", "post", "-t", "110", "-f", str(f)], gw.uri("/telemetry"), tmp_path
+    )
     assert reply.code == "2.04", reply.log
 
 
@@ -140,17 +159,20 @@ def test_unauthenticated_refused_unless_allowed(gateway_factory: Any, tmp_path: 
     gw = gateway_factory("accept_unknown_devices = true")
     f = tmp_path / "p.json"
     f.write_text('[{"bn":"d1/","n":"t","v":1}]')
-    reply = coap_client(CLIENT, ["-m", "post", "-t", "110", "-f", str(f)], gw.uri("/telemetry"),
-                        tmp_path)  # fmt: skip
+    reply = coap_client(
+        CLIENT, ["-m", "post", "-t", "110", "-f", str(f)], gw.uri("/telemetry"), tmp_path
+    )
     assert reply.code == "4.01", reply.log
 
 
 def test_resource_directory_register_lookup_expire(gateway_factory: Any, tmp_path: Path) -> None:
     gw = gateway_factory()
     reply = coap_client(
-        CLIENT, ["-m", "post", "-t", "40", "-e", '</temp>;rt="temperature";if="sensor",</fan>'],
-        gw.uri("/rd?ep=node-1&lt=2&d=plant"), tmp_path,
-    )  # fmt: skip
+        CLIENT,
+        ["-m", "post", "-t", "40", "-e", '</temp>;rt="temperature";if="sensor",</fan>'],
+        gw.uri("/rd?ep=node-1&lt=2&d=plant"),
+        tmp_path,
+    )
     assert reply.code == "2.01", reply.log
     assert "Location-Path:rd" in reply.log.replace(" ", "")
 
@@ -163,15 +185,16 @@ def test_resource_directory_register_lookup_expire(gateway_factory: Any, tmp_pat
     text = res.payload.decode()
     assert "/temp>" in text and "/fan>" not in text and "anchor=" in text
 
-    (_s, _t, data), = _events(gw.db, "device.registered")
+    ((_s, _t, data),) = _events(gw.db, "device.registered")
     assert data["source"] == "rd" and data["lt"] == 2
     with sqlite3.connect(f"file:{gw.db}?mode=ro", uri=True) as conn:
         assert conn.execute("SELECT source FROM devices WHERE id='node-1'").fetchone() == ("rd",)
 
     # Expiry after lt = 2 s: the server records it as an event on its own.
-    wait_until(lambda: bool(_events(gw.db, "device.unregistered")), "RD expiry", attempts=100,
-               pause=0.1)  # fmt: skip
-    (stream, _t, data), = _events(gw.db, "device.unregistered")
+    wait_until(
+        lambda: bool(_events(gw.db, "device.unregistered")), "RD expiry", attempts=100, pause=0.1
+    )
+    ((stream, _t, data),) = _events(gw.db, "device.unregistered")
     assert stream == "device:node-1" and data["reason"] == "expired"
     eps = coap_client(CLIENT, [], gw.uri("/rd-lookup/ep"), tmp_path)
     assert "node-1" not in eps.payload.decode()
@@ -179,8 +202,9 @@ def test_resource_directory_register_lookup_expire(gateway_factory: Any, tmp_pat
 
 def test_resource_directory_update_and_delete(gateway_factory: Any, tmp_path: Path) -> None:
     gw = gateway_factory()
-    reply = coap_client(CLIENT, ["-m", "post", "-t", "40", "-e", "</a>"],
-                        gw.uri("/rd?ep=node-2&lt=600"), tmp_path)  # fmt: skip
+    reply = coap_client(
+        CLIENT, ["-m", "post", "-t", "40", "-e", "</a>"], gw.uri("/rd?ep=node-2&lt=600"), tmp_path
+    )
     assert reply.code == "2.01"
     loc = [line for line in reply.log.splitlines() if "Location-Path" in line][-1]
     reg_id = loc.split("Location-Path:rd, Location-Path:")[1].split(" ")[0].rstrip(",]")
@@ -190,7 +214,7 @@ def test_resource_directory_update_and_delete(gateway_factory: Any, tmp_path: Pa
     assert 'lt="900"' in eps.payload.decode()
     reply = coap_client(CLIENT, ["-m", "delete"], gw.uri(f"/rd/{reg_id}"), tmp_path)
     assert reply.code == "2.02", reply.log
-    (_s, _t, data), = _events(gw.db, "device.unregistered")
+    ((_s, _t, data),) = _events(gw.db, "device.unregistered")
     assert data["reason"] == "removed"
     reply = coap_client(CLIENT, ["-m", "delete"], gw.uri(f"/rd/{reg_id}"), tmp_path)
     assert reply.code == "4.04"
