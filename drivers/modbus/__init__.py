@@ -2,13 +2,16 @@
 
 Importing this package does not import pymodbus (config checks stay cheap): the connection
 code in `drivers.modbus.bus` is imported when the first device is added.
-Values are returned in engineering units (`raw * scale + offset`) and written back the same
-way, range-checked against the point's `min`/`max`.
+`read` returns raw values (decoded by type; the collection service applies the point's scale
+and offset, as for every driver). `write` takes the value in engineering units (what a user or
+a command gives, in the unit of the stored readings): it is range-checked against the point's
+`min`/`max`, then scale and offset are removed and the raw type is encoded.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -34,6 +37,9 @@ if TYPE_CHECKING:
     from .bus import Bus, Session
 
 __all__ = ["ModbusDriver"]
+
+#: Share of a device's `timeout` that one read or write may use in the driver.
+DEADLINE_SHARE = 0.9
 
 
 @dataclass(eq=False)
@@ -217,8 +223,12 @@ class ModbusDriver(Driver):
                 cfg.id, f"circuit open after {dev.breaker.failures} failures; next probe in "
                 f"{dev.breaker.retry_in(clock.monotonic()):.1f} s",
             )  # fmt: skip
+        # Everything (waiting for the bus, connecting, each answer) must fit in the device's
+        # timeout, with a margin: the collection service bounds a whole read by that timeout,
+        # and our own DeviceTimeout must arrive first so the breaker hears of it.
+        deadline = time.monotonic() + cfg.timeout * DEADLINE_SHARE
         try:
-            async with dev.bus.session(cfg.id, cfg.unit, cfg.timeout) as s:
+            async with dev.bus.session(cfg.id, cfg.unit, deadline) as s:
                 await run(s)
         except DriverError as exc:
             self._failed(dev, exc)

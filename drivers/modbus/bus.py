@@ -67,11 +67,11 @@ class Bus:
                 s.serial_port, baudrate=s.baudrate, parity=s.parity, stopbits=s.stopbits,
                 bytesize=s.bytesize, timeout=timeout, retries=0, reconnect_delay=0,
             )  # fmt: skip
-        # One silent unit must not tear down the link its neighbours share.
+        # One silent unit must not tear down the link its neighbours share (see _timed_out).
         client.set_max_no_responses(1 << 30)
         return client
 
-    async def _ensure_connected(self, device: str, limit: float) -> None:
+    async def _ensure_connected(self, device: str, deadline: float) -> None:
         client = self._client
         if client is not None and client.connected:
             return
@@ -81,11 +81,13 @@ class Bus:
                 device, f"{self.label}: not connected (next attempt in "
                 f"{self._next_connect - now:.1f} s)",
             )  # fmt: skip
+        limit = max(deadline - now, 0.01)
         if client is None:
             client = self._client = self._make_client(limit)
         client.comm_params.timeout_connect = limit
         try:
-            ok = await asyncio.wait_for(client.connect(), limit + 1.0)
+            async with asyncio.timeout(limit):
+                ok = await client.connect()
         except (TimeoutError, OSError, ModbusException) as exc:
             ok = False
             reason = str(exc) or type(exc).__name__
@@ -109,8 +111,9 @@ class Bus:
         # among live ones does not trigger this: their answers reset the count.
         self._timeouts += 1
         if self.settings.transport == "tcp" and self._timeouts >= TCP_DROP_AFTER_TIMEOUTS:
-            self.logger.debug("modbus %s: %d time-outs in a row, reconnecting", self.label,
-                              self._timeouts)  # fmt: skip
+            self.logger.debug(
+                "modbus %s: %d time-outs in a row, reconnecting", self.label, self._timeouts
+            )
             self._timeouts = 0
             self.drop()
 
@@ -120,37 +123,45 @@ class Bus:
             self._client.close()
 
     @contextlib.asynccontextmanager
-    async def session(self, device: str, unit: int, limit: float) -> AsyncIterator[Session]:
-        """Hold the bus for a few requests of one unit."""
+    async def session(self, device: str, unit: int, deadline: float) -> AsyncIterator[Session]:
+        """Hold the bus for a few requests of one unit, all to be done by `deadline`
+        (time.monotonic()): waiting for the bus, connecting and every answer count."""
         if self._lock.locked() and self._waiting >= self.settings.queue_size:
             raise BusBusyError(
                 device, f"{self.label}: bus busy ({self._waiting} requests already waiting)"
             )
         self._waiting += 1
         try:
-            await self._lock.acquire()
+            async with asyncio.timeout(max(deadline - time.monotonic(), 0.0)):
+                await self._lock.acquire()
+        except TimeoutError:
+            raise BusBusyError(
+                device, f"{self.label}: bus busy (no turn within the device's time-out)"
+            ) from None
         finally:
             self._waiting -= 1
         try:
-            await self._ensure_connected(device, limit)
+            await self._ensure_connected(device, deadline)
             assert self._client is not None
-            self._client.comm_params.timeout_connect = limit
-            yield Session(self, self._client, device, unit, limit)
+            yield Session(self, self._client, device, unit, deadline)
         finally:
             self._lock.release()
 
-    async def _call(
-        self, device: str, limit: float, what: str, call: Callable[[], Awaitable[Any]]
-    ) -> Any:
+    async def _call(self, session: Session, what: str, call: Callable[[], Awaitable[Any]]) -> Any:
+        device = session.device
         gap = self.settings.frame_gap
         if gap > 0:
             wait = self._last_frame + gap - time.monotonic()
             if wait > 0:
                 await asyncio.sleep(wait)
+        limit = session.deadline - time.monotonic()
+        if limit <= 0:
+            raise DeviceTimeout(device, f"no time left for {what} within the device's time-out")
+        # pymodbus bounds every request by `timeout_connect` itself (one timer, no second
+        # one of ours); the bus is held, so setting it per request is safe.
+        session.client.comm_params.timeout_connect = limit
         self.requests += 1
         try:
-            # No outer time-out: pymodbus bounds every request by `timeout_connect` itself
-            # (and each bus has its own client, so its internal lock is never contended).
             response = await call()
         except ConnectionException as exc:
             self.drop()
@@ -163,7 +174,7 @@ class Bus:
             # other I/O errors (a mismatched unit or transaction id) are protocol errors.
             if "No response" in str(exc):
                 self._timed_out()
-                raise DeviceTimeout(device, f"no answer to {what} within {limit:g} s") from None
+                raise DeviceTimeout(device, f"no answer to {what} within {limit:.2g} s") from None
             raise DeviceProtocolError(device, f"{what}: {exc}") from None
         except ModbusException as exc:
             raise DeviceProtocolError(device, f"{what}: {exc}") from None
@@ -194,13 +205,13 @@ class Session:
         client: AsyncModbusTcpClient | AsyncModbusSerialClient,
         device: str,
         unit: int,
-        timeout: float,
+        deadline: float,
     ) -> None:
         self.bus = bus
         self.client = client
         self.device = device
         self.unit = unit
-        self.timeout = timeout
+        self.deadline = deadline
 
     async def read(self, table: str, address: int, count: int) -> list[int] | list[bool]:
         c, u = self.client, self.unit
@@ -211,9 +222,7 @@ class Session:
             "coil": c.read_coils,
             "discrete_input": c.read_discrete_inputs,
         }[table]
-        response = await self.bus._call(
-            self.device, self.timeout, what, lambda: fn(address, count=count, device_id=u)
-        )
+        response = await self.bus._call(self, what, lambda: fn(address, count=count, device_id=u))
         if table in ("coil", "discrete_input"):
             bits: list[bool] = list(response.bits[:count])
             if len(bits) < count:
@@ -227,9 +236,7 @@ class Session:
     async def write_coil(self, address: int, value: bool) -> None:
         c, u = self.client, self.unit
         what = f"write coil {address} (unit {u})"
-        await self.bus._call(
-            self.device, self.timeout, what, lambda: c.write_coil(address, value, device_id=u)
-        )
+        await self.bus._call(self, what, lambda: c.write_coil(address, value, device_id=u))
 
     async def write_registers(self, address: int, values: list[int]) -> None:
         c, u = self.client, self.unit
@@ -240,4 +247,4 @@ class Session:
             )
         else:
             call = lambda: c.write_registers(address, values, device_id=u)  # noqa: E731
-        await self.bus._call(self.device, self.timeout, what, call)
+        await self.bus._call(self, what, call)

@@ -3,6 +3,9 @@
 Points of one table whose addresses are near each other (at most `max_gap` unused registers,
 or `16 * max_gap` unused bits, between them) share one request, up to 125 registers or
 2000 bits per request; a response is split back into the points' values. Pure.
+
+Values are raw (decoded by type, not scaled): the collection service applies a point's
+scale and offset to every driver's readings.
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ from drivers.modbus.registers import (
     MAX_READ_REGISTERS,
     NUMERIC,
     Layout,
-    apply_scale,
     decode,
 )
 
@@ -62,7 +64,7 @@ class ReadRequest:
     format for the whole block, the per-poll hot path; the others go through `decode`."""
 
     __slots__ = (
-        "_bits", "_block", "_fast", "_others", "_scaled", "address", "count", "points", "table",
+        "_bits", "_block", "_fast", "_others", "address", "count", "points", "table",
     )  # fmt: skip
 
     def __init__(
@@ -75,7 +77,6 @@ class ReadRequest:
         self._bits = table in BIT_TABLES
         fmt, pos = ">", 0
         self._fast: list[str] = []
-        self._scaled: list[tuple[int, float, float]] = []
         self._others: list[ModbusPoint] = []
         for p in sorted(points, key=lambda q: q.address):
             index = p.address - address
@@ -84,8 +85,6 @@ class ReadRequest:
                 continue
             fmt += "x" * (2 * (index - pos)) + NUMERIC[p.layout.type][0]
             pos = index + p.layout.registers
-            if p.scale != 1.0 or p.offset != 0.0:
-                self._scaled.append((len(self._fast), p.scale, p.offset))
             self._fast.append(p.name)
         self._block = struct.Struct(fmt)
 
@@ -102,7 +101,7 @@ class ReadRequest:
     __hash__ = None  # type: ignore[assignment]
 
     def split(self, values: Sequence[int] | Sequence[bool]) -> list[tuple[str, object]]:
-        """The points' engineering values from the response's registers or bits."""
+        """The points' raw values (decoded, not scaled) from the response's registers or bits."""
         names, decoded = self._decode(values)
         return list(zip(names, decoded, strict=True))
 
@@ -123,14 +122,12 @@ class ReadRequest:
         if self._fast:
             n = self._block.size // 2
             decoded = list(self._block.unpack(struct.pack(f">{n}H", *values[:n])))
-            for i, scale, offset in self._scaled:
-                decoded[i] = decoded[i] * scale + offset
             names = list(self._fast)
         for p in self._others:
             i = p.address - self.address
             regs = [int(v) for v in values[i : i + p.layout.registers]]
             names.append(p.name)
-            decoded.append(apply_scale(decode(regs, p.layout), p.scale, p.offset))
+            decoded.append(decode(regs, p.layout))
         return names, decoded
 
 

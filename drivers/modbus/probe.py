@@ -17,7 +17,7 @@ from gateway.clock import SystemClock
 from gateway.config import DeviceSpec, PointSpec
 from gateway.errors import PayloadError
 
-from .registers import TABLES, TYPES
+from .registers import TABLES, TYPES, apply_scale
 
 
 def add_parser(sub: argparse._SubParsersAction[Any]) -> None:
@@ -153,9 +153,19 @@ def run(args: argparse.Namespace) -> int:
     spec = _spec(args)
     readings = asyncio.run(_probe(args, spec))
     addresses = {p.name: int(p.options["address"]) for p in spec.points}
+    # The driver reads raw values (the collection service scales them in the daemon); the
+    # probe shows what the gateway would store, so it scales here the same way.
     rows = [
-        {"table": args.table, "address": addresses[r.point], "value": r.value} for r in readings
+        {
+            "table": args.table,
+            "address": addresses[r.point],
+            "value": apply_scale(r.value, args.scale, args.offset)
+            if isinstance(r.value, int | float)
+            else r.value,
+        }
+        for r in readings
     ]
+    rows.sort(key=lambda row: int(str(row["address"])))
     if args.json:
         json.dump(rows, sys.stdout, indent=2)
         sys.stdout.write("\n")

@@ -190,7 +190,7 @@ def type_matrix() -> tuple[dict[str, list[Any]], str, dict[str, Any]]:
         f'[devices.DEV.points.temp]\naddress = {len(hr)}\ntype = "int16"\n'
         "scale = 0.1\noffset = -40.0\n"
     )
-    expected["temp"] = 215 * 0.1 - 40.0
+    expected["temp"] = 215  # raw: scale and offset are the collection service's job
     hr.append(215)
     # the other tables
     toml.append('[devices.DEV.points.ir]\ntable = "input"\naddress = 2\ntype = "uint32"\n')

@@ -11,7 +11,8 @@ def reg(
 ) -> ModbusPoint:
     length = kw.pop("length", None)
     bit = kw.pop("bit", None)
-    layout = Layout(type_, bit=bit, length=length)  # type: ignore[arg-type]
+    word = kw.pop("word_order", "big")
+    layout = Layout(type_, word, bit=bit, length=length)  # type: ignore[arg-type]
     return ModbusPoint(name, table, address, layout, **kw)  # type: ignore[arg-type]
 
 
@@ -39,17 +40,19 @@ def test_tables_never_mix_and_limits_hold() -> None:
     assert [r.count for r in compile_plan(many, max_registers=100)] == [100, 100, 100]
 
 
-def test_split_decodes_and_scales() -> None:
+def test_split_decodes_raw_values() -> None:
+    # Raw values: the collection service applies scale and offset to every driver's readings.
     points = [
         reg("t", 0, "int16", scale=0.1, offset=-1.0),
         reg("f", 1, "float32"),
         reg("s", 3, "string", length=2),
         reg("flag", 5, "bool", bit=1),
         reg("flag2", 5, "bool", bit=0),
+        reg("cdab", 6, "uint32", word_order="little"),
     ]
     (req,) = compile_plan(points)
-    values = dict(req.split([0xFFF6, 0x3F80, 0x0000, 0x4F4B, 0x0000, 0b10]))
-    assert values["t"] == -2.0
-    assert values["f"] == 1.0
-    assert values["s"] == "OK"
-    assert values["flag"] is True and values["flag2"] is False
+    values = dict(req.split([0xFFF6, 0x3F80, 0x0000, 0x4F4B, 0x0000, 0b10, 0x0002, 0x0001]))
+    assert values == {
+        "t": -10, "f": 1.0, "s": "OK", "flag": True, "flag2": False, "cdab": 0x0001_0002,
+    }  # fmt: skip
+    assert [r.point for r in req.readings([0] * 8)] == list(values)  # fast path first

@@ -37,6 +37,9 @@ def test_read_range_as_type(server: ModbusServer, capsys: pytest.CaptureFixture[
     ]
     assert main(probe(server, "--address", "10")) == 0
     assert capsys.readouterr().out.split() == ["holding", "10", "7"]
+    # scaled the way the collection service scales readings
+    assert main(probe(server, "--address", "10", "--scale", "0.5", "--offset", "1")) == 0
+    assert capsys.readouterr().out.split() == ["holding", "10", "4.5"]
 
 
 def test_write_one_value(server: ModbusServer, capsys: pytest.CaptureFixture[str]) -> None:
