@@ -130,16 +130,19 @@ class Bus:
             raise BusBusyError(
                 device, f"{self.label}: bus busy ({self._waiting} requests already waiting)"
             )
-        self._waiting += 1
-        try:
-            async with asyncio.timeout(max(deadline - time.monotonic(), 0.0)):
-                await self._lock.acquire()
-        except TimeoutError:
-            raise BusBusyError(
-                device, f"{self.label}: bus busy (no turn within the device's time-out)"
-            ) from None
-        finally:
-            self._waiting -= 1
+        if not self._lock.locked():
+            await self._lock.acquire()  # free: taken at once, no timer needed
+        else:
+            self._waiting += 1
+            try:
+                async with asyncio.timeout(max(deadline - time.monotonic(), 0.0)):
+                    await self._lock.acquire()
+            except TimeoutError:
+                raise BusBusyError(
+                    device, f"{self.label}: bus busy (no turn within the device's time-out)"
+                ) from None
+            finally:
+                self._waiting -= 1
         try:
             await self._ensure_connected(device, deadline)
             assert self._client is not None
