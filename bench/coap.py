@@ -10,9 +10,10 @@ requests retransmitted after 2 s like a device would) POSTs a 5-record SenML CBO
   (b) a bare aiocoap 0.4.17 server in its own process whose resource only answers 2.04
       (stock `Context.create_server_context`, udp6 only).
 
-For each concurrency level it prints requests/s, p50/p99/p99.9/max latency, and each server's
-RSS before and after the level; the c=1 level sends N/10 requests (it is latency-bound), the
-others N. Targets (issue 3): gateway >= 0.9x bare requests/s at c=16; gateway RSS after 100k
+For each concurrency level (a fresh server process per row) it prints requests/s,
+p50/p99/p99.9/max latency, the server's RSS before and after the level, and at the end the
+longest GC pauses; the c=1 level sends N/20 requests (it is latency-bound), the others N.
+Targets (issue 3): gateway >= 0.9x bare requests/s at c=16; gateway RSS after 100k
 requests <= 64 MB; gateway p99.9 <= 20 ms at c=16.
 """
 
@@ -287,10 +288,11 @@ def main() -> int:
 
     levels = [int(x) for x in args.levels.split(",")]
     results: dict[tuple[str, int], tuple[float, list[float], int]] = {}
-    gc_line: dict[str, str] = {}
+    gc_line: dict[tuple[str, int], str] = {}
     print(
         f"CoAP POST /telemetry, 5-record SenML CBOR pack; {args.requests} requests per level "
-        f"(c=1: {max(1, args.requests // 10)}); {os.cpu_count()} CPUs"
+        f"(c=1: {max(1, args.requests // 20)}), fresh server per row; {os.cpu_count()} CPUs, "
+        f"load average {os.getloadavg()[0]:.1f}"
     )
     print(
         f"{'server':13} {'c':>3} {'req':>7} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} "
@@ -298,14 +300,15 @@ def main() -> int:
     )
     with tempfile.TemporaryDirectory() as tmp:
         kinds = ["bare", "gateway"] + (["gateway-stock"] if args.with_stock else [])
-        for kind in kinds:
-            port = free_udp_port()
-            proc = start_server(kind, port, str(Path(tmp) / f"{kind}.db"))
-            try:
-                # Warm-up (imports, first allocations, sqlite pages) before measuring.
-                asyncio.run(load("127.0.0.1", port, 500, 4))
-                for c in levels:
-                    n = max(1, args.requests // 10) if c == 1 else args.requests
+        for c in levels:
+            n = max(1, args.requests // 20) if c == 1 else args.requests
+            for kind in kinds:
+                # A fresh server per level: every row starts from the same state.
+                port = free_udp_port()
+                proc = start_server(kind, port, str(Path(tmp) / f"{kind}-{c}.db"))
+                try:
+                    # Warm-up (imports, first allocations, sqlite pages) before measuring.
+                    asyncio.run(load("127.0.0.1", port, 500, 4))
                     before = rss_mb(proc.pid)
                     lat, fails, elapsed = asyncio.run(load("127.0.0.1", port, n, c))
                     after = rss_mb(proc.pid)
@@ -318,17 +321,17 @@ def main() -> int:
                         f"{before:>10.1f} -> {after:<8.1f}",
                         flush=True,
                     )
-            finally:
-                proc.terminate()
-                try:
-                    out, _ = proc.communicate(timeout=30)
-                    gc_line[kind] = out.decode().strip()
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+                finally:
+                    proc.terminate()
+                    try:
+                        out, _ = proc.communicate(timeout=30)
+                        gc_line[(kind, c)] = out.decode().strip()
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+                        proc.wait()
     print()
-    for kind, line in gc_line.items():
-        print(f"{kind:14} GC: {line}")
+    for (kind, c), line in gc_line.items():
+        print(f"{kind:13} c={c:<3} GC: {line}")
     for c in levels:
         if ("bare", c) in results and ("gateway", c) in results:
             g, b = results[("gateway", c)][0], results[("bare", c)][0]

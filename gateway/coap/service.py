@@ -12,6 +12,7 @@ import contextlib
 import gc
 import logging
 import socket
+import sys
 from typing import Any
 
 from gateway.coap.config import CoapConfig
@@ -154,6 +155,11 @@ class CoapServer:
         # Everything built so far lives as long as the process: keep it out of the GC's
         # generations so full collections only walk what requests create (short pauses).
         gc.freeze()
+        # The store's writer thread runs Python between its SQLite calls; with the default
+        # 5 ms GIL switch interval the event loop, back from every sendmsg/epoll, waits for
+        # it in 5 ms slices. 0.5 ms measured +10..50 % requests/s and a lower p99.9 at c=16.
+        # (Process-wide: the daemon may own this setting; it is idempotent here.)
+        sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))
         self.log.info(
             "CoAP listening on %s", ", ".join(f"{k}://[{h}]:{p}" for h, p, k in self.addresses)
         )
