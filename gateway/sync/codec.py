@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -55,26 +56,78 @@ def idempotency_key(gateway: str, seq: int) -> str:
     return f"{gateway}:{seq}"
 
 
+_DOUBLE = struct.Struct(">Bd")
+
+
+def _cbor_uint(n: int) -> bytes:
+    if n < 24:
+        return bytes((n,))
+    if n < 0x100:
+        return bytes((0x18, n))
+    if n < 0x10000:
+        return b"\x19" + n.to_bytes(2, "big")
+    if n < 0x100000000:
+        return b"\x1a" + n.to_bytes(4, "big")
+    return b"\x1b" + n.to_bytes(8, "big")
+
+
+def _cbor_float(x: float) -> bytes:
+    return _DOUBLE.pack(0xFB, x)
+
+
+def _cbor_int(n: int) -> bytes:
+    if n >= 0:
+        return _cbor_uint(n)
+    b = bytearray(_cbor_uint(-1 - n))
+    b[0] |= 0x20  # major type 1: negative integer
+    return bytes(b)
+
+
+class CborEncoder:
+    """Encodes event envelopes for one gateway, byte for byte what `cbor2.dumps` of the
+    envelope map would give (doubles as 8-byte floats), without building the map: the
+    repeated strings (stream, type, boot id) are encoded once and kept."""
+
+    def __init__(self, gateway: str) -> None:
+        self.gateway = gateway
+        k = _CBOR_KEYS
+        self._head = _CBOR_MAP_HEADER + k[0]
+        self._key_prefix = gateway + ":"
+        self._gw = k[1] + cbor2.dumps(gateway) + k[2]
+        self._strings: dict[str, bytes] = {}
+
+    def _s(self, value: str) -> bytes:
+        b = self._strings.get(value)
+        if b is None:
+            if len(self._strings) > 10_000:  # bounded: streams come and go
+                self._strings.clear()
+            b = self._strings[value] = cbor2.dumps(value)
+        return b
+
+    def event(self, row: Row) -> bytes:
+        k = _CBOR_KEYS
+        key = (self._key_prefix + str(row.seq)).encode()
+        n = len(key)
+        key_head = bytes((0x60 + n,)) if n < 24 else bytes((0x78, n))
+        return b"".join(
+            (
+                self._head, key_head, key,
+                self._gw, _cbor_uint(row.seq),
+                k[3], self._s(row.stream),
+                k[4], _cbor_int(row.version),
+                k[5], self._s(row.type),
+                k[6], _DOUBLE.pack(0xFB, row.wall_time),
+                k[7], _DOUBLE.pack(0xFB, row.mono_time),
+                k[8], self._s(row.boot_id),
+                k[9], b"\xf5" if row.synced else b"\xf4",
+                k[10], row.data,
+            )
+        )  # fmt: skip
+
+
 def cbor_event(gateway: str, row: Row) -> bytes:
     """One event as a CBOR map; the stored data blob is spliced in without re-encoding."""
-    k = _CBOR_KEYS
-    d = cbor2.dumps
-    return b"".join(
-        (
-            _CBOR_MAP_HEADER,
-            k[0], d(idempotency_key(gateway, row.seq)),
-            k[1], d(gateway),
-            k[2], d(row.seq),
-            k[3], d(row.stream),
-            k[4], d(row.version),
-            k[5], d(row.type),
-            k[6], d(row.wall_time),
-            k[7], d(row.mono_time),
-            k[8], d(row.boot_id),
-            k[9], b"\xf5" if row.synced else b"\xf4",
-            k[10], row.data,
-        )
-    )  # fmt: skip
+    return CborEncoder(gateway).event(row)
 
 
 def event_dict(gateway: str, row: Row) -> dict[str, Any]:
@@ -130,6 +183,20 @@ def json_event(gateway: str, row: Row) -> bytes:
 def encode_one(fmt: str, gateway: str, row: Row) -> bytes:
     """One event in `fmt` ("cbor" or "json"): the unit of a batch and of a file record."""
     return cbor_event(gateway, row) if fmt == "cbor" else json_event(gateway, row)
+
+
+class Encoder:
+    """`encode_one` for a stream of rows, with the CBOR encoder's caches kept."""
+
+    def __init__(self, fmt: str, gateway: str) -> None:
+        self.fmt = fmt
+        self.gateway = gateway
+        self._cbor = CborEncoder(gateway)
+
+    def __call__(self, row: Row) -> bytes:
+        if self.fmt == "cbor":
+            return self._cbor.event(row)
+        return json_event(self.gateway, row)
 
 
 def batch_payload(fmt: str, items: Sequence[bytes]) -> bytes:

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from gateway import events as ev
 from gateway.errors import ConcurrencyError, PayloadError, StoreError
-from gateway.sync.codec import NotRepresentableError, Row, encode_one, parse_command
+from gateway.sync.codec import Encoder, NotRepresentableError, Row, parse_command
 from gateway.sync.codec import response_payload as _response
 from gateway.sync.config import SyncConfig
 from gateway.sync.link import TRANSIENT_CODES, Ack, Backoff, Channel, LinkDownError, Sink
@@ -100,13 +100,14 @@ class _Lane:
         self.pending: dict[str, deque[Row]] = {}
         self.splits: dict[str, deque[list[Row]]] = {}
         self.npending = 0
+        self.filling: asyncio.Future[None] | None = None
         self.busy: set[str] = set()
         self.exhausted = False  # nothing more to read (for live: until the next commit)
 
     def finished(self) -> bool:
         return (
             self.name != "live" and self.exhausted and not self.npending and not self.busy
-            and not self.splits
+            and not self.splits and (self.filling is None or self.filling.done())
         )  # fmt: skip
 
 
@@ -146,8 +147,12 @@ class Relay:
         self._restart = False
         self._pause = Backoff(cfg.backoff_base, cfg.backoff_cap)
         self._rates: deque[tuple[float, int]] = deque()
-        self._prefetch = min(50_000, max(1000, cfg.batch_size * cfg.inflight * 4))
+        # Rows read ahead per lane: enough for full batches of many streams at once.
+        self._prefetch = min(50_000, max(2000, cfg.batch_size * max(cfg.inflight, 8) * 8))
+        self._committed = False
+        self._commits = 0
         self._uses_type = "{type}" in cfg.topics.telemetry or "{type}" in cfg.topics.backfill
+        self._encode = Encoder(cfg.format, gateway_id)
         # Figures.
         self.state = "starting"
         self.channel: Channel | None = None
@@ -249,6 +254,8 @@ class Relay:
 
     # -- internals ---------------------------------------------------------------------------
     def _on_commit(self, events: Sequence[ev.Event]) -> None:
+        self._committed = True
+        self._commits += 1
         self._progress.set()
 
     async def _session(self, ch: Channel) -> None:
@@ -275,8 +282,28 @@ class Relay:
             self.backfill_left = 0
         inflight: dict[asyncio.Future[Ack], _Inflight] = {}
         self._requeued.clear()  # a fresh read from the start covers them
+        self._encode = Encoder(ch.item_format, self.gw)
+        fills: list[asyncio.Future[None]] = []
+        try:
+            await self._pump(ch, lanes, inflight, fills)
+        finally:
+            for f in fills:
+                f.cancel()
+            for f in fills:
+                with contextlib.suppress(BaseException):
+                    await f
+
+    async def _pump(
+        self,
+        ch: Channel,
+        lanes: list[_Lane],
+        inflight: dict[asyncio.Future[Ack], _Inflight],
+        fills: list[asyncio.Future[None]],
+    ) -> None:
+        cfg = self.cfg
         timer: asyncio.TimerHandle | None = None
         while True:
+            fills[:] = [f for f in fills if not f.done() or _reraise(f)]
             if ch.closed.done():
                 raise LinkDownError(f"{ch.label}: connection lost")
             if self._restart:
@@ -292,8 +319,14 @@ class Relay:
                     continue
                 self._completed(fut, item, ch)
             for lane in lanes:
-                if not lane.exhausted and lane.npending < self._prefetch:
-                    await self._fill(lane)
+                # Read in big gulps (half the read-ahead at least): each read is a thread hop.
+                if (
+                    not lane.exhausted and lane.npending <= self._prefetch // 2
+                    and (lane.filling is None or lane.filling.done())
+                ):  # fmt: skip
+                    # In the background: batches keep going out while the reader thread reads.
+                    lane.filling = asyncio.ensure_future(self._fill(lane))
+                    fills.append(lane.filling)
             lanes = [ln for ln in lanes if not ln.finished()]
             if self.live_first and not any(ln.name == "backfill" for ln in lanes):
                 self.live_first = False
@@ -321,9 +354,11 @@ class Relay:
                 timer = asyncio.get_running_loop().call_later(wait, self._progress.set)
             await self._progress.wait()
             self._progress.clear()
-            for lane in lanes:
-                if lane.name == "live":
-                    lane.exhausted = False
+            if self._committed:
+                self._committed = False
+                for lane in lanes:
+                    if lane.name == "live":
+                        lane.exhausted = False
 
     async def _fill(self, lane: _Lane) -> None:
         limit = self._prefetch - lane.npending
@@ -334,8 +369,10 @@ class Relay:
                 lane.exhausted = True
         else:
             after, upto = lane.after, lane.upto
+            commits = self._commits
             raw = await self.store.read(lambda c: _rows(c, after, upto, limit))
-            if len(raw) < limit:
+            # "Nothing more" holds only if nothing committed while we were reading.
+            if len(raw) < limit and (upto is not None or commits == self._commits):
                 lane.exhausted = True
             if raw:
                 lane.after = raw[-1][0]
@@ -343,12 +380,13 @@ class Relay:
             if r[1] is None:  # an outbox row whose event is gone: nothing to send
                 self._dead(r[0], r[9], "event missing from the log")
                 continue
-            row = Row(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8])
+            row = Row._make(r[:9])
             q = lane.pending.get(row.stream)
             if q is None:
                 q = lane.pending[row.stream] = deque()
             q.append(row)
             lane.npending += 1
+        self._progress.set()
 
     def _send(
         self, ch: Channel, lanes: list[_Lane], inflight: dict[asyncio.Future[Ack], _Inflight]
@@ -366,6 +404,14 @@ class Relay:
                     break
                 if stream in lane.busy:
                     continue
+                # While more rows wait in the database, send only full batches: a stream
+                # with a short queue gets more rows at the next read. At the tail, send all.
+                if (
+                    not lane.exhausted and stream not in lane.splits
+                    and len(lane.pending.get(stream, ())) < cfg.batch_size
+                    and lane.npending <= self._prefetch // 2  # (then the next loop reads)
+                ):  # fmt: skip
+                    continue
                 batch = self._take(lane, stream)
                 if not batch:
                     continue
@@ -381,7 +427,7 @@ class Relay:
                 good: list[Row] = []
                 for row in batch:
                     try:
-                        items.append(encode_one(ch.item_format, self.gw, row))
+                        items.append(self._encode(row))
                         good.append(row)
                     except NotRepresentableError as exc:
                         self._dead(row.seq, row.stream, f"not representable as "
@@ -487,6 +533,14 @@ class Relay:
             self._kick_flush()
             if self._flusher is not None:
                 await asyncio.shield(self._flusher)
+
+
+def _reraise(f: asyncio.Future[None]) -> bool:
+    """A finished read: surface its error (the session then ends); drop it otherwise."""
+    exc = f.exception()
+    if exc is not None:
+        raise exc
+    return False
 
 
 def _apply_ops(conn: sqlite3.Connection, ops: list[tuple[Any, ...]]) -> None:
