@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
@@ -26,13 +27,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gateway.config import Issues, Section, StoreConfig  # noqa: E402
-from gateway.events import NewEvent  # noqa: E402
-from gateway.store import EventStore  # noqa: E402
-from gateway.sync.codec import Row, batch_payload, encode_one  # noqa: E402
-from gateway.sync.config import SyncConfig, parse  # noqa: E402
-from gateway.sync.link import MqttLink  # noqa: E402
-from gateway.sync.relay import Relay  # noqa: E402
+from gateway.config import Issues, Section, StoreConfig
+from gateway.events import NewEvent
+from gateway.store import EventStore
+from gateway.sync.codec import Row, batch_payload, encode_one
+from gateway.sync.config import SyncConfig, parse
+from gateway.sync.link import MqttLink
+from gateway.sync.relay import Relay
 
 STREAMS = 50
 
@@ -105,10 +106,8 @@ async def run_relay(db: Path, cfg: SyncConfig, n: int) -> float:
         return time.perf_counter() - t0
     finally:
         task.cancel()
-        try:
+        with contextlib.suppress(asyncio.CancelledError):
             await task
-        except asyncio.CancelledError:
-            pass
         await store.close()
 
 
