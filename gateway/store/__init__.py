@@ -32,7 +32,7 @@ from gateway.config import StoreConfig
 from gateway.errors import ConcurrencyError, StoreClosedError, StoreError, StoreFull
 from gateway.events import Event, NewEvent
 from gateway.store import queries
-from gateway.store.projections import projections
+from gateway.store.projections import Projection, active_projections
 from gateway.store.schema import migrate
 
 __all__ = ["Event", "EventStore", "NewEvent", "StoreStats", "open_readonly", "quarantine"]
@@ -172,6 +172,7 @@ class EventStore:
         self._listeners: list[Listener] = []
         # Writer-thread state (touched only in the writer thread, or before it starts).
         self._versions: dict[str, int] = {}
+        self._projections: list[Projection] = []
         self._last_seq = 0
         self._since_snapshot: dict[str, int] = {}
         self._used_bytes = 0
@@ -225,6 +226,7 @@ class EventStore:
             self.quarantined = quarantine(self.path, str(exc))
             self._w = _connect(self.path, self.config.synchronous)
             migrate(self._w)
+        self._projections = active_projections(self._w)
         self._r = _connect(self.path, self.config.synchronous, readonly=True)
         self._last_seq = self._w.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0]
         # Counters survive restarts in the `counters` table (dropped events...).
@@ -491,7 +493,7 @@ class EventStore:
                 "ON CONFLICT(stream) DO UPDATE SET version = excluded.version",
                 list(versions.items()),
             )
-            for proj in projections():
+            for proj in self._projections:
                 proj.apply(conn, committed)
             self._maybe_snapshot(conn, versions, seq)
             if victims:
@@ -532,10 +534,10 @@ class EventStore:
         """Record the stream's projection state as of seq `at` (taken inside the transaction
         that brought the projections to `at`, so rebuild replays only events after it)."""
         state = {}
-        for i, proj in enumerate(projections()):
+        for proj in self._projections:
             s = proj.snapshot(conn, stream)
             if s is not None:
-                state[str(i)] = s
+                state[type(proj).__name__] = s
         conn.execute(
             "INSERT OR REPLACE INTO snapshots VALUES (?, ?, ?, ?)",
             (stream, version, at, cbor2.dumps(state)),

@@ -193,5 +193,12 @@ def projections() -> list[Projection]:
     return list(_REGISTRY)
 
 
+def active_projections(conn: sqlite3.Connection) -> list[Projection]:
+    """The registered projections whose tables exist in this database. A component imported
+    after a store opened (its migration not applied there) must not break that store."""
+    have = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    return [p for p in _REGISTRY if all(t in have for t in p.tables)]
+
+
 def projection_tables() -> list[str]:
     return [t for p in _REGISTRY for t in p.tables]

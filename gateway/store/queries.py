@@ -10,7 +10,7 @@ from typing import Any
 import cbor2
 
 from gateway.events import Event
-from gateway.store.projections import projections
+from gateway.store.projections import active_projections
 
 _EVENT_COLS = "seq, stream, version, type, wall_time, mono_time, boot_id, synced, data"
 
@@ -149,7 +149,7 @@ def _iter_all(conn: sqlite3.Connection, batch: int = 5000) -> Iterator[list[Even
 def projection_dump(conn: sqlite3.Connection) -> dict[str, list[tuple[Any, ...]]]:
     """Every projection table's rows, sorted: to compare live projections with a rebuild."""
     out = {}
-    for proj in projections():
+    for proj in active_projections(conn):
         for table in proj.tables:
             out[table] = sorted(conn.execute(f"SELECT * FROM {table}").fetchall(), key=repr)
     return out
@@ -157,7 +157,7 @@ def projection_dump(conn: sqlite3.Connection) -> dict[str, list[tuple[Any, ...]]
 
 def rebuild(conn: sqlite3.Connection) -> int:
     """Inside a transaction: reset projections, restore snapshots, replay the log after them."""
-    projs = projections()
+    projs = active_projections(conn)
     for p in projs:
         p.reset(conn)
     snap_at: dict[str, int] = {}
@@ -165,8 +165,8 @@ def rebuild(conn: sqlite3.Connection) -> int:
         "SELECT stream, version, seq, state FROM snapshots"
     ).fetchall():
         state = cbor2.loads(blob)
-        for i, p in enumerate(projs):
-            s = state.get(str(i))
+        for p in projs:
+            s = state.get(type(p).__name__)
             if s is not None:
                 p.restore(conn, stream, s)
         snap_at[stream] = seq
