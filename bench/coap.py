@@ -308,7 +308,9 @@ def main() -> int:
                 proc = start_server(kind, port, str(Path(tmp) / f"{kind}-{c}.db"))
                 try:
                     # Warm-up (imports, first allocations, sqlite pages) before measuring.
-                    asyncio.run(load("127.0.0.1", port, 500, 4))
+                    _lat, warm_fails, _ = asyncio.run(load("127.0.0.1", port, 500, 4))
+                    if warm_fails:
+                        raise SystemExit(f"{kind}: {warm_fails} of 500 warm-up requests failed")
                     before = rss_mb(proc.pid)
                     lat, fails, elapsed = asyncio.run(load("127.0.0.1", port, n, c))
                     after = rss_mb(proc.pid)

@@ -129,13 +129,13 @@ class Directory:
             self.by_href.pop(old.href, None)
         self.by_ep[reg.ep] = reg
         self.by_href[reg.href] = reg
-        self.gate.known.add(reg.ep)
+        self.gate.registered.add(reg.ep)
         self._changed.set()
 
     def _drop(self, reg: Registration) -> None:
         self.by_ep.pop(reg.ep, None)
         self.by_href.pop(reg.href, None)
-        self.gate.known.discard(reg.ep)
+        self.gate.registered.discard(reg.ep)
         self._changed.set()
 
     def _lifetime(self, query: dict[str, str]) -> int:

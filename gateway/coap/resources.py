@@ -80,7 +80,10 @@ class Gate:
     """Who may do what: identity from the security context, credentials, known devices."""
 
     config: CoapConfig
+    #: Devices from the config and from [coap] credentials.
     known: set[str] = field(default_factory=set)
+    #: Endpoints registered in the Resource Directory (they come and go).
+    registered: set[str] = field(default_factory=set)
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("gateway.coap"))
 
     @staticmethod
@@ -90,6 +93,9 @@ class Gate:
             if isinstance(claim, str):
                 return claim
         return None
+
+    def is_known(self, device: str) -> bool:
+        return device in self.known or device in self.registered
 
     def check_unauthenticated(self, device: str | None) -> None:
         if device is not None:
@@ -107,7 +113,7 @@ class Gate:
                 raise ForbiddenError(f"authenticated as {who!r}, not as {device!r}")
         else:
             self.check_unauthenticated(device)
-        if device not in self.known and not self.config.accept_unknown_devices:
+        if not self.is_known(device) and not self.config.accept_unknown_devices:
             raise NotFoundError(f"unknown device {device!r}")
 
 
@@ -284,7 +290,8 @@ class DeviceResource(GatewayResource, coap_resource.PathCapable, ObservableResou
         from aiocoap.util.linkformat import Link, LinkFormat
 
         links = []
-        for device in sorted(self.gate.known)[:64]:  # a device list, not an inventory dump
+        # A device list, not an inventory dump: at most 64.
+        for device in sorted(self.gate.known | self.gate.registered)[:64]:
             links.append(Link(f"/{device}", rt="gw.device", obs=None))
         return LinkFormat(links)
 
@@ -311,7 +318,7 @@ class DeviceResource(GatewayResource, coap_resource.PathCapable, ObservableResou
         cf = _accept(request, (senml.CF_CBOR, senml.CF_JSON), senml.CF_CBOR)
         row = await self.backend.device(device)
         rows = await self.backend.latest(device)
-        if row is None and not rows and device not in self.gate.known:
+        if row is None and not rows and not self.gate.is_known(device):
             raise NotFoundError(f"no device {device!r}")
         driver, source, available, reason, last_seen = row or (None, None, None, None, None)
         points = {

@@ -52,7 +52,7 @@ class CoapServer:
         self.store = store
         self.log = logger
         known_devices = set(known or ()) | {d for d, c in config.credentials.items()}
-        self.gate = Gate(config, known_devices, logger)
+        self.gate = Gate(config, known=known_devices, log=logger)
         self.backend = Backend(store)
         self.telemetry = TelemetryResource(self.gate, self.backend)
         self.devices = DeviceResource(self.gate, self.backend, self.telemetry)

@@ -218,3 +218,25 @@ def test_resource_directory_update_and_delete(gateway_factory: Any, tmp_path: Pa
     assert data["reason"] == "removed"
     reply = coap_client(CLIENT, ["-m", "delete"], gw.uri(f"/rd/{reg_id}"), tmp_path)
     assert reply.code == "4.04"
+
+
+def test_rd_expiry_of_a_configured_device_keeps_it_known(
+    gateway_factory: Any, tmp_path: Path
+) -> None:
+    gw = gateway_factory(
+        "allow_unauthenticated = true\naccept_unknown_devices = false",
+        '[devices.pump-2]\ndriver = "virtual"\n[devices.pump-2.points.t]\n',
+    )
+    reply = coap_client(
+        CLIENT, ["-m", "post", "-t", "40", "-e", "</t>"], gw.uri("/rd?ep=pump-2&lt=1"), tmp_path
+    )
+    assert reply.code == "2.01", reply.log
+    wait_until(
+        lambda: bool(_events(gw.db, "device.unregistered")), "RD expiry", attempts=100, pause=0.1
+    )
+    f = tmp_path / "p.json"
+    f.write_text('[{"bn":"pump-2/","n":"t","v":1}]')
+    reply = coap_client(
+        CLIENT, ["-m", "post", "-t", "110", "-f", str(f)], gw.uri("/telemetry"), tmp_path
+    )
+    assert reply.code == "2.04", reply.log
