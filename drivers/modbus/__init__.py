@@ -198,6 +198,12 @@ class ModbusDriver(Driver):
                 if mp.verify:
                     coil = await s.read("coil", mp.address, 1)
                     _check_readback(device_id, mp, [int(bit)], [int(coil[0])])
+            elif flag and mp.layout.bit is None:
+                # A whole register used as a boolean: 1 or 0.
+                await s.write_registers(mp.address, [int(bit)])
+                if mp.verify:
+                    word = await s.read(mp.table, mp.address, 1)
+                    _check_readback(device_id, mp, [int(bit)], [int(word[0])])
             elif flag:
                 # A flag inside a register: read-modify-write, with the bus held throughout.
                 current = await s.read(mp.table, mp.address, 1)

@@ -113,6 +113,12 @@ writable = true
 
 [devices.w.points.status]
 address = 20
+
+[devices.w.points.mode]
+address = 22
+type = "bool"
+writable = true
+verify = true
 """
 
 
@@ -131,6 +137,7 @@ def test_writes_are_read_back_by_mbpoll(server: ModbusServer) -> None:
             await drv.write("w", p["enable"], True)
             await drv.write("w", p["relay"], True)
             await drv.write("w", p["label"], "AB")
+            await drv.write("w", p["mode"], True)
             with pytest.raises(PayloadError, match="above the maximum"):
                 await drv.write("w", p["setpoint"], 130)
             with pytest.raises(PayloadError, match="not writable"):
@@ -154,6 +161,7 @@ def test_writes_are_read_back_by_mbpoll(server: ModbusServer) -> None:
     assert mbpoll("127.0.0.1", *base, "-t", "4", "-r", "10", "-c", "1") == ["4"]
     assert mbpoll("127.0.0.1", *base, "-t", "0", "-r", "3", "-c", "1") == ["1"]
     assert mbpoll("127.0.0.1", *base, "-t", "4:hex", "-r", "12", "-c", "2") == ["0x4142", "0x0000"]
+    assert mbpoll("127.0.0.1", *base, "-t", "4", "-r", "22", "-c", "1") == ["1"]
 
 
 def test_exception_response_is_a_protocol_error(
