@@ -162,14 +162,17 @@ def _parse_bus(sec: Section) -> BusSettings:
             transport="tcp", host=host, port=port, frame_gap=frame_gap, queue_size=queue_size,
             reconnect_delay=reconnect_delay, reconnect_delay_max=reconnect_delay_max,
         )  # fmt: skip
+    # On a connection error, the other link keys are not judged (no "unknown key" noise).
+    link_keys = ("port", "baudrate", "parity", "stopbits", "bytesize", "frame_gap")
     if not sec.has("port"):
+        sec.mark(*link_keys)
         sec.error(
             "", "missing connection: set `host` (and `port`) for Modbus TCP, or `port` "
             "= a serial device path (e.g. /dev/serial/by-id/...) for Modbus RTU",
         )  # fmt: skip
         return BusSettings(transport="tcp")
     if not isinstance(sec.data["port"], str):
-        sec.mark("port")
+        sec.mark(*link_keys)
         sec.error("port", "without `host` this is Modbus RTU: `port` must be a serial device path")
         return BusSettings(transport="rtu")
     serial_port = sec.str("port")

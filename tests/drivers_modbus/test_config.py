@@ -175,8 +175,9 @@ def test_every_bad_entry_is_named_by_its_path() -> None:
 def test_connection_errors() -> None:
     found = issues('[devices.x]\ndriver = "modbus"\n')
     assert "missing connection" in found["devices.x"]
-    found = issues('[devices.x]\ndriver = "modbus"\nport = 502\n')
+    found = issues('[devices.x]\ndriver = "modbus"\nport = 502\nbaudrate = 9600\n')
     assert "serial device path" in found["devices.x.port"]
+    assert list(found) == ["devices.x.port"]  # one mistake, one message
     found = issues(
         '[devices.x]\ndriver = "modbus"\nport = "/dev/ttyUSB0"\nparity = "X"\nstopbits = 3\n'
         "unit = 0\ndevice_id = 2\nqueue_size = 0\n"
