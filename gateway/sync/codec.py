@@ -104,23 +104,25 @@ class CborEncoder:
             b = self._strings[value] = cbor2.dumps(value)
         return b
 
-    def event(self, row: Row) -> bytes:
+    def event(self, row: Sequence[Any]) -> bytes:
+        """`row` in `Row` order (a Row, or the plain tuple a query returned)."""
         k = _CBOR_KEYS
-        key = (self._key_prefix + str(row.seq)).encode()
+        seq = row[0]
+        key = (self._key_prefix + str(seq)).encode()
         n = len(key)
         key_head = bytes((0x60 + n,)) if n < 24 else bytes((0x78, n))
         return b"".join(
             (
                 self._head, key_head, key,
-                self._gw, _cbor_uint(row.seq),
-                k[3], self._s(row.stream),
-                k[4], _cbor_int(row.version),
-                k[5], self._s(row.type),
-                k[6], _DOUBLE.pack(0xFB, row.wall_time),
-                k[7], _DOUBLE.pack(0xFB, row.mono_time),
-                k[8], self._s(row.boot_id),
-                k[9], b"\xf5" if row.synced else b"\xf4",
-                k[10], row.data,
+                self._gw, _cbor_uint(seq),
+                k[3], self._s(row[1]),
+                k[4], _cbor_int(row[2]),
+                k[5], self._s(row[3]),
+                k[6], _DOUBLE.pack(0xFB, row[4]),
+                k[7], _DOUBLE.pack(0xFB, row[5]),
+                k[8], self._s(row[6]),
+                k[9], b"\xf5" if row[7] else b"\xf4",
+                k[10], row[8],
             )
         )  # fmt: skip
 
@@ -193,10 +195,11 @@ class Encoder:
         self.gateway = gateway
         self._cbor = CborEncoder(gateway)
 
-    def __call__(self, row: Row) -> bytes:
+    def __call__(self, row: Sequence[Any]) -> bytes:
+        """`row` in `Row` order; extra trailing columns are ignored."""
         if self.fmt == "cbor":
             return self._cbor.event(row)
-        return json_event(self.gateway, row)
+        return json_event(self.gateway, Row._make(row[:9]))
 
 
 def batch_payload(fmt: str, items: Sequence[bytes]) -> bytes:

@@ -25,11 +25,11 @@ import sqlite3
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from gateway import events as ev
 from gateway.errors import ConcurrencyError, PayloadError, StoreError
-from gateway.sync.codec import Encoder, NotRepresentableError, Row, parse_command
+from gateway.sync.codec import Encoder, NotRepresentableError, parse_command
 from gateway.sync.codec import response_payload as _response
 from gateway.sync.config import SyncConfig
 from gateway.sync.link import TRANSIENT_CODES, Ack, Backoff, Channel, LinkDownError, Sink
@@ -56,6 +56,31 @@ def _rows(
 def _rows_in(conn: sqlite3.Connection, seqs: Sequence[int]) -> list[tuple[Any, ...]]:
     marks = ",".join("?" * len(seqs))
     return conn.execute(_SELECT + f"WHERE o.seq IN ({marks}) ORDER BY o.seq", list(seqs)).fetchall()
+
+
+class _Item(NamedTuple):
+    """An event ready to go: encoded in the reader thread, next to the query."""
+
+    seq: int
+    stream: str
+    type: str
+    body: bytes
+
+
+def _prepare(
+    raw: list[tuple[Any, ...]], encode: Encoder
+) -> tuple[list[_Item], list[tuple[int, str, str]]]:
+    items: list[_Item] = []
+    dead: list[tuple[int, str, str]] = []
+    for r in raw:
+        if r[1] is None:  # an outbox row whose event is gone: nothing to send
+            dead.append((r[0], r[9], "event missing from the log"))
+            continue
+        try:
+            items.append(_Item(r[0], r[1], r[3], encode(r)))
+        except NotRepresentableError as exc:
+            dead.append((r[0], r[1], f"not representable as {encode.fmt}: {exc}"))
+    return items, dead
 
 
 class _TokenBucket:
@@ -97,8 +122,8 @@ class _Lane:
         self.seqs = seqs
         self.bucket = bucket
         self.max_slots = max_slots
-        self.pending: dict[str, deque[Row]] = {}
-        self.splits: dict[str, deque[list[Row]]] = {}
+        self.pending: dict[str, deque[_Item]] = {}
+        self.splits: dict[str, deque[list[_Item]]] = {}
         self.npending = 0
         self.filling: asyncio.Future[None] | None = None
         self.busy: set[str] = set()
@@ -114,7 +139,7 @@ class _Lane:
 class _Inflight:
     __slots__ = ("lane", "rows", "sent", "stream")
 
-    def __init__(self, lane: _Lane, stream: str, rows: list[Row], sent: float) -> None:
+    def __init__(self, lane: _Lane, stream: str, rows: list[_Item], sent: float) -> None:
         self.lane = lane
         self.stream = stream
         self.rows = rows
@@ -362,30 +387,37 @@ class Relay:
 
     async def _fill(self, lane: _Lane) -> None:
         limit = self._prefetch - lane.npending
+        enc = self._encode
         if lane.seqs is not None:
             chunk, lane.seqs = lane.seqs[:500], lane.seqs[500:]
-            raw = await self.store.read(lambda c: _rows_in(c, chunk)) if chunk else []
+            items, dead = (
+                await self.store.read(lambda c: _prepare(_rows_in(c, chunk), enc))
+                if chunk else ([], [])
+            )  # fmt: skip
             if not lane.seqs:
                 lane.exhausted = True
         else:
             after, upto = lane.after, lane.upto
             commits = self._commits
-            raw = await self.store.read(lambda c: _rows(c, after, upto, limit))
+
+            def read(c: sqlite3.Connection) -> tuple[list[_Item], list[Any], int, int]:
+                raw = _rows(c, after, upto, limit)
+                return (*_prepare(raw, enc), len(raw), raw[-1][0] if raw else after)
+
+            items, dead, n, last = await self.store.read(read)
             # "Nothing more" holds only if nothing committed while we were reading.
-            if len(raw) < limit and (upto is not None or commits == self._commits):
+            if n < limit and (upto is not None or commits == self._commits):
                 lane.exhausted = True
-            if raw:
-                lane.after = raw[-1][0]
-        for r in raw:
-            if r[1] is None:  # an outbox row whose event is gone: nothing to send
-                self._dead(r[0], r[9], "event missing from the log")
-                continue
-            row = Row._make(r[:9])
-            q = lane.pending.get(row.stream)
+            lane.after = last
+        for seq, stream, reason in dead:
+            self._dead(seq, stream, reason)
+        pending = lane.pending
+        for it in items:
+            q = pending.get(it.stream)
             if q is None:
-                q = lane.pending[row.stream] = deque()
-            q.append(row)
-            lane.npending += 1
+                q = pending[it.stream] = deque()
+            q.append(it)
+        lane.npending += len(items)
         self._progress.set()
 
     def _send(
@@ -423,19 +455,8 @@ class Relay:
                         wait = w if wait is None else min(wait, w)
                         break
                     lane.bucket.take(len(batch))
-                items: list[bytes] = []
-                good: list[Row] = []
-                for row in batch:
-                    try:
-                        items.append(self._encode(row))
-                        good.append(row)
-                    except NotRepresentableError as exc:
-                        self._dead(row.seq, row.stream, f"not representable as "
-                                                        f"{ch.item_format}: {exc}")  # fmt: skip
-                if not good:
-                    continue
-                fut = ch.send(lane.name, stream, good[0].type, items)
-                item = _Inflight(lane, stream, good, self._clock())
+                fut = ch.send(lane.name, stream, batch[0].type, [it.body for it in batch])
+                item = _Inflight(lane, stream, batch, self._clock())
                 inflight[fut] = item
                 lane.busy.add(stream)
                 used += 1
@@ -447,7 +468,7 @@ class Relay:
         self._done.append((fut, item))
         self._progress.set()
 
-    def _take(self, lane: _Lane, stream: str) -> list[Row]:
+    def _take(self, lane: _Lane, stream: str) -> list[_Item]:
         sp = lane.splits.get(stream)
         if sp:
             batch = sp.popleft()
@@ -468,7 +489,7 @@ class Relay:
             del lane.pending[stream]
         return batch
 
-    def _put_back(self, lane: _Lane, stream: str, batch: list[Row]) -> None:
+    def _put_back(self, lane: _Lane, stream: str, batch: list[_Item]) -> None:
         lane.splits.setdefault(stream, deque()).appendleft(batch)
 
     def _completed(self, fut: asyncio.Future[Ack], item: _Inflight, ch: Channel) -> None:
