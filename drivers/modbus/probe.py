@@ -15,7 +15,7 @@ from typing import Any
 from drivers.base import Clock, DiscoveredDevice, RawReading
 from gateway.clock import SystemClock
 from gateway.config import DeviceSpec, PointSpec
-from gateway.errors import PayloadError
+from gateway.errors import ConfigError, ConfigIssue, PayloadError
 
 from .registers import TABLES, TYPES, apply_scale
 
@@ -71,6 +71,23 @@ class _Context:
 
 
 def _spec(args: argparse.Namespace) -> DeviceSpec:
+    try:
+        return _build_spec(args)
+    except ConfigError as exc:
+        # Name the command-line option, not the TOML path of the throw-away device.
+        raise ConfigError(ConfigIssue(_option(i.path), i.message) for i in exc.issues) from None
+
+
+def _option(path: str) -> str:
+    key = path.rsplit(".", 1)[-1]
+    if key in ("", "probe"):
+        return "arguments"
+    if key == "port":
+        return "--port/--serial"
+    return "--" + key.replace("_", "-")
+
+
+def _build_spec(args: argparse.Namespace) -> DeviceSpec:
     if args.count < 1 or args.count > 2000:
         raise PayloadError(f"--count must be 1..2000, got {args.count}")
     options: dict[str, Any] = {"unit": args.unit, "breaker_threshold": 1000}

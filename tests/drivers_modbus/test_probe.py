@@ -60,6 +60,6 @@ def test_errors_have_exit_statuses(
     assert main(probe(server, "--address", "500")) == EXIT_UNAVAILABLE
     assert "ILLEGAL DATA ADDRESS" in capsys.readouterr().err
     assert main(probe(server, "--address", "0", "--type", "int32", "--bit", "3")) == EXIT_CONFIG
-    assert "16-bit register" in capsys.readouterr().err
+    assert "--bit: a bit index needs a 16-bit register" in capsys.readouterr().err
     assert main(probe(server, "--address", "0", "--write", "lots")) == EXIT_USAGE
     assert "not a number" in capsys.readouterr().err
