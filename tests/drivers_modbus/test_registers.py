@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from drivers.modbus.registers import (
     CodecError,
@@ -17,6 +19,7 @@ from drivers.modbus.registers import (
     encode,
     encode_bit,
     exception_name,
+    int_range,
     parse_read_response,
     read_request_pdu,
     rtu_frame,
@@ -160,3 +163,52 @@ def test_scale() -> None:
     assert apply_scale(215, 0.1, -20.0) == pytest.approx(1.5)
     assert apply_scale(215, 1.0, 0.0) == 215 and isinstance(apply_scale(215, 1.0, 0.0), int)
     assert apply_scale(True, 10.0, 1.0) is True
+
+
+# --- round trips over the whole value space of each type ---
+
+orders = st.sampled_from(["big", "little"])
+
+
+@given(
+    t=st.sampled_from(["int16", "uint16", "int32", "uint32", "int64", "uint64"]),
+    data=st.data(),
+    word=orders,
+    byte=orders,
+)
+def test_integer_round_trip(t: str, data: st.DataObject, word: str, byte: str) -> None:
+    lo, hi = int_range(t)
+    value = data.draw(st.integers(lo, hi))
+    layout = Layout(t, word, byte)  # type: ignore[arg-type]
+    regs = encode(value, layout)
+    assert len(regs) == layout.registers and all(0 <= r <= 0xFFFF for r in regs)
+    assert decode(regs, layout) == value
+
+
+@given(value=st.floats(allow_nan=False, width=32), word=orders, byte=orders)
+def test_float32_round_trip(value: float, word: str, byte: str) -> None:
+    layout = Layout("float32", word, byte)  # type: ignore[arg-type]
+    assert decode(encode(value, layout), layout) == value
+
+
+@given(value=st.floats(allow_nan=False), word=orders, byte=orders)
+def test_float64_round_trip(value: float, word: str, byte: str) -> None:
+    layout = Layout("float64", word, byte)  # type: ignore[arg-type]
+    assert decode(encode(value, layout), layout) == value
+
+
+@given(text=st.text(st.characters(min_codepoint=1, max_codepoint=0x7F), max_size=8), byte=orders)
+def test_string_round_trip(text: str, byte: str) -> None:
+    layout = Layout("string", byte_order=byte, length=4)  # type: ignore[arg-type]
+    assert decode(encode(text, layout), layout) == text
+
+
+@given(register=st.integers(0, 0xFFFF), bit=st.integers(0, 15), value=st.booleans(), byte=orders)
+def test_bit_round_trip(register: int, bit: int, value: bool, byte: str) -> None:
+    layout = Layout("bool", byte_order=byte, bit=bit)  # type: ignore[arg-type]
+    new = encode_bit(register, layout, value)
+    assert decode([new], layout) is value
+    # the other 15 bits are untouched
+    other = Layout("uint16", byte_order=byte)  # type: ignore[arg-type]
+    mask = ~(1 << bit) & 0xFFFF
+    assert int(decode([new], other)) & mask == int(decode([register], other)) & mask
