@@ -412,6 +412,7 @@ class MqttLink:
         self, ep: EndpointConfig, tls: _TrackingContext | None, password: str | None
     ) -> MqttChannel:
         import aiomqtt
+        import paho.mqtt.client as mqtt
 
         v5 = self.cfg.mqtt_version == "5"
         props: Any = None
@@ -428,7 +429,9 @@ class MqttLink:
             username=ep.username, password=password, identifier=client_id,
             protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
             clean_session=None if v5 else False,
-            clean_start=False,
+            # MQTT 5: resume the session (the broker keeps it `session_expiry` seconds);
+            # 3.1.1 does the same through clean_session=False.
+            clean_start=False if v5 else mqtt.MQTT_CLEAN_START_FIRST_ONLY,
             keepalive=self.cfg.keepalive,
             timeout=self.cfg.connect_timeout,
             max_inflight_messages=max(self.cfg.inflight, 20),

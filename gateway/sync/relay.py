@@ -165,6 +165,7 @@ class Relay:
         self.log = logger or logging.getLogger("gateway.sync")
         self._clock = clock
         self._progress = asyncio.Event()
+        self._kick = asyncio.Event()
         self._done: deque[tuple[asyncio.Future[Ack], _Inflight]] = deque()
         self._ops: list[tuple[Any, ...]] = []
         self._flusher: asyncio.Task[None] | None = None
@@ -194,6 +195,8 @@ class Relay:
     def retry(self) -> None:
         """Drop the current session (if any) and reconnect now."""
         self._restart = True
+        self._pause.reset()
+        self._kick.set()
         self.sink.kick()
         self._progress.set()
 
@@ -255,13 +258,18 @@ class Relay:
                 self.state = "connected"
                 ch.closed.add_done_callback(lambda _f: self._progress.set())
                 pause = 0.0
+                delivered_before = self.delivered
                 try:
                     await self._session(ch)
                 except LinkDownError as exc:
                     self.last_error = str(exc)
                     self.log.warning("sync: %s", exc)
-                    if "refused" in str(exc):
+                    # A session that delivered nothing (a broker that takes the connection
+                    # and then refuses, drops or ignores us) must not become a tight loop.
+                    if self.delivered == delivered_before and not self._restart:
                         pause = self._pause.next()
+                    else:
+                        self._pause.reset()
                 finally:
                     self.channel = None
                     self.inflight_batches = 0
@@ -270,7 +278,9 @@ class Relay:
                     await self._flush_wait()
                 if pause:
                     self.state = "paused"
-                    await asyncio.sleep(pause)
+                    self._kick.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._kick.wait(), pause)
         finally:
             self.state = "stopped"
             self.store.remove_listener(self._on_commit)
@@ -507,7 +517,6 @@ class Relay:
             self._rates.append((self._clock(), n))
             self._ops.extend(("del", r.seq) for r in item.rows)
             self._kick_flush()
-            self._pause.reset()
             return
         self.refusals += 1
         reason = f"0x{ack.code:02X} {ack.reason} ({ch.label})"

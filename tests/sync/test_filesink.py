@@ -94,3 +94,32 @@ def test_a_torn_record_is_cut_at_the_next_start(
     sink._open()
     sink.close()
     assert part.with_suffix("").read_bytes() == good
+
+
+@aio
+async def test_an_event_json_cannot_carry_goes_to_dead_letters(tmp_path: Path) -> None:
+    from tests.sync.helpers import dead_letters
+
+    cfg = sync_config({"file": {"directory": str(tmp_path / "spool"), "format": "ndjson"}})
+    assert cfg.file is not None
+    async with open_store(tmp_path / "gw.db") as store:
+        await store.append("device:a", "readings", {"r": [{"n": "t", "v": 1}]})
+        await store.append("device:a", "blob", {"raw": b"\x00\x01"})  # bytes: no JSON form
+        await store.append("device:a", "readings", {"r": [{"n": "t", "v": 2}]})
+        sink = FileSink(cfg.file, logging.getLogger("test.sync"))
+        relay = Relay(store, sink, cfg, "gw")
+        task = asyncio.create_task(relay.run())
+        try:
+            await until(lambda: _empty(store), "outbox drained")
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            sink.close()
+        dead = await dead_letters(store)
+    assert [(d[0], d[1]) for d in dead] == [(2, "device:a")]
+    assert "not representable as json: data.raw: a bytes has no JSON form" in dead[0][2]
+    sink2 = FileSink(cfg.file, logging.getLogger("test.sync"))
+    sink2._open()
+    sink2.close()
+    assert [r["seq"] for r in read_records(tmp_path / "spool", "ndjson")] == [1, 3]

@@ -126,3 +126,32 @@ async def test_live_events_overtake_a_rate_limited_backlog(
         check_order([e for t, b in msgs if "/events/" in t for e in b])
     finally:
         sub.stop()
+
+
+@aio
+async def test_mqtt_311_and_failover_to_the_second_endpoint(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    from tests.peers import free_port
+
+    dead = free_port()  # nobody listens here: the first endpoint fails, the second works
+    sub = Subscriber(mosquitto.port, tmp_path)
+    try:
+        async with open_store(tmp_path / "gw.db") as store:
+            for i in range(10):
+                await store.append("device:a", "readings", {"r": [{"n": "t", "v": i}]})
+            cfg = mqtt_config(
+                0, mqtt_version="3.1.1", format="json",
+                endpoints=[{"url": f"mqtt://127.0.0.1:{dead}"},
+                           {"url": f"mqtt://127.0.0.1:{mosquitto.port}"}],
+            )  # fmt: skip
+            async with running_relay(store, cfg) as relay:
+                await until(lambda: _zero(store), "outbox drained through the second endpoint")
+                fig = relay.sink.figures()
+                assert fig["endpoint"] == f"mqtt://127.0.0.1:{mosquitto.port}"
+                assert "Connection refused" in (fig["last_error"] or "")
+            await until(lambda: len(sub.events()) >= 10, "subscriber saw them")
+        assert sub.raw()[0][1].startswith(b"[{")  # JSON arrays
+        assert check_order(sub.events())["device:a"] == list(range(1, 11))
+    finally:
+        sub.stop()
