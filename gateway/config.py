@@ -317,6 +317,7 @@ class DeviceSpec:
     timeout: float = 5.0
     enabled: bool = True
     description: str = ""
+    offline_after: int = 3  # failed polls in a row before the device is reported unavailable
     points: tuple[PointSpec, ...] = ()
     options: Mapping[str, Any] = field(default_factory=dict)
 
@@ -403,7 +404,9 @@ SECTION_PARSERS: dict[str, str] = {
     "sync": "gateway.sync.config:parse",
 }
 
-GENERIC_DEVICE_KEYS = ("driver", "interval", "jitter", "timeout", "enabled", "description")
+GENERIC_DEVICE_KEYS = (
+    "driver", "interval", "jitter", "timeout", "enabled", "description", "offline_after",
+)  # fmt: skip
 GENERIC_POINT_KEYS = (
     "unit", "scale", "offset", "min", "max", "writable", "interval", "deadband",
 )  # fmt: skip
@@ -447,11 +450,13 @@ def _parse_device(dev_id: str, sec: Section, issues: Issues) -> DeviceSpec | Non
     timeout = sec.float("timeout", 5.0, gt=0)
     enabled = sec.bool("enabled", True)
     description = sec.str("description", "", nonempty=False)
+    offline_after = sec.int("offline_after", 3, min=1, max=1000)
     points = tuple(_parse_point(name, p) for name, p in sec.tables("points").items())
     sec.mark(*GENERIC_DEVICE_KEYS, "points")
     spec = DeviceSpec(
         id=dev_id, driver=driver, interval=interval, jitter=jitter, timeout=timeout,
-        enabled=enabled, description=description, points=points, options=sec.unread(),
+        enabled=enabled, description=description, offline_after=offline_after, points=points,
+        options=sec.unread(),
     )  # fmt: skip
     if driver not in DRIVERS:
         return None

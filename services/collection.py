@@ -33,6 +33,7 @@ PUSH_QUEUE = 10_000
 class DeviceStats:
     polls: int = 0
     failures: int = 0
+    consecutive: int = 0  # failed polls in a row
     skipped: int = 0  # cycles skipped because a poll overran its interval
     last_error: str = ""
     available: bool | None = None
@@ -192,6 +193,7 @@ class CollectionService(Service):
             except DriverError as exc:
                 self._failed(spec, st, str(exc))
             else:
+                st.consecutive = 0
                 if st.available is not True:
                     self._set_available(spec.id, True, "")
                 await self._record(spec, readings)
@@ -208,8 +210,11 @@ class CollectionService(Service):
 
     def _failed(self, spec: DeviceSpec, st: DeviceStats, why: str) -> None:
         st.failures += 1
+        st.consecutive += 1
         st.last_error = why
-        if st.available is not False:
+        # One lost poll on a noisy RS-485 line is not an outage: flapping availability would
+        # flood the log and the cloud. (Drivers with their own breaker report it directly.)
+        if st.available is not False and st.consecutive >= spec.offline_after:
             self._set_available(spec.id, False, why)
 
     async def _record(self, spec: DeviceSpec, readings: Sequence[RawReading]) -> None:
