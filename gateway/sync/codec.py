@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -94,14 +94,16 @@ class CborEncoder:
         self._head = _CBOR_MAP_HEADER + k[0]
         self._key_prefix = gateway + ":"
         self._gw = k[1] + cbor2.dumps(gateway) + k[2]
-        self._strings: dict[str, bytes] = {}
+        self._streams: dict[str, bytes] = {}
+        self._types: dict[str, bytes] = {}
+        self._boots: dict[tuple[str, bool], bytes] = {}
 
-    def _s(self, value: str) -> bytes:
-        b = self._strings.get(value)
+    def _part(self, cache: dict[Any, bytes], key: Any, make: Callable[[], bytes]) -> bytes:
+        b = cache.get(key)
         if b is None:
-            if len(self._strings) > 10_000:  # bounded: streams come and go
-                self._strings.clear()
-            b = self._strings[value] = cbor2.dumps(value)
+            if len(cache) > 10_000:  # bounded: streams come and go
+                cache.clear()
+            b = cache[key] = make()
         return b
 
     def event(self, row: Sequence[Any]) -> bytes:
@@ -110,19 +112,23 @@ class CborEncoder:
         seq = row[0]
         key = (self._key_prefix + str(seq)).encode()
         n = len(key)
-        key_head = bytes((0x60 + n,)) if n < 24 else bytes((0x78, n))
+        stream, type_, boot, synced = row[1], row[3], row[6], bool(row[7])
+        # The constant runs between values are joined once per stream / type / boot.
+        sp = self._streams.get(stream) or self._part(
+            self._streams, stream, lambda: k[3] + cbor2.dumps(stream) + k[4]
+        )
+        tp = self._types.get(type_) or self._part(
+            self._types, type_, lambda: k[5] + cbor2.dumps(type_) + k[6]
+        )
+        bp = self._boots.get((boot, synced)) or self._part(
+            self._boots, (boot, synced),
+            lambda: k[8] + cbor2.dumps(boot) + k[9] + (b"\xf5" if synced else b"\xf4") + k[10],
+        )  # fmt: skip
         return b"".join(
             (
-                self._head, key_head, key,
-                self._gw, _cbor_uint(seq),
-                k[3], self._s(row[1]),
-                k[4], _cbor_int(row[2]),
-                k[5], self._s(row[3]),
-                k[6], _DOUBLE.pack(0xFB, row[4]),
-                k[7], _DOUBLE.pack(0xFB, row[5]),
-                k[8], self._s(row[6]),
-                k[9], b"\xf5" if row[7] else b"\xf4",
-                k[10], row[8],
+                self._head, bytes((0x60 + n,)) if n < 24 else bytes((0x78, n)), key,
+                self._gw, _cbor_uint(seq), sp, _cbor_int(row[2]), tp,
+                _DOUBLE.pack(0xFB, row[4]), k[7], _DOUBLE.pack(0xFB, row[5]), bp, row[8],
             )
         )  # fmt: skip
 
