@@ -14,6 +14,7 @@ from gateway.cli.common import (
     ask_daemon,
     daemon_or_file,
     emit_json,
+    fail,
     fmt_age,
     fmt_bytes,
     fmt_time,
@@ -104,8 +105,7 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
 
 def cmd_requeue(args: argparse.Namespace) -> int:
     if not args.all and not args.seqs:
-        print("gatewayctl outbox requeue: give SEQ... or --all")
-        return EXIT_USAGE
+        return fail("outbox requeue: give SEQ... or --all", EXIT_USAGE)
     kw: dict[str, Any] = {"all": True} if args.all else {"seqs": args.seqs}
     data = ask_daemon(args, "outbox.requeue", **kw)
     if args.json:

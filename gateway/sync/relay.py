@@ -514,7 +514,13 @@ class Relay:
             self.delivered += n
             if lane.name == "backfill":
                 self.backfill_left = max(0, self.backfill_left - n)
-            self._rates.append((self._clock(), n))
+            now = float(int(self._clock()))  # one entry per second keeps this small
+            if self._rates and self._rates[-1][0] == now:
+                self._rates[-1] = (now, self._rates[-1][1] + n)
+            else:
+                self._rates.append((now, n))
+                if len(self._rates) > 120:
+                    self._rates.popleft()
             self._ops.extend(("del", r.seq) for r in item.rows)
             self._kick_flush()
             return
