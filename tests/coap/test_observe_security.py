@@ -126,7 +126,18 @@ def test_dtls_psk_with_coap_client_openssl(gateway_factory: Any, tmp_path: Path)
     # The identity came from the DTLS session: no base name needed, and it is stored there.
     assert _readings(gw.db) == [("device:sensor-9", {"r": [{"n": "temp", "v": 18.5}]})]
 
-    # Read back over DTLS, Observe included.
+    # The base name must name the authenticated device.
+    other = coap_client(
+        "coap-client-openssl",
+        ["-u", "sensor-9", "-k", "sensor-9-secret", "-m", "post", "-t", "110",
+         "-e", '[{"bn":"sensor-1/","n":"temp","v":5}]'],
+        uri,
+        tmp_path,
+    )  # fmt: skip
+    assert other.code == "4.03", other.log
+    assert "device 'sensor-1', not 'sensor-9'" in other.payload.decode()
+
+    # Read back over DTLS.
     got = coap_client(
         "coap-client-openssl",
         ["-u", "sensor-9", "-k", "sensor-9-secret", "-A", "110"],
