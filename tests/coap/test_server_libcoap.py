@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 from pathlib import Path
@@ -10,6 +11,8 @@ from typing import Any
 import cbor2
 import pytest
 
+import gateway.coap  # noqa: F401 - registers the RD schema and projection
+from gateway.store import EventStore
 from tests.coap.conftest import coap_client
 from tests.peers import wait_until
 
@@ -240,3 +243,32 @@ def test_rd_expiry_of_a_configured_device_keeps_it_known(
         CLIENT, ["-m", "post", "-t", "110", "-f", str(f)], gw.uri("/telemetry"), tmp_path
     )
     assert reply.code == "2.04", reply.log
+
+
+def test_rd_registrations_survive_a_restart_and_a_rebuild(
+    gateway_factory: Any, tmp_path: Path
+) -> None:
+    gw = gateway_factory()
+    reply = coap_client(
+        CLIENT, ["-m", "post", "-t", "40", "-e", "</s>"], gw.uri("/rd?ep=node-9&lt=600"), tmp_path
+    )
+    assert reply.code == "2.01", reply.log
+    gw.stop()
+    gw.start()
+    eps = coap_client(CLIENT, [], gw.uri("/rd-lookup/ep"), tmp_path)
+    assert 'ep="node-9"' in eps.payload.decode()
+    gw.stop()
+
+    # The projection can be rebuilt from the log (gatewayctl db rebuild does this).
+    async def rebuild() -> list[tuple[Any, ...]]:
+        store = await EventStore.open(gw.db)
+        try:
+            await store.rebuild()
+            rows: list[tuple[Any, ...]] = await store.read(
+                lambda c: c.execute("SELECT ep, lt, links FROM coap_rd").fetchall()
+            )
+            return rows
+        finally:
+            await store.close()
+
+    assert asyncio.run(rebuild()) == [("node-9", 600, "</s>")]
