@@ -89,6 +89,7 @@ class SyncConfig:
     backfill_threshold: int = 10_000  # backlog depth at (re)connect that turns on live-first
     backfill_rate: float = 500.0  # events/s for the backlog while live-first is on
     commands: bool = True  # subscribe to the command topic
+    max_payload: int | None = None  # bytes; for brokers that do not announce a maximum
 
 
 def _check_template(sec: Section, key: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -231,6 +232,7 @@ def parse(sec: Section) -> SyncConfig:
         backfill_threshold=backfill_threshold,
         backfill_rate=backfill_rate,
         commands=sec.bool("commands", True),
+        max_payload=sec.int("max_payload", None, min=256),
     )
     sec.done()
     return cfg

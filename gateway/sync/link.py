@@ -60,6 +60,10 @@ class Channel(Protocol):
         self, lane: str, stream: str, type_: str, items: list[bytes]
     ) -> asyncio.Future[Ack]: ...
 
+    def fits(self, lane: str, stream: str, type_: str, size: int) -> bool:
+        """Whether a batch of `size` payload bytes is within the receiver's limit."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -213,6 +217,15 @@ def _client_class() -> type[aiomqtt.Client]:
         """aiomqtt's client, keeping the PUBACK reason code for the relay."""
 
         acks: dict[int, asyncio.Future[Ack]]
+        max_packet: int | None = None
+
+        def _on_connect(
+            self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any = None
+        ) -> None:
+            # MQTT 5: the broker says how big a packet it takes; bigger ones get us kicked.
+            size = getattr(properties, "MaximumPacketSize", None) if properties else None
+            self.max_packet = int(size) if isinstance(size, int) else None
+            super()._on_connect(client, userdata, flags, reason_code, properties)
 
         def _on_publish(
             self, client: Any, userdata: Any, mid: int, reason_code: Any, properties: Any
@@ -242,6 +255,10 @@ class MqttChannel:
         self.ep = ep
         self.label = ep.label
         self.item_format = cfg.format
+        # The largest payload the broker takes (its Maximum Packet Size less the PUBLISH
+        # header and topic, kept conservative), or our own `max_payload`; None: no limit.
+        limits = [x for x in (cfg.max_payload, client.max_packet) if x]
+        self.max_payload: int | None = min(limits) if limits else None
         self._cfg = cfg
         self._gw = gateway_id
         self._log = logger
@@ -276,6 +293,12 @@ class MqttChannel:
                 fut.exception()  # retrieved here: the relay may already have given up on it
         if not self.closed.done():
             self.closed.set_result(None)
+
+    def fits(self, lane: str, stream: str, type_: str, size: int) -> bool:
+        if self.max_payload is None:
+            return True
+        overhead = len(self.topic(lane, stream, type_).encode()) + 64  # header, properties
+        return size + overhead <= self.max_payload
 
     def topic(self, lane: str, stream: str, type_: str) -> str:
         t = self._cfg.topics.backfill if lane == "backfill" else self._cfg.topics.telemetry

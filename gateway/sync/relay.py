@@ -378,16 +378,14 @@ class Relay:
                         f"{ch.label}: no PUBACK within {cfg.ack_timeout:g} s; reconnecting"
                     )
                 wait = left if wait is None else min(wait, left)
-            if self._done or self._progress.is_set():
-                self._progress.clear()
-                if self._done:
-                    continue
             if timer is not None:
                 timer.cancel()
                 timer = None
-            if wait is not None:
-                timer = asyncio.get_running_loop().call_later(wait, self._progress.set)
-            await self._progress.wait()
+            # Sleep only when nothing happened during this turn (no lost wake-ups).
+            if not (self._done or self._progress.is_set()):
+                if wait is not None:
+                    timer = asyncio.get_running_loop().call_later(wait, self._progress.set)
+                await self._progress.wait()
             self._progress.clear()
             if self._committed:
                 self._committed = False
@@ -465,7 +463,24 @@ class Relay:
                         wait = w if wait is None else min(wait, w)
                         break
                     lane.bucket.take(len(batch))
-                fut = ch.send(lane.name, stream, batch[0].type, [it.body for it in batch])
+                bodies = [it.body for it in batch]
+                if not ch.fits(lane.name, stream, batch[0].type, sum(map(len, bodies))):
+                    # Over the broker's maximum packet size: it would drop the connection,
+                    # again and again. Halve the batch; an event too big alone is dead.
+                    if len(batch) == 1:
+                        it = batch[0]
+                        self.log.warning("sync: event %d (%s) is too large for %s -> dead "
+                                         "letters", it.seq, it.stream, ch.label)  # fmt: skip
+                        self._dead(it.seq, it.stream, f"too large for {ch.label}: "
+                                   f"{len(bodies[0])} bytes")  # fmt: skip
+                    else:
+                        half = len(batch) // 2
+                        sp = lane.splits.setdefault(stream, deque())
+                        sp.appendleft(batch[half:])
+                        sp.appendleft(batch[:half])
+                    self._progress.set()  # the halves go out on the next turn of the loop
+                    continue
+                fut = ch.send(lane.name, stream, batch[0].type, bodies)
                 item = _Inflight(lane, stream, batch, self._clock())
                 inflight[fut] = item
                 lane.busy.add(stream)

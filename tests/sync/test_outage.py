@@ -202,3 +202,30 @@ async def test_poison_events_go_to_dead_letters_the_rest_flows_and_requeue_works
     finally:
         sub.stop()
         broker.remove()
+
+
+@aio
+async def test_an_event_over_the_brokers_maximum_packet_size_is_dead_not_a_loop(
+    tmp_path: Path,
+) -> None:
+    # Mosquitto announces max_packet_size in CONNACK (MQTT 5) and drops a client that sends
+    # more; the relay splits batches to fit and dead-letters an event too big alone.
+    broker = Mosquitto("max_packet_size 2000\n")
+    broker.start()
+    sub = Subscriber(broker.port, tmp_path)
+    try:
+        async with open_store(tmp_path / "gw.db") as store:
+            for i in range(30):
+                data = {"blob": "x" * 5000} if i == 12 else {"r": [{"n": "t", "v": i}]}
+                await store.append("device:a", "readings", data)
+            async with running_relay(store, mqtt_config(broker.port, batch_size=50)) as relay:
+                await until(lambda: _empty(store), "outbox emptied")
+                dead = await dead_letters(store)
+                assert [(d[0], d[1]) for d in dead] == [(13, "device:a")]
+                assert "too large for" in dead[0][2]
+                await until(lambda: len(sub.events()) >= 29, "the rest delivered")
+                assert relay.sink.figures()["connects"] == 1  # never kicked off
+        assert [e["seq"] for e in sub.events()] == [s for s in range(1, 31) if s != 13]
+    finally:
+        sub.stop()
+        broker.remove()
