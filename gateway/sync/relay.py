@@ -77,7 +77,8 @@ def _prepare(
             dead.append((r[0], r[9], "event missing from the log"))
             continue
         try:
-            items.append(_Item(r[0], r[1], r[3], encode(r)))
+            # tuple.__new__ skips NamedTuple's Python-level __new__: this runs per event.
+            items.append(tuple.__new__(_Item, (r[0], r[1], r[3], encode(r))))
         except NotRepresentableError as exc:
             dead.append((r[0], r[1], f"not representable as {encode.fmt}: {exc}"))
     return items, dead
@@ -175,6 +176,9 @@ class Relay:
         self._rates: deque[tuple[float, int]] = deque()
         # Rows read ahead per lane: enough for full batches of many streams at once.
         self._prefetch = min(50_000, max(2000, cfg.batch_size * max(cfg.inflight, 8) * 8))
+        # Reads come in chunks, one after the other while the read-ahead has room: the
+        # reader thread (query + encoding) keeps working while batches are on the wire.
+        self._chunk = max(500, self._prefetch // 4)
         self._committed = False
         self._commits = 0
         self._uses_type = "{type}" in cfg.topics.telemetry or "{type}" in cfg.topics.backfill
@@ -354,9 +358,9 @@ class Relay:
                     continue
                 self._completed(fut, item, ch)
             for lane in lanes:
-                # Read in big gulps (half the read-ahead at least): each read is a thread hop.
+                # One read at a time per lane, in chunks, while the read-ahead has room.
                 if (
-                    not lane.exhausted and lane.npending <= self._prefetch // 2
+                    not lane.exhausted and lane.npending <= self._prefetch - self._chunk
                     and (lane.filling is None or lane.filling.done())
                 ):  # fmt: skip
                     # In the background: batches keep going out while the reader thread reads.
@@ -394,7 +398,7 @@ class Relay:
                         lane.exhausted = False
 
     async def _fill(self, lane: _Lane) -> None:
-        limit = self._prefetch - lane.npending
+        limit = self._chunk
         enc = self._encode
         if lane.seqs is not None:
             chunk, lane.seqs = lane.seqs[:500], lane.seqs[500:]
@@ -449,7 +453,7 @@ class Relay:
                 if (
                     not lane.exhausted and stream not in lane.splits
                     and len(lane.pending.get(stream, ())) < cfg.batch_size
-                    and lane.npending <= self._prefetch // 2  # (then the next loop reads)
+                    and lane.npending <= self._prefetch - self._chunk  # (more is coming)
                 ):  # fmt: skip
                     continue
                 batch = self._take(lane, stream)
@@ -595,9 +599,20 @@ def _reraise(f: asyncio.Future[None]) -> bool:
 
 
 def _apply_ops(conn: sqlite3.Connection, ops: list[tuple[Any, ...]]) -> None:
-    dels = [(op[1],) for op in ops if op[0] == "del"]
+    dels = sorted(op[1] for op in ops if op[0] == "del")
     if dels:
-        conn.executemany("DELETE FROM outbox WHERE seq = ?", dels)
+        # Acks of many streams together form long runs of consecutive seqs: one range
+        # delete per run (every seq inside a run was acknowledged) instead of one per row.
+        ranges: list[tuple[int, int]] = []
+        lo = hi = dels[0]
+        for seq in dels[1:]:
+            if seq == hi + 1:
+                hi = seq
+            elif seq != hi:
+                ranges.append((lo, hi))
+                lo = hi = seq
+        ranges.append((lo, hi))
+        conn.executemany("DELETE FROM outbox WHERE seq BETWEEN ? AND ?", ranges)
     for op in ops:
         if op[0] == "dead":
             _, seq, stream, reason, at = op
