@@ -4,8 +4,9 @@ How it keeps its promises:
 - At-least-once: an outbox row is deleted (through the store's writer) only after the
   broker's PUBACK for the batch holding it (or, for the file sink, after fsync). A crash
   before that means the row is sent again: a duplicate with the same idempotency key.
-- Order per stream: at most one batch per stream and lane is in flight, and after a refusal
-  or a reconnect the relay re-reads the outbox from the oldest undelivered row.
+- Order per stream: at most one batch per stream and lane is in flight (so a refused or lost
+  batch cannot be overtaken by the next one of its stream), the halves of a split batch go
+  before anything newer, and every new session re-reads the outbox from its oldest row.
 - Live first: when the backlog at (re)connect is deeper than `backfill.threshold`, events
   newer than that moment go out at once on the telemetry topic (live lane) while the older
   ones drain on the backfill topic at `backfill.rate` events/s, using at most half the
