@@ -191,6 +191,7 @@ async def serve_gateway(port: int, db: str, stock: bool = False) -> None:
     import gateway.coap  # noqa: F401 - registers the coap schema before the store opens
     from gateway.coap.config import CoapConfig
     from gateway.coap.service import CoapServer
+    from gateway.daemon import freeze_startup_objects, tune_process
     from gateway.store import EventStore
 
     if stock:
@@ -210,7 +211,9 @@ async def serve_gateway(port: int, db: str, stock: bool = False) -> None:
         bind=("127.0.0.1",), port=port, allow_unauthenticated=True, accept_unknown_devices=True
     )
     server = CoapServer(config, store)
+    tune_process()  # what gatewayd does for its whole process
     await server.start()
+    freeze_startup_objects()
     print("READY", flush=True)
     try:
         await until_terminated()

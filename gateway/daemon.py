@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import importlib
 import logging
 import os
@@ -35,6 +36,23 @@ OPTIONAL_SERVICES: dict[str, str] = {
     "coap": "gateway.coap.service:CoapService",
     "sync": "gateway.sync.service:SyncService",
 }
+
+
+def tune_process() -> None:
+    """Process-wide settings the daemon owns (measured with bench/coap.py and bench/store.py).
+
+    The store's writer thread runs Python between its SQLite calls; with the default 5 ms GIL
+    switch interval the event loop, back from every sendmsg/epoll, waits for it in 5 ms
+    slices: 0.5 ms gave +10..50 % CoAP requests/s and a lower p99.9.
+    """
+    sys.setswitchinterval(0.0005)
+
+
+def freeze_startup_objects() -> None:
+    """Everything built at start-up lives as long as the process: keep it out of the GC's
+    generations, so full collections only walk what requests create (short pauses)."""
+    gc.collect()
+    gc.freeze()
 
 
 def build_services(config: cfg.GatewayConfig) -> list[Service]:
@@ -67,6 +85,7 @@ class Daemon:
 
     async def run(self) -> int:
         c = self.config
+        tune_process()
         self.store = await EventStore.open(c.db_path, c.store, gateway_id=c.gateway.id)
         bus = Bus(self.store)
         self.control = ControlServer(c.socket_path, c.control.group)
@@ -87,6 +106,7 @@ class Daemon:
                 ev.GATEWAY_STREAM, ev.GATEWAY_STARTED,
                 {"version": __version__, "pid": os.getpid(), "devices": len(c.devices)},
             )  # fmt: skip
+            freeze_startup_objects()
             systemd.ready(self.status_line())
             log.info("gatewayd %s ready: %s", __version__, self.status_line())
             if watchdog is not None:

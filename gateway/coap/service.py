@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import socket
-import sys
 from typing import Any
 
 from gateway.coap.config import CoapConfig
@@ -72,7 +70,6 @@ class CoapServer:
         self.context: Any = None
         self.managers: list[Any] = []
         self._expiry: asyncio.Task[None] | None = None
-        self._switch_interval: float | None = None
         self.addresses: list[tuple[str, int, str]] = []  # (host, port, "udp"|"dtls")
 
     def _credentials(self) -> Any:
@@ -153,15 +150,6 @@ class CoapServer:
             raise
         self.store.add_listener(self.devices.on_commit)
         self._expiry = asyncio.create_task(self.directory.expire_forever(), name="coap:rd-expiry")
-        # Everything built so far lives as long as the process: keep it out of the GC's
-        # generations so full collections only walk what requests create (short pauses).
-        gc.freeze()
-        # The store's writer thread runs Python between its SQLite calls; with the default
-        # 5 ms GIL switch interval the event loop, back from every sendmsg/epoll, waits for
-        # it in 5 ms slices. 0.5 ms measured +10..50 % requests/s and a lower p99.9 at c=16.
-        # (Process-wide: the daemon may own this setting; it is idempotent here.)
-        self._switch_interval = sys.getswitchinterval()
-        sys.setswitchinterval(min(self._switch_interval, 0.0005))
         self.log.info(
             "CoAP listening on %s", ", ".join(f"{k}://[{h}]:{p}" for h, p, k in self.addresses)
         )
@@ -178,9 +166,6 @@ class CoapServer:
             ctx, self.context = self.context, None
             await asyncio.wait_for(ctx.shutdown(), 5.0)
         self.managers.clear()
-        if self._switch_interval is not None:
-            sys.setswitchinterval(self._switch_interval)
-            self._switch_interval = None
 
     def figures(self) -> dict[str, Any]:
         return {

@@ -24,32 +24,6 @@ class Projection(Protocol):
 
     def apply(self, conn: sqlite3.Connection, events: Sequence[Event]) -> None: ...
 
-    def _apply_other(self, conn: sqlite3.Connection, device: str, e: Event) -> None:
-        if e.type in (ev.DEVICE_AVAILABLE, ev.DEVICE_UNAVAILABLE):
-            reason = e.data.get("reason")
-            conn.execute(
-                "INSERT INTO devices (id, driver, available, reason) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT(id) DO UPDATE SET available = excluded.available, "
-                "reason = excluded.reason, driver = coalesce(excluded.driver, driver)",
-                (
-                    device,
-                    e.data.get("driver"),
-                    int(e.type == ev.DEVICE_AVAILABLE),
-                    reason if isinstance(reason, str) else None,
-                ),
-            )
-        elif e.type == ev.DEVICE_REGISTERED:
-            meta = {k: v for k, v in e.data.items() if k not in ("source", "driver")}
-            conn.execute(
-                "INSERT INTO devices (id, driver, source, meta) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT(id) DO UPDATE SET driver = excluded.driver, "
-                "source = excluded.source, meta = excluded.meta",
-                (device, e.data.get("driver"), str(e.data.get("source", "config")),
-                 cbor2.dumps(meta)),
-            )  # fmt: skip
-        elif e.type == ev.DEVICE_UNREGISTERED:
-            conn.execute("DELETE FROM devices WHERE id = ?", (device,))
-
     def snapshot(self, conn: sqlite3.Connection, stream: str) -> Any:
         """This stream's rows as a CBOR-able value (None: nothing to keep)."""
 
