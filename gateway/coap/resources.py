@@ -34,6 +34,7 @@ from gateway.errors import (
     UnsupportedFormatError,
 )
 from gateway.events import Event, NewEvent
+from gateway.store import queries
 
 
 class Backend:
@@ -49,30 +50,14 @@ class Backend:
         return result
 
     async def latest(self, device: str, point: str | None = None) -> list[tuple[Any, ...]]:
-        def q(conn: Any) -> list[tuple[Any, ...]]:
-            sql = "SELECT point, value, unit, ts FROM latest WHERE device = ?"
-            args: list[Any] = [device]
-            if point is not None:
-                sql += " AND point = ?"
-                args.append(point)
-            return [
-                (p, cbor2.loads(v) if v is not None else None, u, ts)
-                for p, v, u, ts in conn.execute(sql + " ORDER BY point", args)
-            ]
-
-        rows: list[tuple[Any, ...]] = await self.store.read(q)
-        return rows
+        rows = await self.store.read(lambda c: queries.latest(c, device, point))
+        return [(r["point"], r["value"], r["unit"], r["ts"]) for r in rows]
 
     async def device(self, device: str) -> tuple[Any, ...] | None:
-        def q(conn: Any) -> tuple[Any, ...] | None:
-            row = conn.execute(
-                "SELECT driver, source, available, reason, last_seen FROM devices WHERE id = ?",
-                (device,),
-            ).fetchone()
-            return tuple(row) if row is not None else None
-
-        out: tuple[Any, ...] | None = await self.store.read(q)
-        return out
+        d = await self.store.read(lambda c: queries.device(c, device))
+        if d is None:
+            return None
+        return (d["driver"], d["source"], d["available"], d["reason"], d["last_seen"])
 
 
 @dataclass

@@ -16,6 +16,19 @@ from gateway import events as ev
 from gateway.events import Event
 
 
+def encode_value(value: Any) -> Any:
+    """A reading's value as stored in `latest.value`: numbers and text natively (no encoding
+    cost on the hot path), anything else (bool, None, bytes, arrays, maps) as CBOR."""
+    t = type(value)
+    if t is float or t is int or t is str:
+        return value
+    return cbor2.dumps(value)
+
+
+def decode_value(stored: Any) -> Any:
+    return cbor2.loads(stored) if type(stored) is bytes else stored
+
+
 class Projection(Protocol):
     #: Tables this projection owns (emptied by `reset`).
     tables: tuple[str, ...]
@@ -43,7 +56,7 @@ class DeviceProjection:
         # Hot path (runs for every committed batch): readings inlined, other types below.
         latest: dict[tuple[str, str], tuple[bytes, str | None, float, int]] = {}
         seen: dict[str, float] = {}
-        dumps = cbor2.dumps
+        encode = encode_value
         for e in events:
             stream = e.stream
             if not stream.startswith("device:"):
@@ -62,7 +75,7 @@ class DeviceProjection:
                     t = rec.get("t")
                     unit = rec.get("u")
                     latest[(device, name)] = (
-                        dumps(rec.get("v")),
+                        encode(rec.get("v")),
                         unit if type(unit) is str else None,
                         float(t) if type(t) is float or type(t) is int else wall,
                         seq,

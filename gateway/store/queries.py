@@ -10,7 +10,7 @@ from typing import Any
 import cbor2
 
 from gateway.events import Event
-from gateway.store.projections import active_projections
+from gateway.store.projections import active_projections, decode_value
 
 _EVENT_COLS = "seq, stream, version, type, wall_time, mono_time, boot_id, synced, data"
 
@@ -70,29 +70,36 @@ def latest(
         sql += " WHERE " + " AND ".join(conds)
     sql += " ORDER BY device, point"
     return [
-        {"device": d, "point": p, "value": cbor2.loads(v) if v is not None else None,
+        {"device": d, "point": p, "value": decode_value(v),
          "unit": u, "ts": ts, "seq": seq}
         for d, p, v, u, ts, seq in conn.execute(sql, args)
     ]  # fmt: skip
 
 
+_DEVICE_COLS = "id, driver, source, available, reason, last_seen, meta"
+
+
+def _device_row(row: tuple[Any, ...]) -> dict[str, Any]:
+    id_, driver, source, available, reason, last_seen, meta = row
+    return {
+        "id": id_,
+        "driver": driver,
+        "source": source,
+        "available": None if available is None else bool(available),
+        "reason": reason,
+        "last_seen": last_seen,
+        "meta": cbor2.loads(meta) if meta else {},
+    }
+
+
 def devices(conn: sqlite3.Connection) -> list[dict[str, Any]]:
-    out = []
-    for id_, driver, source, available, reason, last_seen, meta in conn.execute(
-        "SELECT id, driver, source, available, reason, last_seen, meta FROM devices ORDER BY id"
-    ):
-        out.append(
-            {
-                "id": id_,
-                "driver": driver,
-                "source": source,
-                "available": None if available is None else bool(available),
-                "reason": reason,
-                "last_seen": last_seen,
-                "meta": cbor2.loads(meta) if meta else {},
-            }
-        )
-    return out
+    rows = conn.execute(f"SELECT {_DEVICE_COLS} FROM devices ORDER BY id")
+    return [_device_row(r) for r in rows]
+
+
+def device(conn: sqlite3.Connection, device_id: str) -> dict[str, Any] | None:
+    row = conn.execute(f"SELECT {_DEVICE_COLS} FROM devices WHERE id = ?", (device_id,)).fetchone()
+    return _device_row(row) if row else None
 
 
 def history(

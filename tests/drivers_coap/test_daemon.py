@@ -8,6 +8,7 @@ import sqlite3
 from pathlib import Path
 
 from gateway import config as cfg
+from gateway.store.projections import decode_value
 from tests.core.conftest import Daemon, run_cli, start_daemon, write_config
 from tests.drivers_coap.conftest import LibcoapServer
 from tests.drivers_coap.test_libcoap import put
@@ -43,7 +44,6 @@ mode = "observe"
 
 
 def latest(db: Path) -> dict[str, object]:
-    import cbor2
 
     try:
         conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
@@ -55,7 +55,7 @@ def latest(db: Path) -> dict[str, object]:
         return {}
     finally:
         conn.close()
-    return {p: cbor2.loads(v) for p, v in rows}
+    return {p: decode_value(v) for p, v in rows}
 
 
 def test_gatewayd_collects_polled_and_observed_coap_points(

@@ -8,8 +8,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-import cbor2
-
+from gateway.store.projections import decode_value
 from tests.core.conftest import start_daemon, write_config
 from tests.drivers_modbus.support import ModbusServer
 from tests.peers import wait_until
@@ -59,7 +58,7 @@ def latest(db: Path) -> dict[str, Any]:
         return {}  # not created yet
     finally:
         conn.close()
-    return {p: cbor2.loads(v) for p, v in rows}
+    return {p: decode_value(v) for p, v in rows}
 
 
 def events(db: Path, kind: str) -> int:

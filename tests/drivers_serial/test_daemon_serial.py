@@ -13,9 +13,9 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-import cbor2
 import pytest
 
+from gateway.store.projections import decode_value
 from tests.drivers_serial.ptys import PtyPair
 from tests.peers import Peer, wait_until
 
@@ -119,7 +119,7 @@ def test_gps_readings_stored_and_port_loss_seen(tmp_path: Path, pty: PtyPair) ->
 
         def latest() -> dict[object, object]:
             rows = query(db, "SELECT point, value FROM latest WHERE device = 'gps'")
-            return {p: cbor2.loads(v) for p, v in rows if isinstance(v, bytes)}
+            return {p: decode_value(v) for p, v in rows}
 
         wait_until(lambda: len(latest()) == 2, "both GPS points stored", attempts=400)
         assert latest() == {"lat": pytest.approx(48.1173), "speed": 22.4}
