@@ -10,7 +10,7 @@ import abc
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, NamedTuple, Protocol, runtime_checkable
 
 from gateway.config import (
     GENERIC_DEVICE_KEYS,
@@ -26,9 +26,9 @@ from gateway.errors import ConfigError
 Value = float | int | bool | str | bytes | None
 
 
-@dataclass(frozen=True, slots=True)
-class RawReading:
-    """One value read from a device. `ts` is the device's own time (Unix seconds) if it has one."""
+class RawReading(NamedTuple):
+    """One value read from a device. `ts` is the device's own time (Unix seconds) if it has one.
+    (A NamedTuple: a poll of a 100-point map makes 100 of them.)"""
 
     point: str
     value: Value
@@ -134,7 +134,7 @@ class Discoverer(Protocol):
 def device_options(spec: DeviceSpec) -> tuple[Section, Issues]:
     """A Section over a device's driver-specific keys, for `validate_device` to read."""
     issues = Issues()
-    sec = Section(spec.options, spec.path, issues, GENERIC_DEVICE_KEYS + ("points",))
+    sec = Section(spec.options, spec.path, issues, (*GENERIC_DEVICE_KEYS, "points"))
     return sec, issues
 
 

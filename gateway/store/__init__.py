@@ -42,6 +42,11 @@ T = TypeVar("T")
 
 Listener = Callable[[Sequence[Event]], None]
 
+# The `streams` table is written behind: at most this many streams, events or seconds.
+STREAMS_FLUSH_COUNT = 4096
+STREAMS_FLUSH_EVENTS = 20_000
+STREAMS_FLUSH_SECONDS = 2.0
+
 
 @dataclass(frozen=True, slots=True)
 class StoreStats:
@@ -62,13 +67,17 @@ class StoreStats:
 
 
 class _Pending:
-    __slots__ = ("events", "future")
+    """Appends waiting for the writer. `single`: the future resolves to the one Event (not a
+    list): `append` hands that future to its caller as is, no coroutine in between."""
+
+    __slots__ = ("events", "future", "single")
 
     def __init__(
-        self, events: Sequence[NewEvent], future: asyncio.Future[list[Event]] | None
+        self, events: Sequence[NewEvent], future: asyncio.Future[Any] | None, single: bool = False
     ) -> None:
         self.events = events
         self.future = future
+        self.single = single
 
 
 class _Job:
@@ -79,7 +88,7 @@ class _Job:
         self.future = future
 
 
-def _settle(future: asyncio.Future[list[Event]] | None, result: Any) -> None:
+def _settle(future: asyncio.Future[Any] | None, result: Any) -> None:
     if future is None or future.done():
         return
     if isinstance(result, BaseException):
@@ -172,6 +181,11 @@ class EventStore:
         self._listeners: list[Listener] = []
         # Writer-thread state (touched only in the writer thread, or before it starts).
         self._versions: dict[str, int] = {}
+        # Versions committed but not yet in the `streams` table (written behind).
+        self._dirty: dict[str, int] = {}
+        self._streams_seq = 0
+        self._streams_flushed_at = time.monotonic()
+        self._flushing: tuple[dict[str, int], int] | None = None
         self._projections: list[Projection] = []
         self._last_seq = 0
         self._since_snapshot: dict[str, int] = {}
@@ -233,6 +247,15 @@ class EventStore:
         for name, value in self._w.execute("SELECT name, value FROM counters"):
             if name == "dropped":
                 self.dropped = int(value)
+            elif name == "streams_seq":
+                self._streams_seq = int(value)
+        # The `streams` table is written behind (see _flush_streams): versions of events
+        # committed after its last flush are recovered from the tail of the log.
+        for stream, version in self._w.execute(
+            "SELECT stream, max(version) FROM events WHERE seq > ? GROUP BY stream",
+            (self._streams_seq,),
+        ):
+            self._dirty[stream] = int(version)
         self._page_size = self._w.execute("PRAGMA page_size").fetchone()[0]
         self._measure()
 
@@ -252,6 +275,8 @@ class EventStore:
 
     def _close_sync(self) -> None:
         if self._w is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._run_job(lambda conn: self._flush_streams(conn, {}, self._last_seq))
             with contextlib.suppress(sqlite3.Error):
                 self._w.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             self._w.close()
@@ -276,7 +301,7 @@ class EventStore:
         return self._last_seq
 
     # -- appending ------------------------------------------------------------------------
-    async def append(
+    def append(
         self,
         stream: str,
         type: str,
@@ -284,21 +309,30 @@ class EventStore:
         *,
         expected_version: int | None = None,
         outbox: bool = True,
-    ) -> Event:
-        """Append one event; returns once it is committed (durable under `synchronous=full`)."""
-        return (await self.append_many([NewEvent(stream, type, data, expected_version, outbox)]))[0]
+    ) -> asyncio.Future[Event]:
+        """Append one event; the future resolves once it is committed (durable under
+        `synchronous=full`). Use as `await store.append(...)`."""
+        future: asyncio.Future[Event] = asyncio.get_running_loop().create_future()
+        self._enqueue(
+            _Pending((NewEvent(stream, type, data, expected_version, outbox),), future, True)
+        )
+        return future
 
     def append_many(self, events: Sequence[NewEvent]) -> asyncio.Future[list[Event]]:
         """Append events atomically (all or none); the future resolves after the commit."""
         future: asyncio.Future[list[Event]] = asyncio.get_running_loop().create_future()
-        if self._closing:
-            future.set_exception(StoreClosedError())
-        elif self.writer_error is not None:
-            future.set_exception(StoreError(f"store writer failed: {self.writer_error}"))
-        else:
-            self._queue.append(_Pending(events, future))
-            self._wake.set()
+        self._enqueue(_Pending(events, future))
         return future
+
+    def _enqueue(self, pending: _Pending) -> None:
+        assert pending.future is not None
+        if self._closing:
+            pending.future.set_exception(StoreClosedError())
+        elif self.writer_error is not None:
+            pending.future.set_exception(StoreError(f"store writer failed: {self.writer_error}"))
+        else:
+            self._queue.append(pending)
+            self._wake.set()
 
     async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run `fn(conn)` in the writer thread inside its own transaction; returns its result."""
@@ -354,9 +388,13 @@ class EventStore:
             self.last_commit_mono = time.monotonic()
             committed: list[Event] = []
             for p, result in zip(batch, outcome, strict=True):
-                if not isinstance(result, BaseException):
-                    committed.extend(result)
-                _settle(p.future, result)
+                fut = p.future
+                if isinstance(result, BaseException):
+                    _settle(fut, result)
+                    continue
+                committed.extend(result)
+                if fut is not None and not fut.done():
+                    fut.set_result(result[0] if p.single else result)
             committed.extend(internal)
             if committed:
                 for listener in self._listeners:
@@ -376,6 +414,7 @@ class EventStore:
             conn.execute("ROLLBACK")
             self._reload_versions()
             raise
+        self._flushed()
         self._measure()
         return result
 
@@ -390,17 +429,64 @@ class EventStore:
         self._used_bytes = (pages - free) * self._page_size
 
     def _reload_versions(self) -> None:
-        self._versions.clear()  # reloaded lazily from the `streams` table
+        """After a rollback: forget cached versions (unflushed ones stay in `_dirty`)."""
+        self._versions.clear()
+        self._flushing = None
 
     def _version_of(self, conn: sqlite3.Connection, stream: str) -> int:
         v = self._versions.get(stream)
         if v is None:
-            row = conn.execute("SELECT version FROM streams WHERE stream = ?", (stream,)).fetchone()
-            v = int(row[0]) if row else 0
+            v = self._dirty.get(stream)
+            if v is None:
+                row = conn.execute(
+                    "SELECT version FROM streams WHERE stream = ?", (stream,)
+                ).fetchone()
+                v = int(row[0]) if row else 0
             if len(self._versions) > 50_000:
                 self._versions.clear()
             self._versions[stream] = v
         return v
+
+    def _flush_due(self, versions: dict[str, int], seq: int) -> bool:
+        return (
+            len(self._dirty) + len(versions) >= STREAMS_FLUSH_COUNT
+            or seq - self._streams_seq >= STREAMS_FLUSH_EVENTS
+            or time.monotonic() - self._streams_flushed_at >= STREAMS_FLUSH_SECONDS
+        )
+
+    def _flush_streams(self, conn: sqlite3.Connection, versions: dict[str, int], seq: int) -> None:
+        """Inside a transaction: bring the `streams` table up to `seq`.
+
+        Stream versions are the optimistic-concurrency authority. Writing each stream's row
+        on every commit cost as much as the events themselves, so the table is written
+        behind: every few thousand events or seconds, before retention or the quota deletes
+        events (the log is then the only other record of a version), and at close. At open,
+        versions of events after the last flush are read back from the log's tail."""
+        pending = {**self._dirty, **versions}
+        if pending:
+            conn.executemany(
+                "INSERT INTO streams VALUES (?, ?) "
+                "ON CONFLICT(stream) DO UPDATE SET version = excluded.version",
+                list(pending.items()),
+            )
+        conn.execute(
+            "INSERT INTO counters VALUES ('streams_seq', ?) "
+            "ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+            (seq,),
+        )
+        self._flushing = (pending, seq)
+
+    def _flushed(self) -> None:
+        """After a COMMIT: what `_flush_streams` wrote is no longer dirty."""
+        if self._flushing is None:
+            return
+        pending, seq = self._flushing
+        self._flushing = None
+        for stream, version in pending.items():
+            if self._dirty.get(stream) == version:
+                del self._dirty[stream]
+        self._streams_seq = seq
+        self._streams_flushed_at = time.monotonic()
 
     def _commit(
         self, batch: Sequence[_Pending]
@@ -441,7 +527,32 @@ class EventStore:
         outbox: list[tuple[int, str]] = []
         committed: list[Event] = []
         dumps = cbor2.dumps
+        cached = self._versions
         for p in batch:
+            if p.single and p.events[0].expected_version is None:
+                # The common case, one event with no version check: straight through.
+                ne = p.events[0]
+                try:
+                    blob = dumps(ne.data)
+                except (cbor2.CBOREncodeError, TypeError, ValueError) as exc:
+                    out.append(StoreError(f"event data cannot be encoded as CBOR: {exc}"))
+                    continue
+                stream = ne.stream
+                version = versions.get(stream)
+                if version is None:
+                    version = cached.get(stream)
+                    if version is None:
+                        version = self._version_of(conn, stream)
+                version += 1
+                versions[stream] = version
+                seq += 1
+                rows.append((seq, stream, version, ne.type, now, mono, boot, synced, blob))
+                if ne.outbox:
+                    outbox.append((seq, stream))
+                e = Event(seq, stream, version, ne.type, now, mono, boot, is_synced, ne.data)
+                committed.append(e)
+                out.append([e])
+                continue
             # First check versions (no allocation for a conflict), then number and encode.
             local: dict[str, int] = {}
             failed: BaseException | None = None
@@ -488,11 +599,8 @@ class EventStore:
                 conn.executemany(
                     "INSERT INTO outbox (seq, stream, attempts) VALUES (?, ?, 0)", outbox
                 )
-            conn.executemany(
-                "INSERT INTO streams VALUES (?, ?) "
-                "ON CONFLICT(stream) DO UPDATE SET version = excluded.version",
-                list(versions.items()),
-            )
+            if victims or self._flush_due(versions, seq):
+                self._flush_streams(conn, versions, seq)
             for proj in self._projections:
                 proj.apply(conn, committed)
             self._maybe_snapshot(conn, versions, seq)
@@ -515,6 +623,8 @@ class EventStore:
             )  # fmt: skip
         self._last_seq = seq
         self._versions.update(versions)
+        self._dirty.update(versions)
+        self._flushed()
         self.batches += 1
         self.appended += len(rows)
         self._measure()
@@ -581,6 +691,8 @@ class EventStore:
                 return total
 
     def _prune_sync(self, conn: sqlite3.Connection, cutoff: float, batch: int) -> int:
+        # The events deleted here may be the only record of unflushed stream versions.
+        self._flush_streams(conn, {}, self._last_seq)
         victims = conn.execute(
             "SELECT e.seq, e.stream FROM events e WHERE e.wall_time < ? "
             "AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.seq = e.seq) "

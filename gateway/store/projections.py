@@ -44,7 +44,8 @@ class Projection(Protocol):
 
 
 class DeviceProjection:
-    """`devices` (availability, last seen, registrations) and `latest` (value per point)."""
+    """`devices` (availability, registrations) and `latest` (value per point, and when it
+    arrived: a device's last-seen time is the newest of its points')."""
 
     tables: tuple[str, ...] = ("devices", "latest")
 
@@ -54,8 +55,7 @@ class DeviceProjection:
 
     def apply(self, conn: sqlite3.Connection, events: Sequence[Event]) -> None:
         # Hot path (runs for every committed batch): readings inlined, other types below.
-        latest: dict[tuple[str, str], tuple[bytes, str | None, float, int]] = {}
-        seen: dict[str, float] = {}
+        latest: dict[tuple[str, str], tuple[Any, str | None, float, int, float]] = {}
         encode = encode_value
         for e in events:
             stream = e.stream
@@ -79,35 +79,31 @@ class DeviceProjection:
                         unit if type(unit) is str else None,
                         float(t) if type(t) is float or type(t) is int else wall,
                         seq,
+                        wall,
                     )
-                seen[device] = wall
             else:
                 # Keep the order of effects independent of how events are batched, so a
                 # rebuild (other batch boundaries) gives the same rows.
-                self._flush(conn, latest, seen)
+                self._flush(conn, latest)
                 latest.clear()
-                seen.clear()
                 self._apply_other(conn, device, e)
-        self._flush(conn, latest, seen)
+        self._flush(conn, latest)
 
     def _flush(
         self,
         conn: sqlite3.Connection,
-        latest: dict[tuple[str, str], tuple[bytes, str | None, float, int]],
-        seen: dict[str, float],
+        latest: dict[tuple[str, str], tuple[Any, str | None, float, int, float]],
     ) -> None:
+        # A device's "last seen" is the newest `seen` of its points: no per-device row to
+        # update on every reading (one upsert per event fewer on the hot path).
         if latest:
             conn.executemany(
-                "INSERT INTO latest (device, point, value, unit, ts, seq) VALUES (?, ?, ?, ?, ?, ?)"
+                "INSERT INTO latest (device, point, value, unit, ts, seq, seen)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT(device, point) DO UPDATE SET value = excluded.value,"
-                " unit = excluded.unit, ts = excluded.ts, seq = excluded.seq",
+                " unit = excluded.unit, ts = excluded.ts, seq = excluded.seq,"
+                " seen = excluded.seen",
                 [(d, p, *rest) for (d, p), rest in latest.items()],
-            )
-        if seen:
-            conn.executemany(
-                "INSERT INTO devices (id, last_seen) VALUES (?, ?) "
-                "ON CONFLICT(id) DO UPDATE SET last_seen = excluded.last_seen",
-                list(seen.items()),
             )
 
     def _apply_other(self, conn: sqlite3.Connection, device: str, e: Event) -> None:
@@ -141,11 +137,11 @@ class DeviceProjection:
         if device is None:
             return None
         row = conn.execute(
-            "SELECT driver, source, available, reason, last_seen, meta FROM devices WHERE id = ?",
+            "SELECT driver, source, available, reason, meta FROM devices WHERE id = ?",
             (device,),
         ).fetchone()
         points = conn.execute(
-            "SELECT point, value, unit, ts, seq FROM latest WHERE device = ?", (device,)
+            "SELECT point, value, unit, ts, seq, seen FROM latest WHERE device = ?", (device,)
         ).fetchall()
         return {"device": list(row) if row else None, "latest": [list(p) for p in points]}
 
@@ -156,13 +152,13 @@ class DeviceProjection:
         row = state.get("device")
         if row:
             conn.execute(
-                "INSERT OR REPLACE INTO devices (id, driver, source, available, reason, "
-                "last_seen, meta) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO devices (id, driver, source, available, reason, meta) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
                 (device, *row),
             )
         conn.executemany(
-            "INSERT OR REPLACE INTO latest (device, point, value, unit, ts, seq) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT OR REPLACE INTO latest (device, point, value, unit, ts, seq, seen) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
             [(device, *p) for p in state.get("latest", [])],
         )
 

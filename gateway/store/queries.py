@@ -76,7 +76,18 @@ def latest(
     ]  # fmt: skip
 
 
-_DEVICE_COLS = "id, driver, source, available, reason, last_seen, meta"
+# Devices with a row of their own (configured, registered, availability known) and those
+# only known from their readings (CoAP telemetry from an accepted unknown device).
+_DEVICES_SQL = """
+SELECT d.id, d.driver, d.source, d.available, d.reason,
+       (SELECT max(l.seen) FROM latest l WHERE l.device = d.id), d.meta
+  FROM devices d {where_d}
+UNION ALL
+SELECT l.device, NULL, 'telemetry', NULL, NULL, max(l.seen), NULL
+  FROM latest l WHERE l.device NOT IN (SELECT id FROM devices) {and_l}
+ GROUP BY l.device
+ ORDER BY 1
+"""
 
 
 def _device_row(row: tuple[Any, ...]) -> dict[str, Any]:
@@ -93,12 +104,13 @@ def _device_row(row: tuple[Any, ...]) -> dict[str, Any]:
 
 
 def devices(conn: sqlite3.Connection) -> list[dict[str, Any]]:
-    rows = conn.execute(f"SELECT {_DEVICE_COLS} FROM devices ORDER BY id")
+    rows = conn.execute(_DEVICES_SQL.format(where_d="", and_l=""))
     return [_device_row(r) for r in rows]
 
 
 def device(conn: sqlite3.Connection, device_id: str) -> dict[str, Any] | None:
-    row = conn.execute(f"SELECT {_DEVICE_COLS} FROM devices WHERE id = ?", (device_id,)).fetchone()
+    sql = _DEVICES_SQL.format(where_d="WHERE d.id = ?", and_l="AND l.device = ?")
+    row = conn.execute(sql, (device_id, device_id)).fetchone()
     return _device_row(row) if row else None
 
 

@@ -58,7 +58,6 @@ CORE: list[str] = [
         source    TEXT NOT NULL DEFAULT 'config',
         available INTEGER,
         reason    TEXT,
-        last_seen REAL,
         meta      BLOB
     ) WITHOUT ROWID;
     CREATE TABLE latest (
@@ -66,8 +65,9 @@ CORE: list[str] = [
         point  TEXT NOT NULL,
         value  BLOB,
         unit   TEXT,
-        ts     REAL NOT NULL,
+        ts     REAL NOT NULL,    -- the reading's time (the device's own, or arrival)
         seq    INTEGER NOT NULL,
+        seen   REAL NOT NULL,    -- when the gateway committed it
         PRIMARY KEY (device, point)
     ) WITHOUT ROWID;
     CREATE TABLE counters (

@@ -271,3 +271,57 @@ async def test_backup_is_consistent_while_writing(store: EventStore, tmp_path: P
         copy.close()
     assert n[0] == n[1] == result["last_seq"]  # a prefix of the log, no holes
     assert maintenance.projections_match_rebuild(tmp_path / "b.db")
+
+
+async def test_stream_versions_survive_a_crash_before_the_streams_table_is_written(
+    tmp_path: Path,
+) -> None:
+    # A process that appends and dies without closing (os._exit: no flush, no checkpoint).
+    import subprocess
+    import sys
+
+    db = tmp_path / "crash.db"
+    code = f"""
+import asyncio, os
+from gateway.store import EventStore
+async def main():
+    s = await EventStore.open({str(db)!r})
+    for i in range(7):
+        await s.append("command:abc", "command.requested", {{"i": i}})
+    for i in range(3):
+        await s.append("device:x", "readings", {{"r": []}})
+    os._exit(0)
+asyncio.run(main())
+"""
+    r = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 0, r.stderr
+    assert rows(db, "SELECT count(*) FROM streams") == [(0,)]  # nothing flushed yet
+    s = await EventStore.open(db, StoreConfig())
+    try:
+        with pytest.raises(ConcurrencyError):
+            await s.append("command:abc", "x", {}, expected_version=6)
+        e = await s.append("command:abc", "x", {}, expected_version=7)
+        assert e.version == 8
+        assert (await s.append("device:x", "readings", {"r": []})).version == 4
+    finally:
+        await s.close()
+    # A clean close writes the table.
+    assert dict(rows(db, "SELECT stream, version FROM streams")) == {
+        "command:abc": 8, "device:x": 4
+    }  # fmt: skip
+
+
+async def test_retention_writes_stream_versions_before_deleting_their_events(
+    tmp_path: Path,
+) -> None:
+    s = await EventStore.open(tmp_path / "p.db", StoreConfig())
+    try:
+        for _ in range(5):
+            await s.append("s:1", "t", {})
+        await s.write(lambda c: c.execute("DELETE FROM outbox"))
+        assert await s.prune(older_than=-1) == 5
+        assert rows(s.path, "SELECT stream, version FROM streams") == [("s:1", 5)]
+    finally:
+        await s.close()
