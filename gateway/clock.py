@@ -3,36 +3,31 @@ clock is known to be synced (boards without an RTC boot in 1970 or at the last s
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import time
-import uuid
 from pathlib import Path
+from typing import Any
 
 _TIME_ERROR = 5  # adjtimex(2): clock not synchronized
-
-
-class _Timex(ctypes.Structure):
-    # struct timex is 208 bytes on 64-bit Linux; we only need the return value.
-    _fields_ = [("modes", ctypes.c_uint), ("_rest", ctypes.c_byte * 204)]
+_TIMEX_SIZE = 208  # sizeof(struct timex) on 64-bit Linux (more than enough on 32-bit)
 
 
 def _boot_id() -> str:
     try:
         return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     except OSError:
-        return str(uuid.uuid4())  # no /proc: unique per process start, still recognisable
+        import uuid  # no /proc: unique per process start, still recognisable
+
+        return str(uuid.uuid4())
 
 
 class SystemClock:
-    """The real clocks. `synced()` asks the kernel (adjtimex), cached for a minute."""
+    """The real clocks. `synced()` asks timesyncd, then the kernel; cached for a minute."""
 
     def __init__(self) -> None:
         self.boot_id = _boot_id()
         self._synced: bool | None = None
         self._checked = -1e9
-        libc_name = ctypes.util.find_library("c")
-        self._libc = ctypes.CDLL(libc_name, use_errno=True) if libc_name else None
+        self._adjtimex: Any = None
 
     def time(self) -> float:
         return time.time()
@@ -44,20 +39,27 @@ class SystemClock:
         now = time.monotonic()
         if self._synced is None or now - self._checked > 60:
             self._checked = now
-            self._synced = self._ask_kernel()
+            self._synced = self._ask()
         return self._synced
 
-    def _ask_kernel(self) -> bool:
+    def _ask(self) -> bool:
         # systemd-timesyncd (Raspberry Pi OS's default) marks a sync with this file; under our
         # hardened unit adjtimex(2) is refused (ProtectClock), so ask it first.
         if Path("/run/systemd/timesync/synchronized").exists():
             return True
-        if self._libc is None:
-            return False
-        tx = _Timex()
+        # A wall clock before 2020 is certainly not synced, whatever the kernel says.
+        return time.time() > 1_577_836_800 and self._kernel_synced()
+
+    def _kernel_synced(self) -> bool:
         try:
-            state = self._libc.adjtimex(ctypes.byref(tx))
+            # Imported here, and libc taken from the process itself (dlopen(NULL)): ctypes.util
+            # would pull in subprocess, tempfile and shutil, a megabyte of RSS for one call.
+            import ctypes
+
+            if self._adjtimex is None:
+                self._adjtimex = ctypes.CDLL(None, use_errno=True).adjtimex
+            buf = ctypes.create_string_buffer(_TIMEX_SIZE)  # modes = 0: read only
+            state = int(self._adjtimex(buf))
         except (AttributeError, OSError):
             return False
-        # A wall clock before 2020 is certainly not synced, whatever the kernel says.
-        return bool(state != _TIME_ERROR and state >= 0 and time.time() > 1_577_836_800)
+        return state >= 0 and state != _TIME_ERROR

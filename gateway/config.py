@@ -8,7 +8,6 @@ with a "did you mean" where one is close. Nothing is dropped or adjusted silentl
 
 from __future__ import annotations
 
-import difflib
 import math
 import os
 import tomllib
@@ -267,6 +266,8 @@ class Section:
 
 
 def _did_you_mean(word: str, candidates: Sequence[str]) -> str:
+    import difflib  # only when something is wrong
+
     close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
 

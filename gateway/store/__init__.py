@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import shutil
 import sqlite3
 import time
 from collections import deque
@@ -121,6 +120,7 @@ def open_readonly(path: str | os.PathLike[str]) -> sqlite3.Connection:
 
 def quarantine(path: Path, reason: str) -> Path:
     """Move a corrupt database (and its -wal/-shm) aside with a timestamped name; never delete."""
+    import shutil  # rarely needed; keeps start-up RSS down
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     target = path.with_name(f"{path.name}.corrupt-{stamp}")
     n = 1
