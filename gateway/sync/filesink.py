@@ -14,6 +14,7 @@ import contextlib
 import io
 import logging
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -109,6 +110,9 @@ class FileChannel:
             self.closed.set_result(None)
 
 
+_INDEX = re.compile(r"events-(\d{8})-")
+
+
 class FileSink:
     """A Sink writing to files; `connect` opens the directory (retrying on errors)."""
 
@@ -160,8 +164,14 @@ class FileSink:
             return
         for part in sorted(self.dir.glob("*.part")):
             self._finalise(part)
-        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"{time.time() % 1:.6f}"[1:]
-        self._part = self.dir / f"events-{stamp}Z{self.ext}.part"
+        # Files sort in the order they were written by a counter, not by the clock (a board
+        # without an RTC can go back in time); the UTC stamp is for people.
+        index = 1 + max(
+            (int(m.group(1)) for f in self.dir.glob("events-*") if (m := _INDEX.match(f.name))),
+            default=0,
+        )
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        self._part = self.dir / f"events-{index:08d}-{stamp}{self.ext}.part"
         self._fd = os.open(self._part, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
         self._size = 0
         _fsync_dir(self.dir)
