@@ -195,7 +195,15 @@ def _print_event(e: Any, as_json: bool) -> None:
 
         print(json.dumps(e.as_dict(), default=str, sort_keys=True), flush=True)
     else:
-        data = " ".join(f"{k}={fmt_value(v)}" for k, v in e.data.items())
+        recs = e.data.get("r") if e.type == "readings" else None
+        if isinstance(recs, list):
+            data = " ".join(
+                f"{r.get('n')}={fmt_value(r.get('v'))}{r.get('u') or ''}"
+                for r in recs
+                if isinstance(r, dict)
+            )
+        else:
+            data = " ".join(f"{k}={fmt_value(v)}" for k, v in e.data.items())
         print(f"{e.seq:>8} {fmt_time(e.wall_time)} {e.stream:<24} {e.type:<20} {data}", flush=True)
 
 
