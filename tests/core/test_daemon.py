@@ -245,3 +245,23 @@ def test_import_gateway_loads_no_driver_library() -> None:
                        timeout=60)  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == ""
+
+
+def test_corrupt_database_at_start_is_quarantined_and_the_daemon_runs(
+    tmp_path: Path, daemon_factory: list[Daemon]
+) -> None:
+    config = write_config(tmp_path)
+    db = db_path(config)
+    db.parent.mkdir(parents=True)
+    garbage = b"\x00garbage, not SQLite\xff" * 500
+    db.write_bytes(garbage)
+    d = start_daemon(config, tmp_path)
+    daemon_factory.append(d)
+    moved = list(db.parent.glob("gateway.db.corrupt-*"))
+    assert len(moved) == 1 and moved[0].read_bytes() == garbage
+    assert "is corrupt" in d.log.read_text() and str(moved[0]) in d.log.read_text()
+    r = run_cli(config, "--json", "events", "tail", "--stream", "gateway")
+    assert r.returncode == 0
+    types = [json.loads(line)["type"] for line in r.stdout.splitlines()]
+    assert types[0] == "store.quarantined"
+    assert d.stop() == 0
