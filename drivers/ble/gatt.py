@@ -1,7 +1,8 @@
 """GATT devices: connect, read characteristics on a schedule, notifications, writes.
 
 Connections are limited per adapter (`ConnectionPool`: a queue of waiters, a configurable
-maximum); a device that keeps failing opens its `Breaker` and is left alone for a while;
+maximum); a device that keeps failing opens its breaker (`gateway.breaker`) and is left
+alone for a while, then gets one trial connection;
 reconnects back off exponentially. Values are decoded/encoded by `decode()`/`encode()`, pure.
 bleak is imported only when a connection is made.
 """
@@ -20,6 +21,7 @@ from drivers.base import Clock, DriverContext, RawReading
 from drivers.ble.common import Value
 from drivers.ble.config import BleDevice, BleOptions, GattPoint
 from drivers.ble.custom import TYPES, FieldSpec, read_field
+from gateway.breaker import Breaker
 from gateway.errors import (
     DeviceProtocolError,
     DeviceTimeout,
@@ -81,6 +83,10 @@ def encode(point: GattPoint, value: object) -> bytes:
         raise PayloadError(f"{point.name}: cannot write {value!r} as {point.type}: {exc}") from None
 
 
+#: Shortest rest while the breaker is open (asyncio may wake a sleeper a hair early).
+MIN_REST = 0.001
+
+
 class ConnectionPool:
     """At most `size` connections on one adapter; waiters queue in arrival order."""
 
@@ -103,34 +109,6 @@ class ConnectionPool:
         finally:
             self.in_use -= 1
             self._sem.release()
-
-
-class Breaker:
-    """Opens after `threshold` consecutive failures; after `reset` s lets one trial through."""
-
-    def __init__(self, threshold: int, reset: float) -> None:
-        self.threshold = threshold
-        self.reset = reset
-        self.failures = 0
-        self.opened_at: float | None = None
-
-    def wait_time(self, now: float) -> float:
-        if self.opened_at is None:
-            return 0.0
-        return max(0.0, self.opened_at + self.reset - now)
-
-    def success(self) -> None:
-        self.failures = 0
-        self.opened_at = None
-
-    def failure(self, now: float) -> None:
-        self.failures += 1
-        if self.failures >= self.threshold:
-            self.opened_at = now
-
-    @property
-    def state(self) -> str:
-        return "open" if self.opened_at is not None else "closed"
 
 
 class GattLink:
@@ -197,21 +175,23 @@ class GattLink:
 
         delay = self.options.retry_initial
         while True:
-            wait = self.breaker.wait_time(self.clock.monotonic())
-            if wait > 0:
-                await asyncio.sleep(wait)
+            now = self.clock.monotonic()
+            if not self.breaker.allow(now):  # open: rest, then one trial (half-open)
+                await asyncio.sleep(max(self.breaker.wait(now), MIN_REST))
+                continue
             try:
                 await self._session()
                 delay = self.options.retry_initial
             except asyncio.CancelledError:
+                self.breaker.abandon()  # a cancelled trial must not keep the probe slot
                 raise
             except Exception as exc:
-                self.breaker.failure(self.clock.monotonic())
                 why = (
                     str(exc)
                     if isinstance(exc, DriverError)
                     else str(explain(exc, self.options.adapter, gatt=True))
                 )
+                self.breaker.failure(self.clock.monotonic(), why)
                 first = self.last_error != why
                 self.last_error = why
                 self.log.log(logging.WARNING if first else logging.DEBUG,

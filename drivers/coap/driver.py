@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from drivers.base import Driver, DriverContext, RawReading
-from drivers.coap.breaker import Breaker
 from drivers.coap.options import CoapDevice, CoapPoint, compile_device
+from gateway.breaker import Backoff, Breaker
 from gateway.config import DeviceSpec, PointSpec
 from gateway.errors import (
     DeviceProtocolError,
@@ -39,6 +40,15 @@ T = TypeVar("T")
 #: Share of the device timeout a whole `read()` may take (see `read`).
 READ_BUDGET = 0.9
 MIN_WAIT = 0.05
+
+
+def device_breaker(
+    threshold: int, initial: float, maximum: float, rng: Callable[[], float] = random.random
+) -> Breaker:
+    """A device's breaker: its backoff doubles from `initial` to `maximum`, jittered but never
+    less than half the ceiling (a dead device should not be retried almost at once by bad
+    luck); an authentication failure waits `maximum` straight away."""
+    return Breaker(threshold, Backoff(initial, maximum, rng, floor=0.5))
 
 
 @dataclass(eq=False)
@@ -99,7 +109,7 @@ class CoapDriver(Driver):
         cfg = compile_device(spec)
         dev = _Device(
             spec=spec, cfg=cfg,
-            breaker=Breaker(cfg.breaker_threshold, cfg.backoff_initial, cfg.backoff_max),
+            breaker=device_breaker(cfg.breaker_threshold, cfg.backoff_initial, cfg.backoff_max),
         )  # fmt: skip
         if self._started:
             self._open(dev)  # raises ConfigError for unreadable keys: the device is not added

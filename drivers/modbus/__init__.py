@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from drivers.base import Driver, DriverContext, RawReading
+from gateway.breaker import Breaker, State
 from gateway.config import DeviceSpec, PointSpec
 from gateway.errors import (
     ConfigError,
@@ -27,7 +28,6 @@ from gateway.errors import (
     PointNotFound,
 )
 
-from .breaker import Breaker
 from .config import DeviceConfig, parse_device
 from .errors import BusBusyError
 from .plan import ModbusPoint, ReadRequest, compile_plan
@@ -227,7 +227,7 @@ class ModbusDriver(Driver):
         if not dev.breaker.allow(clock.monotonic()):
             raise DeviceUnavailable(
                 cfg.id, f"circuit open after {dev.breaker.failures} failures; next probe in "
-                f"{dev.breaker.retry_in(clock.monotonic()):.1f} s",
+                f"{dev.breaker.wait(clock.monotonic()):.1f} s",
             )  # fmt: skip
         # Everything (waiting for the bus, connecting, each answer) must fit in the device's
         # timeout, with a margin: the collection service bounds a whole read by that timeout,
@@ -240,7 +240,7 @@ class ModbusDriver(Driver):
             self._failed(dev, exc)
             raise
         except BaseException:
-            dev.breaker.release()
+            dev.breaker.abandon()  # cancelled: no outcome, free a half-open probe slot
             raise
         self._succeeded(dev)
 
@@ -253,7 +253,7 @@ class ModbusDriver(Driver):
         else:
             log.debug("modbus %s (failure %d)", exc.message, dev.failures)
         if isinstance(exc, BusBusyError):
-            dev.breaker.release()  # says nothing about the device
+            dev.breaker.abandon()  # says nothing about the device
             return
         if isinstance(exc, DeviceProtocolError) and _is_live_answer(exc):
             # The unit answered (about a bad request): it is reachable, the breaker closes.
@@ -262,12 +262,12 @@ class ModbusDriver(Driver):
                 dev.available = True
                 self.ctx.set_available(dev.config.id, True, "answering")
             return
-        if dev.breaker.failure(self.ctx.clock.monotonic()):
+        if dev.breaker.failure(self.ctx.clock.monotonic(), exc.message).opened:
             log.debug(
                 "modbus %s: circuit open for %.1f s after %d failures",
                 dev.config.id, dev.breaker.cooldown, dev.breaker.failures,
             )  # fmt: skip
-        if dev.breaker.state != "closed" and dev.available is not False:
+        if dev.breaker.state is not State.CLOSED and dev.available is not False:
             dev.available = False
             self.ctx.set_available(dev.config.id, False, exc.message)
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
 import random
 import ssl
@@ -21,6 +20,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
+from gateway.breaker import Backoff as Backoff  # re-exported: the relay paces with it
+from gateway.breaker import Breaker
 from gateway.sync.config import EndpointConfig, SyncConfig
 
 if TYPE_CHECKING:
@@ -75,78 +76,6 @@ class Sink(Protocol):
     def kick(self) -> None: ...
 
     def figures(self) -> dict[str, Any]: ...
-
-
-# -- retry policy ------------------------------------------------------------------------
-class Backoff:
-    """Exponential backoff with full jitter: a uniform delay in [0, min(cap, base * 2^n)]."""
-
-    def __init__(self, base: float, cap: float, rng: Callable[[], float] = random.random):
-        self.base = base
-        self.cap = cap
-        self.attempt = 0
-        self._rng = rng
-
-    def ceiling(self) -> float:
-        return float(min(self.cap, self.base * (2 ** min(self.attempt, 62))))
-
-    def next(self) -> float:
-        delay = self._rng() * self.ceiling()
-        self.attempt += 1
-        return delay
-
-    def reset(self) -> None:
-        self.attempt = 0
-
-
-class BreakerState(enum.StrEnum):
-    CLOSED = "closed"
-    OPEN = "open"
-    HALF_OPEN = "half-open"
-
-
-class Breaker:
-    """Per endpoint: after `threshold` failures in a row it opens for `cooldown` seconds
-    (nothing is tried), then lets one attempt through (half-open)."""
-
-    def __init__(
-        self, threshold: int, cooldown: float, clock: Callable[[], float] = time.monotonic
-    ) -> None:
-        self.threshold = threshold
-        self.cooldown = cooldown
-        self.failures = 0
-        self.opened_at: float | None = None
-        self._clock = clock
-
-    @property
-    def state(self) -> BreakerState:
-        if self.opened_at is None:
-            return BreakerState.CLOSED
-        if self._clock() - self.opened_at >= self.cooldown:
-            return BreakerState.HALF_OPEN
-        return BreakerState.OPEN
-
-    def allows(self) -> bool:
-        return self.state is not BreakerState.OPEN
-
-    def reopens_in(self) -> float:
-        if self.opened_at is None:
-            return 0.0
-        return max(0.0, self.opened_at + self.cooldown - self._clock())
-
-    def success(self) -> None:
-        self.failures = 0
-        self.opened_at = None
-
-    def failure(self, hard: bool = False) -> None:
-        """A hard failure (refused credentials or certificate) opens the breaker at once:
-        retrying a wrong password quickly only fills the broker's log."""
-        self.failures += 1
-        if hard or self.failures >= self.threshold or self.opened_at is not None:
-            self.opened_at = self._clock()
-
-    def reset(self) -> None:
-        self.success()
 
 
 # -- errors made readable ------------------------------------------------------------------
@@ -394,9 +323,10 @@ class MqttLink:
         self._kick.set()
 
     def figures(self) -> dict[str, Any]:
+        now = time.monotonic()
         return {
             "endpoint": self.endpoint,
-            "breakers": {k: b.state.value for k, b in self.breakers.items()},
+            "breakers": {k: b.state_at(now).value for k, b in self.breakers.items()},
             "last_error": self.last_error,
             "connect_failures": self.failures,
             "connects": self.connects,
@@ -504,18 +434,19 @@ class MqttLink:
             self._kick.clear()
             for ep in self.cfg.endpoints:
                 br = self.breakers[ep.label]
-                if not br.allows():
+                if not br.allow(time.monotonic()):
                     continue
                 try:
                     ch = await self._try(ep)
                 except asyncio.CancelledError:
+                    br.abandon()  # no outcome: a half-open trial must not keep its slot
                     raise
                 except Exception as exc:
                     fail = (
                         ConnectFailure(str(exc), True) if isinstance(exc, _Hard)
                         else explain(ep, exc)
                     )  # fmt: skip
-                    br.failure(hard=fail.hard)
+                    br.failure(time.monotonic(), fail.message, auth=fail.hard)
                     self.failures += 1
                     self.last_error = fail.message
                     # First failure of a kind at WARNING, repeats at DEBUG (flapping links).
@@ -535,7 +466,8 @@ class MqttLink:
                 return ch
             self.endpoint = None
             delay = self.backoff.next()
-            opens = [b.reopens_in() for b in self.breakers.values() if not b.allows()]
+            now = time.monotonic()
+            opens = [b.wait(now) for b in self.breakers.values() if not b.ready(now)]
             if len(opens) == len(self.breakers):  # every endpoint is resting
                 delay = max(delay, min(opens))
             with contextlib.suppress(TimeoutError):

@@ -8,7 +8,8 @@ import struct
 import pytest
 
 from drivers.ble.config import GattPoint
-from drivers.ble.gatt import Breaker, ConnectionPool, decode, encode
+from drivers.ble.gatt import ConnectionPool, decode, encode
+from gateway.breaker import Breaker, State
 from gateway.errors import DeviceProtocolError, PayloadError
 
 
@@ -71,12 +72,14 @@ def test_pool_limits_and_queues_in_order() -> None:
 
 
 def test_breaker() -> None:
-    b = Breaker(threshold=3, reset=10)
+    # The shared breaker as GattLink uses it: a fixed rest of `breaker_reset` seconds.
+    b = Breaker(threshold=3, cooldown=10)
     b.failure(0)
     b.failure(1)
-    assert b.state == "closed" and b.wait_time(1) == 0
+    assert b.state == "closed" and b.wait(1) == 0
     b.failure(2)
-    assert b.state == "open" and b.wait_time(5) == 7
-    assert b.wait_time(13) == 0  # one trial allowed
+    assert b.state == "open" and b.wait(5) == 7
+    assert b.wait(13) == 0 and b.allow(13)  # one trial allowed...
+    assert b.state is State.HALF_OPEN and not b.allow(13)  # ...and only one
     b.success()
     assert b.state == "closed" and b.failures == 0

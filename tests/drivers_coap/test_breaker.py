@@ -1,14 +1,21 @@
-"""The per-device circuit breaker: pure state machine, time given by the test."""
+"""The per-device circuit breaker as the CoAP driver configures it (shared
+`gateway.breaker`, exponential backoff that waits at least half its ceiling): pure state
+machine, time given by the test."""
 
 from __future__ import annotations
 
 import random
 
-from drivers.coap.breaker import Breaker, State
+from drivers.coap.driver import device_breaker
+from gateway.breaker import Breaker, State
+
+
+def coap_breaker(threshold: int, initial: float, maximum: float, seed: int = 0) -> Breaker:
+    return device_breaker(threshold, initial, maximum, random.Random(seed).random)
 
 
 def test_opens_after_threshold_and_backs_off_exponentially() -> None:
-    b = Breaker(threshold=3, initial=1.0, maximum=8.0, rng=random.Random(1))
+    b = coap_breaker(threshold=3, initial=1.0, maximum=8.0, seed=1)
     t = b.failure(0.0, "timeout")
     assert t.first_failure and not t.opened and b.allow(0.0)
     assert not b.failure(0.0, "timeout").first_failure
@@ -18,24 +25,24 @@ def test_opens_after_threshold_and_backs_off_exponentially() -> None:
     # Half-open: exactly one attempt goes out; its failure reopens with a doubled ceiling.
     assert b.allow(1.0) and not b.allow(1.0)
     t = b.failure(1.0, "timeout")
-    assert not t.opened and b.state is State.OPEN and b.backoff() == 2.0
+    assert not t.opened and b.state is State.OPEN and b.cooldown == 2.0
     for _ in range(10):
         b.allow(b.retry_at)
         b.failure(b.retry_at, "timeout")
-    assert b.backoff() == 8.0  # capped
+    assert b.cooldown == 8.0  # capped
     assert b.allow(b.retry_at)
     t = b.success()
-    assert t.recovered and b.state is State.CLOSED and b.allow(0.0) and b.backoff() == 1.0
+    assert t.recovered and b.state is State.CLOSED and b.allow(0.0) and b.cooldown == 1.0
 
 
 def test_auth_failure_opens_at_once_with_the_longest_backoff() -> None:
-    b = Breaker(threshold=5, initial=1.0, maximum=60.0)
+    b = coap_breaker(threshold=5, initial=1.0, maximum=60.0)
     t = b.failure(100.0, "4.01", auth=True)
     assert t.opened and t.first_failure and b.retry_at == 160.0
 
 
 def test_an_abandoned_half_open_attempt_frees_the_slot() -> None:
-    b = Breaker(threshold=1, initial=1.0, maximum=1.0)
+    b = coap_breaker(threshold=1, initial=1.0, maximum=1.0)
     b.failure(0.0, "x")
     assert b.allow(5.0) and not b.allow(5.0)
     b.abandon()
@@ -43,4 +50,4 @@ def test_an_abandoned_half_open_attempt_frees_the_slot() -> None:
 
 
 def test_success_without_failures_is_not_a_recovery() -> None:
-    assert not Breaker().success().recovered
+    assert not coap_breaker(threshold=3, initial=1.0, maximum=60.0).success().recovered

@@ -8,7 +8,7 @@ import asyncio
 import pytest
 
 from drivers.modbus import ModbusDriver
-from drivers.modbus.breaker import Breaker
+from gateway.breaker import Breaker, State
 from gateway.config import loads
 from gateway.errors import ConfigError
 from tests.drivers_modbus.support import RecordingContext, device_toml
@@ -17,24 +17,25 @@ from tests.drivers_modbus.support import RecordingContext, device_toml
 def test_breaker_cycle() -> None:
     b = Breaker(threshold=3, cooldown=10.0)
     assert b.allow(0.0)
-    assert not b.failure(0.0) and not b.failure(1.0)
-    assert b.success() is False  # closed stays closed; the count restarts
-    assert not b.failure(2.0) and not b.failure(2.5)
-    assert b.failure(3.0)  # third in a row: open
-    assert b.state == "open" and not b.allow(12.9)
-    assert b.retry_in(5.0) == pytest.approx(8.0)
-    assert b.allow(13.0) and b.state == "half_open"  # one probe after the cool-down...
+    assert not b.failure(0.0).opened and not b.failure(1.0).opened
+    assert b.success().closed is False  # closed stays closed; the count restarts
+    assert not b.failure(2.0).opened and not b.failure(2.5).opened
+    assert b.failure(3.0).opened  # third in a row: open
+    assert b.state is State.OPEN and not b.allow(12.9)
+    assert b.wait(5.0) == pytest.approx(8.0)
+    assert b.allow(13.0) and b.state is State.HALF_OPEN  # one probe after the cool-down...
     assert not b.allow(13.1)  # ...and only one
-    assert not b.failure(13.2) and b.state == "open"  # failed probe: open again, no new event
+    t = b.failure(13.2)
+    assert not t.opened and b.state is State.OPEN  # failed probe: open again, no new event
     assert not b.allow(20.0) and b.allow(23.2)
-    assert b.success() is True and b.state == "closed"
+    assert b.success().closed is True and b.state is State.CLOSED
 
 
 def test_released_probe_may_be_retried() -> None:
     b = Breaker(threshold=1, cooldown=1.0)
     b.failure(0.0)
     assert b.allow(1.0)
-    b.release()  # e.g. the bus was busy: the probe said nothing about the device
+    b.abandon()  # e.g. the bus was busy: the probe said nothing about the device
     assert b.allow(1.0)
 
 
