@@ -121,6 +121,7 @@ def open_readonly(path: str | os.PathLike[str]) -> sqlite3.Connection:
 def quarantine(path: Path, reason: str) -> Path:
     """Move a corrupt database (and its -wal/-shm) aside with a timestamped name; never delete."""
     import shutil  # rarely needed; keeps start-up RSS down
+
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     target = path.with_name(f"{path.name}.corrupt-{stamp}")
     n = 1
@@ -176,6 +177,7 @@ class EventStore:
         self._queue: deque[_Pending] = deque()
         self._jobs: deque[_Job] = deque()
         self._wake = asyncio.Event()
+        self._loop = asyncio.get_running_loop()  # made by `open`, inside the loop it serves
         self._writer: asyncio.Task[None] | None = None
         self._closing = False
         self._listeners: list[Listener] = []
@@ -312,27 +314,31 @@ class EventStore:
     ) -> asyncio.Future[Event]:
         """Append one event; the future resolves once it is committed (durable under
         `synchronous=full`). Use as `await store.append(...)`."""
-        future: asyncio.Future[Event] = asyncio.get_running_loop().create_future()
-        self._enqueue(
-            _Pending((NewEvent(stream, type, data, expected_version, outbox),), future, True)
-        )
+        future: asyncio.Future[Event] = self._loop.create_future()
+        if self._closing or self.writer_error is not None:
+            self._refuse(future)
+        else:  # inlined: this is the hot path of every producer
+            self._queue.append(
+                _Pending((NewEvent(stream, type, data, expected_version, outbox),), future, True)
+            )
+            self._wake.set()
         return future
 
     def append_many(self, events: Sequence[NewEvent]) -> asyncio.Future[list[Event]]:
         """Append events atomically (all or none); the future resolves after the commit."""
-        future: asyncio.Future[list[Event]] = asyncio.get_running_loop().create_future()
-        self._enqueue(_Pending(events, future))
+        future: asyncio.Future[list[Event]] = self._loop.create_future()
+        if self._closing or self.writer_error is not None:
+            self._refuse(future)
+        else:
+            self._queue.append(_Pending(events, future))
+            self._wake.set()
         return future
 
-    def _enqueue(self, pending: _Pending) -> None:
-        assert pending.future is not None
+    def _refuse(self, future: asyncio.Future[Any]) -> None:
         if self._closing:
-            pending.future.set_exception(StoreClosedError())
-        elif self.writer_error is not None:
-            pending.future.set_exception(StoreError(f"store writer failed: {self.writer_error}"))
+            future.set_exception(StoreClosedError())
         else:
-            self._queue.append(pending)
-            self._wake.set()
+            future.set_exception(StoreError(f"store writer failed: {self.writer_error}"))
 
     async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run `fn(conn)` in the writer thread inside its own transaction; returns its result."""
@@ -378,7 +384,7 @@ class EventStore:
             if not batch:
                 continue
             try:
-                outcome, internal = await loop.run_in_executor(self._wx, self._commit, batch)
+                outcome, committed = await loop.run_in_executor(self._wx, self._commit, batch)
             except Exception as exc:
                 log.error("store commit failed: %s", exc)
                 err = exc if isinstance(exc, StoreError) else StoreError(f"commit failed: {exc}")
@@ -386,16 +392,8 @@ class EventStore:
                     _settle(p.future, err)
                 continue
             self.last_commit_mono = time.monotonic()
-            committed: list[Event] = []
             for p, result in zip(batch, outcome, strict=True):
-                fut = p.future
-                if isinstance(result, BaseException):
-                    _settle(fut, result)
-                    continue
-                committed.extend(result)
-                if fut is not None and not fut.done():
-                    fut.set_result(result[0] if p.single else result)
-            committed.extend(internal)
+                _settle(p.future, result)
             if committed:
                 for listener in self._listeners:
                     try:
@@ -488,11 +486,10 @@ class EventStore:
         self._streams_seq = seq
         self._streams_flushed_at = time.monotonic()
 
-    def _commit(
-        self, batch: Sequence[_Pending]
-    ) -> tuple[list[list[Event] | BaseException], list[Event]]:
-        """Writer thread: one transaction for the whole batch. Returns each append's events
-        (or its error), and the events the store added itself (store.dropped)."""
+    def _commit(self, batch: Sequence[_Pending]) -> tuple[list[Any], list[Event]]:
+        """Writer thread: one transaction for the whole batch. Returns, per append, what its
+        future resolves to (its Event, its list of Events, or its error), and every event
+        committed (the store's own store.dropped included) for the listeners."""
         conn = self._w
         assert conn is not None
         over = self._used_bytes >= self._quota_bytes()
@@ -522,7 +519,7 @@ class EventStore:
         synced = int(is_synced)
         seq = self._last_seq
         versions: dict[str, int] = {}
-        out: list[list[Event] | BaseException] = []
+        out: list[Any] = []
         rows: list[tuple[Any, ...]] = []
         outbox: list[tuple[int, str]] = []
         committed: list[Event] = []
@@ -551,7 +548,7 @@ class EventStore:
                     outbox.append((seq, stream))
                 e = Event(seq, stream, version, ne.type, now, mono, boot, is_synced, ne.data)
                 committed.append(e)
-                out.append([e])
+                out.append(e)
                 continue
             # First check versions (no allocation for a conflict), then number and encode.
             local: dict[str, int] = {}
@@ -589,7 +586,7 @@ class EventStore:
                     Event(seq, ne.stream, version, ne.type, now, mono, boot, is_synced, ne.data)
                 )
             committed.extend(numbered)
-            out.append(numbered)
+            out.append(numbered[0] if p.single else numbered)
         if not rows:
             return out, []
         conn.execute("BEGIN IMMEDIATE")
@@ -613,10 +610,8 @@ class EventStore:
             if victims:
                 self.dropped -= len(victims)
             raise
-        internal: list[Event] = []
         if victims:
-            last = out.pop()  # the store.dropped event: nobody awaits it
-            internal = last if isinstance(last, list) else []
+            out.pop()  # the store.dropped event's slot: nobody awaits it
             log.warning(
                 "store over quota: dropped the %d oldest events (up to seq %d)",
                 len(victims), victims[-1][0],
@@ -628,7 +623,7 @@ class EventStore:
         self.batches += 1
         self.appended += len(rows)
         self._measure()
-        return out, internal
+        return out, committed
 
     def _maybe_snapshot(self, conn: sqlite3.Connection, versions: dict[str, int], seq: int) -> None:
         """Snapshot a stream every `snapshot_every` events (counted since the last one)."""
