@@ -21,12 +21,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import itertools
 import logging
 import sqlite3
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 from gateway import events as ev
 from gateway.errors import ConcurrencyError, PayloadError, StoreError
@@ -38,9 +39,10 @@ from gateway.sync.link import TRANSIENT_CODES, Ack, Backoff, Channel, LinkDownEr
 if TYPE_CHECKING:
     from gateway.store import EventStore
 
+# In `Row` order; an outbox row whose event is gone has a NULL type (and its own stream).
 _SELECT = (
-    "SELECT o.seq, e.stream, e.version, e.type, e.wall_time, e.mono_time, e.boot_id, "
-    "e.synced, e.data, o.stream FROM outbox o LEFT JOIN events e ON e.seq = o.seq "
+    "SELECT o.seq, coalesce(e.stream, o.stream), e.version, e.type, e.wall_time, e.mono_time, "
+    "e.boot_id, e.synced, e.data FROM outbox o LEFT JOIN events e ON e.seq = o.seq "
 )
 
 
@@ -59,30 +61,72 @@ def _rows_in(conn: sqlite3.Connection, seqs: Sequence[int]) -> list[tuple[Any, .
     return conn.execute(_SELECT + f"WHERE o.seq IN ({marks}) ORDER BY o.seq", list(seqs)).fetchall()
 
 
-class _Item(NamedTuple):
-    """An event ready to go: encoded in the reader thread, next to the query."""
+class _Batch:
+    """Events of one stream, in seq order, ready to go (encoded in the reader thread, next
+    to the query). Kept as parallel lists, not an object per event: a batch is taken and
+    split with list slices, and its acked seqs are handed to the writer as one list."""
 
-    seq: int
-    stream: str
-    type: str
-    body: bytes
+    __slots__ = ("bodies", "seqs", "stream", "types")
+
+    def __init__(self, stream: str, seqs: list[int], types: list[str], bodies: list[bytes]):
+        self.stream = stream
+        self.seqs = seqs
+        self.types = types
+        self.bodies = bodies
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    def extend(self, other: _Batch) -> None:
+        self.seqs += other.seqs
+        self.types += other.types
+        self.bodies += other.bodies
+
+    def take(self, n: int) -> _Batch:
+        """The first `n` events, removed from this one."""
+        b = _Batch(self.stream, self.seqs[:n], self.types[:n], self.bodies[:n])
+        del self.seqs[:n], self.types[:n], self.bodies[:n]
+        return b
+
+    def halves(self) -> tuple[_Batch, _Batch]:
+        h = len(self.seqs) // 2
+        return (
+            _Batch(self.stream, self.seqs[:h], self.types[:h], self.bodies[:h]),
+            _Batch(self.stream, self.seqs[h:], self.types[h:], self.bodies[h:]),
+        )
 
 
 def _prepare(
     raw: list[tuple[Any, ...]], encode: Encoder
-) -> tuple[list[_Item], list[tuple[int, str, str]]]:
-    items: list[_Item] = []
+) -> tuple[dict[str, _Batch], list[tuple[int, str, str]]]:
+    """Rows -> encoded events grouped per stream (in seq order), and the dead ones."""
     dead: list[tuple[int, str, str]] = []
-    for r in raw:
-        if r[1] is None:  # an outbox row whose event is gone: nothing to send
-            dead.append((r[0], r[9], "event missing from the log"))
-            continue
-        try:
-            # tuple.__new__ skips NamedTuple's Python-level __new__: this runs per event.
-            items.append(tuple.__new__(_Item, (r[0], r[1], r[3], encode(r))))
-        except NotRepresentableError as exc:
-            dead.append((r[0], r[1], f"not representable as {encode.fmt}: {exc}"))
-    return items, dead
+    rows = raw
+    if any(r[3] is None for r in raw):  # outbox rows whose event is gone: nothing to send
+        dead += [(r[0], r[1], "event missing from the log") for r in raw if r[3] is None]
+        rows = [r for r in raw if r[3] is not None]
+    try:
+        bodies = encode.many(rows)
+    except NotRepresentableError:
+        # Rare (JSON only): find the events that have no form in this format, one by one.
+        ok, bodies = [], []
+        for r in rows:
+            try:
+                bodies.append(encode(r))
+                ok.append(r)
+            except NotRepresentableError as exc:
+                dead.append((r[0], r[1], f"not representable as {encode.fmt}: {exc}"))
+        rows = ok
+    groups: dict[str, _Batch] = {}
+    get = groups.get
+    for r, body in zip(rows, bodies, strict=True):  # per event: keep this loop small
+        g = get(r[1])
+        if g is None:
+            g = groups[r[1]] = _Batch(r[1], [], [], [])
+        g.seqs.append(r[0])
+        g.types.append(r[3])
+        g.bodies.append(body)
+    return groups, dead
 
 
 class _TokenBucket:
@@ -124,8 +168,8 @@ class _Lane:
         self.seqs = seqs
         self.bucket = bucket
         self.max_slots = max_slots
-        self.pending: dict[str, deque[_Item]] = {}
-        self.splits: dict[str, deque[list[_Item]]] = {}
+        self.pending: dict[str, _Batch] = {}  # per stream: what is read and not yet sent
+        self.splits: dict[str, deque[_Batch]] = {}  # halves and put-back batches: go first
         self.npending = 0
         self.filling: asyncio.Future[None] | None = None
         self.busy: set[str] = set()
@@ -139,12 +183,12 @@ class _Lane:
 
 
 class _Inflight:
-    __slots__ = ("lane", "rows", "sent", "stream")
+    __slots__ = ("batch", "lane", "sent", "stream")
 
-    def __init__(self, lane: _Lane, stream: str, rows: list[_Item], sent: float) -> None:
+    def __init__(self, lane: _Lane, stream: str, batch: _Batch, sent: float) -> None:
         self.lane = lane
         self.stream = stream
-        self.rows = rows
+        self.batch = batch
         self.sent = sent
 
 
@@ -169,7 +213,8 @@ class Relay:
         self._progress = asyncio.Event()
         self._kick = asyncio.Event()
         self._done: deque[tuple[asyncio.Future[Ack], _Inflight]] = deque()
-        self._ops: list[tuple[Any, ...]] = []
+        self._ops: list[tuple[int, str, str, float]] = []  # dead letters to record
+        self._dels: list[list[int]] = []  # seqs of acked batches: rows to delete
         self._flusher: asyncio.Task[None] | None = None
         self._requeued: list[int] = []
         self._restart = False
@@ -405,7 +450,7 @@ class Relay:
             chunk, lane.seqs = lane.seqs[:500], lane.seqs[500:]
             items, dead = (
                 await self.store.read(lambda c: _prepare(_rows_in(c, chunk), enc))
-                if chunk else ([], [])
+                if chunk else ({}, [])
             )  # fmt: skip
             if not lane.seqs:
                 lane.exhausted = True
@@ -413,7 +458,7 @@ class Relay:
             after, upto = lane.after, lane.upto
             commits = self._commits
 
-            def read(c: sqlite3.Connection) -> tuple[list[_Item], list[Any], int, int]:
+            def read(c: sqlite3.Connection) -> tuple[dict[str, _Batch], list[Any], int, int]:
                 raw = _rows(c, after, upto, limit)
                 return (*_prepare(raw, enc), len(raw), raw[-1][0] if raw else after)
 
@@ -425,12 +470,13 @@ class Relay:
         for seq, stream, reason in dead:
             self._dead(seq, stream, reason)
         pending = lane.pending
-        for it in items:
-            q = pending.get(it.stream)
+        for stream, g in items.items():  # per stream, not per event
+            q = pending.get(stream)
             if q is None:
-                q = pending[it.stream] = deque()
-            q.append(it)
-        lane.npending += len(items)
+                pending[stream] = g
+            else:
+                q.extend(g)
+            lane.npending += len(g)
         self._progress.set()
 
     def _send(
@@ -458,7 +504,7 @@ class Relay:
                 ):  # fmt: skip
                     continue
                 batch = self._take(lane, stream)
-                if not batch:
+                if batch is None:
                     continue
                 if lane.bucket is not None:
                     need = float(len(batch))
@@ -468,24 +514,22 @@ class Relay:
                         wait = w if wait is None else min(wait, w)
                         break
                     lane.bucket.take(len(batch))
-                bodies = [it.body for it in batch]
-                if not ch.fits(lane.name, stream, batch[0].type, sum(map(len, bodies))):
+                bodies = batch.bodies
+                if not ch.fits(lane.name, stream, batch.types[0], sum(map(len, bodies))):
                     # Over the broker's maximum packet size: it would drop the connection,
                     # again and again. Halve the batch; an event too big alone is dead.
                     if len(batch) == 1:
-                        it = batch[0]
+                        seq = batch.seqs[0]
                         self.log.warning("sync: event %d (%s) is too large for %s -> dead "
-                                         "letters", it.seq, it.stream, ch.label)  # fmt: skip
-                        self._dead(it.seq, it.stream, f"too large for {ch.label}: "
+                                         "letters", seq, stream, ch.label)  # fmt: skip
+                        self._dead(seq, stream, f"too large for {ch.label}: "
                                    f"{len(bodies[0])} bytes")  # fmt: skip
                     else:
-                        half = len(batch) // 2
                         sp = lane.splits.setdefault(stream, deque())
-                        sp.appendleft(batch[half:])
-                        sp.appendleft(batch[:half])
+                        sp.extendleft(reversed(batch.halves()))
                     self._progress.set()  # the halves go out on the next turn of the loop
                     continue
-                fut = ch.send(lane.name, stream, batch[0].type, bodies)
+                fut = ch.send(lane.name, stream, batch.types[0], bodies)
                 item = _Inflight(lane, stream, batch, self._clock())
                 inflight[fut] = item
                 lane.busy.add(stream)
@@ -498,7 +542,7 @@ class Relay:
         self._done.append((fut, item))
         self._progress.set()
 
-    def _take(self, lane: _Lane, stream: str) -> list[_Item]:
+    def _take(self, lane: _Lane, stream: str) -> _Batch | None:
         sp = lane.splits.get(stream)
         if sp:
             batch = sp.popleft()
@@ -508,18 +552,23 @@ class Relay:
         q = lane.pending.get(stream)
         if not q:
             lane.pending.pop(stream, None)
-            return []
+            return None
         n = min(self.cfg.batch_size, len(q))
-        batch = [q.popleft()]
-        # With {type} in the topic, a batch holds one type: it goes to one topic.
-        while len(batch) < n and (not self._uses_type or q[0].type == batch[0].type):
-            batch.append(q.popleft())
-        lane.npending -= len(batch)
+        if self._uses_type:
+            # With {type} in the topic, a batch holds one type: it goes to one topic.
+            types = q.types
+            first = types[0]
+            for i in range(1, n):
+                if types[i] != first:
+                    n = i
+                    break
+        batch = q.take(n)
+        lane.npending -= n
         if not q:
             del lane.pending[stream]
         return batch
 
-    def _put_back(self, lane: _Lane, stream: str, batch: list[_Item]) -> None:
+    def _put_back(self, lane: _Lane, stream: str, batch: _Batch) -> None:
         lane.splits.setdefault(stream, deque()).appendleft(batch)
 
     def _completed(self, fut: asyncio.Future[Ack], item: _Inflight, ch: Channel) -> None:
@@ -529,8 +578,9 @@ class Relay:
         if exc is not None:
             raise exc if isinstance(exc, LinkDownError) else LinkDownError(str(exc))
         ack = fut.result()
+        batch = item.batch
         if ack.ok:
-            n = len(item.rows)
+            n = len(batch)
             self.delivered += n
             if lane.name == "backfill":
                 self.backfill_left = max(0, self.backfill_left - n)
@@ -541,29 +591,26 @@ class Relay:
                 self._rates.append((now, n))
                 if len(self._rates) > 120:
                     self._rates.popleft()
-            self._ops.extend(("del", r.seq) for r in item.rows)
+            self._dels.append(batch.seqs)
             self._kick_flush()
             return
         self.refusals += 1
         reason = f"0x{ack.code:02X} {ack.reason} ({ch.label})"
         if ack.code in TRANSIENT_CODES:
-            self._put_back(lane, item.stream, item.rows)
+            self._put_back(lane, item.stream, batch)
             raise LinkDownError(f"{ch.label}: batch refused for now: {reason}")
-        if len(item.rows) == 1:
-            row = item.rows[0]
+        if len(batch) == 1:
+            seq = batch.seqs[0]
             self.log.warning("sync: event %d (%s) refused: %s -> dead letters",
-                             row.seq, row.stream, reason)  # fmt: skip
-            self._dead(row.seq, row.stream, reason)
+                             seq, item.stream, reason)  # fmt: skip
+            self._dead(seq, item.stream, reason)
             return
-        half = len(item.rows) // 2
-        sp = lane.splits.setdefault(item.stream, deque())
-        sp.appendleft(item.rows[half:])
-        sp.appendleft(item.rows[:half])
+        lane.splits.setdefault(item.stream, deque()).extendleft(reversed(batch.halves()))
 
     def _dead(self, seq: int, stream: str, reason: str) -> None:
         self.dead_lettered += 1
         self.last_error = f"event {seq} to dead letters: {reason}"
-        self._ops.append(("dead", seq, stream, reason, time.time()))
+        self._ops.append((seq, stream, reason, time.time()))
         self._kick_flush()
 
     def _kick_flush(self) -> None:
@@ -573,10 +620,12 @@ class Relay:
             )
 
     async def _flush(self) -> None:
-        while self._ops:
-            ops, self._ops = self._ops, []
+        while self._ops or self._dels:
+            dels, ops, self._dels, self._ops = self._dels, self._ops, [], []
             try:
-                await self.store.write(lambda c, ops=ops: _apply_ops(c, ops))  # type: ignore[misc]
+                await self.store.write(
+                    lambda c, d=dels, o=ops: _apply_ops(c, d, o)  # type: ignore[misc]
+                )
             except StoreError as exc:
                 # The rows stay in the outbox and are sent again later: a duplicate, no loss.
                 self.log.warning("sync: could not record deliveries: %s", exc)
@@ -585,7 +634,7 @@ class Relay:
     async def _flush_wait(self) -> None:
         while self._flusher is not None and not self._flusher.done():
             await asyncio.shield(self._flusher)
-        if self._ops:
+        if self._ops or self._dels:
             self._kick_flush()
             if self._flusher is not None:
                 await asyncio.shield(self._flusher)
@@ -599,29 +648,28 @@ def _reraise(f: asyncio.Future[None]) -> bool:
     return False
 
 
-def _apply_ops(conn: sqlite3.Connection, ops: list[tuple[Any, ...]]) -> None:
-    dels = sorted(op[1] for op in ops if op[0] == "del")
+def _apply_ops(
+    conn: sqlite3.Connection, acked: list[list[int]], dead: list[tuple[int, str, str, float]]
+) -> None:
+    dels = sorted(itertools.chain.from_iterable(acked))
     if dels:
         # Acks of many streams together form long runs of consecutive seqs: one range
         # delete per run (every seq inside a run was acknowledged) instead of one per row.
         ranges: list[tuple[int, int]] = []
         lo = hi = dels[0]
-        for seq in dels[1:]:
-            if seq == hi + 1:
-                hi = seq
-            elif seq != hi:
+        for seq in dels:
+            if seq > hi + 1:
                 ranges.append((lo, hi))
-                lo = hi = seq
+                lo = seq
+            hi = seq
         ranges.append((lo, hi))
         conn.executemany("DELETE FROM outbox WHERE seq BETWEEN ? AND ?", ranges)
-    for op in ops:
-        if op[0] == "dead":
-            _, seq, stream, reason, at = op
-            conn.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
-            conn.execute(
-                "INSERT OR REPLACE INTO dead_letters (seq, stream, reason, at) VALUES (?,?,?,?)",
-                (seq, stream, reason, at),
-            )
+    for seq, stream, reason, at in dead:
+        conn.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
+        conn.execute(
+            "INSERT OR REPLACE INTO dead_letters (seq, stream, reason, at) VALUES (?,?,?,?)",
+            (seq, stream, reason, at),
+        )
 
 
 def requeue_rows(conn: sqlite3.Connection, seqs: Sequence[int] | None) -> list[int]:
