@@ -107,10 +107,10 @@ class CborEncoder:
         self._times = struct.Struct(f">Bd{len(k[7])}sBd")
         self._streams: dict[str, bytes] = {}
         self._types: dict[str, bytes] = {}
-        self._boots: dict[tuple[str, bool], bytes] = {}
+        self._boots: dict[str, tuple[bytes, bytes]] = {}
 
     @staticmethod
-    def _bounded(cache: dict[Any, bytes]) -> dict[Any, bytes]:
+    def _bounded(cache: dict[str, Any]) -> dict[str, Any]:
         if len(cache) > 10_000:  # bounded: streams come and go
             cache.clear()
         return cache
@@ -138,12 +138,14 @@ class CborEncoder:
             tp = types.get(type_)
             if tp is None:
                 tp = self._bounded(types)[type_] = k[5] + cbor2.dumps(type_) + k[6]
-            boot = (row[6], bool(row[7]))
-            bp = boots.get(boot)
-            if bp is None:
-                bp = self._bounded(boots)[boot] = (
-                    k[8] + cbor2.dumps(boot[0]) + k[9] + (b"\xf5" if boot[1] else b"\xf4") + k[10]
+            both = boots.get(row[6])  # (not synced, synced): no key tuple per event
+            if both is None:
+                head = k[8] + cbor2.dumps(row[6]) + k[9]
+                both = self._bounded(boots)[row[6]] = (
+                    head + b"\xf4" + k[10],
+                    head + b"\xf5" + k[10],
                 )
+            bp = both[1] if row[7] else both[0]
             version = row[2]
             append(join((
                 key_heads[len(key)], key, gw, uint(seq), sp,
