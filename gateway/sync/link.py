@@ -132,6 +132,14 @@ def explain(ep: EndpointConfig, exc: BaseException) -> ConnectFailure:
         )
     if "ssl" in low or "tls" in low or "certificate" in low:
         return ConnectFailure(f"{where}: TLS handshake failed ({text})", True)
+    if ep.cert_file and any(w in low for w in ("reset", "eof", "closed", "lost")):
+        # With TLS 1.3 a broker that rejects our certificate may just drop the connection
+        # after the handshake: the client then sees a reset, not an alert.
+        return ConnectFailure(
+            f"{where}: the broker closed the connection right after TLS ({text}); if it "
+            "requires client certificates, check cert_file/key_file and that its CA signed them",
+            False,
+        )
     return ConnectFailure(f"{where}: cannot connect ({text})", False)
 
 
