@@ -184,3 +184,31 @@ class _Clock:
 def device_spec(toml: str, dev_id: str = "dev") -> DeviceSpec:
     """A DeviceSpec through the real config parser (so tests use the documented keys)."""
     return config.loads(toml).devices[dev_id]
+
+
+def assert_observation_survives_restart(spec: DeviceSpec, server: LibcoapServer) -> None:
+    """libcoap's /time ticks once a second (Max-Age 1). A restarted server knows neither our
+    observation nor a DTLS session: only a new registration brings ticks from it, and the old
+    server's last tick is <= the second it stopped, so a tick 2 s later is the new one's."""
+    import math
+
+    from drivers.coap import CoapDriver
+
+    async def main() -> None:
+        rec = Recorder()
+        drv = CoapDriver(rec)
+        await drv.add_device(spec)
+        await drv.start()
+        try:
+            await rec.until(lambda: len(rec.values("ticks")) >= 2, "notifications")
+            await asyncio.to_thread(server.kill)
+            stopped = math.floor(time.time())
+            await asyncio.to_thread(server.start)
+            await rec.until(
+                lambda: any(v >= stopped + 2 for v in rec.values("ticks")),  # type: ignore[operator]
+                "a notification from the restarted server",
+            )
+        finally:
+            await drv.stop()
+
+    asyncio.run(main())

@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
-import time
 from pathlib import Path
 
 import pytest
 
 from drivers.coap import CoapDriver
 from gateway.errors import DeviceTimeout, DeviceUnavailable
-from tests.drivers_coap.conftest import LibcoapServer, Recorder, device_spec
+from tests.drivers_coap.conftest import (
+    LibcoapServer,
+    Recorder,
+    assert_observation_survives_restart,
+    device_spec,
+)
 from tests.peers import missing
 
 PSK = "gateway-secret-psk"
@@ -137,22 +140,4 @@ def test_observe_over_dtls_survives_a_server_restart(tmp_path: Path, server: Lib
     # The restarted server knows neither our observation nor our DTLS session: the driver
     # must notice the silence and register again over a new handshake.
     spec = spec_for(server, key_file(tmp_path, PSK), extra="observe_margin = 0.5", timeout=3)
-
-    async def main() -> None:
-        rec = Recorder()
-        drv = CoapDriver(rec)
-        await drv.add_device(spec)
-        await drv.start()
-        try:
-            await rec.until(lambda: len(rec.values("ticks")) >= 2, "ticks over DTLS")
-            await asyncio.to_thread(server.kill)
-            stopped = math.floor(time.time())
-            await asyncio.to_thread(server.start)
-            await rec.until(
-                lambda: any(v >= stopped + 2 for v in rec.values("ticks")),  # type: ignore[operator]
-                "a notification from the restarted server",
-            )
-        finally:
-            await drv.stop()
-
-    asyncio.run(main())
+    assert_observation_survives_restart(spec, server)

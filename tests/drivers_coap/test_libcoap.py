@@ -19,7 +19,12 @@ import pytest
 from drivers.coap import CoapDriver
 from gateway.config import PointSpec
 from gateway.errors import DeviceProtocolError, DeviceTimeout, DeviceUnavailable, DriverError
-from tests.drivers_coap.conftest import LibcoapServer, Recorder, device_spec
+from tests.drivers_coap.conftest import (
+    LibcoapServer,
+    Recorder,
+    assert_observation_survives_restart,
+    device_spec,
+)
 from tests.peers import require_binary
 
 
@@ -168,26 +173,7 @@ def test_observation_is_registered_again_after_the_server_restarts(
         '[devices.dev.points.ticks]\npath = "/time?ticks"\nmode = "observe"\n',
         extra="observe_margin = 0.5",
     )
-
-    async def main() -> None:
-        rec = Recorder()
-        drv = CoapDriver(rec)
-        await drv.add_device(spec)
-        await drv.start()
-        try:
-            await rec.until(lambda: len(rec.values("ticks")) >= 2, "notifications")
-            await asyncio.to_thread(libcoap.kill)
-            stopped = math.floor(time.time())
-            await asyncio.to_thread(libcoap.start)
-            # The old server's last tick is <= `stopped`; a tick 2 s later is the new one's.
-            await rec.until(
-                lambda: any(v >= stopped + 2 for v in rec.values("ticks")),  # type: ignore[operator]
-                "a notification from the restarted server",
-            )
-        finally:
-            await drv.stop()
-
-    asyncio.run(main())
+    assert_observation_survives_restart(spec, libcoap)
 
 
 def test_breaker_opens_on_a_dead_server_and_closes_when_it_is_back(
