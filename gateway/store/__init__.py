@@ -4,8 +4,9 @@ One writer thread owns the write connection and does group commit: appends from 
 producers are batched into one transaction, and each producer's await returns only after
 that transaction committed. The whole batch (events, outbox rows, projections, stream
 versions) runs as one function in the writer thread: one thread hop per transaction, which
-is why the writer uses sqlite3 in its own thread rather than aiosqlite's per-statement calls.
-Readers use their own connection in a reader thread.
+is why the writer uses sqlite3 in its own thread rather than aiosqlite, whose API is one
+thread hop per statement. Readers use their own connection in a reader thread, and run the
+same query functions (`gateway.store.queries`) that `gatewayctl` runs on the file read-only.
 """
 
 from __future__ import annotations
