@@ -121,8 +121,25 @@ class Daemon:
             log.info("stopping")
             if watchdog is not None:
                 await watchdog.stop()
-            await self._shutdown()
+            await self._bounded_shutdown()
         return 0
+
+    async def _bounded_shutdown(self) -> None:
+        """Stop within `stop_timeout` (+ a little for the store's last commit). If something
+        hangs, say what (every task's stack) and leave: acknowledged events are committed by
+        definition, so exiting now loses nothing that was promised."""
+        bound = self.config.gateway.stop_timeout + 2.0
+        try:
+            await asyncio.wait_for(self._shutdown(), bound)
+        except TimeoutError:
+            log.error("shutdown did not finish within %.0f s; tasks still running:", bound)
+            for task in asyncio.all_tasks():
+                if task is not asyncio.current_task():
+                    log.error("  %r\n%s", task, "".join(_stack(task)))
+            import faulthandler
+
+            faulthandler.dump_traceback(all_threads=True)
+            os._exit(1)
 
     async def _shutdown(self) -> None:
         timeout = self.config.gateway.stop_timeout
@@ -260,6 +277,14 @@ class Daemon:
         assert self.store is not None
         age = args.get("older_than")
         return {"pruned": await self.store.prune(float(age) if age is not None else None)}
+
+
+def _stack(task: asyncio.Task[Any]) -> list[str]:
+    import io
+
+    buf = io.StringIO()
+    task.print_stack(limit=12, file=buf)
+    return [buf.getvalue()]
 
 
 def setup_logging(level: str) -> None:
