@@ -221,6 +221,7 @@ class EventStore:
             store._rx.shutdown(wait=False)
             raise
         store._writer = asyncio.create_task(store._run_writer(), name="store-writer")
+        store._writer.add_done_callback(store._writer_done)
         if store.quarantined is not None:
             await store.append(
                 ev.GATEWAY_STREAM, "store.quarantined",
@@ -262,6 +263,24 @@ class EventStore:
         self._page_size = self._w.execute("PRAGMA page_size").fetchone()[0]
         self._measure()
 
+    def _writer_done(self, task: asyncio.Task[None]) -> None:
+        """The writer ended. After close that is normal; otherwise it crashed: say so, and
+        fail everything waiting instead of leaving callers awaiting forever (the watchdog
+        sees `healthy()` go false and systemd restarts the daemon)."""
+        if task.cancelled() or task.exception() is None:
+            return
+        self.writer_error = task.exception()
+        log.critical("store writer crashed: %r", self.writer_error, exc_info=self.writer_error)
+        err = StoreError(f"store writer failed: {self.writer_error}")
+        pending, jobs = list(self._queue), list(self._jobs)
+        self._queue.clear()
+        self._jobs.clear()
+        for p in pending:
+            _settle(p.future, err)
+        for job in jobs:
+            if not job.future.done():
+                job.future.set_exception(err)
+
     async def close(self) -> None:
         """Stop taking appends, commit everything queued, checkpoint, close. Idempotent."""
         if self._closing and self._writer is None:
@@ -269,7 +288,8 @@ class EventStore:
         self._closing = True
         self._wake.set()
         if self._writer is not None:
-            await self._writer
+            with contextlib.suppress(Exception):  # a crashed writer was reported already
+                await self._writer
             self._writer = None
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._wx, self._close_sync)

@@ -325,3 +325,25 @@ async def test_retention_writes_stream_versions_before_deleting_their_events(
         assert rows(s.path, "SELECT stream, version FROM streams") == [("s:1", 5)]
     finally:
         await s.close()
+
+
+async def test_a_crashed_writer_fails_waiters_instead_of_hanging_them(tmp_path: Path) -> None:
+    from collections import deque
+
+    class Poisoned(deque):  # type: ignore[type-arg]
+        armed = True
+
+        def popleft(self) -> object:
+            if self.armed:
+                self.armed = False
+                raise RuntimeError("injected bug in the writer loop")
+            return super().popleft()
+
+    s = await EventStore.open(tmp_path / "w.db", StoreConfig())
+    s._queue = Poisoned()
+    with pytest.raises(StoreError, match="store writer failed: injected bug"):
+        await s.append("s", "t", {})
+    assert not s.healthy()
+    with pytest.raises(StoreError, match="store writer failed"):
+        await s.append("s", "t", {})
+    await s.close()
