@@ -4,7 +4,6 @@ stops them in reverse order within a bound, and reports their health."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
@@ -12,6 +11,7 @@ from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from gateway.aio import cancel_and_wait
 from gateway.service import Health, HealthState, Service, ServiceContext
 
 if TYPE_CHECKING:
@@ -183,9 +183,7 @@ class Supervisor:
         deadline = time.monotonic() + timeout
         for slot in reversed(list(self._slots.values())):
             if slot.restarting is not None and not slot.restarting.done():
-                slot.restarting.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await slot.restarting
+                await cancel_and_wait(slot.restarting)
             left = max(0.1, deadline - time.monotonic())
             await self._stop_slot(slot, left)
             slot.state = HealthState.STOPPED

@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 from drivers import driver_class
 from drivers.base import DiscoveredDevice, Driver, RawReading
 from gateway import events as ev
+from gateway.aio import cancel_and_wait
 from gateway.clock import SystemClock
 from gateway.config import DeviceSpec, GatewayConfig, PointSpec
 from gateway.errors import DriverError, GatewayError, StoreError
@@ -168,10 +169,7 @@ class CollectionService(Service):
 
     async def _remove(self, dev_id: str) -> None:
         spec = self.specs.pop(dev_id, None)
-        for t in self._pollers.pop(dev_id, []):
-            t.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+        await cancel_and_wait(*self._pollers.pop(dev_id, []))
         if spec is not None and spec.driver in self.drivers:
             with contextlib.suppress(Exception):
                 await self.drivers[spec.driver].remove_device(dev_id)

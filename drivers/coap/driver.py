@@ -13,7 +13,6 @@ aiocoap is imported in `start()` (through `drivers.coap.client`), never at impor
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from drivers.base import Driver, DriverContext, RawReading
 from drivers.coap.options import CoapDevice, CoapPoint, compile_device
+from gateway.aio import cancel_and_wait
 from gateway.breaker import Backoff, Breaker
 from gateway.config import DeviceSpec, PointSpec
 from gateway.errors import (
@@ -137,11 +137,7 @@ class CoapDriver(Driver):
 
     async def _close(self, dev: _Device) -> None:
         tasks, dev.tasks = dev.tasks, []
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(*tasks)
         if dev.link is not None:
             link, dev.link = dev.link, None
             await link.close()

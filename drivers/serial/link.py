@@ -26,6 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 from drivers.serial.options import PortSettings
+from gateway.aio import cancel_and_wait
 from gateway.errors import DeviceUnavailable
 
 READ_CHUNK = 4096
@@ -101,9 +102,7 @@ class SerialLink:
     async def close(self) -> None:
         """Stop reopening and close the port. Bounded: cancels one task."""
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
             self._task = None
         self._close_port("closed")
 

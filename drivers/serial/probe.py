@@ -24,6 +24,7 @@ from drivers.base import Value
 from drivers.serial.framing import Discarded
 from drivers.serial.options import FLOW_CONTROLS, FRAMINGS, PARITIES, SerialOptions, parse_options
 from drivers.serial.parsers import PARSER_TYPES, FrameError
+from gateway.aio import cancel_and_wait
 from gateway.config import DeviceSpec
 from gateway.errors import ConfigError, ConfigIssue, DeviceUnavailable, PayloadError
 
@@ -239,10 +240,7 @@ async def _probe(args: argparse.Namespace, opts: SerialOptions, out: TextIO | No
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(done), args.seconds)
     finally:
-        if asker is not None:
-            asker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await asker
+        await cancel_and_wait(asker)
         loop.remove_reader(fd)
         ser.close()
     return result

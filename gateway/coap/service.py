@@ -13,6 +13,7 @@ import logging
 import socket
 from typing import Any
 
+from gateway.aio import cancel_and_wait
 from gateway.coap.config import CoapConfig
 from gateway.service import Health, Service, ServiceContext
 
@@ -156,9 +157,7 @@ class CoapServer:
 
     async def stop(self) -> None:
         if self._expiry is not None:
-            self._expiry.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._expiry
+            await cancel_and_wait(self._expiry)
             self._expiry = None
         with contextlib.suppress(Exception):
             self.store.remove_listener(self.devices.on_commit)
