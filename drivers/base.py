@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import abc
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple, Protocol, runtime_checkable
 
@@ -145,6 +145,3 @@ def point_options(spec: DeviceSpec, point: PointSpec, issues: Issues) -> Section
 def raise_issues(issues: Issues) -> None:
     if issues:
         raise ConfigError(issues.items)
-
-
-Factory = Callable[[DriverContext, Mapping[str, Any]], Driver]

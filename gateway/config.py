@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 import tomllib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, TypeVar
@@ -302,10 +302,6 @@ class PointSpec:
     deadband: float | None = None  # on-change: emit only when |change| > deadband
     options: Mapping[str, Any] = field(default_factory=dict)
 
-    @property
-    def path(self) -> str:  # only meaningful relative to a device; see DeviceSpec.point_path
-        return self.name
-
 
 @dataclass(frozen=True, slots=True)
 class DeviceSpec:
@@ -571,8 +567,3 @@ def load(path: str | os.PathLike[str]) -> GatewayConfig:
 
 def default_path() -> str:
     return os.environ.get("GATEWAY_CONFIG") or DEFAULT_CONFIG_PATH
-
-
-def iter_points(spec: DeviceSpec) -> Iterator[tuple[str, PointSpec]]:
-    for p in spec.points:
-        yield spec.point_path(p.name), p

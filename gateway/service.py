@@ -9,7 +9,7 @@ from __future__ import annotations
 import abc
 import enum
 import logging
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -81,6 +81,3 @@ class Service(abc.ABC):
 
     async def reload(self, config: GatewayConfig) -> None:  # noqa: B027 - optional hook
         """Apply a new, already validated config (SIGHUP). Default: nothing to change."""
-
-
-ControlHandler = Callable[[dict[str, Any]], Awaitable[Any]]

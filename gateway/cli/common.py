@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 from gateway import config as cfg
 from gateway.control import call
-from gateway.errors import DaemonUnavailableError, GatewayError
+from gateway.errors import DaemonUnavailableError
 from gateway.store import open_readonly
 
 T = TypeVar("T")
@@ -139,10 +139,3 @@ def sparkline(values: Sequence[float], width: int = 40) -> str:
 def fail(message: str, status: int = 1) -> int:
     print(f"gatewayctl: {message}", file=sys.stderr)
     return status
-
-
-def run_guarded(fn: Callable[[], int]) -> int:
-    try:
-        return fn()
-    except GatewayError as exc:
-        return fail(str(exc), exc.exit_status)

@@ -181,7 +181,3 @@ def active_projections(conn: sqlite3.Connection) -> list[Projection]:
     after a store opened (its migration not applied there) must not break that store."""
     have = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     return [p for p in _REGISTRY if all(t in have for t in p.tables)]
-
-
-def projection_tables() -> list[str]:
-    return [t for p in _REGISTRY for t in p.tables]
