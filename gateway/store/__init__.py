@@ -17,12 +17,13 @@ import logging
 import os
 import sqlite3
 import time
+import zlib
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import cbor2
 
@@ -35,7 +36,9 @@ from gateway.store import queries
 from gateway.store.projections import Projection, active_projections
 from gateway.store.schema import migrate
 
-__all__ = ["Event", "EventStore", "NewEvent", "StoreStats", "open_readonly", "quarantine"]
+__all__ = [
+    "Event", "EventStore", "NewEvent", "OutboxCodec", "StoreStats", "open_readonly", "quarantine",
+]  # fmt: skip
 
 log = logging.getLogger("gateway.store")
 T = TypeVar("T")
@@ -46,6 +49,19 @@ Listener = Callable[[Sequence[Event]], None]
 STREAMS_FLUSH_COUNT = 4096
 STREAMS_FLUSH_EVENTS = 20_000
 STREAMS_FLUSH_SECONDS = 2.0
+
+
+class OutboxCodec(Protocol):
+    """Encodes events for the outbox at append time, in the sink's wire format (given by
+    the cloud sync: `gateway.sync.codec.Encoder`). `signature` names the format and the
+    gateway id: bodies written under another signature are dropped at open."""
+
+    @property
+    def signature(self) -> str: ...
+
+    def bodies(self, rows: Sequence[tuple[Any, ...]]) -> list[bytes | None]:
+        """Rows in `events` column order; None for an event with no form in the format."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,11 +181,13 @@ class EventStore:
         config: StoreConfig,
         gateway_id: str,
         clock: SystemClock,
+        outbox_codec: OutboxCodec | None = None,
     ) -> None:
         self.path = path
         self.config = config
         self.gateway_id = gateway_id
         self.clock = clock
+        self.outbox_codec = outbox_codec
         self.quarantined: Path | None = None
         self._wx = ThreadPoolExecutor(1, thread_name_prefix="store-writer")
         self._rx = ThreadPoolExecutor(1, thread_name_prefix="store-reader")
@@ -211,8 +229,13 @@ class EventStore:
         *,
         gateway_id: str = "gateway",
         clock: SystemClock | None = None,
+        outbox_codec: OutboxCodec | None = None,
     ) -> EventStore:
-        store = cls(Path(path), config or StoreConfig(), gateway_id, clock or SystemClock())
+        """Open (or create) the store. With `outbox_codec`, every outbox row also carries
+        its event encoded for the sink (see `OutboxCodec`)."""
+        store = cls(
+            Path(path), config or StoreConfig(), gateway_id, clock or SystemClock(), outbox_codec
+        )
         loop = asyncio.get_running_loop()
         try:
             await loop.run_in_executor(store._wx, store._open_sync)
@@ -261,7 +284,28 @@ class EventStore:
         ):
             self._dirty[stream] = int(version)
         self._page_size = self._w.execute("PRAGMA page_size").fetchone()[0]
+        self._check_outbox_codec(self._w)
         self._measure()
+
+    def _check_outbox_codec(self, conn: sqlite3.Connection) -> None:
+        """Bodies encoded under another format or gateway id are dropped (the relay encodes
+        those rows itself when it sends them)."""
+        sig = 0 if self.outbox_codec is None else zlib.crc32(self.outbox_codec.signature.encode())
+        row = conn.execute("SELECT value FROM counters WHERE name = 'outbox_codec'").fetchone()
+        if row is not None and int(row[0]) == sig:
+            return
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute("UPDATE outbox SET body = NULL WHERE body IS NOT NULL")
+            conn.execute(
+                "INSERT INTO counters VALUES ('outbox_codec', ?) "
+                "ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+                (sig,),
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
 
     def _writer_done(self, task: asyncio.Task[None]) -> None:
         """The writer ended. After close that is normal; otherwise it crashed: say so, and
@@ -542,7 +586,7 @@ class EventStore:
         versions: dict[str, int] = {}
         out: list[Any] = []
         rows: list[tuple[Any, ...]] = []
-        outbox: list[tuple[int, str]] = []
+        outbox: list[int] = []  # indexes in `rows`
         committed: list[Event] = []
         dumps = cbor2.dumps
         cached = self._versions
@@ -564,9 +608,9 @@ class EventStore:
                 version += 1
                 versions[stream] = version
                 seq += 1
-                rows.append((seq, stream, version, ne.type, now, mono, boot, synced, blob))
                 if ne.outbox:
-                    outbox.append((seq, stream))
+                    outbox.append(len(rows))
+                rows.append((seq, stream, version, ne.type, now, mono, boot, synced, blob))
                 e = Event(seq, stream, version, ne.type, now, mono, boot, is_synced, ne.data)
                 committed.append(e)
                 out.append(e)
@@ -600,9 +644,9 @@ class EventStore:
                     version = self._version_of(conn, ne.stream)
                 version += 1
                 versions[ne.stream] = version
-                rows.append((seq, ne.stream, version, ne.type, now, mono, boot, synced, blob))
                 if ne.outbox:
-                    outbox.append((seq, ne.stream))
+                    outbox.append(len(rows))
+                rows.append((seq, ne.stream, version, ne.type, now, mono, boot, synced, blob))
                 numbered.append(
                     Event(seq, ne.stream, version, ne.type, now, mono, boot, is_synced, ne.data)
                 )
@@ -610,12 +654,15 @@ class EventStore:
             out.append(numbered[0] if p.single else numbered)
         if not rows:
             return out, []
+        boxed = self._outbox_rows(rows, outbox) if outbox else None
         conn.execute("BEGIN IMMEDIATE")
         try:
             conn.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
-            if outbox:
+            if boxed:
                 conn.executemany(
-                    "INSERT INTO outbox (seq, stream, attempts) VALUES (?, ?, 0)", outbox
+                    "INSERT INTO outbox (seq, stream, attempts, version, body) "
+                    "VALUES (?, ?, 0, ?, ?)",
+                    boxed,
                 )
             if victims or self._flush_due(versions, seq):
                 self._flush_streams(conn, versions, seq)
@@ -645,6 +692,19 @@ class EventStore:
         self.appended += len(rows)
         self._measure()
         return out, committed
+
+    def _outbox_rows(self, rows: list[tuple[Any, ...]], which: list[int]) -> list[tuple[Any, ...]]:
+        """(seq, stream, version, body) for the events that go to the outbox."""
+        picked = rows if len(which) == len(rows) else [rows[i] for i in which]
+        codec = self.outbox_codec
+        if codec is None:
+            return [(r[0], r[1], r[2], None) for r in picked]
+        try:
+            bodies = codec.bodies(picked)
+        except Exception:  # a codec bug must not cost the append: the relay encodes later
+            log.exception("outbox codec failed; these events are encoded when sent")
+            bodies = [None] * len(picked)
+        return [(r[0], r[1], r[2], b) for r, b in zip(picked, bodies, strict=True)]
 
     def _maybe_snapshot(self, conn: sqlite3.Connection, versions: dict[str, int], seq: int) -> None:
         """Snapshot a stream every `snapshot_every` events (counted since the last one)."""
@@ -706,12 +766,25 @@ class EventStore:
             if n < batch:
                 return total
 
+    async def prune_outbox(self, batch: int = 20_000) -> int:
+        """Delete delivered outbox rows (at or below the delivery watermark), `batch` rows
+        per transaction so appends go on in between. Returns how many."""
+        total = 0
+        while True:
+            n = await self.write(lambda conn: queries.prune_delivered(conn, batch))
+            total += n
+            if n < batch:
+                return total
+
     def _prune_sync(self, conn: sqlite3.Connection, cutoff: float, batch: int) -> int:
         # The events deleted here may be the only record of unflushed stream versions.
         self._flush_streams(conn, {}, self._last_seq)
+        queries.prune_delivered(conn, batch)
         victims = conn.execute(
             "SELECT e.seq, e.stream FROM events e WHERE e.wall_time < ? "
-            "AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.seq = e.seq) "
+            "AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.seq = e.seq AND ("
+            + queries.UNDELIVERED
+            + ")) "
             "AND NOT EXISTS (SELECT 1 FROM dead_letters d WHERE d.seq = e.seq) "
             "ORDER BY e.seq LIMIT ?",
             (cutoff, batch),

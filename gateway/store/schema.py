@@ -75,6 +75,26 @@ CORE: list[str] = [
         value INTEGER NOT NULL
     ) WITHOUT ROWID;
     """,
+    # v2: the outbox carries what the relay sends. `body` is the event already encoded in
+    # the sink's wire format (written at append time when cloud sync is configured, NULL
+    # otherwise), so a backlog drains without a Python object per event; `version` lets
+    # SQLite cut a stream's events into batches. Delivery is recorded as a watermark in
+    # `counters` ('outbox_delivered': every row at or below it is delivered, except
+    # requeued rows, attempts = -1); delivered rows are pruned behind it. Batches acked
+    # above the watermark (other streams' batches are acked before the oldest one) are
+    # kept as seq ranges of their stream in `outbox_acked`, so a restart skips them.
+    """
+    ALTER TABLE outbox ADD COLUMN version INTEGER;
+    ALTER TABLE outbox ADD COLUMN body BLOB;
+    CREATE TABLE outbox_acked (
+        stream TEXT    NOT NULL,
+        lo     INTEGER NOT NULL,
+        hi     INTEGER NOT NULL,
+        PRIMARY KEY (stream, lo)
+    ) WITHOUT ROWID;
+    -- Requeued dead letters, found without a scan of the outbox (normally empty).
+    CREATE INDEX outbox_requeued ON outbox (seq) WHERE attempts < 0;
+    """,
 ]
 
 _REGISTRY: dict[str, list[str]] = {"core": CORE}
