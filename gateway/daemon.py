@@ -26,7 +26,7 @@ from gateway.bus import Bus
 from gateway.control import ControlServer
 from gateway.errors import ConfigError, GatewayError, PayloadError
 from gateway.service import Service
-from gateway.store import EventStore
+from gateway.store import EventStore, OutboxCodec
 from gateway.supervisor import Supervisor
 
 log = logging.getLogger("gateway")
@@ -69,6 +69,17 @@ def build_services(config: cfg.GatewayConfig) -> list[Service]:
     return out
 
 
+def outbox_codec(c: cfg.GatewayConfig) -> OutboxCodec | None:
+    """With cloud sync configured, outbox rows carry their events already encoded for the
+    sink (imported only then: a gateway without sync loads none of it)."""
+    sync = c.sections.get("sync")
+    if sync is None:
+        return None
+    from gateway.sync.codec import outbox_encoder
+
+    return outbox_encoder(sync, c.gateway.id)
+
+
 class Daemon:
     def __init__(self, config: cfg.GatewayConfig, config_path: str) -> None:
         self.config = config
@@ -86,7 +97,9 @@ class Daemon:
     async def run(self) -> int:
         c = self.config
         tune_process()
-        self.store = await EventStore.open(c.db_path, c.store, gateway_id=c.gateway.id)
+        self.store = await EventStore.open(
+            c.db_path, c.store, gateway_id=c.gateway.id, outbox_codec=outbox_codec(c)
+        )
         bus = Bus(self.store)
         self.control = ControlServer(c.socket_path, c.control.group)
         self.supervisor = Supervisor(

@@ -236,12 +236,50 @@ class Encoder:
             return self._cbor.many(rows)
         return [json_event(self.gateway, Row._make(r[:9])) for r in rows]
 
+    # -- as the store's outbox codec (gateway.store.OutboxCodec) ---------------------------
+    @property
+    def signature(self) -> str:
+        """What a stored body depends on: the wire format and the gateway id."""
+        return f"envelope-v1 {self.fmt} {self.gateway}"
+
+    def bodies(self, rows: Sequence[Sequence[Any]]) -> list[bytes | None]:
+        """`many`, with None for an event that has no form in the format (the relay finds
+        it again when it sends, and puts it in dead letters with the reason)."""
+        try:
+            return list(self.many(rows))
+        except NotRepresentableError:
+            out: list[bytes | None] = []
+            for r in rows:
+                try:
+                    out.append(self(r))
+                except NotRepresentableError:
+                    out.append(None)
+            return out
+
+
+def outbox_encoder(cfg: Any, gateway: str) -> Encoder:
+    """The store's outbox codec for a `[sync]` section (a SyncConfig): events encoded as
+    the configured sink takes them."""
+    fmt = cfg.file.format if cfg.file is not None else cfg.format
+    return Encoder(item_format(fmt), gateway)
+
+
+def item_format(fmt: str) -> str:
+    """How each event is encoded for a sink format: mqtt "cbor"/"json", file "ndjson" (JSON
+    records) or "cbor-seq" (CBOR records)."""
+    return {"ndjson": "json", "cbor-seq": "cbor"}.get(fmt, fmt)
+
 
 def batch_payload(fmt: str, items: Sequence[bytes]) -> bytes:
     """A batch message: a CBOR array or a JSON array of already encoded events."""
+    return joined_payload(fmt, len(items), (b"," if fmt == "json" else b"").join(items))
+
+
+def joined_payload(fmt: str, n: int, joined: bytes) -> bytes:
+    """A batch message from `n` encoded events already joined (JSON: by commas)."""
     if fmt == "cbor":
-        return _cbor_array_header(len(items)) + b"".join(items)
-    return b"[" + b",".join(items) + b"]"
+        return _cbor_array_header(n) + joined
+    return b"[" + joined + b"]"
 
 
 def decode_batch(payload: bytes) -> list[dict[str, Any]]:

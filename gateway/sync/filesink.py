@@ -21,6 +21,7 @@ from typing import Any
 
 import cbor2
 
+from gateway.sync.codec import item_format
 from gateway.sync.config import FileSinkConfig
 from gateway.sync.link import ACCEPTED, Ack, LinkDownError
 
@@ -54,7 +55,8 @@ class FileChannel:
     def __init__(self, sink: FileSink) -> None:
         self._sink = sink
         self.label = f"file://{sink.dir}"
-        self.item_format = "json" if sink.cfg.format == "ndjson" else "cbor"
+        self.item_format = item_format(sink.cfg.format)
+        self.item_sep = b"\n" if self.item_format == "json" else b""
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiting: list[asyncio.Future[Ack]] = []
         self._syncer: asyncio.Task[None] | None = None
@@ -62,14 +64,15 @@ class FileChannel:
     def fits(self, lane: str, stream: str, type_: str, size: int) -> bool:
         return True
 
-    def send(self, lane: str, stream: str, type_: str, items: list[bytes]) -> asyncio.Future[Ack]:
+    def send(
+        self, lane: str, stream: str, type_: str, n: int, joined: bytes
+    ) -> asyncio.Future[Ack]:
         fut: asyncio.Future[Ack] = asyncio.get_running_loop().create_future()
         if self.closed.done():
             fut.set_exception(LinkDownError(f"{self.label}: closed"))
             return fut
-        sep = b"\n" if self.item_format == "json" else b""
         try:
-            self._sink.write(sep.join(items) + sep)
+            self._sink.write(joined + self.item_sep)
         except OSError as exc:
             fut.set_exception(LinkDownError(f"{self.label}: write failed: {exc}"))
             self._sink.last_error = str(exc)

@@ -1,12 +1,18 @@
-"""The outbox relay: undelivered events, in seq order, to a sink; deleted only on its ack.
+"""The outbox relay: undelivered events, in seq order, to a sink; marked delivered only on
+its ack.
 
 How it keeps its promises:
-- At-least-once: an outbox row is deleted (through the store's writer) only after the
-  broker's PUBACK for the batch holding it (or, for the file sink, after fsync). A crash
-  before that means the row is sent again: a duplicate with the same idempotency key.
+- At-least-once: delivery is recorded (through the store's writer) only after the broker's
+  PUBACK for the batch holding the events (for the file sink, after fsync). For the lane
+  that drains the outbox from its oldest row, it is recorded as a watermark - every row at
+  or below it is delivered - that advances to just below the oldest batch not yet acked;
+  delivered rows are then pruned behind it, in slices, when the relay is idle or every few
+  seconds. Other lanes (live events during a backfill, requeued dead letters) delete their
+  rows one by one. A crash before the record means the events are sent again: duplicates
+  with the same idempotency key, only for batches acked after the last record.
 - Order per stream: at most one batch per stream and lane is in flight (so a refused or lost
   batch cannot be overtaken by the next one of its stream), the halves of a split batch go
-  before anything newer, and every new session re-reads the outbox from its oldest row.
+  before anything newer, and every new session re-reads the outbox from the watermark.
 - Live first: when the backlog at (re)connect is deeper than `backfill.threshold`, events
   newer than that moment go out at once on the telemetry topic (live lane) while the older
   ones drain on the backfill topic at `backfill.rate` events/s, using at most half the
@@ -14,6 +20,13 @@ How it keeps its promises:
   them by (stream, version).
 - Dead letters: a batch refused for good (PUBACK >= 0x80) is split in halves until the
   refused events stand alone; each goes to `dead_letters` with the reason; the rest flows.
+
+Where the time goes: the store writes each outbox row with its event already encoded in
+the sink's format (`body`, see `gateway.sync.codec.Encoder.bodies`), so SQLite itself cuts
+a chunk of the outbox into per-stream batches and joins their bodies: one Python object per
+batch, not per event, and the SQLite work runs without the GIL, beside the event loop. Rows
+without a body (written before sync was configured, under another format, or with no form
+in it) and topics with `{type}` take the per-event path (`_pieces`).
 """
 
 from __future__ import annotations
@@ -21,7 +34,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import itertools
+import io
+import json
 import logging
 import sqlite3
 import time
@@ -29,8 +43,11 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+import cbor2
+
 from gateway import events as ev
 from gateway.errors import ConcurrencyError, PayloadError, StoreError
+from gateway.store import queries
 from gateway.sync.codec import Encoder, NotRepresentableError, parse_command
 from gateway.sync.codec import response_payload as _response
 from gateway.sync.config import SyncConfig
@@ -39,67 +56,147 @@ from gateway.sync.link import TRANSIENT_CODES, Ack, Backoff, Channel, LinkDownEr
 if TYPE_CHECKING:
     from gateway.store import EventStore
 
+PRUNE_EVERY = 5.0  # seconds between prunes of delivered rows while a drain keeps going
+NO_UPPER = 2**62
+
 # In `Row` order; an outbox row whose event is gone has a NULL type (and its own stream).
 _SELECT = (
     "SELECT o.seq, coalesce(e.stream, o.stream), e.version, e.type, e.wall_time, e.mono_time, "
     "e.boot_id, e.synced, e.data FROM outbox o LEFT JOIN events e ON e.seq = o.seq "
 )
 
-
-def _rows(
-    conn: sqlite3.Connection, after: int, upto: int | None, limit: int
-) -> list[tuple[Any, ...]]:
-    if upto is None:
-        q = _SELECT + "WHERE o.seq > ? ORDER BY o.seq LIMIT ?"
-        return conn.execute(q, (after, limit)).fetchall()
-    q = _SELECT + "WHERE o.seq > ? AND o.seq <= ? ORDER BY o.seq LIMIT ?"
-    return conn.execute(q, (after, upto, limit)).fetchall()
+# A chunk of the outbox (the next `limit` rows after `after`) cut into batches by SQLite:
+# per stream, events whose versions fall in the same `size`-wide bucket, bodies joined by
+# the sink's separator. Rows without a body come back as groups with count(body) < count(*).
+# SQLite's sorter keeps rows with equal keys in their input (seq) order: each group lists
+# its seqs and bodies oldest first (checked against min/max seq as it is read).
+# The whole chunk comes back as ONE row (the groups described in a JSON array, their
+# bodies end to end in one blob): every row a query returns costs a hand-over of the GIL
+# between the reader thread and the event loop, which cost more than the query itself.
+# (The joined bodies travel as TEXT, read with text_factory=bytes: a CAST to BLOB would
+# copy them twice more. Their sizes are summed from the BLOB lengths: length() of TEXT
+# counts characters.)
+_GROUPED = (
+    "SELECT json_group_array(json_array(stream, b, n, lo, hi, nb, size)), "
+    "group_concat(blob, ''), coalesce(sum(n), 0), max(hi) FROM ("
+    "SELECT stream, b, count(*) AS n, min(seq) AS lo, max(seq) AS hi, "
+    "group_concat(body, :sep) AS blob, count(body) AS nb, "
+    "coalesce(sum(length(body)) + (count(body) - 1) * length(:sep), 0) AS size "
+    "FROM (SELECT seq, stream, (version - 1) / :size AS b, body FROM outbox o "
+    "WHERE seq > :after AND seq <= :upto AND attempts >= 0 {skip} ORDER BY seq LIMIT :limit) "
+    "GROUP BY stream, b)"
+)
+# After a restart: rows of batches acked above the watermark by the previous session.
+_SKIP_ACKED = (
+    "AND NOT EXISTS (SELECT 1 FROM outbox_acked a "
+    "WHERE a.stream = o.stream AND a.lo <= o.seq AND a.hi >= o.seq)"
+)
+_QUERIES = {
+    (grouped, skip): (_GROUPED if grouped else _SELECT + (
+        "WHERE o.seq > ? AND o.seq <= ? AND o.attempts >= 0 {skip} ORDER BY o.seq LIMIT ?"
+    )).format(skip=_SKIP_ACKED if skip else "")
+    for grouped in (False, True) for skip in (False, True)
+}  # fmt: skip
 
 
 def _rows_in(conn: sqlite3.Connection, seqs: Sequence[int]) -> list[tuple[Any, ...]]:
-    marks = ",".join("?" * len(seqs))
-    return conn.execute(_SELECT + f"WHERE o.seq IN ({marks}) ORDER BY o.seq", list(seqs)).fetchall()
+    out: list[tuple[Any, ...]] = []
+    for i in range(0, len(seqs), 5000):
+        part = seqs[i : i + 5000]
+        marks = ",".join("?" * len(part))
+        out += conn.execute(_SELECT + f"WHERE o.seq IN ({marks}) ORDER BY o.seq", part).fetchall()
+    return out
+
+
+def _decode_items(blob: bytes, sep: bytes) -> tuple[list[int], list[int]]:
+    """(seq, encoded length) of each event in a joined batch: the envelopes say their seq.
+    Only for the rare batch that has to be split or deleted row by row."""
+    seqs: list[int] = []
+    lens: list[int] = []
+    at = 0
+    if blob[:1] == b"{":  # JSON events
+        decoder = json.JSONDecoder()
+        text = blob.decode()
+        while at < len(text):
+            obj, end = decoder.raw_decode(text, at)
+            seqs.append(int(obj["seq"]))
+            lens.append(len(text[at:end].encode()))
+            at = end + len(sep)
+        return seqs, lens
+    buf = io.BytesIO(blob)
+    while at < len(blob):
+        obj = cbor2.load(buf)
+        end = buf.tell()
+        seqs.append(int(obj["seq"]))
+        lens.append(end - at)
+        at = end + len(sep)
+        buf.seek(at)
+    return seqs, lens
 
 
 class _Batch:
-    """Events of one stream, in seq order, ready to go (encoded in the reader thread, next
-    to the query). Kept as parallel lists, not an object per event: a batch is taken and
-    split with list slices, and its acked seqs are handed to the writer as one list."""
+    """Encoded events of one stream, in seq order, joined by the sink's separator. Batches
+    cut by SQLite know only their first and last seq: the seq and length of each event are
+    decoded from the blob if the batch has to be split or its rows deleted one by one."""
 
-    __slots__ = ("bodies", "seqs", "stream", "types")
+    __slots__ = ("blob", "first", "key", "last", "lens", "n", "sep", "seqs", "stream", "type")
 
-    def __init__(self, stream: str, seqs: list[int], types: list[str], bodies: list[bytes]):
+    def __init__(
+        self, stream: str, key: Any, type_: str, n: int, first: int, last: int,
+        seqs: list[int] | None, lens: list[int] | None, blob: bytes, sep: bytes,
+    ) -> None:  # fmt: skip
         self.stream = stream
+        self.key = key  # batches with equal keys may be merged (same version bucket, type)
+        self.type = type_
+        self.n = n
+        self.first = first
+        self.last = last
         self.seqs = seqs
-        self.types = types
-        self.bodies = bodies
+        self.lens = lens
+        self.blob = blob
+        self.sep = sep
 
-    def __len__(self) -> int:
-        return len(self.seqs)
+    def _items(self) -> tuple[list[int], list[int]]:
+        if self.seqs is None or self.lens is None:
+            self.seqs, self.lens = _decode_items(self.blob, self.sep)
+            if len(self.seqs) != self.n:
+                raise StoreError(f"batch of {self.stream}: {len(self.seqs)} events, not {self.n}")
+        return self.seqs, self.lens
 
-    def extend(self, other: _Batch) -> None:
-        self.seqs += other.seqs
-        self.types += other.types
-        self.bodies += other.bodies
+    def seq_list(self) -> list[int]:
+        return self._items()[0]
 
-    def take(self, n: int) -> _Batch:
-        """The first `n` events, removed from this one."""
-        b = _Batch(self.stream, self.seqs[:n], self.types[:n], self.bodies[:n])
-        del self.seqs[:n], self.types[:n], self.bodies[:n]
-        return b
+    def merge(self, other: _Batch) -> None:
+        """Append `other` (the same stream and key, newer events)."""
+        self.blob = self.blob + self.sep + other.blob
+        self.n += other.n
+        self.last = other.last
+        if self.seqs is not None and other.seqs is not None:
+            self.seqs = self.seqs + other.seqs
+        else:
+            self.seqs = None
+        if self.lens is not None and other.lens is not None:
+            self.lens = self.lens + other.lens
+        else:
+            self.lens = None
 
     def halves(self) -> tuple[_Batch, _Batch]:
-        h = len(self.seqs) // 2
+        seqs, lens = self._items()
+        sep, h = self.sep, self.n // 2
+        cut = sum(lens[:h]) + len(sep) * (h - 1)
+        s, k, t = self.stream, self.key, self.type
         return (
-            _Batch(self.stream, self.seqs[:h], self.types[:h], self.bodies[:h]),
-            _Batch(self.stream, self.seqs[h:], self.types[h:], self.bodies[h:]),
-        )
+            _Batch(s, k, t, h, seqs[0], seqs[h - 1], seqs[:h], lens[:h], self.blob[:cut], sep),
+            _Batch(s, k, t, self.n - h, seqs[h], seqs[-1], seqs[h:], lens[h:],
+                   self.blob[cut + len(sep):], sep),
+        )  # fmt: skip
 
 
-def _prepare(
-    raw: list[tuple[Any, ...]], encode: Encoder
-) -> tuple[dict[str, _Batch], list[tuple[int, str, str]]]:
-    """Rows -> encoded events grouped per stream (in seq order), and the dead ones."""
+def _pieces(
+    raw: list[tuple[Any, ...]], encode: Encoder, size: int, sep: bytes, by_type: bool
+) -> tuple[list[_Batch], list[tuple[int, str, str]]]:
+    """The per-event path: rows (in `Row` order) encoded here and cut into batches like
+    `_GROUPED` cuts them (and, with `{type}` in a topic, per run of one type)."""
     dead: list[tuple[int, str, str]] = []
     rows = raw
     if any(r[3] is None for r in raw):  # outbox rows whose event is gone: nothing to send
@@ -117,16 +214,62 @@ def _prepare(
             except NotRepresentableError as exc:
                 dead.append((r[0], r[1], f"not representable as {encode.fmt}: {exc}"))
         rows = ok
-    groups: dict[str, _Batch] = {}
-    get = groups.get
-    for r, body in zip(rows, bodies, strict=True):  # per event: keep this loop small
-        g = get(r[1])
-        if g is None:
-            g = groups[r[1]] = _Batch(r[1], [], [], [])
-        g.seqs.append(r[0])
-        g.types.append(r[3])
-        g.bodies.append(body)
-    return groups, dead
+    out: list[_Batch] = []
+    parts: dict[int, list[bytes]] = {}
+    current: dict[str, _Batch] = {}
+    for r, body in zip(rows, bodies, strict=True):
+        key = ((r[2] - 1) // size, r[3] if by_type else None)
+        b = current.get(r[1])
+        if b is None or b.key != key:
+            b = current[r[1]] = _Batch(r[1], key, r[3], 0, r[0], r[0], [], [], b"", sep)
+            parts[id(b)] = []
+            out.append(b)
+        b.n += 1
+        b.last = r[0]
+        b.seqs.append(r[0])  # type: ignore[union-attr]
+        b.lens.append(len(body))  # type: ignore[union-attr]
+        parts[id(b)].append(body)
+    for b in out:
+        b.blob = sep.join(parts[id(b)])
+    return out, dead
+
+
+def _read_chunk(
+    conn: sqlite3.Connection, after: int, upto: int, limit: int, size: int, sep: bytes,
+    encode: Encoder, grouped: bool, by_type: bool, skip: bool,
+) -> tuple[list[_Batch], list[tuple[int, str, str]], int, int]:  # fmt: skip
+    """Reader thread: the next chunk of the outbox as batches; returns (batches, dead rows,
+    rows read, last seq read). `skip`: leave out rows in `outbox_acked` ranges."""
+    if grouped:
+        args = {"sep": sep, "size": size, "after": after, "upto": upto, "limit": limit}
+        conn.text_factory = bytes
+        try:
+            meta, joined, n, hi = conn.execute(_QUERIES[True, skip], args).fetchone()
+        finally:
+            conn.text_factory = str
+        groups = json.loads(meta)
+        # Rows without a body in the chunk (rare): the whole chunk goes the per-event way.
+        if all(g[5] == g[2] for g in groups):
+            out: list[_Batch] = []
+            at = 0
+            for stream, b, count, first, last, _nb, nbytes in groups:
+                out.append(_Batch(stream, (b, None), "", count, first, last, None, None,
+                                  joined[at : at + nbytes], sep))  # fmt: skip
+                at += nbytes
+            if at != len(joined or b""):
+                raise StoreError(f"outbox after {after}: batches of {at} bytes, {len(joined)} read")
+            return out, [], n, after if hi is None else hi
+    raw = conn.execute(_QUERIES[False, skip], (after, upto, limit)).fetchall()
+    batches, missing = _pieces(raw, encode, size, sep, by_type)
+    return batches, missing, len(raw), raw[-1][0] if raw else after
+
+
+def read_ahead(cfg: SyncConfig) -> tuple[int, int]:
+    """(rows read ahead per lane, rows per read). The read-ahead holds full batches of many
+    streams at once; reads come in chunks, one after the other while it has room, so the
+    reader thread keeps working while batches are on the wire."""
+    prefetch = min(50_000, max(2000, cfg.batch_size * max(cfg.inflight, 8) * 8))
+    return prefetch, max(500, prefetch // 8)
 
 
 class _TokenBucket:
@@ -151,7 +294,8 @@ class _TokenBucket:
 
 
 class _Lane:
-    """One ordered source of rows: live (seq > mark), backfill (seq <= mark), or requeued."""
+    """One ordered source of rows: live (seq > mark), backfill (seq <= mark), or requeued.
+    The `bottom` lane reads from the watermark up: its progress moves the watermark."""
 
     def __init__(
         self,
@@ -161,6 +305,7 @@ class _Lane:
         seqs: list[int] | None = None,
         bucket: _TokenBucket | None = None,
         max_slots: int | None = None,
+        bottom: bool = False,
     ) -> None:
         self.name = name
         self.after = after
@@ -168,12 +313,15 @@ class _Lane:
         self.seqs = seqs
         self.bucket = bucket
         self.max_slots = max_slots
-        self.pending: dict[str, _Batch] = {}  # per stream: what is read and not yet sent
+        self.bottom = bottom
+        self.skip_upto = 0  # below this, leave out rows acked by an earlier session
+        self.pending: dict[str, deque[_Batch]] = {}  # per stream: read and not yet sent
         self.splits: dict[str, deque[_Batch]] = {}  # halves and put-back batches: go first
         self.npending = 0
         self.filling: asyncio.Future[None] | None = None
         self.busy: set[str] = set()
         self.exhausted = False  # nothing more to read (for live: until the next commit)
+        self.dropped = False  # its session ended: reads still under way are thrown away
 
     def finished(self) -> bool:
         return (
@@ -214,21 +362,30 @@ class Relay:
         self._kick = asyncio.Event()
         self._done: deque[tuple[asyncio.Future[Ack], _Inflight]] = deque()
         self._ops: list[tuple[int, str, str, float]] = []  # dead letters to record
-        self._dels: list[list[int]] = []  # seqs of acked batches: rows to delete
+        # Acked batches outside the bottom lane: their seqs, or (stream, first, last) - all
+        # the stream's rows in that range, for batches cut by SQLite.
+        self._dels: list[list[int] | tuple[str, int, int]] = []
         self._flusher: asyncio.Task[None] | None = None
+        # The watermark: what the bottom lane has had acked (target) and what is recorded.
+        self._bottom: _Lane | None = None
+        self._lanes: list[_Lane] = []
+        self._inflight: dict[asyncio.Future[Ack], _Inflight] = {}
+        self._w_target = 0
+        self._w_written = 0
+        self._acked: list[tuple[str, int, int]] = []  # bottom-lane batches acked: (stream, lo, hi)
+        self._pruned_upto = 0
+        self._last_prune = clock()
         self._requeued: list[int] = []
         self._restart = False
         self._pause = Backoff(cfg.backoff_base, cfg.backoff_cap)
         self._rates: deque[tuple[float, int]] = deque()
-        # Rows read ahead per lane: enough for full batches of many streams at once.
-        self._prefetch = min(50_000, max(2000, cfg.batch_size * max(cfg.inflight, 8) * 8))
-        # Reads come in chunks, one after the other while the read-ahead has room: the
-        # reader thread (query + encoding) keeps working while batches are on the wire.
-        self._chunk = max(500, self._prefetch // 4)
+        self._prefetch, self._chunk = read_ahead(cfg)
         self._committed = False
         self._commits = 0
         self._uses_type = "{type}" in cfg.topics.telemetry or "{type}" in cfg.topics.backfill
         self._encode = Encoder(cfg.format, gateway_id)
+        self._grouped = False  # batches cut by SQLite from stored bodies (see module doc)
+        self._sep = b""
         # Figures.
         self.state = "starting"
         self.channel: Channel | None = None
@@ -346,10 +503,34 @@ class Relay:
     async def _session(self, ch: Channel) -> None:
         cfg = self.cfg
         self._restart = False
-        await self._flush_wait()  # acked rows are gone before we re-read the outbox
-        depth, mark = await self.store.read(
-            lambda c: c.execute("SELECT count(*), coalesce(max(seq), 0) FROM outbox").fetchone()
-        )
+        await self._flush_wait()  # what was acked is recorded before we re-read the outbox
+
+        threshold = cfg.backfill_threshold
+
+        def survey(c: sqlite3.Connection) -> tuple[int, int, int, list[int], int]:
+            # No count over the whole outbox (its rows carry their bodies: a backlog is a
+            # scan of megabytes): at most `threshold` rows are counted, and only when the
+            # seq range says the backlog may be that deep; a deeper one is counted for the
+            # backfill figure only then.
+            w = queries.delivered_upto(c)
+            mark = max(w, c.execute("SELECT coalesce(max(seq), 0) FROM outbox").fetchone()[0])
+            depth = 0
+            if mark - w > threshold:
+                depth = c.execute(
+                    "SELECT count(*) FROM (SELECT 1 FROM outbox "
+                    "WHERE seq > ? AND attempts >= 0 LIMIT ?)", (w, threshold + 1)
+                ).fetchone()[0]  # fmt: skip
+                if depth > threshold:
+                    depth = c.execute(
+                        "SELECT count(*) FROM outbox WHERE seq > ? AND attempts >= 0", (w,)
+                    ).fetchone()[0]  # fmt: skip
+            requeued = [r[0] for r in c.execute(
+                "SELECT seq FROM outbox WHERE attempts < 0 ORDER BY seq")]  # fmt: skip
+            skip = c.execute("SELECT coalesce(max(hi), 0) FROM outbox_acked").fetchone()[0]
+            return w, depth, mark, requeued, skip
+
+        w, depth, mark, requeued, skip = await self.store.read(survey)
+        self._w_target = self._w_written = w
         lanes: list[_Lane] = []
         self.live_first = depth > cfg.backfill_threshold
         if self.live_first:
@@ -359,19 +540,38 @@ class Relay:
             )  # fmt: skip
             bucket = _TokenBucket(cfg.backfill_rate, cfg.batch_size, self._clock)
             lanes.append(_Lane("live", after=mark))
-            lanes.append(_Lane("backfill", after=0, upto=mark, bucket=bucket,
-                               max_slots=max(1, cfg.inflight // 2)))  # fmt: skip
+            lanes.append(_Lane("backfill", after=w, upto=mark, bucket=bucket,
+                               max_slots=max(1, cfg.inflight // 2), bottom=True))  # fmt: skip
             self.backfill_left = depth
         else:
-            lanes.append(_Lane("live", after=0))
+            lanes.append(_Lane("live", after=w, bottom=True))
             self.backfill_left = 0
+        self._requeued.clear()  # read again below, from the table
+        if requeued:
+            lanes.append(_Lane("requeue", seqs=requeued))
+        self._bottom = next(ln for ln in lanes if ln.bottom)
+        self._lanes = list(lanes)  # every lane of this session (requeue lanes join later)
+        self._bottom.skip_upto = skip
+        self._acked.clear()
         inflight: dict[asyncio.Future[Ack], _Inflight] = {}
-        self._requeued.clear()  # a fresh read from the start covers them
+        self._inflight = inflight
         self._encode = Encoder(ch.item_format, self.gw)
+        self._sep = ch.item_sep
+        codec = self.store.outbox_codec
+        self._grouped = (
+            not self._uses_type and codec is not None
+            and codec.signature == self._encode.signature
+        )  # fmt: skip
         fills: list[asyncio.Future[None]] = []
         try:
             await self._pump(ch, lanes, inflight, fills)
         finally:
+            # What was acked until now is recorded; in-flight batches are sent again.
+            self._refresh_watermark()
+            self._bottom = None
+            for ln in self._lanes:
+                ln.dropped = True
+            self._kick_flush()
             for f in fills:
                 f.cancel()
             for f in fills:
@@ -396,6 +596,7 @@ class Relay:
             if self._requeued:
                 seqs, self._requeued = sorted(set(self._requeued)), []
                 lanes.append(_Lane("requeue", seqs=seqs))
+                self._lanes.append(lanes[-1])
             # Completed batches first: they free streams and window slots.
             while self._done:
                 fut, item = self._done.popleft()
@@ -444,39 +645,73 @@ class Relay:
                         lane.exhausted = False
 
     async def _fill(self, lane: _Lane) -> None:
-        limit = self._chunk
-        enc = self._encode
+        """Read the lane's next rows. One job in the reader thread reads chunk after chunk
+        (up to the room left in the read-ahead) and hands each to the loop as soon as it is
+        read: the reader does not wait for a turn of the event loop between chunks."""
+        limit, size, sep = self._chunk, self.cfg.batch_size, self._sep
+        enc, grouped, by_type = self._encode, self._grouped, self._uses_type
         if lane.seqs is not None:
             chunk, lane.seqs = lane.seqs[:500], lane.seqs[500:]
-            items, dead = (
-                await self.store.read(lambda c: _prepare(_rows_in(c, chunk), enc))
-                if chunk else ({}, [])
+            pieces, dead = (
+                await self.store.read(
+                    lambda c: _pieces(_rows_in(c, chunk), enc, size, sep, by_type)
+                )
+                if chunk else ([], [])
             )  # fmt: skip
             if not lane.seqs:
                 lane.exhausted = True
-        else:
-            after, upto = lane.after, lane.upto
-            commits = self._commits
+            self._take_in(lane, pieces, dead)
+            return
+        loop = asyncio.get_running_loop()
+        start = lane.after
+        upto = NO_UPPER if lane.upto is None else lane.upto
+        budget = max(limit, self._prefetch - lane.npending)
 
-            def read(c: sqlite3.Connection) -> tuple[dict[str, _Batch], list[Any], int, int]:
-                raw = _rows(c, after, upto, limit)
-                return (*_prepare(raw, enc), len(raw), raw[-1][0] if raw else after)
+        def job(c: sqlite3.Connection) -> None:  # in the reader thread
+            after, got = start, 0
+            while got < budget and not lane.dropped:
+                commits = self._commits  # (an int read: no lock needed)
+                skip = after < lane.skip_upto
+                pieces, dead, n, last = _read_chunk(
+                    c, after, upto, limit, size, sep, enc, grouped, by_type, skip
+                )
+                loop.call_soon_threadsafe(
+                    self._delivered, lane, pieces, dead, n < limit, last, commits
+                )
+                got += n
+                after = last
+                if n < limit:
+                    return
 
-            items, dead, n, last = await self.store.read(read)
-            # "Nothing more" holds only if nothing committed while we were reading.
-            if n < limit and (upto is not None or commits == self._commits):
-                lane.exhausted = True
-            lane.after = last
+        try:
+            await self.store.read(job)
+        finally:
+            # The pump may have looked while this read was finishing: let it look again.
+            self._progress.set()
+
+    def _delivered(
+        self, lane: _Lane, pieces: list[_Batch], dead: list[tuple[int, str, str]],
+        short: bool, last: int, commits: int,
+    ) -> None:  # fmt: skip
+        """One chunk read: in the loop, in the order the chunks were read."""
+        if lane.dropped:
+            return
+        # "Nothing more" holds only if nothing committed while it was being read.
+        if short and (lane.upto is not None or commits == self._commits):
+            lane.exhausted = True
+        lane.after = last
+        self._take_in(lane, pieces, dead)
+
+    def _take_in(self, lane: _Lane, pieces: list[_Batch], dead: list[tuple[int, str, str]]) -> None:
         for seq, stream, reason in dead:
             self._dead(seq, stream, reason)
         pending = lane.pending
-        for stream, g in items.items():  # per stream, not per event
-            q = pending.get(stream)
+        for p in pieces:  # per batch, not per event
+            q = pending.get(p.stream)
             if q is None:
-                pending[stream] = g
-            else:
-                q.extend(g)
-            lane.npending += len(g)
+                q = pending[p.stream] = deque()
+            q.append(p)
+            lane.npending += p.n
         self._progress.set()
 
     def _send(
@@ -495,41 +730,40 @@ class Relay:
                     break
                 if stream in lane.busy:
                     continue
-                # While more rows wait in the database, send only full batches: a stream
-                # with a short queue gets more rows at the next read. At the tail, send all.
+                # While more rows wait in the database, send only whole batches: the rest
+                # of a stream's last batch may come with the next read. At the tail, send.
                 if (
                     not lane.exhausted and stream not in lane.splits
-                    and len(lane.pending.get(stream, ())) < cfg.batch_size
                     and lane.npending <= self._prefetch - self._chunk  # (more is coming)
+                    and self._partial(lane.pending.get(stream))
                 ):  # fmt: skip
                     continue
                 batch = self._take(lane, stream)
                 if batch is None:
                     continue
                 if lane.bucket is not None:
-                    need = float(len(batch))
+                    need = float(batch.n)
                     if lane.bucket.available() < need:
                         self._put_back(lane, stream, batch)
                         w = lane.bucket.wait_for(need)
                         wait = w if wait is None else min(wait, w)
                         break
-                    lane.bucket.take(len(batch))
-                bodies = batch.bodies
-                if not ch.fits(lane.name, stream, batch.types[0], sum(map(len, bodies))):
+                    lane.bucket.take(batch.n)
+                if not ch.fits(lane.name, stream, batch.type, len(batch.blob)):
                     # Over the broker's maximum packet size: it would drop the connection,
                     # again and again. Halve the batch; an event too big alone is dead.
-                    if len(batch) == 1:
-                        seq = batch.seqs[0]
+                    if batch.n == 1:
+                        seq = batch.seq_list()[0]
                         self.log.warning("sync: event %d (%s) is too large for %s -> dead "
                                          "letters", seq, stream, ch.label)  # fmt: skip
                         self._dead(seq, stream, f"too large for {ch.label}: "
-                                   f"{len(bodies[0])} bytes")  # fmt: skip
+                                   f"{len(batch.blob)} bytes")  # fmt: skip
                     else:
                         sp = lane.splits.setdefault(stream, deque())
                         sp.extendleft(reversed(batch.halves()))
                     self._progress.set()  # the halves go out on the next turn of the loop
                     continue
-                fut = ch.send(lane.name, stream, batch.types[0], bodies)
+                fut = ch.send(lane.name, stream, batch.type, batch.n, batch.blob)
                 item = _Inflight(lane, stream, batch, self._clock())
                 inflight[fut] = item
                 lane.busy.add(stream)
@@ -537,6 +771,17 @@ class Relay:
                 self.batches += 1
                 fut.add_done_callback(functools.partial(self._on_ack, item=item))
         return wait
+
+    def _partial(self, q: deque[_Batch] | None) -> bool:
+        """Whether the stream's next batch is all read and short: its rest may be next."""
+        if not q:
+            return False
+        key, total = q[0].key, 0
+        for b in q:
+            if b.key != key:
+                return False
+            total += b.n
+        return total < self.cfg.batch_size
 
     def _on_ack(self, fut: asyncio.Future[Ack], *, item: _Inflight) -> None:
         self._done.append((fut, item))
@@ -553,17 +798,12 @@ class Relay:
         if not q:
             lane.pending.pop(stream, None)
             return None
-        n = min(self.cfg.batch_size, len(q))
-        if self._uses_type:
-            # With {type} in the topic, a batch holds one type: it goes to one topic.
-            types = q.types
-            first = types[0]
-            for i in range(1, n):
-                if types[i] != first:
-                    n = i
-                    break
-        batch = q.take(n)
-        lane.npending -= n
+        batch = q.popleft()
+        # A batch cut at the edge of a read goes out whole: with the rest of it.
+        size = self.cfg.batch_size
+        while q and q[0].key == batch.key and batch.n + q[0].n <= size:
+            batch.merge(q.popleft())
+        lane.npending -= batch.n
         if not q:
             del lane.pending[stream]
         return batch
@@ -580,7 +820,7 @@ class Relay:
         ack = fut.result()
         batch = item.batch
         if ack.ok:
-            n = len(batch)
+            n = batch.n
             self.delivered += n
             if lane.name == "backfill":
                 self.backfill_left = max(0, self.backfill_left - n)
@@ -591,7 +831,11 @@ class Relay:
                 self._rates.append((now, n))
                 if len(self._rates) > 120:
                     self._rates.popleft()
-            self._dels.append(batch.seqs)
+            if lane.bottom:  # its progress is the watermark; above it, ranges
+                self._acked.append((batch.stream, batch.first, batch.last))
+            else:
+                self._dels.append(batch.seq_list() if batch.seqs is not None else
+                                  (batch.stream, batch.first, batch.last))  # fmt: skip
             self._kick_flush()
             return
         self.refusals += 1
@@ -599,13 +843,14 @@ class Relay:
         if ack.code in TRANSIENT_CODES:
             self._put_back(lane, item.stream, batch)
             raise LinkDownError(f"{ch.label}: batch refused for now: {reason}")
-        if len(batch) == 1:
-            seq = batch.seqs[0]
+        if batch.n == 1:
+            seq = batch.seq_list()[0]
             self.log.warning("sync: event %d (%s) refused: %s -> dead letters",
                              seq, item.stream, reason)  # fmt: skip
             self._dead(seq, item.stream, reason)
             return
-        lane.splits.setdefault(item.stream, deque()).extendleft(reversed(batch.halves()))
+        halves = batch.halves()
+        lane.splits.setdefault(item.stream, deque()).extendleft(reversed(halves))
 
     def _dead(self, seq: int, stream: str, reason: str) -> None:
         self.dead_lettered += 1
@@ -619,22 +864,79 @@ class Relay:
                 self._flush(), name="sync-outbox-flush"
             )
 
+    def _refresh_watermark(self) -> None:
+        """The bottom lane's watermark: just below its oldest event not yet acked (read
+        and waiting, split, put back or in flight), or everything it has read."""
+        lane = self._bottom
+        if lane is None:
+            return
+        w = lane.upto if lane.exhausted and lane.upto is not None else lane.after
+        for q in lane.pending.values():
+            if q and q[0].first <= w:
+                w = q[0].first - 1
+        for sp in lane.splits.values():
+            for b in sp:
+                if b.first <= w:
+                    w = b.first - 1
+        for item in self._inflight.values():
+            if item.lane is lane and item.batch.first <= w:
+                w = item.batch.first - 1
+        if w > self._w_target:
+            self._w_target = w
+
     async def _flush(self) -> None:
-        while self._ops or self._dels:
+        """Record deliveries and dead letters (then prune, when idle) until nothing is left
+        to record: what is acked while a write or a prune is under way goes in the next."""
+        while await self._record() and await self._prune():
+            pass
+
+    async def _record(self) -> bool:
+        while True:
+            self._refresh_watermark()
+            w = self._w_target if self._w_target > self._w_written else None
+            if not (self._ops or self._dels or self._acked or w is not None):
+                break
             dels, ops, self._dels, self._ops = self._dels, self._ops, [], []
+            mark = self._w_target
+            acked = [a for a in self._acked if a[2] > mark]  # (the rest: below the mark)
+            self._acked = []
             try:
                 await self.store.write(
-                    lambda c, d=dels, o=ops: _apply_ops(c, d, o)  # type: ignore[misc]
+                    lambda c, d=dels, o=ops, u=w, a=acked: _apply_ops(c, u, d, o, a)  # type: ignore[misc]
                 )
             except StoreError as exc:
-                # The rows stay in the outbox and are sent again later: a duplicate, no loss.
+                # The rows stay undelivered and are sent again later: a duplicate, no loss.
                 self.log.warning("sync: could not record deliveries: %s", exc)
-                return
+                return False
+            if w is not None:
+                self._w_written = w
+        return True
+
+    async def _prune(self) -> bool:
+        """Delivered rows are pruned behind the watermark, in slices: once the outbox is
+        drained and nothing is in flight, or every few seconds during a long drain.
+        Returns whether it pruned (then there may be more to record)."""
+        now = self._clock()
+        bottom = self._bottom
+        idle = not self._inflight and (bottom is None or bottom.exhausted)
+        if self._w_written <= self._pruned_upto or not (
+            idle or now - self._last_prune >= PRUNE_EVERY
+        ):
+            return False
+        self._last_prune = now
+        upto = self._w_written
+        try:
+            await self.store.prune_outbox()
+        except StoreError as exc:
+            self.log.warning("sync: could not prune delivered rows: %s", exc)
+            return False
+        self._pruned_upto = upto
+        return True
 
     async def _flush_wait(self) -> None:
         while self._flusher is not None and not self._flusher.done():
             await asyncio.shield(self._flusher)
-        if self._ops or self._dels:
+        if self._ops or self._dels or self._acked or self._w_target > self._w_written:
             self._kick_flush()
             if self._flusher is not None:
                 await asyncio.shield(self._flusher)
@@ -649,14 +951,26 @@ def _reraise(f: asyncio.Future[None]) -> bool:
 
 
 def _apply_ops(
-    conn: sqlite3.Connection, acked: list[list[int]], dead: list[tuple[int, str, str, float]]
-) -> None:
-    if acked:
+    conn: sqlite3.Connection, upto: int | None, acked: list[list[int] | tuple[str, int, int]],
+    dead: list[tuple[int, str, str, float]], ranges: Sequence[tuple[str, int, int]] = (),
+) -> None:  # fmt: skip
+    if ranges:
+        conn.executemany("INSERT OR REPLACE INTO outbox_acked VALUES (?, ?, ?)", ranges)
+    if upto is not None:
+        queries.set_delivered_upto(conn, upto)
+    seqs = [s for a in acked if isinstance(a, list) for s in a]
+    if seqs:
         # One statement for the whole group: SQLite walks the list without the GIL (a
         # statement per row or per run hands the GIL back and forth once per step).
         conn.execute(
             "DELETE FROM outbox WHERE seq IN (SELECT value FROM json_each(?))",
-            ("[" + ",".join(map(str, itertools.chain.from_iterable(acked))) + "]",),
+            ("[" + ",".join(map(str, seqs)) + "]",),
+        )
+    spans = [a for a in acked if isinstance(a, tuple)]
+    if spans:
+        conn.executemany(
+            "DELETE FROM outbox WHERE seq BETWEEN ? AND ? AND stream = ? AND attempts >= 0",
+            [(lo, hi, stream) for stream, lo, hi in spans],
         )
     for seq, stream, reason, at in dead:
         conn.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
@@ -667,7 +981,8 @@ def _apply_ops(
 
 
 def requeue_rows(conn: sqlite3.Connection, seqs: Sequence[int] | None) -> list[int]:
-    """Move dead letters back to the outbox (all when `seqs` is None); returns their seqs."""
+    """Move dead letters back to the outbox (all when `seqs` is None); returns their seqs.
+    They are marked requeued (attempts = -1): below the watermark, yet not delivered."""
     if seqs is None:
         rows = conn.execute("SELECT seq, stream FROM dead_letters ORDER BY seq").fetchall()
     else:
@@ -679,7 +994,8 @@ def requeue_rows(conn: sqlite3.Connection, seqs: Sequence[int] | None) -> list[i
     for seq, stream in rows:
         conn.execute("DELETE FROM dead_letters WHERE seq = ?", (seq,))
         conn.execute(
-            "INSERT OR IGNORE INTO outbox (seq, stream, attempts, last_error) VALUES (?, ?, 0, ?)",
+            "INSERT INTO outbox (seq, stream, attempts, last_error) VALUES (?, ?, -1, ?) "
+            "ON CONFLICT(seq) DO UPDATE SET attempts = -1, last_error = excluded.last_error",
             (seq, stream, "requeued"),
         )
     return [r[0] for r in rows]
