@@ -42,6 +42,7 @@ from gateway.config import StoreConfig  # noqa: E402
 from gateway.store import EventStore  # noqa: E402
 from gateway.store.projections import encode_value  # noqa: E402
 from gateway.store.schema import migrate  # noqa: E402
+from gateway.sync.codec import Encoder  # noqa: E402
 
 RAW_BATCH = 1000
 
@@ -72,10 +73,20 @@ def filesystem_of(path: Path) -> str:
     return f"{fstype} at {mnt}"
 
 
+def sync_codec(sync: bool) -> Encoder | None:
+    """With --sync: outbox rows carry the encoded envelope, as in a gatewayd with [sync]."""
+    return Encoder("cbor", "bench") if sync else None
+
+
 async def bench_store(
-    path: Path, producers: int, seconds: float, synchronous: str
+    path: Path, producers: int, seconds: float, synchronous: str, sync: bool = False
 ) -> dict[str, float]:
-    store = await EventStore.open(path, StoreConfig(synchronous=synchronous), gateway_id="bench")
+    store = await EventStore.open(
+        path,
+        StoreConfig(synchronous=synchronous),
+        gateway_id="bench",
+        outbox_codec=sync_codec(sync),
+    )
     stop = False
     counts = [0] * producers
 
@@ -107,8 +118,9 @@ async def bench_store(
 
 
 def bench_raw(
-    path: Path, devices: int, seconds: float, synchronous: str, *, merge: bool = True
-) -> dict[str, float]:
+    path: Path, devices: int, seconds: float, synchronous: str, *, merge: bool = True,
+    sync: bool = False,
+) -> dict[str, float]:  # fmt: skip
     """Raw sqlite3. `merge`: upsert each (device, point) once per batch, its last value (what
     the store's projection does within a transaction); else one upsert per reading."""
     conn = sqlite3.connect(path, isolation_level=None)
@@ -117,6 +129,7 @@ def bench_raw(
         conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
         migrate(conn)
         boot = "bench-boot"
+        codec = sync_codec(sync)
         versions = [0] * devices
         seq = 0
         commits = 0
@@ -124,7 +137,7 @@ def bench_raw(
         deadline = start + seconds
         while time.perf_counter() < deadline:
             rows: list[tuple[Any, ...]] = []
-            outbox: list[tuple[int, str]] = []
+            outbox: list[tuple[Any, ...]] = []
             latest: dict[tuple[str, str], tuple[Any, str | None, float, int, float]] = {}
             every: list[tuple[str, str, Any, str | None, float, int, float]] = []
             for _ in range(RAW_BATCH):
@@ -138,7 +151,7 @@ def bench_raw(
                 rows.append(
                     (seq, stream, versions[d], ev.READINGS, now, mono, boot, 1, cbor2.dumps(data))
                 )
-                outbox.append((seq, stream))
+                outbox.append((seq, stream, versions[d]))
                 for rec in data["r"]:
                     # The same row the store writes: value as stored, reading time, seq, seen.
                     value = (encode_value(rec["v"]), rec.get("u"), now, seq, now)
@@ -146,9 +159,13 @@ def bench_raw(
                         latest[(device, rec["n"])] = value
                     else:
                         every.append((device, rec["n"], *value))
+            bodies = codec.bodies(rows) if codec else [None] * len(rows)
             conn.execute("BEGIN IMMEDIATE")
             conn.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
-            conn.executemany("INSERT INTO outbox (seq, stream, attempts) VALUES (?, ?, 0)", outbox)
+            conn.executemany(
+                "INSERT INTO outbox (seq, stream, attempts, version, body) VALUES (?, ?, 0, ?, ?)",
+                [(*o, b) for o, b in zip(outbox, bodies, strict=True)],
+            )
             conn.executemany(
                 "INSERT INTO latest (device, point, value, unit, ts, seq, seen)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?)"
@@ -180,6 +197,10 @@ def main() -> int:
     ap.add_argument("--producers", default="1,16,256")
     ap.add_argument("--synchronous", choices=("full", "normal"), default="full")
     ap.add_argument("--dir", type=Path, default=ROOT / "var")
+    ap.add_argument(
+        "--sync", action="store_true",
+        help="as with [sync] configured: outbox rows carry the encoded envelope (both sides)",
+    )  # fmt: skip
     args = ap.parse_args()
     counts = [int(x) for x in args.producers.split(",")]
 
@@ -191,6 +212,7 @@ def main() -> int:
         f"store: EventStore.append from N concurrent producers, {args.seconds:g} s each; "
         f"raw: sqlite3 batches of {RAW_BATCH} (event + outbox + latest upsert), "
         f"{args.raw_seconds:g} s each; 2 readings per event, one device stream per producer"
+        + ("; [sync] on: outbox rows carry the CBOR envelope" if args.sync else "")
     )
     header = (
         f"{'producers':>9}  {'store ev/s':>10}  {'commits':>7}  {'ev/commit':>9}"
@@ -202,13 +224,19 @@ def main() -> int:
             raws, raw1s, sts = [], [], []
             for r in range(args.rounds):
                 raws.append(
-                    bench_raw(work / f"raw-{n}-{r}.db", n, args.raw_seconds, args.synchronous)
-                )
+                    bench_raw(
+                        work / f"raw-{n}-{r}.db", n, args.raw_seconds, args.synchronous,
+                        sync=args.sync,
+                    )
+                )  # fmt: skip
                 sts.append(
                     asyncio.run(
-                        bench_store(work / f"store-{n}-{r}.db", n, args.seconds, args.synchronous)
+                        bench_store(
+                            work / f"store-{n}-{r}.db", n, args.seconds, args.synchronous,
+                            args.sync,
+                        )
                     )
-                )
+                )  # fmt: skip
                 raw1s.append(
                     bench_raw(
                         work / f"raw1-{n}-{r}.db",
@@ -216,6 +244,7 @@ def main() -> int:
                         args.raw_seconds,
                         args.synchronous,
                         merge=False,
+                        sync=args.sync,
                     )
                 )
             raw, raw1, st = _median(raws), _median(raw1s), _median(sts)
