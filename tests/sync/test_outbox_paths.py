@@ -69,7 +69,7 @@ async def _store(
         await store.close()
 
 
-def _events(n: int, streams: int, seed: int) -> list[NewEvent]:
+def _events(n: int, streams: int, seed: int, prefix: str = "device:d") -> list[NewEvent]:
     """`n` events over `streams` streams, unevenly interleaved; non-ASCII text in them (a
     TEXT length in SQLite counts characters, not bytes)."""
     rnd = random.Random(seed)
@@ -77,7 +77,7 @@ def _events(n: int, streams: int, seed: int) -> list[NewEvent]:
     for i in range(n):
         data = {"r": [{"n": "t", "v": i * 0.5, "u": "°C"}], "i": i, "s": "é✓🌡" * (i % 4)}
         kind = "alert.raised" if i % 11 == 0 else "readings"
-        out.append(NewEvent(f"device:d{rnd.randrange(streams)}", kind, data))
+        out.append(NewEvent(f"{prefix}{rnd.randrange(streams)}", kind, data))
     return out
 
 
@@ -166,10 +166,10 @@ async def test_batches_cut_by_sqlite_are_byte_for_byte_those_of_the_per_event_pa
     tmp_path: Path, fmt: str, sep: bytes
 ) -> None:
     size, limit = 7, 45  # chunk edges fall inside version buckets
-    events = _events(400, 9, seed=3)
+    events = _events(400, 9, seed=3, prefix="device:ü€-")
     bad_at = 200  # JSON: an event with no JSON form (bytes): its chunk goes the per-event way
     if fmt == "json":
-        events.insert(bad_at, NewEvent("device:d1", "readings", {"raw": b"\x00\xff"}))
+        events.insert(bad_at, NewEvent("device:ü€-1", "readings", {"raw": b"\x00\xff"}))
     async with (
         _store(tmp_path / "codec.db", Encoder(fmt, "gw"), _FixedClock()) as coded,
         _store(tmp_path / "plain.db", None, _FixedClock()) as plain,
@@ -191,7 +191,7 @@ async def test_batches_cut_by_sqlite_are_byte_for_byte_those_of_the_per_event_pa
         want_dead = []
         if fmt == "json":
             (dead,) = fast_dead
-            assert dead[:2] == (bad_seq, "device:d1")
+            assert dead[:2] == (bad_seq, "device:ü€-1")
             assert dead[2].startswith("not representable as json")
             want_dead = [dead]
         assert fast_dead == slow_dead == bare_dead == want_dead
@@ -243,9 +243,12 @@ async def _fenced(sub: Subscriber, port: int) -> None:
     await until(lambda: marker.encode().hex() in sub.out.read_text(), "the fence marker")
 
 
-async def _batches(store: EventStore, sub: Subscriber, fmt: str) -> list[list[tuple[Any, ...]]]:
+async def _batches(
+    store: EventStore, sub: Subscriber, fmt: str, known: dict[int, tuple[Any, ...]] | None = None
+) -> list[list[tuple[Any, ...]]]:
     """Every event batch the subscriber got, checked byte for byte against `Encoder.many`
-    of its rows (and its topic against its stream); returns the rows of each batch."""
+    of its rows (and its topic against its stream); returns the rows of each batch.
+    `known`: the rows as read before the log was pruned."""
     enc = Encoder(fmt, "gw")
     sep = b"," if fmt == "json" else b""
     out = []
@@ -255,12 +258,26 @@ async def _batches(store: EventStore, sub: Subscriber, fmt: str) -> list[list[tu
         if fmt == "json":
             assert payload[:1] == b"[" and isinstance(json.loads(payload), list), payload[:40]
         seqs = [e["seq"] for e in decode_batch(payload)]
-        rows = await store.read(functools.partial(_rows, seqs=seqs))
+        if known is None:
+            rows = await store.read(functools.partial(_rows, seqs=seqs))
+        else:
+            rows = [known[s] for s in seqs if s in known]
         assert [r[0] for r in rows] == seqs, topic  # in seq order, every one in the log
         assert payload == joined_payload(fmt, len(rows), sep.join(enc.many(rows))), topic
         assert {r[1] for r in rows} == {topic.split("/")[3]}, topic
         out.append(rows)
     return out
+
+
+def _buckets(batches: list[list[tuple[Any, ...]]], size: int) -> set[tuple[str, int]]:
+    """(stream, version bucket) of each batch: each batch is one bucket, and no bucket went
+    out in two pieces (pieces cut at a chunk edge are merged before sending)."""
+    buckets = []
+    for rows in batches:
+        (bucket,) = {(r[1], (r[2] - 1) // size) for r in rows}
+        buckets.append(bucket)
+    assert len(buckets) == len(set(buckets)), "a bucket went out in pieces"
+    return set(buckets)
 
 
 def _once_in_order(sub: Subscriber, want: set[int]) -> None:
@@ -315,13 +332,7 @@ async def test_pre_encoded_outbox_end_to_end_each_bucket_once_then_pruned(
             assert await _count(store, "SELECT count(*) FROM outbox_acked") == 0
             batches = await _batches(store, sub, "cbor")
         _once_in_order(sub, set(range(1, n + 1)))
-        # Every batch is one stream's version bucket, and no bucket went out in two pieces
-        # (those cut at a chunk edge were merged before sending).
-        buckets = []
-        for rows in batches:
-            (bucket,) = {(r[1], (r[2] - 1) // size) for r in rows}
-            buckets.append(bucket)
-        assert len(buckets) == len(set(buckets)) == len(where)
+        assert _buckets(batches, size) == set(where)
     finally:
         sub.stop()
 
@@ -350,7 +361,8 @@ async def test_rows_written_without_a_body_are_delivered_with_the_rest(
                 await _drained(store, 1150)
                 assert relay.delivered == 1150
                 await _fenced(sub, mosquitto.port)
-            await _batches(store, sub, "cbor")
+            # Also where a per-event batch and one cut by SQLite meet at the chunk edge.
+            _buckets(await _batches(store, sub, "cbor"), 7)
         _once_in_order(sub, set(range(1, 1151)))
     finally:
         sub.stop()
@@ -427,6 +439,40 @@ async def test_ranges_acked_by_a_previous_session_are_not_sent_again(
 
 
 @pytest.mark.peer("mosquitto")
+@pytest.mark.parametrize("codec", [True, False], ids=["bodies", "no-bodies"])
+@pytest.mark.xfail(
+    strict=True,
+    reason="relay bug: rows skipped at the tail of the outbox (acked by a previous session) "
+    "keep the watermark below them until a newer event is read (_read_chunk's `last`)",
+)
+@aio
+async def test_ranges_acked_at_the_tail_of_the_outbox_still_move_the_watermark_to_the_end(
+    mosquitto: Mosquitto, tmp_path: Path, codec: bool
+) -> None:
+    sub = Subscriber(mosquitto.port, tmp_path)
+    try:
+        async with _store(tmp_path / "gw.db", Encoder("cbor", "gw") if codec else None) as store:
+            streams = ["device:a", "device:b", "device:c"]
+            await _append(store, [NewEvent(streams[i % 3], "readings", {"i": i})
+                                  for i in range(90)])  # fmt: skip
+            # The previous session had c's last batches acked (the newest rows of the
+            # outbox), not yet the older batches of a and b.
+            await store.write(
+                lambda c: c.execute("INSERT INTO outbox_acked VALUES ('device:c', 60, 90)")
+            )
+            want = set(range(1, 91)) - set(range(60, 91, 3))
+            async with running_relay(store, mqtt_config(mosquitto.port, batch_size=7)) as relay:
+                await until(lambda: relay.delivered == len(want), "the rest delivered")
+                await _fenced(sub, mosquitto.port)
+            # Stopping the relay records every ack it had: all 90 rows are delivered.
+            _once_in_order(sub, want)
+            st = await store.read(queries.stats)
+            assert (await _watermark(store), st["outbox_depth"]) == (90, 0)
+    finally:
+        sub.stop()
+
+
+@pytest.mark.peer("mosquitto")
 @aio
 async def test_a_requeued_dead_letter_below_the_watermark_is_delivered_and_never_pruned(
     mosquitto: Mosquitto, tmp_path: Path
@@ -462,6 +508,12 @@ async def test_a_requeued_dead_letter_below_the_watermark_is_delivered_and_never
                 assert await store.write(lambda c: queries.prune_delivered(c, 10)) == 0
                 assert await store.prune_outbox() == 0
                 assert await _outbox_rows(store) == 1
+                # Nor does retention: the delivered events go, the requeued one stays.
+                every = await store.read(functools.partial(_rows, seqs=list(range(1, 31))))
+                known = {r[0]: r for r in every}
+                assert await store.prune(older_than=0) == 29
+                left = await store.read(lambda c: c.execute("SELECT seq FROM events").fetchall())
+                assert left == [(5,)]
 
                 relay.requeued([5])
                 await until(lambda: _pruned(store), "the requeued row deleted on its PUBACK")
@@ -469,7 +521,7 @@ async def test_a_requeued_dead_letter_below_the_watermark_is_delivered_and_never
                 assert await _watermark(store) == 30
                 await _fenced(sub, mosquitto.port)
             assert await _count(store, "SELECT count(*) FROM dead_letters") == 0
-            batches = await _batches(store, sub, "cbor")
+            batches = await _batches(store, sub, "cbor", known)
         assert [r[0] for r in batches[-1]] == [5]
         keys = [e["key"] for e in sub.events()]
         assert sorted(keys) == sorted(f"gw:{s}" for s in range(1, 31))
