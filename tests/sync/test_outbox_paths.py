@@ -119,7 +119,7 @@ def _decode(fmt: str, sep: bytes, blob: bytes) -> list[dict[str, Any]]:
     return items
 
 
-# -- 1. SQLite's batches = the per-event path's batches ---------------------------------------
+# -- SQLite's batches = the per-event path's batches ------------------------------------------
 def _read_all(
     c: sqlite3.Connection, limit: int, size: int, sep: bytes, fmt: str, grouped: bool
 ) -> tuple[list[list[_Batch]], list[tuple[int, str, str]]]:
@@ -231,8 +231,11 @@ async def test_batches_cut_by_sqlite_are_byte_for_byte_those_of_the_per_event_pa
                 assert all(e["stream"] == stream for e in got1 + got2)
 
 
-# -- 2, 3, 4, 6: against a real Mosquitto -----------------------------------------------------
+# -- delivery, against a real Mosquitto (and to files) ---------------------------------------
 async def _fenced(sub: Subscriber, port: int) -> None:
+    """Mosquitto forwards messages to a subscriber in the order it took them: once a
+    marker published after the relay's last PUBACK has reached the subscriber, so has
+    every batch (rather than waiting for a count that an extra message would meet too)."""
     marker = f"fence-{time.monotonic_ns()}"
     await asyncio.to_thread(
         subprocess.run,
@@ -634,7 +637,7 @@ async def test_the_file_sink_writes_the_bodies_encoded_at_append_time(
     check_order(events)
 
 
-# -- 5. scheduling: reads, merges, watermark and prunes -----------------------------------
+# -- scheduling: chained reads, watermark records and prunes ---------------------------------
 class _InstantChannel:
     """Acks every batch at once. A fake on purpose: these tests are about the relay's own
     scheduling (chained reads, watermark records racing prunes), where a real broker would
