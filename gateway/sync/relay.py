@@ -114,7 +114,7 @@ def _decode_items(blob: bytes, sep: bytes) -> tuple[list[int], list[int]]:
     seqs: list[int] = []
     lens: list[int] = []
     at = 0
-    if blob[:1] == b"{":  # JSON events
+    if sep:  # JSON events, joined by "," (MQTT) or a newline (ndjson files)
         decoder = json.JSONDecoder()
         text = blob.decode()
         while at < len(text):
@@ -240,6 +240,26 @@ def _read_chunk(
 ) -> tuple[list[_Batch], list[tuple[int, str, str]], int, int]:  # fmt: skip
     """Reader thread: the next chunk of the outbox as batches; returns (batches, dead rows,
     rows read, last seq read). `skip`: leave out rows in `outbox_acked` ranges."""
+    if skip:
+        # Rows left out are passed over too: a short read has seen everything up to the
+        # newest row at its start (bounded by it, so a row committed since is not missed).
+        upto = min(
+            upto,
+            conn.execute(
+                "SELECT coalesce(max(seq), 0) FROM outbox WHERE seq <= ?", (upto,)
+            ).fetchone()[0],
+        )
+        batches, dead, n, last = _read(
+            conn, after, upto, limit, size, sep, encode, grouped, by_type, True
+        )
+        return batches, dead, n, (max(last, upto) if n < limit else last)
+    return _read(conn, after, upto, limit, size, sep, encode, grouped, by_type, False)
+
+
+def _read(
+    conn: sqlite3.Connection, after: int, upto: int, limit: int, size: int, sep: bytes,
+    encode: Encoder, grouped: bool, by_type: bool, skip: bool,
+) -> tuple[list[_Batch], list[tuple[int, str, str]], int, int]:  # fmt: skip
     if grouped:
         args = {"sep": sep, "size": size, "after": after, "upto": upto, "limit": limit}
         conn.text_factory = bytes
@@ -723,7 +743,13 @@ class Relay:
         wait: float | None = None
         for lane in lanes:
             used = sum(1 for i in inflight.values() if i.lane is lane)
-            for stream in list(lane.splits.keys() | lane.pending.keys()):
+            # Oldest first: fair between streams, and the watermark follows closely.
+            heads = [(sp[0].first, s) for s, sp in lane.splits.items() if sp]
+            heads += [
+                (q[0].first, s) for s, q in lane.pending.items() if q and s not in lane.splits
+            ]
+            heads.sort()
+            for _first, stream in heads:
                 if len(inflight) >= cfg.inflight:
                     return wait
                 if lane.max_slots is not None and used >= lane.max_slots:

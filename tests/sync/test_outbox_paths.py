@@ -503,11 +503,6 @@ async def test_ranges_acked_by_a_previous_session_are_not_sent_again(
 
 @pytest.mark.peer("mosquitto")
 @pytest.mark.parametrize("codec", [True, False], ids=["bodies", "no-bodies"])
-@pytest.mark.xfail(
-    strict=True,
-    reason="relay bug: rows skipped at the tail of the outbox (acked by a previous session) "
-    "keep the watermark below them until a newer event is read (_read_chunk's `last`)",
-)
 @aio
 async def test_ranges_acked_at_the_tail_of_the_outbox_still_move_the_watermark_to_the_end(
     mosquitto: Mosquitto, tmp_path: Path, codec: bool
