@@ -16,6 +16,7 @@ from gateway.sync.link import MqttLink, Sink
 from gateway.sync.relay import Relay, dead_letter_rows, requeue_rows
 
 STATS_EVERY = 5.0  # seconds between backlog measurements (count/sum over the outbox)
+STATS_SHARE = 0.02  # at most this share of the time goes to them (a deep backlog is a scan)
 
 
 class SyncService(Service):
@@ -80,10 +81,13 @@ class SyncService(Service):
         }
 
     async def _stats_loop(self) -> None:
+        took = 0.0
         while True:
-            await asyncio.sleep(STATS_EVERY)
+            await asyncio.sleep(max(STATS_EVERY, took / STATS_SHARE))
+            start = time.monotonic()
             with contextlib.suppress(Exception):
                 await self._measure()
+            took = time.monotonic() - start
 
     def figures(self) -> dict[str, Any]:
         out = dict(self._stats)
