@@ -225,6 +225,7 @@ def breakdown(db: Path, n: int, chunk: int) -> str:
     from gateway.sync.relay import NO_UPPER, _read_chunk
 
     conn = sqlite3.connect(db)
+    conn.execute("PRAGMA temp_store=MEMORY")  # as the store's reader connection
     enc = Encoder("cbor", "gw")
     out = []
     try:

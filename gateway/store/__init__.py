@@ -118,6 +118,9 @@ def _connect(path: Path, synchronous: str, readonly: bool = False) -> sqlite3.Co
         conn = sqlite3.connect(
             f"file:{path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False
         )
+        # Sorts (the relay cuts the outbox into batches with GROUP BY) in memory, not in a
+        # temporary file created and removed for every query: ~20% of the relay's reads.
+        conn.execute("PRAGMA temp_store=MEMORY")
     else:
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA journal_mode=WAL")
