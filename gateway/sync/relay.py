@@ -243,17 +243,12 @@ def _read_chunk(
     if skip:
         # Rows left out are passed over too: a short read has seen everything up to the
         # newest row at its start (bounded by it, so a row committed since is not missed).
-        upto = min(
-            upto,
-            conn.execute(
-                "SELECT coalesce(max(seq), 0) FROM outbox WHERE seq <= ?", (upto,)
-            ).fetchone()[0],
-        )
-        batches, dead, n, last = _read(
-            conn, after, upto, limit, size, sep, encode, grouped, by_type, True
-        )
-        return batches, dead, n, (max(last, upto) if n < limit else last)
-    return _read(conn, after, upto, limit, size, sep, encode, grouped, by_type, False)
+        q = "SELECT coalesce(max(seq), 0) FROM outbox WHERE seq <= ?"
+        upto = min(upto, conn.execute(q, (upto,)).fetchone()[0])
+    batches, dead, n, last = _read(
+        conn, after, upto, limit, size, sep, encode, grouped, by_type, skip
+    )
+    return batches, dead, n, (max(last, upto) if skip and n < limit else last)
 
 
 def _read(
