@@ -13,11 +13,14 @@ import math
 import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import cbor2
 
 from gateway.errors import PayloadError
+
+if TYPE_CHECKING:
+    from gateway.sync.config import SyncConfig
 
 
 class Row(NamedTuple):
@@ -257,9 +260,9 @@ class Encoder:
             return out
 
 
-def outbox_encoder(cfg: Any, gateway: str) -> Encoder:
-    """The store's outbox codec for a `[sync]` section (a SyncConfig): events encoded as
-    the configured sink takes them."""
+def outbox_encoder(cfg: SyncConfig, gateway: str) -> Encoder:
+    """The store's outbox codec for a `[sync]` section: events encoded as the configured
+    sink takes them."""
     fmt = cfg.file.format if cfg.file is not None else cfg.format
     return Encoder(item_format(fmt), gateway)
 

@@ -262,6 +262,7 @@ def _read(
             meta, joined, n, hi = conn.execute(_QUERIES[True, skip], args).fetchone()
         finally:
             conn.text_factory = str
+        joined = joined or b""  # (NULL for an empty chunk)
         groups = json.loads(meta)
         # Rows without a body in the chunk (rare): the whole chunk goes the per-event way.
         if all(g[5] == g[2] for g in groups):
@@ -271,7 +272,7 @@ def _read(
                 out.append(_Batch(stream, (b, None), "", count, first, last, None, None,
                                   joined[at : at + nbytes], sep))  # fmt: skip
                 at += nbytes
-            if at != len(joined or b""):
+            if at != len(joined):
                 raise StoreError(f"outbox after {after}: batches of {at} bytes, {len(joined)} read")
             return out, [], n, after if hi is None else hi
     raw = conn.execute(_QUERIES[False, skip], (after, upto, limit)).fetchall()
