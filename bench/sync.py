@@ -231,12 +231,12 @@ def breakdown(db: Path, n: int, chunk: int) -> str:
     try:
         for grouped in (True, False):
             t0 = time.perf_counter()
-            after = 0
+            after, names = 0, {}
             while True:
-                _b, _d, got, after = _read_chunk(
-                    conn, after, NO_UPPER, chunk, 100, b"", enc, grouped, False, False
+                _b, _d, _n, after, short = _read_chunk(
+                    conn, after, NO_UPPER, chunk, 100, b"", enc, grouped, False, False, names
                 )
-                if got < chunk:
+                if short:
                     break
             out.append((time.perf_counter() - t0) * 1e6 / max(n, 1))
     finally:

@@ -205,6 +205,9 @@ class EventStore:
         self._listeners: list[Listener] = []
         # Writer-thread state (touched only in the writer thread, or before it starts).
         self._versions: dict[str, int] = {}
+        # Stream -> id in `outbox_streams` (committed ones only), for outbox rows with a body.
+        self._sids: dict[str, int] = {}
+        self._unknown_sids = False
         # Versions committed but not yet in the `streams` table (written behind).
         self._dirty: dict[str, int] = {}
         self._streams_seq = 0
@@ -658,13 +661,16 @@ class EventStore:
         if not rows:
             return out, []
         boxed = self._outbox_rows(rows, outbox) if outbox else None
+        fresh: dict[str, int] = {}
         conn.execute("BEGIN IMMEDIATE")
         try:
             conn.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
             if boxed:
+                if self._unknown_sids:
+                    boxed = self._resolve_sids(conn, boxed, fresh)
                 conn.executemany(
-                    "INSERT INTO outbox (seq, stream, attempts, version, body) "
-                    "VALUES (?, ?, 0, ?, ?)",
+                    "INSERT INTO outbox (seq, stream, attempts, version, body, sid) "
+                    "VALUES (?, ?, 0, ?, ?, ?)",
                     boxed,
                 )
             if victims or self._flush_due(versions, seq):
@@ -688,6 +694,10 @@ class EventStore:
                 len(victims), victims[-1][0],
             )  # fmt: skip
         self._last_seq = seq
+        if fresh:
+            if len(self._sids) > 50_000:
+                self._sids.clear()
+            self._sids.update(fresh)
         self._versions.update(versions)
         self._dirty.update(versions)
         self._flushed()
@@ -697,17 +707,49 @@ class EventStore:
         return out, committed
 
     def _outbox_rows(self, rows: list[tuple[Any, ...]], which: list[int]) -> list[tuple[Any, ...]]:
-        """(seq, stream, version, body) for the events that go to the outbox."""
+        """(seq, stream, version, body, sid) for the events that go to the outbox. A row
+        with a body gets its stream's id (schema v3); ids not known yet are left None and
+        `_unknown_sids` is set: `_resolve_sids` finds them inside the transaction."""
+        self._unknown_sids = False
         picked = rows if len(which) == len(rows) else [rows[i] for i in which]
         codec = self.outbox_codec
         if codec is None:
-            return [(r[0], r[1], r[2], None) for r in picked]
+            return [(r[0], r[1], r[2], None, None) for r in picked]
         try:
             bodies = codec.bodies(picked)
         except Exception:  # a codec bug must not cost the append: the relay encodes later
             log.exception("outbox codec failed; these events are encoded when sent")
-            bodies = [None] * len(picked)
-        return [(r[0], r[1], r[2], b) for r, b in zip(picked, bodies, strict=True)]
+            return [(r[0], r[1], r[2], None, None) for r in picked]
+        sids = self._sids
+        out = [(r[0], r[1], r[2], b, sids.get(r[1])) for r, b in zip(picked, bodies, strict=True)]
+        self._unknown_sids = any(r[4] is None and r[3] is not None for r in out)
+        return out
+
+    def _resolve_sids(
+        self, conn: sqlite3.Connection, boxed: list[tuple[Any, ...]], fresh: dict[str, int]
+    ) -> list[tuple[Any, ...]]:
+        """Inside the append's transaction: the ids of streams not in the cache, read from
+        `outbox_streams` or given there now (so an id is never used before it is durable).
+        `fresh` receives them; the cache takes them once the transaction commits."""
+        out = []
+        for r in boxed:
+            if r[4] is not None or r[3] is None:
+                out.append(r)
+                continue
+            stream = r[1]
+            sid = fresh.get(stream)
+            if sid is None:
+                row = conn.execute(
+                    "SELECT sid FROM outbox_streams WHERE stream = ?", (stream,)
+                ).fetchone()
+                if row is None:
+                    cur = conn.execute("INSERT INTO outbox_streams (stream) VALUES (?)", (stream,))
+                    sid = int(cur.lastrowid or 0)
+                else:
+                    sid = int(row[0])
+                fresh[stream] = sid
+            out.append((r[0], stream, r[2], r[3], sid))
+        return out
 
     def _maybe_snapshot(self, conn: sqlite3.Connection, versions: dict[str, int], seq: int) -> None:
         """Snapshot a stream every `snapshot_every` events (counted since the last one)."""

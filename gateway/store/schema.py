@@ -95,6 +95,22 @@ CORE: list[str] = [
     -- Requeued dead letters, found without a scan of the outbox (normally empty).
     CREATE INDEX outbox_requeued ON outbox (seq) WHERE attempts < 0;
     """,
+    # v3: every outbox row with a body also carries its stream's integer id (`sid`, from
+    # `outbox_streams`, assigned in the transaction that first needs it): the relay groups
+    # a chunk of the outbox by (sid, version bucket), and SQLite sorts integers much faster
+    # than stream names (a fifth of the relay's reads). Invariant: body NOT NULL => sid NOT
+    # NULL.
+    """
+    CREATE TABLE outbox_streams (
+        sid    INTEGER PRIMARY KEY,
+        stream TEXT NOT NULL UNIQUE
+    );
+    ALTER TABLE outbox ADD COLUMN sid INTEGER;
+    INSERT INTO outbox_streams (stream)
+        SELECT DISTINCT stream FROM outbox WHERE body IS NOT NULL ORDER BY stream;
+    UPDATE outbox SET sid = (SELECT s.sid FROM outbox_streams s WHERE s.stream = outbox.stream)
+        WHERE body IS NOT NULL;
+    """,
 ]
 
 _REGISTRY: dict[str, list[str]] = {"core": CORE}

@@ -65,26 +65,30 @@ _SELECT = (
     "e.boot_id, e.synced, e.data FROM outbox o LEFT JOIN events e ON e.seq = o.seq "
 )
 
-# A chunk of the outbox (the next `limit` rows after `after`) cut into batches by SQLite:
-# per stream, events whose versions fall in the same `size`-wide bucket, bodies joined by
-# the sink's separator. Rows without a body come back as groups with count(body) < count(*).
+# A chunk of the outbox (rows with seq in (after, end]) cut into batches by SQLite: per
+# stream, events whose versions fall in the same `size`-wide bucket, bodies joined by the
+# sink's separator. Streams are grouped by their integer id (`sid`, schema v3): SQLite sorts
+# integers much faster than names. Rows without a body come back as groups with count(body)
+# < count(*) (a NULL sid as a group of its own); the chunk then goes the per-event way.
 # SQLite's sorter keeps rows with equal keys in their input (seq) order: each group lists
-# its seqs and bodies oldest first (checked against min/max seq as it is read).
+# its bodies oldest first (the tests compare every byte with the per-event path).
 # The whole chunk comes back as ONE row (the groups described in a JSON array, their
 # bodies end to end in one blob): every row a query returns costs a hand-over of the GIL
 # between the reader thread and the event loop, which cost more than the query itself.
+# The chunk is a seq range, not a LIMIT: a subquery with a LIMIT would be run as a
+# co-routine that copies every body once more. The same statement reads the newest seq,
+# so "nothing more to read" is judged on the snapshot the rows came from.
 # (The joined bodies travel as TEXT, read with text_factory=bytes: a CAST to BLOB would
 # copy them twice more. Their sizes are summed from the BLOB lengths: length() of TEXT
 # counts characters.)
 _GROUPED = (
-    "SELECT json_group_array(json_array(stream, b, n, lo, hi, nb, size)), "
-    "group_concat(blob, ''), coalesce(sum(n), 0), max(hi) FROM ("
-    "SELECT stream, b, count(*) AS n, min(seq) AS lo, max(seq) AS hi, "
-    "group_concat(body, :sep) AS blob, count(body) AS nb, "
+    "SELECT json_group_array(json_array(sid, b, n, lo, hi, nb, size)), "
+    "group_concat(blob, ''), coalesce(sum(n), 0), (SELECT coalesce(max(seq), 0) FROM outbox) "
+    "FROM (SELECT sid, (version - 1) / :size AS b, count(*) AS n, min(seq) AS lo, "
+    "max(seq) AS hi, group_concat(body, :sep) AS blob, count(body) AS nb, "
     "coalesce(sum(length(body)) + (count(body) - 1) * length(:sep), 0) AS size "
-    "FROM (SELECT seq, stream, (version - 1) / :size AS b, body FROM outbox o "
-    "WHERE seq > :after AND seq <= :upto AND attempts >= 0 {skip} ORDER BY seq LIMIT :limit) "
-    "GROUP BY stream, b)"
+    "FROM outbox o WHERE seq > :after AND seq <= :end AND attempts >= 0 {skip} "
+    "GROUP BY sid, b)"
 )
 # After a restart: rows of batches acked above the watermark by the previous session.
 _SKIP_ACKED = (
@@ -93,7 +97,7 @@ _SKIP_ACKED = (
 )
 _QUERIES = {
     (grouped, skip): (_GROUPED if grouped else _SELECT + (
-        "WHERE o.seq > ? AND o.seq <= ? AND o.attempts >= 0 {skip} ORDER BY o.seq LIMIT ?"
+        "WHERE o.seq > ? AND o.seq <= ? AND o.attempts >= 0 {skip} ORDER BY o.seq"
     )).format(skip=_SKIP_ACKED if skip else "")
     for grouped in (False, True) for skip in (False, True)
 }  # fmt: skip
@@ -236,56 +240,65 @@ def _pieces(
 
 def _read_chunk(
     conn: sqlite3.Connection, after: int, upto: int, limit: int, size: int, sep: bytes,
-    encode: Encoder, grouped: bool, by_type: bool, skip: bool,
-) -> tuple[list[_Batch], list[tuple[int, str, str]], int, int]:  # fmt: skip
-    """Reader thread: the next chunk of the outbox as batches; returns (batches, dead rows,
-    rows read, last seq read). `skip`: leave out rows in `outbox_acked` ranges."""
-    if skip:
-        # Rows left out are passed over too: a short read has seen everything up to the
-        # newest row at its start (bounded by it, so a row committed since is not missed).
-        q = "SELECT coalesce(max(seq), 0) FROM outbox WHERE seq <= ?"
-        upto = min(upto, conn.execute(q, (upto,)).fetchone()[0])
-    batches, dead, n, last = _read(
-        conn, after, upto, limit, size, sep, encode, grouped, by_type, skip
-    )
-    return batches, dead, n, (max(last, upto) if skip and n < limit else last)
-
-
-def _read(
-    conn: sqlite3.Connection, after: int, upto: int, limit: int, size: int, sep: bytes,
-    encode: Encoder, grouped: bool, by_type: bool, skip: bool,
-) -> tuple[list[_Batch], list[tuple[int, str, str]], int, int]:  # fmt: skip
+    encode: Encoder, grouped: bool, by_type: bool, skip: bool, names: dict[int, str],
+) -> tuple[list[_Batch], list[tuple[int, str, str]], int, int, bool]:  # fmt: skip
+    """Reader thread: the outbox rows with seq in (after, min(upto, after + limit)] as
+    batches. Returns (batches, dead rows, rows read, the seq read up to, whether that was
+    everything: nothing newer was committed when the rows were read). `skip`: leave out rows
+    in `outbox_acked` ranges. `names`: stream ids -> names, filled as ids are met."""
+    end = min(upto, after + limit)
     if grouped:
-        args = {"sep": sep, "size": size, "after": after, "upto": upto, "limit": limit}
+        args = {"sep": sep, "size": size, "after": after, "end": end}
         conn.text_factory = bytes
         try:
-            meta, joined, n, hi = conn.execute(_QUERIES[True, skip], args).fetchone()
+            meta, joined, n, top = conn.execute(_QUERIES[True, skip], args).fetchone()
         finally:
             conn.text_factory = str
-        joined = joined or b""  # (NULL for an empty chunk)
+        last = min(end, max(top, after))
         groups = json.loads(meta)
         # Rows without a body in the chunk (rare): the whole chunk goes the per-event way.
-        if all(g[5] == g[2] for g in groups):
+        if all(g[5] == g[2] and g[0] is not None for g in groups):
+            if len(names) > 50_000:
+                names.clear()
+            missing = [g[0] for g in groups if g[0] not in names]
+            if missing:
+                _stream_names(conn, missing, names)
+            joined = joined or b""  # (NULL for an empty chunk)
             out: list[_Batch] = []
             at = 0
-            for stream, b, count, first, last, _nb, nbytes in groups:
-                out.append(_Batch(stream, (b, None), "", count, first, last, None, None,
+            for sid, b, count, first, last_seq, _nb, nbytes in groups:
+                out.append(_Batch(names[sid], (b, None), "", count, first, last_seq, None, None,
                                   joined[at : at + nbytes], sep))  # fmt: skip
                 at += nbytes
             if at != len(joined):
                 raise StoreError(f"outbox after {after}: batches of {at} bytes, {len(joined)} read")
-            return out, [], n, after if hi is None else hi
-    raw = conn.execute(_QUERIES[False, skip], (after, upto, limit)).fetchall()
-    batches, missing = _pieces(raw, encode, size, sep, by_type)
-    return batches, missing, len(raw), raw[-1][0] if raw else after
+            return out, [], n, last, last >= min(top, upto)
+        end = last
+    else:
+        top = conn.execute("SELECT coalesce(max(seq), 0) FROM outbox").fetchone()[0]
+        end = min(end, max(top, after))
+    raw = conn.execute(_QUERIES[False, skip], (after, end)).fetchall()
+    batches, missing_rows = _pieces(raw, encode, size, sep, by_type)
+    return batches, missing_rows, len(raw), end, end >= min(top, upto)
+
+
+def _stream_names(conn: sqlite3.Connection, sids: list[int], names: dict[int, str]) -> None:
+    marks = ",".join("?" * len(sids))
+    q = f"SELECT sid, stream FROM outbox_streams WHERE sid IN ({marks})"
+    names.update(conn.execute(q, sids).fetchall())
+    lost = [s for s in sids if s not in names]
+    if lost:
+        raise StoreError(f"outbox rows name stream ids {lost[:5]} missing from outbox_streams")
 
 
 def read_ahead(cfg: SyncConfig) -> tuple[int, int]:
     """(rows read ahead per lane, rows per read). The read-ahead holds full batches of many
     streams at once; reads come in chunks, one after the other while it has room, so the
-    reader thread keeps working while batches are on the wire."""
+    reader thread keeps working while batches are on the wire. A quarter of the read-ahead
+    per read: with fewer, larger reads a batch is cut in fewer pieces (bench/sync.py: an
+    eighth was ~10% slower, a larger read-ahead did not help)."""
     prefetch = min(50_000, max(2000, cfg.batch_size * max(cfg.inflight, 8) * 8))
-    return prefetch, max(500, prefetch // 8)
+    return prefetch, max(500, prefetch // 4)
 
 
 class _TokenBucket:
@@ -402,6 +415,7 @@ class Relay:
         self._encode = Encoder(cfg.format, gateway_id)
         self._grouped = False  # batches cut by SQLite from stored bodies (see module doc)
         self._sep = b""
+        self._names: dict[int, str] = {}  # stream ids (see _read_chunk): reader thread only
         # Figures.
         self.state = "starting"
         self.channel: Channel | None = None
@@ -679,6 +693,7 @@ class Relay:
             self._take_in(lane, pieces, dead)
             return
         loop = asyncio.get_running_loop()
+        names = self._names
         start = lane.after
         upto = NO_UPPER if lane.upto is None else lane.upto
         budget = max(limit, self._prefetch - lane.npending)
@@ -688,15 +703,13 @@ class Relay:
             while got < budget and not lane.dropped:
                 commits = self._commits  # (an int read: no lock needed)
                 skip = after < lane.skip_upto
-                pieces, dead, n, last = _read_chunk(
-                    c, after, upto, limit, size, sep, enc, grouped, by_type, skip
+                pieces, dead, n, last, short = _read_chunk(
+                    c, after, upto, limit, size, sep, enc, grouped, by_type, skip, names
                 )
-                loop.call_soon_threadsafe(
-                    self._delivered, lane, pieces, dead, n < limit, last, commits
-                )
+                loop.call_soon_threadsafe(self._delivered, lane, pieces, dead, short, last, commits)
                 got += n
                 after = last
-                if n < limit:
+                if short:
                     return
 
         try:

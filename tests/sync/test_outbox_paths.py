@@ -23,6 +23,7 @@ import cbor2
 import pytest
 
 from gateway.clock import SystemClock
+from gateway.errors import StoreError
 from gateway.events import NewEvent
 from gateway.store import EventStore, OutboxCodec, queries
 from gateway.sync.codec import Encoder, decode_batch, item_format, joined_payload, outbox_encoder
@@ -128,14 +129,15 @@ def _read_all(
     chunks: list[list[_Batch]] = []
     dead: list[tuple[int, str, str]] = []
     after = 0
+    names: dict[int, str] = {}
     while True:
-        batches, gone, n, last = _read_chunk(
-            c, after, NO_UPPER, limit, size, sep, enc, grouped, False, False
+        batches, gone, _n, last, short = _read_chunk(
+            c, after, NO_UPPER, limit, size, sep, enc, grouped, False, False, names
         )
         chunks.append(batches)
         dead += gone
         after = last
-        if n < limit:
+        if short:
             return chunks, dead
 
 
@@ -767,3 +769,109 @@ async def test_acks_that_arrive_while_a_prune_runs_still_move_the_watermark(
             await _drained(store, 500)
             assert calls >= 2
             _sent_in_order(relay.sink, 500)
+
+
+# -- stream ids (schema v3) -------------------------------------------------------------------
+def _sids_consistent(c: sqlite3.Connection) -> list[tuple[Any, ...]]:
+    """Outbox rows with a body whose sid is missing or names another stream (want none)."""
+    rows: list[tuple[Any, ...]] = c.execute(
+        "SELECT o.seq, o.stream, o.sid, s.stream FROM outbox o "
+        "LEFT JOIN outbox_streams s ON s.sid = o.sid "
+        "WHERE o.body IS NOT NULL AND (s.stream IS NULL OR s.stream != o.stream)"
+    ).fetchall()
+    return rows
+
+
+class _Boom:
+    """A projection that fails on one event type: the append's transaction rolls back."""
+
+    tables: tuple[str, ...] = ()
+
+    def reset(self, conn: sqlite3.Connection) -> None:
+        pass
+
+    def apply(self, conn: sqlite3.Connection, events: Any) -> None:
+        if any(e.type == "boom" for e in events):
+            raise sqlite3.OperationalError("injected failure")
+
+    def snapshot(self, conn: sqlite3.Connection, stream: str) -> Any:
+        return None
+
+    def restore(self, conn: sqlite3.Connection, stream: str, state: Any) -> None:
+        pass
+
+
+@aio
+async def test_a_stream_id_given_in_a_rolled_back_append_is_not_reused_for_another_stream(
+    tmp_path: Path,
+) -> None:
+    # SQLite hands out the rolled-back id again: were it kept in the writer's cache, two
+    # streams would share an id and SQLite would join their events into one batch.
+    async with _store(tmp_path / "gw.db", Encoder("cbor", "gw")) as store:
+        store._projections.append(_Boom())
+        await store.append("device:a", "readings", {"i": 0})
+        with pytest.raises(StoreError, match="injected failure"):
+            await store.append("device:x", "boom", {"i": 1})
+        await store.append("device:y", "readings", {"i": 2})
+        await store.append("device:x", "readings", {"i": 3})
+        store._sids.clear()  # the cache is bounded: ids are read back from the table
+        await store.append_many([NewEvent("device:x", "readings", {"i": 4}),
+                                 NewEvent("device:z", "readings", {"i": 5})])  # fmt: skip
+
+        assert await store.read(_sids_consistent) == []
+        ids = dict(await store.read(lambda c: c.execute(
+            "SELECT stream, sid FROM outbox_streams").fetchall()))  # fmt: skip
+        assert sorted(ids) == ["device:a", "device:x", "device:y", "device:z"]
+        assert len(set(ids.values())) == 4
+        chunks, dead = await store.read(lambda c: _read_all(c, 100, 10, b"", "cbor", True))
+        per_stream, _ = _merged(chunks)
+        assert dead == []
+        assert {s: [(b.first, b.last, b.n) for b in q] for s, q in per_stream.items()} == {
+            "device:a": [(1, 1, 1)], "device:y": [(2, 2, 1)],
+            "device:x": [(3, 4, 2)], "device:z": [(5, 5, 1)],
+        }  # fmt: skip
+        assert all(b.seqs is None for chunk in chunks for b in chunk)  # SQLite cut them
+
+
+@aio
+async def test_a_v2_outbox_gets_stream_ids_at_open_and_drains_the_fast_way(tmp_path: Path) -> None:
+    size, limit = 7, 45
+    events = _events(300, 9, seed=11)
+    db = tmp_path / "gw.db"
+    async with _store(db, Encoder("cbor", "gw"), _FixedClock()) as store:
+        await _append(store, events)
+        want, _ = await store.read(lambda c: _read_all(c, limit, size, b"", "cbor", False))
+    # Back to schema v2: no ids, no id table.
+    conn = sqlite3.connect(db)
+    conn.executescript(
+        "ALTER TABLE outbox DROP COLUMN sid; DROP TABLE outbox_streams; "
+        "UPDATE schema_versions SET version = 2 WHERE component = 'core';"
+    )
+    conn.close()
+    async with _store(db, Encoder("cbor", "gw"), _FixedClock()) as store:
+        assert await _count(store, "SELECT count(*) FROM outbox WHERE sid IS NULL") == 0
+        assert await store.read(_sids_consistent) == []
+        fast, dead = await store.read(lambda c: _read_all(c, limit, size, b"", "cbor", True))
+        assert dead == []
+        assert all(b.seqs is None for chunk in fast for b in chunk)
+        assert _shape(_merged(fast)[0]) == _shape(_merged(want)[0])
+        # New appends to the old streams take their ids; a new stream gets a new one.
+        await store.append("device:d1", "readings", {"i": "later"})
+        await store.append("device:new", "readings", {"i": "later"})
+        assert await store.read(_sids_consistent) == []
+        assert await _count(store, "SELECT count(DISTINCT sid) FROM outbox") == 10
+
+
+@aio
+async def test_rows_without_a_stream_id_go_the_per_event_way(tmp_path: Path) -> None:
+    # The invariant (a body has a sid) broken by hand: a NULL sid must never become one
+    # batch of several streams.
+    events = _events(60, 4, seed=2)
+    async with _store(tmp_path / "gw.db", Encoder("cbor", "gw"), _FixedClock()) as store:
+        await _append(store, events)
+        want, _ = await store.read(lambda c: _read_all(c, 1000, 10, b"", "cbor", False))
+        await store.write(lambda c: c.execute("UPDATE outbox SET sid = NULL WHERE seq % 2 = 0"))
+        got, dead = await store.read(lambda c: _read_all(c, 1000, 10, b"", "cbor", True))
+        assert dead == []
+        assert all(b.seqs is not None for chunk in got for b in chunk)  # per-event path
+        assert _shape(_merged(got)[0]) == _shape(_merged(want)[0])
