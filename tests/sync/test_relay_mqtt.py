@@ -155,3 +155,54 @@ async def test_mqtt_311_and_failover_to_the_second_endpoint(
         assert check_order(sub.events())["device:a"] == list(range(1, 11))
     finally:
         sub.stop()
+
+
+@aio
+async def test_plain_pubacks_skip_pahos_decoding_and_refusals_keep_their_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The fast path for success PUBACKs (gateway.sync.link._fast_puback) must give the
+    # relay what paho's own path gives: the broker's reason code, for every packet id.
+    import logging
+
+    import paho.mqtt._packet as packet
+
+    from gateway.sync.link import MqttLink, _fast_puback
+
+    assert _fast_puback(object()) is False  # not the paho it was written for: not installed
+    decoded: list[int] = []
+    real = packet.decode_puback
+
+    def counting(*args: object) -> object:
+        decoded.append(1)
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(packet, "decode_puback", counting)
+    broker = Mosquitto()
+    acl = broker.file("acl", "topic deny gateways/gw/events/device:no\ntopic readwrite #\n")
+    broker.extra = f"acl_file {acl}\n"
+    broker.start()
+    sub: Subscriber | None = None
+    try:
+        link = MqttLink(mqtt_config(broker.port), "gw", logging.getLogger("test"))
+        ch = await link.connect()
+        try:
+            # Nobody subscribed: Mosquitto answers 0x10 "No matching subscribers" (success).
+            acks = [await ch.send("live", "device:a", "readings", 1, b"\xa0") for _ in range(5)]
+            assert [(a.ok, a.code) for a in acks] == [(True, 0x10)] * 5
+            sub = Subscriber(broker.port, tmp_path)
+            acks = [await ch.send("live", "device:a", "readings", 1, b"\xa0") for _ in range(5)]
+            assert [(a.ok, a.code) for a in acks] == [(True, 0x00)] * 5
+            assert decoded == []  # none of the ten took paho's decoding
+            refused = await ch.send("live", "device:no", "readings", 1, b"\xa0")
+            assert (refused.ok, refused.code) == (False, 0x87)
+            assert refused.reason == "Not authorized"
+            assert decoded == [1]  # paho's own path, with its reason string
+            after = await ch.send("live", "device:a", "readings", 1, b"\xa0")
+            assert after.ok
+        finally:
+            await ch.close()
+    finally:
+        if sub is not None:
+            sub.stop()
+        broker.remove()
