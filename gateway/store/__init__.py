@@ -302,7 +302,7 @@ class EventStore:
             return
         conn.execute("BEGIN IMMEDIATE")
         try:
-            conn.execute("UPDATE outbox SET body = NULL WHERE body IS NOT NULL")
+            conn.execute("UPDATE outbox SET body = NULL, sid = NULL WHERE body IS NOT NULL")
             conn.execute(
                 "INSERT INTO counters VALUES ('outbox_codec', ?) "
                 "ON CONFLICT(name) DO UPDATE SET value = excluded.value",
@@ -721,7 +721,10 @@ class EventStore:
             log.exception("outbox codec failed; these events are encoded when sent")
             return [(r[0], r[1], r[2], None, None) for r in picked]
         sids = self._sids
-        out = [(r[0], r[1], r[2], b, sids.get(r[1])) for r, b in zip(picked, bodies, strict=True)]
+        out = [
+            (r[0], r[1], r[2], b, None if b is None else sids.get(r[1]))
+            for r, b in zip(picked, bodies, strict=True)
+        ]
         self._unknown_sids = any(r[4] is None and r[3] is not None for r in out)
         return out
 

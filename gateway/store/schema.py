@@ -98,8 +98,8 @@ CORE: list[str] = [
     # v3: every outbox row with a body also carries its stream's integer id (`sid`, from
     # `outbox_streams`, assigned in the transaction that first needs it): the relay groups
     # a chunk of the outbox by (sid, version bucket), and SQLite sorts integers much faster
-    # than stream names (a fifth of the relay's reads). Invariant: body NOT NULL => sid NOT
-    # NULL.
+    # than stream names (a fifth of the relay's reads). Invariant: a row has a sid if and
+    # only if it has a body (the relay still checks both).
     """
     CREATE TABLE outbox_streams (
         sid    INTEGER PRIMARY KEY,

@@ -78,15 +78,14 @@ _SELECT = (
 # The chunk is a seq range, not a LIMIT: a subquery with a LIMIT would be run as a
 # co-routine that copies every body once more. The same statement reads the newest seq,
 # so "nothing more to read" is judged on the snapshot the rows came from.
-# (The joined bodies travel as TEXT, read with text_factory=bytes: a CAST to BLOB would
-# copy them twice more. Their sizes are summed from the BLOB lengths: length() of TEXT
-# counts characters.)
+# (The joined bodies travel as TEXT, read with text_factory=bytes: a CAST of the whole to
+# BLOB would copy them twice more. A group's size in bytes is the length of its blob as a
+# BLOB, once per group: length() of TEXT counts characters.)
 _GROUPED = (
-    "SELECT json_group_array(json_array(sid, b, n, lo, hi, nb, size)), "
+    "SELECT json_group_array(json_array(sid, b, n, lo, hi, nb, length(CAST(blob AS BLOB)))), "
     "group_concat(blob, ''), coalesce(sum(n), 0), (SELECT coalesce(max(seq), 0) FROM outbox) "
     "FROM (SELECT sid, (version - 1) / :size AS b, count(*) AS n, min(seq) AS lo, "
-    "max(seq) AS hi, group_concat(body, :sep) AS blob, count(body) AS nb, "
-    "coalesce(sum(length(body)) + (count(body) - 1) * length(:sep), 0) AS size "
+    "max(seq) AS hi, group_concat(body, :sep) AS blob, count(body) AS nb "
     "FROM outbox o WHERE seq > :after AND seq <= :end AND attempts >= 0 {skip} "
     "GROUP BY sid, b)"
 )

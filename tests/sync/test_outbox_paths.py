@@ -448,7 +448,9 @@ async def test_a_codec_change_drops_the_old_bodies_and_everything_goes_out_as_js
         # The site switches the MQTT format to JSON: gatewayd opens with a JSON codec.
         async with _store(path, Encoder("json", "gw")) as store:
             assert await _count(store, "SELECT count(*) FROM outbox WHERE body IS NULL") == 100
+            assert await _count(store, "SELECT count(*) FROM outbox WHERE sid IS NULL") == 100
             await _append(store, _events(600, 4, seed=10))  # more than one chunk of its own
+            assert await store.read(_sids_consistent) == []
             bodies = await store.read(
                 lambda c: c.execute("SELECT seq, body FROM outbox WHERE seq > 100").fetchall()
             )
