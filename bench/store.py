@@ -151,7 +151,7 @@ def bench_raw(
                 rows.append(
                     (seq, stream, versions[d], ev.READINGS, now, mono, boot, 1, cbor2.dumps(data))
                 )
-                outbox.append((seq, stream, versions[d]))
+                outbox.append((seq, stream, versions[d], d + 1 if codec else None))
                 for rec in data["r"]:
                     # The same row the store writes: value as stored, reading time, seq, seen.
                     value = (encode_value(rec["v"]), rec.get("u"), now, seq, now)
@@ -162,8 +162,9 @@ def bench_raw(
             bodies = codec.bodies(rows) if codec else [None] * len(rows)
             conn.execute("BEGIN IMMEDIATE")
             conn.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
-            conn.executemany(
-                "INSERT INTO outbox (seq, stream, attempts, version, body) VALUES (?, ?, 0, ?, ?)",
+            conn.executemany(  # (with --sync, the stream's id too, as the store writes it)
+                "INSERT INTO outbox (seq, stream, attempts, version, sid, body) "
+                "VALUES (?, ?, 0, ?, ?, ?)",
                 [(*o, b) for o, b in zip(outbox, bodies, strict=True)],
             )
             conn.executemany(
