@@ -191,8 +191,7 @@ def _fast_puback(paho: Any) -> bool:
     at most a success reason code (< 0x80) with no properties is handed to paho's own
     completion (`_do_on_publish`: the same bookkeeping and callbacks) with a shared
     ReasonCode; any other PUBACK (a refusal, properties) and every PUBCOMP take paho's own
-    path. Only
-    installed on the paho 2.x this was written against (private names checked): returns
+    path. Installed only on a paho that has the private names it uses (paho 2.x); returns
     whether it was."""
     if not all(
         hasattr(paho, name)
