@@ -56,6 +56,7 @@ from gateway.sync.link import TRANSIENT_CODES, Ack, Backoff, Channel, LinkDownEr
 if TYPE_CHECKING:
     from gateway.store import EventStore
 
+log = logging.getLogger("gateway.sync")
 PRUNE_EVERY = 5.0  # seconds between prunes of delivered rows while a drain keeps going
 NO_UPPER = 2**62
 
@@ -239,7 +240,7 @@ def _pieces(
 
 def _read_chunk(
     conn: sqlite3.Connection, after: int, upto: int, limit: int, size: int, sep: bytes,
-    encode: Encoder, grouped: bool, by_type: bool, skip: bool, names: dict[int, str],
+    encode: Encoder, grouped: bool, by_type: bool, skip: bool, names: dict[int, str | None],
 ) -> tuple[list[_Batch], list[tuple[int, str, str]], int, int, bool]:  # fmt: skip
     """Reader thread: the outbox rows with seq in (after, min(upto, after + limit)] as
     batches. Returns (batches, dead rows, rows read, the seq read up to, whether that was
@@ -255,18 +256,21 @@ def _read_chunk(
             conn.text_factory = str
         last = min(end, max(top, after))
         groups = json.loads(meta)
-        # Rows without a body in the chunk (rare): the whole chunk goes the per-event way.
-        if all(g[5] == g[2] and g[0] is not None for g in groups):
-            if len(names) > 50_000:
-                names.clear()
-            missing = [g[0] for g in groups if g[0] not in names]
-            if missing:
-                _stream_names(conn, missing, names)
+        # Rows without a body in the chunk (rare), or a stream id with no name (a damaged
+        # file): the whole chunk goes the per-event way.
+        streams = (
+            _stream_names(conn, [g[0] for g in groups], names)
+            if all(g[5] == g[2] and g[0] is not None for g in groups)
+            else None
+        )
+        if streams is not None:
             joined = joined or b""  # (NULL for an empty chunk)
             out: list[_Batch] = []
             at = 0
-            for sid, b, count, first, last_seq, _nb, nbytes in groups:
-                out.append(_Batch(names[sid], (b, None), "", count, first, last_seq, None, None,
+            for stream, (_sid, b, count, first, last_seq, _nb, nbytes) in zip(
+                streams, groups, strict=True
+            ):
+                out.append(_Batch(stream, (b, None), "", count, first, last_seq, None, None,
                                   joined[at : at + nbytes], sep))  # fmt: skip
                 at += nbytes
             if at != len(joined):
@@ -281,13 +285,32 @@ def _read_chunk(
     return batches, missing_rows, len(raw), end, end >= min(top, upto)
 
 
-def _stream_names(conn: sqlite3.Connection, sids: list[int], names: dict[int, str]) -> None:
-    marks = ",".join("?" * len(sids))
-    q = f"SELECT sid, stream FROM outbox_streams WHERE sid IN ({marks})"
-    names.update(conn.execute(q, sids).fetchall())
-    lost = [s for s in sids if s not in names]
-    if lost:
-        raise StoreError(f"outbox rows name stream ids {lost[:5]} missing from outbox_streams")
+def _stream_names(
+    conn: sqlite3.Connection, sids: list[int], names: dict[int, str | None]
+) -> list[str] | None:
+    """The streams of these ids, from `names`, which reads `outbox_streams` for ids met for
+    the first time. None if one is not there, which only a damaged file can do: such an id
+    is kept as None (said once in the log) and its chunks go the per-event way."""
+    missing = [s for s in sids if s not in names]
+    if missing:
+        if len(names) > 50_000:
+            names.clear()
+            missing = sids
+        marks = ",".join("?" * len(missing))
+        q = f"SELECT sid, stream FROM outbox_streams WHERE sid IN ({marks})"
+        names.update(conn.execute(q, missing).fetchall())
+        lost = [s for s in missing if s not in names]
+        if lost:
+            log.warning("outbox rows name stream ids %s missing from outbox_streams: their "
+                        "events are encoded one by one", lost[:5])  # fmt: skip
+            names.update(dict.fromkeys(lost))
+    out: list[str] = []
+    for s in sids:
+        name = names[s]
+        if name is None:
+            return None
+        out.append(name)
+    return out
 
 
 def read_ahead(cfg: SyncConfig) -> tuple[int, int]:
@@ -414,7 +437,7 @@ class Relay:
         self._encode = Encoder(cfg.format, gateway_id)
         self._grouped = False  # batches cut by SQLite from stored bodies (see module doc)
         self._sep = b""
-        self._names: dict[int, str] = {}  # stream ids (see _read_chunk): reader thread only
+        self._names: dict[int, str | None] = {}  # stream ids: reader thread only
         # Figures.
         self.state = "starting"
         self.channel: Channel | None = None

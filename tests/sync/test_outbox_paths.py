@@ -129,7 +129,7 @@ def _read_all(
     chunks: list[list[_Batch]] = []
     dead: list[tuple[int, str, str]] = []
     after = 0
-    names: dict[int, str] = {}
+    names: dict[int, str | None] = {}
     while True:
         batches, gone, _n, last, short = _read_chunk(
             c, after, NO_UPPER, limit, size, sep, enc, grouped, False, False, names
@@ -826,13 +826,13 @@ async def test_a_stream_id_given_in_a_rolled_back_append_is_not_reused_for_anoth
         assert sorted(ids) == ["device:a", "device:x", "device:y", "device:z"]
         assert len(set(ids.values())) == 4
         chunks, dead = await store.read(lambda c: _read_all(c, 100, 10, b"", "cbor", True))
-        per_stream, _ = _merged(chunks)
         assert dead == []
+        assert all(b.seqs is None for chunk in chunks for b in chunk)  # SQLite cut them
+        per_stream, _ = _merged(chunks)
         assert {s: [(b.first, b.last, b.n) for b in q] for s, q in per_stream.items()} == {
             "device:a": [(1, 1, 1)], "device:y": [(2, 2, 1)],
             "device:x": [(3, 4, 2)], "device:z": [(5, 5, 1)],
         }  # fmt: skip
-        assert all(b.seqs is None for chunk in chunks for b in chunk)  # SQLite cut them
 
 
 @aio
@@ -862,6 +862,29 @@ async def test_a_v2_outbox_gets_stream_ids_at_open_and_drains_the_fast_way(tmp_p
         await store.append("device:new", "readings", {"i": "later"})
         assert await store.read(_sids_consistent) == []
         assert await _count(store, "SELECT count(DISTINCT sid) FROM outbox") == 10
+
+
+@aio
+async def test_a_stream_id_missing_from_its_table_is_said_once_and_goes_the_per_event_way(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A damaged file: the relay must keep sending (correctly), not stop on it.
+    events = _events(100, 5, seed=4) + _events(200, 3, seed=5, prefix="device:e")
+    async with _store(tmp_path / "gw.db", Encoder("cbor", "gw"), _FixedClock()) as store:
+        await _append(store, events)
+        want, _ = await store.read(lambda c: _read_all(c, 45, 7, b"", "cbor", False))
+        await store.write(lambda c: c.execute(
+            "DELETE FROM outbox_streams WHERE stream = 'device:d3'"))  # fmt: skip
+        with caplog.at_level(logging.WARNING, logger="gateway.sync"):
+            got, dead = await store.read(lambda c: _read_all(c, 45, 7, b"", "cbor", True))
+        assert dead == []
+        d3 = [chunk for chunk in got if any(b.stream == "device:d3" for b in chunk)]
+        assert d3 and all(b.seqs is not None for chunk in d3 for b in chunk)  # per event
+        others = [chunk for chunk in got if chunk not in d3 and chunk]
+        assert others and all(b.seqs is None for chunk in others for b in chunk)  # by SQLite
+        assert _shape(_merged(got)[0]) == _shape(_merged(want)[0])  # (merging mutates)
+        said = [r for r in caplog.records if "missing from outbox_streams" in r.getMessage()]
+        assert len(said) == 1
 
 
 @aio
