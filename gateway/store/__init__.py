@@ -207,7 +207,6 @@ class EventStore:
         self._versions: dict[str, int] = {}
         # Stream -> id in `outbox_streams` (committed ones only), for outbox rows with a body.
         self._sids: dict[str, int] = {}
-        self._unknown_sids = False
         # Versions committed but not yet in the `streams` table (written behind).
         self._dirty: dict[str, int] = {}
         self._streams_seq = 0
@@ -666,7 +665,7 @@ class EventStore:
         try:
             conn.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
             if boxed:
-                if self._unknown_sids:
+                if any(r[4] is None and r[3] is not None for r in boxed):
                     boxed = self._resolve_sids(conn, boxed, fresh)
                 conn.executemany(
                     "INSERT INTO outbox (seq, stream, attempts, version, body, sid) "
@@ -708,9 +707,8 @@ class EventStore:
 
     def _outbox_rows(self, rows: list[tuple[Any, ...]], which: list[int]) -> list[tuple[Any, ...]]:
         """(seq, stream, version, body, sid) for the events that go to the outbox. A row
-        with a body gets its stream's id (schema v3); ids not known yet are left None and
-        `_unknown_sids` is set: `_resolve_sids` finds them inside the transaction."""
-        self._unknown_sids = False
+        with a body gets its stream's id (schema v3); ids not known yet are left None:
+        `_resolve_sids` finds them inside the transaction."""
         picked = rows if len(which) == len(rows) else [rows[i] for i in which]
         codec = self.outbox_codec
         if codec is None:
@@ -721,12 +719,10 @@ class EventStore:
             log.exception("outbox codec failed; these events are encoded when sent")
             return [(r[0], r[1], r[2], None, None) for r in picked]
         sids = self._sids
-        out = [
+        return [
             (r[0], r[1], r[2], b, None if b is None else sids.get(r[1]))
             for r, b in zip(picked, bodies, strict=True)
         ]
-        self._unknown_sids = any(r[4] is None and r[3] is not None for r in out)
-        return out
 
     def _resolve_sids(
         self, conn: sqlite3.Connection, boxed: list[tuple[Any, ...]], fresh: dict[str, int]
