@@ -101,7 +101,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     ob = data["outbox"]
     oldest = ob.get("oldest_undelivered")
     if not live:
-        out.write("gatewayd: not running (figures from the database file)\n")
+        out.write("daemon not running (figures from the database file)\n")
     else:
         out.write(
             f"gatewayd {data['version']} '{data['gateway']}' pid {data['pid']}, "

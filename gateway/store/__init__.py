@@ -134,7 +134,8 @@ def open_readonly(path: str | os.PathLike[str]) -> sqlite3.Connection:
     """A read-only connection for the CLI (works while the daemon writes, thanks to WAL)."""
     p = Path(path)
     if not p.exists():
-        raise StoreError(f"{p}: no database here (has gatewayd run with this config?)")
+        where = str(p) if p.is_absolute() else f"{p} (relative to {Path.cwd()})"
+        raise StoreError(f"{where}: no database here (has gatewayd run with this config?)")
     return _connect(p, "normal", readonly=True)
 
 
