@@ -399,6 +399,7 @@ class GatewayConfig:
 SECTION_PARSERS: dict[str, str] = {
     "coap": "gateway.coap.config:parse",
     "sync": "gateway.sync.config:parse",
+    "metrics": "gateway.metrics:parse_section",
 }
 
 GENERIC_DEVICE_KEYS = (

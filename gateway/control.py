@@ -51,6 +51,11 @@ class ControlServer:
     def unregister(self, verb: str) -> None:
         self._handlers.pop(verb, None)
 
+    async def ask(self, verb: str, args: dict[str, Any] | None = None) -> Any:
+        """Answer a verb in-process, as a client would get it (the metrics textfile asks
+        for `status` this way)."""
+        return await self._handlers[verb](args or {})
+
     @property
     def verbs(self) -> list[str]:
         return sorted(self._handlers)

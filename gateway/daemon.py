@@ -35,6 +35,7 @@ log = logging.getLogger("gateway")
 OPTIONAL_SERVICES: dict[str, str] = {
     "coap": "gateway.coap.service:CoapService",
     "sync": "gateway.sync.service:SyncService",
+    "metrics": "gateway.metrics:MetricsService",
 }
 
 

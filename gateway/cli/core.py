@@ -79,7 +79,7 @@ def add_parsers(sub: Any) -> None:
 
 
 # -- status -------------------------------------------------------------------------------
-def _status_from_file(conn: sqlite3.Connection) -> dict[str, Any]:
+def status_from_file(conn: sqlite3.Connection) -> dict[str, Any]:
     st = queries.stats(conn)
     return {
         "daemon": "not running",
@@ -93,7 +93,7 @@ def _status_from_file(conn: sqlite3.Connection) -> dict[str, Any]:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    data, live = daemon_or_file(args, "status", _status_from_file)
+    data, live = daemon_or_file(args, "status", status_from_file)
     if args.json:
         emit_json({"live": live, **data})
         return EXIT_OK
