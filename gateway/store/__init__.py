@@ -32,7 +32,9 @@ from gateway.clock import SystemClock
 from gateway.config import StoreConfig
 from gateway.errors import ConcurrencyError, StoreClosedError, StoreError, StoreFull
 from gateway.events import Event, NewEvent
+from gateway.logs import RateLimitedLog
 from gateway.store import queries
+from gateway.store.errors import rollback, store_error
 from gateway.store.projections import Projection, active_projections
 from gateway.store.schema import migrate
 
@@ -41,6 +43,7 @@ __all__ = [
 ]  # fmt: skip
 
 log = logging.getLogger("gateway.store")
+_repeats = RateLimitedLog(log)
 T = TypeVar("T")
 
 Listener = Callable[[Sequence[Event]], None]
@@ -224,6 +227,10 @@ class EventStore:
         self.dropped = 0
         self.last_commit_mono = time.monotonic()
         self.writer_error: BaseException | None = None
+        #: Why appends are refused right now (quota reached, disk full), else None. Set by a
+        #: refused append, cleared by the next commit: producers retrying is what resumes it.
+        self.full: StoreFull | None = None
+        self.on_full_change: Callable[[StoreFull | None], None] | None = None
 
     # -- life -----------------------------------------------------------------------------
     @classmethod
@@ -244,10 +251,13 @@ class EventStore:
         loop = asyncio.get_running_loop()
         try:
             await loop.run_in_executor(store._wx, store._open_sync)
-        except BaseException:
+        except BaseException as exc:
             store._wx.shutdown(wait=False)
             store._rx.shutdown(wait=False)
-            raise
+            mapped = store_error(exc, f"opening {store.path}")
+            if mapped is exc:
+                raise
+            raise mapped from exc
         store._writer = asyncio.create_task(store._run_writer(), name="store-writer")
         store._writer.add_done_callback(store._writer_done)
         if store.quarantined is not None:
@@ -309,7 +319,7 @@ class EventStore:
             )
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            rollback(conn)
             raise
 
     def _writer_done(self, task: asyncio.Task[None]) -> None:
@@ -436,7 +446,7 @@ class EventStore:
                     result = await loop.run_in_executor(self._wx, self._run_job, job.fn)
                 except Exception as exc:
                     if not job.future.done():
-                        job.future.set_exception(exc)
+                        job.future.set_exception(store_error(exc, "write"))
                 else:
                     if not job.future.done():
                         job.future.set_result(result)
@@ -456,12 +466,20 @@ class EventStore:
             try:
                 outcome, committed = await loop.run_in_executor(self._wx, self._commit, batch)
             except Exception as exc:
-                log.error("store commit failed: %s", exc)
-                err = exc if isinstance(exc, StoreError) else StoreError(f"commit failed: {exc}")
+                err = store_error(exc, "commit")
+                if not isinstance(err, StoreError):
+                    err = StoreError(f"commit failed: {exc!r}")
+                if isinstance(err, StoreFull):
+                    self._set_full(err)
+                _repeats.error(f"commit:{type(err).__name__}", "store commit failed: %s", err)
                 for p in batch:
                     _settle(p.future, err)
                 continue
             self.last_commit_mono = time.monotonic()
+            if committed:
+                self._set_full(None)
+            elif outcome and isinstance(outcome[0], StoreFull):
+                self._set_full(outcome[0])
             for p, result in zip(batch, outcome, strict=True):
                 _settle(p.future, result)
             if committed:
@@ -471,6 +489,22 @@ class EventStore:
                     except Exception:
                         log.exception("store listener failed")
 
+    def _set_full(self, why: StoreFull | None) -> None:
+        """Appends refused (`why`) or accepted again (None): said once per change."""
+        was = self.full
+        self.full = why
+        if (was is None) == (why is None):
+            return
+        if why is not None:
+            log.warning("store full, new events are refused until space comes back: %s", why)
+        else:
+            log.info("store takes new events again (was full: %s)", was)
+        if self.on_full_change is not None:
+            try:
+                self.on_full_change(why)
+            except Exception:
+                log.exception("store: on_full_change failed")
+
     def _run_job(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         conn = self._w
         assert conn is not None
@@ -479,7 +513,7 @@ class EventStore:
             result = fn(conn)
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            rollback(conn)
             self._reload_versions()
             raise
         self._flushed()
@@ -681,7 +715,7 @@ class EventStore:
                 self._drop(conn, victims, versions, seq)
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            rollback(conn)
             self._reload_versions()
             if victims:
                 self.dropped -= len(victims)
@@ -852,7 +886,10 @@ class EventStore:
         if self._r is None:
             raise StoreClosedError()
         conn = self._r
-        return await asyncio.get_running_loop().run_in_executor(self._rx, fn, conn)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._rx, fn, conn)
+        except sqlite3.Error as exc:
+            raise store_error(exc, "read") from exc
 
     async def events(
         self, after_seq: int = 0, limit: int = 1000, stream: str | None = None
