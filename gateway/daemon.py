@@ -80,6 +80,12 @@ def outbox_codec(c: cfg.GatewayConfig) -> OutboxCodec | None:
     return outbox_encoder(sync, c.gateway.id)
 
 
+def has_sink(c: cfg.GatewayConfig) -> bool:
+    """Whether anything delivers the outbox (cloud sync configured and enabled)."""
+    sync = c.sections.get("sync")
+    return sync is not None and getattr(sync, "enabled", True) is not False
+
+
 class Daemon:
     def __init__(self, config: cfg.GatewayConfig, config_path: str) -> None:
         self.config = config
@@ -98,8 +104,9 @@ class Daemon:
         c = self.config
         tune_process()
         self.store = await EventStore.open(
-            c.db_path, c.store, gateway_id=c.gateway.id, outbox_codec=outbox_codec(c)
-        )
+            c.db_path, c.store, gateway_id=c.gateway.id, outbox_codec=outbox_codec(c),
+            sink=has_sink(c),
+        )  # fmt: skip
         bus = Bus(self.store)
         self.control = ControlServer(c.socket_path, c.control.group)
         self.supervisor = Supervisor(

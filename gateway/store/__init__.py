@@ -188,8 +188,12 @@ class EventStore:
         gateway_id: str,
         clock: SystemClock,
         outbox_codec: OutboxCodec | None = None,
+        sink: bool = True,
     ) -> None:
         self.path = path
+        # Without a sink (no [sync]) nothing would ever deliver an outbox row: none is
+        # written, and retention does not wait for deliveries that cannot happen.
+        self.sink = sink
         self.config = config
         self.gateway_id = gateway_id
         self.clock = clock
@@ -242,12 +246,16 @@ class EventStore:
         gateway_id: str = "gateway",
         clock: SystemClock | None = None,
         outbox_codec: OutboxCodec | None = None,
+        sink: bool = True,
     ) -> EventStore:
         """Open (or create) the store. With `outbox_codec`, every outbox row also carries
-        its event encoded for the sink (see `OutboxCodec`)."""
+        its event encoded for the sink (see `OutboxCodec`). `sink=False` (no cloud sync
+        configured): no outbox rows are written, and retention prunes events (and outbox
+        rows left from before) by age alone."""
         store = cls(
-            Path(path), config or StoreConfig(), gateway_id, clock or SystemClock(), outbox_codec
-        )
+            Path(path), config or StoreConfig(), gateway_id, clock or SystemClock(), outbox_codec,
+            sink,
+        )  # fmt: skip
         loop = asyncio.get_running_loop()
         try:
             await loop.run_in_executor(store._wx, store._open_sync)
@@ -693,7 +701,7 @@ class EventStore:
             out.append(numbered[0] if p.single else numbered)
         if not rows:
             return out, []
-        boxed = self._outbox_rows(rows, outbox) if outbox else None
+        boxed = self._outbox_rows(rows, outbox) if outbox and self.sink else None
         fresh: dict[str, int] = {}
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -858,12 +866,17 @@ class EventStore:
         # The events deleted here may be the only record of unflushed stream versions.
         self._flush_streams(conn, {}, self._last_seq)
         queries.prune_delivered(conn, batch)
-        victims = conn.execute(
-            "SELECT e.seq, e.stream FROM events e WHERE e.wall_time < ? "
+        undelivered = (
             "AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.seq = e.seq AND ("
             + queries.UNDELIVERED
             + ")) "
-            "AND NOT EXISTS (SELECT 1 FROM dead_letters d WHERE d.seq = e.seq) "
+            if self.sink
+            else ""  # nothing will ever deliver them: retention alone decides
+        )
+        victims = conn.execute(
+            "SELECT e.seq, e.stream FROM events e WHERE e.wall_time < ? "
+            + undelivered
+            + "AND NOT EXISTS (SELECT 1 FROM dead_letters d WHERE d.seq = e.seq) "
             "ORDER BY e.seq LIMIT ?",
             (cutoff, batch),
         ).fetchall()
@@ -871,7 +884,10 @@ class EventStore:
             return 0
         for stream in {v[1] for v in victims}:
             self._snapshot(conn, stream, self._version_of(conn, stream), self._last_seq)
-        conn.executemany("DELETE FROM events WHERE seq = ?", [(v[0],) for v in victims])
+        gone = [(v[0],) for v in victims]
+        if not self.sink:
+            conn.executemany("DELETE FROM outbox WHERE seq = ?", gone)
+        conn.executemany("DELETE FROM events WHERE seq = ?", gone)
         return len(victims)
 
     async def rebuild(self) -> int:
