@@ -309,6 +309,10 @@ class EventStore:
         self._page_size = self._w.execute("PRAGMA page_size").fetchone()[0]
         self._check_outbox_codec(self._w)
         self._measure()
+        if self._used_bytes >= self._quota_bytes() and self.config.overflow == "reject_new":
+            self.full = self._quota_full()
+            log.warning("store full at start, new events are refused until space comes back "
+                        "(delivery and retention go on): %s", self.full)  # fmt: skip
 
     def _check_outbox_codec(self, conn: sqlite3.Connection) -> None:
         """Bodies encoded under another format or gateway id are dropped (the relay encodes
@@ -528,6 +532,12 @@ class EventStore:
         self._measure()
         return result
 
+    def _quota_full(self) -> StoreFull:
+        return StoreFull(
+            f"disk quota reached ({self._used_bytes // 1024} KiB used of "
+            f"{self._quota_bytes() // 1024} KiB, policy reject_new)"
+        )
+
     def _quota_bytes(self) -> int:
         return int(self.config.quota_mb * 1024 * 1024)
 
@@ -607,10 +617,7 @@ class EventStore:
         over = self._used_bytes >= self._quota_bytes()
         if over and self.config.overflow == "reject_new":
             self.rejected += sum(len(p.events) for p in batch)
-            full = StoreFull(
-                f"disk quota reached ({self._used_bytes // 1024} KiB used of "
-                f"{self._quota_bytes() // 1024} KiB, policy reject_new)"
-            )
+            full = self._quota_full()
             return [full for _ in batch], []
         victims: list[tuple[int, str]] = []
         if over and self.config.overflow == "drop_oldest":

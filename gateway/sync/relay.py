@@ -553,8 +553,11 @@ class Relay:
                 await self._flush_wait()
             left = len(self._ops) + len(self._dels) + len(self._acked)
             if left:
-                self.log.warning("sync: stopped with %d deliveries or dead letters not recorded: "
-                                 "their events are still in the outbox and are sent again", left)
+                self.log.warning(
+                    "sync: stopped with %d deliveries or dead letters not recorded: "
+                    "their events are still in the outbox and are sent again",
+                    left,
+                )
             self._repeats.flush()
 
     # -- internals ---------------------------------------------------------------------------
