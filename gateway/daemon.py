@@ -24,7 +24,7 @@ from gateway import config as cfg
 from gateway import events as ev
 from gateway.bus import Bus
 from gateway.control import ControlServer
-from gateway.errors import ConfigError, GatewayError, PayloadError
+from gateway.errors import ConfigError, GatewayError, PayloadError, StoreFull
 from gateway.service import Service
 from gateway.store import EventStore, OutboxCodec
 from gateway.supervisor import Supervisor
@@ -81,6 +81,12 @@ def outbox_codec(c: cfg.GatewayConfig) -> OutboxCodec | None:
     return outbox_encoder(sync, c.gateway.id)
 
 
+def has_sink(c: cfg.GatewayConfig) -> bool:
+    """Whether anything delivers the outbox (cloud sync configured and enabled)."""
+    sync = c.sections.get("sync")
+    return sync is not None and getattr(sync, "enabled", True) is not False
+
+
 class Daemon:
     def __init__(self, config: cfg.GatewayConfig, config_path: str) -> None:
         self.config = config
@@ -99,8 +105,9 @@ class Daemon:
         c = self.config
         tune_process()
         self.store = await EventStore.open(
-            c.db_path, c.store, gateway_id=c.gateway.id, outbox_codec=outbox_codec(c)
-        )
+            c.db_path, c.store, gateway_id=c.gateway.id, outbox_codec=outbox_codec(c),
+            sink=has_sink(c),
+        )  # fmt: skip
         bus = Bus(self.store)
         self.control = ControlServer(c.socket_path, c.control.group)
         self.supervisor = Supervisor(
@@ -115,11 +122,11 @@ class Daemon:
         watchdog = systemd.Watchdog(self._healthy) if c.gateway.watchdog else None
         try:
             await self.control.start()
+            self.store.on_full_change = self._store_full_changed
             await self.supervisor.start()
-            await self.store.append(
-                ev.GATEWAY_STREAM, ev.GATEWAY_STARTED,
-                {"version": __version__, "pid": os.getpid(), "devices": len(c.devices)},
-            )  # fmt: skip
+            started_task = await self._started(
+                {"version": __version__, "pid": os.getpid(), "devices": len(c.devices)}
+            )
             freeze_startup_objects()
             systemd.ready(self.status_line())
             log.info("gatewayd %s ready: %s", __version__, self.status_line())
@@ -130,6 +137,8 @@ class Daemon:
             await self._stop.wait()
             status_task.cancel()
             maint_task.cancel()
+            if started_task is not None:
+                started_task.cancel()
         finally:
             systemd.stopping("stopping")
             log.info("stopping")
@@ -137,6 +146,31 @@ class Daemon:
                 await watchdog.stop()
             await self._bounded_shutdown()
         return 0
+
+    async def _started(self, data: dict[str, Any]) -> asyncio.Task[None] | None:
+        """Record `gateway.started` before READY=1. On a full store the daemon starts
+        degraded instead (delivery and retention make room), and a task records the event
+        once there is room."""
+        assert self.store is not None
+        try:
+            await self.store.append(ev.GATEWAY_STREAM, ev.GATEWAY_STARTED, data)
+            return None
+        except StoreFull as exc:
+            log.warning("starting degraded: %s", exc)
+        return asyncio.create_task(self._append_started(data), name="started")
+
+    async def _append_started(self, data: dict[str, Any]) -> None:
+        assert self.store is not None
+        while True:
+            await asyncio.sleep(self.config.store.check_interval)
+            try:
+                await self.store.append(ev.GATEWAY_STREAM, ev.GATEWAY_STARTED, data)
+                return
+            except StoreFull:
+                continue
+
+    def _store_full_changed(self, why: StoreFull | None) -> None:
+        systemd.status(self.status_line())
 
     async def _bounded_shutdown(self) -> None:
         """Stop within `stop_timeout` (+ a little for the store's last commit). If something
@@ -212,6 +246,8 @@ class Daemon:
             parts.append(f"backlog {sync['backlog']}")
         if bad:
             parts.append("attention: " + ", ".join(f"{n} {health[n]['state']}" for n in bad))
+        if self.store.full is not None:
+            parts.insert(0, f"DEGRADED, new events refused: {self.store.full}")
         return "; ".join(parts)
 
     async def _status_loop(self) -> None:
@@ -256,6 +292,7 @@ class Daemon:
                 "path": st.path, "file_bytes": st.file_bytes, "used_bytes": st.used_bytes,
                 "quota_bytes": st.quota_bytes, "last_seq": st.last_seq, "events": st.events,
                 "dropped": st.dropped, "rejected": st.rejected,
+                "full": None if self.store.full is None else str(self.store.full),
             },
             "outbox": {
                 "depth": st.outbox_depth, "bytes": st.outbox_bytes,

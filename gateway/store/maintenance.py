@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.store import queries
+from gateway.store.errors import rollback
 
 
 def backup(conn: sqlite3.Connection, target: str | os.PathLike[str]) -> dict[str, Any]:
@@ -60,7 +61,7 @@ def rebuild_offline(path: str | os.PathLike[str]) -> int:
             n = queries.rebuild(conn)
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            rollback(conn)
             raise
     finally:
         conn.close()

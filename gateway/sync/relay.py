@@ -47,6 +47,7 @@ import cbor2
 
 from gateway import events as ev
 from gateway.errors import ConcurrencyError, PayloadError, StoreError
+from gateway.logs import RateLimitedLog
 from gateway.store import queries
 from gateway.sync.codec import Encoder, NotRepresentableError, parse_command
 from gateway.sync.codec import response_payload as _response
@@ -58,6 +59,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gateway.sync")
 PRUNE_EVERY = 5.0  # seconds between prunes of delivered rows while a drain keeps going
+RECORD_RETRY_BASE, RECORD_RETRY_CAP = 0.2, 10.0  # pauses between tries of a failed record
 NO_UPPER = 2**62
 
 # In `Row` order; an outbox row whose event is gone has a NULL type (and its own stream).
@@ -417,6 +419,9 @@ class Relay:
         # the stream's rows in that range, for batches cut by SQLite.
         self._dels: list[list[int] | tuple[str, int, int]] = []
         self._flusher: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._record_failures = 0
+        self._repeats = RateLimitedLog(self.log)
         # The watermark: what the bottom lane has had acked (target) and what is recorded.
         self._bottom: _Lane | None = None
         self._lanes: list[_Lane] = []
@@ -543,8 +548,17 @@ class Relay:
         finally:
             self.state = "stopped"
             self.store.remove_listener(self._on_commit)
+            self._stopping = True  # one last try to record, no retries
             with contextlib.suppress(Exception):
                 await self._flush_wait()
+            left = len(self._ops) + len(self._dels) + len(self._acked)
+            if left:
+                self.log.warning(
+                    "sync: stopped with %d deliveries or dead letters not recorded: "
+                    "their events are still in the outbox and are sent again",
+                    left,
+                )
+            self._repeats.flush()
 
     # -- internals ---------------------------------------------------------------------------
     def _on_commit(self, events: Sequence[ev.Event]) -> None:
@@ -943,30 +957,53 @@ class Relay:
 
     async def _flush(self) -> None:
         """Record deliveries and dead letters (then prune, when idle) until nothing is left
-        to record: what is acked while a write or a prune is under way goes in the next."""
-        while await self._record() and await self._prune():
-            pass
+        to record: what is acked while a write or a prune is under way goes in the next.
+        A failed write is tried again after a pause (until it commits, or the relay stops:
+        the rows are then still undelivered in the outbox, and are sent again)."""
+        pause = Backoff(RECORD_RETRY_BASE, RECORD_RETRY_CAP)
+        while True:
+            if await self._record():
+                pause.reset()
+                if not await self._prune():
+                    return
+                continue
+            if self._stopping:
+                return
+            await asyncio.sleep(pause.next())
 
     async def _record(self) -> bool:
+        """Write what was acked and dead-lettered. Nothing leaves memory before the write
+        that holds it has committed: after a failed write (a full disk...) all of it is
+        written again, in order, with whatever came since."""
         while True:
             self._refresh_watermark()
             w = self._w_target if self._w_target > self._w_written else None
             if not (self._ops or self._dels or self._acked or w is not None):
                 break
-            dels, ops, self._dels, self._ops = self._dels, self._ops, [], []
+            dels, ops, nacked = list(self._dels), list(self._ops), len(self._acked)
             mark = self._w_target
-            acked = [a for a in self._acked if a[2] > mark]  # (the rest: below the mark)
-            self._acked = []
+            acked = [a for a in self._acked[:nacked] if a[2] > mark]  # (the rest: below the mark)
             try:
                 await self.store.write(
                     lambda c, d=dels, o=ops, u=w, a=acked: _apply_ops(c, u, d, o, a)  # type: ignore[misc]
                 )
-            except StoreError as exc:
-                # The rows stay undelivered and are sent again later: a duplicate, no loss.
-                self.log.warning("sync: could not record deliveries: %s", exc)
+            except Exception as exc:  # the store's errors, and anything else: never die
+                # Kept for the next write; the rows stay undelivered until then.
+                self._record_failures += 1
+                self._repeats.warning(
+                    "record", "sync: could not record deliveries and dead letters (%d "
+                    "pending, kept to retry): %s", len(dels) + len(ops) + nacked, exc,
+                )  # fmt: skip
                 return False
+            del self._dels[: len(dels)]
+            del self._ops[: len(ops)]
+            del self._acked[:nacked]
             if w is not None:
                 self._w_written = w
+            if self._record_failures:
+                self.log.info("sync: deliveries and dead letters recorded again after %d "
+                              "failed writes", self._record_failures)  # fmt: skip
+                self._record_failures = 0
         return True
 
     async def _prune(self) -> bool:
@@ -984,8 +1021,8 @@ class Relay:
         upto = self._w_written
         try:
             await self.store.prune_outbox()
-        except StoreError as exc:
-            self.log.warning("sync: could not prune delivered rows: %s", exc)
+        except Exception as exc:
+            self._repeats.warning("prune", "sync: could not prune delivered rows: %s", exc)
             return False
         self._pruned_upto = upto
         return True
