@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -288,3 +289,34 @@ def test_cli_tables_escape_control_characters(tmp_path: Path) -> None:
     rows = [line for line in lines if "evil" in line or "plain-1" in line]
     assert len(rows) == 2, p.stdout
     assert "evil\\x1b[2J\\nforged  rd  yes" in rows[0]
+
+
+def test_ble_discovery_keeps_an_invalid_advertised_name_only_as_escaped_text(
+    tmp_path: Path,
+) -> None:
+    # The door a BLE driver reports a stranger through (its DriverContext) into the store.
+    from drivers.base import DiscoveredDevice
+    from services.collection import CollectionService, _Context
+
+    async def go() -> list[dict[str, Any]]:
+        store = await EventStore.open(tmp_path / "gateway.db", gateway_id="gw")
+        try:
+            svc = CollectionService()
+            svc.store, svc.log = store, logging.getLogger("test.collection")
+            ctx = _Context(svc, "ble")
+            for address, name in (
+                ("A4:C1:38:00:00:01", "ATC_1234"),
+                ("A4:C1:38:00:00:02", "evil\n2026 ERROR forged+#"),
+            ):
+                ctx.discovered(DiscoveredDevice("ble", address, name, "bthome", -60, {}))
+            await asyncio.gather(*svc._status_tasks)
+            evs = await store.events(0, 100, stream="discovered")
+            return [dict(e.data) for e in evs]
+        finally:
+            await store.close()
+
+    found = asyncio.run(go())
+    assert [(d["name"], d.get("advertised_name")) for d in found] == [
+        ("ATC_1234", None),
+        (None, "evil\\n2026 ERROR forged+#"),
+    ]
