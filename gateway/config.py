@@ -273,13 +273,13 @@ def _did_you_mean(word: str, candidates: Sequence[str]) -> str:
 
 
 def validate_name(section: Section, key: str, name: str, what: str) -> None:
-    """Ids appear in CoAP paths, streams and file names: keep them to a safe alphabet."""
-    if not name or not all(c.isalnum() or c in "-_." for c in name) or name[0] in "-.":
-        section.issues.add(
-            section.at(key),
-            f"{what} name {name!r} must use letters, digits, '-', '_' or '.' "
-            "(and not start with '-' or '.')",
-        )
+    """Ids appear in CoAP paths, streams, MQTT topics and logs: the one name rule
+    (`gateway.names`) applies."""
+    from gateway import names
+
+    message = names.problem(name, f"{what} name")
+    if message is not None:
+        section.issues.add(section.at(key), message)
 
 
 # ------------------------------------------------------------------------------------------

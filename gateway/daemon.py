@@ -19,7 +19,7 @@ import sys
 import time
 from typing import Any
 
-from gateway import __version__, systemd
+from gateway import __version__, names, systemd
 from gateway import config as cfg
 from gateway import events as ev
 from gateway.bus import Bus
@@ -351,6 +351,12 @@ def setup_logging(level: str) -> None:
         def format(self, record: logging.LogRecord) -> str:
             record.levelno_sd = {10: 7, 20: 6, 30: 4, 40: 3, 50: 2}.get(record.levelno, 6)
             return super().format(record)
+
+        def formatMessage(self, record: logging.LogRecord) -> str:
+            # A message carries names and text from the network: its control characters
+            # are shown escaped, so one record is one line and cannot forge another.
+            record.message = names.escape(record.message)
+            return super().formatMessage(record)
 
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_Fmt(fmt))

@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 from drivers import driver_class
 from drivers.base import DiscoveredDevice, Driver, RawReading
 from gateway import events as ev
+from gateway import names
 from gateway.aio import cancel_and_wait
 from gateway.clock import SystemClock
 from gateway.config import DeviceSpec, GatewayConfig, PointSpec
@@ -321,6 +322,11 @@ class CollectionService(Service):
         self._discovered_seen[key] = now
         data = {"driver": d.driver, "address": d.address, "name": d.name, "kind": d.kind,
                 "rssi": d.rssi, "values": dict(d.values)}  # fmt: skip
+        if d.name is not None and not names.is_valid(d.name):
+            # An advertised name is anyone's to choose: kept only as escaped text, never
+            # as a name (it cannot become a device id, a topic or a log line of its own).
+            data["name"] = None
+            data["advertised_name"] = names.escape(d.name[:64])
         self._spawn(self.store.append("discovered", ev.DEVICE_DISCOVERED, data, outbox=False))
 
     def _spawn(self, coro: Any) -> None:

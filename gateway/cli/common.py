@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 from gateway import config as cfg
+from gateway import names
 from gateway.control import call
 from gateway.errors import DaemonUnavailableError
 from gateway.store import open_readonly
@@ -109,7 +110,9 @@ def fmt_bytes(n: float | None) -> str:
 
 
 def table(rows: Iterable[Sequence[Any]], headers: Sequence[str]) -> str:
-    cells = [[str(h) for h in headers]] + [[fmt_value(c) for c in r] for r in rows]
+    # Cells hold names and text from the network: control characters are shown escaped,
+    # so a cell cannot break its row or move the terminal's cursor.
+    cells = [[str(h) for h in headers]] + [[names.escape(fmt_value(c)) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))

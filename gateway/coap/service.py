@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+from collections.abc import Mapping
 from typing import Any
 
 from gateway.aio import cancel_and_wait
@@ -37,7 +38,10 @@ class CoapServer:
         *,
         known: set[str] | None = None,
         logger: logging.Logger = log,
+        devices: Mapping[str, Any] | None = None,
     ) -> None:
+        """`known`: names of configured devices; `devices`: the configured `DeviceSpec`s
+        (their names join `known`, their points' min/max bound posted values)."""
         from gateway.coap.rd import Directory, RdEntries, RdLookupResource, RdResource
         from gateway.coap.resources import (
             Backend,
@@ -50,8 +54,19 @@ class CoapServer:
         self.config = config
         self.store = store
         self.log = logger
-        known_devices = set(known or ()) | {d for d, c in config.credentials.items()}
-        self.gate = Gate(config, known=known_devices, log=logger)
+        configured = set(known or ()) | set(devices or ())
+        known_devices = configured | {d for d, c in config.credentials.items()}
+        limits = {
+            dev_id: {p.name: (p.min, p.max) for p in spec.points if (p.min, p.max) != (None, None)}
+            for dev_id, spec in (devices or {}).items()
+        }
+        self.gate = Gate(
+            config,
+            known=known_devices,
+            log=logger,
+            configured=configured,
+            limits={d: pts for d, pts in limits.items() if pts},
+        )
         self.backend = Backend(store)
         self.telemetry = TelemetryResource(self.gate, self.backend)
         self.devices = DeviceResource(self.gate, self.backend, self.telemetry)
@@ -194,8 +209,7 @@ class CoapService(Service):
 
     async def start(self, ctx: ServiceContext) -> None:
         config: CoapConfig = ctx.config.sections["coap"]
-        known = set(ctx.config.devices)
-        self.server = CoapServer(config, ctx.store, known=known, logger=ctx.logger)
+        self.server = CoapServer(config, ctx.store, logger=ctx.logger, devices=ctx.config.devices)
         await self.server.start()
 
     async def stop(self) -> None:

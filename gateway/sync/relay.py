@@ -46,13 +46,22 @@ from typing import TYPE_CHECKING, Any
 import cbor2
 
 from gateway import events as ev
+from gateway import names
 from gateway.errors import ConcurrencyError, PayloadError, StoreError
 from gateway.logs import RateLimitedLog
 from gateway.store import queries
 from gateway.sync.codec import Encoder, NotRepresentableError, parse_command
 from gateway.sync.codec import response_payload as _response
 from gateway.sync.config import SyncConfig
-from gateway.sync.link import TRANSIENT_CODES, Ack, Backoff, Channel, LinkDownError, Sink
+from gateway.sync.link import (
+    TRANSIENT_CODES,
+    Ack,
+    Backoff,
+    Channel,
+    LinkDownError,
+    Sink,
+    UnpublishableError,
+)
 
 if TYPE_CHECKING:
     from gateway.store import EventStore
@@ -451,6 +460,8 @@ class Relay:
         self.batches = 0
         self.refusals = 0
         self.last_error: str | None = None
+        self.last_error_at = 0.0  # monotonic time of last_error
+        self._link_error = False  # last_error says the link went down (cleared on an ack)
         self.live_first = False
         self.backfill_left = 0
         self.inflight_batches = 0
@@ -489,6 +500,7 @@ class Relay:
             "live_first": self.live_first,
             "backfill_left": self.backfill_left,
             "last_error": self.last_error,
+            "last_error_at": self.last_error_at,
         }
 
     async def handle_command(self, payload: bytes) -> bytes | None:
@@ -526,7 +538,8 @@ class Relay:
                 try:
                     await self._session(ch)
                 except LinkDownError as exc:
-                    self.last_error = str(exc)
+                    self.last_error, self.last_error_at = str(exc), time.monotonic()
+                    self._link_error = True
                     self.log.warning("sync: %s", exc)
                     # A session that delivered nothing (a broker that takes the connection
                     # and then refuses, drops or ignores us) must not become a tight loop.
@@ -820,7 +833,20 @@ class Relay:
                         wait = w if wait is None else min(wait, w)
                         break
                     lane.bucket.take(batch.n)
-                if not ch.fits(lane.name, stream, batch.type, len(batch.blob)):
+                try:
+                    fits = ch.fits(lane.name, stream, batch.type, len(batch.blob))
+                    fut = (
+                        ch.send(lane.name, stream, batch.type, batch.n, batch.blob)
+                        if fits
+                        else None
+                    )
+                except UnpublishableError as exc:
+                    self._unpublishable(stream, batch, str(exc))
+                    continue
+                except BaseException:
+                    self._put_back(lane, stream, batch)  # not sent: the watermark stays below
+                    raise
+                if fut is None:
                     # Over the broker's maximum packet size: it would drop the connection,
                     # again and again. Halve the batch; an event too big alone is dead.
                     if batch.n == 1:
@@ -834,7 +860,6 @@ class Relay:
                         sp.extendleft(reversed(batch.halves()))
                     self._progress.set()  # the halves go out on the next turn of the loop
                     continue
-                fut = ch.send(lane.name, stream, batch.type, batch.n, batch.blob)
                 item = _Inflight(lane, stream, batch, self._clock())
                 inflight[fut] = item
                 lane.busy.add(stream)
@@ -893,6 +918,8 @@ class Relay:
         if ack.ok:
             n = batch.n
             self.delivered += n
+            if self._link_error:  # delivering again: that error is not current any more
+                self.last_error, self._link_error = None, False
             if lane.name == "backfill":
                 self.backfill_left = max(0, self.backfill_left - n)
             now = float(int(self._clock()))  # one entry per second keeps this small
@@ -923,9 +950,22 @@ class Relay:
         halves = batch.halves()
         lane.splits.setdefault(item.stream, deque()).extendleft(reversed(halves))
 
+    def _unpublishable(self, stream: str, batch: _Batch, reason: str) -> None:
+        """A batch the sink can never take (all its events share the topic that failed):
+        each event goes to the dead letters with the reason - never counted as delivered,
+        and recorded with the watermark that passes it."""
+        seqs = batch.seq_list()
+        self.log.warning("sync: %d event(s) of %s cannot be published (%s) -> dead letters",
+                         len(seqs), names.escape(stream), reason)  # fmt: skip
+        for seq in seqs:
+            self._dead(seq, stream, f"cannot publish: {reason}")
+        self._progress.set()
+
     def _dead(self, seq: int, stream: str, reason: str) -> None:
         self.dead_lettered += 1
         self.last_error = f"event {seq} to dead letters: {reason}"
+        self.last_error_at = time.monotonic()
+        self._link_error = False
         self._ops.append((seq, stream, reason, time.time()))
         self._kick_flush()
 

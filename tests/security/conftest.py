@@ -1,0 +1,9 @@
+"""Fixtures of the attack tests, re-used from the suites that own the peers: the CoAP front
+door in its own process (tests/coap) and a real Mosquitto (tests/sync)."""
+
+from __future__ import annotations
+
+from tests.coap.conftest import gateway_factory
+from tests.sync.conftest import mosquitto
+
+__all__ = ["gateway_factory", "mosquitto"]
