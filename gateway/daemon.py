@@ -338,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {issue}", file=sys.stderr)
         return exc.exit_status
     setup_logging(config.gateway.log_level)
+    for warning in config.warnings:
+        log.warning("config: %s", warning)
     try:
         return asyncio.run(Daemon(config, path).run())
     except GatewayError as exc:

@@ -16,7 +16,7 @@ from typing import Any, Final
 from drivers.base import device_options, point_options
 from drivers.ble import bthome, ruuvi
 from drivers.ble.custom import ENDIANS, TYPES, CustomFormat, FieldSpec
-from gateway.config import DeviceSpec, Issues, Section, join_path
+from gateway.config import DeviceSpec, Issues, Section, join_path, secret_hex
 
 FORMATS: Final = ("bthome", "ruuvi", "custom", "gatt")
 SCAN_MODES: Final = ("active", "passive")
@@ -76,7 +76,7 @@ class BleDevice:
     format: str
     interval: float = 10.0
     timeout: float = 5.0
-    key: bytes | None = None
+    key: bytes | None = field(default=None, repr=False)
     min_interval: float = 0.0
     heartbeat: float = 0.0
     unseen_timeout: float = 300.0
@@ -131,7 +131,12 @@ def _hex(sec: Section, key: str, length: int | None) -> bytes | None:
 
 
 def _load_key(sec: Section, spec: DeviceSpec, load_secrets: bool) -> bytes | None:
-    key = _hex(sec, "bindkey", 16)
+    key: bytes | None = None
+    text = sec.str("bindkey", None, secret=True)
+    if isinstance(text, str):
+        key, problem = secret_hex(text, 16)
+        if key is None:
+            sec.error("bindkey", problem)
     key_file = sec.str("bindkey_file", None)
     if key_file is None:
         return key

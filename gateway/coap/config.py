@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gateway.config import Issues, Section, validate_name
+from gateway.config import Issues, Section, secret_hex, validate_name
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,8 +67,8 @@ class CoapConfig:
 def _credentials(name: str, sec: Section) -> DeviceCredentials:
     validate_name(sec, "", name, "device")
     ident = sec.str("psk_identity", None)
-    psk_text = sec.str("psk", None)
-    psk_hex = sec.str("psk_hex", None)
+    psk_text = sec.str("psk", None, secret=True)
+    psk_hex = sec.str("psk_hex", None, secret=True)
     oscore = sec.str("oscore_context", None)
     sec.done()
     psk: bytes | None = None
@@ -77,10 +77,9 @@ def _credentials(name: str, sec: Section) -> DeviceCredentials:
     elif psk_text is not None:
         psk = psk_text.encode("utf-8")
     elif psk_hex is not None:
-        try:
-            psk = bytes.fromhex(psk_hex)
-        except ValueError:
-            sec.error("psk_hex", "must be hexadecimal digits")  # the key itself is not echoed
+        psk, problem = secret_hex(psk_hex)
+        if psk is None:
+            sec.error("psk_hex", problem)  # the key itself is never echoed
     if psk is not None and ident is None:
         ident = name  # the device id is the natural PSK identity
     if ident is not None and psk is None:

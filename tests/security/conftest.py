@@ -1,0 +1,3 @@
+"""Fixtures for the attack tests, re-used from the suites that own them."""
+
+from tests.core.conftest import daemon_factory  # noqa: F401
