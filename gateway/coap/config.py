@@ -20,13 +20,13 @@ Keys never appear in `repr()` (and so never in logs).
 from __future__ import annotations
 
 import ipaddress
-import os
 import stat
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gateway import secretfiles
 from gateway.config import Issues, Section, secret_hex, validate_name
 
 
@@ -151,10 +151,8 @@ def parse(sec: Section) -> CoapConfig:
         creds[name] = _credentials(name, dsec)
     cred_file = sec.str("credentials_file", None)
     if cred_file is not None:
-        path = Path(cred_file)
-        if not path.is_absolute():
-            base = os.environ.get("CONFIGURATION_DIRECTORY", "").split(":")[0]
-            path = Path(base) / path if base else path
+        # Relative: $CREDENTIALS_DIRECTORY (LoadCredential=), then $CONFIGURATION_DIRECTORY.
+        path = secretfiles.resolve(cred_file)
         for name, c in _load_credentials_file(sec, "credentials_file", path, sec.issues).items():
             if name in creds:
                 sec.error("credentials_file", f"device {name!r} has credentials in both places")

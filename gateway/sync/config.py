@@ -25,6 +25,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
 
+from gateway import secretfiles
 from gateway.config import Section, has_userinfo, redact_url
 
 TOPIC_FIELDS = ("gateway", "stream", "type")
@@ -165,14 +166,14 @@ def _endpoint(sec: Section) -> EndpointConfig | None:
         port = 8883 if tls else 1883
     ca_file = sec.str("ca_file", None)
     cert_file = sec.str("cert_file", None)
-    key_file = sec.str("key_file", None)
+    key_file = secretfiles.check(sec, "key_file")
     if (ca_file or cert_file or key_file) and not tls:
         sec.error("tls", "certificate files are given but TLS is off (use mqtts:// or tls = true)")
     if key_file and not cert_file:
         sec.error("key_file", "key_file needs cert_file")
     username = sec.str("username", None, secret=True)
     password = sec.str("password", None, nonempty=False, secret=True)
-    password_file = sec.str("password_file", None)
+    password_file = secretfiles.check(sec, "password_file")
     if password is not None and password_file is not None:
         sec.error("password_file", "give either password or password_file, not both")
     if (password is not None or password_file is not None) and username is None:
