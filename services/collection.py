@@ -91,7 +91,7 @@ class CollectionService(Service):
         self.log = ctx.logger
         self.store = ctx.store
         ctx.create_task(self._push_loop(), "push")
-        ctx.control.register("read", self._cmd_read)
+        ctx.control.register("read", self._cmd_read, mutating=False)
         for spec in ctx.config.devices.values():
             if spec.enabled:
                 await self._add(spec, ctx.config)

@@ -75,8 +75,7 @@ def _secrets_config(tmp_path: Path, bindkey: str, key: str, password: str) -> Pa
     cert = tmp_path / "gw.pem"
     cert.write_text("not read by config check\n")
     path.write_text(
-        path.read_text()
-        + BLE_DEVICE.format(bindkey=bindkey, cert=cert, key=key, password=password)
+        path.read_text() + BLE_DEVICE.format(bindkey=bindkey, cert=cert, key=key, password=password)
     )
     return path
 
