@@ -23,7 +23,7 @@ from gateway import __version__, names, systemd
 from gateway import config as cfg
 from gateway import events as ev
 from gateway.bus import Bus
-from gateway.control import ControlServer
+from gateway.control import ControlServer, Peer
 from gateway.errors import ConfigError, GatewayError, PayloadError, StoreFull
 from gateway.service import Service
 from gateway.store import EventStore, OutboxCodec
@@ -269,11 +269,25 @@ class Daemon:
     # -- control verbs --------------------------------------------------------------------
     def _register_verbs(self) -> None:
         assert self.control is not None
-        self.control.register("status", self._cmd_status)
-        self.control.register("reload", self._cmd_reload)
-        self.control.register("db.rebuild", self._cmd_rebuild)
-        self.control.register("db.prune", self._cmd_prune)
-        self.control.register("note", self._cmd_note)
+        self.control.audit = self._audit
+        self.control.register("status", self._cmd_status, mutating=False)
+        self.control.register("reload", self._cmd_reload, mutating=True)
+        self.control.register("db.rebuild", self._cmd_rebuild, mutating=True)
+        self.control.register("db.prune", self._cmd_prune, mutating=True)
+        self.control.register("note", self._cmd_note, mutating=True)
+
+    async def _audit(self, verb: str, args: dict[str, Any], peer: Peer, error: str | None) -> None:
+        """A state-changing verb ran: an event says which, with what, by whom, and how."""
+        assert self.store is not None
+        shown: Any = args
+        if len(repr(args)) > 4096:
+            shown = {"truncated": repr(args)[:4000]}
+        data: dict[str, Any] = {"verb": verb, "args": shown, **peer.as_dict(), "ok": error is None}
+        if error is not None:
+            data["error"] = error[:1000]
+        log.info("control: %s by uid %d gid %d pid %d%s", verb, peer.uid, peer.gid, peer.pid,
+                 "" if error is None else f" failed: {error}")  # fmt: skip
+        await self.store.append(ev.OPERATOR_STREAM, ev.CONTROL_VERB, data)
 
     async def _cmd_status(self, args: dict[str, Any]) -> Any:
         assert self.store is not None and self.supervisor is not None
@@ -382,6 +396,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {issue}", file=sys.stderr)
         return exc.exit_status
     setup_logging(config.gateway.log_level)
+    for warning in config.warnings:
+        log.warning("config: %s", warning)
     try:
         return asyncio.run(Daemon(config, path).run())
     except GatewayError as exc:

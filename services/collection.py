@@ -95,7 +95,7 @@ class CollectionService(Service):
         self._refusals = RateLimitedLog(ctx.logger)
         self.store = ctx.store
         ctx.create_task(self._push_loop(), "push")
-        ctx.control.register("read", self._cmd_read)
+        ctx.control.register("read", self._cmd_read, mutating=False)
         for spec in ctx.config.devices.values():
             if spec.enabled:
                 await self._add(spec, ctx.config)

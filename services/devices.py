@@ -36,7 +36,7 @@ class DevicesService(Service):
 
     async def start(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
-        ctx.control.register("devices", self._cmd_devices)
+        ctx.control.register("devices", self._cmd_devices, mutating=False)
         await self._sync(ctx.config)
 
     async def stop(self) -> None:

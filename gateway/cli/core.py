@@ -305,9 +305,12 @@ def cmd_config_check(args: argparse.Namespace) -> int:
             for issue in exc.issues:
                 print(f"  {issue}", file=sys.stderr)
         return EXIT_CONFIG
+    warnings = [{"path": i.path, "message": i.message} for i in c.warnings]
     if args.json:
-        emit_json({"ok": True, "file": path, "devices": sorted(c.devices)})
+        emit_json({"ok": True, "file": path, "devices": sorted(c.devices), "warnings": warnings})
     else:
+        for w in c.warnings:
+            print(f"warning: {w}", file=sys.stderr)
         print(f"{path}: ok ({len(c.devices)} devices; state in {c.state_dir}, "
               f"socket {c.socket_path})")  # fmt: skip
     return EXIT_OK

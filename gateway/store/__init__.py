@@ -142,6 +142,22 @@ def open_readonly(path: str | os.PathLike[str]) -> sqlite3.Connection:
     return _connect(p, "normal", readonly=True)
 
 
+#: Database files (and their -wal/-shm, backups, quarantined copies) are the owner's alone:
+#: they hold every reading and command. SQLite gives -wal/-shm the main file's mode.
+PRIVATE_MODE = 0o600
+
+
+def make_private(path: Path) -> None:
+    """Create `path` empty with mode 0600 if absent; take group/other bits off if present
+    (and off its -wal/-shm: files made by an older version were 0644)."""
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_MODE))
+    for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(p).st_mode & 0o077:
+                os.chmod(p, PRIVATE_MODE)
+
+
 def quarantine(path: Path, reason: str) -> Path:
     """Move a corrupt database (and its -wal/-shm) aside with a timestamped name; never delete."""
     import shutil  # rarely needed; keeps start-up RSS down
@@ -157,6 +173,7 @@ def quarantine(path: Path, reason: str) -> Path:
         side = Path(str(path) + suffix)
         if side.exists():
             shutil.move(str(side), str(target) + suffix)
+    make_private(target)  # moved aside, still full of data: nobody else reads it
     log.error("database %s is corrupt (%s): moved aside to %s; starting on a fresh file",
               path, reason, target)  # fmt: skip
     return target
@@ -282,6 +299,7 @@ class EventStore:
         if problem is not None:
             self.quarantined = quarantine(self.path, problem)
         try:
+            make_private(self.path)
             self._w = _connect(self.path, self.config.synchronous)
             migrate(self._w)
         except sqlite3.DatabaseError as exc:
@@ -289,6 +307,7 @@ class EventStore:
             if self._w is not None:
                 self._w.close()
             self.quarantined = quarantine(self.path, str(exc))
+            make_private(self.path)
             self._w = _connect(self.path, self.config.synchronous)
             migrate(self._w)
         self._projections = active_projections(self._w)

@@ -20,9 +20,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
-from gateway import names
+from gateway import names, secretfiles
 from gateway.breaker import Backoff as Backoff  # re-exported: the relay paces with it
 from gateway.breaker import Breaker
+from gateway.errors import ConfigError
 from gateway.sync.codec import joined_payload
 from gateway.sync.config import EndpointConfig, SyncConfig
 
@@ -442,20 +443,25 @@ class MqttLink:
         else:
             ctx.load_default_certs()
         if ep.cert_file:
+            if ep.key_file:
+                secretfiles.read(ep.key_file, f"{ep.path}.key_file")  # refused if world-readable
             ctx.load_cert_chain(ep.cert_file, ep.key_file)
         return ctx
 
     def _password(self, ep: EndpointConfig) -> str | None:
         if ep.password_file:
-            with open(ep.password_file, encoding="utf-8") as f:
-                return f.read().strip("\r\n")
+            data = secretfiles.read(ep.password_file, f"{ep.path}.password_file")
+            try:
+                return data.decode("utf-8").strip("\r\n")
+            except UnicodeDecodeError:
+                raise ConfigError("is not UTF-8 text", f"{ep.path}.password_file") from None
         return ep.password
 
     async def _try(self, ep: EndpointConfig) -> MqttChannel:
         try:
             tls = self._tls_context(ep) if ep.tls else None
             password = self._password(ep)
-        except (OSError, ssl.SSLError) as exc:
+        except (OSError, ssl.SSLError, ConfigError) as exc:
             raise _Hard(f"{ep.label}: cannot load credentials ({exc})") from exc
         try:
             return await self._attempt(ep, tls, password)

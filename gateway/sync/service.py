@@ -52,10 +52,10 @@ class SyncService(Service):
         await self._measure()
         self._task = ctx.create_task(self.relay.run(), "relay")
         ctx.create_task(self._stats_loop(), "stats")
-        ctx.control.register("outbox", self._cmd_outbox)
-        ctx.control.register("outbox.retry", self._cmd_retry)
-        ctx.control.register("outbox.dead_letters", self._cmd_dead_letters)
-        ctx.control.register("outbox.requeue", self._cmd_requeue)
+        ctx.control.register("outbox", self._cmd_outbox, mutating=False)
+        ctx.control.register("outbox.retry", self._cmd_retry, mutating=True)
+        ctx.control.register("outbox.dead_letters", self._cmd_dead_letters, mutating=False)
+        ctx.control.register("outbox.requeue", self._cmd_requeue, mutating=True)
 
     async def stop(self) -> None:
         if self._ctx is not None:
