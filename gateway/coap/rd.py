@@ -146,6 +146,14 @@ class Directory:
         self.gate.registered.discard(reg.ep)
         self._changed.set()
 
+    def forget_configured(self) -> None:
+        """Registrations whose name became a configured device (a reload) are dropped,
+        without an event: the device is the config's now, and an expiry or a DELETE of the
+        registration must not detach it."""
+        for reg in [r for ep, r in self.by_ep.items() if ep in self.gate.configured]:
+            self._drop(reg)
+            self.log.warning("rd: registration of %s dropped: now a configured device", reg.ep)
+
     def _lifetime(self, query: dict[str, str]) -> int:
         if "lt" not in query:
             return self.gate.config.rd_default_lifetime

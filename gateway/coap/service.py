@@ -54,19 +54,9 @@ class CoapServer:
         self.config = config
         self.store = store
         self.log = logger
-        configured = set(known or ()) | set(devices or ())
-        known_devices = configured | {d for d, c in config.credentials.items()}
-        limits = {
-            dev_id: {p.name: (p.min, p.max) for p in spec.points if (p.min, p.max) != (None, None)}
-            for dev_id, spec in (devices or {}).items()
-        }
-        self.gate = Gate(
-            config,
-            known=known_devices,
-            log=logger,
-            configured=configured,
-            limits={d: pts for d, pts in limits.items() if pts},
-        )
+        self._known = set(known or ())
+        self.gate = Gate(config, log=logger)
+        self.set_devices(devices or {})
         self.backend = Backend(store)
         self.telemetry = TelemetryResource(self.gate, self.backend)
         self.devices = DeviceResource(self.gate, self.backend, self.telemetry)
@@ -87,6 +77,21 @@ class CoapServer:
         self.managers: list[Any] = []
         self._expiry: asyncio.Task[None] | None = None
         self.addresses: list[tuple[str, int, str]] = []  # (host, port, "udp"|"dtls")
+
+    def set_devices(self, devices: Mapping[str, Any]) -> None:
+        """The configured devices (`DeviceSpec`s; again after a reload): names no
+        unauthenticated peer or RD endpoint may take, and the min/max of their points."""
+        configured = self._known | set(devices)
+        self.gate.configured = configured
+        self.gate.known = configured | set(self.config.credentials)
+        limits = {
+            dev_id: {p.name: (p.min, p.max) for p in spec.points if (p.min, p.max) != (None, None)}
+            for dev_id, spec in devices.items()
+        }
+        self.gate.limits = {d: pts for d, pts in limits.items() if pts}
+        directory = getattr(self, "directory", None)  # (None while __init__ runs)
+        if directory is not None:
+            directory.forget_configured()
 
     def _credentials(self) -> Any:
         from aiocoap.credentials import DTLS, CredentialsMap
@@ -216,6 +221,11 @@ class CoapService(Service):
         if self.server is not None:
             server, self.server = self.server, None
             await server.stop()
+
+    async def reload(self, config: Any) -> None:
+        # Devices added by a reload are protected at once ([coap] itself needs a restart).
+        if self.server is not None:
+            self.server.set_devices(config.devices)
 
     def health(self) -> Health:
         if self.server is None:
