@@ -142,3 +142,22 @@ def test_systemd_credentials_directory(tmp_path: Path, monkeypatch: pytest.Monke
     out = run_cli(path, "config", "check")
     assert out.returncode == 3
     assert f"sync.endpoints[0].password_file: {creds / 'mqtt.pass'}: mode 0444" in out.stderr
+
+
+def test_world_readable_oscore_key_is_refused(tmp_path: Path) -> None:
+    ctx = tmp_path / "oscore-boiler"
+    ctx.mkdir()
+    (ctx / "settings.json").write_text('{"sender-id_hex": "01", "recipient-id_hex": "02"}')
+    secret = _secret(ctx / "secret.json", '{"secret_hex": "00112233445566778899"}', 0o644)
+    path = write_config(tmp_path)
+    path.write_text(
+        path.read_text() + f'[coap]\nbind = ["127.0.0.1"]\n'
+        f'[coap.devices.boiler-1]\noscore_context = "{ctx}"\n'
+    )
+    out = run_cli(path, "config", "check")
+    assert out.returncode == 3, out
+    assert f"coap.devices.boiler-1.oscore_context: {secret}: mode 0644 lets every local user" in (
+        out.stderr
+    ), out.stderr
+    secret.chmod(0o600)
+    assert run_cli(path, "config", "check").returncode == 0
