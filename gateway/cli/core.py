@@ -26,7 +26,14 @@ from gateway.cli.common import (
     with_db,
 )
 from gateway.control import call
-from gateway.errors import EXIT_CONFIG, EXIT_OK, EXIT_STORE, EXIT_USAGE, ConfigError
+from gateway.errors import (
+    EXIT_CONFIG,
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_STORE,
+    EXIT_USAGE,
+    ConfigError,
+)
 from gateway.errors import DaemonUnavailableError as Down
 from gateway.store import maintenance, open_readonly, queries
 
@@ -64,6 +71,9 @@ def add_parsers(sub: Any) -> None:
     b.set_defaults(func=cmd_db_backup)
     r = dsub.add_parser("rebuild", help="rebuild projections from the log")
     r.set_defaults(func=cmd_db_rebuild)
+
+    p = sub.add_parser("reload", help="make the daemon re-read its config; says whether it took")
+    p.set_defaults(func=cmd_reload)
 
     p = sub.add_parser("note", help="write an operator's note into the event log")
     p.add_argument("text")
@@ -112,6 +122,12 @@ def cmd_status(args: argparse.Namespace) -> int:
             rows.append((name, h["state"], h.get("restarts", 0), h.get("detail", "")))
         out.write(table(rows, ("service", "state", "restarts", "detail")) + "\n\n")
         s = data["store"]
+        if data.get("last_reload_error"):
+            out.write(
+                "last reload FAILED (the running config stays):\n  "
+                + "\n  ".join(data["last_reload_error"].splitlines())
+                + "\n\n"
+            )
         out.write(
             f"store: {fmt_bytes(s['used_bytes'])} used of {fmt_bytes(s['quota_bytes'])} quota, "
             f"file {fmt_bytes(s['file_bytes'])}, last seq {s['last_seq']}, "
@@ -278,6 +294,23 @@ def cmd_db_rebuild(args: argparse.Namespace) -> int:
     else:
         print(f"projections rebuilt {where}: {result['replayed']} events replayed")
     return EXIT_OK
+
+
+# -- reload -----------------------------------------------------------------------------
+def cmd_reload(args: argparse.Namespace) -> int:
+    c = load_config(args)
+    result = call(c.socket_path, "reload", {}, timeout=120)
+    status = EXIT_OK
+    if not result["applied"]:
+        status = EXIT_CONFIG if result.get("kind") == "config" else EXIT_FAILURE
+    if args.json:
+        emit_json(result)
+    elif result["applied"]:
+        print(f"reloaded: {result['devices']} devices")
+    else:
+        print("reload FAILED, the running config stays:\n  "
+              + "\n  ".join(str(result["errors"]).splitlines()), file=sys.stderr)  # fmt: skip
+    return status
 
 
 # -- note -------------------------------------------------------------------------------

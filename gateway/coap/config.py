@@ -86,6 +86,8 @@ def _credentials(name: str, sec: Section) -> DeviceCredentials:
         sec.error("psk", "psk_identity is set but there is no psk (or psk_hex)")
     if oscore is not None and not Path(oscore).is_dir():
         sec.error("oscore_context", f"{oscore!r} is not a directory (an aiocoap OSCORE context)")
+    elif oscore is not None and (bad := secretfiles.oscore_problem(oscore)) is not None:
+        sec.error("oscore_context", bad)
     return DeviceCredentials(
         device=name,
         psk_identity=ident.encode("utf-8") if ident is not None else None,
