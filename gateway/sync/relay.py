@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 import cbor2
 
 from gateway import events as ev
+from gateway.aio import wait_event
 from gateway.errors import ConcurrencyError, PayloadError, StoreError
 from gateway.store import queries
 from gateway.sync.codec import Encoder, NotRepresentableError, parse_command
@@ -538,8 +539,7 @@ class Relay:
                 if pause:
                     self.state = "paused"
                     self._kick.clear()
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._kick.wait(), pause)
+                    await wait_event(self._kick, pause)
         finally:
             self.state = "stopped"
             self.store.remove_listener(self._on_commit)
