@@ -9,7 +9,6 @@ projection shows them (source = 'rd'). The in-memory `Directory` is rebuilt from
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fnmatch
 import logging
 import secrets
@@ -25,6 +24,7 @@ from aiocoap.util.linkformat import Link, LinkFormat, parse
 
 from gateway import events as ev
 from gateway import names
+from gateway.aio import wait_event
 from gateway.coap import senml
 from gateway.coap.resources import Backend, Gate, GatewayResource, check_size
 from gateway.errors import (
@@ -272,8 +272,7 @@ class Directory:
                         await asyncio.sleep(1.0)
             nxt = min((r.expires for r in self.by_ep.values()), default=None)
             timeout = None if nxt is None else max(0.0, nxt - self.clock())
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), timeout)
+            await wait_event(self._changed, timeout)
 
     # -- lookup ---------------------------------------------------------------------------
     def _filters(self, request: Message) -> list[tuple[str, str]]:

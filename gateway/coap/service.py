@@ -183,7 +183,8 @@ class CoapServer:
             self.store.remove_listener(self.devices.on_commit)
         if self.context is not None:
             ctx, self.context = self.context, None
-            await asyncio.wait_for(ctx.shutdown(), 5.0)
+            async with asyncio.timeout(5.0):  # not wait_for: it can swallow a cancellation
+                await ctx.shutdown()
         self.managers.clear()
 
     def figures(self) -> dict[str, Any]:

@@ -47,6 +47,7 @@ import cbor2
 
 from gateway import events as ev
 from gateway import names
+from gateway.aio import wait_event
 from gateway.errors import ConcurrencyError, PayloadError, StoreError
 from gateway.logs import RateLimitedLog
 from gateway.store import queries
@@ -556,8 +557,7 @@ class Relay:
                 if pause:
                     self.state = "paused"
                     self._kick.clear()
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._kick.wait(), pause)
+                    await wait_event(self._kick, pause)
         finally:
             self.state = "stopped"
             self.store.remove_listener(self._on_commit)
