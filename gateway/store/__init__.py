@@ -138,7 +138,10 @@ def open_readonly(path: str | os.PathLike[str]) -> sqlite3.Connection:
     p = Path(path)
     if not p.exists():
         raise StoreError(f"{p}: no database here (has gatewayd run with this config?)")
-    return _connect(p, "normal", readonly=True)
+    try:
+        return _connect(p, "normal", readonly=True)
+    except sqlite3.Error as exc:
+        raise store_error(exc, f"opening {p} read-only") from exc
 
 
 def quarantine(path: Path, reason: str) -> Path:
