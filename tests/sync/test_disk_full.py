@@ -4,6 +4,7 @@ dead letter while it cannot record them; it records them, in order, once there i
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import sys
@@ -15,7 +16,7 @@ import pytest
 from gateway.control import call
 from tests.peers import IN_CI, Peer, require_binary, wait_until
 from tests.sync.conftest import Mosquitto, Subscriber
-from tests.sync.test_daemon import ROOT, ctl
+from tests.sync.test_daemon import ROOT, ctl, db_query, gatewayd
 
 pytestmark = pytest.mark.peer("mosquitto")
 
@@ -150,3 +151,61 @@ def test_disk_full_keeps_acks_and_dead_letters_and_says_disk_full(tmp_path: Path
     assert daemon.proc.returncode == 0, text[-3000:]
     assert "Task exception was never retrieved" not in text
     assert "Traceback" not in text, text[-3000:]
+
+
+def test_full_store_at_start_delivers_and_prunes_its_way_back(tmp_path: Path) -> None:
+    """Issue 11 item 10 with a real broker: a store at its quota (reject_new) used to stop
+    gatewayd at start (exit 5), so the relay that could free space never ran. Now it starts
+    degraded, delivers the backlog to Mosquitto, retention prunes what was delivered, and
+    appends resume with nobody's help."""
+    broker = Mosquitto().start()
+    sub = Subscriber(broker.port, tmp_path)
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        write_config(tmp_path, broker.port)
+        .read_text()
+        .replace(
+            "[store]\n",
+            '[store]\nquota_mb = 0.2\noverflow = "reject_new"\nretention_days = 0.00001\n',
+        )
+    )
+    db = tmp_path / "state" / "gateway.db"
+    asyncio.run(_fill(db, 300 * 1024))
+    backlog = db_query(db, "SELECT count(*) FROM outbox")[0][0]
+    log = tmp_path / "gatewayd.log"
+    daemon = gatewayd(config, log)
+    try:
+        wait_until(lambda: "starting degraded: disk quota reached" in log.read_text()
+                   or not daemon.alive(), "degraded start", 600)  # fmt: skip
+        assert daemon.alive(), log.read_text()
+        wait_until(lambda: len(sub.events()) >= backlog, "backlog delivered", 600)
+        wait_until(lambda: "store takes new events again" in log.read_text(), "resumed", 600)
+        wait_until(
+            lambda: db_query(db, "SELECT count(*) FROM events WHERE type = 'gateway.started'")
+            == [(1,)], "gateway.started recorded", 600,
+        )  # fmt: skip
+        rc, st = ctl(config, "status")
+        assert rc == 0 and st["store"]["full"] is None and "DEGRADED" not in st["status"]
+    finally:
+        daemon.stop(timeout=30)
+        sub.stop()
+        broker.remove()
+    assert daemon.proc.returncode == 0, log.read_text()[-3000:]
+
+
+async def _fill(db: Path, used: int) -> None:
+    from gateway.config import StoreConfig
+    from gateway.events import NewEvent
+    from gateway.store import EventStore
+
+    store = await EventStore.open(db, StoreConfig(quota_mb=64), gateway_id="gw")
+    try:
+        n = 0
+        while store.used_bytes < used:
+            await store.append_many(
+                [NewEvent("device:old-1", "device.readings", {"r": [n + i, "x" * 100]})
+                 for i in range(200)]
+            )  # fmt: skip
+            n += 200
+    finally:
+        await store.close()
