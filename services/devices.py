@@ -68,9 +68,12 @@ class DevicesService(Service):
                 await self.ctx.store.append_many(todo)
             except StoreFull as exc:
                 # A full store must not stop the daemon (delivery and retention make room).
+                if not self._unrecorded:  # said once, not at every retry
+                    self.ctx.logger.warning(
+                        "devices: %d registry changes not recorded yet: %s; retried until "
+                        "there is room", len(todo), exc,
+                    )  # fmt: skip
                 self._unrecorded = f"{len(todo)} registry changes not recorded yet: {exc}"
-                self.ctx.logger.warning("devices: %s; retried until there is room",
-                                        self._unrecorded)  # fmt: skip
                 if self._retry is None or self._retry.done():
                     self._retry = self.ctx.create_task(self._retry_sync(), "devices-retry")
                 return

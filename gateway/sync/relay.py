@@ -502,6 +502,10 @@ class Relay:
             "backfill_left": self.backfill_left,
             "last_error": self.last_error,
             "last_error_at": self.last_error_at,
+            # Acked batches and dead letters not written yet (kept while writes fail).
+            "unrecorded": len(self._dels) + len(self._acked) + len(self._ops),
+            "unrecorded_dead_letters": len(self._ops),
+            "record_failures": self._record_failures,  # in a row, since the last good write
         }
 
     async def handle_command(self, payload: bytes) -> bytes | None:
