@@ -11,8 +11,10 @@ import asyncio
 import contextlib
 import logging
 import socket
+import sqlite3
 from typing import Any
 
+from gateway import events as ev
 from gateway.aio import cancel_and_wait
 from gateway.coap.config import CoapConfig
 from gateway.service import Health, Service, ServiceContext
@@ -60,7 +62,7 @@ class CoapServer:
         from gateway.coap.lean import LeanSite
 
         site = LeanSite()
-        site.add_resource((".well-known", "core"), WellKnownCore(site))
+        site.add_resource((".well-known", "core"), WellKnownCore(site, self.gate, self.devices))
         site.add_resource(("telemetry",), self.telemetry)
         site.add_resource(("d",), self.devices)
         site.add_resource(("rd",), RdResource(self.directory))
@@ -72,6 +74,7 @@ class CoapServer:
         self.managers: list[Any] = []
         self._expiry: asyncio.Task[None] | None = None
         self.addresses: list[tuple[str, int, str]] = []  # (host, port, "udp"|"dtls")
+        self.limiter: Any = None
 
     def _credentials(self) -> Any:
         from aiocoap.credentials import DTLS, CredentialsMap
@@ -93,9 +96,11 @@ class CoapServer:
         from aiocoap.tokenmanager import TokenManager
         from aiocoap.transports.udp6 import MessageInterfaceUDP6
 
-        from gateway.coap.lean import LeanContext, LeanMessageManager
+        from gateway.coap.lean import LeanContext, LeanMessageManager, RateLimiter
 
         await self.directory.load()
+        self.gate.unknown.update(await self.store.read(_unknown_devices))
+        self.gate.unknown -= self.gate.known | self.gate.registered
         creds = self._credentials()
         site: Any = self.site
         if any(c.oscore_context for c in self.config.credentials.values()):
@@ -108,9 +113,13 @@ class CoapServer:
         )
         self.context = ctx
 
-        async def add(constructor: Any) -> Any:
+        self.limiter = RateLimiter(self.config.rate_per_source, self.config.burst)
+
+        async def add(constructor: Any, verify_address: bool = True) -> Any:
             tman = TokenManager(ctx)
-            mman = LeanMessageManager(tman, self.config.dedup_max)
+            mman = LeanMessageManager(
+                tman, self.config.dedup_max, limiter=self.limiter, verify_address=verify_address
+            )
             transport = await constructor(mman)
             mman.message_interface = transport
             tman.token_interface = mman
@@ -143,13 +152,15 @@ class CoapServer:
                             log=ctx.log,
                             loop=loop,
                             server_credentials=creds,
-                        )
+                        ),
+                        verify_address=False,  # the DTLS handshake's cookie proved it
                     )
                     self.addresses.append((host, self.config.dtls_port, "dtls"))
         except BaseException:
             await self.stop()
             raise
         self.store.add_listener(self.devices.on_commit)
+        self.store.add_listener(self._on_commit)
         self._expiry = asyncio.create_task(self.directory.expire_forever(), name="coap:rd-expiry")
         self.log.info(
             "CoAP listening on %s", ", ".join(f"{k}://[{h}]:{p}" for h, p, k in self.addresses)
@@ -161,10 +172,24 @@ class CoapServer:
             self._expiry = None
         with contextlib.suppress(Exception):
             self.store.remove_listener(self.devices.on_commit)
+        with contextlib.suppress(Exception):
+            self.store.remove_listener(self._on_commit)
         if self.context is not None:
             ctx, self.context = self.context, None
             await asyncio.wait_for(ctx.shutdown(), 5.0)
         self.managers.clear()
+
+    def _on_commit(self, events: Any) -> None:
+        """A forgotten device leaves the caps' books (and the directory) at once."""
+        for e in events:
+            if e.type == ev.DEVICE_FORGOTTEN:
+                device = ev.stream_device(e.stream)
+                if device is None:
+                    continue
+                self.gate.unknown.discard(device)
+                reg = self.directory.by_ep.get(device)
+                if reg is not None:
+                    self.directory._drop(reg)
 
     def figures(self) -> dict[str, Any]:
         return {
@@ -174,7 +199,22 @@ class CoapServer:
             "dedup_entries": sum(len(m.dedup) for m in self.managers),
             "dedup_early_evictions": sum(m.dedup.early_evictions for m in self.managers),
             "duplicates": sum(m.duplicates for m in self.managers),
+            # Refused at the door (token bucket per sender), answers cut to 3x their request
+            # (RFC 7252 section 11.3), and refusals past the caps on names (gate, RD).
+            "rate_limited": self.limiter.refused if self.limiter is not None else 0,
+            "responses_cut": sum(m.cut for m in self.managers),
+            "unknown_devices": len(self.gate.unknown),
+            "unknown_refused": self.gate.unknown_refused,
+            "rd_refused": self.directory.refused,
         }
+
+
+def _unknown_devices(conn: sqlite3.Connection) -> list[str]:
+    """Devices known only from their readings (no row of their own): the unknown ones."""
+    rows = conn.execute(
+        "SELECT DISTINCT device FROM latest WHERE device NOT IN (SELECT id FROM devices)"
+    ).fetchall()
+    return [str(r[0]) for r in rows]
 
 
 def _local_port(transport: Any, default: int) -> int:
@@ -206,10 +246,18 @@ class CoapService(Service):
     def health(self) -> Health:
         if self.server is None:
             return Health.degraded("not running")
-        return Health.ok(
-            ", ".join(f"{k}://[{h}]:{p}" for h, p, k in self.server.addresses),
-            **self.server.figures(),
-        )
+        figures = self.server.figures()
+        detail = ", ".join(f"{k}://[{h}]:{p}" for h, p, k in self.server.addresses)
+        refused = [
+            f"{figures[key]} {what}"
+            for key, what in (
+                ("rate_limited", "rate-limited"),
+                ("unknown_refused", "refused past max_unknown_devices"),
+                ("rd_refused", "refused past rd_max_registrations"),
+            )
+            if figures[key]
+        ]
+        return Health.ok("; ".join([detail, *refused]), **figures)
 
     def set_commands(self, device: str, commands: list[Any]) -> None:
         """For the control service: the commands waiting for `device` (observable)."""

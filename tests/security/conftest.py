@@ -1,0 +1,89 @@
+"""Attacks on the gateway from the local network: a real gatewayd with its CoAP front door."""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.coap.conftest import gateway_factory  # noqa: F401  (fixture, reused)
+from tests.core.conftest import Daemon, run_cli, start_daemon
+from tests.peers import free_port
+
+COAP_DAEMON_CONFIG = """
+[gateway]
+id = "gw-sec"
+state_dir = "{state}"
+runtime_dir = "{run}"
+log_level = "info"
+
+[devices.boiler-1]
+driver = "virtual"
+interval = 5.0
+
+[devices.boiler-1.points.temperature]
+signal = "sine"
+base = 60.0
+
+[coap]
+bind = ["127.0.0.1"]
+port = {port}
+"""
+
+
+@dataclass
+class CoapDaemon:
+    daemon: Daemon
+    port: int
+    config: Path
+
+    def cli(self, *args: str) -> Any:
+        return run_cli(self.config, *args)
+
+    def status(self) -> dict[str, Any]:
+        proc = self.cli("status", "--json")
+        assert proc.returncode == 0, proc.stderr
+        coap: dict[str, Any] = json.loads(proc.stdout)["services"]["coap"]
+        return coap
+
+    def devices(self) -> list[dict[str, Any]]:
+        proc = self.cli("devices", "--json")
+        assert proc.returncode == 0, proc.stderr
+        result: list[dict[str, Any]] = json.loads(proc.stdout)
+        return result
+
+    def rss_kb(self) -> int:
+        for line in Path(f"/proc/{self.daemon.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise AssertionError("no VmRSS")
+
+    def log(self) -> str:
+        return self.daemon.log.read_text(errors="replace")
+
+
+@pytest.fixture
+def coap_daemon(tmp_path: Path) -> Iterator[Callable[[str], CoapDaemon]]:
+    started: list[Daemon] = []
+
+    def make(coap_toml: str) -> CoapDaemon:
+        port = free_port(socket.SOCK_DGRAM)
+        config = tmp_path / "config.toml"
+        config.write_text(
+            COAP_DAEMON_CONFIG.format(state=tmp_path / "state", run=tmp_path / "run", port=port)
+            + coap_toml
+            + "\n"
+        )
+        daemon = start_daemon(config, tmp_path)
+        started.append(daemon)
+        return CoapDaemon(daemon, port, config)
+
+    yield make
+    for d in started:
+        d.peer.stop(timeout=30)
+        d.notify.close()
