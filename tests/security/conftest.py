@@ -42,6 +42,9 @@ class CoapDaemon:
     port: int
     config: Path
 
+    def uri(self, path: str) -> str:
+        return f"coap://127.0.0.1:{self.port}{path}"
+
     def cli(self, *args: str) -> Any:
         return run_cli(self.config, *args)
 

@@ -108,7 +108,13 @@ class Udp:
         self.sock.send(datagram)
 
     def recv(self) -> Reply:
-        return decode(self.sock.recv(65536))
+        """The next response; a separate (CON) response is acknowledged, empty ACKs skipped."""
+        while True:
+            reply = decode(self.sock.recv(65536))
+            if reply.mtype == CON:
+                self.sock.send(encode(0, reply.mid, mtype=ACK))
+            if reply.code != "0.00":
+                return reply
 
     def ask(self, datagram: bytes) -> Reply:
         self.send(datagram)
