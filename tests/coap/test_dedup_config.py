@@ -98,6 +98,19 @@ def test_config_errors_name_their_paths() -> None:
     assert "coap.devices.d1.psk: psk_identity is set but there is no psk" in text
 
 
+def test_limits_have_defaults_and_are_checked() -> None:
+    c = _coap("[coap]\n")
+    assert (c.rate_per_source, c.burst, c.max_unknown_devices) == (100.0, 200, 1000)
+    c = _coap("[coap]\nrate_per_source = 0\nburst = 5\nmax_unknown_devices = 0\n")
+    assert (c.rate_per_source, c.burst, c.max_unknown_devices) == (0.0, 5, 0)
+    with pytest.raises(ConfigError) as info:
+        loads('[coap]\nrate_per_source = -1\nburst = 0\nmax_unknown_devices = "many"\n')
+    text = str(info.value)
+    assert "coap.rate_per_source: must be >= 0" in text
+    assert "coap.burst: must be >= 1" in text
+    assert "coap.max_unknown_devices: must be an integer" in text
+
+
 def test_dtls_needs_specific_bind_addresses() -> None:
     with pytest.raises(ConfigError, match=r"coap\.bind: DTLS-PSK needs specific addresses"):
         loads('[coap]\n[coap.devices.d1]\npsk = "k"\n')
