@@ -96,27 +96,42 @@ class Gate:
     registered: set[str] = field(default_factory=set)
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("gateway.coap"))
     #: Devices only telemetry made (neither configured nor registered): at most
-    #: `config.max_unknown_devices` of them; `gatewayctl devices forget` frees room.
+    #: `config.max_unknown_devices` of them, each with at most `config.max_unknown_points`
+    #: point names; `gatewayctl devices forget` frees room.
     unknown: set[str] = field(default_factory=set)
+    unknown_points: dict[str, set[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.unknown_refusals = Refusals("unknown devices at max_unknown_devices", self.log)
+        self.point_refusals = Refusals("points of unknown devices at max_unknown_points", self.log)
 
     @property
     def unknown_refused(self) -> int:
-        return self.unknown_refusals.count
+        return self.unknown_refusals.count + self.point_refusals.count
 
-    def admit(self, device: str) -> None:
-        """Telemetry for `device` is about to be stored: a new unknown name takes a place
-        under the cap, or is refused with 5.03 and Max-Age."""
-        if device in self.unknown or self.is_known(device):
+    def admit(self, device: str, points: Iterable[str] = ()) -> None:
+        """Telemetry for `device` is about to be stored: a new unknown name (or point name of
+        an unknown device) takes a place under its cap, or is refused with 5.03 + Max-Age."""
+        if self.is_known(device):
             return
-        if len(self.unknown) >= self.config.max_unknown_devices:
+        if device not in self.unknown and len(self.unknown) >= self.config.max_unknown_devices:
             self.unknown_refusals.refuse(f"{device!r}")
             raise CapacityError(
                 f"too many unknown devices ({len(self.unknown)}): not taking {device!r}"
             )
+        have = self.unknown_points.get(device, set())
+        new = {p for p in points if p not in have}
+        cap = self.config.max_unknown_points
+        if len(have) + len(new) > cap:
+            self.point_refusals.refuse(f"{device!r}")
+            raise CapacityError(f"unknown device {device!r} may have at most {cap} points")
         self.unknown.add(device)
+        if new:
+            self.unknown_points[device] = have | new
+
+    def forget(self, device: str) -> None:
+        self.unknown.discard(device)
+        self.unknown_points.pop(device, None)
 
     @staticmethod
     def identity(request: Message) -> str | None:
@@ -260,8 +275,8 @@ class TelemetryResource(GatewayResource):
         grouped = group_readings(records, fixed)
         for device in grouped:
             self.gate.authorize(request, device)
-        for device in grouped:
-            self.gate.admit(device)
+        for device, recs in grouped.items():
+            self.gate.admit(device, (rec["n"] for rec in recs))
         events = [ev.readings_event(device, recs) for device, recs in grouped.items()]
         # The acknowledgement is the commit: nothing is answered before append_many returns.
         await self.backend.append_many(events)

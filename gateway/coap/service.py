@@ -99,8 +99,10 @@ class CoapServer:
         from gateway.coap.lean import LeanContext, LeanMessageManager, RateLimiter
 
         await self.directory.load()
-        self.gate.unknown.update(await self.store.read(_unknown_devices))
-        self.gate.unknown -= self.gate.known | self.gate.registered
+        for device, point in await self.store.read(_unknown_points):
+            if not self.gate.is_known(device):
+                self.gate.unknown.add(device)
+                self.gate.unknown_points.setdefault(device, set()).add(point)
         creds = self._credentials()
         site: Any = self.site
         if any(c.oscore_context for c in self.config.credentials.values()):
@@ -186,7 +188,7 @@ class CoapServer:
                 device = ev.stream_device(e.stream)
                 if device is None:
                     continue
-                self.gate.unknown.discard(device)
+                self.gate.forget(device)
                 reg = self.directory.by_ep.get(device)
                 if reg is not None:
                     self.directory._drop(reg)
@@ -209,12 +211,12 @@ class CoapServer:
         }
 
 
-def _unknown_devices(conn: sqlite3.Connection) -> list[str]:
-    """Devices known only from their readings (no row of their own): the unknown ones."""
+def _unknown_points(conn: sqlite3.Connection) -> list[tuple[str, str]]:
+    """(device, point) of devices known only from their readings (no row of their own)."""
     rows = conn.execute(
-        "SELECT DISTINCT device FROM latest WHERE device NOT IN (SELECT id FROM devices)"
+        "SELECT device, point FROM latest WHERE device NOT IN (SELECT id FROM devices)"
     ).fetchall()
-    return [str(r[0]) for r in rows]
+    return [(str(d), str(p)) for d, p in rows]
 
 
 def _local_port(transport: Any, default: int) -> int:

@@ -42,6 +42,11 @@ class CoapDaemon:
     port: int
     config: Path
 
+    def restart(self) -> None:
+        self.daemon.peer.stop(timeout=30)
+        self.daemon.notify.close()
+        self.daemon = start_daemon(self.config, self.config.parent, name="gatewayd-again")
+
     def uri(self, path: str) -> str:
         return f"coap://127.0.0.1:{self.port}{path}"
 
@@ -72,7 +77,7 @@ class CoapDaemon:
 
 @pytest.fixture
 def coap_daemon(tmp_path: Path) -> Iterator[Callable[[str], CoapDaemon]]:
-    started: list[Daemon] = []
+    started: list[CoapDaemon] = []
 
     def make(coap_toml: str) -> CoapDaemon:
         port = free_port(socket.SOCK_DGRAM)
@@ -82,11 +87,11 @@ def coap_daemon(tmp_path: Path) -> Iterator[Callable[[str], CoapDaemon]]:
             + coap_toml
             + "\n"
         )
-        daemon = start_daemon(config, tmp_path)
-        started.append(daemon)
-        return CoapDaemon(daemon, port, config)
+        gw = CoapDaemon(start_daemon(config, tmp_path), port, config)
+        started.append(gw)
+        return gw
 
     yield make
-    for d in started:
-        d.peer.stop(timeout=30)
-        d.notify.close()
+    for gw in started:
+        gw.daemon.peer.stop(timeout=30)
+        gw.daemon.notify.close()

@@ -69,6 +69,26 @@ def test_a_flood_of_invented_names_is_capped(coap_daemon: Any, tmp_path: Path) -
     assert len(warnings) == 1, warnings
 
 
+def test_invented_point_names_of_an_unknown_device_are_capped(coap_daemon: Any) -> None:
+    gw = coap_daemon(OPEN + "rate_per_source = 0\nmax_unknown_points = 64\n")
+
+    def pack(i: int) -> bytes:
+        body = cbor2.dumps([{-2: "inv-1/", 0: f"p{i}-{j}", 2: 1.0} for j in range(10)])
+        token = struct.pack("!I", i)
+        return request(POST, i, "/telemetry", token=token, payload=body, content_format=112)
+
+    udp = Udp(gw.port)
+    try:
+        codes = [r.code for r in _flood(udp, [pack(i) for i in range(50)], window=1)]
+        assert codes == ["2.04"] * 6 + ["5.03"] * 44, codes
+        gw.restart()  # the count of points comes back from the database
+        assert udp.ask(pack(99)).code == "5.03"
+    finally:
+        udp.close()
+    assert gw.status()["unknown_refused"] == 1  # since the restart
+    assert [d["points"] for d in gw.devices() if d["id"] == "inv-1"] == [60]
+
+
 def test_rd_registrations_are_capped_and_counted(coap_daemon: Any) -> None:
     gw = coap_daemon(OPEN + "rd_max_registrations = 5\n")
     udp = Udp(gw.port)
