@@ -19,12 +19,12 @@ import sys
 import time
 from typing import Any
 
-from gateway import __version__, systemd
+from gateway import __version__, names, systemd
 from gateway import config as cfg
 from gateway import events as ev
 from gateway.bus import Bus
-from gateway.control import ControlServer
-from gateway.errors import ConfigError, GatewayError, PayloadError
+from gateway.control import ControlServer, Peer
+from gateway.errors import ConfigError, GatewayError, PayloadError, StoreFull
 from gateway.service import Service
 from gateway.store import EventStore, OutboxCodec
 from gateway.supervisor import Supervisor
@@ -35,6 +35,7 @@ log = logging.getLogger("gateway")
 OPTIONAL_SERVICES: dict[str, str] = {
     "coap": "gateway.coap.service:CoapService",
     "sync": "gateway.sync.service:SyncService",
+    "metrics": "gateway.metrics:MetricsService",
 }
 
 
@@ -80,6 +81,12 @@ def outbox_codec(c: cfg.GatewayConfig) -> OutboxCodec | None:
     return outbox_encoder(sync, c.gateway.id)
 
 
+def has_sink(c: cfg.GatewayConfig) -> bool:
+    """Whether anything delivers the outbox (cloud sync configured and enabled)."""
+    sync = c.sections.get("sync")
+    return sync is not None and getattr(sync, "enabled", True) is not False
+
+
 class Daemon:
     def __init__(self, config: cfg.GatewayConfig, config_path: str) -> None:
         self.config = config
@@ -98,8 +105,9 @@ class Daemon:
         c = self.config
         tune_process()
         self.store = await EventStore.open(
-            c.db_path, c.store, gateway_id=c.gateway.id, outbox_codec=outbox_codec(c)
-        )
+            c.db_path, c.store, gateway_id=c.gateway.id, outbox_codec=outbox_codec(c),
+            sink=has_sink(c),
+        )  # fmt: skip
         bus = Bus(self.store)
         self.control = ControlServer(c.socket_path, c.control.group)
         self.supervisor = Supervisor(
@@ -114,11 +122,11 @@ class Daemon:
         watchdog = systemd.Watchdog(self._healthy) if c.gateway.watchdog else None
         try:
             await self.control.start()
+            self.store.on_full_change = self._store_full_changed
             await self.supervisor.start()
-            await self.store.append(
-                ev.GATEWAY_STREAM, ev.GATEWAY_STARTED,
-                {"version": __version__, "pid": os.getpid(), "devices": len(c.devices)},
-            )  # fmt: skip
+            started_task = await self._started(
+                {"version": __version__, "pid": os.getpid(), "devices": len(c.devices)}
+            )
             freeze_startup_objects()
             systemd.ready(self.status_line())
             log.info("gatewayd %s ready: %s", __version__, self.status_line())
@@ -129,6 +137,8 @@ class Daemon:
             await self._stop.wait()
             status_task.cancel()
             maint_task.cancel()
+            if started_task is not None:
+                started_task.cancel()
         finally:
             systemd.stopping("stopping")
             log.info("stopping")
@@ -136,6 +146,31 @@ class Daemon:
                 await watchdog.stop()
             await self._bounded_shutdown()
         return 0
+
+    async def _started(self, data: dict[str, Any]) -> asyncio.Task[None] | None:
+        """Record `gateway.started` before READY=1. On a full store the daemon starts
+        degraded instead (delivery and retention make room), and a task records the event
+        once there is room."""
+        assert self.store is not None
+        try:
+            await self.store.append(ev.GATEWAY_STREAM, ev.GATEWAY_STARTED, data)
+            return None
+        except StoreFull as exc:
+            log.warning("starting degraded: %s", exc)
+        return asyncio.create_task(self._append_started(data), name="started")
+
+    async def _append_started(self, data: dict[str, Any]) -> None:
+        assert self.store is not None
+        while True:
+            await asyncio.sleep(self.config.store.check_interval)
+            try:
+                await self.store.append(ev.GATEWAY_STREAM, ev.GATEWAY_STARTED, data)
+                return
+            except StoreFull:
+                continue
+
+    def _store_full_changed(self, why: StoreFull | None) -> None:
+        systemd.status(self.status_line())
 
     async def _bounded_shutdown(self) -> None:
         """Stop within `stop_timeout` (+ a little for the store's last commit). If something
@@ -211,6 +246,8 @@ class Daemon:
             parts.append(f"backlog {sync['backlog']}")
         if bad:
             parts.append("attention: " + ", ".join(f"{n} {health[n]['state']}" for n in bad))
+        if self.store.full is not None:
+            parts.insert(0, f"DEGRADED, new events refused: {self.store.full}")
         return "; ".join(parts)
 
     async def _status_loop(self) -> None:
@@ -232,11 +269,25 @@ class Daemon:
     # -- control verbs --------------------------------------------------------------------
     def _register_verbs(self) -> None:
         assert self.control is not None
-        self.control.register("status", self._cmd_status)
-        self.control.register("reload", self._cmd_reload)
-        self.control.register("db.rebuild", self._cmd_rebuild)
-        self.control.register("db.prune", self._cmd_prune)
-        self.control.register("note", self._cmd_note)
+        self.control.audit = self._audit
+        self.control.register("status", self._cmd_status, mutating=False)
+        self.control.register("reload", self._cmd_reload, mutating=True)
+        self.control.register("db.rebuild", self._cmd_rebuild, mutating=True)
+        self.control.register("db.prune", self._cmd_prune, mutating=True)
+        self.control.register("note", self._cmd_note, mutating=True)
+
+    async def _audit(self, verb: str, args: dict[str, Any], peer: Peer, error: str | None) -> None:
+        """A state-changing verb ran: an event says which, with what, by whom, and how."""
+        assert self.store is not None
+        shown: Any = args
+        if len(repr(args)) > 4096:
+            shown = {"truncated": repr(args)[:4000]}
+        data: dict[str, Any] = {"verb": verb, "args": shown, **peer.as_dict(), "ok": error is None}
+        if error is not None:
+            data["error"] = error[:1000]
+        log.info("control: %s by uid %d gid %d pid %d%s", verb, peer.uid, peer.gid, peer.pid,
+                 "" if error is None else f" failed: {error}")  # fmt: skip
+        await self.store.append(ev.OPERATOR_STREAM, ev.CONTROL_VERB, data)
 
     async def _cmd_status(self, args: dict[str, Any]) -> Any:
         assert self.store is not None and self.supervisor is not None
@@ -255,6 +306,7 @@ class Daemon:
                 "path": st.path, "file_bytes": st.file_bytes, "used_bytes": st.used_bytes,
                 "quota_bytes": st.quota_bytes, "last_seq": st.last_seq, "events": st.events,
                 "dropped": st.dropped, "rejected": st.rejected,
+                "full": None if self.store.full is None else str(self.store.full),
             },
             "outbox": {
                 "depth": st.outbox_depth, "bytes": st.outbox_bytes,
@@ -314,6 +366,12 @@ def setup_logging(level: str) -> None:
             record.levelno_sd = {10: 7, 20: 6, 30: 4, 40: 3, 50: 2}.get(record.levelno, 6)
             return super().format(record)
 
+        def formatMessage(self, record: logging.LogRecord) -> str:
+            # A message carries names and text from the network: its control characters
+            # are shown escaped, so one record is one line and cannot forge another.
+            record.message = names.escape(record.message)
+            return super().formatMessage(record)
+
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_Fmt(fmt))
     root = logging.getLogger()
@@ -338,6 +396,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {issue}", file=sys.stderr)
         return exc.exit_status
     setup_logging(config.gateway.log_level)
+    for warning in config.warnings:
+        log.warning("config: %s", warning)
     try:
         return asyncio.run(Daemon(config, path).run())
     except GatewayError as exc:

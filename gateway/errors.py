@@ -145,11 +145,21 @@ class StoreError(GatewayError):
 
 
 class StoreFull(StoreError):
-    """The disk quota is reached under the `reject_new` policy; retry after `retry_after` s."""
+    """The store cannot take more: its disk quota is reached under the `reject_new` policy
+    (`cause` "quota") or the file system is full (`cause` "disk"); retry after `retry_after` s."""
 
-    def __init__(self, message: str, retry_after: int = 30) -> None:
+    def __init__(self, message: str, retry_after: int = 30, cause: str = "quota") -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        self.cause = cause
+
+
+class StoreIOError(StoreError):
+    """SQLite could not read or write the file (I/O error, read-only, locked, cannot open)."""
+
+
+class StoreCorruptError(StoreError):
+    """The database file is damaged or is not a database."""
 
 
 class StoreClosedError(StoreError):

@@ -32,6 +32,9 @@ GATEWAY_STARTED: Final = "gateway.started"
 GATEWAY_STOPPED: Final = "gateway.stopped"
 CONFIG_RELOADED: Final = "config.reloaded"
 OPERATOR_NOTE: Final = "operator.note"  # data: {"text": str, "author"?: str}
+#: A state-changing control verb was run, on the operator stream. data: {"verb", "args",
+#: "uid", "gid", "pid" (SO_PEERCRED of the caller), "ok", "error"?}
+CONTROL_VERB: Final = "control.verb"
 
 GATEWAY_STREAM: Final = "gateway"
 OPERATOR_STREAM: Final = "operator"

@@ -4,13 +4,14 @@ Directory, BLE adoption) register through events too. Serves the `devices` contr
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from gateway import events as ev
 from gateway.config import DeviceSpec, GatewayConfig
-from gateway.errors import UsageError
+from gateway.errors import StoreFull, UsageError
 from gateway.events import NewEvent
 from gateway.service import Health, Service, ServiceContext
 from gateway.store import queries
@@ -29,11 +30,14 @@ def _describe(spec: DeviceSpec) -> dict[str, Any]:
 
 class DevicesService(Service):
     name: ClassVar[str] = "devices"
+    # Registry changes a full store refused: retried until they are recorded.
+    _unrecorded: str = ""
+    _retry: asyncio.Task[None] | None = None
 
     async def start(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
-        ctx.control.register("devices", self._cmd_devices)
-        ctx.control.register("devices.forget", self._cmd_forget)
+        ctx.control.register("devices", self._cmd_devices, mutating=False)
+        ctx.control.register("devices.forget", self._cmd_forget)  # mutating: audited
         await self._sync(ctx.config)
 
     async def stop(self) -> None:
@@ -61,7 +65,24 @@ class DevicesService(Service):
                 )
             )
         if todo:
-            await self.ctx.store.append_many(todo)
+            try:
+                await self.ctx.store.append_many(todo)
+            except StoreFull as exc:
+                # A full store must not stop the daemon (delivery and retention make room).
+                self._unrecorded = f"{len(todo)} registry changes not recorded yet: {exc}"
+                self.ctx.logger.warning("devices: %s; retried until there is room",
+                                        self._unrecorded)  # fmt: skip
+                if self._retry is None or self._retry.done():
+                    self._retry = self.ctx.create_task(self._retry_sync(), "devices-retry")
+                return
+        if self._unrecorded:
+            self.ctx.logger.info("devices: registry changes recorded")
+        self._unrecorded = ""
+
+    async def _retry_sync(self) -> None:
+        while self._unrecorded:
+            await asyncio.sleep(self.ctx.config.store.check_interval)
+            await self._sync(self.ctx.config)
 
     async def _cmd_devices(self, args: Mapping[str, Any]) -> Any:
         return await self.ctx.store.read(devices_view)
@@ -96,6 +117,8 @@ class DevicesService(Service):
         return {"forgotten": list(dict.fromkeys(ids))}
 
     def health(self) -> Health:
+        if self._unrecorded:
+            return Health.degraded(self._unrecorded)
         return Health.ok(f"{len(self.ctx.config.devices)} configured")
 
 

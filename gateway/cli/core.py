@@ -84,7 +84,7 @@ def add_parsers(sub: Any) -> None:
 
 
 # -- status -------------------------------------------------------------------------------
-def _status_from_file(conn: sqlite3.Connection) -> dict[str, Any]:
+def status_from_file(conn: sqlite3.Connection) -> dict[str, Any]:
     st = queries.stats(conn)
     return {
         "daemon": "not running",
@@ -98,7 +98,7 @@ def _status_from_file(conn: sqlite3.Connection) -> dict[str, Any]:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    data, live = daemon_or_file(args, "status", _status_from_file)
+    data, live = daemon_or_file(args, "status", status_from_file)
     if args.json:
         emit_json({"live": live, **data})
         return EXIT_OK
@@ -106,7 +106,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     ob = data["outbox"]
     oldest = ob.get("oldest_undelivered")
     if not live:
-        out.write("gatewayd: not running (figures from the database file)\n")
+        out.write("daemon not running (figures from the database file)\n")
     else:
         out.write(
             f"gatewayd {data['version']} '{data['gateway']}' pid {data['pid']}, "
@@ -320,9 +320,12 @@ def cmd_config_check(args: argparse.Namespace) -> int:
             for issue in exc.issues:
                 print(f"  {issue}", file=sys.stderr)
         return EXIT_CONFIG
+    warnings = [{"path": i.path, "message": i.message} for i in c.warnings]
     if args.json:
-        emit_json({"ok": True, "file": path, "devices": sorted(c.devices)})
+        emit_json({"ok": True, "file": path, "devices": sorted(c.devices), "warnings": warnings})
     else:
+        for w in c.warnings:
+            print(f"warning: {w}", file=sys.stderr)
         print(f"{path}: ok ({len(c.devices)} devices; state in {c.state_dir}, "
               f"socket {c.socket_path})")  # fmt: skip
     return EXIT_OK

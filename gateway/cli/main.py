@@ -14,10 +14,11 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from gateway import __version__
-from gateway.errors import EXIT_USAGE, GatewayError
+from gateway import config as cfg
+from gateway.errors import EXIT_USAGE, ConfigError, GatewayError
 
 #: Modules that add verbs: each has `add_parsers(sub)`. Missing ones are skipped.
-VERB_MODULES = ("gateway.cli.core", "gateway.sync.cli")
+VERB_MODULES = ("gateway.cli.core", "gateway.cli.export", "gateway.cli.metrics", "gateway.sync.cli")
 #: Drivers with a `probe.py` (`add_parser(sub)`): `gatewayctl probe <kind> ...`.
 PROBE_KINDS = ("modbus", "serial", "ble", "coap")
 
@@ -87,6 +88,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.config = None
     try:
         status: int = args.func(args)
+    except ConfigError as exc:
+        # One message per line, each with its TOML path, as `config check` prints them.
+        source = args.config or cfg.default_path()
+        print(f"gatewayctl: invalid configuration {source}:", file=sys.stderr)
+        for issue in exc.issues:
+            print(f"  {issue}", file=sys.stderr)
+        return exc.exit_status
     except GatewayError as exc:
         print(f"gatewayctl: {exc}", file=sys.stderr)
         return exc.exit_status

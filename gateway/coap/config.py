@@ -25,14 +25,14 @@ Keys never appear in `repr()` (and so never in logs).
 from __future__ import annotations
 
 import ipaddress
-import os
 import stat
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gateway.config import Issues, Section, validate_name
+from gateway import secretfiles
+from gateway.config import Issues, Section, secret_hex, validate_name
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,8 +78,8 @@ class CoapConfig:
 def _credentials(name: str, sec: Section) -> DeviceCredentials:
     validate_name(sec, "", name, "device")
     ident = sec.str("psk_identity", None)
-    psk_text = sec.str("psk", None)
-    psk_hex = sec.str("psk_hex", None)
+    psk_text = sec.str("psk", None, secret=True)
+    psk_hex = sec.str("psk_hex", None, secret=True)
     oscore = sec.str("oscore_context", None)
     sec.done()
     psk: bytes | None = None
@@ -88,10 +88,9 @@ def _credentials(name: str, sec: Section) -> DeviceCredentials:
     elif psk_text is not None:
         psk = psk_text.encode("utf-8")
     elif psk_hex is not None:
-        try:
-            psk = bytes.fromhex(psk_hex)
-        except ValueError:
-            sec.error("psk_hex", "must be hexadecimal digits")  # the key itself is not echoed
+        psk, problem = secret_hex(psk_hex)
+        if psk is None:
+            sec.error("psk_hex", problem)  # the key itself is never echoed
     if psk is not None and ident is None:
         ident = name  # the device id is the natural PSK identity
     if ident is not None and psk is None:
@@ -167,10 +166,8 @@ def parse(sec: Section) -> CoapConfig:
         creds[name] = _credentials(name, dsec)
     cred_file = sec.str("credentials_file", None)
     if cred_file is not None:
-        path = Path(cred_file)
-        if not path.is_absolute():
-            base = os.environ.get("CONFIGURATION_DIRECTORY", "").split(":")[0]
-            path = Path(base) / path if base else path
+        # Relative: $CREDENTIALS_DIRECTORY (LoadCredential=), then $CONFIGURATION_DIRECTORY.
+        path = secretfiles.resolve(cred_file)
         for name, c in _load_credentials_file(sec, "credentials_file", path, sec.issues).items():
             if name in creds:
                 sec.error("credentials_file", f"device {name!r} has credentials in both places")

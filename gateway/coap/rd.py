@@ -24,6 +24,7 @@ from aiocoap import resource as coap_resource
 from aiocoap.util.linkformat import Link, LinkFormat, parse
 
 from gateway import events as ev
+from gateway import names
 from gateway.coap import senml
 from gateway.coap.resources import Backend, Gate, GatewayResource, Refusals, check_size
 from gateway.errors import (
@@ -125,6 +126,13 @@ class Directory:
         rows: list[tuple[Any, ...]] = await self.backend.store.read(q)
         now_wall, now = time.time(), self.clock()
         for ep, sector, href, base, lt, links, updated in rows:
+            if ep in self.gate.configured or not names.is_valid(ep):
+                # Recorded before configured names were refused: it must not come back
+                # (its expiry would detach the configured device).
+                self.log.warning("rd: registration %r not restored: %s", names.escape(ep),
+                                 "a configured device" if ep in self.gate.configured
+                                 else "not a valid name")  # fmt: skip
+                continue
             remaining = float(updated) + int(lt) - now_wall
             reg = Registration(ep, sector, href, base, int(lt), links, now + remaining)
             self._put(reg)
@@ -151,6 +159,14 @@ class Directory:
         self.gate.registered.discard(reg.ep)
         self._changed.set()
 
+    def forget_configured(self) -> None:
+        """Registrations whose name became a configured device (a reload) are dropped,
+        without an event: the device is the config's now, and an expiry or a DELETE of the
+        registration must not detach it."""
+        for reg in [r for ep, r in self.by_ep.items() if ep in self.gate.configured]:
+            self._drop(reg)
+            self.log.warning("rd: registration of %s dropped: now a configured device", reg.ep)
+
     def _lifetime(self, query: dict[str, str]) -> int:
         if "lt" not in query:
             return self.gate.config.rd_default_lifetime
@@ -172,12 +188,22 @@ class Directory:
         ep = query.get("ep") or who
         if not ep:
             raise PayloadError("registration needs ep=<endpoint name>")
-        if not ep or "/" in ep or len(ep) > 63:
-            raise PayloadError(f"endpoint name {ep!r} is not usable (empty, '/', or > 63)")
+        message = names.problem(ep, "endpoint name")
+        if message is not None:
+            raise PayloadError(message)
+        if len(ep) > 63:  # RFC 9176 section 5.1: at most 63 bytes
+            raise PayloadError(f"endpoint name {ep!r} is longer than 63 characters")
+        sector = query.get("d")
+        if sector is not None:
+            message = names.problem(sector, "sector (d)")
+            if message is not None:
+                raise PayloadError(message)
         if who is not None and ep != who:
             raise ForbiddenError(f"authenticated as {who!r}, cannot register {ep!r}")
         if who is None:
-            self.gate.check_unauthenticated(ep)
+            self.gate.check_unauthenticated(ep, write=True)
+        if ep in self.gate.configured:
+            raise ForbiddenError(f"{ep!r} is a configured device: it cannot be registered")
         lt = self._lifetime(query)
         links = _link_format(request.payload)
         base = query.get("base") or _source_base(request)
@@ -186,7 +212,7 @@ class Directory:
             self.refusals.refuse(repr(ep))
             raise CapacityError(f"resource directory is full ({len(self.by_ep)} endpoints)")
         href = old.href if old is not None else f"/rd/{secrets.token_hex(4)}"
-        reg = Registration(ep, query.get("d"), href, base, lt, str(links), self.clock() + lt)
+        reg = Registration(ep, sector, href, base, lt, str(links), self.clock() + lt)
         await self.backend.append_many(
             [NewEvent(ev.device_stream(ep), ev.DEVICE_REGISTERED, reg.data())]
         )
@@ -196,7 +222,7 @@ class Directory:
         msg.opt.location_path = tuple(href.strip("/").split("/"))
         return msg
 
-    def _owned(self, request: Message, href: str) -> Registration:
+    def _owned(self, request: Message, href: str, *, write: bool = True) -> Registration:
         reg = self.by_href.get(href)
         if reg is None:
             raise NotFoundError(f"no registration {href}")
@@ -204,7 +230,9 @@ class Directory:
         if who is not None and who != reg.ep:
             raise ForbiddenError(f"authenticated as {who!r}, not as {reg.ep!r}")
         if who is None:
-            self.gate.check_unauthenticated(reg.ep)
+            self.gate.check_unauthenticated(reg.ep, write=write)
+        if write and reg.ep in self.gate.configured:
+            raise ForbiddenError(f"{reg.ep!r} is a configured device: not an RD registration")
         return reg
 
     async def update(self, request: Message, href: str) -> Message:
@@ -372,7 +400,7 @@ class RdEntries(RdResource, coap_resource.PathCapable):  # type: ignore[misc]
         return await self.directory.remove(request, self._href(request))
 
     async def render_get(self, request: Message) -> Message:
-        reg = self.directory._owned(request, self._href(request))
+        reg = self.directory._owned(request, self._href(request), write=False)
         return Message(payload=reg.links.encode("utf-8"), content_format=senml.CF_LINK_FORMAT)
 
 

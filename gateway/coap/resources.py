@@ -22,6 +22,7 @@ from aiocoap import resource as coap_resource
 from aiocoap.interfaces import ObservableResource
 
 from gateway import events as ev
+from gateway import names
 from gateway.coap import senml
 from gateway.coap.config import CoapConfig
 from gateway.coap.errors import error_response
@@ -95,6 +96,10 @@ class Gate:
     #: Endpoints registered in the Resource Directory (they come and go).
     registered: set[str] = field(default_factory=set)
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("gateway.coap"))
+    #: Devices of the [devices] config (any driver): no RD endpoint may take their name.
+    configured: set[str] = field(default_factory=set)
+    #: (min, max) of configured points that have one: device -> point -> limits.
+    limits: dict[str, dict[str, tuple[float | None, float | None]]] = field(default_factory=dict)
     #: Devices only telemetry made (neither configured nor registered): at most
     #: `config.max_unknown_devices` of them, each with at most `config.max_unknown_points`
     #: point names; `gatewayctl devices forget` frees room.
@@ -144,22 +149,30 @@ class Gate:
     def is_known(self, device: str) -> bool:
         return device in self.known or device in self.registered
 
-    def check_unauthenticated(self, device: str | None) -> None:
+    def check_unauthenticated(self, device: str | None, *, write: bool = False) -> None:
+        """An unauthenticated request about `device`. `write`: it would act as the device
+        (post its values, register or remove it): never as a configured device or one with
+        credentials, whatever `allow_unauthenticated` says."""
         if device is not None:
             creds = self.config.credentials_for(device)
             if creds is not None and creds.has_any:
                 raise AuthError(f"device {device!r} has credentials: use DTLS-PSK or OSCORE")
         if not self.config.allow_unauthenticated:
             raise AuthError("unauthenticated requests are not allowed here")
+        if write and device is not None and device in self.known:
+            raise ForbiddenError(
+                f"device {device!r} is configured: unauthenticated requests cannot act as it"
+            )
 
-    def authorize(self, request: Message, device: str) -> None:
-        """May the sender of `request` act as / read `device`? Raises 4.01/4.03/4.04."""
+    def authorize(self, request: Message, device: str, *, write: bool = False) -> None:
+        """May the sender of `request` act as (`write`) / read `device`? Raises
+        4.01/4.03/4.04."""
         who = self.identity(request)
         if who is not None:
             if who != device:
                 raise ForbiddenError(f"authenticated as {who!r}, not as {device!r}")
         else:
-            self.check_unauthenticated(device)
+            self.check_unauthenticated(device, write=write)
         if not self.is_known(device) and not self.config.accept_unknown_devices:
             raise NotFoundError(f"unknown device {device!r}")
 
@@ -184,9 +197,35 @@ def check_size(request: Message, limit: int) -> None:
 
 
 def _valid_device(device: str) -> str:
-    if not device or "/" in device or len(device) > 128:
-        raise PayloadError(f"device id {device!r} is not usable (empty, too long, or has '/')")
+    message = names.problem(device, "device name")
+    if message is not None:
+        raise PayloadError(message)
     return device
+
+
+def check_limits(
+    limits: dict[str, dict[str, tuple[float | None, float | None]]],
+    grouped: dict[str, list[dict[str, Any]]],
+) -> None:
+    """Posted values of a configured point obey its `min`/`max`: one out of range refuses
+    the whole request (4.00 naming the point), so nothing of it is stored."""
+    for device, recs in grouped.items():
+        points = limits.get(device)
+        if not points:
+            continue
+        for rec in recs:
+            bounds = points.get(rec["n"])
+            if bounds is None:
+                continue
+            lo, hi = bounds
+            v = rec["v"]
+            where = f"point {device}/{rec['n']}"
+            if isinstance(v, bool) or not isinstance(v, int | float):
+                raise PayloadError(f"{where}: must be a number (it has min/max)")
+            if lo is not None and v < lo:
+                raise PayloadError(f"{where}: {v:g} is below the minimum {lo:g}")
+            if hi is not None and v > hi:
+                raise PayloadError(f"{where}: {v:g} is above the maximum {hi:g}")
 
 
 def group_readings(
@@ -204,6 +243,9 @@ def group_readings(
         else:
             device, point = senml.split_name(r.name)
         _valid_device(device)
+        message = names.problem(point, "point name")
+        if message is not None:
+            raise PayloadError(message)
         if fixed_device is not None and device != fixed_device:
             raise ForbiddenError(f"base name names device {device!r}, not {fixed_device!r}")
         value: Any = r.value if r.value is not None else r.sum
@@ -262,7 +304,7 @@ class TelemetryResource(GatewayResource):
         check_size(request, self.gate.config.max_payload)
         who = self.gate.identity(request)
         if who is None and path_device is not None:
-            self.gate.check_unauthenticated(path_device)
+            self.gate.check_unauthenticated(path_device, write=True)
         # (Without a device in the path, the devices named in the pack are checked one by
         # one after decoding, so that the refusal can name the device.)
         fixed = path_device or who
@@ -274,7 +316,8 @@ class TelemetryResource(GatewayResource):
         records = senml.decode(request.payload, cf, self.clock())
         grouped = group_readings(records, fixed)
         for device in grouped:
-            self.gate.authorize(request, device)
+            self.gate.authorize(request, device, write=True)
+        check_limits(self.gate.limits, grouped)
         for device, recs in grouped.items():
             self.gate.admit(device, (rec["n"] for rec in recs))
         events = [ev.readings_event(device, recs) for device, recs in grouped.items()]

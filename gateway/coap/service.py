@@ -12,6 +12,7 @@ import contextlib
 import logging
 import socket
 import sqlite3
+from collections.abc import Mapping
 from typing import Any
 
 from gateway import events as ev
@@ -39,7 +40,10 @@ class CoapServer:
         *,
         known: set[str] | None = None,
         logger: logging.Logger = log,
+        devices: Mapping[str, Any] | None = None,
     ) -> None:
+        """`known`: names of configured devices; `devices`: the configured `DeviceSpec`s
+        (their names join `known`, their points' min/max bound posted values)."""
         from gateway.coap.rd import Directory, RdEntries, RdLookupResource, RdResource
         from gateway.coap.resources import (
             Backend,
@@ -52,8 +56,9 @@ class CoapServer:
         self.config = config
         self.store = store
         self.log = logger
-        known_devices = set(known or ()) | {d for d, c in config.credentials.items()}
-        self.gate = Gate(config, known=known_devices, log=logger)
+        self._known = set(known or ())
+        self.gate = Gate(config, log=logger)
+        self.set_devices(devices or {})
         self.backend = Backend(store)
         self.telemetry = TelemetryResource(self.gate, self.backend)
         self.devices = DeviceResource(self.gate, self.backend, self.telemetry)
@@ -75,6 +80,23 @@ class CoapServer:
         self._expiry: asyncio.Task[None] | None = None
         self.addresses: list[tuple[str, int, str]] = []  # (host, port, "udp"|"dtls")
         self.limiter: Any = None
+
+    def set_devices(self, devices: Mapping[str, Any]) -> None:
+        """The configured devices (`DeviceSpec`s; again after a reload): names no
+        unauthenticated peer or RD endpoint may take, and the min/max of their points."""
+        configured = self._known | set(devices)
+        self.gate.configured = configured
+        self.gate.known = configured | set(self.config.credentials)
+        limits = {
+            dev_id: {p.name: (p.min, p.max) for p in spec.points if (p.min, p.max) != (None, None)}
+            for dev_id, spec in devices.items()
+        }
+        self.gate.limits = {d: pts for d, pts in limits.items() if pts}
+        for dev_id in self.gate.known:  # configured now: no longer under the unknown caps
+            self.gate.forget(dev_id)
+        directory = getattr(self, "directory", None)  # (None while __init__ runs)
+        if directory is not None:
+            directory.forget_configured()
 
     def _credentials(self) -> Any:
         from aiocoap.credentials import DTLS, CredentialsMap
@@ -236,14 +258,18 @@ class CoapService(Service):
 
     async def start(self, ctx: ServiceContext) -> None:
         config: CoapConfig = ctx.config.sections["coap"]
-        known = set(ctx.config.devices)
-        self.server = CoapServer(config, ctx.store, known=known, logger=ctx.logger)
+        self.server = CoapServer(config, ctx.store, logger=ctx.logger, devices=ctx.config.devices)
         await self.server.start()
 
     async def stop(self) -> None:
         if self.server is not None:
             server, self.server = self.server, None
             await server.stop()
+
+    async def reload(self, config: Any) -> None:
+        # Devices added by a reload are protected at once ([coap] itself needs a restart).
+        if self.server is not None:
+            self.server.set_devices(config.devices)
 
     def health(self) -> Health:
         if self.server is None:

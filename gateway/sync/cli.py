@@ -18,11 +18,16 @@ from gateway.cli.common import (
     fmt_age,
     fmt_bytes,
     fmt_time,
+    load_config,
     table,
+    with_db,
 )
-from gateway.errors import EXIT_OK, EXIT_USAGE
+from gateway.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 from gateway.store import queries
 from gateway.sync.relay import dead_letter_rows
+
+#: What every outbox verb says when the config has no `[sync]` section (no sink to deliver to).
+NOT_CONFIGURED = "cloud sync is not configured (no [sync] section in {source})"
 
 
 def add_parsers(sub: Any) -> None:
@@ -52,7 +57,28 @@ def _from_file(conn: sqlite3.Connection) -> dict[str, Any]:
     }
 
 
+def _sync_configured(args: argparse.Namespace) -> bool:
+    return "sync" in load_config(args).sections
+
+
+def _not_configured(args: argparse.Namespace) -> str:
+    return NOT_CONFIGURED.format(source=load_config(args).source or "the config")
+
+
 def cmd_outbox(args: argparse.Namespace) -> int:
+    if not _sync_configured(args):
+        # No sink: the daemon has no outbox verbs; the local log's figures still tell the
+        # technician what is waiting (read-only, safe while the daemon runs).
+        data = with_db(args, _from_file)
+        data.update(configured=False, link="not configured", live=False)
+        if args.json:
+            emit_json(data)
+        else:
+            print(_not_configured(args))
+            size, age = fmt_bytes(data["backlog_bytes"]), fmt_age(data["oldest_age"])
+            print(f"local backlog: {data['backlog']} events ({size}), "
+                  f"oldest {age}, dead letters {data['dead_letters']}")  # fmt: skip
+        return EXIT_OK
     data, live = daemon_or_file(args, "outbox", _from_file)
     data["live"] = live
     if args.json:
@@ -78,6 +104,8 @@ def cmd_outbox(args: argparse.Namespace) -> int:
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
+    if not _sync_configured(args):
+        return fail(_not_configured(args), EXIT_FAILURE)
     data = ask_daemon(args, "outbox.retry")
     if args.json:
         emit_json(data)
@@ -87,9 +115,12 @@ def cmd_retry(args: argparse.Namespace) -> int:
 
 
 def cmd_dead_letters(args: argparse.Namespace) -> int:
-    rows, _live = daemon_or_file(
-        args, "outbox.dead_letters", lambda c: dead_letter_rows(c, args.limit), limit=args.limit
-    )
+    if _sync_configured(args):
+        rows, _live = daemon_or_file(
+            args, "outbox.dead_letters", lambda c: dead_letter_rows(c, args.limit), limit=args.limit
+        )
+    else:  # dead letters from an earlier [sync] stay readable in the file
+        rows = with_db(args, lambda c: dead_letter_rows(c, args.limit))
     if args.json:
         emit_json(rows)
         return EXIT_OK
@@ -104,6 +135,8 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
 
 
 def cmd_requeue(args: argparse.Namespace) -> int:
+    if not _sync_configured(args):
+        return fail(_not_configured(args), EXIT_FAILURE)
     if not args.all and not args.seqs:
         return fail("outbox requeue: give SEQ... or --all", EXIT_USAGE)
     kw: dict[str, Any] = {"all": True} if args.all else {"seqs": args.seqs}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 
 from gateway import config as cfg
@@ -18,3 +19,60 @@ def test_every_toml_example_in_the_readme_validates() -> None:
     c = cfg.loads((ROOT / "config.toml").read_text() + "\n" + "\n".join(blocks), "README.md")
     assert {"meter-2", "gps", "kitchen", "thermostat-1"} <= set(c.devices)
     assert {"coap", "sync"} <= set(c.sections)
+
+
+#: `key = "value"   # alt | alt (default) | alt`: a comment listing what a key accepts.
+_ALT = r"[\w-]+(?:\s*\([^)]*\))?"
+ALTERNATIVES = re.compile(rf'^(\w+) = "([^"]*)"\s+#\s*({_ALT}(?:\s*\|\s*{_ALT})+)\s*$')
+
+
+def test_every_value_a_readme_comment_lists_is_accepted() -> None:
+    """`table = "input"  # coil | discrete | ...` once listed a value the code refused."""
+    text = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```toml\n(.*?)```", text, flags=re.S)
+    shipped = (ROOT / "config.toml").read_text()
+    checked = 0
+    for i, block in enumerate(blocks):
+        lines = block.splitlines()
+        for j, line in enumerate(lines):
+            m = ALTERNATIVES.match(line)
+            if m is None:
+                continue
+            key = m.group(1)
+            for alt in re.split(r"\s*\|\s*", m.group(3)):
+                alt = re.sub(r"\s*\(.*\)", "", alt)
+                edited = [*lines[:j], f'{key} = "{alt}"', *lines[j + 1 :]]
+                others = [b for k, b in enumerate(blocks) if k != i]
+                doc = "\n".join([shipped, *others, "\n".join(edited)])
+                try:
+                    cfg.loads(doc, "README.md")
+                except cfg.ConfigError as exc:
+                    # Other keys may be needed with that value; the value itself must pass.
+                    refused = [str(x) for x in exc.issues if f"got '{alt}'" in x.message]
+                    assert not refused, f"README lists {key} = {alt!r}, the code says {refused}"
+                checked += 1
+    assert checked >= 10  # the table, format and payload lists at least
+
+
+def test_the_systemd_steps_give_gatewayctl_the_units_directories(tmp_path: Path) -> None:
+    """The shipped config's directories are relative; installed as /etc/gateway/config.toml
+    they made `sudo gatewayctl status` look in the wrong place while the daemon ran."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Running under systemd", 1)[1]
+    steps = re.search(r"```sh\n(.*?)```", section, flags=re.S)
+    assert steps is not None
+    script = steps.group(1).replace("\\\n", " ")
+    seds = [line for line in script.splitlines() if "sed " in line and "/etc/gateway" in line]
+    assert seds, "the systemd steps no longer adjust the installed config's directories"
+    installed = tmp_path / "config.toml"
+    installed.write_text((ROOT / "config.toml").read_text())
+    for line in seds:
+        command = line.replace("sudo ", "").replace("/etc/gateway/config.toml", str(installed))
+        subprocess.run(["sh", "-c", command], check=True)
+    c = cfg.load(installed)
+    unit = (ROOT / "systemd" / "gatewayd.service").read_text()
+    state = re.search(r"^StateDirectory=(\S+)", unit, flags=re.M)
+    runtime = re.search(r"^RuntimeDirectory=(\S+)", unit, flags=re.M)
+    assert state is not None and runtime is not None
+    assert Path(c.gateway.state_dir) == Path("/var/lib") / state.group(1)
+    assert Path(c.gateway.runtime_dir) == Path("/run") / runtime.group(1)

@@ -1,4 +1,6 @@
-"""Attacks on the gateway from the local network: a real gatewayd with its CoAP front door."""
+"""Fixtures of the attack tests, re-used from the suites that own the peers: the CoAP front
+door in its own process (tests/coap), a real Mosquitto (tests/sync) and gatewayd as a
+process (tests/core); and gatewayd with its CoAP front door (`coap_daemon`)."""
 
 from __future__ import annotations
 
@@ -11,9 +13,12 @@ from typing import Any
 
 import pytest
 
-from tests.coap.conftest import gateway_factory  # noqa: F401  (fixture, reused)
-from tests.core.conftest import Daemon, run_cli, start_daemon
+from tests.coap.conftest import gateway_factory
+from tests.core.conftest import Daemon, daemon_factory, run_cli, start_daemon
 from tests.peers import free_port
+from tests.sync.conftest import mosquitto
+
+__all__ = ["coap_daemon", "daemon_factory", "gateway_factory", "mosquitto"]
 
 COAP_DAEMON_CONFIG = """
 [gateway]
