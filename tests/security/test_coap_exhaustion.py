@@ -169,6 +169,8 @@ def test_gatewayctl_devices_forget(coap_daemon: Any) -> None:
     events = gw.cli("events", "tail", "--stream", "device:u-1", "--json")
     assert events.returncode == 0, events.stderr
     assert "device.forgotten" in events.stdout
+    audit = gw.cli("events", "tail", "--stream", "operator", "--json")  # who asked
+    assert "control.verb" in audit.stdout and "devices.forget" in audit.stdout, audit.stdout
 
     configured = gw.cli("devices", "forget", "boiler-1", "u-3")
     assert configured.returncode == 2
