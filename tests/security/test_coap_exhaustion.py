@@ -64,9 +64,9 @@ def test_a_flood_of_invented_names_is_capped(coap_daemon: Any, tmp_path: Path) -
     # Bounded: nothing of the 2,960 refused names was kept (generous bounds: no timing).
     assert _db_bytes(tmp_path / "state") - db_before < 2 * 1024 * 1024
     assert gw.rss_kb() - rss_before < 32 * 1024
-    # One warning for the flood, with the count, not one per name.
+    # A warning a minute with the count (one for a flood of seconds), not one per name.
     warnings = [line for line in gw.log().splitlines() if "max_unknown_devices" in line]
-    assert len(warnings) == 1, warnings
+    assert 1 <= len(warnings) <= 3 and "1 refused" in warnings[0], warnings
 
 
 def test_invented_point_names_of_an_unknown_device_are_capped(coap_daemon: Any) -> None:
@@ -107,7 +107,7 @@ def test_rd_registrations_are_capped_and_counted(coap_daemon: Any) -> None:
     assert codes.count("2.01") == 5 and codes.count("5.03") == 15, codes
     assert all(r.option(MAX_AGE) for r in replies if r.code == "5.03")
     assert gw.status()["rd_refused"] == 15
-    assert sum("rd_max_registrations" in line for line in gw.log().splitlines()) == 1
+    assert 1 <= sum("rd_max_registrations" in line for line in gw.log().splitlines()) <= 3
     assert len([d for d in gw.devices() if d["source"] == "rd"]) == 5
 
 
