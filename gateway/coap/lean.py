@@ -89,8 +89,8 @@ class RateLimiter:
 def source_of(remote: Any) -> str | None:
     """The sender's address (without port) of a UDP or DTLS remote; None if unknown."""
     sockaddr = getattr(remote, "sockaddr", None)
-    if sockaddr is None:
-        sockaddr = getattr(getattr(remote, "_underlying_address", None), "sockaddr", None)
+    if sockaddr is None:  # DTLS: the UDP address under the session (aiocoap 0.4.17)
+        sockaddr = getattr(getattr(remote, "_underlying_address", None), "address", None)
     if isinstance(sockaddr, tuple) and sockaddr:
         return str(sockaddr[0])
     return None
