@@ -12,7 +12,7 @@ import cbor2
 import pytest
 
 from gateway.coap.config import CoapConfig
-from gateway.coap.lean import DedupCache
+from gateway.coap.lean import DedupCache, RateLimiter
 from gateway.config import loads
 from gateway.errors import ConfigError
 
@@ -62,6 +62,19 @@ def test_dedup_cache_is_bounded_and_expires() -> None:
     now[0] = 26.0  # ...and forgotten after two
     cache.add("later")
     assert cache.get("h 1 999") is None and cache.get("late") == b""
+
+
+def test_rate_limiter_refills_and_keeps_a_bounded_table() -> None:
+    now = [0.0]
+    limiter = RateLimiter(rate=2.0, burst=3, max_sources=100, clock=lambda: now[0])
+    assert [limiter.allow("a") for _ in range(5)] == [True, True, True, False, False]
+    now[0] = 1.0  # two more tokens a second later
+    assert [limiter.allow("a") for _ in range(3)] == [True, True, False]
+    assert limiter.allow("b") and limiter.refused == 3
+    for i in range(10_000):  # a spoofed flood from many addresses
+        limiter.allow(f"10.0.{i // 256}.{i % 256}")
+    assert len(limiter.buckets) <= 100
+    assert RateLimiter(rate=0.0, burst=1).allow("a")  # rate 0: no limit
 
 
 def _coap(text: str) -> CoapConfig:
