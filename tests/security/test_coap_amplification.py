@@ -5,14 +5,18 @@ no library version in any answer."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import struct
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import aiocoap.meta
+import cbor2
 
 from tests.coap.conftest import coap_client
 from tests.coap.test_observe_security import _oscore_dirs
+from tests.peers import require_binary, wait_until
 from tests.security.rawcoap import BLOCK2, GET, POST, PUT, Reply, Udp, encode, request
 
 OPEN = "allow_unauthenticated = true\naccept_unknown_devices = true\n"
@@ -152,3 +156,40 @@ def test_no_library_version_in_any_answer(gateway_factory: Any, tmp_path: Path) 
     full = coap_client("coap-client-notls", ["-m", "get"], gw.uri("/.well-known/core"), tmp_path)
     for r in [*replies, Reply(b"", 0, full.code or "", 0, b"", [], full.payload)]:
         assert b"aiocoap" not in r.raw + r.payload and version not in r.raw + r.payload, r
+
+
+def test_observe_of_a_large_state_arrives_whole_block_by_block(
+    gateway_factory: Any, tmp_path: Path
+) -> None:
+    gw = gateway_factory(OPEN)
+    udp = Udp(gw.port)
+
+    def post(value: float, mid: int) -> None:
+        pack = [{-2: "big-1/", 0: f"point-{i:02d}", 2: value + i} for i in range(12)]
+        body = cbor2.dumps(pack)
+        token = struct.pack("!H", mid)
+        reply = udp.ask(
+            request(POST, mid, "/telemetry", token=token, payload=body, content_format=112)
+        )
+        assert reply.code == "2.04"
+
+    exe = require_binary("coap-client-notls")
+    log = tmp_path / "observe.log"
+    try:
+        post(100.0, 1)
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(
+                [exe, "-s", "6", "-B", "8", "-A", "50", gw.uri("/d/big-1")],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        try:
+            wait_until(lambda: '"point-11":{"v":111' in log.read_text(errors="replace"), "first")
+            post(200.0, 2)
+            wait_until(lambda: '"point-11":{"v":211' in log.read_text(errors="replace"), "second")
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+            proc.wait(10)
+    finally:
+        udp.close()
