@@ -13,6 +13,7 @@ from typing import Any
 
 from gateway import config as cfg
 from gateway.cli.common import (
+    ask_daemon,
     daemon_or_file,
     emit_json,
     fail,
@@ -44,6 +45,10 @@ def add_parsers(sub: Any) -> None:
 
     p = sub.add_parser("devices", help="devices with availability and last seen")
     p.set_defaults(func=cmd_devices)
+    dsub = p.add_subparsers(dest="action", metavar="ACTION")
+    f = dsub.add_parser("forget", help="remove devices that are not configured (evented)")
+    f.add_argument("ids", nargs="+", metavar="ID")
+    f.set_defaults(func=cmd_devices_forget)
 
     p = sub.add_parser("readings", help="latest values of a device, with a sparkline")
     p.add_argument("device")
@@ -158,6 +163,16 @@ def cmd_devices(args: argparse.Namespace) -> int:
     print(table(rows, ("device", "driver", "source", "state", "last seen", "points", "reason")))
     if not live:
         print("(daemon not running: as last recorded)")
+    return EXIT_OK
+
+
+def cmd_devices_forget(args: argparse.Namespace) -> int:
+    result = ask_daemon(args, "devices.forget", ids=list(args.ids))
+    if args.json:
+        emit_json(result)
+        return EXIT_OK
+    for dev_id in result["forgotten"]:
+        print(f"forgotten: {dev_id}")
     return EXIT_OK
 
 
