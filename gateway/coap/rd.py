@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import fnmatch
 import logging
-import secrets
+import os
 import sqlite3
 import time
 from collections.abc import Callable
@@ -171,7 +171,7 @@ class Directory:
         old = self.by_ep.get(ep)
         if old is None and len(self.by_ep) >= self.gate.config.rd_max_registrations:
             raise StoreFull("resource directory is full", retry_after=60)
-        href = old.href if old is not None else f"/rd/{secrets.token_hex(4)}"
+        href = old.href if old is not None else f"/rd/{os.urandom(4).hex()}"
         reg = Registration(ep, query.get("d"), href, base, lt, str(links), self.clock() + lt)
         await self.backend.append_many(
             [NewEvent(ev.device_stream(ep), ev.DEVICE_REGISTERED, reg.data())]
