@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import tomllib
 from pathlib import Path
 
 from gateway import config as cfg
+from tests.test_install import install_readme_command
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -66,23 +68,24 @@ def test_every_value_a_readme_comment_lists_is_accepted() -> None:
 
 def test_the_systemd_steps_give_gatewayctl_the_units_directories(tmp_path: Path) -> None:
     """The shipped config's directories are relative; installed as /etc/gateway/config.toml
-    they made `sudo gatewayctl status` look in the wrong place while the daemon ran."""
-    text = (ROOT / "README.md").read_text()
-    section = text.split("## Running under systemd", 1)[1]
-    steps = re.search(r"```sh\n(.*?)```", section, flags=re.S)
-    assert steps is not None
-    script = steps.group(1).replace("\\\n", " ")
-    seds = [line for line in script.splitlines() if "sed " in line and "/etc/gateway" in line]
-    assert seds, "the systemd steps no longer adjust the installed config's directories"
-    installed = tmp_path / "config.toml"
-    installed.write_text((ROOT / "config.toml").read_text())
-    for line in seds:
-        command = line.replace("sudo ", "").replace("/etc/gateway/config.toml", str(installed))
-        subprocess.run(["sh", "-c", command], check=True)
-    c = cfg.load(installed)
+    they made `sudo gatewayctl status` look in the wrong place while the daemon ran. The
+    README's one install command, run into a temporary root, gives the installed gatewayctl
+    the unit's directories with no flags (only /etc is mapped into the root)."""
+    root = tmp_path / "root"
+    install_readme_command(root)
     unit = (ROOT / "systemd" / "gatewayd.service").read_text()
     state = re.search(r"^StateDirectory=(\S+)", unit, flags=re.M)
     runtime = re.search(r"^RuntimeDirectory=(\S+)", unit, flags=re.M)
     assert state is not None and runtime is not None
+    c = cfg.load(root / "etc/gateway/config.toml")
     assert Path(c.gateway.state_dir) == Path("/var/lib") / state.group(1)
     assert Path(c.gateway.runtime_dir) == Path("/run") / runtime.group(1)
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_DIRECTORY")}
+    env["GATEWAY_CONFIG"] = str(root / "etc/gateway/config.toml")
+    res = subprocess.run(
+        [str(root / "usr/local/bin/gatewayctl"), "config", "check"],
+        capture_output=True, text=True, timeout=60, check=False, env=env,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert f"state in /var/lib/{state.group(1)}" in res.stdout, res.stdout
+    assert f"socket /run/{runtime.group(1)}/" in res.stdout, res.stdout
