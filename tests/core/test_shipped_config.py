@@ -5,6 +5,8 @@ from __future__ import annotations
 import ipaddress
 import json
 import socket
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -59,3 +61,22 @@ def test_shipped_config_serves_coap_on_loopback(
         assert (latest["device"], latest["point"], latest["value"]) == (
             "probe-1", "temperature", value,
         )  # fmt: skip
+
+
+def test_start_up_imports_stay_out_of_the_daemon() -> None:
+    """RSS at READY with CoAP on is bounded (30 MiB, bench/daemon.py): modules the daemon
+    never uses stay out. argparse's default help formatter imported shutil (and with it bz2
+    and lzma) for the terminal width; the RD's href tokens imported secrets (hmac, hashlib)."""
+    code = (
+        "import sys, contextlib\n"
+        "from gateway import daemon\n"
+        "import gateway.coap.rd, gateway.coap.resources, gateway.coap.lean\n"
+        "with contextlib.redirect_stdout(None), contextlib.suppress(SystemExit):\n"
+        "    daemon.main(['--version'])\n"
+        "print(','.join(m for m in ('shutil', 'bz2', 'lzma', 'secrets', 'hmac') "
+        "if m in sys.modules))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                       timeout=60, check=False)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == ""
