@@ -135,6 +135,8 @@ def gatewayctl(root: Path, env: dict[str, str], *args: str) -> subprocess.Comple
 def test_readme_install_starts_as_systemd_would(
     tmp_path: Path, service_factory: list[Service]
 ) -> None:
+    require_binary("systemctl")  # enables the unit offline (--root)
+    require_binary("systemd-sysusers")
     root = tmp_path / "root"
     out = install_readme_command(root)
     # Not PID 1 here and not the running system: nothing is started, the unit is enabled.
