@@ -43,7 +43,6 @@ __all__ = [
 ]  # fmt: skip
 
 log = logging.getLogger("gateway.store")
-_repeats = RateLimitedLog(log)
 T = TypeVar("T")
 
 Listener = Callable[[Sequence[Event]], None]
@@ -247,6 +246,7 @@ class EventStore:
         #: refused append, cleared by the next commit: producers retrying is what resumes it.
         self.full: StoreFull | None = None
         self.on_full_change: Callable[[StoreFull | None], None] | None = None
+        self._repeats = RateLimitedLog(log)  # a failing commit can repeat thousands of times
 
     # -- life -----------------------------------------------------------------------------
     @classmethod
@@ -504,7 +504,7 @@ class EventStore:
                     err = StoreError(f"commit failed: {exc!r}")
                 if isinstance(err, StoreFull):
                     self._set_full(err)
-                _repeats.error(f"commit:{type(err).__name__}", "store commit failed: %s", err)
+                self._repeats.error(f"commit:{type(err).__name__}", "store commit failed: %s", err)
                 for p in batch:
                     _settle(p.future, err)
                 continue
