@@ -156,6 +156,8 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
+        # (SIGHUP's default would end the process while it waits; reloads come after.)
+        loop.add_signal_handler(signal.SIGHUP, lambda: log.warning("reload ignored: starting"))
         said = False
         while True:
             try:
