@@ -26,6 +26,7 @@ from gateway import events as ev
 from gateway.bus import Bus
 from gateway.control import ControlServer, Peer
 from gateway.errors import ConfigError, GatewayError, PayloadError, StoreFull
+from gateway.logs import RateLimitedLog
 from gateway.service import Service
 from gateway.store import EventStore, OutboxCodec
 from gateway.supervisor import Supervisor
@@ -119,14 +120,15 @@ class Daemon:
         self.last_reload_error = ""
         self.last_reload_kind = ""  # "config" (the file is invalid) or "internal"
         self._reload_lock = asyncio.Lock()
+        self._repeats = RateLimitedLog(log)
 
     async def run(self) -> int:
         c = self.config
         tune_process()
-        self.store = await EventStore.open(
-            c.db_path, c.store, gateway_id=c.gateway.id, outbox_codec=outbox_codec(c),
-            sink=has_sink(c),
-        )  # fmt: skip
+        store = await self._open_store()
+        if store is None:
+            return 0  # stopped while waiting for room to open the database
+        self.store = store
         bus = Bus(self.store)
         self.control = ControlServer(c.socket_path, c.control.group)
         self.supervisor = Supervisor(
@@ -165,6 +167,37 @@ class Daemon:
                 await watchdog.stop()
             await self._bounded_shutdown()
         return 0
+
+    async def _open_store(self) -> EventStore | None:
+        """Open the store. When the disk is so full that SQLite cannot even open the file
+        (it needs room for its -shm index), wait for room instead of exiting: say why (log,
+        STATUS=), keep systemd's start time-out extended, retry; None if stopped meanwhile."""
+        c = self.config
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        # (SIGHUP's default would end the process while it waits; reloads come after.)
+        loop.add_signal_handler(signal.SIGHUP, lambda: log.warning("reload ignored: starting"))
+        said = False
+        while True:
+            try:
+                return await EventStore.open(
+                    c.db_path, c.store, gateway_id=c.gateway.id, outbox_codec=outbox_codec(c),
+                    sink=has_sink(c),
+                )  # fmt: skip
+            except StoreFull as exc:
+                pause = c.store.check_interval
+                if not said:
+                    log.error("cannot open the store: %s; retrying every %.1f s until there is "
+                              "room", exc, pause)  # fmt: skip
+                    said = True
+                systemd.notify(f"EXTEND_TIMEOUT_USEC={int((pause + 60) * 1e6)}")
+                systemd.status(f"DEGRADED, waiting for room to open the database: {exc}")
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(pause):
+                        await self._stop.wait()
+                if self._stop.is_set():
+                    return None
 
     async def _started(self, data: dict[str, Any]) -> asyncio.Task[None] | None:
         """Record `gateway.started` before READY=1. On a full store the daemon starts
@@ -316,7 +349,7 @@ class Daemon:
                 if n:
                     log.info("retention: pruned %d delivered events", n)
             except GatewayError as exc:
-                log.warning("retention failed: %s", exc)
+                self._repeats.warning("retention", "retention failed: %s", exc)
 
     # -- control verbs --------------------------------------------------------------------
     def _register_verbs(self) -> None:
