@@ -58,7 +58,7 @@ def add_parser(sub: argparse._SubParsersAction[Any]) -> None:
     p.add_argument("--framing", choices=FRAMINGS, default="delimiter")
     p.add_argument("--delimiter", default="\\n", help="frame delimiter (default '\\n')")
     p.add_argument("--length", type=int, help="fixed framing: bytes per frame")
-    p.add_argument("--start", help="fixed/length framing: start marker")
+    p.add_argument("--start", help="start marker to resynchronise on (a line: its last one)")
     p.add_argument("--length-size", type=int, default=1, help="length framing: 1, 2 or 4")
     p.add_argument("--length-order", choices=["big", "little"], default="big")
     p.add_argument("--length-adjust", type=int, default=0)
@@ -91,13 +91,13 @@ def _bytes_arg(text: str, flag: str) -> str:
 def options_from_args(args: argparse.Namespace) -> SerialOptions:
     """Build and check the options; a bad one is a ConfigError naming its flag."""
     framing: dict[str, Any] = {"type": args.framing, "max_frame": args.max_frame}
+    if args.start:
+        framing["start"] = _bytes_arg(args.start, "--start")
     if args.framing == "delimiter":
         framing["delimiter"] = _bytes_arg(args.delimiter, "--delimiter")
     else:
         if args.length is not None:
             framing["length"] = args.length
-        if args.start:
-            framing["start"] = _bytes_arg(args.start, "--start")
         if args.framing == "length":
             framing.update(
                 length_size=args.length_size, length_order=args.length_order,
