@@ -26,7 +26,14 @@ from drivers.serial.options import FLOW_CONTROLS, FRAMINGS, PARITIES, SerialOpti
 from drivers.serial.parsers import PARSER_TYPES, FrameError
 from gateway.aio import cancel_and_wait
 from gateway.config import DeviceSpec
-from gateway.errors import ConfigError, ConfigIssue, DeviceUnavailable, PayloadError
+from gateway.errors import (
+    ConfigError,
+    ConfigIssue,
+    DeviceProtocolError,
+    DeviceTimeout,
+    DeviceUnavailable,
+    PayloadError,
+)
 
 #: Option path -> the flag that sets it, so errors name what the user typed.
 _FLAGS = {
@@ -47,7 +54,8 @@ def add_parser(sub: argparse._SubParsersAction[Any]) -> None:
         help="open a serial port and print parsed frames",
         description="Open PORT with the given settings and print each frame as parsed "
         "(or why it could not be), for --seconds or --frames, whichever comes first. "
-        "Byte strings (--delimiter, --start, --request) take escapes: '\\r\\n', '\\x02'.",
+        "Byte strings (--delimiter, --start, --request) take escapes: '\\r\\n', '\\x02'. "
+        "Exit status: 0 frames read, 1 only malformed ones, 4 port missing or silent.",
     )
     p.add_argument("port", metavar="PORT", help="device path, e.g. /dev/serial/by-id/...")
     p.add_argument("--baudrate", type=int, default=9600)
@@ -261,6 +269,14 @@ def run(args: argparse.Namespace) -> int:
         lost = f"; port lost: {result.lost}" if result.lost else ""
         print(f"# {result.frames} frame(s), {result.malformed} malformed, "
               f"{result.ignored} ignored{lost}")  # fmt: skip
+    # The README's exit codes: a line that only carried garbage is a failure (1); a line that
+    # carried nothing at all is as good as unreachable (4).
     if result.lost:
         raise DeviceUnavailable(opts.port.port, result.lost)
+    if not result.frames and not result.ignored:
+        if result.malformed:
+            raise DeviceProtocolError(
+                opts.port.port, f"{result.malformed} malformed frame(s) and none readable"
+            )
+        raise DeviceTimeout(opts.port.port, f"no frame within {args.seconds:g} s")
     return 0
