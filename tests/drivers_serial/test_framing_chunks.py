@@ -87,3 +87,8 @@ def test_delimiter_with_start_markers_chunking_is_invisible(data: bytes, cuts: l
         # A frame starts at its last marker and holds no other one.
         assert f[:1] in (b"$", b"!") and b"$" not in f[1:] and b"!" not in f[1:]
         assert b"\r\n" not in f and 0 < len(f) <= 8
+    # Nothing is lost silently: after a last delimiter, every byte was framed or reported.
+    got += d.feed(b"\r\n")
+    framed = sum(len(f) for f in frames(got))
+    dropped = sum(i.size for i in got if isinstance(i, Discarded))
+    assert framed + dropped + 2 * (data + b"\r\n").count(b"\r\n") == len(data) + 2
