@@ -37,6 +37,9 @@ def shipped_config(tmp: Path, store: dict[str, str], extra: str = "") -> Path:
             text = line.sub(f"{key} = {value}", text, count=1)
         else:
             text = text.replace("[store]\n", f"[store]\n{key} = {value}\n", 1)
+    # A table given in `extra` replaces the shipped one (TOML cannot declare it twice).
+    for name in re.findall(r"^\[([\w.-]+)\]$", extra, flags=re.M):
+        text = re.sub(rf"^\[{re.escape(name)}\]\n(?:(?!\[).*\n?)*", "", text, flags=re.M)
     path = tmp / "config.toml"
     path.write_text(text + "\n" + extra)
     return path
