@@ -399,6 +399,10 @@ class GatewayConfig:
 SECTION_PARSERS: dict[str, str] = {
     "coap": "gateway.coap.config:parse",
     "sync": "gateway.sync.config:parse",
+    "derived": "services.processing.config:parse_derived",
+    "processing": "services.processing.config:parse_processing",
+    "alerts": "services.notification.config:parse_alerts",
+    "notify": "services.notification.config:parse_notify",
 }
 
 GENERIC_DEVICE_KEYS = (
