@@ -324,6 +324,8 @@ class ProcessingService(Service):
         if w is None or start > w.start:
             if w is not None:
                 self._close(key, pp, w)
+            if pp.empty:
+                self._fill_empty(key, pp, start)
             w = self.windows[key] = _Window(start, start + pp.window)
         elif start < w.start:
             self.figures["late"] += 1
@@ -358,16 +360,19 @@ class ProcessingService(Service):
                 self._close(key, pp, w)
                 w = None
             if pp.empty and w is None:
-                # Windows without readings, from the watermark up to the last closed one.
-                start = self.emitted_to.get(key)
-                last_end = math.floor((now - GRACE) / pp.window) * pp.window
-                if start is None:
-                    self.emitted_to[key] = last_end
-                    continue
-                start = max(start, last_end - MAX_BACKFILL)
-                while start + pp.window <= last_end:
-                    self._close(key, pp, _Window(start, start + pp.window))
-                    start += pp.window
+                self._fill_empty(key, pp, math.floor((now - GRACE) / pp.window) * pp.window)
+
+    def _fill_empty(self, key: Key, pp: PointProcessing, upto: float) -> None:
+        """Emit count = 0 for the windows without readings between the watermark and `upto`."""
+        assert pp.window is not None
+        start = self.emitted_to.get(key)
+        if start is None:
+            self.emitted_to[key] = upto
+            return
+        start = max(start, upto - MAX_BACKFILL)
+        while start + pp.window <= upto:
+            self._close(key, pp, _Window(start, start + pp.window))
+            start += pp.window
 
     async def _ticker(self) -> None:
         every = [pp.window for pp in self.points.values() if pp.window]
