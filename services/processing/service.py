@@ -38,6 +38,7 @@ GRACE = 1.0  # seconds after a window's end before it closes (commits in flight 
 SAVE_EVERY = 30.0  # seconds between saves of detector state
 MAX_BACKFILL = 6 * 3600.0  # windows older than this are not rebuilt after a long outage
 MAX_INFLIGHT = 64  # appends not yet committed before the loop waits
+REPLAY_TAIL = 50_000  # events replayed into a detector that has no saved state
 
 Key = tuple[str, str]
 
@@ -160,6 +161,7 @@ class ProcessingService(Service):
         return Health.ok(
             f"{len(self.derived)} derived, {sum(1 for p in self.points.values() if p.window)}"
             f" windows, {len(self.detectors)} detectors",
+            processed_seq=self.processed,
             **self.figures,
         )
 
@@ -457,7 +459,9 @@ class ProcessingService(Service):
                 det.seq = seq
                 after = min(after, seq)
             else:
+                # Never saved (killed before the first save): learn from the log's tail.
                 det.seq = 0
+                after = min(after, max(0, upto - REPLAY_TAIL))
         if any(p.window for p in self.points.values()):
             late = self.figures["late"]  # readings of windows emitted before: not late
             for e in await self.ctx.store.read(lambda c: _readings_since(c, since, upto)):
