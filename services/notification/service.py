@@ -55,7 +55,8 @@ class _State:
     pending_since: float | None = None
     timer: asyncio.TimerHandle | None = None
     last_value: Any = None
-    trigger_seq: int | None = None
+    last_seq: int | None = None  # the last event that informed the rule
+    trigger_seq: int | None = None  # the event that started the pending period
     last_flag: float = 0.0  # anomaly rules: monotonic time of the last flag
 
 
@@ -205,6 +206,7 @@ class NotificationService(Service):
     async def _observe(self, rule: AlertRule, bad: bool, value: Any, seq: int | None) -> None:
         st = self.states[rule.name]
         st.last_value = value
+        st.last_seq = seq
         if not bad:
             if st.timer is not None:
                 st.timer.cancel()
@@ -228,15 +230,23 @@ class NotificationService(Service):
         st = self.states[rule.name]
         st.timer = None
         if st.pending_since is not None and not st.active:
-            self.ctx.create_task(
-                self._transition(rule, True, st.last_value, st.trigger_seq), f"raise:{rule.name}"
-            )
+            self.ctx.create_task(self._raise_pending(rule, st.pending_since), f"raise:{rule.name}")
 
-    async def _transition(self, rule: AlertRule, raise_: bool, value: Any, seq: int | None) -> None:
+    async def _raise_pending(self, rule: AlertRule, since: float) -> None:
+        st = self.states[rule.name]
+        await self._transition(rule, True, st.last_value, st.last_seq, since=since)
+
+    async def _transition(
+        self, rule: AlertRule, raise_: bool, value: Any, seq: int | None, since: float | None = None
+    ) -> None:
         async with self._lock:
             st = self.states[rule.name]
             if st.active == raise_:
                 return
+            if since is not None and st.pending_since != since:
+                return  # the condition went away (or started again) in the meantime
+            value, seq = (st.last_value, st.last_seq) if since is not None else (value, seq)
+            since_seq = st.trigger_seq if since is not None else None
             st.active = raise_
             st.pending_since = None
             data: dict[str, Any] = {"rule": rule.name, "kind": rule.kind,
@@ -249,6 +259,8 @@ class NotificationService(Service):
                 data["value"] = value
             if seq is not None:
                 data["at_seq"] = seq
+            if since_seq is not None:
+                data["since_seq"] = since_seq
             etype = ev.ALERT_RAISED if raise_ else ev.ALERT_CLEARED
             try:
                 await self.ctx.store.append(alert_stream(rule.name), etype, data)
@@ -264,8 +276,11 @@ class NotificationService(Service):
 
     async def _periodic(self) -> None:
         while True:
-            quiet = [r.quiet / 4 for r in self.rules.values() if r.kind == "anomaly"]
-            await asyncio.sleep(min([CHECK_EVERY, *quiet]))
+            # Often enough that an alert is at most a quarter of its limit late.
+            bounds = [r.quiet / 4 for r in self.rules.values() if r.kind == "anomaly"]
+            bounds += [max(0.25, r.limit / 4) for r in self.rules.values()
+                       if r.kind == "outbox_older_than" and r.limit]  # fmt: skip
+            await asyncio.sleep(min([CHECK_EVERY, *bounds]))
             stats = None
             for rule in list(self.rules.values()):
                 if rule.kind == "anomaly":
@@ -404,6 +419,10 @@ async def _run_command(ch: Channel, payload: bytes) -> tuple[str | None, str]:
     try:
         async with asyncio.timeout(ch.timeout):
             out, _ = await proc.communicate(payload)
+    except asyncio.CancelledError:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()  # the daemon is stopping: leave no command behind
+        raise
     except TimeoutError:
         with contextlib.suppress(ProcessLookupError):
             proc.kill()

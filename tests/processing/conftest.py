@@ -65,3 +65,12 @@ def readings(config: Path, device: str, point: str) -> list[tuple[int, dict[str,
             if rec.get("n") == point:
                 out.append((seq, rec))
     return out
+
+
+def alert_events(config: Path, rule: str) -> list[tuple[int, str, float, dict[str, Any]]]:
+    """(seq, type, wall_time, data) of one rule's raises and clears."""
+    return [
+        (seq, t, wall, data)
+        for seq, _s, t, wall, data in events(config, stream=f"alert:{rule}")
+        if t in ("alert.raised", "alert.cleared")
+    ]

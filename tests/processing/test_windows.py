@@ -9,9 +9,10 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from gateway.store import maintenance
 from tests.core.conftest import Daemon, start_daemon, write_config
 from tests.peers import wait_until
-from tests.processing.conftest import HEADER, events
+from tests.processing.conftest import HEADER, db_path, events
 
 WINDOWS = (
     HEADER
@@ -124,6 +125,7 @@ def test_windows_equal_the_log_and_a_sigkill_inside_one_changes_nothing(
         == expected(config, "meter-1", "energy", True)[open_window]["count"]
     )
     assert check(config) >= 10
+    assert maintenance.projections_match_rebuild(db_path(config))
 
     # The slow point read once: its window has count 1, later windows count 0 (empty = true).
     level = aggregates(config, "aggregate:slow:level")
