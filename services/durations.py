@@ -18,8 +18,9 @@ def parse_duration(text: str) -> float:
     return float(m.group(1)) * _UNITS[m.group(2)]
 
 
-def read_duration(sec: Section, key: str, default: Any = REQUIRED, *, gt: float = 0.0) -> Any:
-    """A duration key of `sec`, in seconds (the default as given when absent)."""
+def read_duration(sec: Section, key: str, default: Any = REQUIRED, *, zero_ok: bool = False) -> Any:
+    """A duration key of `sec`, in seconds (the default as given when absent); it must be
+    > 0 (>= 0 with `zero_ok`)."""
     value = sec.raw(key, default)
     if value is default:
         if default is REQUIRED:
@@ -36,6 +37,6 @@ def read_duration(sec: Section, key: str, default: Any = REQUIRED, *, gt: float 
             return 0.0
     else:
         seconds = float(value)
-    if not seconds > gt:
-        sec.error(key, f"must be > {gt:g} s, got {value!r}")
+    if seconds < 0 or (seconds == 0 and not zero_ok):
+        sec.error(key, f"must be {'>=' if zero_ok else '>'} 0 s, got {value!r}")
     return seconds

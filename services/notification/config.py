@@ -94,7 +94,7 @@ def _parse_rule(name: str, sec: Section) -> AlertRule | None:
     sources = [k for k in SOURCES if sec.has(k)]
     severity = sec.str("severity", "warning", choices=SEVERITIES)
     message = sec.str("message", "", nonempty=False)
-    min_duration = read_duration(sec, "min_duration", 0.0, gt=-1.0)
+    min_duration = read_duration(sec, "min_duration", 0.0, zero_ok=True)
     if len(sources) != 1:
         sec.error(
             "",

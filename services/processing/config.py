@@ -108,7 +108,7 @@ def parse_derived(root: Section) -> dict[tuple[str, str], DerivedPoint]:
             inputs = parse_inputs(psec)
             expr = parse_expr(psec, "expr", inputs)
             unit = psec.str("unit", None)
-            min_interval = read_duration(psec, "min_interval", 0.0, gt=-1.0)
+            min_interval = read_duration(psec, "min_interval", 0.0, zero_ok=True)
             max_age = read_duration(psec, "max_age", None)
             psec.done()
             if expr is not None:

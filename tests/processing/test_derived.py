@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tests.core.conftest import Daemon, run_cli, start_daemon, write_config
 from tests.peers import wait_until
-from tests.processing.conftest import HEADER, readings
+from tests.processing.conftest import HEADER, events, readings
 
 DERIVED = (
     HEADER
@@ -56,6 +56,11 @@ power = "boiler-1/power"
 expr = "clamp(e * 2 + 1, 0, 41) if e % 2 == 0 else -max(e, 3) ** 2"
 inputs = {{ e = "meter-1/energy" }}
 
+[derived.meter-1.slowed]
+expr = "e * 10"
+inputs = {{ e = "meter-1/energy" }}
+min_interval = "0.5s"
+
 [derived.site.sum]
 expr = "a + x"
 inputs = {{ a = "boiler-1/t_out", x = "slow/x" }}
@@ -92,6 +97,15 @@ def test_derived_points_match_a_hand_computation_and_go_missing_when_stale(
     assert len(outputs) >= 30
     assert outputs == [shaped(e) for e in inputs[: len(outputs)]]
     assert 41 in outputs and -9 in outputs  # both branches, the clamp and the power
+
+    # min_interval: at most one value per 0.5 s, each from an input already committed.
+    slowed = readings(config, "meter-1", "slowed")
+    energy = {r["v"]: seq for seq, r in readings(config, "meter-1", "energy")}
+    walls = {seq: wall for seq, _s, _t, wall, _d in events(config, "readings")}
+    assert len(slowed) >= 3
+    span = walls[slowed[-1][0]] - walls[slowed[0][0]]
+    assert len(slowed) <= span / 0.5 + 2 and len(slowed) < len(inputs) / 3
+    assert all(energy[r["v"] / 10] < seq for seq, r in slowed)
 
     # x is read once (interval 1 h): a value while it is fresh, then missing, not wrong.
     sums = [r for _, r in readings(config, "site", "sum")]
