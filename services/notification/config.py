@@ -11,6 +11,10 @@ severity = "critical"            # info | warning (default) | critical
 [alerts.boiler-down]
 device_unavailable = "boiler-1"
 
+[alerts.boiler-heating-fast]
+rate_of_change = "boiler-1/temperature"     # per second, between consecutive readings
+raise_above = 0.5
+
 [notify.siren]
 command = ["/usr/local/bin/siren", "--on"]   # argv, no shell; the alert as JSON on stdin
 timeout = "10s"
@@ -33,7 +37,8 @@ from services.processing.config import parse_expr, parse_inputs, parse_point_ref
 SEVERITIES: Final = ("info", "warning", "critical")
 #: The keys that say what a rule watches: exactly one per rule.
 SOURCES: Final = (
-    "point", "expr", "device_unavailable", "anomaly", "outbox_older_than", "store_above",
+    "point", "expr", "rate_of_change", "device_unavailable", "anomaly", "outbox_older_than",
+    "store_above", "service_degraded",
 )  # fmt: skip
 
 
@@ -48,6 +53,7 @@ class AlertRule:
     expr: Expr | None = None
     inputs: Mapping[str, tuple[str, str]] | None = None
     device: str | None = None
+    service: str | None = None  # service_degraded
     raise_above: float | None = None
     clear_below: float | None = None
     raise_below: float | None = None
@@ -109,10 +115,10 @@ def _parse_rule(name: str, sec: Section) -> AlertRule | None:
         name=name, kind=kind, severity=severity, message=message, min_duration=min_duration
     )
     rule: AlertRule | None = None
-    if kind in ("point", "expr"):
+    if kind in ("point", "expr", "rate_of_change"):
         point = expr = inputs = None
-        if kind == "point":
-            point = parse_point_ref(sec, "point", sec.str("point"))
+        if kind != "expr":
+            point = parse_point_ref(sec, kind, sec.str(kind))
         else:
             inputs = parse_inputs(sec)
             expr = parse_expr(sec, "expr", inputs)
@@ -128,8 +134,8 @@ def _parse_rule(name: str, sec: Section) -> AlertRule | None:
             sec.error("clear_above", f"must be >= raise_below ({rb:g}), got {ca:g}")
         if ra is not None and rb is not None and rb >= ra:
             sec.error("raise_below", f"must be < raise_above ({ra:g}), got {rb:g}")
-        if ra is None and rb is None and kind == "point":
-            sec.error("", "a point rule needs raise_above or raise_below (or both)")
+        if ra is None and rb is None and kind != "expr":
+            sec.error("", f"a {kind} rule needs raise_above or raise_below (or both)")
         rule = AlertRule(
             **common, point=point, expr=expr, inputs=inputs,
             raise_above=ra, clear_below=cb if cb is not None else ra,
@@ -143,6 +149,10 @@ def _parse_rule(name: str, sec: Section) -> AlertRule | None:
         point = parse_point_ref(sec, "anomaly", sec.str("anomaly"))
         quiet = read_duration(sec, "quiet", 300.0)
         rule = AlertRule(**common, point=point, quiet=quiet)
+    elif kind == "service_degraded":
+        service = sec.str("service_degraded")
+        validate_name(sec, "service_degraded", service, "service")
+        rule = AlertRule(**common, service=service)
     elif kind == "outbox_older_than":
         rule = AlertRule(**common, limit=read_duration(sec, "outbox_older_than"))
     else:

@@ -30,7 +30,7 @@ from gateway.breaker import Backoff
 from gateway.config import GatewayConfig
 from gateway.errors import NotFoundError, PayloadError, StoreError
 from gateway.events import Event
-from gateway.service import Health, Service, ServiceContext
+from gateway.service import Health, HealthState, Service, ServiceContext
 from gateway.store import queries
 from services.expr import EvalError
 from services.notification.config import AlertRule, Channel, severity_rank
@@ -44,6 +44,7 @@ from services.notification.projection import (
 )
 
 ANOMALY = "anomaly"
+PERIODIC = ("outbox_older_than", "store_above", "anomaly", "service_degraded")
 CHECK_EVERY = 5.0  # seconds between outbox/store checks
 OUTPUT_MAX = 2000  # characters of a command's output kept in its event
 
@@ -58,6 +59,7 @@ class _State:
     last_seq: int | None = None  # the last event that informed the rule
     trigger_seq: int | None = None  # the event that started the pending period
     last_flag: float = 0.0  # anomaly rules: monotonic time of the last flag
+    prev: tuple[float, float] | None = None  # rate rules: the previous value and its time
 
 
 def _num(v: Any) -> float | None:
@@ -99,9 +101,7 @@ class NotificationService(Service):
                 elif d["available"] is True and self.states[rule.name].active:
                     await self._observe(rule, False, None, None)
         ctx.create_task(self._run(), "events")
-        if any(
-            r.kind in ("outbox_older_than", "store_above", "anomaly") for r in self.rules.values()
-        ):
+        if any(r.kind in PERIODIC for r in self.rules.values()):
             ctx.create_task(self._periodic(), "checks")
         for ch in self.channels.values():
             ctx.create_task(self._deliver(ch), f"deliver:{ch.name}")
@@ -132,7 +132,7 @@ class NotificationService(Service):
         for rule in self.rules.values():
             self.states.setdefault(rule.name, _State())
             refs = list(rule.inputs.values()) if rule.inputs else []
-            if rule.point is not None:
+            if rule.point is not None and rule.kind != "anomaly":
                 refs.append(rule.point)
             for ref in dict.fromkeys(refs):
                 self.by_point.setdefault(ref, []).append(rule)
@@ -166,7 +166,11 @@ class NotificationService(Service):
         for rule in touched.values():
             self.figures["evaluated"] += 1
             value: Any
-            if rule.expr is not None and rule.inputs is not None:
+            if rule.kind == "rate_of_change":
+                value = self._rate(rule, e)
+                if value is None:
+                    continue
+            elif rule.expr is not None and rule.inputs is not None:
                 env = {n: self.inputs.get(ref) for n, ref in rule.inputs.items()}
                 try:
                     value = rule.expr.evaluate(env)
@@ -178,6 +182,16 @@ class NotificationService(Service):
             bad = self._judge(rule, value)
             if bad is not None:
                 await self._observe(rule, bad, value, e.seq)
+
+    def _rate(self, rule: AlertRule, e: Event) -> float | None:
+        """Change per second since the rule's previous reading (by commit time)."""
+        assert rule.point is not None
+        v = _num(self.inputs.get(rule.point))
+        st = self.states[rule.name]
+        prev, st.prev = st.prev, (None if v is None else (v, e.wall_time))
+        if v is None or prev is None or e.wall_time <= prev[1]:
+            return None
+        return round((v - prev[0]) / (e.wall_time - prev[1]), 9)
 
     def _judge(self, rule: AlertRule, value: Any) -> bool | None:
         """True: the condition holds (raise, or stay raised); False: clear; None: unknown."""
@@ -288,6 +302,9 @@ class NotificationService(Service):
                     if st.active and time.monotonic() - st.last_flag >= rule.quiet:
                         await self._observe(rule, False, None, None)
                     continue
+                if rule.kind == "service_degraded":
+                    await self._check_service(rule)
+                    continue
                 if rule.kind not in ("outbox_older_than", "store_above"):
                     continue
                 if stats is None:
@@ -299,7 +316,18 @@ class NotificationService(Service):
                     await self._observe(rule, age > rule.limit, round(age, 1), None)
                 else:
                     pct = 100.0 * stats.used_bytes / max(1, stats.quota_bytes)
-                    await self._observe(rule, pct > rule.limit, round(pct, 1), None)
+                    await self._observe(rule, pct > rule.limit, float(f"{pct:.3g}"), None)
+
+    async def _check_service(self, rule: AlertRule) -> None:
+        assert rule.service is not None
+        try:
+            state = self.ctx.service(rule.service).health().state
+        except KeyError:
+            return  # not running in this configuration: nothing to judge
+        except Exception as exc:
+            self.log.debug("health of %s failed: %s", rule.service, exc)
+            state = HealthState.DEGRADED
+        await self._observe(rule, state != HealthState.OK, str(state), None)
 
     # -- delivery -------------------------------------------------------------------------
     async def _deliver(self, ch: Channel) -> None:
@@ -392,11 +420,15 @@ def _describe(rule: AlertRule) -> str:
         return f"device {rule.device} unavailable"
     if rule.kind == "outbox_older_than":
         return f"outbox backlog older than {rule.limit:g} s"
+    if rule.kind == "service_degraded":
+        return f"service {rule.service} degraded"
     if rule.kind == "store_above":
         return f"store above {rule.limit:g} % of its quota"
     what = "/".join(rule.point) if rule.point else (rule.expr.text if rule.expr else "")
     if rule.kind == "anomaly":
         return f"anomaly on {what}"
+    if rule.kind == "rate_of_change":
+        what = f"rate of change of {what} (per s)"
     parts = []
     if rule.raise_above is not None:
         parts.append(f"above {rule.raise_above:g}")

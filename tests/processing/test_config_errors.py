@@ -36,6 +36,9 @@ raise_above = 10
 clear_below = 12
 [alerts.no-threshold]
 point = "dev/x"
+[alerts.no-rate]
+rate_of_change = "dev"
+raise_above = 1
 [alerts.bad-expr]
 expr = "a >"
 inputs = {{ a = "dev/x" }}
@@ -59,12 +62,13 @@ EXPECTED = [
     "processing.dev.p4.anomaly.warmup: must be >= 2, got 1",
     "derived.dev.d1.min_interval: must be >= 0 s, got -1",
     "derived.dev.d1.inputs: declared but not used by expr: b",
-    "alerts.two-sources: needs exactly one of point, expr, device_unavailable, anomaly,"
-    " outbox_older_than, store_above (got point, device_unavailable)",
+    "alerts.two-sources: needs exactly one of point, expr, rate_of_change, device_unavailable,"
+    " anomaly, outbox_older_than, store_above, service_degraded (got point, device_unavailable)",
     "alerts.nothing: needs exactly one of",
     "alerts.nothing.severity: must be one of 'info', 'warning', 'critical', got 'urgent'",
     "alerts.inverted.clear_below: must be <= raise_above (10), got 12",
     "alerts.no-threshold: a point rule needs raise_above or raise_below (or both)",
+    "alerts.no-rate.rate_of_change: must be \"device/point\", got 'dev'",
     "alerts.bad-expr.expr: column 4: unexpected end of expression",
     "alerts.typo.min_duraton: unknown key (did you mean 'min_duration'?)",
     "notify.relative.command: the program must be an absolute path, got 'siren'",
