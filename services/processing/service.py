@@ -123,6 +123,7 @@ class ProcessingService(Service):
         self._caught_up: asyncio.Event = asyncio.Event()
         self._target = 0
         self._inflight: list[asyncio.Future[Any]] = []
+        self._flush_soon = False
         self._out: list[NewEvent] = []
         self.figures = {"derived": 0, "missing": 0, "aggregates": 0, "anomalies": 0,
                         "late": 0, "not_stored": 0}  # fmt: skip
@@ -202,8 +203,11 @@ class ProcessingService(Service):
             self.processed = e.seq
             if self.processed >= self._target:
                 self._caught_up.set()
-            if self._out:
-                self._flush()
+            if self._out and not self._flush_soon:
+                # Everything the bus has queued is handled in this turn of the loop; its
+                # results go out together, as few events as possible.
+                self._flush_soon = True
+                asyncio.get_running_loop().call_soon(self._flush)
                 await self._throttle()
 
     def _on_readings(self, device: str, e: Event, replay: bool = False) -> None:
@@ -403,9 +407,10 @@ class ProcessingService(Service):
 
     # -- output ---------------------------------------------------------------------------
     def _flush(self) -> None:
+        self._flush_soon = False
         if not self._out:
             return
-        batch, self._out = self._out, []
+        batch, self._out = _merge(self._out), []
         try:
             fut = self.ctx.store.append_many(batch)
         except StoreError as exc:
@@ -508,6 +513,24 @@ class ProcessingService(Service):
             conn.executemany("INSERT OR REPLACE INTO processing_state VALUES (?, ?, ?)", rows)
 
         await self.ctx.store.write(save)
+
+
+def _merge(batch: list[NewEvent]) -> list[NewEvent]:
+    """Derived readings for one device in one flush become one event (records in order)."""
+    out: list[NewEvent] = []
+    at: dict[str, int] = {}
+    for e in batch:
+        i = at.get(e.stream)
+        if e.type != ev.READINGS:
+            at.pop(e.stream, None)  # nothing moves past another event of its stream
+            out.append(e)
+        elif i is None:
+            at[e.stream] = len(out)
+            out.append(e)
+        else:
+            first = out[i]
+            out[i] = first._replace(data={"r": [*first.data["r"], *e.data["r"]]})
+    return out
 
 
 def _readings_after(conn: Any, after: int) -> list[Event]:
