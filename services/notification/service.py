@@ -103,8 +103,8 @@ class NotificationService(Service):
         ctx.create_task(self._run(), "events")
         if any(r.kind in PERIODIC for r in self.rules.values()):
             ctx.create_task(self._periodic(), "checks")
-        for ch in self.channels.values():
-            ctx.create_task(self._deliver(ch), f"deliver:{ch.name}")
+        self._deliveries: dict[str, tuple[Channel, asyncio.Task[Any]]] = {}
+        self._start_deliveries()
         ctx.control.register("alerts", self._cmd_alerts)
         ctx.control.register("alerts.ack", self._cmd_ack)
 
@@ -118,6 +118,21 @@ class NotificationService(Service):
 
     async def reload(self, config: GatewayConfig) -> None:
         self._configure(config)
+        for name, (ch, task) in list(self._deliveries.items()):
+            if self.channels.get(name) != ch:
+                # Between two events (or inside a command, which is killed): the cursor
+                # has not moved past anything undelivered.
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                del self._deliveries[name]
+        self._start_deliveries()
+
+    def _start_deliveries(self) -> None:
+        for name, ch in self.channels.items():
+            if name not in self._deliveries:
+                task = self.ctx.create_task(self._deliver(ch), f"deliver:{name}")
+                self._deliveries[name] = (ch, task)
 
     def health(self) -> Health:
         active = sorted(n for n, s in self.states.items() if s.active and n in self.rules)

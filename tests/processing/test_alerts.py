@@ -219,6 +219,14 @@ def test_unavailable_via_sighup_and_sigkill_while_active_raise_and_deliver_once(
     config.write_text(config.read_text().replace("failure_rate = 0\n", "failure_rate = 1\n"))
     d.peer.signal(signal.SIGHUP)
     wait_until(lambda: len(alert_events(config, "pump-down")) == 1, "pump-down raised")
+    # A channel added by SIGHUP gets the alerts active now, then what follows.
+    late = tmp_path / "late.jsonl"
+    config.write_text(
+        config.read_text()
+        + f'[notify.late]\ncommand = ["{sys.executable}", "{tmp_path / "append.py"}", "{late}"]\n'
+    )
+    d.peer.signal(signal.SIGHUP)
+    wait_until(lambda: len(delivered(late)) == 2, "the active alerts on the new channel")
     config.write_text(
         config.read_text()
         .replace("failure_rate = 1\n", "failure_rate = 0\n")
@@ -228,6 +236,7 @@ def test_unavailable_via_sighup_and_sigkill_while_active_raise_and_deliver_once(
     wait_until(lambda: len(alert_events(config, "pump-down")) == 2, "pump-down cleared")
     wait_until(lambda: len(alert_events(config, "pump-fast")) == 2, "pump-fast cleared")
     wait_until(lambda: len(delivered(out)) == 4, "four deliveries")
+    wait_until(lambda: len(delivered(late)) == 4, "four deliveries on the new channel")
     r = run_cli(config, "alerts")
     assert r.returncode == 0 and "no active alerts" in r.stdout
     assert d.stop() == 0
@@ -239,6 +248,9 @@ def test_unavailable_via_sighup_and_sigkill_while_active_raise_and_deliver_once(
     assert down[0][3]["severity"] == "critical" and down[0][3]["message"] == (
         "device pump unavailable"
     )
+    late_got = [(m["id"], m["event"]) for m in delivered(late)]
+    assert late_got[:2] == [("pump-fast", "alert.raised"), ("pump-down", "alert.raised")]
+    assert sorted(late_got[2:]) == [("pump-down", "alert.cleared"), ("pump-fast", "alert.cleared")]
     got = [(m["id"], m["event"]) for m in delivered(out)]
     assert sorted(got) == sorted(
         (rule, t) for rule in ("pump-fast", "pump-down") for t in ("alert.raised", "alert.cleared")
