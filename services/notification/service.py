@@ -19,6 +19,7 @@ import contextlib
 import json
 import math
 import os
+import signal
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -467,12 +468,10 @@ async def _run_command(ch: Channel, payload: bytes) -> tuple[str | None, str]:
         async with asyncio.timeout(ch.timeout):
             out, _ = await proc.communicate(payload)
     except asyncio.CancelledError:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()  # the daemon is stopping: leave no command behind
+        _kill(proc)  # the daemon is stopping: leave no command behind
         raise
     except TimeoutError:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
+        _kill(proc)
         out = b""
         with contextlib.suppress(Exception):
             out, _ = await asyncio.wait_for(proc.communicate(), 5)
@@ -482,3 +481,9 @@ async def _run_command(ch: Channel, payload: bytes) -> tuple[str | None, str]:
     if proc.returncode != 0:
         return f"exit status {proc.returncode}", text
     return None, text
+
+
+def _kill(proc: asyncio.subprocess.Process) -> None:
+    """The command and whatever it started (its own session, so its own process group)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)

@@ -38,6 +38,30 @@ def channel(tmp: Path) -> tuple[str, Path]:
     return toml, out
 
 
+FLAKY = """import os, sys
+if not os.path.exists(sys.argv[2]):
+    open(sys.argv[2], "w").close()
+    print("modem busy")
+    sys.exit(3)
+data = sys.stdin.read()
+with open(sys.argv[1], "a") as f:
+    f.write(data.replace("\\n", " ") + "\\n")
+"""
+
+
+def more_channels(tmp: Path) -> tuple[str, Path]:
+    """[notify.flaky] fails its first run only; [notify.slow] never exits in time."""
+    script, out = tmp / "flaky.py", tmp / "flaky.jsonl"
+    script.write_text(FLAKY)
+    toml = (
+        f'\n[notify.flaky]\ncommand = ["{sys.executable}", "{script}", "{out}", "{tmp / "m"}"]\n'
+        "retries = 2\n"
+        '\n[notify.slow]\ncommand = ["/bin/sh", "-c", "sleep 2; sleep 2"]\n'
+        'timeout = "0.2s"\nretries = 0\n'
+    )
+    return toml, out
+
+
 def delivered(out: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
 
@@ -202,7 +226,8 @@ def test_unavailable_via_sighup_and_sigkill_while_active_raise_and_deliver_once(
     tmp_path: Path, daemon_factory: list[Daemon]
 ) -> None:
     toml, out = channel(tmp_path)
-    config = write_config(tmp_path, pump(100, 0) + toml)
+    toml2, flaky = more_channels(tmp_path)
+    config = write_config(tmp_path, pump(100, 0) + toml + toml2)
     d = start_daemon(config, tmp_path, name="first")
     daemon_factory.append(d)
     wait_until(lambda: len(delivered(out)) == 1, "pump-fast raised and delivered")
@@ -237,6 +262,12 @@ def test_unavailable_via_sighup_and_sigkill_while_active_raise_and_deliver_once(
     wait_until(lambda: len(alert_events(config, "pump-fast")) == 2, "pump-fast cleared")
     wait_until(lambda: len(delivered(out)) == 4, "four deliveries")
     wait_until(lambda: len(delivered(late)) == 4, "four deliveries on the new channel")
+    wait_until(lambda: len(delivered(flaky)) == 4, "four deliveries on the flaky channel")
+    wait_until(
+        lambda: len([1 for *_x, f in events(config, "alert.delivery_failed")
+                     if f["channel"] == "slow"]) == 4,
+        "four time-outs of the slow channel",
+    )  # fmt: skip
     r = run_cli(config, "alerts")
     assert r.returncode == 0 and "no active alerts" in r.stdout
     assert d.stop() == 0
@@ -255,6 +286,18 @@ def test_unavailable_via_sighup_and_sigkill_while_active_raise_and_deliver_once(
     assert sorted(got) == sorted(
         (rule, t) for rule in ("pump-fast", "pump-down") for t in ("alert.raised", "alert.cleared")
     )
+    # Retried with backoff after a failure: delivered once, the failure recorded first.
+    assert len(delivered(flaky)) == 4
+    failures = [data for *_x, data in events(config, "alert.delivery_failed")]
+    first = [f for f in failures if f["channel"] == "flaky"]
+    assert len(first) == 1 and first[0]["final"] is False and first[0]["attempts"] == 1
+    assert first[0]["error"] == "exit status 3" and first[0]["output"] == "modem busy\n"
+    ok = [x for *_y, x in events(config, "alert.delivered") if x["channel"] == "flaky"]
+    # (the first one may have been retried by the restarted daemon: still once)
+    assert len(ok) == 4 and len({x["of"] for x in ok}) == 4
+    slow = [f for f in failures if f["channel"] == "slow"]
+    assert len(slow) == 4 and all(f["final"] for f in slow)
+    assert {f["error"] for f in slow} == {"no exit within 0.2 s (killed)"}
     assert maintenance.projections_match_rebuild(db_path(config))
     r = run_cli(config, "--json", "alerts", "--all")
     rows = json.loads(r.stdout)
