@@ -329,7 +329,7 @@ class NotificationService(Service):
                 if rule.kind == "outbox_older_than":
                     oldest = stats.oldest_undelivered
                     age = 0.0 if oldest is None else time.time() - oldest
-                    await self._observe(rule, age > rule.limit, round(age, 1), None)
+                    await self._observe(rule, age > rule.limit, age, None)
                 else:
                     pct = 100.0 * stats.used_bytes / max(1, stats.quota_bytes)
                     await self._observe(rule, pct > rule.limit, float(f"{pct:.3g}"), None)
