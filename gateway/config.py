@@ -66,9 +66,14 @@ class Issues:
 
     def __init__(self) -> None:
         self.items: list[ConfigIssue] = []
+        #: Not errors: the config loads, but something in it deserves a look (logged at load).
+        self.warnings: list[ConfigIssue] = []
 
     def add(self, path: str, message: str) -> None:
         self.items.append(ConfigIssue(path, message))
+
+    def warn(self, path: str, message: str) -> None:
+        self.warnings.append(ConfigIssue(path, message))
 
     def extend(self, issues: Sequence[ConfigIssue]) -> None:
         self.items.extend(issues)
@@ -112,6 +117,9 @@ class Section:
     def error(self, key: str, message: str) -> None:
         self.issues.add(self.at(key) if key else self.path, message)
 
+    def warn(self, key: str, message: str) -> None:
+        self.issues.warn(self.at(key) if key else self.path, message)
+
     def has(self, key: str) -> bool:
         return key in self.data
 
@@ -141,12 +149,15 @@ class Section:
         *,
         choices: Sequence[str] | None = None,
         nonempty: _Bool = True,
+        secret: _Bool = False,
     ) -> Any:
+        """`secret`: a key, password...: messages say what is wrong, never the value."""
         found, value = self._get(key, default, "a string")
         if not found:
             return value
         if not isinstance(value, _Str):
-            self.error(key, f"must be a string, got {_type_name(value)} {value!r}")
+            shown = "" if secret else f" {value!r}"
+            self.error(key, f"must be a string, got {_type_name(value)}{shown}")
             return default if default is not REQUIRED else ""
         if nonempty and not value:
             self.error(key, "must not be empty")
@@ -272,14 +283,54 @@ def _did_you_mean(word: str, candidates: Sequence[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+#: Option keys whose values are secrets: never shown in a message, a repr or a log line.
+SECRET_KEYS: Final = frozenset({"bindkey", "psk", "psk_hex", "psk_key", "password"})
+
+
+def redact_url(url: str) -> str:
+    """`url` with any `user:password@` part replaced by `***@`, for messages."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    authority = rest[:end]
+    if "@" not in authority:
+        return url
+    return f"{scheme}{sep}***@{authority.rpartition('@')[2]}{rest[end:]}"
+
+
+def secret_hex(text: str, nbytes: int | None = None) -> tuple[bytes | None, str]:
+    """Decode a hex key: (bytes, "") or (None, what is wrong with it, without the value)."""
+    digits = "".join(text.split())  # bytes.fromhex allows spaces between bytes
+    bad = sum(1 for c in digits if c not in "0123456789abcdefABCDEF")
+    want = "hexadecimal, an even number of digits"
+    if nbytes:
+        want = f"hexadecimal, {2 * nbytes} digits (a {nbytes}-byte key)"
+    problems = []
+    if nbytes is not None and len(digits) != 2 * nbytes:
+        problems.append(f"it has {len(digits)}")
+    elif nbytes is None and len(digits) % 2:
+        problems.append(f"it has an odd number of characters ({len(digits)})")
+    if bad:
+        problems.append(f"{bad} character(s) not 0-9/a-f")
+    if problems or not digits:
+        return None, f"must be {want}; " + (", ".join(problems) or "it is empty")
+    return bytes.fromhex(digits), ""
+
+
+def has_userinfo(url: str) -> bool:
+    """Whether a URL carries `user[:password]@` in its authority."""
+    return redact_url(url) != url
+
+
 def validate_name(section: Section, key: str, name: str, what: str) -> None:
-    """Ids appear in CoAP paths, streams and file names: keep them to a safe alphabet."""
-    if not name or not all(c.isalnum() or c in "-_." for c in name) or name[0] in "-.":
-        section.issues.add(
-            section.at(key),
-            f"{what} name {name!r} must use letters, digits, '-', '_' or '.' "
-            "(and not start with '-' or '.')",
-        )
+    """Ids appear in CoAP paths, streams, MQTT topics and logs: the one name rule
+    (`gateway.names`) applies."""
+    from gateway import names
+
+    message = names.problem(name, f"{what} name")
+    if message is not None:
+        section.issues.add(section.at(key), message)
 
 
 # ------------------------------------------------------------------------------------------
@@ -317,6 +368,13 @@ class DeviceSpec:
     offline_after: int = 3  # failed polls in a row before the device is reported unavailable
     points: tuple[PointSpec, ...] = ()
     options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __repr__(self) -> str:  # driver options may hold keys: never show them
+        shown = {k: "***" if k in SECRET_KEYS else v for k, v in self.options.items()}
+        return (
+            f"DeviceSpec(id={self.id!r}, driver={self.driver!r}, interval={self.interval!r}, "
+            f"points={[p.name for p in self.points]!r}, options={shown!r})"
+        )
 
     @property
     def path(self) -> str:
@@ -372,6 +430,8 @@ class GatewayConfig:
     #: Sections owned by other parts (`coap`, `sync`, ...), parsed by their parsers.
     sections: Mapping[str, Any]
     source: str = ""
+    #: Things that load but deserve a look (a password sent in clear...); logged at load.
+    warnings: tuple[ConfigIssue, ...] = ()
 
     @property
     def state_dir(self) -> Path:
@@ -399,6 +459,7 @@ class GatewayConfig:
 SECTION_PARSERS: dict[str, str] = {
     "coap": "gateway.coap.config:parse",
     "sync": "gateway.sync.config:parse",
+    "metrics": "gateway.metrics:parse_section",
     "derived": "services.processing.config:parse_derived",
     "processing": "services.processing.config:parse_processing",
     "alerts": "services.notification.config:parse_alerts",
@@ -546,7 +607,7 @@ def parse(data: Mapping[str, Any], source: str = "") -> GatewayConfig:
     issues.raise_if_any()
     return GatewayConfig(
         gateway=gateway, store=store, control=control, devices=devices, drivers=drivers,
-        sections=sections, source=source,
+        sections=sections, source=source, warnings=tuple(issues.warnings),
     )  # fmt: skip
 
 

@@ -2,6 +2,12 @@
 `gatewayctl` asks the daemon things. One JSON object per line each way:
 `{"verb": "status", "args": {...}}` -> `{"ok": true, "result": ...}` or
 `{"ok": false, "error": "...", "exit": N}`.
+
+Who may do what: every connection's peer is read with SO_PEERCRED (uid, gid, pid) and
+SO_PEERGROUPS. Read-only verbs answer anyone who can open the socket; verbs that change or
+delete state (registered with `mutating=True`, the default) are refused unless the caller is
+root, the daemon's own user, or in `[control] group`, and each one that runs is reported to
+`audit` (the daemon records it as a `control.verb` event naming the caller).
 """
 
 from __future__ import annotations
@@ -13,16 +19,46 @@ import json
 import logging
 import os
 import socket
+import struct
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gateway.errors import DaemonUnavailableError, GatewayError
+from gateway.errors import DaemonUnavailableError, ForbiddenError, GatewayError
 
 log = logging.getLogger("gateway.control")
 
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
 MAX_LINE = 1 << 20
+# Linux's value; Python's socket module does not name it.
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """Who is on the other end of a control connection, as the kernel says (SO_PEERCRED)."""
+
+    pid: int
+    uid: int
+    gid: int
+    groups: tuple[int, ...] = ()
+
+    def as_dict(self) -> dict[str, int]:
+        return {"uid": self.uid, "gid": self.gid, "pid": self.pid}
+
+
+#: Called after a mutating verb ran: (verb, args, peer, error or None). It records it.
+Audit = Callable[[str, dict[str, Any], Peer, str | None], Awaitable[None]]
+
+
+def peer_of(sock: socket.socket) -> Peer:
+    pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    groups: tuple[int, ...] = ()
+    with contextlib.suppress(OSError):  # supplementary groups: Linux 4.13+
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 1024)  # CPython max: 256
+        groups = struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4])
+    return Peer(pid=pid, uid=uid, gid=gid, groups=groups)
 
 
 def _default(obj: object) -> Any:
@@ -42,14 +78,49 @@ class ControlServer:
         self.path = path
         self.group = group
         self._handlers: dict[str, Handler] = {}
+        self._mutating: set[str] = set()
         self._server: asyncio.Server | None = None
         self._conns: set[asyncio.Task[None]] = set()
+        self._gid: int | None = None
+        #: Records every mutating verb that ran (set by the daemon).
+        self.audit: Audit | None = None
+        self.refused = 0
 
-    def register(self, verb: str, handler: Handler) -> None:
+    def register(self, verb: str, handler: Handler, *, mutating: bool = True) -> None:
+        """`mutating`: the verb changes or deletes state (the default: a verb is only open to
+        every socket user when its author says it reads)."""
         self._handlers[verb] = handler
+        if mutating:
+            self._mutating.add(verb)
+        else:
+            self._mutating.discard(verb)
 
     def unregister(self, verb: str) -> None:
         self._handlers.pop(verb, None)
+        self._mutating.discard(verb)
+
+    def mutating(self, verb: str) -> bool:
+        return verb in self._mutating
+
+    def allowed(self, peer: Peer) -> bool:
+        """May `peer` run mutating verbs: root, the daemon's own user, or `[control] group`."""
+        if peer.uid in (0, os.geteuid()):
+            return True
+        if self._gid is None:
+            return False
+        if peer.gid == self._gid or self._gid in peer.groups:
+            return True
+        try:  # more groups than SO_PEERGROUPS returned: the group database says
+            import pwd
+
+            return pwd.getpwuid(peer.uid).pw_name in grp.getgrgid(self._gid).gr_mem
+        except KeyError:
+            return False
+
+    async def ask(self, verb: str, args: dict[str, Any] | None = None) -> Any:
+        """Answer a verb in-process, as a client would get it (the metrics textfile asks
+        for `status` this way)."""
+        return await self._handlers[verb](args or {})
 
     @property
     def verbs(self) -> list[str]:
@@ -72,8 +143,13 @@ class ControlServer:
         os.chmod(self.path, 0o660)
         if self.group:
             try:
-                os.chown(self.path, -1, grp.getgrnam(self.group).gr_gid)
-            except (KeyError, PermissionError) as exc:
+                self._gid = grp.getgrnam(self.group).gr_gid
+            except KeyError:
+                log.warning("control socket: no group %r: only root may change state", self.group)
+        if self._gid is not None:
+            try:
+                os.chown(self.path, -1, self._gid)
+            except PermissionError as exc:
                 log.warning("control socket: cannot give it to group %s: %s", self.group, exc)
 
     async def stop(self) -> None:
@@ -93,6 +169,10 @@ class ControlServer:
         assert task is not None
         self._conns.add(task)
         try:
+            peer = peer_of(writer.get_extra_info("socket"))
+        except OSError:
+            peer = None  # not a Unix socket peer the kernel can name: read-only verbs only
+        try:
             while True:
                 try:
                     line = await reader.readline()
@@ -101,7 +181,7 @@ class ControlServer:
                     break
                 if not line:
                     break
-                writer.write(dumps(await self._answer(line)))
+                writer.write(dumps(await self._answer(line, peer)))
                 await writer.drain()
         except (ConnectionError, asyncio.CancelledError):
             pass
@@ -111,7 +191,7 @@ class ControlServer:
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
 
-    async def _answer(self, line: bytes) -> dict[str, Any]:
+    async def _answer(self, line: bytes, peer: Peer | None = None) -> dict[str, Any]:
         try:
             req = json.loads(line)
             verb = req["verb"]
@@ -123,13 +203,34 @@ class ControlServer:
         handler = self._handlers.get(verb)
         if handler is None:
             return {"ok": False, "error": f"unknown verb {verb!r}", "exit": 2}
+        mutating = verb in self._mutating
+        if mutating and (peer is None or not self.allowed(peer)):
+            self.refused += 1
+            who = "an unknown peer" if peer is None else f"uid {peer.uid} (pid {peer.pid})"
+            log.warning("control: %s refused for %s", verb, who)
+            group = f"in group {self.group!r}" if self._gid is not None else "the daemon's user"
+            err = ForbiddenError(
+                f"{verb}: permission denied: it changes state, so it needs root or {group}"
+                f" (you are {who})"
+            )
+            return {"ok": False, "error": str(err), "exit": err.exit_status}
+        error: str | None = None
         try:
-            return {"ok": True, "result": await handler(args)}
+            answer = {"ok": True, "result": await handler(args)}
         except GatewayError as exc:
-            return {"ok": False, "error": str(exc), "exit": exc.exit_status}
+            error = str(exc)
+            answer = {"ok": False, "error": error, "exit": exc.exit_status}
         except Exception as exc:
             log.exception("control verb %s failed", verb)
-            return {"ok": False, "error": f"internal error: {exc}", "exit": 1}
+            error = f"internal error: {exc}"
+            answer = {"ok": False, "error": error, "exit": 1}
+        if mutating and self.audit is not None and peer is not None:
+            try:
+                await self.audit(verb, args, peer, error)
+            except Exception as exc:  # the verb ran: say who did it even if it cannot be kept
+                log.warning("control: %s by uid %d gid %d pid %d could not be recorded: %s",
+                            verb, peer.uid, peer.gid, peer.pid, exc)  # fmt: skip
+        return answer
 
 
 def _alive(path: Path) -> bool:

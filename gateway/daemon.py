@@ -2,7 +2,8 @@
 
 SIGTERM/SIGINT stop the services in reverse order within `gateway.stop_timeout`, then drain
 the store's writer (everything already handed to it is committed) before exiting.
-SIGHUP reloads the config: a valid one is applied, an invalid one is logged and ignored.
+SIGHUP (or `gatewayctl reload`) reloads the config: a valid one is applied; any failure keeps
+the running one, is logged and shown by `gatewayctl status`.
 """
 
 from __future__ import annotations
@@ -19,12 +20,12 @@ import sys
 import time
 from typing import Any
 
-from gateway import __version__, systemd
+from gateway import __version__, names, systemd
 from gateway import config as cfg
 from gateway import events as ev
 from gateway.bus import Bus
-from gateway.control import ControlServer
-from gateway.errors import ConfigError, GatewayError, PayloadError
+from gateway.control import ControlServer, Peer
+from gateway.errors import ConfigError, GatewayError, PayloadError, StoreFull
 from gateway.service import Service
 from gateway.store import EventStore, OutboxCodec
 from gateway.supervisor import Supervisor
@@ -35,6 +36,7 @@ log = logging.getLogger("gateway")
 OPTIONAL_SERVICES: dict[str, str] = {
     "coap": "gateway.coap.service:CoapService",
     "sync": "gateway.sync.service:SyncService",
+    "metrics": "gateway.metrics:MetricsService",
     "derived": "services.processing.service:ProcessingService",
     "processing": "services.processing.service:ProcessingService",
     "alerts": "services.notification.service:NotificationService",
@@ -85,6 +87,12 @@ def outbox_codec(c: cfg.GatewayConfig) -> OutboxCodec | None:
     return outbox_encoder(sync, c.gateway.id)
 
 
+def has_sink(c: cfg.GatewayConfig) -> bool:
+    """Whether anything delivers the outbox (cloud sync configured and enabled)."""
+    sync = c.sections.get("sync")
+    return sync is not None and getattr(sync, "enabled", True) is not False
+
+
 class Daemon:
     def __init__(self, config: cfg.GatewayConfig, config_path: str) -> None:
         self.config = config
@@ -98,13 +106,16 @@ class Daemon:
         self.control: ControlServer | None = None
         self.reloads = 0
         self.last_reload_error = ""
+        self.last_reload_kind = ""  # "config" (the file is invalid) or "internal"
+        self._reload_lock = asyncio.Lock()
 
     async def run(self) -> int:
         c = self.config
         tune_process()
         self.store = await EventStore.open(
-            c.db_path, c.store, gateway_id=c.gateway.id, outbox_codec=outbox_codec(c)
-        )
+            c.db_path, c.store, gateway_id=c.gateway.id, outbox_codec=outbox_codec(c),
+            sink=has_sink(c),
+        )  # fmt: skip
         bus = Bus(self.store)
         self.control = ControlServer(c.socket_path, c.control.group)
         self.supervisor = Supervisor(
@@ -119,11 +130,11 @@ class Daemon:
         watchdog = systemd.Watchdog(self._healthy) if c.gateway.watchdog else None
         try:
             await self.control.start()
+            self.store.on_full_change = self._store_full_changed
             await self.supervisor.start()
-            await self.store.append(
-                ev.GATEWAY_STREAM, ev.GATEWAY_STARTED,
-                {"version": __version__, "pid": os.getpid(), "devices": len(c.devices)},
-            )  # fmt: skip
+            started_task = await self._started(
+                {"version": __version__, "pid": os.getpid(), "devices": len(c.devices)}
+            )
             freeze_startup_objects()
             systemd.ready(self.status_line())
             log.info("gatewayd %s ready: %s", __version__, self.status_line())
@@ -134,6 +145,8 @@ class Daemon:
             await self._stop.wait()
             status_task.cancel()
             maint_task.cancel()
+            if started_task is not None:
+                started_task.cancel()
         finally:
             systemd.stopping("stopping")
             log.info("stopping")
@@ -141,6 +154,31 @@ class Daemon:
                 await watchdog.stop()
             await self._bounded_shutdown()
         return 0
+
+    async def _started(self, data: dict[str, Any]) -> asyncio.Task[None] | None:
+        """Record `gateway.started` before READY=1. On a full store the daemon starts
+        degraded instead (delivery and retention make room), and a task records the event
+        once there is room."""
+        assert self.store is not None
+        try:
+            await self.store.append(ev.GATEWAY_STREAM, ev.GATEWAY_STARTED, data)
+            return None
+        except StoreFull as exc:
+            log.warning("starting degraded: %s", exc)
+        return asyncio.create_task(self._append_started(data), name="started")
+
+    async def _append_started(self, data: dict[str, Any]) -> None:
+        assert self.store is not None
+        while True:
+            await asyncio.sleep(self.config.store.check_interval)
+            try:
+                await self.store.append(ev.GATEWAY_STREAM, ev.GATEWAY_STARTED, data)
+                return
+            except StoreFull:
+                continue
+
+    def _store_full_changed(self, why: StoreFull | None) -> None:
+        systemd.status(self.status_line())
 
     async def _bounded_shutdown(self) -> None:
         """Stop within `stop_timeout` (+ a little for the store's last commit). If something
@@ -181,24 +219,57 @@ class Daemon:
         await self.reload()
 
     async def reload(self) -> bool:
-        systemd.reloading()
+        """Apply the config file as it is now. Any failure (an invalid file, a driver that
+        cannot be imported, a service that cannot take the new config) keeps the running
+        config, is logged and kept for `status`, and systemd hears READY=1 again either way."""
+        async with self._reload_lock:
+            systemd.reloading()
+            try:
+                return await self._reload()
+            finally:
+                systemd.ready(self.status_line())
+
+    async def _reload(self) -> bool:
+        assert self.supervisor is not None and self.store is not None
+        old = self.config
         try:
             new = cfg.load(self.config_path)
         except ConfigError as exc:
             self.last_reload_error = str(exc)
+            self.last_reload_kind = "config"
             log.error("reload rejected, the running config stays:\n%s", exc)
-            systemd.ready(self.status_line())
             return False
-        assert self.supervisor is not None and self.store is not None
+        except Exception as exc:  # e.g. a driver module that fails to import
+            self.last_reload_error = f"cannot load {self.config_path}: {type(exc).__name__}: {exc}"
+            self.last_reload_kind = "internal"
+            log.error("reload failed, the running config stays: %s", self.last_reload_error,
+                      exc_info=True)  # fmt: skip
+            return False
+        for warning in new.warnings:
+            log.warning("config: %s", warning)
+        try:
+            await self.supervisor.reload(new)
+        except Exception as exc:
+            self.last_reload_error = f"applying the new config failed: {type(exc).__name__}: {exc}"
+            self.last_reload_kind = "internal"
+            log.error("reload failed, going back to the running config: %s",
+                      self.last_reload_error, exc_info=True)  # fmt: skip
+            try:
+                await self.supervisor.reload(old)
+            except Exception:
+                log.exception("restoring the running config after a failed reload failed too")
+            return False
         self.config = new
-        await self.supervisor.reload(new)
         self.reloads += 1
         self.last_reload_error = ""
-        await self.store.append(
-            ev.GATEWAY_STREAM, ev.CONFIG_RELOADED, {"devices": sorted(new.devices)}
-        )
+        self.last_reload_kind = ""
         log.info("config reloaded: %d devices", len(new.devices))
-        systemd.ready(self.status_line())
+        try:
+            await self.store.append(
+                ev.GATEWAY_STREAM, ev.CONFIG_RELOADED, {"devices": sorted(new.devices)}
+            )
+        except GatewayError as exc:  # applied all the same: a full store must not undo it
+            log.warning("config reloaded, but its event could not be recorded: %s", exc)
         return True
 
     def status_line(self) -> str:
@@ -216,6 +287,8 @@ class Daemon:
             parts.append(f"backlog {sync['backlog']}")
         if bad:
             parts.append("attention: " + ", ".join(f"{n} {health[n]['state']}" for n in bad))
+        if self.store.full is not None:
+            parts.insert(0, f"DEGRADED, new events refused: {self.store.full}")
         return "; ".join(parts)
 
     async def _status_loop(self) -> None:
@@ -237,11 +310,25 @@ class Daemon:
     # -- control verbs --------------------------------------------------------------------
     def _register_verbs(self) -> None:
         assert self.control is not None
-        self.control.register("status", self._cmd_status)
-        self.control.register("reload", self._cmd_reload)
-        self.control.register("db.rebuild", self._cmd_rebuild)
-        self.control.register("db.prune", self._cmd_prune)
-        self.control.register("note", self._cmd_note)
+        self.control.audit = self._audit
+        self.control.register("status", self._cmd_status, mutating=False)
+        self.control.register("reload", self._cmd_reload, mutating=True)
+        self.control.register("db.rebuild", self._cmd_rebuild, mutating=True)
+        self.control.register("db.prune", self._cmd_prune, mutating=True)
+        self.control.register("note", self._cmd_note, mutating=True)
+
+    async def _audit(self, verb: str, args: dict[str, Any], peer: Peer, error: str | None) -> None:
+        """A state-changing verb ran: an event says which, with what, by whom, and how."""
+        assert self.store is not None
+        shown: Any = args
+        if len(repr(args)) > 4096:
+            shown = {"truncated": repr(args)[:4000]}
+        data: dict[str, Any] = {"verb": verb, "args": shown, **peer.as_dict(), "ok": error is None}
+        if error is not None:
+            data["error"] = error[:1000]
+        log.info("control: %s by uid %d gid %d pid %d%s", verb, peer.uid, peer.gid, peer.pid,
+                 "" if error is None else f" failed: {error}")  # fmt: skip
+        await self.store.append(ev.OPERATOR_STREAM, ev.CONTROL_VERB, data)
 
     async def _cmd_status(self, args: dict[str, Any]) -> Any:
         assert self.store is not None and self.supervisor is not None
@@ -260,6 +347,7 @@ class Daemon:
                 "path": st.path, "file_bytes": st.file_bytes, "used_bytes": st.used_bytes,
                 "quota_bytes": st.quota_bytes, "last_seq": st.last_seq, "events": st.events,
                 "dropped": st.dropped, "rejected": st.rejected,
+                "full": None if self.store.full is None else str(self.store.full),
             },
             "outbox": {
                 "depth": st.outbox_depth, "bytes": st.outbox_bytes,
@@ -271,7 +359,10 @@ class Daemon:
 
     async def _cmd_reload(self, args: dict[str, Any]) -> Any:
         ok = await self.reload()
-        return {"applied": ok, "errors": self.last_reload_error}
+        return {
+            "applied": ok, "errors": self.last_reload_error, "kind": self.last_reload_kind,
+            "devices": len(self.config.devices),
+        }  # fmt: skip
 
     async def _cmd_rebuild(self, args: dict[str, Any]) -> Any:
         assert self.store is not None
@@ -319,6 +410,12 @@ def setup_logging(level: str) -> None:
             record.levelno_sd = {10: 7, 20: 6, 30: 4, 40: 3, 50: 2}.get(record.levelno, 6)
             return super().format(record)
 
+        def formatMessage(self, record: logging.LogRecord) -> str:
+            # A message carries names and text from the network: its control characters
+            # are shown escaped, so one record is one line and cannot forge another.
+            record.message = names.escape(record.message)
+            return super().formatMessage(record)
+
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_Fmt(fmt))
     root = logging.getLogger()
@@ -343,6 +440,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {issue}", file=sys.stderr)
         return exc.exit_status
     setup_logging(config.gateway.log_level)
+    for warning in config.warnings:
+        log.warning("config: %s", warning)
     try:
         return asyncio.run(Daemon(config, path).run())
     except GatewayError as exc:

@@ -17,6 +17,9 @@ DEVICE_AVAILABLE: Final = "device.available"  # data: {"reason"?: str}
 DEVICE_UNAVAILABLE: Final = "device.unavailable"  # data: {"reason": str}
 DEVICE_REGISTERED: Final = "device.registered"  # data: {"source": "rd"|"ble"|..., ...}
 DEVICE_UNREGISTERED: Final = "device.unregistered"  # data: {"reason": str}
+#: An unconfigured device removed by the operator (`gatewayctl devices forget`): its row,
+#: latest values and RD registration go. data: {"reason": str}
+DEVICE_FORGOTTEN: Final = "device.forgotten"
 DEVICE_DISCOVERED: Final = "device.discovered"  # data: {"driver", "address", "kind", "values"}
 ALERT_RAISED: Final = "alert.raised"
 ALERT_CLEARED: Final = "alert.cleared"
@@ -29,6 +32,9 @@ GATEWAY_STARTED: Final = "gateway.started"
 GATEWAY_STOPPED: Final = "gateway.stopped"
 CONFIG_RELOADED: Final = "config.reloaded"
 OPERATOR_NOTE: Final = "operator.note"  # data: {"text": str, "author"?: str}
+#: A state-changing control verb was run, on the operator stream. data: {"verb", "args",
+#: "uid", "gid", "pid" (SO_PEERCRED of the caller), "ok", "error"?}
+CONTROL_VERB: Final = "control.verb"
 
 GATEWAY_STREAM: Final = "gateway"
 OPERATOR_STREAM: Final = "operator"

@@ -21,10 +21,12 @@ from typing import Any, ClassVar
 from drivers import driver_class
 from drivers.base import DiscoveredDevice, Driver, RawReading
 from gateway import events as ev
+from gateway import names
 from gateway.aio import cancel_and_wait
 from gateway.clock import SystemClock
 from gateway.config import DeviceSpec, GatewayConfig, PointSpec
 from gateway.errors import DriverError, GatewayError, StoreError
+from gateway.logs import RateLimitedLog
 from gateway.service import Health, Service, ServiceContext
 
 PUSH_QUEUE = 10_000
@@ -89,9 +91,11 @@ class CollectionService(Service):
     async def start(self, ctx: ServiceContext) -> None:
         self._ctx = ctx
         self.log = ctx.logger
+        # A full store refuses every reading: one line per kind of refusal per interval.
+        self._refusals = RateLimitedLog(ctx.logger)
         self.store = ctx.store
         ctx.create_task(self._push_loop(), "push")
-        ctx.control.register("read", self._cmd_read)
+        ctx.control.register("read", self._cmd_read, mutating=False)
         for spec in ctx.config.devices.values():
             if spec.enabled:
                 await self._add(spec, ctx.config)
@@ -101,7 +105,8 @@ class CollectionService(Service):
             await self._remove(dev_id)
         for kind, drv in list(self.drivers.items()):
             try:
-                await asyncio.wait_for(drv.stop(), 5)
+                async with asyncio.timeout(5):
+                    await drv.stop()
             except Exception as exc:
                 self.log.warning("driver %s did not stop cleanly: %s", kind, exc)
         self.drivers.clear()
@@ -109,7 +114,9 @@ class CollectionService(Service):
         await self._flush_push()
         for t in list(self._status_tasks):
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(t, 2)
+                async with asyncio.timeout(2):
+                    await t
+        self._refusals.flush()
 
     async def reload(self, config: GatewayConfig) -> None:
         new = {i: s for i, s in config.devices.items() if s.enabled}
@@ -179,18 +186,27 @@ class CollectionService(Service):
         self, drv: Driver, spec: DeviceSpec, interval: float, points: list[PointSpec]
     ) -> None:
         st = self.stats[spec.id]
+        task = asyncio.current_task()
         # Spread the first polls of many devices over the interval.
         await asyncio.sleep(random.uniform(0, min(interval, 1.0) * spec.jitter))
         next_at = time.monotonic()
         while True:
             st.polls += 1
+            readings: list[RawReading] | None = None
             try:
-                readings = await asyncio.wait_for(drv.read(spec.id, points), spec.timeout)
+                # Not wait_for: on Python 3.11 it can swallow a cancellation (a device removed,
+                # a stop) that lands as the read completes, and this loop would poll on.
+                async with asyncio.timeout(spec.timeout):
+                    readings = await drv.read(spec.id, points)
             except TimeoutError:
                 self._failed(spec, st, f"no answer within {spec.timeout:g} s")
             except DriverError as exc:
                 self._failed(spec, st, str(exc))
-            else:
+            if task is not None and task.cancelling():
+                # A library below (pymodbus, bleak) swallowed our cancellation with its own
+                # wait_for: it still stands, honour it.
+                raise asyncio.CancelledError
+            if readings is not None:
                 st.consecutive = 0
                 if st.available is not True:
                     self._set_available(spec.id, True, "")
@@ -223,7 +239,8 @@ class CollectionService(Service):
             await self.store.append_many([ev.readings_event(spec.id, records)])
         except StoreError as exc:
             self.stats[spec.id].last_error = str(exc)
-            self.log.warning("device %s: readings not stored: %s", spec.id, exc)
+            self._refusals.warning(f"readings:{type(exc).__name__}",
+                                   "device %s: readings not stored: %s", spec.id, exc)  # fmt: skip
 
     def _records(self, spec: DeviceSpec, readings: Sequence[RawReading]) -> list[dict[str, Any]]:
         st = self.stats[spec.id]
@@ -286,7 +303,8 @@ class CollectionService(Service):
             try:
                 await self.store.append_many(batch)
             except StoreError as exc:
-                self.log.warning("pushed readings not stored: %s", exc)
+                self._refusals.warning(f"pushed:{type(exc).__name__}",
+                                       "pushed readings not stored: %s", exc)  # fmt: skip
 
     # -- availability and discovery -------------------------------------------------------
     def _set_available(self, device_id: str, available: bool, reason: str) -> None:
@@ -315,6 +333,11 @@ class CollectionService(Service):
         self._discovered_seen[key] = now
         data = {"driver": d.driver, "address": d.address, "name": d.name, "kind": d.kind,
                 "rssi": d.rssi, "values": dict(d.values)}  # fmt: skip
+        if d.name is not None and not names.is_valid(d.name):
+            # An advertised name is anyone's to choose: kept only as escaped text, never
+            # as a name (it cannot become a device id, a topic or a log line of its own).
+            data["name"] = None
+            data["advertised_name"] = names.escape(d.name[:64])
         self._spawn(self.store.append("discovered", ev.DEVICE_DISCOVERED, data, outbox=False))
 
     def _spawn(self, coro: Any) -> None:
@@ -322,7 +345,7 @@ class CollectionService(Service):
             try:
                 await coro
             except StoreError as exc:
-                self.log.warning("event not stored: %s", exc)
+                self._refusals.warning(f"event:{type(exc).__name__}", "event not stored: %s", exc)
 
         t = asyncio.create_task(run())
         self._status_tasks.add(t)

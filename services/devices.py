@@ -4,12 +4,14 @@ Directory, BLE adoption) register through events too. Serves the `devices` contr
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from gateway import events as ev
 from gateway.config import DeviceSpec, GatewayConfig
+from gateway.errors import StoreFull, UsageError
 from gateway.events import NewEvent
 from gateway.service import Health, Service, ServiceContext
 from gateway.store import queries
@@ -28,10 +30,14 @@ def _describe(spec: DeviceSpec) -> dict[str, Any]:
 
 class DevicesService(Service):
     name: ClassVar[str] = "devices"
+    # Registry changes a full store refused: retried until they are recorded.
+    _unrecorded: str = ""
+    _retry: asyncio.Task[None] | None = None
 
     async def start(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
-        ctx.control.register("devices", self._cmd_devices)
+        ctx.control.register("devices", self._cmd_devices, mutating=False)
+        ctx.control.register("devices.forget", self._cmd_forget)  # mutating: audited
         await self._sync(ctx.config)
 
     async def stop(self) -> None:
@@ -59,12 +65,63 @@ class DevicesService(Service):
                 )
             )
         if todo:
-            await self.ctx.store.append_many(todo)
+            try:
+                await self.ctx.store.append_many(todo)
+            except StoreFull as exc:
+                # A full store must not stop the daemon (delivery and retention make room).
+                if not self._unrecorded:  # said once, not at every retry
+                    self.ctx.logger.warning(
+                        "devices: %d registry changes not recorded yet: %s; retried until "
+                        "there is room", len(todo), exc,
+                    )  # fmt: skip
+                self._unrecorded = f"{len(todo)} registry changes not recorded yet: {exc}"
+                if self._retry is None or self._retry.done():
+                    self._retry = self.ctx.create_task(self._retry_sync(), "devices-retry")
+                return
+        if self._unrecorded:
+            self.ctx.logger.info("devices: registry changes recorded")
+        self._unrecorded = ""
+
+    async def _retry_sync(self) -> None:
+        while self._unrecorded:
+            await asyncio.sleep(self.ctx.config.store.check_interval)
+            await self._sync(self.ctx.config)
 
     async def _cmd_devices(self, args: Mapping[str, Any]) -> Any:
         return await self.ctx.store.read(devices_view)
 
+    async def _cmd_forget(self, args: Mapping[str, Any]) -> Any:
+        """Forget devices that are not configured (telemetry-only, RD): one
+        `device.forgotten` event each, all or none. A configured device is refused: it
+        leaves by leaving the config."""
+        ids = args.get("ids")
+        if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
+            raise UsageError("devices.forget needs 'ids': a non-empty list of device ids")
+        coap = self.ctx.config.sections.get("coap")
+        configured = set(self.ctx.config.devices) | set(getattr(coap, "credentials", {}))
+        rows = await self.ctx.store.read(queries.devices)
+        present = {r["id"] for r in rows}
+        problems = []
+        for dev_id in dict.fromkeys(ids):
+            if dev_id in configured:
+                problems.append(
+                    f"{dev_id!r} is a configured device: remove it from the config and "
+                    "reload instead"
+                )
+            elif dev_id not in present:
+                problems.append(f"no device {dev_id!r}")
+        if problems:
+            raise UsageError("nothing forgotten: " + "; ".join(problems))
+        todo = [
+            NewEvent(ev.device_stream(d), ev.DEVICE_FORGOTTEN, {"reason": "forgotten by operator"})
+            for d in dict.fromkeys(ids)
+        ]
+        await self.ctx.store.append_many(todo)
+        return {"forgotten": list(dict.fromkeys(ids))}
+
     def health(self) -> Health:
+        if self._unrecorded:
+            return Health.degraded(self._unrecorded)
         return Health.ok(f"{len(self.ctx.config.devices)} configured")
 
 

@@ -10,13 +10,14 @@ import difflib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Final
 
 from drivers.base import device_options, point_options
 from drivers.ble import bthome, ruuvi
 from drivers.ble.custom import ENDIANS, TYPES, CustomFormat, FieldSpec
-from gateway.config import DeviceSpec, Issues, Section, join_path
+from gateway import secretfiles
+from gateway.config import DeviceSpec, Issues, Section, join_path, secret_hex
+from gateway.errors import ConfigError
 
 FORMATS: Final = ("bthome", "ruuvi", "custom", "gatt")
 SCAN_MODES: Final = ("active", "passive")
@@ -76,7 +77,7 @@ class BleDevice:
     format: str
     interval: float = 10.0
     timeout: float = 5.0
-    key: bytes | None = None
+    key: bytes | None = field(default=None, repr=False)
     min_interval: float = 0.0
     heartbeat: float = 0.0
     unseen_timeout: float = 300.0
@@ -131,8 +132,13 @@ def _hex(sec: Section, key: str, length: int | None) -> bytes | None:
 
 
 def _load_key(sec: Section, spec: DeviceSpec, load_secrets: bool) -> bytes | None:
-    key = _hex(sec, "bindkey", 16)
-    key_file = sec.str("bindkey_file", None)
+    key: bytes | None = None
+    text = sec.str("bindkey", None, secret=True)
+    if isinstance(text, str):
+        key, problem = secret_hex(text, 16)
+        if key is None:
+            sec.error("bindkey", problem)
+    key_file = secretfiles.check(sec, "bindkey_file")
     if key_file is None:
         return key
     if sec.has("bindkey"):
@@ -141,17 +147,18 @@ def _load_key(sec: Section, spec: DeviceSpec, load_secrets: bool) -> bytes | Non
     if not load_secrets:
         return None
     try:
-        text = Path(key_file).read_text(encoding="ascii").strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        sec.error("bindkey_file", f"cannot read {key_file!r}: {exc}")
+        data = secretfiles.read(key_file, sec.at("bindkey_file"))
+    except ConfigError as exc:
+        sec.issues.extend(exc.issues)
         return None
     try:
-        raw = bytes.fromhex(text)
-    except ValueError:
-        raw = b""
-    if len(raw) != 16:
-        sec.error("bindkey_file", f"{key_file!r} must hold 32 hex digits (a 16-byte key)")
-        return None
+        text = data.decode("ascii")
+    except UnicodeDecodeError:
+        text = "?"
+    raw, problem = secret_hex(text, 16)
+    if raw is None:
+        detail = problem.partition("; ")[2]
+        sec.error("bindkey_file", f"{key_file!r} must hold 32 hex digits (a 16-byte key); {detail}")
     return raw
 
 

@@ -13,7 +13,6 @@ import os
 import stat
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -22,6 +21,7 @@ import aiocoap.error
 from aiocoap import defaults as aiocoap_defaults
 
 from drivers.coap.options import CoapDevice
+from gateway import secretfiles
 from gateway.config import join_path
 from gateway.errors import (
     ConfigError,
@@ -97,7 +97,7 @@ def load_psk(device: CoapDevice) -> bytes:
     if creds.psk_key is not None:
         return creds.psk_key.encode("utf-8")
     assert creds.psk_key_file is not None
-    p = Path(creds.psk_key_file)
+    p = secretfiles.resolve(creds.psk_key_file)  # $CREDENTIALS_DIRECTORY (LoadCredential=)
     try:
         mode = p.stat().st_mode
         data = p.read_bytes()
@@ -126,6 +126,9 @@ def load_oscore(device: CoapDevice) -> Any:
     assert directory is not None
     if not os.path.isdir(directory):
         raise ConfigError(f"OSCORE context directory {directory} does not exist", path)
+    problem = secretfiles.oscore_problem(directory)
+    if problem is not None:
+        raise ConfigError(problem, path)
     try:
         return FilesystemSecurityContext(directory)
     except Exception as exc:  # LoadError, a held lock (Timeout), unreadable files

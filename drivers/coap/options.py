@@ -25,7 +25,7 @@ from typing import Final
 from urllib.parse import urlsplit
 
 from drivers.base import device_options, point_options, raise_issues
-from gateway.config import DeviceSpec, Section
+from gateway.config import DeviceSpec, Section, has_userinfo, redact_url
 
 MODES: Final = ("poll", "observe")
 FORMATS: Final = ("auto", "senml", "cbor", "json", "text")
@@ -94,16 +94,26 @@ class CoapDevice:
 def _check_uri(sec: Section, key: str, value: object) -> str:
     if not isinstance(value, str):
         return ""  # missing or mistyped: already reported by the Section
-    parts = urlsplit(value)
-    if parts.scheme not in ("coap", "coaps"):
-        sec.error(key, f"must be a coap:// or coaps:// URI, got {value!r}")
+    shown = redact_url(value)  # never echo a user:password@ part
+    try:
+        parts = urlsplit(value)
+    except ValueError as exc:
+        sec.error(key, f"is not a valid URI ({exc}): {shown!r}")
         return value
+    if parts.scheme not in ("coap", "coaps"):
+        sec.error(key, f"must be a coap:// or coaps:// URI, got {shown!r}")
+        return value
+    if has_userinfo(value):
+        sec.error(
+            key, "must not hold credentials (user:password@): CoAP does not use them; "
+            "give psk_identity and psk_key_file (coaps://) or oscore instead",
+        )  # fmt: skip
     if not parts.hostname:
-        sec.error(key, f"has no host: {value!r}")
+        sec.error(key, f"has no host: {shown!r}")
     try:
         parts.port  # noqa: B018 - raises ValueError on a bad port
     except ValueError:
-        sec.error(key, f"has an invalid port: {value!r}")
+        sec.error(key, f"has an invalid port: {shown!r}")
     if parts.query or parts.fragment:
         sec.error(key, "must not have a query or fragment (give them in each point's path)")
     return value.rstrip("/")
@@ -114,7 +124,7 @@ def compile_device(spec: DeviceSpec) -> CoapDevice:
     sec, issues = device_options(spec)
     uri = _check_uri(sec, "uri", sec.str("uri"))
     psk_identity = sec.str("psk_identity", None)
-    psk_key = sec.str("psk_key", None)
+    psk_key = sec.str("psk_key", None, secret=True)
     psk_key_file = sec.str("psk_key_file", None)
     oscore = sec.str("oscore", None)
     observe_margin = sec.float("observe_margin", 5.0, min=0, max=3600)

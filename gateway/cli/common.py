@@ -4,24 +4,67 @@ and output as tables for people or JSON for scripts."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import re
 import sqlite3
 import sys
 import time
+import tomllib
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 from gateway import config as cfg
+from gateway import names
 from gateway.control import call
-from gateway.errors import DaemonUnavailableError
+from gateway.errors import ConfigError, DaemonUnavailableError
 from gateway.store import open_readonly
 
 T = TypeVar("T")
 
 
 def load_config(args: argparse.Namespace) -> cfg.GatewayConfig:
-    return cfg.load(args.config or cfg.default_path())
+    """The config; when the file on disk is broken (being edited, a bad reload), only where
+    the daemon lives (state dir, database, socket) is taken from it, with a warning, so the
+    CLI can still talk to the daemon running on the last good config."""
+    path = args.config or cfg.default_path()
+    try:
+        return cfg.load(path)
+    except ConfigError as exc:
+        if not Path(path).is_file():
+            raise
+        c = _locations_only(path)
+        print(
+            f"gatewayctl: warning: {path} is invalid ({len(exc.issues)} error(s), see "
+            f"`gatewayctl config check`); using socket {c.socket_path} and database "
+            f"{c.db_path} from its [gateway], [store] and [control] tables",
+            file=sys.stderr,
+        )
+        return c
+
+
+def _locations_only(path: str) -> cfg.GatewayConfig:
+    """A config made of the file's [gateway], [store] and [control] tables only (the
+    defaults, and systemd's directories, when those are broken too)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        text = ""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError:  # a syntax error elsewhere: read those tables alone
+        data = {}
+        for chunk in re.split(r"(?m)^(?=\s*\[)", text):
+            if re.match(r"\s*\[\s*(gateway|store|control)\s*\]", chunk):
+                with contextlib.suppress(tomllib.TOMLDecodeError):
+                    data.update(tomllib.loads(chunk))
+    part = {k: data[k] for k in ("gateway", "store", "control") if isinstance(data.get(k), dict)}
+    try:
+        return cfg.parse(part, path)
+    except ConfigError:
+        return cfg.parse({}, path)
 
 
 def ask_daemon(args: argparse.Namespace, verb: str, **kw: Any) -> Any:
@@ -109,7 +152,9 @@ def fmt_bytes(n: float | None) -> str:
 
 
 def table(rows: Iterable[Sequence[Any]], headers: Sequence[str]) -> str:
-    cells = [[str(h) for h in headers]] + [[fmt_value(c) for c in r] for r in rows]
+    # Cells hold names and text from the network: control characters are shown escaped,
+    # so a cell cannot break its row or move the terminal's cursor.
+    cells = [[str(h) for h in headers]] + [[names.escape(fmt_value(c)) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))

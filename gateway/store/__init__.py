@@ -32,7 +32,9 @@ from gateway.clock import SystemClock
 from gateway.config import StoreConfig
 from gateway.errors import ConcurrencyError, StoreClosedError, StoreError, StoreFull
 from gateway.events import Event, NewEvent
+from gateway.logs import RateLimitedLog
 from gateway.store import queries
+from gateway.store.errors import rollback, store_error
 from gateway.store.projections import Projection, active_projections
 from gateway.store.schema import migrate
 
@@ -41,6 +43,7 @@ __all__ = [
 ]  # fmt: skip
 
 log = logging.getLogger("gateway.store")
+_repeats = RateLimitedLog(log)
 T = TypeVar("T")
 
 Listener = Callable[[Sequence[Event]], None]
@@ -136,7 +139,26 @@ def open_readonly(path: str | os.PathLike[str]) -> sqlite3.Connection:
     if not p.exists():
         where = str(p) if p.is_absolute() else f"{p} (relative to {Path.cwd()})"
         raise StoreError(f"{where}: no database here (has gatewayd run with this config?)")
-    return _connect(p, "normal", readonly=True)
+    try:
+        return _connect(p, "normal", readonly=True)
+    except sqlite3.Error as exc:
+        raise store_error(exc, f"opening {p} read-only") from exc
+
+
+#: Database files (and their -wal/-shm, backups, quarantined copies) are the owner's alone:
+#: they hold every reading and command. SQLite gives -wal/-shm the main file's mode.
+PRIVATE_MODE = 0o600
+
+
+def make_private(path: Path) -> None:
+    """Create `path` empty with mode 0600 if absent; take group/other bits off if present
+    (and off its -wal/-shm: files made by an older version were 0644)."""
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_MODE))
+    for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(p).st_mode & 0o077:
+                os.chmod(p, PRIVATE_MODE)
 
 
 def quarantine(path: Path, reason: str) -> Path:
@@ -154,6 +176,7 @@ def quarantine(path: Path, reason: str) -> Path:
         side = Path(str(path) + suffix)
         if side.exists():
             shutil.move(str(side), str(target) + suffix)
+    make_private(target)  # moved aside, still full of data: nobody else reads it
     log.error("database %s is corrupt (%s): moved aside to %s; starting on a fresh file",
               path, reason, target)  # fmt: skip
     return target
@@ -186,8 +209,12 @@ class EventStore:
         gateway_id: str,
         clock: SystemClock,
         outbox_codec: OutboxCodec | None = None,
+        sink: bool = True,
     ) -> None:
         self.path = path
+        # Without a sink (no [sync]) nothing would ever deliver an outbox row: none is
+        # written, and retention does not wait for deliveries that cannot happen.
+        self.sink = sink
         self.config = config
         self.gateway_id = gateway_id
         self.clock = clock
@@ -225,6 +252,10 @@ class EventStore:
         self.dropped = 0
         self.last_commit_mono = time.monotonic()
         self.writer_error: BaseException | None = None
+        #: Why appends are refused right now (quota reached, disk full), else None. Set by a
+        #: refused append, cleared by the next commit: producers retrying is what resumes it.
+        self.full: StoreFull | None = None
+        self.on_full_change: Callable[[StoreFull | None], None] | None = None
 
     # -- life -----------------------------------------------------------------------------
     @classmethod
@@ -236,19 +267,26 @@ class EventStore:
         gateway_id: str = "gateway",
         clock: SystemClock | None = None,
         outbox_codec: OutboxCodec | None = None,
+        sink: bool = True,
     ) -> EventStore:
         """Open (or create) the store. With `outbox_codec`, every outbox row also carries
-        its event encoded for the sink (see `OutboxCodec`)."""
+        its event encoded for the sink (see `OutboxCodec`). `sink=False` (no cloud sync
+        configured): no outbox rows are written, and retention prunes events (and outbox
+        rows left from before) by age alone."""
         store = cls(
-            Path(path), config or StoreConfig(), gateway_id, clock or SystemClock(), outbox_codec
-        )
+            Path(path), config or StoreConfig(), gateway_id, clock or SystemClock(), outbox_codec,
+            sink,
+        )  # fmt: skip
         loop = asyncio.get_running_loop()
         try:
             await loop.run_in_executor(store._wx, store._open_sync)
-        except BaseException:
+        except BaseException as exc:
             store._wx.shutdown(wait=False)
             store._rx.shutdown(wait=False)
-            raise
+            mapped = store_error(exc, f"opening {store.path}")
+            if mapped is exc:
+                raise
+            raise mapped from exc
         store._writer = asyncio.create_task(store._run_writer(), name="store-writer")
         store._writer.add_done_callback(store._writer_done)
         if store.quarantined is not None:
@@ -264,6 +302,7 @@ class EventStore:
         if problem is not None:
             self.quarantined = quarantine(self.path, problem)
         try:
+            make_private(self.path)
             self._w = _connect(self.path, self.config.synchronous)
             migrate(self._w)
         except sqlite3.DatabaseError as exc:
@@ -271,6 +310,7 @@ class EventStore:
             if self._w is not None:
                 self._w.close()
             self.quarantined = quarantine(self.path, str(exc))
+            make_private(self.path)
             self._w = _connect(self.path, self.config.synchronous)
             migrate(self._w)
         self._projections = active_projections(self._w)
@@ -292,6 +332,10 @@ class EventStore:
         self._page_size = self._w.execute("PRAGMA page_size").fetchone()[0]
         self._check_outbox_codec(self._w)
         self._measure()
+        if self._used_bytes >= self._quota_bytes() and self.config.overflow == "reject_new":
+            self.full = self._quota_full()
+            log.warning("store full at start, new events are refused until space comes back "
+                        "(delivery and retention go on): %s", self.full)  # fmt: skip
 
     def _check_outbox_codec(self, conn: sqlite3.Connection) -> None:
         """Bodies encoded under another format or gateway id are dropped (the relay encodes
@@ -310,7 +354,7 @@ class EventStore:
             )
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            rollback(conn)
             raise
 
     def _writer_done(self, task: asyncio.Task[None]) -> None:
@@ -437,7 +481,7 @@ class EventStore:
                     result = await loop.run_in_executor(self._wx, self._run_job, job.fn)
                 except Exception as exc:
                     if not job.future.done():
-                        job.future.set_exception(exc)
+                        job.future.set_exception(store_error(exc, "write"))
                 else:
                     if not job.future.done():
                         job.future.set_result(result)
@@ -457,12 +501,20 @@ class EventStore:
             try:
                 outcome, committed = await loop.run_in_executor(self._wx, self._commit, batch)
             except Exception as exc:
-                log.error("store commit failed: %s", exc)
-                err = exc if isinstance(exc, StoreError) else StoreError(f"commit failed: {exc}")
+                err = store_error(exc, "commit")
+                if not isinstance(err, StoreError):
+                    err = StoreError(f"commit failed: {exc!r}")
+                if isinstance(err, StoreFull):
+                    self._set_full(err)
+                _repeats.error(f"commit:{type(err).__name__}", "store commit failed: %s", err)
                 for p in batch:
                     _settle(p.future, err)
                 continue
             self.last_commit_mono = time.monotonic()
+            if committed:
+                self._set_full(None)
+            elif outcome and isinstance(outcome[0], StoreFull):
+                self._set_full(outcome[0])
             for p, result in zip(batch, outcome, strict=True):
                 _settle(p.future, result)
             if committed:
@@ -472,6 +524,22 @@ class EventStore:
                     except Exception:
                         log.exception("store listener failed")
 
+    def _set_full(self, why: StoreFull | None) -> None:
+        """Appends refused (`why`) or accepted again (None): said once per change."""
+        was = self.full
+        self.full = why
+        if (was is None) == (why is None):
+            return
+        if why is not None:
+            log.warning("store full, new events are refused until space comes back: %s", why)
+        else:
+            log.info("store takes new events again (was full: %s)", was)
+        if self.on_full_change is not None:
+            try:
+                self.on_full_change(why)
+            except Exception:
+                log.exception("store: on_full_change failed")
+
     def _run_job(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         conn = self._w
         assert conn is not None
@@ -480,12 +548,18 @@ class EventStore:
             result = fn(conn)
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            rollback(conn)
             self._reload_versions()
             raise
         self._flushed()
         self._measure()
         return result
+
+    def _quota_full(self) -> StoreFull:
+        return StoreFull(
+            f"disk quota reached ({self._used_bytes // 1024} KiB used of "
+            f"{self._quota_bytes() // 1024} KiB, policy reject_new)"
+        )
 
     def _quota_bytes(self) -> int:
         return int(self.config.quota_mb * 1024 * 1024)
@@ -566,10 +640,7 @@ class EventStore:
         over = self._used_bytes >= self._quota_bytes()
         if over and self.config.overflow == "reject_new":
             self.rejected += sum(len(p.events) for p in batch)
-            full = StoreFull(
-                f"disk quota reached ({self._used_bytes // 1024} KiB used of "
-                f"{self._quota_bytes() // 1024} KiB, policy reject_new)"
-            )
+            full = self._quota_full()
             return [full for _ in batch], []
         victims: list[tuple[int, str]] = []
         if over and self.config.overflow == "drop_oldest":
@@ -660,7 +731,7 @@ class EventStore:
             out.append(numbered[0] if p.single else numbered)
         if not rows:
             return out, []
-        boxed = self._outbox_rows(rows, outbox) if outbox else None
+        boxed = self._outbox_rows(rows, outbox) if outbox and self.sink else None
         fresh: dict[str, int] = {}
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -682,7 +753,7 @@ class EventStore:
                 self._drop(conn, victims, versions, seq)
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            rollback(conn)
             self._reload_versions()
             if victims:
                 self.dropped -= len(victims)
@@ -825,12 +896,17 @@ class EventStore:
         # The events deleted here may be the only record of unflushed stream versions.
         self._flush_streams(conn, {}, self._last_seq)
         queries.prune_delivered(conn, batch)
-        victims = conn.execute(
-            "SELECT e.seq, e.stream FROM events e WHERE e.wall_time < ? "
+        undelivered = (
             "AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.seq = e.seq AND ("
             + queries.UNDELIVERED
             + ")) "
-            "AND NOT EXISTS (SELECT 1 FROM dead_letters d WHERE d.seq = e.seq) "
+            if self.sink
+            else ""  # nothing will ever deliver them: retention alone decides
+        )
+        victims = conn.execute(
+            "SELECT e.seq, e.stream FROM events e WHERE e.wall_time < ? "
+            + undelivered
+            + "AND NOT EXISTS (SELECT 1 FROM dead_letters d WHERE d.seq = e.seq) "
             "ORDER BY e.seq LIMIT ?",
             (cutoff, batch),
         ).fetchall()
@@ -838,7 +914,10 @@ class EventStore:
             return 0
         for stream in {v[1] for v in victims}:
             self._snapshot(conn, stream, self._version_of(conn, stream), self._last_seq)
-        conn.executemany("DELETE FROM events WHERE seq = ?", [(v[0],) for v in victims])
+        gone = [(v[0],) for v in victims]
+        if not self.sink:
+            conn.executemany("DELETE FROM outbox WHERE seq = ?", gone)
+        conn.executemany("DELETE FROM events WHERE seq = ?", gone)
         return len(victims)
 
     async def rebuild(self) -> int:
@@ -853,7 +932,10 @@ class EventStore:
         if self._r is None:
             raise StoreClosedError()
         conn = self._r
-        return await asyncio.get_running_loop().run_in_executor(self._rx, fn, conn)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._rx, fn, conn)
+        except sqlite3.Error as exc:
+            raise store_error(exc, "read") from exc
 
     async def events(
         self, after_seq: int = 0, limit: int = 1000, stream: str | None = None

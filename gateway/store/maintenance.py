@@ -7,7 +7,8 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from gateway.store import queries
+from gateway.store import make_private, queries
+from gateway.store.errors import rollback
 
 
 def backup(conn: sqlite3.Connection, target: str | os.PathLike[str]) -> dict[str, Any]:
@@ -17,6 +18,7 @@ def backup(conn: sqlite3.Connection, target: str | os.PathLike[str]) -> dict[str
         raise FileExistsError(f"{dest_path}: already exists; refusing to overwrite it")
     dest_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest_path.with_name(dest_path.name + ".partial")
+    make_private(tmp)  # a copy of everything: the owner's alone, like the database
     dest = sqlite3.connect(tmp)
     try:
         conn.backup(dest)
@@ -60,7 +62,7 @@ def rebuild_offline(path: str | os.PathLike[str]) -> int:
             n = queries.rebuild(conn)
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            rollback(conn)
             raise
     finally:
         conn.close()

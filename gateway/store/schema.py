@@ -10,6 +10,8 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Sequence
 
+from gateway.store.errors import rollback
+
 CORE: list[str] = [
     # v1
     """
@@ -152,7 +154,7 @@ def migrate(conn: sqlite3.Connection) -> dict[str, int]:
                 )
                 conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                rollback(conn)
                 raise
         out[component] = len(steps)
     return out

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import cbor2
 
+from gateway import names
 from gateway.errors import PayloadError
 
 if TYPE_CHECKING:
@@ -304,14 +305,6 @@ class Command:
     data: dict[str, Any]
 
 
-def _safe_id(value: str) -> bool:
-    return (
-        0 < len(value) <= 128
-        and all(c.isascii() and (c.isalnum() or c in "-_.") for c in value)
-        and value[0] not in "-."
-    )
-
-
 def parse_command(payload: bytes) -> Command:
     """A command from the cloud: a JSON or CBOR map with a string `id` (the idempotency key:
     the same id twice is one command) and a string `device`; other keys are kept as given.
@@ -328,16 +321,21 @@ def parse_command(payload: bytes) -> Command:
     if not isinstance(obj, dict):
         raise PayloadError(f"command must be a map, got {type(obj).__name__}")
     cid = obj.get("id")
-    if not isinstance(cid, str) or not _safe_id(cid):
-        raise PayloadError(
-            f"command id must be a string of letters, digits, '-', '_', '.' (1-128), got {cid!r}"
-        )
+    if not names.is_valid(cid):
+        shown = names.escape(cid) if isinstance(cid, str) else cid
+        raise PayloadError(f"command id must be a string of {names.RULE}, got {shown!r}")
     device = obj.get("device")
     if not isinstance(device, str) or not device:
         raise PayloadError(f"command {cid}: 'device' must be a non-empty string, got {device!r}")
+    problem = names.problem(device, "'device'")
+    if problem is not None:
+        raise PayloadError(f"command {cid}: {problem}")
     point = obj.get("point")
     if point is not None and not isinstance(point, str):
         raise PayloadError(f"command {cid}: 'point' must be a string, got {point!r}")
+    problem = None if point is None else names.problem(point, "'point'")
+    if problem is not None:
+        raise PayloadError(f"command {cid}: {problem}")
     for k in obj:
         if not isinstance(k, str):
             raise PayloadError(f"command {cid}: map key {k!r} is not a string")

@@ -20,11 +20,13 @@ telemetry = "gateways/{gateway}/events/{stream}"
 
 from __future__ import annotations
 
+import ipaddress
 import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.config import Section
+from gateway import secretfiles
+from gateway.config import Section, has_userinfo, redact_url
 
 TOPIC_FIELDS = ("gateway", "stream", "type")
 
@@ -38,7 +40,7 @@ class EndpointConfig:
     cert_file: str | None = None
     key_file: str | None = None
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)  # never in a repr or a log line
     password_file: str | None = None
     path: str = ""  # TOML path, for messages
 
@@ -111,6 +113,15 @@ def _check_template(sec: Section, key: str, value: str, allowed: tuple[str, ...]
         sec.error(key, "a topic to publish on must not contain the wildcards '+' or '#'")
 
 
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _endpoint(sec: Section) -> EndpointConfig | None:
     url = sec.str("url", None)
     host = sec.str("host", None)
@@ -119,12 +130,23 @@ def _endpoint(sec: Section) -> EndpointConfig | None:
     if url is not None:
         if host is not None or port is not None:
             sec.error("url", "give either url or host/port, not both")
-        parts = urllib.parse.urlsplit(url)
-        if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
-            sec.error("url", f"scheme must be mqtt:// or mqtts://, got {url!r}")
+        shown = redact_url(url)  # a user:password@ part is never echoed
+        try:
+            parts = urllib.parse.urlsplit(url)
+        except ValueError as exc:
+            sec.error("url", f"not a valid URL ({exc}): {shown!r}")
             return None
+        if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
+            sec.error("url", f"scheme must be mqtt:// or mqtts://, got {shown!r}")
+            return None
+        if has_userinfo(url):
+            # They were silently ignored before: the connection went out without them.
+            sec.error(
+                "url", "must not hold credentials (user:password@): remove them and set "
+                f"{sec.at('username')} and {sec.at('password_file')} (or password)",
+            )  # fmt: skip
         if not parts.hostname:
-            sec.error("url", f"no host in {url!r}")
+            sec.error("url", f"no host in {shown!r}")
             return None
         url_tls = parts.scheme in ("mqtts", "ssl")
         if tls is not None and tls != url_tls:
@@ -134,7 +156,7 @@ def _endpoint(sec: Section) -> EndpointConfig | None:
         try:
             port = parts.port
         except ValueError:
-            sec.error("url", f"bad port in {url!r}")
+            sec.error("url", f"bad port in {shown!r}")
             return None
     elif host is None:
         sec.error("", "an endpoint needs url (mqtt://host:port or mqtts://...) or host")
@@ -144,18 +166,23 @@ def _endpoint(sec: Section) -> EndpointConfig | None:
         port = 8883 if tls else 1883
     ca_file = sec.str("ca_file", None)
     cert_file = sec.str("cert_file", None)
-    key_file = sec.str("key_file", None)
+    key_file = secretfiles.check(sec, "key_file")
     if (ca_file or cert_file or key_file) and not tls:
         sec.error("tls", "certificate files are given but TLS is off (use mqtts:// or tls = true)")
     if key_file and not cert_file:
         sec.error("key_file", "key_file needs cert_file")
-    username = sec.str("username", None)
-    password = sec.str("password", None, nonempty=False)
-    password_file = sec.str("password_file", None)
+    username = sec.str("username", None, secret=True)
+    password = sec.str("password", None, nonempty=False, secret=True)
+    password_file = secretfiles.check(sec, "password_file")
     if password is not None and password_file is not None:
         sec.error("password_file", "give either password or password_file, not both")
     if (password is not None or password_file is not None) and username is None:
         sec.error("username", "a password needs a username")
+    if (password is not None or password_file is not None) and not tls and not _loopback(host):
+        sec.warn(
+            "password", f"is sent in clear text over mqtt:// to {host}: use mqtts:// (TLS), "
+            "or a broker on this machine",
+        )  # fmt: skip
     sec.done()
     return EndpointConfig(
         host=host, port=port, tls=tls, ca_file=ca_file, cert_file=cert_file, key_file=key_file,

@@ -20,8 +20,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
+from gateway import names, secretfiles
+from gateway.aio import wait_event
 from gateway.breaker import Backoff as Backoff  # re-exported: the relay paces with it
 from gateway.breaker import Breaker
+from gateway.errors import ConfigError
 from gateway.sync.codec import joined_payload
 from gateway.sync.config import EndpointConfig, SyncConfig
 
@@ -50,6 +53,12 @@ class LinkDownError(Exception):
     """The link went away while batches were in flight (they are sent again later)."""
 
 
+class UnpublishableError(Exception):
+    """A batch this sink can never take, for a reason of our own (a topic that would hold
+    a wildcard or a control character, an argument the client library refuses): sending
+    it again cannot help, so the relay dead-letters its events with this reason."""
+
+
 class Channel(Protocol):
     """One connected session to a sink. `send` returns the receiver's Ack for one batch,
     or raises LinkDownError; `closed` resolves when the session ends."""
@@ -62,11 +71,13 @@ class Channel(Protocol):
     def send(
         self, lane: str, stream: str, type_: str, n: int, joined: bytes
     ) -> asyncio.Future[Ack]:
-        """Send `n` encoded events joined by `item_sep` as one batch."""
+        """Send `n` encoded events joined by `item_sep` as one batch. Raises
+        UnpublishableError (at once) for a batch that can never be sent."""
         ...
 
     def fits(self, lane: str, stream: str, type_: str, size: int) -> bool:
-        """Whether a batch of `size` payload bytes is within the receiver's limit."""
+        """Whether a batch of `size` payload bytes is within the receiver's limit (may
+        raise UnpublishableError, as `send`)."""
         ...
 
     async def close(self) -> None: ...
@@ -312,6 +323,12 @@ class MqttChannel:
 
     def topic(self, lane: str, stream: str, type_: str) -> str:
         t = self._cfg.topics.backfill if lane == "backfill" else self._cfg.topics.telemetry
+        # Names are checked where they enter (gateway.names); this is the last line: a
+        # topic we publish on never holds a wildcard, NUL or a control character.
+        for value in (stream, type_):
+            problem = names.topic_segment_problem(value)
+            if problem is not None:
+                raise UnpublishableError(f"no valid topic: {problem}")
         return t.format(gateway=self._gw, stream=stream, type=type_)
 
     def send(
@@ -322,7 +339,11 @@ class MqttChannel:
             fut.set_exception(LinkDownError(f"{self.label}: not connected"))
             return fut
         payload = joined_payload(self.item_format, n, joined)
-        info = self._paho.publish(self.topic(lane, stream, type_), payload, 1, False, self._props)
+        topic = self.topic(lane, stream, type_)
+        try:
+            info = self._paho.publish(topic, payload, 1, False, self._props)
+        except (ValueError, TypeError) as exc:  # paho refuses its arguments: never sendable
+            raise UnpublishableError(f"{self.label}: {exc}") from exc
         if info.rc != 0:
             fut.set_exception(LinkDownError(f"{self.label}: publish failed (paho rc {info.rc})"))
             return fut
@@ -366,7 +387,8 @@ class MqttChannel:
                 await t
         self._fail_all(LinkDownError(f"{self.label}: closed"))
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self._client.__aexit__(None, None, None), 5.0)
+            async with asyncio.timeout(5.0):  # not wait_for: it can swallow a cancellation
+                await self._client.__aexit__(None, None, None)
 
 
 # -- the link ---------------------------------------------------------------------------------
@@ -391,6 +413,8 @@ class MqttLink:
         }
         self.endpoint: str | None = None
         self.last_error: str | None = None
+        self.last_error_at = 0.0  # monotonic time of last_error
+        self._error_ep: str | None = None  # the endpoint last_error is about
         self.failures = 0
         self.connects = 0
         self._kick = asyncio.Event()
@@ -409,6 +433,7 @@ class MqttLink:
             "endpoint": self.endpoint,
             "breakers": {k: b.state_at(now).value for k, b in self.breakers.items()},
             "last_error": self.last_error,
+            "last_error_at": self.last_error_at,
             "connect_failures": self.failures,
             "connects": self.connects,
         }
@@ -420,20 +445,25 @@ class MqttLink:
         else:
             ctx.load_default_certs()
         if ep.cert_file:
+            if ep.key_file:
+                secretfiles.read(ep.key_file, f"{ep.path}.key_file")  # refused if world-readable
             ctx.load_cert_chain(ep.cert_file, ep.key_file)
         return ctx
 
     def _password(self, ep: EndpointConfig) -> str | None:
         if ep.password_file:
-            with open(ep.password_file, encoding="utf-8") as f:
-                return f.read().strip("\r\n")
+            data = secretfiles.read(ep.password_file, f"{ep.path}.password_file")
+            try:
+                return data.decode("utf-8").strip("\r\n")
+            except UnicodeDecodeError:
+                raise ConfigError("is not UTF-8 text", f"{ep.path}.password_file") from None
         return ep.password
 
     async def _try(self, ep: EndpointConfig) -> MqttChannel:
         try:
             tls = self._tls_context(ep) if ep.tls else None
             password = self._password(ep)
-        except (OSError, ssl.SSLError) as exc:
+        except (OSError, ssl.SSLError, ConfigError) as exc:
             raise _Hard(f"{ep.label}: cannot load credentials ({exc})") from exc
         try:
             return await self._attempt(ep, tls, password)
@@ -529,7 +559,8 @@ class MqttLink:
                     )  # fmt: skip
                     br.failure(time.monotonic(), fail.message, auth=fail.hard)
                     self.failures += 1
-                    self.last_error = fail.message
+                    self.last_error, self._error_ep = fail.message, ep.label
+                    self.last_error_at = time.monotonic()
                     # First failure of a kind at WARNING, repeats at DEBUG (flapping links).
                     if fail.message not in self._warned:
                         self._warned.add(fail.message)
@@ -539,6 +570,8 @@ class MqttLink:
                     continue
                 br.success()
                 self.backoff.reset()
+                if self._error_ep == ep.label:  # connected there: its failure is over
+                    self.last_error = self._error_ep = None
                 self.endpoint = ep.label
                 self.connects += 1
                 if self._warned:
@@ -551,8 +584,7 @@ class MqttLink:
             opens = [b.wait(now) for b in self.breakers.values() if not b.ready(now)]
             if len(opens) == len(self.breakers):  # every endpoint is resting
                 delay = max(delay, min(opens))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._kick.wait(), delay)
+            await wait_event(self._kick, delay)
 
 
 class _TrackingContext(ssl.SSLContext):

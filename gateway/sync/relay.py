@@ -46,18 +46,30 @@ from typing import TYPE_CHECKING, Any
 import cbor2
 
 from gateway import events as ev
+from gateway import names
+from gateway.aio import wait_event
 from gateway.errors import ConcurrencyError, PayloadError, StoreError
+from gateway.logs import RateLimitedLog
 from gateway.store import queries
 from gateway.sync.codec import Encoder, NotRepresentableError, parse_command
 from gateway.sync.codec import response_payload as _response
 from gateway.sync.config import SyncConfig
-from gateway.sync.link import TRANSIENT_CODES, Ack, Backoff, Channel, LinkDownError, Sink
+from gateway.sync.link import (
+    TRANSIENT_CODES,
+    Ack,
+    Backoff,
+    Channel,
+    LinkDownError,
+    Sink,
+    UnpublishableError,
+)
 
 if TYPE_CHECKING:
     from gateway.store import EventStore
 
 log = logging.getLogger("gateway.sync")
 PRUNE_EVERY = 5.0  # seconds between prunes of delivered rows while a drain keeps going
+RECORD_RETRY_BASE, RECORD_RETRY_CAP = 0.2, 10.0  # pauses between tries of a failed record
 NO_UPPER = 2**62
 
 # In `Row` order; an outbox row whose event is gone has a NULL type (and its own stream).
@@ -417,6 +429,9 @@ class Relay:
         # the stream's rows in that range, for batches cut by SQLite.
         self._dels: list[list[int] | tuple[str, int, int]] = []
         self._flusher: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._record_failures = 0
+        self._repeats = RateLimitedLog(self.log)
         # The watermark: what the bottom lane has had acked (target) and what is recorded.
         self._bottom: _Lane | None = None
         self._lanes: list[_Lane] = []
@@ -446,6 +461,8 @@ class Relay:
         self.batches = 0
         self.refusals = 0
         self.last_error: str | None = None
+        self.last_error_at = 0.0  # monotonic time of last_error
+        self._link_error = False  # last_error says the link went down (cleared on an ack)
         self.live_first = False
         self.backfill_left = 0
         self.inflight_batches = 0
@@ -484,6 +501,11 @@ class Relay:
             "live_first": self.live_first,
             "backfill_left": self.backfill_left,
             "last_error": self.last_error,
+            "last_error_at": self.last_error_at,
+            # Acked batches and dead letters not written yet (kept while writes fail).
+            "unrecorded": len(self._dels) + len(self._acked) + len(self._ops),
+            "unrecorded_dead_letters": len(self._ops),
+            "record_failures": self._record_failures,  # in a row, since the last good write
         }
 
     async def handle_command(self, payload: bytes) -> bytes | None:
@@ -521,7 +543,8 @@ class Relay:
                 try:
                     await self._session(ch)
                 except LinkDownError as exc:
-                    self.last_error = str(exc)
+                    self.last_error, self.last_error_at = str(exc), time.monotonic()
+                    self._link_error = True
                     self.log.warning("sync: %s", exc)
                     # A session that delivered nothing (a broker that takes the connection
                     # and then refuses, drops or ignores us) must not become a tight loop.
@@ -538,13 +561,21 @@ class Relay:
                 if pause:
                     self.state = "paused"
                     self._kick.clear()
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._kick.wait(), pause)
+                    await wait_event(self._kick, pause)
         finally:
             self.state = "stopped"
             self.store.remove_listener(self._on_commit)
+            self._stopping = True  # one last try to record, no retries
             with contextlib.suppress(Exception):
                 await self._flush_wait()
+            left = len(self._ops) + len(self._dels) + len(self._acked)
+            if left:
+                self.log.warning(
+                    "sync: stopped with %d deliveries or dead letters not recorded: "
+                    "their events are still in the outbox and are sent again",
+                    left,
+                )
+            self._repeats.flush()
 
     # -- internals ---------------------------------------------------------------------------
     def _on_commit(self, events: Sequence[ev.Event]) -> None:
@@ -806,7 +837,20 @@ class Relay:
                         wait = w if wait is None else min(wait, w)
                         break
                     lane.bucket.take(batch.n)
-                if not ch.fits(lane.name, stream, batch.type, len(batch.blob)):
+                try:
+                    fits = ch.fits(lane.name, stream, batch.type, len(batch.blob))
+                    fut = (
+                        ch.send(lane.name, stream, batch.type, batch.n, batch.blob)
+                        if fits
+                        else None
+                    )
+                except UnpublishableError as exc:
+                    self._unpublishable(stream, batch, str(exc))
+                    continue
+                except BaseException:
+                    self._put_back(lane, stream, batch)  # not sent: the watermark stays below
+                    raise
+                if fut is None:
                     # Over the broker's maximum packet size: it would drop the connection,
                     # again and again. Halve the batch; an event too big alone is dead.
                     if batch.n == 1:
@@ -820,7 +864,6 @@ class Relay:
                         sp.extendleft(reversed(batch.halves()))
                     self._progress.set()  # the halves go out on the next turn of the loop
                     continue
-                fut = ch.send(lane.name, stream, batch.type, batch.n, batch.blob)
                 item = _Inflight(lane, stream, batch, self._clock())
                 inflight[fut] = item
                 lane.busy.add(stream)
@@ -879,6 +922,8 @@ class Relay:
         if ack.ok:
             n = batch.n
             self.delivered += n
+            if self._link_error:  # delivering again: that error is not current any more
+                self.last_error, self._link_error = None, False
             if lane.name == "backfill":
                 self.backfill_left = max(0, self.backfill_left - n)
             now = float(int(self._clock()))  # one entry per second keeps this small
@@ -909,9 +954,22 @@ class Relay:
         halves = batch.halves()
         lane.splits.setdefault(item.stream, deque()).extendleft(reversed(halves))
 
+    def _unpublishable(self, stream: str, batch: _Batch, reason: str) -> None:
+        """A batch the sink can never take (all its events share the topic that failed):
+        each event goes to the dead letters with the reason - never counted as delivered,
+        and recorded with the watermark that passes it."""
+        seqs = batch.seq_list()
+        self.log.warning("sync: %d event(s) of %s cannot be published (%s) -> dead letters",
+                         len(seqs), names.escape(stream), reason)  # fmt: skip
+        for seq in seqs:
+            self._dead(seq, stream, f"cannot publish: {reason}")
+        self._progress.set()
+
     def _dead(self, seq: int, stream: str, reason: str) -> None:
         self.dead_lettered += 1
         self.last_error = f"event {seq} to dead letters: {reason}"
+        self.last_error_at = time.monotonic()
+        self._link_error = False
         self._ops.append((seq, stream, reason, time.time()))
         self._kick_flush()
 
@@ -943,30 +1001,53 @@ class Relay:
 
     async def _flush(self) -> None:
         """Record deliveries and dead letters (then prune, when idle) until nothing is left
-        to record: what is acked while a write or a prune is under way goes in the next."""
-        while await self._record() and await self._prune():
-            pass
+        to record: what is acked while a write or a prune is under way goes in the next.
+        A failed write is tried again after a pause (until it commits, or the relay stops:
+        the rows are then still undelivered in the outbox, and are sent again)."""
+        pause = Backoff(RECORD_RETRY_BASE, RECORD_RETRY_CAP)
+        while True:
+            if await self._record():
+                pause.reset()
+                if not await self._prune():
+                    return
+                continue
+            if self._stopping:
+                return
+            await asyncio.sleep(pause.next())
 
     async def _record(self) -> bool:
+        """Write what was acked and dead-lettered. Nothing leaves memory before the write
+        that holds it has committed: after a failed write (a full disk...) all of it is
+        written again, in order, with whatever came since."""
         while True:
             self._refresh_watermark()
             w = self._w_target if self._w_target > self._w_written else None
             if not (self._ops or self._dels or self._acked or w is not None):
                 break
-            dels, ops, self._dels, self._ops = self._dels, self._ops, [], []
+            dels, ops, nacked = list(self._dels), list(self._ops), len(self._acked)
             mark = self._w_target
-            acked = [a for a in self._acked if a[2] > mark]  # (the rest: below the mark)
-            self._acked = []
+            acked = [a for a in self._acked[:nacked] if a[2] > mark]  # (the rest: below the mark)
             try:
                 await self.store.write(
                     lambda c, d=dels, o=ops, u=w, a=acked: _apply_ops(c, u, d, o, a)  # type: ignore[misc]
                 )
-            except StoreError as exc:
-                # The rows stay undelivered and are sent again later: a duplicate, no loss.
-                self.log.warning("sync: could not record deliveries: %s", exc)
+            except Exception as exc:  # the store's errors, and anything else: never die
+                # Kept for the next write; the rows stay undelivered until then.
+                self._record_failures += 1
+                self._repeats.warning(
+                    "record", "sync: could not record deliveries and dead letters (%d "
+                    "pending, kept to retry): %s", len(dels) + len(ops) + nacked, exc,
+                )  # fmt: skip
                 return False
+            del self._dels[: len(dels)]
+            del self._ops[: len(ops)]
+            del self._acked[:nacked]
             if w is not None:
                 self._w_written = w
+            if self._record_failures:
+                self.log.info("sync: deliveries and dead letters recorded again after %d "
+                              "failed writes", self._record_failures)  # fmt: skip
+                self._record_failures = 0
         return True
 
     async def _prune(self) -> bool:
@@ -984,8 +1065,8 @@ class Relay:
         upto = self._w_written
         try:
             await self.store.prune_outbox()
-        except StoreError as exc:
-            self.log.warning("sync: could not prune delivered rows: %s", exc)
+        except Exception as exc:
+            self._repeats.warning("prune", "sync: could not prune delivered rows: %s", exc)
             return False
         self._pruned_upto = upto
         return True

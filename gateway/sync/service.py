@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from typing import Any, ClassVar
 
@@ -51,10 +52,10 @@ class SyncService(Service):
         await self._measure()
         self._task = ctx.create_task(self.relay.run(), "relay")
         ctx.create_task(self._stats_loop(), "stats")
-        ctx.control.register("outbox", self._cmd_outbox)
-        ctx.control.register("outbox.retry", self._cmd_retry)
-        ctx.control.register("outbox.dead_letters", self._cmd_dead_letters)
-        ctx.control.register("outbox.requeue", self._cmd_requeue)
+        ctx.control.register("outbox", self._cmd_outbox, mutating=False)
+        ctx.control.register("outbox.retry", self._cmd_retry, mutating=True)
+        ctx.control.register("outbox.dead_letters", self._cmd_dead_letters, mutating=False)
+        ctx.control.register("outbox.requeue", self._cmd_requeue, mutating=True)
 
     async def stop(self) -> None:
         if self._ctx is not None:
@@ -99,10 +100,12 @@ class SyncService(Service):
                 link=r["state"], delivered=r["delivered"], delivery_rate=r["delivery_rate"],
                 dead_lettered=r["dead_lettered"], inflight_batches=r["inflight_batches"],
                 live_first=r["live_first"], backfill_left=r["backfill_left"],
+                unrecorded=r["unrecorded"], unrecorded_dead_letters=r["unrecorded_dead_letters"],
+                record_failures=r["record_failures"],
             )  # fmt: skip
-            last_error = r["last_error"]
+            last_error, error_at = r["last_error"], r["last_error_at"]
         else:
-            last_error = None
+            last_error, error_at = None, 0.0
         if self.sink is not None:
             s = self.sink.figures()
             out["endpoint"] = s.get("endpoint")
@@ -112,7 +115,12 @@ class SyncService(Service):
                 breakers.get(out["endpoint"])
                 if out["endpoint"] else ",".join(sorted(set(breakers.values()))) or None
             )  # fmt: skip
-            last_error = s.get("last_error") or last_error
+            # The current error is the newer of the link's and the relay's (each clears its
+            # own when that trouble is over): an old one never hides a new one.
+            if s.get("last_error") and (
+                not last_error or s.get("last_error_at", math.inf) >= error_at
+            ):
+                last_error = s["last_error"]
         out["last_error"] = last_error
         return out
 

@@ -16,7 +16,7 @@ from gateway.store import EventStore
 async def main(config_path: str, db: str) -> None:
     config = cfg.load(config_path)
     store = await EventStore.open(db, config.store, gateway_id=config.gateway.id)
-    server = CoapServer(config.sections["coap"], store, known=set(config.devices))
+    server = CoapServer(config.sections["coap"], store, devices=config.devices)
     await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -33,6 +33,9 @@ def test_well_known_core_lists_the_resources(gateway_factory: Any, tmp_path: Pat
     for link in ("</telemetry>", "</rd>;", "</rd-lookup/ep>", "</rd-lookup/res>"):
         assert link in text
     assert 'rt="core.rd"' in text
+    # RFC 6690 query filters still apply (the listing is built per asker now).
+    only = coap_client(CLIENT, [], gw.uri("/.well-known/core?rt=core.rd"), tmp_path)
+    assert only.code == "2.05" and only.payload.decode() == '</rd>;ct="40";rt="core.rd"'
 
 
 def test_post_senml_cbor_and_json_from_files_then_get_back(
@@ -151,7 +154,13 @@ def test_unknown_device_refused_when_unknown_devices_are_not_accepted(
     )
     assert reply.code == "4.04", reply.log
     assert "unknown device 'stranger'" in reply.payload.decode()
-    f.write_text('[{"bn":"pump-1/","n":"t","v":1}]')
+    # A registered endpoint is known; a configured device is never an unauthenticated
+    # sender's to post as (tests/security/test_unauth_writes.py).
+    reply = coap_client(
+        CLIENT, ["-m", "post", "-t", "40", "-e", "</t>"], gw.uri("/rd?ep=node-5"), tmp_path
+    )
+    assert reply.code == "2.01", reply.log
+    f.write_text('[{"bn":"node-5/","n":"t","v":1}]')
     reply = coap_client(
         CLIENT, ["-m", "post", "-t", "110", "-f", str(f)], gw.uri("/telemetry"), tmp_path
     )
@@ -223,25 +232,28 @@ def test_resource_directory_update_and_delete(gateway_factory: Any, tmp_path: Pa
     assert reply.code == "4.04"
 
 
-def test_rd_expiry_of_a_configured_device_keeps_it_known(
+def test_rd_expiry_of_a_credentialed_device_keeps_it_known(
     gateway_factory: Any, tmp_path: Path
 ) -> None:
+    # (A configured [devices] name cannot be registered at all: tests/security.)
     gw = gateway_factory(
-        "allow_unauthenticated = true\naccept_unknown_devices = false",
-        '[devices.pump-2]\ndriver = "virtual"\n[devices.pump-2.points.t]\n',
+        "allow_unauthenticated = false\naccept_unknown_devices = false\n"
+        '[coap.devices.pump-2]\npsk = "pump-2-key"'
     )
+    dtls = ["-u", "pump-2", "-k", "pump-2-key"]
+    base = f"coaps://127.0.0.1:{gw.dtls_port}"
     reply = coap_client(
-        CLIENT, ["-m", "post", "-t", "40", "-e", "</t>"], gw.uri("/rd?ep=pump-2&lt=1"), tmp_path
-    )
+        "coap-client-openssl", [*dtls, "-m", "post", "-t", "40", "-e", "</t>"],
+        f"{base}/rd?lt=1", tmp_path,
+    )  # fmt: skip
     assert reply.code == "2.01", reply.log
     wait_until(
         lambda: bool(_events(gw.db, "device.unregistered")), "RD expiry", attempts=100, pause=0.1
     )
-    f = tmp_path / "p.json"
-    f.write_text('[{"bn":"pump-2/","n":"t","v":1}]')
     reply = coap_client(
-        CLIENT, ["-m", "post", "-t", "110", "-f", str(f)], gw.uri("/telemetry"), tmp_path
-    )
+        "coap-client-openssl", [*dtls, "-m", "post", "-t", "110", "-e", '[{"n":"t","v":1}]'],
+        f"{base}/telemetry", tmp_path,
+    )  # fmt: skip
     assert reply.code == "2.04", reply.log
 
 

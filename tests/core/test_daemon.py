@@ -80,10 +80,11 @@ def notes_in(db: Path) -> dict[int, str]:
 
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
-        return {
-            seq: cbor2.loads(data)["text"]
-            for seq, data in conn.execute("SELECT seq, data FROM events WHERE stream='operator'")
-        }
+        # The operator stream also holds who ran each note (`control.verb`): notes only.
+        rows = conn.execute(
+            "SELECT seq, data FROM events WHERE stream='operator' AND type='operator.note'"
+        )
+        return {seq: cbor2.loads(data)["text"] for seq, data in rows}
     finally:
         conn.close()
 

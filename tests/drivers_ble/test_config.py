@@ -138,6 +138,7 @@ writable = true
 def test_bindkey_file(tmp_path: Path) -> None:
     keyfile = tmp_path / "kitchen.key"
     keyfile.write_text(KEY + "\n")
+    keyfile.chmod(0o600)  # a world-readable key file is refused
     toml = f"""
 [devices.k]
 driver = "ble"

@@ -174,6 +174,7 @@ def make_pki(d: Path) -> dict[str, Path]:
     openssl("req", "-x509", *EC_KEY, "-nodes", "-days", "2", "-subj", "/CN=rogue",
             "-keyout", "rogue.key", "-out", "rogue.pem", cwd=d)  # fmt: skip
     for p in d.iterdir():
-        p.chmod(0o644)
+        # The broker (user mosquitto) reads its files; the gateway's own keys stay private.
+        p.chmod(0o600 if p.name in ("client.key", "rogue.key") else 0o644)
     return {p.stem + ("_key" if p.suffix == ".key" else ""): p for p in d.iterdir()
             if p.suffix in (".pem", ".key")}  # fmt: skip
