@@ -28,6 +28,7 @@ from typing import Any, ClassVar
 
 from gateway import events as ev
 from gateway.breaker import Backoff
+from gateway.bus import Subscription
 from gateway.config import GatewayConfig
 from gateway.errors import NotFoundError, PayloadError, StoreError
 from gateway.events import Event
@@ -83,6 +84,9 @@ class NotificationService(Service):
         self.figures = {"evaluated": 0, "raised": 0, "cleared": 0, "delivered": 0,
                         "delivery_failures": 0}  # fmt: skip
         self._lock = asyncio.Lock()
+        self._stopping = False
+        self._live: dict[str, Subscription] = {}
+        self._deliveries: dict[str, tuple[Channel, asyncio.Task[Any]]] = {}
 
     # -- life -----------------------------------------------------------------------------
     async def start(self, ctx: ServiceContext) -> None:
@@ -104,9 +108,10 @@ class NotificationService(Service):
         ctx.create_task(self._run(), "events")
         if any(r.kind in PERIODIC for r in self.rules.values()):
             ctx.create_task(self._periodic(), "checks")
-        self._deliveries: dict[str, tuple[Channel, asyncio.Task[Any]]] = {}
+        self._stopping = False
+        self._deliveries = {}
         self._start_deliveries()
-        ctx.control.register("alerts", self._cmd_alerts)
+        ctx.control.register("alerts", self._cmd_alerts, mutating=False)
         ctx.control.register("alerts.ack", self._cmd_ack)
 
     async def stop(self) -> None:
@@ -114,6 +119,15 @@ class NotificationService(Service):
         for st in self.states.values():
             if st.timer is not None:
                 st.timer.cancel()
+        # A delivery under way finishes and is recorded (bounded by its command's time-out):
+        # cut short, it would be delivered again after the restart.
+        self._stopping = True
+        for live in self._live.values():
+            live.close()
+        running = [task for _ch, task in self._deliveries.values() if not task.done()]
+        if running:
+            bound = max(ch.timeout for ch, _t in self._deliveries.values()) + 2.0
+            await asyncio.wait(running, timeout=min(bound, 10.0))
         self.ctx.control.unregister("alerts")
         self.ctx.control.unregister("alerts.ack")
 
@@ -351,6 +365,7 @@ class NotificationService(Service):
         live = self.ctx.bus.subscribe(
             f"deliver:{ch.name}", types=[ev.ALERT_RAISED, ev.ALERT_CLEARED]
         )
+        self._live[ch.name] = live
         try:
             cursors = await store.read(channel_cursors)
             cursor = cursors.get(ch.name)
@@ -365,12 +380,16 @@ class NotificationService(Service):
                 if not batch:
                     break
                 for e in batch:
+                    if self._stopping:
+                        return
                     await self._deliver_one(ch, e)
                 cursor = batch[-1].seq
             async for e in live:
                 await self._deliver_one(ch, e)
         finally:
             live.close()
+            if self._live.get(ch.name) is live:
+                del self._live[ch.name]
 
     async def _deliver_one(self, ch: Channel, e: Event) -> None:
         if severity_rank(str(e.data.get("severity"))) < severity_rank(ch.min_severity):
@@ -395,8 +414,8 @@ class NotificationService(Service):
                              ch.name, attempt, ", giving up" if final else "", error)  # fmt: skip
             failed = {**base, "error": error, "output": output, "final": final}
             await self._record(e.stream, ALERT_DELIVERY_FAILED, failed)
-            if final:
-                return
+            if final or self._stopping:
+                return  # not final: the cursor stays, it is tried again after the restart
             await asyncio.sleep(backoff.next())
 
     async def _record(self, stream: str, etype: str, data: Mapping[str, Any]) -> None:

@@ -5,6 +5,7 @@ the local command channel (one JSON per raise/clear, failures recorded, never fa
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -169,6 +170,12 @@ def test_hysteresis_min_duration_ack_and_command_channel(
     # Acknowledged, with who.
     acked = [data for _, _, t, _, data in events(config, "alert.acked")]
     assert len(acked) == 1 and acked[0]["by"] == "tester"
+    audit = [data for *_x, data in events(config, "control.verb")]
+    acks_audited = [a for a in audit if a["verb"] == "alerts.ack"]
+    done = [a for a in acks_audited if a["ok"]]
+    assert len(done) == 1 and done[0]["args"]["id"] == "hot" and done[0]["uid"] == os.getuid()
+    assert acks_audited[-1]["args"]["id"] == "no-such-rule" and acks_audited[-1]["ok"] is False
+    assert not any(a["verb"] == "alerts" for a in audit)  # reading is not audited
 
     # The command channel got each raise and clear once, as JSON; the broken one failed
     # each time, recorded, and the daemon carried on (it stopped cleanly above).
