@@ -170,6 +170,13 @@ class ProcessingService(Service):
         derived: Mapping[Key, DerivedPoint] = config.sections.get("derived") or {}
         points: Mapping[Key, PointProcessing] = config.sections.get("processing") or {}
         self.derived = dict(derived)
+        for (device, point), dp in self.derived.items():
+            spec = config.devices.get(device)
+            if spec is not None and spec.point(point) is not None:
+                self.log.warning(
+                    "%s: %s/%s is also a point the device reports: both write its value",
+                    dp.path, device, point,
+                )  # fmt: skip
         self.by_input = defaultdict(list)
         for dp in self.derived.values():
             for ref in dict.fromkeys(dp.inputs.values()):
