@@ -92,6 +92,12 @@ class NotificationService(Service):
     async def start(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
         self.log = ctx.logger
+        # Started again after a crash: states come from the projection, nothing is kept.
+        for st in self.states.values():
+            if st.timer is not None:
+                st.timer.cancel()
+        self.states.clear()
+        self.inputs.clear()
         self._configure(ctx.config)
         types = [ev.READINGS, ev.DEVICE_AVAILABLE, ev.DEVICE_UNAVAILABLE, ANOMALY]
         self.sub = ctx.bus.subscribe("notification", types=types, maxsize=10_000)

@@ -132,6 +132,13 @@ class ProcessingService(Service):
     async def start(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
         self.log = ctx.logger
+        # Started again after a crash: everything is rebuilt from the store, nothing kept.
+        for h in self.trailing.values():
+            h.cancel()
+        for table in (self.inputs, self.state, self.last_emit, self.trailing, self.windows,
+                      self.emitted_to, self.detectors):  # fmt: skip
+            table.clear()
+        self._out.clear()
         self._configure(ctx.config)
         # Subscribe first: nothing committed from here on is missed while state is loaded.
         self.sub = ctx.bus.subscribe("processing", maxsize=10_000)
