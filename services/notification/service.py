@@ -84,6 +84,7 @@ class NotificationService(Service):
         self.figures = {"evaluated": 0, "raised": 0, "cleared": 0, "delivered": 0,
                         "delivery_failures": 0}  # fmt: skip
         self._lock = asyncio.Lock()
+        self.coap: Any = None  # the CoAP `/alerts` resource, when [coap] runs
         self._stopping = False
         self._live: dict[str, Subscription] = {}
         self._deliveries: dict[str, tuple[Channel, asyncio.Task[Any]]] = {}
@@ -117,6 +118,7 @@ class NotificationService(Service):
         self._stopping = False
         self._deliveries = {}
         self._start_deliveries()
+        self._attach_coap()
         ctx.control.register("alerts", self._cmd_alerts, mutating=False)
         ctx.control.register("alerts.ack", self._cmd_ack)
 
@@ -136,6 +138,23 @@ class NotificationService(Service):
             await asyncio.wait(running, timeout=min(bound, 10.0))
         self.ctx.control.unregister("alerts")
         self.ctx.control.unregister("alerts.ack")
+
+    def _attach_coap(self) -> None:
+        """`/alerts` on the CoAP front door, when it runs (it starts before this service)."""
+        self.coap = None
+        try:
+            server = getattr(self.ctx.service("coap"), "server", None)
+        except KeyError:
+            return
+        if server is None:
+            return
+        from services.notification.coap import AlertsResource
+
+        async def active() -> list[dict[str, Any]]:
+            return await self.ctx.store.read(lambda c: alerts(c, False))
+
+        self.coap = AlertsResource(active)
+        server.site.add_resource(("alerts",), self.coap)
 
     async def reload(self, config: GatewayConfig) -> None:
         self._configure(config)
@@ -321,6 +340,8 @@ class NotificationService(Service):
                 self.log.warning("alert %s: %s not stored: %s", rule.name, etype, exc)
                 return
             self.figures["raised" if raise_ else "cleared"] += 1
+            if self.coap is not None:
+                self.coap.changed()
             log = self.log.warning if raise_ else self.log.info
             log("alert %s %s (%s)", rule.name, "raised" if raise_ else "cleared", value)
 
@@ -449,6 +470,8 @@ class NotificationService(Service):
         by = args.get("by")
         data = {"episode": st.episode, "by": by if isinstance(by, str) and by else "unknown"}
         e = await self.ctx.store.append(alert_stream(alert_id), ALERT_ACKED, data)
+        if self.coap is not None:
+            self.coap.changed()
         return {"seq": e.seq, "episode": st.episode}
 
 
