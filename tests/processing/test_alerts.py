@@ -312,3 +312,45 @@ def test_unavailable_via_sighup_and_sigkill_while_active_raise_and_deliver_once(
         "pump-fast": False,
         "pump-down": False,
     }
+
+
+GATE = """import os, sys, time
+with open(sys.argv[2], "a") as f:
+    f.write(f"{os.getpid()}\\n")
+data = sys.stdin.read()
+deadline = time.monotonic() + 30  # bounded: a peer script never outlives its test for long
+while not os.path.exists(sys.argv[3]) and time.monotonic() < deadline:
+    time.sleep(0.02)
+with open(sys.argv[1], "a") as f:
+    f.write(data.replace("\\n", " ") + "\\n")
+"""
+
+
+def test_a_delivery_cut_by_sigkill_is_made_after_the_restart_once(
+    tmp_path: Path, daemon_factory: list[Daemon]
+) -> None:
+    script, out, pids, go = (tmp_path / n for n in ("gate.py", "out.jsonl", "pids", "go"))
+    script.write_text(GATE)
+    toml = (
+        f'\n[notify.gate]\ncommand = ["{sys.executable}", "{script}", "{out}", "{pids}", "{go}"]\n'
+        'timeout = "60s"\n'
+    )
+    config = write_config(tmp_path, pump(100, 0) + toml)
+    d = start_daemon(config, tmp_path, name="first")
+    daemon_factory.append(d)
+    wait_until(lambda: pids.exists() and len(pids.read_text().split()) == 1, "delivery started")
+    d.kill()  # while the command runs: nothing recorded as delivered
+    os.kill(int(pids.read_text().split()[0]), signal.SIGKILL)  # the orphan, by its PID
+    assert not out.exists() and events(config, "alert.delivered") == []
+    go.touch()
+
+    d = start_daemon(config, tmp_path, name="second")
+    daemon_factory.append(d)
+    wait_until(lambda: events(config, "alert.delivered") != [], "delivered after the restart")
+    assert d.stop() == 0
+    raised = alert_events(config, "pump-fast")
+    assert [t for _, t, _, _ in raised] == ["alert.raised"]
+    got = delivered(out)
+    assert [(m["id"], m["seq"]) for m in got] == [("pump-fast", raised[0][0])]
+    (rec,) = [data for *_x, data in events(config, "alert.delivered")]
+    assert rec["of"] == raised[0][0] and rec["channel"] == "gate"
