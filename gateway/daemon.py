@@ -157,6 +157,8 @@ class Daemon:
             started_task = await self._started(
                 {"version": __version__, "pid": os.getpid(), "devices": len(c.devices)}
             )
+            if c.sections.get("sync") is not None:
+                self._remote().resume()  # a remote config change still on probation
             freeze_startup_objects()
             systemd.ready(self.status_line())
             log.info("gatewayd %s ready: %s", __version__, self.status_line())

@@ -158,6 +158,37 @@ def restore(path: Path) -> tuple[Path, bytes]:
     return top, data
 
 
+def _marker(path: Path) -> Path:
+    return path.with_name(f".{path.name}.probation")
+
+
+def _write_marker(path: Path, pending: dict[str, Any]) -> None:
+    import json
+
+    data = json.dumps(pending).encode()
+    os.replace(_write_beside(path, f".{path.name}.probation.tmp", data, path.stat()), _marker(path))
+    _fsync_dir(path.parent)
+
+
+def _read_marker(path: Path) -> dict[str, Any] | None:
+    import json
+
+    try:
+        pending = json.loads(_marker(path).read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        log.warning("%s: unreadable, ignored: %s", _marker(path), exc)
+        _drop_marker(path)
+        return None
+    return pending if isinstance(pending, dict) else None
+
+
+def _drop_marker(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        _marker(path).unlink()
+
+
 def history_rows(conn: Any, limit: int = 100) -> list[dict[str, Any]]:
     """The last `limit` config changes, oldest first (read-only; for `gatewayctl`)."""
     from gateway.store import queries
@@ -210,14 +241,16 @@ class RemoteConfig:
             await self._record("refused", h, who, reason=busy)
             return
         async with self._lock:
-            accepted = await self._install(document, h, who)
+            accepted = await self._install(document, h, who, sync.remote_config_probation)
         if accepted is not None:
             self._abort.clear()
             self._change = asyncio.create_task(
                 self._apply(h, accepted, who, sync.remote_config_probation), name="remote-config"
             )
 
-    async def _install(self, document: bytes, h: str, who: dict[str, Any]) -> str | None:
+    async def _install(
+        self, document: bytes, h: str, who: dict[str, Any], probation: float
+    ) -> str | None:
         """Validate and install; returns the hash of the file replaced, or None (reported)."""
         path = self.path
         if len(document) > MAX_DOCUMENT:
@@ -252,9 +285,13 @@ class RemoteConfig:
         if previous == h:
             await self._record("unchanged", h, who)
             return None
+        # Written first: a daemon killed on probation takes it up again at its next start.
+        pending = {"hash": h, "previous": previous, "who": who, "probation": probation}
         try:
+            await asyncio.to_thread(_write_marker, path, pending)
             backup = await asyncio.to_thread(install, path, document)
         except OSError as exc:
+            _drop_marker(path)
             await self._record("refused", h, who, reason=f"cannot write {path} (and keep the "
                                f"current one): {exc.strerror or exc}")  # fmt: skip
             return None
@@ -266,6 +303,7 @@ class RemoteConfig:
             # Not recorded, so not acknowledged: put the file back; the broker sends it again.
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(restore, path)
+            _drop_marker(path)
             raise
         return previous
 
@@ -274,6 +312,7 @@ class RemoteConfig:
             ok = await self.host.reload()
             error = self.host.last_reload_error
             if not ok:
+                _drop_marker(self.path)
                 try:
                     await asyncio.to_thread(restore, self.path)
                 except (OSError, GatewayError) as exc:
@@ -282,6 +321,34 @@ class RemoteConfig:
             await self._quietly("failed", h, who, previous=previous, reason=error)
             return
         await self._quietly("applied", h, who, previous=previous, probation=probation)
+        await self._watch(h, previous, who, probation)
+
+    def resume(self) -> None:
+        """At start: a change that was on probation when the daemon stopped (or was killed)
+        is on probation again, from now, if its document is the config that is running."""
+        pending = _read_marker(self.path)
+        if pending is None:
+            return
+        try:
+            running = digest(self.path.read_bytes())
+        except OSError:
+            running = None
+        h = pending.get("hash")
+        if running != h or not isinstance(h, str):
+            _drop_marker(self.path)  # it never got installed, or the file was changed since
+            return
+        probation = float(pending.get("probation") or 60.0)
+        who = pending.get("who")
+        who = who if isinstance(who, dict) else {}
+        log.warning("config change %s was on probation when gatewayd stopped: %g s again",
+                    h[:12], probation)  # fmt: skip
+        self._abort.clear()
+        self._change = asyncio.create_task(
+            self._watch(h, str(pending.get("previous")), who, probation), name="remote-config"
+        )
+
+    async def _watch(self, h: str, previous: str, who: dict[str, Any], probation: float) -> None:
+        """Probation: healthy in time is kept; else (or on request) the previous is back."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + probation
         problem = self._unhealthy()
@@ -296,6 +363,7 @@ class RemoteConfig:
         if self._abort.is_set():
             self._abort_result = await self._rollback(self._abort_by, "asked for on probation")
         elif problem is None:
+            _drop_marker(self.path)
             await self._quietly("confirmed", h, who, previous=previous)
         else:
             with contextlib.suppress(GatewayError):  # (recorded as failed)
@@ -335,6 +403,7 @@ class RemoteConfig:
                 current = None
             try:
                 restored, data = await asyncio.to_thread(restore, self.path)
+                _drop_marker(self.path)
             except (OSError, GatewayError) as exc:
                 reason = f"rollback {why}, but impossible: {exc}"
                 await self._quietly("failed", current, who, reason=reason)

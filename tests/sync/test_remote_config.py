@@ -285,6 +285,28 @@ def test_config_that_loses_the_link_is_rolled_back(site: Site) -> None:
     assert [r["outcome"] for r in hist] == ["accepted", "applied", "rolled_back"]
 
 
+@pytest.mark.parametrize("site", [{"probation": 6.0}], indirect=True)
+def test_probation_survives_a_kill_and_still_rolls_back(site: Site) -> None:
+    from tests.peers import free_port
+
+    new = document(site.tmp, free_port(), more=METER, probation=6.0)
+    h = site.send(new)
+    wait_until(lambda: "applied" in [r["outcome"] for r in ctl(site.config, "config",
+                                                                "history")[1]],
+               "the change applied")  # fmt: skip
+    assert site.daemon is not None
+    site.daemon.kill()  # on probation, with the link down and the reports in the outbox
+    site.daemon.peer.stop()
+    site.daemon.notify.close()
+    assert site.config.read_text() == new
+    site.daemon = start_daemon(site.config, site.tmp, name="gatewayd-2")  # the new config
+    site.wait_for(sha(site.original), "rolled_back")
+    assert outcomes(site.sub, h) == ["accepted", "applied"]
+    assert site.config.read_text() == site.original
+    assert "on probation when gatewayd stopped" in site.log()
+    assert not list(site.tmp.glob(".config.toml.probation*"))
+
+
 def test_config_that_turns_remote_config_off_is_applied_then_obeyed(site: Site) -> None:
     off = document(site.tmp, site.broker.port, remote=False)
     h = site.send(off)
