@@ -158,6 +158,13 @@ def restore(path: Path) -> tuple[Path, bytes]:
     return top, data
 
 
+def _rolled_back_from(path: Path) -> str | None:
+    try:
+        return digest(path.with_name(f"{path.name}.rolled-back").read_bytes())
+    except OSError:
+        return None
+
+
 def _marker(path: Path) -> Path:
     return path.with_name(f".{path.name}.probation")
 
@@ -284,6 +291,11 @@ class RemoteConfig:
             return None
         if previous == h:
             await self._record("unchanged", h, who)
+            return None
+        if await asyncio.to_thread(_rolled_back_from, path) == h:
+            # A retained message or a retry would apply it again and again.
+            await self._record("refused", h, who, reason=f"this document was rolled back "
+                               f"({path.name}.rolled-back): send a changed one")  # fmt: skip
             return None
         # Written first: a daemon killed on probation takes it up again at its next start.
         pending = {"hash": h, "previous": previous, "who": who, "probation": probation}

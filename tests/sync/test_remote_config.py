@@ -168,6 +168,8 @@ def test_valid_config_is_applied_reported_listed_and_rolled_back_by_cli(site: Si
     h = site.send(new)
     site.wait_for(h, "confirmed")
     assert outcomes(site.sub, h) == ["accepted", "applied", "confirmed"]
+    site.send(new)  # the same again: nothing to do, said so
+    site.wait_for(h, "unchanged")
     accepted = next(r for r in reports(site.sub) if r["outcome"] == "accepted")
     assert accepted["source"] == "cloud"
     assert accepted["endpoint"] == f"mqtt://127.0.0.1:{site.broker.port}"
@@ -185,7 +187,7 @@ def test_valid_config_is_applied_reported_listed_and_rolled_back_by_cli(site: Si
     rc, hist = ctl(site.config, "config", "history")
     assert rc == 0
     assert [(r["outcome"], r["hash"]) for r in hist] == [
-        ("accepted", h), ("applied", h), ("confirmed", h)]  # fmt: skip
+        ("accepted", h), ("applied", h), ("confirmed", h), ("unchanged", h)]  # fmt: skip
 
     # The operator undoes it on site: the previous file is back and running, reported too.
     rc, res = ctl(site.config, "config", "rollback")
@@ -283,6 +285,11 @@ def test_config_that_loses_the_link_is_rolled_back(site: Site) -> None:
     assert st["services"]["sync"]["endpoint"] == f"mqtt://127.0.0.1:{site.broker.port}"
     hist = ctl(site.config, "config", "history")[1]
     assert [r["outcome"] for r in hist] == ["accepted", "applied", "rolled_back"]
+    # The same document again (a retry, a retained message) is not applied again.
+    site.send(new)
+    wait_until(lambda: len(outcomes(site.sub, h)) == 3, "the second try reported")
+    assert "was rolled back" in [r for r in reports(site.sub) if r["hash"] == h][-1]["reason"]
+    assert site.config.read_text() == site.original
 
 
 @pytest.mark.parametrize("site", [{"probation": 6.0}], indirect=True)
