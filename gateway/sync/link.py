@@ -326,14 +326,14 @@ class MqttChannel:
 
     def topic(self, lane: str, stream: str, type_: str) -> str:
         t = self._cfg.topics.backfill if lane == "backfill" else self._cfg.topics.telemetry
-        if stream == CONFIG_STREAM:  # config changes are reported on the response topic
-            t = self._cfg.topics.responses
         # Names are checked where they enter (gateway.names); this is the last line: a
         # topic we publish on never holds a wildcard, NUL or a control character.
         for value in (stream, type_):
             problem = names.topic_segment_problem(value)
             if problem is not None:
                 raise UnpublishableError(f"no valid topic: {problem}")
+        if stream == CONFIG_STREAM:  # config changes are reported on the response topic
+            t = self._cfg.topics.responses
         return t.format(gateway=self._gw, stream=stream, type=type_)
 
     def send(
