@@ -208,7 +208,11 @@ async def serve_gateway(port: int, db: str, stock: bool = False) -> None:
 
     store = await EventStore.open(db)
     config = CoapConfig(
-        bind=("127.0.0.1",), port=port, allow_unauthenticated=True, accept_unknown_devices=True
+        bind=("127.0.0.1",),
+        port=port,
+        allow_unauthenticated=True,
+        accept_unknown_devices=True,
+        rate_per_source=0.0,  # the load generator is one source: measure the server, not the bucket
     )
     server = CoapServer(config, store)
     tune_process()  # what gatewayd does for its whole process

@@ -2,7 +2,8 @@
 
 SIGTERM/SIGINT stop the services in reverse order within `gateway.stop_timeout`, then drain
 the store's writer (everything already handed to it is committed) before exiting.
-SIGHUP reloads the config: a valid one is applied, an invalid one is logged and ignored.
+SIGHUP (or `gatewayctl reload`) reloads the config: a valid one is applied; any failure keeps
+the running one, is logged and shown by `gatewayctl status`.
 """
 
 from __future__ import annotations
@@ -112,6 +113,8 @@ class Daemon:
         self.control: ControlServer | None = None
         self.reloads = 0
         self.last_reload_error = ""
+        self.last_reload_kind = ""  # "config" (the file is invalid) or "internal"
+        self._reload_lock = asyncio.Lock()
 
     async def run(self) -> int:
         c = self.config
@@ -223,24 +226,57 @@ class Daemon:
         await self.reload()
 
     async def reload(self) -> bool:
-        systemd.reloading()
+        """Apply the config file as it is now. Any failure (an invalid file, a driver that
+        cannot be imported, a service that cannot take the new config) keeps the running
+        config, is logged and kept for `status`, and systemd hears READY=1 again either way."""
+        async with self._reload_lock:
+            systemd.reloading()
+            try:
+                return await self._reload()
+            finally:
+                systemd.ready(self.status_line())
+
+    async def _reload(self) -> bool:
+        assert self.supervisor is not None and self.store is not None
+        old = self.config
         try:
             new = cfg.load(self.config_path)
         except ConfigError as exc:
             self.last_reload_error = str(exc)
+            self.last_reload_kind = "config"
             log.error("reload rejected, the running config stays:\n%s", exc)
-            systemd.ready(self.status_line())
             return False
-        assert self.supervisor is not None and self.store is not None
+        except Exception as exc:  # e.g. a driver module that fails to import
+            self.last_reload_error = f"cannot load {self.config_path}: {type(exc).__name__}: {exc}"
+            self.last_reload_kind = "internal"
+            log.error("reload failed, the running config stays: %s", self.last_reload_error,
+                      exc_info=True)  # fmt: skip
+            return False
+        for warning in new.warnings:
+            log.warning("config: %s", warning)
+        try:
+            await self.supervisor.reload(new)
+        except Exception as exc:
+            self.last_reload_error = f"applying the new config failed: {type(exc).__name__}: {exc}"
+            self.last_reload_kind = "internal"
+            log.error("reload failed, going back to the running config: %s",
+                      self.last_reload_error, exc_info=True)  # fmt: skip
+            try:
+                await self.supervisor.reload(old)
+            except Exception:
+                log.exception("restoring the running config after a failed reload failed too")
+            return False
         self.config = new
-        await self.supervisor.reload(new)
         self.reloads += 1
         self.last_reload_error = ""
-        await self.store.append(
-            ev.GATEWAY_STREAM, ev.CONFIG_RELOADED, {"devices": sorted(new.devices)}
-        )
+        self.last_reload_kind = ""
         log.info("config reloaded: %d devices", len(new.devices))
-        systemd.ready(self.status_line())
+        try:
+            await self.store.append(
+                ev.GATEWAY_STREAM, ev.CONFIG_RELOADED, {"devices": sorted(new.devices)}
+            )
+        except GatewayError as exc:  # applied all the same: a full store must not undo it
+            log.warning("config reloaded, but its event could not be recorded: %s", exc)
         return True
 
     def status_line(self) -> str:
@@ -339,7 +375,10 @@ class Daemon:
 
     async def _cmd_reload(self, args: dict[str, Any]) -> Any:
         ok = await self.reload()
-        return {"applied": ok, "errors": self.last_reload_error}
+        return {
+            "applied": ok, "errors": self.last_reload_error, "kind": self.last_reload_kind,
+            "devices": len(self.config.devices),
+        }  # fmt: skip
 
     async def _cmd_rebuild(self, args: dict[str, Any]) -> Any:
         assert self.store is not None

@@ -123,6 +123,13 @@ class NotFoundError(GatewayError):
     exit_status = EXIT_USAGE
 
 
+class UsageError(GatewayError):
+    """A request that cannot be done as asked (a control verb's arguments, a refused id)."""
+
+    coap_code = "4.00"
+    exit_status = EXIT_USAGE
+
+
 class AuthError(GatewayError):
     coap_code = "4.01"
     exit_status = EXIT_USAGE
@@ -159,6 +166,17 @@ class StoreClosedError(StoreError):
     """The store is shutting down and takes no more appends."""
 
     def __init__(self, message: str = "store is shutting down", retry_after: int = 5) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class CapacityError(GatewayError):
+    """A bounded table is full (unknown devices, RD registrations): retry after `retry_after`
+    seconds, or ask the operator (`gatewayctl devices forget`)."""
+
+    coap_code = "5.03"
+
+    def __init__(self, message: str, retry_after: int = 60) -> None:
         super().__init__(message)
         self.retry_after = retry_after
 

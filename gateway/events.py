@@ -17,6 +17,9 @@ DEVICE_AVAILABLE: Final = "device.available"  # data: {"reason"?: str}
 DEVICE_UNAVAILABLE: Final = "device.unavailable"  # data: {"reason": str}
 DEVICE_REGISTERED: Final = "device.registered"  # data: {"source": "rd"|"ble"|..., ...}
 DEVICE_UNREGISTERED: Final = "device.unregistered"  # data: {"reason": str}
+#: An unconfigured device removed by the operator (`gatewayctl devices forget`): its row,
+#: latest values and RD registration go. data: {"reason": str}
+DEVICE_FORGOTTEN: Final = "device.forgotten"
 DEVICE_DISCOVERED: Final = "device.discovered"  # data: {"driver", "address", "kind", "values"}
 ALERT_RAISED: Final = "alert.raised"
 ALERT_CLEARED: Final = "alert.cleared"

@@ -41,6 +41,21 @@ def mode_problem(path: Path, st: os.stat_result) -> str | None:
     )
 
 
+def oscore_problem(directory: str) -> str | None:
+    """Why an aiocoap OSCORE context directory is refused: its key file (`secret.json`, or
+    `settings.json` when the key is there) readable by every local user. None when fine."""
+    for name in ("secret.json", "settings.json"):
+        p = Path(directory) / name
+        try:
+            problem = mode_problem(p, p.stat())
+            holds_key = name == "secret.json" or b'"secret' in p.read_bytes()
+        except OSError:
+            continue  # missing or unreadable: aiocoap says so when it loads the context
+        if problem is not None and holds_key:
+            return problem
+    return None
+
+
 def check(sec: Section, key: str) -> str | None:
     """Read the path at `key` of a config Section and check the file's mode if it exists now
     (a missing file is reported by whoever reads it). Returns the resolved path."""

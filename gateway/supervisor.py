@@ -166,7 +166,8 @@ class Supervisor:
 
     async def _stop_slot(self, slot: _Slot, timeout: float) -> None:
         try:
-            await asyncio.wait_for(slot.service.stop(), timeout)
+            async with asyncio.timeout(timeout):  # not wait_for: it can swallow a cancellation
+                await slot.service.stop()
         except TimeoutError:
             log.warning("service %s did not stop within %.1f s", slot.service.name, timeout)
         except Exception:

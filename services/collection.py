@@ -105,7 +105,8 @@ class CollectionService(Service):
             await self._remove(dev_id)
         for kind, drv in list(self.drivers.items()):
             try:
-                await asyncio.wait_for(drv.stop(), 5)
+                async with asyncio.timeout(5):
+                    await drv.stop()
             except Exception as exc:
                 self.log.warning("driver %s did not stop cleanly: %s", kind, exc)
         self.drivers.clear()
@@ -117,7 +118,8 @@ class CollectionService(Service):
                 await asyncio.wait_for(self.store.flush(), 5)
         for t in list(self._status_tasks):
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(t, 2)
+                async with asyncio.timeout(2):
+                    await t
         self._refusals.flush()
 
     async def reload(self, config: GatewayConfig) -> None:
@@ -188,18 +190,27 @@ class CollectionService(Service):
         self, drv: Driver, spec: DeviceSpec, interval: float, points: list[PointSpec]
     ) -> None:
         st = self.stats[spec.id]
+        task = asyncio.current_task()
         # Spread the first polls of many devices over the interval.
         await asyncio.sleep(random.uniform(0, min(interval, 1.0) * spec.jitter))
         next_at = time.monotonic()
         while True:
             st.polls += 1
+            readings: list[RawReading] | None = None
             try:
-                readings = await asyncio.wait_for(drv.read(spec.id, points), spec.timeout)
+                # Not wait_for: on Python 3.11 it can swallow a cancellation (a device removed,
+                # a stop) that lands as the read completes, and this loop would poll on.
+                async with asyncio.timeout(spec.timeout):
+                    readings = await drv.read(spec.id, points)
             except TimeoutError:
                 self._failed(spec, st, f"no answer within {spec.timeout:g} s")
             except DriverError as exc:
                 self._failed(spec, st, str(exc))
-            else:
+            if task is not None and task.cancelling():
+                # A library below (pymodbus, bleak) swallowed our cancellation with its own
+                # wait_for: it still stands, honour it.
+                raise asyncio.CancelledError
+            if readings is not None:
                 st.consecutive = 0
                 if st.available is not True:
                     self._set_available(spec.id, True, "")

@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 
 from gateway import events as ev
 from gateway.config import DeviceSpec, GatewayConfig
-from gateway.errors import StoreFull
+from gateway.errors import StoreFull, UsageError
 from gateway.events import NewEvent
 from gateway.service import Health, Service, ServiceContext
 from gateway.store import queries
@@ -37,6 +37,7 @@ class DevicesService(Service):
     async def start(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
         ctx.control.register("devices", self._cmd_devices, mutating=False)
+        ctx.control.register("devices.forget", self._cmd_forget)  # mutating: audited
         await self._sync(ctx.config)
 
     async def stop(self) -> None:
@@ -68,9 +69,12 @@ class DevicesService(Service):
                 await self.ctx.store.append_many(todo)
             except StoreFull as exc:
                 # A full store must not stop the daemon (delivery and retention make room).
+                if not self._unrecorded:  # said once, not at every retry
+                    self.ctx.logger.warning(
+                        "devices: %d registry changes not recorded yet: %s; retried until "
+                        "there is room", len(todo), exc,
+                    )  # fmt: skip
                 self._unrecorded = f"{len(todo)} registry changes not recorded yet: {exc}"
-                self.ctx.logger.warning("devices: %s; retried until there is room",
-                                        self._unrecorded)  # fmt: skip
                 if self._retry is None or self._retry.done():
                     self._retry = self.ctx.create_task(self._retry_sync(), "devices-retry")
                 return
@@ -85,6 +89,35 @@ class DevicesService(Service):
 
     async def _cmd_devices(self, args: Mapping[str, Any]) -> Any:
         return await self.ctx.store.read(devices_view)
+
+    async def _cmd_forget(self, args: Mapping[str, Any]) -> Any:
+        """Forget devices that are not configured (telemetry-only, RD): one
+        `device.forgotten` event each, all or none. A configured device is refused: it
+        leaves by leaving the config."""
+        ids = args.get("ids")
+        if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
+            raise UsageError("devices.forget needs 'ids': a non-empty list of device ids")
+        coap = self.ctx.config.sections.get("coap")
+        configured = set(self.ctx.config.devices) | set(getattr(coap, "credentials", {}))
+        rows = await self.ctx.store.read(queries.devices)
+        present = {r["id"] for r in rows}
+        problems = []
+        for dev_id in dict.fromkeys(ids):
+            if dev_id in configured:
+                problems.append(
+                    f"{dev_id!r} is a configured device: remove it from the config and "
+                    "reload instead"
+                )
+            elif dev_id not in present:
+                problems.append(f"no device {dev_id!r}")
+        if problems:
+            raise UsageError("nothing forgotten: " + "; ".join(problems))
+        todo = [
+            NewEvent(ev.device_stream(d), ev.DEVICE_FORGOTTEN, {"reason": "forgotten by operator"})
+            for d in dict.fromkeys(ids)
+        ]
+        await self.ctx.store.append_many(todo)
+        return {"forgotten": list(dict.fromkeys(ids))}
 
     def health(self) -> Health:
         if self._unrecorded:

@@ -21,6 +21,7 @@ from drivers.base import Clock, DriverContext, RawReading
 from drivers.ble.common import Value
 from drivers.ble.config import BleDevice, BleOptions, GattPoint
 from drivers.ble.custom import TYPES, FieldSpec, read_field
+from gateway.aio import wait_event
 from gateway.breaker import Breaker
 from gateway.errors import (
     DeviceProtocolError,
@@ -225,8 +226,7 @@ class GattLink:
                     if not self._notify_points:
                         return
                     timeout = self._until_next_read() if self._read_points else None
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._disconnected.wait(), timeout)
+                    await wait_event(self._disconnected, timeout)
                     if self._disconnected.is_set():
                         raise DeviceUnavailable(self.device.id, "disconnected")
             except Exception as exc:
@@ -238,7 +238,8 @@ class GattLink:
             finally:
                 self.client = None
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(client.disconnect(), self.device.timeout)
+                    async with asyncio.timeout(self.device.timeout):
+                        await client.disconnect()
 
     async def _read_due(self, client: Any) -> None:
         now = self.clock.monotonic()
@@ -266,7 +267,8 @@ class GattLink:
     async def _read(self, client: Any, points: Sequence[GattPoint]) -> list[RawReading]:
         out = []
         for p in points:
-            data = await asyncio.wait_for(client.read_gatt_char(p.char), self.device.timeout)
+            async with asyncio.timeout(self.device.timeout):
+                data = await client.read_gatt_char(p.char)
             try:
                 out.append(RawReading(p.name, decode(p, bytes(data))))
             except DeviceProtocolError as exc:
@@ -289,7 +291,8 @@ class GattLink:
                 yield client
             finally:
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(client.disconnect(), self.device.timeout)
+                    async with asyncio.timeout(self.device.timeout):
+                        await client.disconnect()
 
     def _point(self, name: str) -> GattPoint:
         for p in self.device.gatt:
@@ -316,9 +319,8 @@ class GattLink:
         data = encode(point, value)
         try:
             async with self._client() as client:
-                await asyncio.wait_for(
-                    client.write_gatt_char(point.char, data, response=True), self.device.timeout
-                )
+                async with asyncio.timeout(self.device.timeout):
+                    await client.write_gatt_char(point.char, data, response=True)
         except TimeoutError:
             raise DeviceTimeout(self.device.id, "GATT write timed out") from None
         except DriverError:

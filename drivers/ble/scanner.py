@@ -235,7 +235,8 @@ class _Watch:
         if self.bus is not None:
             self.bus.disconnect()
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.bus.wait_for_disconnect(), 2)
+                async with asyncio.timeout(2):
+                    await self.bus.wait_for_disconnect()
             self.bus = None
         task = getattr(self, "_bus_task", None)
         if task is not None:
@@ -331,7 +332,8 @@ class Scanner:
                 self.scanning = False
                 self.running.clear()
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(asyncio.shield(self._stop(scanner)), 5)
+                    async with asyncio.timeout(5):
+                        await asyncio.shield(self._stop(scanner))
                 await watch.close()
             self._down(explain_lost(why, self.options.adapter), first=True)
             await asyncio.sleep(delay)

@@ -126,6 +126,9 @@ def load_oscore(device: CoapDevice) -> Any:
     assert directory is not None
     if not os.path.isdir(directory):
         raise ConfigError(f"OSCORE context directory {directory} does not exist", path)
+    problem = secretfiles.oscore_problem(directory)
+    if problem is not None:
+        raise ConfigError(problem, path)
     try:
         return FilesystemSecurityContext(directory)
     except Exception as exc:  # LoadError, a held lock (Timeout), unreadable files

@@ -22,6 +22,7 @@ from gateway.config import DeviceSpec, PointSpec
 from gateway.errors import (
     ConfigError,
     DeviceProtocolError,
+    DeviceTimeout,
     DeviceUnavailable,
     DriverError,
     PayloadError,
@@ -240,7 +241,13 @@ class ModbusDriver(Driver):
             self._failed(dev, exc)
             raise
         except BaseException:
-            dev.breaker.abandon()  # cancelled: no outcome, free a half-open probe slot
+            if time.monotonic() >= deadline:
+                # The poll's deadline cut short what our own time-out should have ended: the
+                # device did not answer in time, and its breaker must hear of it (else a silent
+                # unit is asked on every poll and keeps taking the bus from its neighbours).
+                self._failed(dev, DeviceTimeout(cfg.id, f"no answer within {cfg.timeout:g} s"))
+            else:
+                dev.breaker.abandon()  # cancelled: no outcome, free a half-open probe slot
             raise
         self._succeeded(dev)
 

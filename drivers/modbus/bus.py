@@ -35,6 +35,11 @@ logging.getLogger("pymodbus.logging").setLevel(logging.CRITICAL)
 #: Consecutive time-outs (of any unit) after which a TCP connection is considered dead.
 TCP_DROP_AFTER_TIMEOUTS = 3
 
+#: pymodbus' own time-out, fixed when a client is made (it works from its own copy of the
+#: parameters, so it cannot follow the unit being asked). Every connect and request is bounded
+#: by its device's own deadline with `asyncio.timeout` instead; this only has to be longer.
+CLIENT_TIMEOUT = 24 * 3600.0
+
 
 class Bus:
     def __init__(self, settings: BusSettings, logger: logging.Logger) -> None:
@@ -54,8 +59,9 @@ class Bus:
     def label(self) -> str:
         return self.settings.label
 
-    def _make_client(self, timeout: float) -> AsyncModbusTcpClient | AsyncModbusSerialClient:
+    def _make_client(self) -> AsyncModbusTcpClient | AsyncModbusSerialClient:
         s = self.settings
+        timeout = CLIENT_TIMEOUT
         # reconnect_delay=0: pymodbus must not reconnect behind our back; retries=0: a
         # silent unit costs one time-out, and the breaker decides about repeats.
         if s.transport == "tcp":
@@ -83,8 +89,7 @@ class Bus:
             )  # fmt: skip
         limit = max(deadline - now, 0.01)
         if client is None:
-            client = self._client = self._make_client(limit)
-        client.comm_params.timeout_connect = limit
+            client = self._client = self._make_client()
         try:
             async with asyncio.timeout(limit):
                 ok = await client.connect()
@@ -160,12 +165,14 @@ class Bus:
         limit = session.deadline - time.monotonic()
         if limit <= 0:
             raise DeviceTimeout(device, f"no time left for {what} within the device's time-out")
-        # pymodbus bounds every request by `timeout_connect` itself (one timer, no second
-        # one of ours); the bus is held, so setting it per request is safe.
-        session.client.comm_params.timeout_connect = limit
         self.requests += 1
         try:
-            response = await call()
+            # This device's own deadline, whichever device opened the link (see CLIENT_TIMEOUT).
+            async with asyncio.timeout(limit):
+                response = await call()
+        except TimeoutError:
+            self._timed_out()
+            raise DeviceTimeout(device, f"no answer to {what} within {limit:.2g} s") from None
         except ConnectionException as exc:
             self.drop()
             raise DeviceUnavailable(device, f"{self.label}: connection lost ({exc})") from None
@@ -173,8 +180,9 @@ class Bus:
             if self._client is not None and not self._client.connected:
                 self.drop()
                 raise DeviceUnavailable(device, f"{self.label}: connection lost") from None
-            # pymodbus (pinned to 3.16) says "No response received..." for a time-out; its
-            # other I/O errors (a mismatched unit or transaction id) are protocol errors.
+            # pymodbus (pinned to 3.16) says "No response received..." for its own time-out
+            # (not expected: ours comes first); its other I/O errors (a mismatched unit or
+            # transaction id) are protocol errors.
             if "No response" in str(exc):
                 self._timed_out()
                 raise DeviceTimeout(device, f"no answer to {what} within {limit:.2g} s") from None

@@ -4,8 +4,10 @@ and output as tables for people or JSON for scripts."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import re
 import sqlite3
 import sys
 import time
@@ -47,9 +49,17 @@ def _locations_only(path: str) -> cfg.GatewayConfig:
     """A config made of the file's [gateway], [store] and [control] tables only (the
     defaults, and systemd's directories, when those are broken too)."""
     try:
-        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        text = ""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError:  # a syntax error elsewhere: read those tables alone
         data = {}
+        for chunk in re.split(r"(?m)^(?=\s*\[)", text):
+            if re.match(r"\s*\[\s*(gateway|store|control)\s*\]", chunk):
+                with contextlib.suppress(tomllib.TOMLDecodeError):
+                    data.update(tomllib.loads(chunk))
     part = {k: data[k] for k in ("gateway", "store", "control") if isinstance(data.get(k), dict)}
     try:
         return cfg.parse(part, path)

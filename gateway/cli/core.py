@@ -13,6 +13,7 @@ from typing import Any
 
 from gateway import config as cfg
 from gateway.cli.common import (
+    ask_daemon,
     daemon_or_file,
     emit_json,
     fail,
@@ -26,7 +27,14 @@ from gateway.cli.common import (
     with_db,
 )
 from gateway.control import call
-from gateway.errors import EXIT_CONFIG, EXIT_OK, EXIT_STORE, EXIT_USAGE, ConfigError
+from gateway.errors import (
+    EXIT_CONFIG,
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_STORE,
+    EXIT_USAGE,
+    ConfigError,
+)
 from gateway.errors import DaemonUnavailableError as Down
 from gateway.store import maintenance, open_readonly, queries
 
@@ -37,6 +45,10 @@ def add_parsers(sub: Any) -> None:
 
     p = sub.add_parser("devices", help="devices with availability and last seen")
     p.set_defaults(func=cmd_devices)
+    dsub = p.add_subparsers(dest="action", metavar="ACTION")
+    f = dsub.add_parser("forget", help="remove devices that are not configured (evented)")
+    f.add_argument("ids", nargs="+", metavar="ID")
+    f.set_defaults(func=cmd_devices_forget)
 
     p = sub.add_parser("readings", help="latest values of a device, with a sparkline")
     p.add_argument("device")
@@ -64,6 +76,9 @@ def add_parsers(sub: Any) -> None:
     b.set_defaults(func=cmd_db_backup)
     r = dsub.add_parser("rebuild", help="rebuild projections from the log")
     r.set_defaults(func=cmd_db_rebuild)
+
+    p = sub.add_parser("reload", help="make the daemon re-read its config; says whether it took")
+    p.set_defaults(func=cmd_reload)
 
     p = sub.add_parser("note", help="write an operator's note into the event log")
     p.add_argument("text")
@@ -112,6 +127,12 @@ def cmd_status(args: argparse.Namespace) -> int:
             rows.append((name, h["state"], h.get("restarts", 0), h.get("detail", "")))
         out.write(table(rows, ("service", "state", "restarts", "detail")) + "\n\n")
         s = data["store"]
+        if data.get("last_reload_error"):
+            out.write(
+                "last reload FAILED (the running config stays):\n  "
+                + "\n  ".join(data["last_reload_error"].splitlines())
+                + "\n\n"
+            )
         out.write(
             f"store: {fmt_bytes(s['used_bytes'])} used of {fmt_bytes(s['quota_bytes'])} quota, "
             f"file {fmt_bytes(s['file_bytes'])}, last seq {s['last_seq']}, "
@@ -143,6 +164,16 @@ def cmd_devices(args: argparse.Namespace) -> int:
     print(table(rows, ("device", "driver", "source", "state", "last seen", "points", "reason")))
     if not live:
         print("(daemon not running: as last recorded)")
+    return EXIT_OK
+
+
+def cmd_devices_forget(args: argparse.Namespace) -> int:
+    result = ask_daemon(args, "devices.forget", ids=list(args.ids))
+    if args.json:
+        emit_json(result)
+        return EXIT_OK
+    for dev_id in result["forgotten"]:
+        print(f"forgotten: {dev_id}")
     return EXIT_OK
 
 
@@ -279,6 +310,23 @@ def cmd_db_rebuild(args: argparse.Namespace) -> int:
     else:
         print(f"projections rebuilt {where}: {result['replayed']} events replayed")
     return EXIT_OK
+
+
+# -- reload -----------------------------------------------------------------------------
+def cmd_reload(args: argparse.Namespace) -> int:
+    c = load_config(args)
+    result = call(c.socket_path, "reload", {}, timeout=120)
+    status = EXIT_OK
+    if not result["applied"]:
+        status = EXIT_CONFIG if result.get("kind") == "config" else EXIT_FAILURE
+    if args.json:
+        emit_json(result)
+    elif result["applied"]:
+        print(f"reloaded: {result['devices']} devices")
+    else:
+        print("reload FAILED, the running config stays:\n  "
+              + "\n  ".join(str(result["errors"]).splitlines()), file=sys.stderr)  # fmt: skip
+    return status
 
 
 # -- note -------------------------------------------------------------------------------

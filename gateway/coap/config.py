@@ -8,6 +8,11 @@ dtls_port = 5684                 # DTLS-PSK listener (only when some device has 
 max_payload = 1024               # bytes; larger requests get 4.13 with Size1
 allow_unauthenticated = false    # serve requests without a security context
 accept_unknown_devices = false   # take telemetry from devices not in config nor RD
+max_unknown_devices = 1000       # past it, telemetry from a new unknown name gets 5.03
+max_unknown_points = 64          # point names per unknown device; past it 5.03
+rd_max_registrations = 1000      # past it, a new RD endpoint gets 5.03 (Max-Age)
+rate_per_source = 100.0          # requests/s per sender address (0: no limit) ...
+burst = 200                      # ... and at once; past it requests are dropped, counted
 credentials_file = "coap-credentials.toml"  # optional, must be 0600; same shape as below
 [coap.devices.boiler-1]
 psk_identity = "boiler-1"
@@ -54,6 +59,12 @@ class CoapConfig:
     rd_default_lifetime: int = 90000
     rd_max_lifetime: int = 7 * 86400
     rd_max_registrations: int = 1000
+    #: Devices neither configured nor registered that telemetry may create (accept_unknown).
+    max_unknown_devices: int = 1000
+    max_unknown_points: int = 64
+    #: Token bucket per sender address on the whole front door (rate 0: no limit).
+    rate_per_source: float = 100.0
+    burst: int = 200
     #: Bound of the message-ID deduplication cache (entries); see gateway.coap.lean.
     dedup_max: int = 32768
     #: Largest number of concurrently observed resources (across all observers).
@@ -86,6 +97,8 @@ def _credentials(name: str, sec: Section) -> DeviceCredentials:
         sec.error("psk", "psk_identity is set but there is no psk (or psk_hex)")
     if oscore is not None and not Path(oscore).is_dir():
         sec.error("oscore_context", f"{oscore!r} is not a directory (an aiocoap OSCORE context)")
+    elif oscore is not None and (bad := secretfiles.oscore_problem(oscore)) is not None:
+        sec.error("oscore_context", bad)
     return DeviceCredentials(
         device=name,
         psk_identity=ident.encode("utf-8") if ident is not None else None,
@@ -144,6 +157,10 @@ def parse(sec: Section) -> CoapConfig:
     rd_default = sec.int("rd_default_lifetime", 90000, min=60, max=2**32 - 1)
     rd_max = sec.int("rd_max_lifetime", 7 * 86400, min=60, max=2**32 - 1)
     rd_count = sec.int("rd_max_registrations", 1000, min=1, max=100_000)
+    max_unknown = sec.int("max_unknown_devices", 1000, min=0, max=1_000_000)
+    max_points = sec.int("max_unknown_points", 64, min=1, max=100_000)
+    rate = sec.float("rate_per_source", 100.0, min=0.0, max=1_000_000.0)
+    burst = sec.int("burst", 200, min=1, max=1_000_000)
     dedup_max = sec.int("dedup_max", 32768, min=64, max=1_000_000)
     max_obs = sec.int("max_observations", 256, min=1, max=100_000)
     creds: dict[str, DeviceCredentials] = {}
@@ -186,6 +203,10 @@ def parse(sec: Section) -> CoapConfig:
         rd_default_lifetime=rd_default,
         rd_max_lifetime=rd_max,
         rd_max_registrations=rd_count,
+        max_unknown_devices=max_unknown,
+        max_unknown_points=max_points,
+        rate_per_source=rate,
+        burst=burst,
         dedup_max=dedup_max,
         max_observations=max_obs,
         credentials=creds,

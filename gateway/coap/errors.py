@@ -12,7 +12,13 @@ import logging
 from aiocoap import Code, Message
 from aiocoap import error as coap_error
 
-from gateway.errors import GatewayError, PayloadTooLargeError, StoreClosedError, StoreFull
+from gateway.errors import (
+    CapacityError,
+    GatewayError,
+    PayloadTooLargeError,
+    StoreClosedError,
+    StoreFull,
+)
 
 #: Diagnostic payloads are for humans reading a packet capture; keep them one datagram.
 MAX_DIAGNOSTIC = 120
@@ -36,7 +42,7 @@ def error_response(exc: BaseException, log: logging.Logger) -> Message:
         msg = Message(code=_code(exc.coap_code), payload=diagnostic(exc.message))
         if isinstance(exc, PayloadTooLargeError):
             msg.opt.size1 = exc.limit
-        if isinstance(exc, StoreFull | StoreClosedError):
+        if isinstance(exc, StoreFull | StoreClosedError | CapacityError):
             msg.opt.max_age = max(1, int(exc.retry_after))
         log.debug("request refused: %s %s", exc.coap_code, exc.message)
         return msg

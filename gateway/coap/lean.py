@@ -17,22 +17,147 @@ the cap, the oldest generation is dropped early and counted (`early_evictions`):
 window then shrinks below EXCHANGE_LIFETIME, which only matters for a client retransmitting
 a request whose response was lost that long ago (RFC 7252 allows bounding this state).
 Neither str nor bytes are tracked by the GC, so the cache adds nothing to collection pauses.
+
+The manager is also the front door's last word on what goes out and first word on what comes
+in: a per-source `RateLimiter` drops requests past a token bucket (counted), and no response
+to a peer that has not proven its address (plain UDP, not OSCORE-protected) is more than
+`AMPLIFICATION_FACTOR` times its request (RFC 7252 section 11.3): a larger 2.xx answer goes
+out as its first Block2 block of a size that fits (every client library follows Block2),
+anything else is cut to its code. What is cached for duplicates is what was sent.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable
 from typing import Any
 
 from aiocoap.message import Direction, Message
 from aiocoap.messagemanager import MessageManager
+from aiocoap.numbers.codes import Code
 from aiocoap.numbers.types import CON
+from aiocoap.optiontypes import BlockOption
 from aiocoap.pipe import error_to_message, run_driving_pipe
 from aiocoap.protocol import Context
 from aiocoap.resource import Site
 
 EXCHANGE_LIFETIME = 247.0
+#: RFC 7252 section 11.3: at most this many times the request, to a peer not known to be there.
+AMPLIFICATION_FACTOR = 3
+
+
+class RateLimiter:
+    """Token buckets per source address: `rate` requests/s, `burst` at once (rate 0: off).
+
+    At most `max_sources` buckets are kept (least recently used go first: a forgotten source
+    starts again with a full bucket). `refused` counts the requests dropped."""
+
+    def __init__(
+        self,
+        rate: float,
+        burst: int,
+        max_sources: int = 4096,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.rate = rate
+        self.burst = float(burst)
+        self.max_sources = max_sources
+        self.clock = clock
+        self.buckets: dict[str, tuple[float, float]] = {}
+        self.refused = 0
+
+    def allow(self, source: str | None) -> bool:
+        if self.rate <= 0 or source is None:
+            return True
+        now = self.clock()
+        entry = self.buckets.pop(source, None)
+        if entry is None:
+            if len(self.buckets) >= self.max_sources:
+                del self.buckets[next(iter(self.buckets))]
+            tokens = self.burst
+        else:
+            tokens = min(self.burst, entry[0] + (now - entry[1]) * self.rate)
+        if tokens < 1.0:
+            self.buckets[source] = (tokens, now)
+            self.refused += 1
+            return False
+        self.buckets[source] = (tokens - 1.0, now)
+        return True
+
+
+def source_of(remote: Any) -> str | None:
+    """The sender's address (without port) of a UDP or DTLS remote; None if unknown."""
+    sockaddr = getattr(remote, "sockaddr", None)
+    if sockaddr is None:  # DTLS: the UDP address under the session (aiocoap 0.4.17)
+        sockaddr = getattr(getattr(remote, "_underlying_address", None), "address", None)
+    if isinstance(sockaddr, tuple) and sockaddr:
+        return str(sockaddr[0])
+    return None
+
+
+def wire_size(message: Message) -> int:
+    """Bytes of `message` on the wire (incoming or outgoing; no mid/type needed)."""
+    payload = len(message.payload)
+    return 4 + len(message.token) + len(message.opt.encode()) + (1 + payload if payload else 0)
+
+
+def block_of(response: Message, number: int, size_exp: int) -> Message:
+    """Block `number` of `response` at block size 2**(size_exp+4), statelessly (RFC 7959):
+    an ETag from the whole payload lets the client notice a change between blocks."""
+    size = 1 << (size_exp + 4)
+    start = number * size
+    if start >= len(response.payload) and number > 0:
+        return Message(code=Code.BAD_REQUEST, payload=b"block out of range")
+    out = response.copy(
+        payload=response.payload[start : start + size],
+        block2=BlockOption.BlockwiseTuple(number, start + size < len(response.payload), size_exp),
+    )
+    if out.opt.etag is None:
+        out.opt.etag = hashlib.blake2s(response.payload, digest_size=4).digest()
+    return out
+
+
+def fit_response(response: Message, limit: int) -> Message:
+    """`response` cut to at most `limit` bytes: a 2.xx with payload as its largest first
+    Block2 block that fits (a block already cut keeps its position), else without payload."""
+    if wire_size(response) <= limit:
+        return response
+    code = response.code
+    if code.is_successful() and response.payload:
+        # A block already (the client asked for one) keeps its position in smaller blocks.
+        have = response.opt.block2
+        start = have.start if have is not None else 0
+        more_after = have.more if have is not None else False
+        etag = response.opt.etag or hashlib.blake2s(response.payload, digest_size=4).digest()
+        top = min(have.size_exponent if have is not None else 6, 6)
+        for size_exp in range(top, -1, -1):
+            size = 1 << (size_exp + 4)
+            more = more_after or len(response.payload) > size
+            candidate = response.copy(
+                payload=response.payload[:size],
+                block2=BlockOption.BlockwiseTuple(start // size, more, size_exp),
+            )
+            candidate.opt.etag = etag
+            candidate.request = getattr(response, "request", None)  # copy() does not keep it
+            if wire_size(candidate) <= limit:
+                return candidate
+    bare = response.copy(code=code if not code.is_successful() else Code.UNAUTHORIZED, payload=b"")
+    bare.opt = Message().opt  # no options but these two
+    bare.request = getattr(response, "request", None)
+    for name in ("observe", "max_age"):
+        value = getattr(response.opt, name)
+        if value is not None:
+            setattr(bare.opt, name, value)
+    if wire_size(bare) > limit:
+        bare.opt.observe = None
+        bare.opt.max_age = None
+    # A diagnostic as long as fits (it is for people reading a capture).
+    room = limit - wire_size(bare) - 1
+    text = b"use Block2 or authenticate" if code.is_successful() else response.payload
+    if room > 0 and text:
+        bare.payload = text[:room]
+    return bare
 
 
 class DedupCache:
@@ -98,10 +223,49 @@ def dedup_key(remote: Any, mid: int) -> Any:
 class LeanMessageManager(MessageManager):  # type: ignore[misc]  # aiocoap is untyped
     """aiocoap's MessageManager with `DedupCache` as its duplicate-detection state."""
 
-    def __init__(self, token_manager: Any, max_entries: int) -> None:
+    def __init__(
+        self,
+        token_manager: Any,
+        max_entries: int,
+        *,
+        limiter: RateLimiter | None = None,
+        verify_address: bool = True,
+    ) -> None:
         super().__init__(token_manager)
         self.dedup = DedupCache(max_entries)
         self.duplicates = 0
+        self.limiter = limiter
+        #: False where the transport proved the peer's address itself (DTLS: cookie).
+        self.verify_address = verify_address
+        #: Responses cut to AMPLIFICATION_FACTOR x their request (counted for health).
+        self.cut = 0
+
+    def dispatch_message(self, message: Message) -> None:
+        if (
+            self.limiter is not None
+            and (message.code.is_request() or message.mtype is CON)
+            and not self.limiter.allow(source_of(message.remote))
+        ):
+            return  # dropped: a CON sender retransmits later; counted in the limiter
+        super().dispatch_message(message)
+
+    def send_message(self, message: Message, messageerror_monitor: Any) -> None:
+        request = getattr(message, "request", None)
+        if (
+            self.verify_address
+            and request is not None
+            and message.code.is_response()
+            and message.opt.oscore is None  # protected: the request was no replay of a spoofer
+        ):
+            size = wire_size(message)
+            # Any request is at least its header and token: most answers (a bare 2.04) fit
+            # that without measuring the request.
+            if size > AMPLIFICATION_FACTOR * (4 + len(request.token)):
+                limit = AMPLIFICATION_FACTOR * wire_size(request)
+                if size > limit:
+                    message = fit_response(message, limit)
+                    self.cut += 1
+        super().send_message(message, messageerror_monitor)
 
     def _deduplicate_message(self, message: Message) -> bool:
         key = dedup_key(message.remote, message.mid)

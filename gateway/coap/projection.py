@@ -57,7 +57,7 @@ class RdProjection:
                         e.wall_time,
                     ),
                 )
-            elif e.type == ev.DEVICE_UNREGISTERED:
+            elif e.type in (ev.DEVICE_UNREGISTERED, ev.DEVICE_FORGOTTEN):
                 conn.execute("DELETE FROM coap_rd WHERE ep = ?", (ep,))
 
     def snapshot(self, conn: sqlite3.Connection, stream: str) -> Any:

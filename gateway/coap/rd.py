@@ -9,7 +9,6 @@ projection shows them (source = 'rd'). The in-memory `Directory` is rebuilt from
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fnmatch
 import logging
 import secrets
@@ -25,14 +24,15 @@ from aiocoap.util.linkformat import Link, LinkFormat, parse
 
 from gateway import events as ev
 from gateway import names
+from gateway.aio import wait_event
 from gateway.coap import senml
-from gateway.coap.resources import Backend, Gate, GatewayResource, check_size
+from gateway.coap.resources import Backend, Gate, GatewayResource, Refusals, check_size
 from gateway.errors import (
+    CapacityError,
     ForbiddenError,
     GatewayError,
     NotFoundError,
     PayloadError,
-    StoreFull,
     UnsupportedFormatError,
 )
 from gateway.events import NewEvent
@@ -106,7 +106,14 @@ class Directory:
         self.clock = clock
         self.by_ep: dict[str, Registration] = {}
         self.by_href: dict[str, Registration] = {}
+        #: Each registration's links, parsed once (a lookup must not parse them all again).
+        self.parsed: dict[str, list[Link]] = {}
+        self.refusals = Refusals("RD registrations at rd_max_registrations", log)
         self._changed = asyncio.Event()
+
+    @property
+    def refused(self) -> int:
+        return self.refusals.count
 
     async def load(self) -> None:
         """Rebuild from `coap_rd`; registrations that expired while we were down expire now."""
@@ -137,14 +144,28 @@ class Directory:
             self.by_href.pop(old.href, None)
         self.by_ep[reg.ep] = reg
         self.by_href[reg.href] = reg
+        try:
+            self.parsed[reg.ep] = parse(reg.links).links if reg.links else []
+        except Exception:  # stored before links were checked: nothing to look up
+            self.parsed[reg.ep] = []
         self.gate.registered.add(reg.ep)
+        self.gate.unknown.discard(reg.ep)
         self._changed.set()
 
     def _drop(self, reg: Registration) -> None:
         self.by_ep.pop(reg.ep, None)
         self.by_href.pop(reg.href, None)
+        self.parsed.pop(reg.ep, None)
         self.gate.registered.discard(reg.ep)
         self._changed.set()
+
+    def forget_configured(self) -> None:
+        """Registrations whose name became a configured device (a reload) are dropped,
+        without an event: the device is the config's now, and an expiry or a DELETE of the
+        registration must not detach it."""
+        for reg in [r for ep, r in self.by_ep.items() if ep in self.gate.configured]:
+            self._drop(reg)
+            self.log.warning("rd: registration of %s dropped: now a configured device", reg.ep)
 
     def _lifetime(self, query: dict[str, str]) -> int:
         if "lt" not in query:
@@ -188,7 +209,8 @@ class Directory:
         base = query.get("base") or _source_base(request)
         old = self.by_ep.get(ep)
         if old is None and len(self.by_ep) >= self.gate.config.rd_max_registrations:
-            raise StoreFull("resource directory is full", retry_after=60)
+            self.refusals.refuse(repr(ep))
+            raise CapacityError(f"resource directory is full ({len(self.by_ep)} endpoints)")
         href = old.href if old is not None else f"/rd/{secrets.token_hex(4)}"
         reg = Registration(ep, sector, href, base, lt, str(links), self.clock() + lt)
         await self.backend.append_many(
@@ -264,10 +286,12 @@ class Directory:
                         await asyncio.sleep(1.0)
             nxt = min((r.expires for r in self.by_ep.values()), default=None)
             timeout = None if nxt is None else max(0.0, nxt - self.clock())
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), timeout)
+            await wait_event(self._changed, timeout)
 
     # -- lookup ---------------------------------------------------------------------------
+    #: Links in one lookup answer, at most (and when the request gives no `count`).
+    LOOKUP_MAX = 64
+
     def _filters(self, request: Message) -> list[tuple[str, str]]:
         out = []
         for key, value in _query(request).items():
@@ -275,6 +299,19 @@ class Directory:
                 continue
             out.append((key, value))
         return out
+
+    def _page(self, request: Message) -> tuple[int, int]:
+        """(links to skip, links to answer) from RFC 9176's `page` and `count`."""
+        query = _query(request)
+        try:
+            page = int(query.get("page", "0"))
+            count = int(query.get("count", str(self.LOOKUP_MAX)))
+        except ValueError:
+            raise PayloadError("page and count must be integers") from None
+        if page < 0 or count < 1:
+            raise PayloadError("page must be >= 0 and count >= 1")
+        count = min(count, self.LOOKUP_MAX)
+        return page * count, count
 
     @staticmethod
     def _match(value: str | None, pattern: str) -> bool:
@@ -287,24 +324,27 @@ class Directory:
     def lookup_ep(self, request: Message) -> LinkFormat:
         links = []
         filters = self._filters(request)
+        skip, count = self._page(request)
         for reg in sorted(self.by_ep.values(), key=lambda r: r.ep):
             attrs = {"ep": reg.ep, "base": reg.base, "rt": "core.rd-ep", "lt": str(reg.lt)}
             if reg.sector is not None:
                 attrs["d"] = reg.sector
             ctx = {**attrs, "href": reg.href}
             if all(self._match(ctx.get(k), v) for k, v in filters):
+                if skip:
+                    skip -= 1
+                    continue
                 links.append(Link(reg.href, **attrs))
+                if len(links) >= count:
+                    break
         return LinkFormat(links)
 
     def lookup_res(self, request: Message) -> LinkFormat:
         links = []
         filters = self._filters(request)
+        skip, count = self._page(request)
         for reg in sorted(self.by_ep.values(), key=lambda r: r.ep):
-            try:
-                parsed = parse(reg.links).links if reg.links else []
-            except Exception:
-                continue
-            for link in parsed:
+            for link in self.parsed.get(reg.ep, ()):
                 target = link.href if "://" in link.href else reg.base + link.href
                 attrs: dict[str, str] = {}
                 for key, value in link.attr_pairs:
@@ -312,7 +352,12 @@ class Directory:
                 attrs["anchor"] = reg.base
                 ctx = {"ep": reg.ep, "d": reg.sector, "href": target, **attrs}
                 if all(self._match(ctx.get(k), v) for k, v in filters):
+                    if skip:
+                        skip -= 1
+                        continue
                     links.append(Link(target, **attrs))
+                    if len(links) >= count:
+                        return LinkFormat(links)
         return LinkFormat(links)
 
 

@@ -26,9 +26,12 @@ from gateway import names
 from gateway.coap import senml
 from gateway.coap.config import CoapConfig
 from gateway.coap.errors import error_response
+from gateway.coap.lean import block_of
 from gateway.errors import (
     AuthError,
+    CapacityError,
     ForbiddenError,
+    GatewayError,
     NotFoundError,
     PayloadError,
     PayloadTooLargeError,
@@ -61,6 +64,28 @@ class Backend:
         return (d["driver"], d["source"], d["available"], d["reason"], d["last_seen"])
 
 
+class Refusals:
+    """Requests refused past a cap: all counted, a warning at most once per `interval` s
+    saying how many since the last one (a flood is one line a minute, not one per request)."""
+
+    def __init__(self, what: str, log: logging.Logger, interval: float = 60.0) -> None:
+        self.what = what
+        self.log = log
+        self.interval = interval
+        self.count = 0
+        self._since = 0
+        self._warned: float | None = None
+
+    def refuse(self, detail: str) -> None:
+        self.count += 1
+        self._since += 1
+        now = time.monotonic()
+        if self._warned is None or now - self._warned >= self.interval:
+            self.log.warning("%s: %d refused (latest: %s)", self.what, self._since, detail)
+            self._warned = now
+            self._since = 0
+
+
 @dataclass
 class Gate:
     """Who may do what: identity from the security context, credentials, known devices."""
@@ -75,6 +100,43 @@ class Gate:
     configured: set[str] = field(default_factory=set)
     #: (min, max) of configured points that have one: device -> point -> limits.
     limits: dict[str, dict[str, tuple[float | None, float | None]]] = field(default_factory=dict)
+    #: Devices only telemetry made (neither configured nor registered): at most
+    #: `config.max_unknown_devices` of them, each with at most `config.max_unknown_points`
+    #: point names; `gatewayctl devices forget` frees room.
+    unknown: set[str] = field(default_factory=set)
+    unknown_points: dict[str, set[str]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.unknown_refusals = Refusals("unknown devices at max_unknown_devices", self.log)
+        self.point_refusals = Refusals("points of unknown devices at max_unknown_points", self.log)
+
+    @property
+    def unknown_refused(self) -> int:
+        return self.unknown_refusals.count + self.point_refusals.count
+
+    def admit(self, device: str, points: Iterable[str] = ()) -> None:
+        """Telemetry for `device` is about to be stored: a new unknown name (or point name of
+        an unknown device) takes a place under its cap, or is refused with 5.03 + Max-Age."""
+        if self.is_known(device):
+            return
+        if device not in self.unknown and len(self.unknown) >= self.config.max_unknown_devices:
+            self.unknown_refusals.refuse(f"{device!r}")
+            raise CapacityError(
+                f"too many unknown devices ({len(self.unknown)}): not taking {device!r}"
+            )
+        have = self.unknown_points.get(device, set())
+        new = {p for p in points if p not in have}
+        cap = self.config.max_unknown_points
+        if len(have) + len(new) > cap:
+            self.point_refusals.refuse(f"{device!r}")
+            raise CapacityError(f"unknown device {device!r} may have at most {cap} points")
+        self.unknown.add(device)
+        if new:
+            self.unknown_points[device] = have | new
+
+    def forget(self, device: str) -> None:
+        self.unknown.discard(device)
+        self.unknown_points.pop(device, None)
 
     @staticmethod
     def identity(request: Message) -> str | None:
@@ -195,20 +257,31 @@ def group_readings(
 
 
 class GatewayResource(coap_resource.Resource):  # type: ignore[misc]  # aiocoap is untyped
-    """Base of our resources: one error mapping; no block-wise upload reassembly."""
+    """Base of our resources: one error mapping; no block-wise state at all.
+
+    Block1 (uploads) is refused by `check_size`; Block2 (large responses) is served without
+    state: each block request renders the answer again (projections: cheap) and takes its
+    block, with an ETag. aiocoap's Block2Cache would keep every large answer for 93 s per
+    (remote, token), for anyone who asks."""
 
     log = logging.getLogger("gateway.coap")
 
     async def needs_blockwise_assembly(self, request: Message) -> bool:
-        # Block2 (large responses) is fine; Block1 (uploads) would keep state per request.
-        return request.opt.block1 is None
+        return False
 
     async def render(self, request: Message) -> Message:
         try:
             response: Message = await super().render(request)
-            return response
         except Exception as exc:
             return error_response(exc, self.log)
+        block2 = request.opt.block2
+        if not response.code.is_successful() or not response.payload:
+            return response
+        if block2 is not None:
+            return block_of(response, block2.block_number, min(block2.size_exponent, 6))
+        if len(response.payload) > request.remote.maximum_payload_size:
+            return block_of(response, 0, min(request.remote.maximum_block_size_exp, 6))
+        return response
 
 
 class TelemetryResource(GatewayResource):
@@ -245,6 +318,8 @@ class TelemetryResource(GatewayResource):
         for device in grouped:
             self.gate.authorize(request, device, write=True)
         check_limits(self.gate.limits, grouped)
+        for device, recs in grouped.items():
+            self.gate.admit(device, (rec["n"] for rec in recs))
         events = [ev.readings_event(device, recs) for device, recs in grouped.items()]
         # The acknowledgement is the commit: nothing is answered before append_many returns.
         await self.backend.append_many(events)
@@ -315,13 +390,27 @@ class DeviceResource(GatewayResource, coap_resource.PathCapable, ObservableResou
         return None  # listed per device by get_resources_as_linkheader
 
     def get_resources_as_linkheader(self) -> Any:
-        from aiocoap.util.linkformat import Link, LinkFormat
+        from aiocoap.util.linkformat import LinkFormat
 
+        return LinkFormat([])  # per device and per asker: WellKnownCore.device_links
+
+    def device_links(self, request: Message) -> list[Any]:
+        """/d/<device> for the devices the sender of `request` may read: its own when
+        authenticated, else those open to it; a device list, not an inventory dump (<= 64)."""
+        from aiocoap.util.linkformat import Link
+
+        who = self.gate.identity(request)
+        names = [who] if who is not None else sorted(self.gate.known | self.gate.registered)
         links = []
-        # A device list, not an inventory dump: at most 64.
-        for device in sorted(self.gate.known | self.gate.registered)[:64]:
-            links.append(Link(f"/{device}", rt="gw.device", obs=None))
-        return LinkFormat(links)
+        for device in names:
+            try:
+                self.gate.authorize(request, device)
+            except GatewayError:
+                continue
+            links.append(Link(f"/d/{device}", rt="gw.device", obs=None))
+            if len(links) >= 64:
+                break
+        return links
 
     # -- rendering ------------------------------------------------------------------------
     async def render_get(self, request: Message) -> Message:
@@ -454,15 +543,26 @@ _MISSING = object()
 
 
 class WellKnownCore(GatewayResource):
-    """/.well-known/core (RFC 6690), with the `href`, `rt`, `if`... query filters."""
+    """/.well-known/core (RFC 6690), with the `href`, `rt`, `if`... query filters.
 
-    def __init__(self, site: coap_resource.Site) -> None:
+    It obeys the access rules of what it lists: nothing for an unauthenticated sender where
+    unauthenticated requests are refused (4.01), and for anyone only the devices they may
+    read. No implementation-information link (it named the library and its version)."""
+
+    def __init__(self, site: coap_resource.Site, gate: Gate, devices: DeviceResource) -> None:
         super().__init__()
-        self._wkc = coap_resource.WKCResource(site.get_resources_as_linkheader)
+        self.site = site
+        self.gate = gate
+        self.devices = devices
 
     def get_link_description(self) -> dict[str, Any] | None:
         return None
 
     async def render_get(self, request: Message) -> Message:
-        response: Message = await self._wkc.render_get(request)
+        if self.gate.identity(request) is None:
+            self.gate.check_unauthenticated(None)
+        links = self.site.get_resources_as_linkheader()
+        links.links = list(links.links) + self.devices.device_links(request)
+        wkc = coap_resource.WKCResource(lambda: links, impl_info=None)
+        response: Message = await wkc.render_get(request)
         return response

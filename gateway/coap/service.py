@@ -11,9 +11,11 @@ import asyncio
 import contextlib
 import logging
 import socket
+import sqlite3
 from collections.abc import Mapping
 from typing import Any
 
+from gateway import events as ev
 from gateway.aio import cancel_and_wait
 from gateway.coap.config import CoapConfig
 from gateway.service import Health, Service, ServiceContext
@@ -54,19 +56,9 @@ class CoapServer:
         self.config = config
         self.store = store
         self.log = logger
-        configured = set(known or ()) | set(devices or ())
-        known_devices = configured | {d for d, c in config.credentials.items()}
-        limits = {
-            dev_id: {p.name: (p.min, p.max) for p in spec.points if (p.min, p.max) != (None, None)}
-            for dev_id, spec in (devices or {}).items()
-        }
-        self.gate = Gate(
-            config,
-            known=known_devices,
-            log=logger,
-            configured=configured,
-            limits={d: pts for d, pts in limits.items() if pts},
-        )
+        self._known = set(known or ())
+        self.gate = Gate(config, log=logger)
+        self.set_devices(devices or {})
         self.backend = Backend(store)
         self.telemetry = TelemetryResource(self.gate, self.backend)
         self.devices = DeviceResource(self.gate, self.backend, self.telemetry)
@@ -75,7 +67,7 @@ class CoapServer:
         from gateway.coap.lean import LeanSite
 
         site = LeanSite()
-        site.add_resource((".well-known", "core"), WellKnownCore(site))
+        site.add_resource((".well-known", "core"), WellKnownCore(site, self.gate, self.devices))
         site.add_resource(("telemetry",), self.telemetry)
         site.add_resource(("d",), self.devices)
         site.add_resource(("rd",), RdResource(self.directory))
@@ -87,6 +79,24 @@ class CoapServer:
         self.managers: list[Any] = []
         self._expiry: asyncio.Task[None] | None = None
         self.addresses: list[tuple[str, int, str]] = []  # (host, port, "udp"|"dtls")
+        self.limiter: Any = None
+
+    def set_devices(self, devices: Mapping[str, Any]) -> None:
+        """The configured devices (`DeviceSpec`s; again after a reload): names no
+        unauthenticated peer or RD endpoint may take, and the min/max of their points."""
+        configured = self._known | set(devices)
+        self.gate.configured = configured
+        self.gate.known = configured | set(self.config.credentials)
+        limits = {
+            dev_id: {p.name: (p.min, p.max) for p in spec.points if (p.min, p.max) != (None, None)}
+            for dev_id, spec in devices.items()
+        }
+        self.gate.limits = {d: pts for d, pts in limits.items() if pts}
+        for dev_id in self.gate.known:  # configured now: no longer under the unknown caps
+            self.gate.forget(dev_id)
+        directory = getattr(self, "directory", None)  # (None while __init__ runs)
+        if directory is not None:
+            directory.forget_configured()
 
     def _credentials(self) -> Any:
         from aiocoap.credentials import DTLS, CredentialsMap
@@ -108,9 +118,13 @@ class CoapServer:
         from aiocoap.tokenmanager import TokenManager
         from aiocoap.transports.udp6 import MessageInterfaceUDP6
 
-        from gateway.coap.lean import LeanContext, LeanMessageManager
+        from gateway.coap.lean import LeanContext, LeanMessageManager, RateLimiter
 
         await self.directory.load()
+        for device, point in await self.store.read(_unknown_points):
+            if not self.gate.is_known(device):
+                self.gate.unknown.add(device)
+                self.gate.unknown_points.setdefault(device, set()).add(point)
         creds = self._credentials()
         site: Any = self.site
         if any(c.oscore_context for c in self.config.credentials.values()):
@@ -123,9 +137,13 @@ class CoapServer:
         )
         self.context = ctx
 
-        async def add(constructor: Any) -> Any:
+        self.limiter = RateLimiter(self.config.rate_per_source, self.config.burst)
+
+        async def add(constructor: Any, verify_address: bool = True) -> Any:
             tman = TokenManager(ctx)
-            mman = LeanMessageManager(tman, self.config.dedup_max)
+            mman = LeanMessageManager(
+                tman, self.config.dedup_max, limiter=self.limiter, verify_address=verify_address
+            )
             transport = await constructor(mman)
             mman.message_interface = transport
             tman.token_interface = mman
@@ -158,13 +176,15 @@ class CoapServer:
                             log=ctx.log,
                             loop=loop,
                             server_credentials=creds,
-                        )
+                        ),
+                        verify_address=False,  # the DTLS handshake's cookie proved it
                     )
                     self.addresses.append((host, self.config.dtls_port, "dtls"))
         except BaseException:
             await self.stop()
             raise
         self.store.add_listener(self.devices.on_commit)
+        self.store.add_listener(self._on_commit)
         self._expiry = asyncio.create_task(self.directory.expire_forever(), name="coap:rd-expiry")
         self.log.info(
             "CoAP listening on %s", ", ".join(f"{k}://[{h}]:{p}" for h, p, k in self.addresses)
@@ -176,10 +196,25 @@ class CoapServer:
             self._expiry = None
         with contextlib.suppress(Exception):
             self.store.remove_listener(self.devices.on_commit)
+        with contextlib.suppress(Exception):
+            self.store.remove_listener(self._on_commit)
         if self.context is not None:
             ctx, self.context = self.context, None
-            await asyncio.wait_for(ctx.shutdown(), 5.0)
+            async with asyncio.timeout(5.0):  # not wait_for: it can swallow a cancellation
+                await ctx.shutdown()
         self.managers.clear()
+
+    def _on_commit(self, events: Any) -> None:
+        """A forgotten device leaves the caps' books (and the directory) at once."""
+        for e in events:
+            if e.type == ev.DEVICE_FORGOTTEN:
+                device = ev.stream_device(e.stream)
+                if device is None:
+                    continue
+                self.gate.forget(device)
+                reg = self.directory.by_ep.get(device)
+                if reg is not None:
+                    self.directory._drop(reg)
 
     def figures(self) -> dict[str, Any]:
         return {
@@ -189,7 +224,22 @@ class CoapServer:
             "dedup_entries": sum(len(m.dedup) for m in self.managers),
             "dedup_early_evictions": sum(m.dedup.early_evictions for m in self.managers),
             "duplicates": sum(m.duplicates for m in self.managers),
+            # Refused at the door (token bucket per sender), answers cut to 3x their request
+            # (RFC 7252 section 11.3), and refusals past the caps on names (gate, RD).
+            "rate_limited": self.limiter.refused if self.limiter is not None else 0,
+            "responses_cut": sum(m.cut for m in self.managers),
+            "unknown_devices": len(self.gate.unknown),
+            "unknown_refused": self.gate.unknown_refused,
+            "rd_refused": self.directory.refused,
         }
+
+
+def _unknown_points(conn: sqlite3.Connection) -> list[tuple[str, str]]:
+    """(device, point) of devices known only from their readings (no row of their own)."""
+    rows = conn.execute(
+        "SELECT device, point FROM latest WHERE device NOT IN (SELECT id FROM devices)"
+    ).fetchall()
+    return [(str(d), str(p)) for d, p in rows]
 
 
 def _local_port(transport: Any, default: int) -> int:
@@ -217,13 +267,26 @@ class CoapService(Service):
             server, self.server = self.server, None
             await server.stop()
 
+    async def reload(self, config: Any) -> None:
+        # Devices added by a reload are protected at once ([coap] itself needs a restart).
+        if self.server is not None:
+            self.server.set_devices(config.devices)
+
     def health(self) -> Health:
         if self.server is None:
             return Health.degraded("not running")
-        return Health.ok(
-            ", ".join(f"{k}://[{h}]:{p}" for h, p, k in self.server.addresses),
-            **self.server.figures(),
-        )
+        figures = self.server.figures()
+        detail = ", ".join(f"{k}://[{h}]:{p}" for h, p, k in self.server.addresses)
+        refused = [
+            f"{figures[key]} {what}"
+            for key, what in (
+                ("rate_limited", "rate-limited"),
+                ("unknown_refused", "refused past max_unknown_devices"),
+                ("rd_refused", "refused past rd_max_registrations"),
+            )
+            if figures[key]
+        ]
+        return Health.ok("; ".join([detail, *refused]), **figures)
 
     def set_commands(self, device: str, commands: list[Any]) -> None:
         """For the control service: the commands waiting for `device` (observable)."""

@@ -149,7 +149,10 @@ def open_readonly(path: str | os.PathLike[str]) -> sqlite3.Connection:
     if not p.exists():
         where = str(p) if p.is_absolute() else f"{p} (relative to {Path.cwd()})"
         raise StoreError(f"{where}: no database here (has gatewayd run with this config?)")
-    return _connect(p, "normal", readonly=True)
+    try:
+        return _connect(p, "normal", readonly=True)
+    except sqlite3.Error as exc:
+        raise store_error(exc, f"opening {p} read-only") from exc
 
 
 #: Database files (and their -wal/-shm, backups, quarantined copies) are the owner's alone:

@@ -131,6 +131,9 @@ class DeviceProjection:
             )  # fmt: skip
         elif e.type == ev.DEVICE_UNREGISTERED:
             conn.execute("DELETE FROM devices WHERE id = ?", (device,))
+        elif e.type == ev.DEVICE_FORGOTTEN:
+            conn.execute("DELETE FROM devices WHERE id = ?", (device,))
+            conn.execute("DELETE FROM latest WHERE device = ?", (device,))
 
     def snapshot(self, conn: sqlite3.Connection, stream: str) -> Any:
         device = ev.stream_device(stream)

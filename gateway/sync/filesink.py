@@ -21,6 +21,7 @@ from typing import Any
 
 import cbor2
 
+from gateway.aio import wait_event
 from gateway.sync.codec import item_format
 from gateway.sync.config import FileSinkConfig
 from gateway.sync.link import ACCEPTED, Ack, LinkDownError
@@ -157,8 +158,7 @@ class FileSink:
                 self.last_error = f"{self.dir}: {exc}"
                 self.log.warning("sync: file sink: %s", self.last_error)
                 self._kick.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._kick.wait(), delay)
+                await wait_event(self._kick, delay)
                 delay = min(self._cap, delay * 2)
 
     def _open(self) -> None:

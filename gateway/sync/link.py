@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from gateway import names, secretfiles
+from gateway.aio import wait_event
 from gateway.breaker import Backoff as Backoff  # re-exported: the relay paces with it
 from gateway.breaker import Breaker
 from gateway.errors import ConfigError
@@ -386,7 +387,8 @@ class MqttChannel:
                 await t
         self._fail_all(LinkDownError(f"{self.label}: closed"))
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self._client.__aexit__(None, None, None), 5.0)
+            async with asyncio.timeout(5.0):  # not wait_for: it can swallow a cancellation
+                await self._client.__aexit__(None, None, None)
 
 
 # -- the link ---------------------------------------------------------------------------------
@@ -582,8 +584,7 @@ class MqttLink:
             opens = [b.wait(now) for b in self.breakers.values() if not b.ready(now)]
             if len(opens) == len(self.breakers):  # every endpoint is resting
                 delay = max(delay, min(opens))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._kick.wait(), delay)
+            await wait_event(self._kick, delay)
 
 
 class _TrackingContext(ssl.SSLContext):

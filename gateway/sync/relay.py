@@ -47,6 +47,7 @@ import cbor2
 
 from gateway import events as ev
 from gateway import names
+from gateway.aio import wait_event
 from gateway.errors import ConcurrencyError, PayloadError, StoreError
 from gateway.logs import RateLimitedLog
 from gateway.store import queries
@@ -501,6 +502,10 @@ class Relay:
             "backfill_left": self.backfill_left,
             "last_error": self.last_error,
             "last_error_at": self.last_error_at,
+            # Acked batches and dead letters not written yet (kept while writes fail).
+            "unrecorded": len(self._dels) + len(self._acked) + len(self._ops),
+            "unrecorded_dead_letters": len(self._ops),
+            "record_failures": self._record_failures,  # in a row, since the last good write
         }
 
     async def handle_command(self, payload: bytes) -> bytes | None:
@@ -556,8 +561,7 @@ class Relay:
                 if pause:
                     self.state = "paused"
                     self._kick.clear()
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._kick.wait(), pause)
+                    await wait_event(self._kick, pause)
         finally:
             self.state = "stopped"
             self.store.remove_listener(self._on_commit)

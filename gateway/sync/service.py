@@ -100,6 +100,8 @@ class SyncService(Service):
                 link=r["state"], delivered=r["delivered"], delivery_rate=r["delivery_rate"],
                 dead_lettered=r["dead_lettered"], inflight_batches=r["inflight_batches"],
                 live_first=r["live_first"], backfill_left=r["backfill_left"],
+                unrecorded=r["unrecorded"], unrecorded_dead_letters=r["unrecorded_dead_letters"],
+                record_failures=r["record_failures"],
             )  # fmt: skip
             last_error, error_at = r["last_error"], r["last_error_at"]
         else:

@@ -12,7 +12,7 @@ import cbor2
 import pytest
 
 from gateway.coap.config import CoapConfig
-from gateway.coap.lean import DedupCache
+from gateway.coap.lean import DedupCache, RateLimiter
 from gateway.config import loads
 from gateway.errors import ConfigError
 
@@ -64,6 +64,19 @@ def test_dedup_cache_is_bounded_and_expires() -> None:
     assert cache.get("h 1 999") is None and cache.get("late") == b""
 
 
+def test_rate_limiter_refills_and_keeps_a_bounded_table() -> None:
+    now = [0.0]
+    limiter = RateLimiter(rate=2.0, burst=3, max_sources=100, clock=lambda: now[0])
+    assert [limiter.allow("a") for _ in range(5)] == [True, True, True, False, False]
+    now[0] = 1.0  # two more tokens a second later
+    assert [limiter.allow("a") for _ in range(3)] == [True, True, False]
+    assert limiter.allow("b") and limiter.refused == 3
+    for i in range(10_000):  # a spoofed flood from many addresses
+        limiter.allow(f"10.0.{i // 256}.{i % 256}")
+    assert len(limiter.buckets) <= 100
+    assert RateLimiter(rate=0.0, burst=1).allow("a")  # rate 0: no limit
+
+
 def _coap(text: str) -> CoapConfig:
     config = loads(text).sections["coap"]
     assert isinstance(config, CoapConfig)
@@ -96,6 +109,19 @@ def test_config_errors_name_their_paths() -> None:
     assert "coap.max_payload: must be an integer" in text
     assert "coap.typo: unknown key" in text
     assert "coap.devices.d1.psk: psk_identity is set but there is no psk" in text
+
+
+def test_limits_have_defaults_and_are_checked() -> None:
+    c = _coap("[coap]\n")
+    assert (c.rate_per_source, c.burst, c.max_unknown_devices) == (100.0, 200, 1000)
+    c = _coap("[coap]\nrate_per_source = 0\nburst = 5\nmax_unknown_devices = 0\n")
+    assert (c.rate_per_source, c.burst, c.max_unknown_devices) == (0.0, 5, 0)
+    with pytest.raises(ConfigError) as info:
+        loads('[coap]\nrate_per_source = -1\nburst = 0\nmax_unknown_devices = "many"\n')
+    text = str(info.value)
+    assert "coap.rate_per_source: must be >= 0" in text
+    assert "coap.burst: must be >= 1" in text
+    assert "coap.max_unknown_devices: must be an integer" in text
 
 
 def test_dtls_needs_specific_bind_addresses() -> None:

@@ -61,7 +61,14 @@ class ErrorLog(logging.Handler):
 
 
 def _resources() -> tuple[TelemetryResource, DeviceResource]:
-    config = CoapConfig(allow_unauthenticated=True, accept_unknown_devices=True, max_payload=4096)
+    # Mutated names are new point names of one unknown device: no cap on them here.
+    config = CoapConfig(
+        allow_unauthenticated=True,
+        accept_unknown_devices=True,
+        max_payload=4096,
+        max_unknown_devices=100_000,
+        max_unknown_points=100_000,
+    )
     gate = Gate(config)
     backend = RecordingBackend()
     telemetry = TelemetryResource(gate, backend)

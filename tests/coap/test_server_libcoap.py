@@ -33,6 +33,9 @@ def test_well_known_core_lists_the_resources(gateway_factory: Any, tmp_path: Pat
     for link in ("</telemetry>", "</rd>;", "</rd-lookup/ep>", "</rd-lookup/res>"):
         assert link in text
     assert 'rt="core.rd"' in text
+    # RFC 6690 query filters still apply (the listing is built per asker now).
+    only = coap_client(CLIENT, [], gw.uri("/.well-known/core?rt=core.rd"), tmp_path)
+    assert only.code == "2.05" and only.payload.decode() == '</rd>;ct="40";rt="core.rd"'
 
 
 def test_post_senml_cbor_and_json_from_files_then_get_back(

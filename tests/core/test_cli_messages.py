@@ -44,11 +44,21 @@ def test_a_broken_config_is_reported_one_issue_per_line(tmp_path: Path) -> None:
         '[devices.b]\ndriver = "virtual"\ninterval = 0\n'
         '[devices.b.points.t]\nsignal = "sine"\n'
     )
-    for verb in (["config", "check"], ["status"]):
-        r = run_cli(config, *verb)
-        assert r.returncode == 3, r.stderr
-        assert "gatewayd" not in r.stderr
-        lines = r.stderr.splitlines()
-        assert any(line.strip() == "devices.a.interval: must be > 0, got -1" for line in lines)
-        assert any(line.strip() == "devices.b.interval: must be > 0, got 0" for line in lines)
-        assert lines[0].startswith(f"{config}") or lines[0].startswith("gatewayctl: invalid")
+    r = run_cli(config, "config", "check")
+    assert r.returncode == 3, r.stderr
+    assert "gatewayd" not in r.stderr
+    lines = r.stderr.splitlines()
+    assert lines[0] == f"{config}: 2 error(s)"
+    assert "  devices.a.interval: must be > 0, got -1" in lines
+    assert "  devices.b.interval: must be > 0, got 0" in lines
+    # Other verbs still find the daemon's files, and say once why the config is not used.
+    r = run_cli(config, "status")
+    assert r.stderr.startswith(f"gatewayctl: warning: {config} is invalid (2 error(s)")
+    # A config that cannot be read at all: one heading, then one issue per line.
+    missing = tmp_path / "missing.toml"
+    r = run_cli(missing, "status")
+    assert r.returncode == 3
+    assert r.stderr.splitlines() == [
+        f"gatewayctl: invalid configuration {missing}:",
+        f"  {missing}: no such file",
+    ]

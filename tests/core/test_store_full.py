@@ -16,6 +16,7 @@ from pathlib import Path
 from gateway import config as cfg
 from gateway.config import StoreConfig
 from gateway.control import call
+from gateway.errors import StoreError, StoreFull
 from gateway.store import EventStore, NewEvent
 from tests.core.conftest import Daemon, run_cli, start_daemon
 from tests.peers import Peer, free_port, wait_until
@@ -254,3 +255,45 @@ def test_a_flood_of_refused_readings_is_one_log_line_per_interval(
     assert 1 <= len(lines) <= 2, lines[:5]
     if len(lines) == 2:
         assert re.search(r"repeated \d+ times in the last \d+ s", lines[1]), lines
+
+
+async def _sqlite_full(tmp: Path) -> None:
+    store = await EventStore.open(tmp / "s.db", StoreConfig(linger_ms=0))
+    try:
+        # A page limit makes SQLite answer SQLITE_FULL exactly as a full disk does.
+        pages = await store.write(lambda c: c.execute("PRAGMA page_count").fetchone()[0])
+        await store.write(lambda c: c.execute(f"PRAGMA max_page_count = {pages + 2}"))
+        err: BaseException | None = None
+        for i in range(2000):
+            try:
+                await store.append("device:x", "device.readings", {"r": [i, "y" * 500]})
+            except Exception as exc:
+                err = exc
+                break
+        assert isinstance(err, StoreFull), repr(err)
+        assert err.cause == "disk" and "disk full" in str(err) and "SQLITE_FULL" in str(err)
+        assert store.full is not None and store.healthy()
+        # A raw sqlite3 error never leaves the store's API, from a write or a read.
+        for call_store in (store.write, store.read):
+            try:
+                await call_store(lambda c: c.execute("SELECT * FROM no_such_table"))
+            except Exception as exc:
+                assert isinstance(exc, StoreError) and not isinstance(exc, sqlite3.Error), exc
+                assert "no such table: no_such_table" in str(exc)
+            else:
+                raise AssertionError("no error")
+        # Room again: appends go on by themselves.
+        await store.write(lambda c: c.execute("PRAGMA max_page_count = 1000000"))
+        await store.append("device:x", "device.readings", {"r": [1]})
+        assert store.full is None
+    finally:
+        await store.close()
+
+
+def test_sqlite_full_is_storefull_with_its_cause_and_no_raw_sqlite_error_escapes(
+    tmp_path: Path,
+) -> None:
+    """Issue 11 item 11, in the store's API: SQLITE_FULL was replaced by "cannot rollback -
+    no transaction is active" (SQLite had rolled back itself), and raw sqlite3 errors came
+    out of `write`/`read`."""
+    asyncio.run(_sqlite_full(tmp_path))

@@ -152,6 +152,7 @@ def write_context(directory: Path, sender: str, recipient: str) -> None:
         "sender-id_hex": sender, "recipient-id_hex": recipient,
         "secret_ascii": "gateway-test-master-secret", "salt_hex": "9e7ca92223786340",
     }))  # fmt: skip
+    (directory / "settings.json").chmod(0o600)  # it holds the key: world-readable is refused
 
 
 @pytest.fixture

@@ -2,7 +2,8 @@
 
 Usage: python modbus_server.py SPEC.json
 SPEC: {"tcp": port} or {"rtu": path}, "units": {"1": {"hr": [...], "ir": [...], "co": [...],
-"di": [...]}}, "silent": [unit, ...], "ready": path.
+"di": [...]}}, "silent": [unit, ...], "ready": path, "asked": path (optional: one line per
+request to a silent unit, its unit id, so a test can count how often it was asked).
 
 Units not in "units" get pymodbus' own answer (exception 4, SERVER DEVICE FAILURE). Units in
 "silent" get no answer at all, like an absent unit on a real RS-485 line: pymodbus 3.16's
@@ -43,11 +44,15 @@ async def main(spec: dict[str, Any]) -> None:
     context = ModbusServerContext(devices=devices, single=False)
     silent = {int(u) for u in spec.get("silent", [])}
     rtu = "rtu" in spec
+    asked = spec.get("asked")
 
     def trace_packet(sending: bool, data: bytes) -> bytes:
         if sending and data:
             unit = data[0] if rtu else (data[6] if len(data) > 6 else -1)
             if unit in silent:
+                if asked:
+                    with open(asked, "a") as f:
+                        f.write(f"{unit}\n")
                 return b""
         return data
 

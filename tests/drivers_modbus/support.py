@@ -58,10 +58,12 @@ class ModbusServer:
         self.rtu = rtu
         self.port = port if port is not None else (0 if rtu else free_port())
         self.ready = tmp / f"{name}.ready"
+        self.asked_log = tmp / f"{name}.asked"
         spec: dict[str, Any] = {
             "units": {str(u): t for u, t in units.items()},
             "silent": list(silent),
             "ready": str(self.ready),
+            "asked": str(self.asked_log),
         }
         spec.update({"rtu": rtu} if rtu else {"tcp": self.port})
         self.spec_path = tmp / f"{name}.json"
@@ -88,6 +90,12 @@ class ModbusServer:
         if self.peer is not None:
             self.peer.stop()
             self.peer = None
+
+    def asked(self, unit: int) -> int:
+        """How many requests a silent unit has received (and left unanswered)."""
+        if not self.asked_log.exists():
+            return 0
+        return self.asked_log.read_text().split().count(str(unit))
 
 
 class PtyPair:

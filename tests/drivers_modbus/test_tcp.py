@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -257,6 +258,72 @@ def test_silent_unit_times_out_and_its_neighbour_keeps_working(server: ModbusSer
     asyncio.run(main())
     assert ctx.changes("silent") == [False]
     assert ctx.changes("alive") == [True]
+
+
+def _short_and_long(port: int) -> dict[str, DeviceSpec]:
+    # "long" (3 s) opens the link; "short" (0.3 s) is the silent unit 5 on the same link.
+    return specs(
+        device_toml("long", tcp(port), "[devices.long.points.v]\naddress = 0\n", unit=3,
+                    timeout=3.0)
+        + device_toml("short", tcp(port), "[devices.short.points.v]\naddress = 0\n", unit=5,
+                      timeout=0.3, breaker_threshold=2, breaker_cooldown=3600.0)
+    )  # fmt: skip
+
+
+def test_each_request_waits_for_its_own_devices_timeout(server: ModbusServer) -> None:
+    s = _short_and_long(server.port)
+    ctx = RecordingContext()
+
+    async def main() -> None:
+        drv = ModbusDriver(ctx)
+        await drv.add_device(s["long"])
+        await drv.add_device(s["short"])
+        try:
+            assert [r.value for r in await drv.read("long", s["long"].points)] == [7]
+            for _ in range(2):
+                # Bounded like the collection service bounds a poll: the driver's DeviceTimeout
+                # (its own 0.3 s, not the 3 s of the device that opened the link) comes first.
+                with pytest.raises(DeviceTimeout, match=r"no answer to read .*unit 5"):
+                    async with asyncio.timeout(s["short"].timeout):
+                        await drv.read("short", s["short"].points)
+            with pytest.raises(DeviceUnavailable, match="circuit open"):
+                await drv.read("short", s["short"].points)
+            assert [r.value for r in await drv.read("long", s["long"].points)] == [7]
+        finally:
+            await drv.stop()
+
+    asyncio.run(main())
+    assert ctx.changes("short") == [False]
+
+
+def test_a_timeout_cut_short_by_the_poll_deadline_counts_for_the_breaker(
+    server: ModbusServer,
+) -> None:
+    s = _short_and_long(server.port)
+    ctx = RecordingContext()
+
+    async def main() -> None:
+        drv = ModbusDriver(ctx)
+        await drv.add_device(s["long"])
+        await drv.add_device(s["short"])
+        loop = asyncio.get_running_loop()
+        try:
+            await drv.read("long", s["long"].points)
+            for _ in range(2):
+                # A stalled loop (a blocking call elsewhere) wakes up past both the driver's
+                # deadline and the poll's: the poll's cancellation may win. The unit still did
+                # not answer in time, and the breaker must count it.
+                loop.call_soon(time.sleep, s["short"].timeout * 2)
+                with pytest.raises((TimeoutError, DeviceTimeout)):
+                    async with asyncio.timeout(s["short"].timeout):
+                        await drv.read("short", s["short"].points)
+            with pytest.raises(DeviceUnavailable, match="circuit open"):
+                await drv.read("short", s["short"].points)
+        finally:
+            await drv.stop()
+
+    asyncio.run(main())
+    assert ctx.changes("short") == [False]
 
 
 def test_bounded_queue_fails_fast(server: ModbusServer) -> None:

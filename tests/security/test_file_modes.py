@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -142,3 +143,67 @@ def test_systemd_credentials_directory(tmp_path: Path, monkeypatch: pytest.Monke
     out = run_cli(path, "config", "check")
     assert out.returncode == 3
     assert f"sync.endpoints[0].password_file: {creds / 'mqtt.pass'}: mode 0444" in out.stderr
+
+
+def test_world_readable_oscore_key_is_refused(tmp_path: Path) -> None:
+    ctx = tmp_path / "oscore-boiler"
+    ctx.mkdir()
+    (ctx / "settings.json").write_text('{"sender-id_hex": "01", "recipient-id_hex": "02"}')
+    secret = _secret(ctx / "secret.json", '{"secret_hex": "00112233445566778899"}', 0o644)
+    path = write_config(tmp_path)
+    path.write_text(
+        path.read_text() + f'[coap]\nbind = ["127.0.0.1"]\n'
+        f'[coap.devices.boiler-1]\noscore_context = "{ctx}"\n'
+    )
+    out = run_cli(path, "config", "check")
+    assert out.returncode == 3, out
+    assert f"coap.devices.boiler-1.oscore_context: {secret}: mode 0644 lets every local user" in (
+        out.stderr
+    ), out.stderr
+    secret.chmod(0o600)
+    assert run_cli(path, "config", "check").returncode == 0
+
+
+def test_daemon_logs_in_with_a_password_from_systemd_credentials(
+    tmp_path: Path, daemon_factory: list[Daemon], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """End to end: gatewayd reads `password_file = "mqtt.pass"` from $CREDENTIALS_DIRECTORY
+    and a real Mosquitto that requires the password receives its events."""
+    from tests.peers import free_port, require_binary, wait_until
+    from tests.sync.conftest import Mosquitto, Subscriber
+
+    broker = Mosquitto()
+    try:
+        passwd = broker.file("passwd", "")
+        subprocess.run(
+            [require_binary("mosquitto_passwd"), "-b", str(passwd), "gw", "s3cret-mqtt"],
+            check=True, capture_output=True, timeout=10,
+        )  # fmt: skip
+        passwd.chmod(0o644)  # the broker (user mosquitto) reads it
+        auth_port = free_port()
+        broker.extra = (
+            f"per_listener_settings true\nlistener {auth_port} 127.0.0.1\n"
+            f"allow_anonymous false\npassword_file {passwd}\n"
+            f"listener {broker.port} 127.0.0.1\nallow_anonymous true\n"
+        )
+        broker.start()
+        sub = Subscriber(broker.port, tmp_path)
+        try:
+            creds = tmp_path / "credentials"
+            creds.mkdir()
+            _secret(creds / "mqtt.pass", "s3cret-mqtt\n", 0o400)
+            path = write_config(tmp_path)
+            path.write_text(
+                path.read_text() + f'[sync]\nformat = "json"\n[[sync.endpoints]]\n'
+                f'url = "mqtt://127.0.0.1:{auth_port}"\nusername = "gw"\n'
+                'password_file = "mqtt.pass"\n'
+            )
+            monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+            d = start_daemon(path, tmp_path)
+            daemon_factory.append(d)
+            wait_until(lambda: len(sub.events()) >= 10, "events through the password listener")
+            assert "s3cret-mqtt" not in d.log.read_text()
+        finally:
+            sub.stop()
+    finally:
+        broker.remove()

@@ -44,15 +44,22 @@ def _pub(port: int, payload: str) -> None:
 
 # -- the relay: an event it cannot publish is a dead letter, never "delivered" -------------
 @pytest.mark.peer("mosquitto")
+@pytest.mark.parametrize("stored_bodies", [False, True], ids=["per-event", "grouped"])
 @aio
 async def test_unpublishable_events_are_dead_lettered_not_delivered(
-    mosquitto: Mosquitto, tmp_path: Path
+    mosquitto: Mosquitto, tmp_path: Path, stored_bodies: bool
 ) -> None:
+    # With stored bodies (the daemon with [sync]) SQLite cuts the batches; without, the
+    # relay encodes each event: both paths meet the same bad topics.
+    from gateway.sync.codec import Encoder
+
     sub = Subscriber(mosquitto.port, tmp_path)
     good = ["device:ok-a", "device:ok-a", "device:ok-b", "device:ok-c"]
     bad = ["device:valve+3", "device:line\nbreak", "device:nul\x00", "device:hash#"]
+    codec = Encoder("cbor", "gw") if stored_bodies else None
     try:
-        async with open_store(tmp_path / "gw.db") as store:
+        store = await EventStore.open(tmp_path / "gw.db", gateway_id="gw", outbox_codec=codec)
+        try:
             # Streams as a store written before names were checked could hold them.
             order = [good[0], bad[0], good[1], bad[1], good[2], bad[2], bad[3], good[3]]
             for stream in order:
@@ -76,6 +83,8 @@ async def test_unpublishable_events_are_dead_lettered_not_delivered(
             all_seqs = await store.read(
                 lambda c: [s for (s,) in c.execute("SELECT seq FROM events ORDER BY seq")]
             )
+        finally:
+            await store.close()
         delivered = {e["seq"] for e in sub.events()}
         dead = {seq for seq, _s, _r in rows}
         assert delivered.isdisjoint(dead)

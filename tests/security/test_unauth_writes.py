@@ -5,6 +5,9 @@ device; posted values of a configured point obey its min/max."""
 
 from __future__ import annotations
 
+import json
+import signal
+import socket
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -13,6 +16,8 @@ import cbor2
 import pytest
 
 from tests.coap.conftest import Reply, coap_client
+from tests.core.conftest import Daemon, run_cli, start_daemon
+from tests.peers import free_port
 
 pytestmark = pytest.mark.peer("libcoap")
 
@@ -170,3 +175,69 @@ def test_a_registration_recorded_before_the_device_was_configured_cannot_detach_
     eps = coap_client(CLIENT, [], gw.uri("/rd-lookup/ep"), tmp_path)
     assert "pump-3" not in eps.payload.decode()
     assert "not restored: a configured device" in gw.text()
+
+
+DAEMON = """
+[gateway]
+id = "gw"
+state_dir = "{state}"
+runtime_dir = "{run}"
+watchdog = false
+[devices.pump-1]
+driver = "virtual"
+interval = 3600
+[devices.pump-1.points.t]
+signal = "counter"
+[coap]
+bind = ["127.0.0.1"]
+port = {port}
+allow_unauthenticated = true
+accept_unknown_devices = true
+"""
+
+
+def test_a_device_configured_by_reload_is_taken_back_from_the_rd(
+    tmp_path: Path, daemon_factory: list[Daemon]
+) -> None:
+    port = free_port(socket.SOCK_DGRAM)
+    config = tmp_path / "config.toml"
+    config.write_text(DAEMON.format(state=tmp_path / "state", run=tmp_path / "run", port=port))
+    d = start_daemon(config, tmp_path)
+    daemon_factory.append(d)
+    base = f"coap://127.0.0.1:{port}"
+    reply = coap_client(CLIENT, ["-m", "post", "-t", "40", "-e", "</t>"],
+                        f"{base}/rd?ep=pump-9&lt=600", tmp_path)  # fmt: skip
+    assert reply.code == "2.01", reply.log
+    loc = [line for line in reply.log.splitlines() if "Location-Path" in line][-1]
+    reg_id = loc.split("Location-Path:rd, Location-Path:")[1].split(" ")[0].rstrip(",]")
+
+    def sources() -> dict[str, str]:
+        p = run_cli(config, "--json", "devices")
+        assert p.returncode == 0, p.stderr
+        return {dev["id"]: dev["source"] for dev in json.loads(p.stdout)}
+
+    assert sources() == {"pump-1": "config", "pump-9": "rd"}
+    # pump-9 becomes a configured device by SIGHUP.
+    config.write_text(
+        config.read_text() + '[devices.pump-9]\ndriver = "virtual"\ninterval = 3600\n'
+        '[devices.pump-9.points.t]\nsignal = "counter"\n'
+    )
+    d.peer.signal(signal.SIGHUP)
+    d.messages("RELOADING=1")
+    d.messages("READY=1")
+    assert sources() == {"pump-1": "config", "pump-9": "config"}
+    # The old registration cannot detach it, nor can a new one or a post take its name.
+    reply = coap_client(CLIENT, ["-m", "delete"], f"{base}/rd/{reg_id}", tmp_path)
+    assert reply.code == "4.04", reply.log
+    reply = coap_client(CLIENT, ["-m", "post", "-t", "40", "-e", "</t>"],
+                        f"{base}/rd?ep=pump-9&lt=600", tmp_path)  # fmt: skip
+    assert reply.code == "4.03", reply.log
+    reply = coap_client(CLIENT, ["-m", "post", "-t", "110", "-e",
+                                 '[{"bn":"pump-9/","n":"t","v":1}]'], f"{base}/telemetry",
+                        tmp_path)  # fmt: skip
+    assert reply.code == "4.03", reply.log
+    assert sources() == {"pump-1": "config", "pump-9": "config"}
+    d.stop()
+    unregistered = [s for s, _t, _d in _events(tmp_path / "state" / "gateway.db",
+                                               "device.unregistered")]  # fmt: skip
+    assert unregistered == []
