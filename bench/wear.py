@@ -5,10 +5,11 @@ virtual devices, about 1.7 events/s at their real rates; directories moved to a 
 folder under var/ on the real disk, since a RAM-backed /tmp writes nothing to storage) for
 `--seconds`, then stops it with SIGTERM. The load is sped up: every device interval and the
 commit interval are divided by `--speedup` (so each commit holds the same events as at the
-real rate, and 60 s stand for 10 minutes, checkpoints included). Bytes written are the kernel's count for the
-daemon's process (`write_bytes` of /proc/PID/io at READY=1, then `ru_oublock` x 512 at
-exit: everything from the first event to the final checkpoint at stop), divided by the
-events appended in that time. Beside it: the events' own bytes (CBOR payloads), and the
+real rate, and 60 s stand for 10 minutes, checkpoints included).
+
+Bytes written are the kernel's count for the daemon's process (`write_bytes` of
+/proc/PID/io at READY=1, then `ru_oublock` x 512 at exit: everything from the first event
+to the final checkpoint at stop), divided by the events appended in that time. Beside it: the events' own bytes (CBOR payloads), and the
 ratio of each setting to the first one, committing every append on its own, measured in the
 same run.
 
@@ -114,7 +115,7 @@ def run(work: Path, extra: str, seconds: float, speedup: float) -> tuple[int, in
         env.pop("RUNTIME_DIRECTORY", None)
         proc = subprocess.Popen(
             [sys.executable, "-m", "gateway.daemon", "--config", str(config)],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env=env, stdout=subprocess.DEVNULL, stderr=open(work / "gatewayd.log", "w"),
         )  # fmt: skip
         try:
             while b"READY=1" not in sock.recv(4096):
@@ -127,7 +128,8 @@ def run(work: Path, extra: str, seconds: float, speedup: float) -> tuple[int, in
             proc.send_signal(signal.SIGTERM)
             _, status, usage = os.wait4(proc.pid, 0)
     if status != 0:
-        raise SystemExit(f"gatewayd exited with status {status}")
+        log = (work / "gatewayd.log").read_text()[-3000:]
+        raise SystemExit(f"gatewayd exited with status {status}; its log ends:\n{log}")
     events, size = own_bytes(db, first)
     return events, usage.ru_oublock * 512 - at_ready, size
 

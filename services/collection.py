@@ -115,7 +115,8 @@ class CollectionService(Service):
         await self._flush_push()
         if self.store is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.store.flush(), 5)
+                async with asyncio.timeout(5):  # not wait_for: it can swallow a cancellation
+                    await self.store.flush()
         for t in list(self._status_tasks):
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(2):
