@@ -9,9 +9,9 @@ real rate, and 60 s stand for 10 minutes, checkpoints included).
 
 Bytes written are the kernel's count for the daemon's process (`write_bytes` of
 /proc/PID/io at READY=1, then `ru_oublock` x 512 at exit: everything from the first event
-to the final checkpoint at stop), divided by the events appended in that time. Beside it: the events' own bytes (CBOR payloads), and the
-ratio of each setting to the first one, committing every append on its own, measured in the
-same run.
+to the final checkpoint at stop), divided by the events appended in that time. Beside it:
+the events' own bytes (CBOR payloads), and the ratio of each setting to the first one
+(`before`: every append committed on its own, 4 KiB pages), measured in the same run.
 
     .venv/bin/python bench/wear.py [--seconds 60] [--speedup 10] [--settings before,default]
 """
@@ -107,7 +107,10 @@ def run(work: Path, extra: str, seconds: float, speedup: float) -> tuple[int, in
     """(events, bytes written by the daemon, events' own bytes)."""
     config = config_for(work, extra, speedup)
     sock_path = work / "notify.sock"
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+    with (
+        socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock,
+        open(work / "gatewayd.log", "w") as log_file,
+    ):
         sock.bind(str(sock_path))
         sock.settimeout(30)
         env = {**os.environ, "NOTIFY_SOCKET": str(sock_path)}
@@ -115,7 +118,7 @@ def run(work: Path, extra: str, seconds: float, speedup: float) -> tuple[int, in
         env.pop("RUNTIME_DIRECTORY", None)
         proc = subprocess.Popen(
             [sys.executable, "-m", "gateway.daemon", "--config", str(config)],
-            env=env, stdout=subprocess.DEVNULL, stderr=open(work / "gatewayd.log", "w"),
+            env=env, stdout=subprocess.DEVNULL, stderr=log_file,
         )  # fmt: skip
         try:
             while b"READY=1" not in sock.recv(4096):
