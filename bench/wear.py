@@ -10,10 +10,12 @@ real rate, and 60 s stand for 10 minutes, checkpoints included).
 Bytes written are the kernel's count for the daemon's process (`write_bytes` of
 /proc/PID/io at READY=1, then `ru_oublock` x 512 at exit: everything from the first event
 to the final checkpoint at stop), divided by the events appended in that time. Beside it:
-the events' own bytes (CBOR payloads), and the ratio of each setting to the first one
-(`before`: every append committed on its own, 4 KiB pages), measured in the same run.
+the events' own bytes (CBOR payloads), and the ratio of the first row to each setting,
+measured in the same run: `--before REV` puts an older revision's daemon (its own code and
+defaults) first; `each` is this code committing every append on its own with 4 KiB pages.
 
-    .venv/bin/python bench/wear.py [--seconds 60] [--speedup 10] [--settings before,default]
+    .venv/bin/python bench/wear.py [--seconds 60] [--speedup 10] [--settings each,default]
+        [--before REV]   # also the daemon of git revision REV (e.g. b995f88), same run
 """
 
 from __future__ import annotations
@@ -33,18 +35,18 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 #: gateway.config's default, written out so that a speed-up can scale it too.
-DEFAULT_COMMIT_INTERVAL = 2.0
+DEFAULT_COMMIT_INTERVAL = 3.0
 
 #: name -> extra `[store]` keys. The first is the baseline every ratio refers to.
 SETTINGS: dict[str, str] = {
-    "before": "commit_interval = 0\npage_size = 4096",
+    "each": "commit_interval = 0\npage_size = 4096",
     "default": "",
     "c0": "commit_interval = 0",
-    "c2-p4096": "commit_interval = 2\npage_size = 4096",
     "c1": "commit_interval = 1",
-    "c3": "commit_interval = 3",
+    "c2": "commit_interval = 2",
+    "c3-p4096": "commit_interval = 3\npage_size = 4096",
+    "c3-p512": "commit_interval = 3\npage_size = 512",
     "c5": "commit_interval = 5",
-    "c2-p512": "commit_interval = 2\npage_size = 512",
 }
 
 
@@ -55,7 +57,7 @@ def write_bytes(pid: int) -> int:
     raise RuntimeError("no write_bytes in /proc/PID/io")
 
 
-def config_for(work: Path, extra: str, speedup: float) -> Path:
+def config_for(work: Path, extra: str, speedup: float, old: bool = False) -> Path:
     """The shipped config in `work`, with `extra` [store] keys, every device interval and
     the commit interval divided by `speedup` (the same events per commit, sooner)."""
     text = (ROOT / "config.toml").read_text()
@@ -65,7 +67,7 @@ def config_for(work: Path, extra: str, speedup: float) -> Path:
         text,
         flags=re.M,
     )
-    if "commit_interval" not in extra:
+    if "commit_interval" not in extra and not old:  # an old revision has no such key
         extra = f"commit_interval = {DEFAULT_COMMIT_INTERVAL}\n{extra}".strip()
     extra = re.sub(
         r"commit_interval = ([0-9.]+)",
@@ -103,9 +105,12 @@ def own_bytes(db: Path, after: int) -> tuple[int, int]:
         conn.close()
 
 
-def run(work: Path, extra: str, seconds: float, speedup: float) -> tuple[int, int, int]:
-    """(events, bytes written by the daemon, events' own bytes)."""
-    config = config_for(work, extra, speedup)
+def run(
+    work: Path, extra: str, seconds: float, speedup: float, tree: Path | None = None
+) -> tuple[int, int, int]:
+    """(events, bytes written by the daemon, events' own bytes). `tree`: run the daemon of
+    that source tree (an older revision) instead of this one."""
+    config = config_for(work, extra, speedup, old=tree is not None)
     sock_path = work / "notify.sock"
     with (
         socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock,
@@ -116,20 +121,30 @@ def run(work: Path, extra: str, seconds: float, speedup: float) -> tuple[int, in
         env = {**os.environ, "NOTIFY_SOCKET": str(sock_path)}
         env.pop("STATE_DIRECTORY", None)
         env.pop("RUNTIME_DIRECTORY", None)
+        if tree is not None:
+            env["PYTHONPATH"] = str(tree)
         proc = subprocess.Popen(
             [sys.executable, "-m", "gateway.daemon", "--config", str(config)],
-            env=env, stdout=subprocess.DEVNULL, stderr=log_file,
+            env=env, stdout=subprocess.DEVNULL, stderr=log_file, cwd=tree or ROOT,
         )  # fmt: skip
         try:
-            while b"READY=1" not in sock.recv(4096):
-                pass
+            sock.settimeout(1)
+            while True:  # READY=1, or the daemon's exit (its log says why)
+                try:
+                    if b"READY=1" in sock.recv(4096):
+                        break
+                except TimeoutError:
+                    if proc.poll() is not None:
+                        log = (work / "gatewayd.log").read_text()
+                        raise SystemExit(f"gatewayd exited: {log}") from None
             at_ready = write_bytes(proc.pid)
             db = work / "lib" / "gateway.db"
             first = last_seq(db)
             time.sleep(seconds)  # the load is the devices' own schedule: wall time is the point
         finally:
-            proc.send_signal(signal.SIGTERM)
-            _, status, usage = os.wait4(proc.pid, 0)
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
+                _, status, usage = os.wait4(proc.pid, 0)
     if status != 0:
         log = (work / "gatewayd.log").read_text()[-3000:]
         raise SystemExit(f"gatewayd exited with status {status}; its log ends:\n{log}")
@@ -145,8 +160,19 @@ def main() -> None:
         help="device and commit intervals divided by this (10: 60 s stand for 10 minutes)",
     )  # fmt: skip
     ap.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated names")
+    ap.add_argument(
+        "--before", metavar="REV",
+        help="also run git revision REV (e.g. the last release) first, with its own defaults",
+    )  # fmt: skip
     args = ap.parse_args()
     names = [n for n in args.settings.split(",") if n]
+    old: Path | None = None
+    if args.before:
+        old = Path(tempfile.mkdtemp(prefix="bench-wear-rev-"))
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "-q", "--detach", str(old),
+                        args.before], check=True)  # fmt: skip
+        SETTINGS[args.before] = ""
+        names.insert(0, args.before)
     base = ROOT / "var"
     base.mkdir(exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="bench-wear-", dir=base))
@@ -154,22 +180,28 @@ def main() -> None:
         f"shipped config sped up {args.speedup:g}x (intervals divided), {args.seconds:g} s "
         f"per setting = {args.seconds * args.speedup / 60:g} min of real load; files in {tmp}"
     )
-    print(f"{'setting':<10} {'[store] keys':<38} {'events':>7} {'written':>10} "
+    print(f"{'setting':<12} {'[store] keys':<40} {'events':>7} {'written':>10} "
           f"{'B/event':>8} {'own B/ev':>9} {'vs ' + names[0]:>12}")  # fmt: skip
     first: float | None = None
     try:
         for name in names:
             work = tmp / name
             work.mkdir()
-            events, written, size = run(work, SETTINGS[name], args.seconds, args.speedup)
+            tree = old if name == args.before else None
+            events, written, size = run(work, SETTINGS[name], args.seconds, args.speedup, tree)
             per = written / max(events, 1)
             first = per if first is None else first
             keys = SETTINGS[name].replace("\n", ", ") or "(defaults)"
-            print(f"{name:<10} {keys:<38} {events:>7} "
+            if tree is not None:
+                keys = f"(revision {args.before}: its defaults)"
+            print(f"{name:<12} {keys:<40} {events:>7} "
                   f"{written / 1024:>8.0f} K {per:>8.0f} {size / max(events, 1):>9.0f} "
                   f"{first / per if per else float('inf'):>11.1f}x")  # fmt: skip
     finally:
         shutil.rmtree(tmp)
+        if old is not None:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(old)],
+                           check=False)  # fmt: skip
 
 
 if __name__ == "__main__":

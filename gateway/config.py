@@ -411,7 +411,7 @@ class StoreConfig:
     linger_ms: float = 0.0  # group commit: wait this long for more appends (0 = none)
     #: Readings nobody waits for (polled, pushed) are committed at most this often (s); an
     #: append somebody waits for commits at once and takes them along. 0: every append.
-    commit_interval: float = 2.0
+    commit_interval: float = 3.0
     #: SQLite page size of a new database (an existing one keeps its own): every commit
     #: writes each page it touched to the WAL, so small pages mean fewer bytes per commit.
     page_size: int = 1024
@@ -570,7 +570,7 @@ def parse(data: Mapping[str, Any], source: str = "") -> GatewayConfig:
         overflow=s.str("overflow", "reject_new", choices=["reject_new", "drop_oldest"]),
         batch_max=s.int("batch_max", 1000, min=1, max=100_000),
         linger_ms=s.float("linger_ms", 0.0, min=0, max=1000),
-        commit_interval=s.float("commit_interval", 2.0, min=0, max=60),
+        commit_interval=s.float("commit_interval", 3.0, min=0, max=60),
         page_size=_page_size(s),
         snapshot_every=s.int("snapshot_every", 1000, min=1),
         check_interval=s.float("check_interval", 10.0, gt=0),
