@@ -466,6 +466,10 @@ SECTION_PARSERS: dict[str, str] = {
     "coap": "gateway.coap.config:parse",
     "sync": "gateway.sync.config:parse",
     "metrics": "gateway.metrics:parse_section",
+    "derived": "services.processing.config:parse_derived",
+    "processing": "services.processing.config:parse_processing",
+    "alerts": "services.notification.config:parse_alerts",
+    "notify": "services.notification.config:parse_notify",
 }
 
 GENERIC_DEVICE_KEYS = (

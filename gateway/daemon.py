@@ -38,6 +38,9 @@ OPTIONAL_SERVICES: dict[str, str] = {
     "coap": "gateway.coap.service:CoapService",
     "sync": "gateway.sync.service:SyncService",
     "metrics": "gateway.metrics:MetricsService",
+    "derived": "services.processing.service:ProcessingService",
+    "processing": "services.processing.service:ProcessingService",
+    "alerts": "services.notification.service:NotificationService",
 }
 
 
@@ -95,6 +98,8 @@ def build_services(config: cfg.GatewayConfig) -> list[Service]:
         conf = config.sections.get(section)
         if conf is None or getattr(conf, "enabled", True) is False:
             continue
+        if any(f"{type(s).__module__}:{type(s).__name__}" == ref for s in out):
+            continue  # one service serving several sections
         module, _, attr = ref.partition(":")
         out.append(getattr(importlib.import_module(module), attr)())
     return out

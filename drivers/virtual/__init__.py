@@ -31,6 +31,8 @@ class _Signal:
     noise: float
     step: float
     type: str
+    spike: float = 0.0  # added to every `spike_every`-th reading (anomaly detection demos)
+    spike_every: int = 0
 
 
 def _parse_point(sec: Section) -> _Signal:
@@ -43,6 +45,8 @@ def _parse_point(sec: Section) -> _Signal:
         noise=sec.float("noise", 0.0, min=0),
         step=sec.float("step", 1.0),
         type=sec.str("type", "float", choices=["float", "int", "bool"]),
+        spike=sec.float("spike", 0.0),
+        spike_every=sec.int("spike_every", 0, min=0),
     )
     sec.done()
     return sig
@@ -68,6 +72,7 @@ class VirtualDriver(Driver):
         super().__init__(ctx, options)
         self._devices: dict[str, tuple[float, dict[str, _Signal], random.Random]] = {}
         self._state: dict[tuple[str, str], float] = {}
+        self._counts: dict[tuple[str, str], int] = {}
 
     @classmethod
     def validate_device(cls, spec: DeviceSpec) -> None:
@@ -89,6 +94,8 @@ class VirtualDriver(Driver):
         self._devices.pop(device_id, None)
         for key in [k for k in self._state if k[0] == device_id]:
             del self._state[key]
+        for key in [k for k in self._counts if k[0] == device_id]:
+            del self._counts[key]
 
     async def read(self, device_id: str, points: Sequence[PointSpec]) -> list[RawReading]:
         try:
@@ -122,6 +129,10 @@ class VirtualDriver(Driver):
             v = self._state.get(key, s.base)
         if s.noise:
             v += rng.gauss(0, s.noise)
+        if s.spike_every:
+            n = self._counts[key] = self._counts.get(key, 0) + 1
+            if n % s.spike_every == 0:
+                v += s.spike
         if s.type == "int":
             return round(v)
         if s.type == "bool":
