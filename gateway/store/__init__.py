@@ -470,7 +470,7 @@ class EventStore:
             self._queue.append(
                 _Pending(
                     (NewEvent(stream, type, data, expected_version, outbox),), future, True,
-                    time.monotonic() if lazy else 0.0,
+                    self.clock.monotonic() if lazy else 0.0,
                 )
             )  # fmt: skip
             self._queued(lazy)
@@ -485,7 +485,8 @@ class EventStore:
         if self._closing or self.writer_error is not None:
             self._refuse(future)
         else:
-            self._queue.append(_Pending(events, future, False, time.monotonic() if lazy else 0.0))
+            held = self.clock.monotonic() if lazy else 0.0
+            self._queue.append(_Pending(events, future, False, held))
             self._queued(lazy)
         return future
 
@@ -552,7 +553,7 @@ class EventStore:
             if hold and not self._eager and not self._closing and len(self._queue) < limit:
                 # Only lazy appends: wait for the oldest one's deadline, for an append
                 # somebody waits for, for a job, or for close(), whichever comes first.
-                delay = self._queue[0].lazy + hold - time.monotonic()
+                delay = self._queue[0].lazy + hold - self.clock.monotonic()
                 if delay > 0:
                     self._wake.clear()
                     with contextlib.suppress(TimeoutError):
@@ -762,8 +763,10 @@ class EventStore:
                 seq += 1
                 if ne.outbox:
                     outbox.append(len(rows))
-                rows.append((seq, stream, version, ne.type, now, mono, boot, synced, blob))
-                e = Event(seq, stream, version, ne.type, now, mono, boot, is_synced, ne.data)
+                # A held-back append keeps the time it was made, not the commit's.
+                w, m = (now - (mono - p.lazy), p.lazy) if p.lazy else (now, mono)
+                rows.append((seq, stream, version, ne.type, w, m, boot, synced, blob))
+                e = Event(seq, stream, version, ne.type, w, m, boot, is_synced, ne.data)
                 committed.append(e)
                 out.append(e)
                 continue
@@ -789,6 +792,7 @@ class EventStore:
                 out.append(StoreError(f"event data cannot be encoded as CBOR: {exc}"))
                 continue
             numbered: list[Event] = []
+            w, m = (now - (mono - p.lazy), p.lazy) if p.lazy else (now, mono)
             for ne, blob in zip(p.events, blobs, strict=True):
                 seq += 1
                 version = versions.get(ne.stream)
@@ -798,9 +802,9 @@ class EventStore:
                 versions[ne.stream] = version
                 if ne.outbox:
                     outbox.append(len(rows))
-                rows.append((seq, ne.stream, version, ne.type, now, mono, boot, synced, blob))
+                rows.append((seq, ne.stream, version, ne.type, w, m, boot, synced, blob))
                 numbered.append(
-                    Event(seq, ne.stream, version, ne.type, now, mono, boot, is_synced, ne.data)
+                    Event(seq, ne.stream, version, ne.type, w, m, boot, is_synced, ne.data)
                 )
             committed.extend(numbered)
             out.append(numbered[0] if p.single else numbered)

@@ -11,6 +11,7 @@ import cbor2
 import pytest
 
 from gateway import events as ev
+from gateway.clock import SystemClock
 from gateway.config import StoreConfig
 from gateway.errors import ConcurrencyError, StoreClosedError, StoreError, StoreFull
 from gateway.events import NewEvent
@@ -403,3 +404,43 @@ async def test_page_size_applies_to_new_databases_only(tmp_path: Path) -> None:
     await s.append("device:a", ev.READINGS, {"r": []})
     await s.close()
     assert rows(tmp_path / "new.db", "PRAGMA page_size") == [(1024,)]  # kept its own
+
+
+class _SteppedClock(SystemClock):
+    """A clock the test moves by hand (wall and monotonic together)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = 1_700_000_000.0
+        self.mono = 100.0
+
+    def time(self) -> float:
+        return self.now
+
+    def monotonic(self) -> float:
+        return self.mono
+
+    def step(self, seconds: float) -> None:
+        self.now += seconds
+        self.mono += seconds
+
+
+async def test_a_held_back_append_keeps_the_time_it_was_made(tmp_path: Path) -> None:
+    """Polled readings carry the time they were polled, not the time of the commit that
+    took them along (which may come `commit_interval` later)."""
+    clock = _SteppedClock()
+    s = await EventStore.open(tmp_path / "g.db", StoreConfig(commit_interval=60), clock=clock)
+    try:
+        held = s.append("device:a", ev.READINGS, {"r": [{"n": "t", "v": 1}]}, lazy=True)
+        many = s.append_many(
+            [NewEvent("device:b", ev.READINGS, {"r": [{"n": "t", "v": 2}]})], lazy=True
+        )
+        clock.step(2.5)
+        note = await s.append(ev.OPERATOR_STREAM, ev.OPERATOR_NOTE, {"text": "x"})
+    finally:
+        await s.close()
+    assert held.result().wall_time == 1_700_000_000.0 and held.result().mono_time == 100.0
+    assert many.result()[0].wall_time == 1_700_000_000.0
+    assert note.wall_time == 1_700_000_002.5
+    got = rows(tmp_path / "g.db", "SELECT wall_time FROM events ORDER BY seq")
+    assert got == [(1_700_000_000.0,), (1_700_000_000.0,), (1_700_000_002.5,)]
