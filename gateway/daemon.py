@@ -57,6 +57,18 @@ def tune_process() -> None:
     sys.setswitchinterval(0.0005)
 
 
+def storage_writes() -> int | None:
+    """`write_bytes` of /proc/self/io (None where the kernel does not say)."""
+    try:
+        with open("/proc/self/io", "rb") as f:
+            for line in f:
+                if line.startswith(b"write_bytes:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
 def freeze_startup_objects() -> None:
     """Everything built at start-up lives as long as the process: keep it out of the GC's
     generations, so full collections only walk what requests create (short pauses)."""
@@ -390,6 +402,14 @@ class Daemon:
                  "" if error is None else f" failed: {error}")  # fmt: skip
         await self.store.append(ev.OPERATOR_STREAM, ev.CONTROL_VERB, data)
 
+    def _writes(self) -> dict[str, float | None]:
+        """Bytes this process has made the kernel write to storage (`/proc/self/io`; almost
+        all of it the store's WAL and checkpoints): SD-card wear, as a daily rate."""
+        written = storage_writes()
+        up = time.monotonic() - self.started_mono
+        per_day = None if written is None or up <= 0 else written / up * 86400
+        return {"written_bytes": written, "written_per_day": per_day}
+
     async def _cmd_status(self, args: dict[str, Any]) -> Any:
         assert self.store is not None and self.supervisor is not None
         st = await self.store.stats()
@@ -408,6 +428,7 @@ class Daemon:
                 "quota_bytes": st.quota_bytes, "last_seq": st.last_seq, "events": st.events,
                 "dropped": st.dropped, "rejected": st.rejected,
                 "full": None if self.store.full is None else str(self.store.full),
+                **self._writes(),
             },
             "outbox": {
                 "depth": st.outbox_depth, "bytes": st.outbox_bytes,

@@ -43,6 +43,8 @@ KNOWN: tuple[tuple[str, str, str, str], ...] = (
      "Events dropped by the drop_oldest quota policy."),
     ("store.rejected", "gatewayd_store_rejected_events", "counter",
      "Appends refused by the reject_new quota policy."),
+    ("store.written_bytes", "gatewayd_storage_written_bytes", "counter",
+     "Bytes the daemon made the kernel write to storage (/proc/self/io)."),
     ("outbox.depth", "gatewayd_outbox_events", "gauge", "Events not yet delivered to the cloud."),
     ("outbox.bytes", "gatewayd_outbox_bytes", "gauge", "Bytes of undelivered events."),
     ("outbox.dead_letters", "gatewayd_outbox_dead_letters", "gauge",

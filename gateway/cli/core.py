@@ -141,7 +141,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         out.write(
             f"store: {fmt_bytes(s['used_bytes'])} used of {fmt_bytes(s['quota_bytes'])} quota, "
             f"file {fmt_bytes(s['file_bytes'])}, last seq {s['last_seq']}, "
-            f"dropped {s['dropped']}, rejected {s['rejected']}\n"
+            f"dropped {s['dropped']}, rejected {s['rejected']}, "
+            f"writes {fmt_bytes(s.get('written_per_day'))}/day\n"
         )
     out.write(
         f"outbox: {ob['depth']} undelivered ({fmt_bytes(ob['bytes'])}), oldest "

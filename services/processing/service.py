@@ -3,8 +3,10 @@ concludes as events again: derived points (`readings` on the derived device's st
 window aggregates (`aggregate` on `aggregate:<device>:<point>`) and anomaly flags (`anomaly`
 on the device's stream). Readings are never dropped or changed.
 
-Windows are by the gateway's clock (an event's commit time) and close at wall-clock
-boundaries once everything committed before the boundary (plus `GRACE`) has been seen; the
+Windows are by the gateway's clock (an event's append time: a polled reading held back by
+`[store] commit_interval` keeps the time it was polled) and close at wall-clock boundaries
+once everything committed before the boundary plus the grace (`GRACE` + the commit
+interval, which late-committed readings may need) has been seen; the
 `windows` watermark commits with each aggregate, and after a restart the windows past it are
 rebuilt from the log. Anomaly detectors save their state every `SAVE_EVERY` seconds and at
 stop, and replay the log after the saved position at start.
@@ -108,6 +110,7 @@ class ProcessingService(Service):
     name: ClassVar[str] = "processing"
 
     def __init__(self) -> None:
+        self.grace = GRACE
         self.derived: dict[Key, DerivedPoint] = {}
         self.by_input: dict[Key, list[DerivedPoint]] = defaultdict(list)
         self.points: dict[Key, PointProcessing] = {}
@@ -132,6 +135,8 @@ class ProcessingService(Service):
     async def start(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
         self.log = ctx.logger
+        # Readings held back by the store's commit interval arrive that much later.
+        self.grace = GRACE + ctx.config.store.commit_interval
         # Started again after a crash: everything is rebuilt from the store, nothing kept.
         for h in self.trailing.values():
             h.cancel()
@@ -370,17 +375,17 @@ class ProcessingService(Service):
         self._out.append(NewEvent(aggregate_stream(*key), AGGREGATE, data))
 
     def _close_due(self, now: float) -> None:
-        """Close every window that ended at least GRACE ago (empty ones too, when asked)."""
+        """Close every window that ended at least the grace ago (empty ones too, when asked)."""
         for key, pp in self.points.items():
             if not pp.window:
                 continue
             w = self.windows.get(key)
-            if w is not None and w.end + GRACE <= now:
+            if w is not None and w.end + self.grace <= now:
                 del self.windows[key]
                 self._close(key, pp, w)
                 w = None
             if pp.empty and w is None:
-                self._fill_empty(key, pp, math.floor((now - GRACE) / pp.window) * pp.window)
+                self._fill_empty(key, pp, math.floor((now - self.grace) / pp.window) * pp.window)
 
     def _fill_empty(self, key: Key, pp: PointProcessing, upto: float) -> None:
         """Emit count = 0 for the windows without readings between the watermark and `upto`."""
@@ -399,7 +404,7 @@ class ProcessingService(Service):
         stale = [dp.max_age for dp in self.derived.values() if dp.max_age]
         while True:
             now = time.time()
-            wakes = [math.floor(now / w) * w + w + GRACE for w in every]
+            wakes = [math.floor(now / w) * w + w + self.grace for w in every]
             wakes += [now + max(0.2, min(stale) / 4)] if stale else []
             wakes.append(now + SAVE_EVERY)
             await asyncio.sleep(max(0.01, min(wakes) - now))
@@ -561,7 +566,8 @@ def _load_state(conn: Any) -> dict[str, tuple[int, list[Any]]]:
 def _readings_since(conn: Any, since: float, upto: int) -> Iterable[Event]:
     rows = conn.execute(
         "SELECT seq, stream, version, type, wall_time, mono_time, boot_id, synced, data "
-        "FROM events WHERE wall_time >= ? AND seq <= ? AND type = 'readings' ORDER BY seq",
-        (since, upto),
+        "FROM events WHERE seq >= ? AND seq <= ? AND wall_time >= ? AND type = 'readings' "
+        "ORDER BY seq",
+        (queries.seq_at(conn, since), upto, since),
     ).fetchall()
     return [queries.row_to_event(r) for r in rows]
