@@ -110,6 +110,7 @@ class ProcessingService(Service):
     name: ClassVar[str] = "processing"
 
     def __init__(self) -> None:
+        self.lag = 0.0
         self.grace = GRACE
         self.derived: dict[Key, DerivedPoint] = {}
         self.by_input: dict[Key, list[DerivedPoint]] = defaultdict(list)
@@ -136,7 +137,8 @@ class ProcessingService(Service):
         self.ctx = ctx
         self.log = ctx.logger
         # Readings held back by the store's commit interval arrive that much later.
-        self.grace = GRACE + ctx.config.store.commit_interval
+        self.lag = ctx.config.store.commit_interval
+        self.grace = GRACE + self.lag
         # Started again after a crash: everything is rebuilt from the store, nothing kept.
         for h in self.trailing.values():
             h.cancel()
@@ -286,7 +288,9 @@ class ProcessingService(Service):
 
     def _evaluate(self, dp: DerivedPoint) -> None:
         key = (dp.device, dp.point)
-        now = time.time()
+        # Inputs are judged as of `commit_interval` ago: a polled reading may be held back
+        # that long before it is committed, so a fresh one can arrive with that age.
+        now = time.time() - self.lag
         env: dict[str, Any] = {}
         stale: list[str] = []
         for name, ref in dp.inputs.items():
@@ -328,7 +332,7 @@ class ProcessingService(Service):
         self._out.append(ev.readings_event(dp.device, [rec]))
 
     def _check_stale(self) -> None:
-        now = time.time()
+        now = time.time() - self.lag
         for dp in self.derived.values():
             if dp.max_age is None or self.state.get((dp.device, dp.point)) != "value":
                 continue
