@@ -105,6 +105,7 @@ class DeviceProtocolError(DriverError):
     """The device answered with an error of its protocol (a Modbus exception, a CoAP 4.xx...)."""
 
     coap_code = "5.02"
+    exit_status = EXIT_FAILURE  # it answered: a failure, not "unreachable"
 
     def __init__(self, device: str, message: str, code: int | str | None = None) -> None:
         super().__init__(device, message)

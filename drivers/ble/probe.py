@@ -5,8 +5,9 @@
     gatewayctl probe ble read C0:FF:EE:00:00:01 2a6e
 
 Uses the driver's own scanner settings and decoders (BTHome v2, RuuviTag 5), so what shows
-here is what the daemon would decode. Exit status: 0 ok, 2 bad arguments, 4 when Bluetooth
-is unavailable (the message names the cause and the fix) or the device cannot be read.
+here is what the daemon would decode. Exit status: 0 ok, 1 the connected device refused the
+read, 2 bad arguments or a characteristic the device does not have, 4 when Bluetooth is
+unavailable (the message names the cause and the fix) or the device cannot be reached.
 bleak is imported only when a command runs.
 """
 
@@ -23,7 +24,7 @@ from typing import Any, cast
 
 from drivers.ble.config import normalize_uuid
 from drivers.ble.dispatch import Advert, decode_known
-from gateway.errors import EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE
+from gateway.errors import EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE
 
 _MAC = re.compile(r"^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$")
 
@@ -187,6 +188,7 @@ def run_read(args: argparse.Namespace) -> int:
     if char is None:
         return _fail(f"not a characteristic UUID: {args.char!r}", EXIT_USAGE)
     address = args.address.upper()
+    connected = []  # non-empty: the read failed while the device was still connected
 
     async def main() -> bytes:
         from bleak import BleakClient
@@ -199,7 +201,13 @@ def run_read(args: argparse.Namespace) -> int:
         try:
             client = BleakClient(device, timeout=args.timeout, bluez=cast(Any, bluez))
             async with client:
-                return bytes(await asyncio.wait_for(client.read_gatt_char(char), args.timeout))
+                try:
+                    async with asyncio.timeout(args.timeout):
+                        return bytes(await client.read_gatt_char(char))
+                except Exception:
+                    if client.is_connected:
+                        connected.append(True)
+                    raise
         finally:
             await _close_bleak()
 
@@ -207,8 +215,14 @@ def run_read(args: argparse.Namespace) -> int:
     try:
         data = asyncio.run(main())
     except Exception as exc:
-        return _fail(f"cannot read {char} from {address}: {explain(exc, args.adapter)}",
-                     EXIT_UNAVAILABLE)  # fmt: skip
+        from bleak.exc import BleakCharacteristicNotFoundError
+
+        why = f"cannot read {char} from {address}: {explain(exc, args.adapter)}"
+        if isinstance(exc, BleakCharacteristicNotFoundError):
+            return _fail(f"{address} has no characteristic {char}", EXIT_USAGE)
+        if connected and not isinstance(exc, TimeoutError):
+            return _fail(why, EXIT_FAILURE)  # connected, and the device said no
+        return _fail(why, EXIT_UNAVAILABLE)
     result: dict[str, Any] = {
         "address": address,
         "char": char,

@@ -107,6 +107,8 @@ class SerialDevice:
         if parsed is None:
             self.stats.ignored += 1
             return
+        if parsed.skipped:
+            self._malformed(f"{parsed.skipped} byte(s) before the data discarded")
         self.stats.frames += 1
         self.last_frame = mono = self.ctx.clock.monotonic()
         received = self.ctx.clock.time()

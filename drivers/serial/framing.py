@@ -2,9 +2,11 @@
 
 A serial line delivers bytes in arbitrary chunks; a deframer keeps what it has not yet
 framed in a bounded buffer and returns every complete frame. Three framings: a delimiter
-(lines), a fixed length, and a length prefix; the last two can hunt for a start marker to
-resynchronise after line noise. Bytes that cannot be framed are reported as `Discarded`
-(never raised), so the caller can count and log them and keep reading.
+(lines), a fixed length, and a length prefix; each can have a start marker to resynchronise
+on after line noise (a line on the *last* marker before its delimiter, e.g. the `$` of an
+NMEA sentence that follows binary UBX frames without a line break). Bytes that cannot be
+framed are reported as `Discarded` (never raised), so the caller can count and log them and
+keep reading.
 """
 
 from __future__ import annotations
@@ -44,15 +46,25 @@ class DelimiterDeframer:
 
     A frame longer than `max_frame` is discarded up to and including its delimiter, so the
     buffer never holds more than `max_frame + len(delimiter) - 1` bytes.
+
+    With start markers (`starts`, e.g. (b"$", b"!") for NMEA), a frame begins at the last
+    marker before its delimiter: the bytes before it are discarded (reported), and so is a
+    frame without any marker. The marker stays part of the frame (it is part of a line's
+    text, as NMEA's `$`). A marker also ends an oversize run: what follows it is kept.
     """
 
-    def __init__(self, delimiter: bytes, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+    def __init__(
+        self, delimiter: bytes, max_frame: int = DEFAULT_MAX_FRAME, starts: tuple[bytes, ...] = ()
+    ) -> None:
         if not delimiter:
             raise ValueError("delimiter must not be empty")
         if max_frame < 1:
             raise ValueError("max_frame must be >= 1")
+        if any(not s for s in starts):
+            raise ValueError("a start marker must not be empty")
         self.delimiter = delimiter
         self.max_frame = max_frame
+        self.starts = starts
         self._buf = bytearray()
         self._scanned = 0  # bytes of _buf known to hold no complete delimiter
         self._skipping = 0  # > 0: inside an oversize frame, this many bytes dropped so far
@@ -78,6 +90,8 @@ class DelimiterDeframer:
             frame = bytes(self._buf[pos:i])
             pos = i + len(d)
             self._scanned = pos
+            if self.starts and frame:
+                frame = self._resync(frame, out)
             if self._skipping:
                 out.append(self._oversize(self._skipping + len(frame)))
                 self._skipping = 0
@@ -87,10 +101,20 @@ class DelimiterDeframer:
                 out.append(frame)
         del self._buf[:pos]
         self._scanned = max(0, self._scanned - pos)
+        limit = self.max_frame + len(d) - 1
+        kept = False
+        if self.starts and (len(self._buf) > limit or self._skipping):
+            # An oversize line may still end in a good frame: keep it from its last marker.
+            # What comes before is dropped now and reported with the line (one report per
+            # line, however the bytes were chunked).
+            j = self._last_start(self._buf)
+            if j >= 0 and len(self._buf) - j <= limit:
+                self._skipping += j
+                del self._buf[:j]
+                kept = True
         # Keep a possible partial delimiter at the end; drop the rest of an oversize frame now
         # so that memory stays bounded whatever the device sends.
-        limit = self.max_frame + len(d) - 1
-        if len(self._buf) > limit or self._skipping:
+        if not kept and (len(self._buf) > limit or self._skipping):
             keep = len(d) - 1
             drop = len(self._buf) - keep
             if drop > 0:
@@ -101,6 +125,26 @@ class DelimiterDeframer:
 
     def _oversize(self, size: int) -> Discarded:
         return Discarded(f"frame longer than {self.max_frame} bytes without a delimiter", size)
+
+    def _last_start(self, data: bytes | bytearray) -> int:
+        return max(data.rfind(s) for s in self.starts)
+
+    def _resync(self, frame: bytes, out: list[Item]) -> bytes:
+        """The frame from its last start marker on; what came before is reported."""
+        j = self._last_start(frame)
+        if j >= 0 and len(frame) - j > self.max_frame:
+            return frame  # too long even from its marker: reported once, as oversize
+        if j < 0:
+            if self._skipping:  # the rest of an oversize run: reported with it
+                return frame
+            out.append(Discarded("no start marker in the frame", len(frame)))
+            return b""
+        if self._skipping:
+            out.append(self._oversize(self._skipping + j))
+            self._skipping = 0
+        elif j:
+            out.append(Discarded("bytes before the start marker", j))
+        return frame[j:]
 
 
 class _Hunter:

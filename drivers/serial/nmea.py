@@ -19,6 +19,8 @@ from drivers.base import Value
 from drivers.serial.convert import auto_value
 
 _ADDRESS: Final = re.compile(r"[A-Z][A-Z0-9]{2,}")
+#: Characters that start a sentence ('!' for encapsulated ones, AIS); reserved elsewhere.
+STARTS: Final = (b"$", b"!")
 
 
 class NmeaError(ValueError):
@@ -43,11 +45,21 @@ def checksum(body: str) -> int:
     return c
 
 
+def sentence_start(data: bytes) -> int:
+    """Where the last sentence in `data` starts (its last '$' or '!'), or -1. Both characters
+    are reserved in NMEA 0183, so anything before the last one is not part of the sentence
+    (binary UBX frames a u-blox receiver interleaves, a sentence cut short)."""
+    return max(data.rfind(s) for s in STARTS)
+
+
 def parse_sentence(text: str, *, require_checksum: bool = True) -> Sentence:
-    """Parse one sentence (surrounding whitespace and CR/LF allowed). Raises NmeaError."""
+    """Parse one sentence (surrounding whitespace and CR/LF allowed); it starts at the last
+    '$' or '!' in `text`, anything before that is ignored. Raises NmeaError."""
     s = text.strip()
-    if not s or s[0] not in "$!":
-        raise NmeaError("does not start with '$' or '!'")
+    start = max(s.rfind("$"), s.rfind("!"))
+    if start < 0:
+        raise NmeaError("no '$' or '!' starting a sentence")
+    s = s[start:]
     if not s.isascii() or not s.isprintable():
         raise NmeaError("contains non-printable or non-ASCII characters")
     body, star, given = s[1:].partition("*")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import codecs
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Final, Literal
 
 from drivers.base import device_options, point_options, raise_issues
@@ -45,7 +45,7 @@ MODES: Final = ("stream", "request")
 _FRAMING_KEYS: Final = {
     "delimiter": ("delimiter",),
     "length": ("fixed",),
-    "start": ("fixed", "length"),
+    "start": ("delimiter", "fixed", "length"),
     "length_size": ("length",),
     "length_order": ("length",),
     "length_adjust": ("length",),
@@ -82,6 +82,8 @@ class FramingSpec:
     length_order: Literal["big", "little"] = "big"
     length_adjust: int = 0
     max_frame: int = DEFAULT_MAX_FRAME
+    #: delimiter: markers a line resynchronises on (`start`, or NMEA's `$` and `!`)
+    starts: tuple[bytes, ...] = ()
 
     def deframer(self) -> Deframer:
         if self.type == "fixed":
@@ -91,7 +93,7 @@ class FramingSpec:
                 self.length_size, self.length_order, self.length_adjust, self.start,
                 self.max_frame,
             )  # fmt: skip
-        return DelimiterDeframer(self.delimiter, self.max_frame)
+        return DelimiterDeframer(self.delimiter, self.max_frame, self.starts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,7 +202,11 @@ def _framing(sec: Section) -> FramingSpec:
     spec = FramingSpec(type=kind, max_frame=max_frame)
     if kind == "delimiter":
         delim = _bytes(sec, "delimiter", b"\n")
-        spec = FramingSpec(type=kind, delimiter=delim or b"\n", max_frame=max_frame)
+        start = _bytes(sec, "start", b"") or b""
+        spec = FramingSpec(
+            type=kind, delimiter=delim or b"\n", start=start, max_frame=max_frame,
+            starts=(start,) if start else (),
+        )  # fmt: skip
     elif kind == "fixed":
         length = sec.int("length", min=1, max=max_frame)
         start = _bytes(sec, "start", b"") or b""
@@ -338,6 +344,9 @@ def parse_options(spec: DeviceSpec, *, require_points: bool = True) -> SerialOpt
         dev.error("reconnect_max", f"must be >= reconnect_min ({reconnect_min:g})")
     framing = _framing(dev.table("framing"))
     parser = _parser(dev.table("parser", required=True), framing)
+    if parser.type == "nmea" and framing.type == "delimiter" and not framing.starts:
+        # u-blox receivers interleave binary UBX frames with sentences, without line breaks.
+        framing = replace(framing, starts=nmea.STARTS)
     dev.done()
 
     points: dict[str, PointMap] = {}

@@ -36,6 +36,8 @@ class Parsed:
 
     values: dict[str, Value]
     ts: float | None = None
+    #: bytes before the data that the parser skipped (e.g. junk before an NMEA sentence)
+    skipped: int = 0
 
 
 class Parser(Protocol):
@@ -135,14 +137,16 @@ class NmeaParser:
         self.sentences = frozenset(s.upper() for s in sentences)
 
     def parse(self, frame: bytes) -> Parsed | None:
-        text = _decode(frame, "ascii")
+        # Resynchronise on the last '$'/'!': binary junk before it is skipped (and counted).
+        skipped = max(nmea.sentence_start(frame), 0)
+        text = _decode(frame[skipped:], "ascii")
         try:
             s = nmea.parse_sentence(text, require_checksum=self.require_checksum)
         except nmea.NmeaError as exc:
             raise FrameError(f"{exc}: {_preview(text)}") from None
         if self.sentences and s.type not in self.sentences:
             return None
-        return Parsed(s.values, s.ts)
+        return Parsed(s.values, s.ts, skipped)
 
 
 class RawParser:

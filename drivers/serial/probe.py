@@ -26,7 +26,14 @@ from drivers.serial.options import FLOW_CONTROLS, FRAMINGS, PARITIES, SerialOpti
 from drivers.serial.parsers import PARSER_TYPES, FrameError
 from gateway.aio import cancel_and_wait
 from gateway.config import DeviceSpec
-from gateway.errors import ConfigError, ConfigIssue, DeviceUnavailable, PayloadError
+from gateway.errors import (
+    ConfigError,
+    ConfigIssue,
+    DeviceProtocolError,
+    DeviceTimeout,
+    DeviceUnavailable,
+    PayloadError,
+)
 
 #: Option path -> the flag that sets it, so errors name what the user typed.
 _FLAGS = {
@@ -47,7 +54,8 @@ def add_parser(sub: argparse._SubParsersAction[Any]) -> None:
         help="open a serial port and print parsed frames",
         description="Open PORT with the given settings and print each frame as parsed "
         "(or why it could not be), for --seconds or --frames, whichever comes first. "
-        "Byte strings (--delimiter, --start, --request) take escapes: '\\r\\n', '\\x02'.",
+        "Byte strings (--delimiter, --start, --request) take escapes: '\\r\\n', '\\x02'. "
+        "Exit status: 0 frames read, 1 only malformed ones, 4 port missing or silent.",
     )
     p.add_argument("port", metavar="PORT", help="device path, e.g. /dev/serial/by-id/...")
     p.add_argument("--baudrate", type=int, default=9600)
@@ -58,7 +66,7 @@ def add_parser(sub: argparse._SubParsersAction[Any]) -> None:
     p.add_argument("--framing", choices=FRAMINGS, default="delimiter")
     p.add_argument("--delimiter", default="\\n", help="frame delimiter (default '\\n')")
     p.add_argument("--length", type=int, help="fixed framing: bytes per frame")
-    p.add_argument("--start", help="fixed/length framing: start marker")
+    p.add_argument("--start", help="start marker to resynchronise on (a line: its last one)")
     p.add_argument("--length-size", type=int, default=1, help="length framing: 1, 2 or 4")
     p.add_argument("--length-order", choices=["big", "little"], default="big")
     p.add_argument("--length-adjust", type=int, default=0)
@@ -91,13 +99,13 @@ def _bytes_arg(text: str, flag: str) -> str:
 def options_from_args(args: argparse.Namespace) -> SerialOptions:
     """Build and check the options; a bad one is a ConfigError naming its flag."""
     framing: dict[str, Any] = {"type": args.framing, "max_frame": args.max_frame}
+    if args.start:
+        framing["start"] = _bytes_arg(args.start, "--start")
     if args.framing == "delimiter":
         framing["delimiter"] = _bytes_arg(args.delimiter, "--delimiter")
     else:
         if args.length is not None:
             framing["length"] = args.length
-        if args.start:
-            framing["start"] = _bytes_arg(args.start, "--start")
         if args.framing == "length":
             framing.update(
                 length_size=args.length_size, length_order=args.length_order,
@@ -261,6 +269,14 @@ def run(args: argparse.Namespace) -> int:
         lost = f"; port lost: {result.lost}" if result.lost else ""
         print(f"# {result.frames} frame(s), {result.malformed} malformed, "
               f"{result.ignored} ignored{lost}")  # fmt: skip
+    # The README's exit codes: a line that only carried garbage is a failure (1); a line that
+    # carried nothing at all is as good as unreachable (4).
     if result.lost:
         raise DeviceUnavailable(opts.port.port, result.lost)
+    if not result.frames and not result.ignored:
+        if result.malformed:
+            raise DeviceProtocolError(
+                opts.port.port, f"{result.malformed} malformed frame(s) and none readable"
+            )
+        raise DeviceTimeout(opts.port.port, f"no frame within {args.seconds:g} s")
     return 0

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import fnmatch
 import logging
-import secrets
+import os
 import sqlite3
 import time
 from collections.abc import Callable
@@ -211,7 +211,7 @@ class Directory:
         if old is None and len(self.by_ep) >= self.gate.config.rd_max_registrations:
             self.refusals.refuse(repr(ep))
             raise CapacityError(f"resource directory is full ({len(self.by_ep)} endpoints)")
-        href = old.href if old is not None else f"/rd/{secrets.token_hex(4)}"
+        href = old.href if old is not None else f"/rd/{os.urandom(4).hex()}"
         reg = Registration(ep, sector, href, base, lt, str(links), self.clock() + lt)
         await self.backend.append_many(
             [NewEvent(ev.device_stream(ep), ev.DEVICE_REGISTERED, reg.data())]

@@ -34,7 +34,7 @@ from gateway.errors import ConcurrencyError, StoreClosedError, StoreError, Store
 from gateway.events import Event, NewEvent
 from gateway.logs import RateLimitedLog
 from gateway.store import queries
-from gateway.store.errors import rollback, store_error
+from gateway.store.errors import is_corruption, rollback, store_error
 from gateway.store.projections import Projection, active_projections
 from gateway.store.schema import migrate
 
@@ -43,7 +43,6 @@ __all__ = [
 ]  # fmt: skip
 
 log = logging.getLogger("gateway.store")
-_repeats = RateLimitedLog(log)
 T = TypeVar("T")
 
 Listener = Callable[[Sequence[Event]], None]
@@ -126,10 +125,17 @@ def _connect(path: Path, synchronous: str, readonly: bool = False) -> sqlite3.Co
         conn.execute("PRAGMA temp_store=MEMORY")
     else:
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
-    conn.execute("PRAGMA busy_timeout=5000")
-    conn.execute("PRAGMA foreign_keys=OFF")
+    try:
+        if not readonly:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
+        conn.execute("PRAGMA busy_timeout=5000")
+        conn.execute("PRAGMA foreign_keys=OFF")
+    except BaseException:
+        # Not left open: SQLite shares a file's -shm state between the connections of a
+        # process, and a failed one (a full disk) would spoil the next try.
+        conn.close()
+        raise
     return conn
 
 
@@ -193,6 +199,8 @@ def _check(path: Path) -> str | None:
         finally:
             conn.close()
     except sqlite3.DatabaseError as exc:
+        if not is_corruption(exc):
+            raise  # a full disk, an I/O error: not the file's fault
         return str(exc)
     if rows != [("ok",)]:
         return "; ".join(str(r[0]) for r in rows[:5])
@@ -256,6 +264,7 @@ class EventStore:
         #: refused append, cleared by the next commit: producers retrying is what resumes it.
         self.full: StoreFull | None = None
         self.on_full_change: Callable[[StoreFull | None], None] | None = None
+        self._repeats = RateLimitedLog(log)  # a failing commit can repeat thousands of times
 
     # -- life -----------------------------------------------------------------------------
     @classmethod
@@ -281,9 +290,13 @@ class EventStore:
         try:
             await loop.run_in_executor(store._wx, store._open_sync)
         except BaseException as exc:
+            for conn in (store._w, store._r):
+                if conn is not None:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.close()
             store._wx.shutdown(wait=False)
             store._rx.shutdown(wait=False)
-            mapped = store_error(exc, f"opening {store.path}")
+            mapped = store_error(exc, f"opening {store.path}", str(store.path.parent))
             if mapped is exc:
                 raise
             raise mapped from exc
@@ -309,6 +322,9 @@ class EventStore:
             # quick_check passed but the file still cannot be used: quarantine, start fresh.
             if self._w is not None:
                 self._w.close()
+                self._w = None
+            if not is_corruption(exc):
+                raise
             self.quarantined = quarantine(self.path, str(exc))
             make_private(self.path)
             self._w = _connect(self.path, self.config.synchronous)
@@ -481,7 +497,9 @@ class EventStore:
                     result = await loop.run_in_executor(self._wx, self._run_job, job.fn)
                 except Exception as exc:
                     if not job.future.done():
-                        job.future.set_exception(store_error(exc, "write"))
+                        job.future.set_exception(
+                            store_error(exc, "write", str(self.path.parent))
+                        )
                 else:
                     if not job.future.done():
                         job.future.set_result(result)
@@ -501,12 +519,12 @@ class EventStore:
             try:
                 outcome, committed = await loop.run_in_executor(self._wx, self._commit, batch)
             except Exception as exc:
-                err = store_error(exc, "commit")
+                err = store_error(exc, "commit", str(self.path.parent))
                 if not isinstance(err, StoreError):
                     err = StoreError(f"commit failed: {exc!r}")
                 if isinstance(err, StoreFull):
                     self._set_full(err)
-                _repeats.error(f"commit:{type(err).__name__}", "store commit failed: %s", err)
+                self._repeats.error(f"commit:{type(err).__name__}", "store commit failed: %s", err)
                 for p in batch:
                     _settle(p.future, err)
                 continue

@@ -430,6 +430,7 @@ class Relay:
         self._dels: list[list[int] | tuple[str, int, int]] = []
         self._flusher: asyncio.Task[None] | None = None
         self._stopping = False
+        self._stopped = asyncio.Event()
         self._record_failures = 0
         self._repeats = RateLimitedLog(self.log)
         # The watermark: what the bottom lane has had acked (target) and what is recorded.
@@ -530,6 +531,8 @@ class Relay:
         return None
 
     async def run(self) -> None:
+        self._stopping = False
+        self._stopped.clear()
         self.store.add_listener(self._on_commit)
         try:
             while True:
@@ -566,6 +569,7 @@ class Relay:
             self.state = "stopped"
             self.store.remove_listener(self._on_commit)
             self._stopping = True  # one last try to record, no retries
+            self._stopped.set()
             with contextlib.suppress(Exception):
                 await self._flush_wait()
             left = len(self._ops) + len(self._dels) + len(self._acked)
@@ -1013,7 +1017,9 @@ class Relay:
                 continue
             if self._stopping:
                 return
-            await asyncio.sleep(pause.next())
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(pause.next()):
+                    await self._stopped.wait()  # a stop does not wait out the pause
 
     async def _record(self) -> bool:
         """Write what was acked and dead-lettered. Nothing leaves memory before the write

@@ -111,7 +111,12 @@ def start_daemon(config: Path, tmp: Path, name: str = "gatewayd") -> Daemon:
     log = tmp / f"{name}.log"
     peer = Peer([sys.executable, "-m", "gateway.daemon", "--config", str(config)], env=env, log=log)
     d = Daemon(peer, config, sock, log)
-    d.messages("READY=1")
+    try:
+        d.messages("READY=1")
+    except BaseException:  # never ready: stop what was started before saying why
+        peer.stop(timeout=30)
+        sock.close()
+        raise
     return d
 
 

@@ -64,6 +64,17 @@ _DISCONNECT = (
     " 'ServicesResolved': dbus.Boolean(False)}, []])\n"
 )
 _READ = "ret = self.props['org.bluez.GattCharacteristic1']['Value']\n"
+
+
+def _read(error: str | None) -> str:
+    if error is None:
+        return _READ
+    return (
+        "raise dbus.exceptions.DBusException("
+        f"'Read not permitted', name='org.bluez.Error.{error}')\n"
+    )
+
+
 _WRITE = (
     "self.props['org.bluez.GattCharacteristic1']['Value'] = dbus.Array(args[0], signature='y')\n"
     "self.writes = getattr(self, 'writes', []) + [bytes(args[0])]\n"
@@ -249,9 +260,11 @@ class BluezBus:
         service_uuid: str = "0000181a-0000-1000-8000-00805f9b34fb",
         handle: int = 0x000B,
         adapter: str = "hci0",
+        read_error: str | None = None,
     ) -> str:
         """A GATT characteristic (under one service per device; bleak reads the handle from
-        the last 4 hex digits of the path)."""
+        the last 4 hex digits of the path). `read_error`: ReadValue fails with this BlueZ
+        error (e.g. "NotPermitted", as BlueZ reports an ATT error from the device)."""
         import dbus
 
         dev = device_path(address, adapter)
@@ -285,7 +298,7 @@ class BluezBus:
             CHAR,
             cprops,
             [
-                ("ReadValue", "a{sv}", "ay", _READ),
+                ("ReadValue", "a{sv}", "ay", _read(read_error)),
                 ("WriteValue", "aya{sv}", "", _WRITE),
                 ("StartNotify", "", "", _START_NOTIFY),
                 ("StopNotify", "", "", _STOP_NOTIFY),

@@ -89,6 +89,25 @@ def test_read_a_characteristic(bus: BluezBus) -> None:
     assert status == 0 and "6608" in out and "2150" in out
 
 
+def test_read_exit_statuses_follow_the_readme(bus: BluezBus) -> None:
+    mac = "C0:FF:EE:00:00:02"
+    bus.add_device(mac)
+    bus.add_characteristic(mac, "00002a6e-0000-1000-8000-00805f9b34fb", b"\x66\x08",
+                           read_error="NotPermitted")  # fmt: skip
+    # Connected, and the device refused the read: a failure (1), not "unreachable".
+    status, _, err = finish(gatewayctl(bus, "read", mac, "2a6e"))
+    assert status == 1, err
+    assert "NotPermitted" in err or "not permitted" in err.lower()
+    # A characteristic the device does not have: a bad argument (2).
+    status, _, err = finish(gatewayctl(bus, "read", mac, "2a6f"))
+    assert status == 2, err
+    assert "no characteristic" in err
+    # A device that refuses the connection: unreachable (4).
+    bus.set_blocked(mac, True)
+    status, _, err = finish(gatewayctl(bus, "read", mac, "2a6e"))
+    assert status == 4, err
+
+
 def test_probe_without_adapter_names_cause_and_fix(tmp_path: Path) -> None:
     b = BluezBus(tmp_path)  # BlueZ without an adapter
     try:

@@ -10,15 +10,18 @@ from pathlib import Path
 import pytest
 
 from gateway.cli.main import main
-from gateway.errors import EXIT_CONFIG, EXIT_UNAVAILABLE, EXIT_USAGE
+from gateway.errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_UNAVAILABLE, EXIT_USAGE
 from tests.drivers_modbus.support import ModbusServer
+from tests.peers import free_port
 
 
 @pytest.fixture()
 def server(tmp_path: Path) -> Iterator[ModbusServer]:
     # float32 1.5 and -2.0 at 0..3 (big/big), then 7 at register 10
     hr = [0x3FC0, 0, 0xC000, 0, 0, 0, 0, 0, 0, 0, 7, 0]
-    srv = ModbusServer(tmp_path, {1: {"hr": hr, "co": [False] * 8}}, name="probe").start()
+    srv = ModbusServer(
+        tmp_path, {1: {"hr": hr, "co": [False] * 8}}, silent=[9], name="probe"
+    ).start()
     yield srv
     srv.stop()
 
@@ -57,8 +60,19 @@ def test_write_one_value(server: ModbusServer, capsys: pytest.CaptureFixture[str
 def test_errors_have_exit_statuses(
     server: ModbusServer, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(probe(server, "--address", "500")) == EXIT_UNAVAILABLE
+    # The README's table: an exception response is a failure (1): the unit did answer...
+    assert main(probe(server, "--address", "500")) == EXIT_FAILURE
     assert "ILLEGAL DATA ADDRESS" in capsys.readouterr().err
+    assert main(probe(server, "--address", "0", "--unit", "5")) == EXIT_FAILURE  # exception 4
+    assert "exception 4" in capsys.readouterr().err
+    # ...a unit that never answers, or nothing listening, is unreachable (4).
+    assert main(probe(server, "--address", "0", "--unit", "9", "--timeout", "0.3")) == (
+        EXIT_UNAVAILABLE
+    )
+    assert "no answer" in capsys.readouterr().err
+    closed = ["probe", "modbus", "--host", "127.0.0.1", "--port", str(free_port())]
+    assert main([*closed, "--address", "0", "--timeout", "0.5"]) == EXIT_UNAVAILABLE
+    assert "cannot connect" in capsys.readouterr().err
     assert main(probe(server, "--address", "0", "--type", "int32", "--bit", "3")) == EXIT_CONFIG
     assert "--bit: a bit index needs a 16-bit register" in capsys.readouterr().err
     assert main(probe(server, "--address", "0", "--write", "lots")) == EXIT_USAGE

@@ -134,6 +134,41 @@ def test_nmea_good_bad_checksums_and_garbage(
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
+def ubx(cls: int, msg_id: int, payload: bytes) -> bytes:
+    """A u-blox UBX frame: sync chars 0xB5 0x62, class, id, length (LE), payload, Fletcher-8."""
+    body = bytes([cls, msg_id]) + len(payload).to_bytes(2, "little") + payload
+    a = b = 0
+    for byte in body:
+        a = (a + byte) & 0xFF
+        b = (b + a) & 0xFF
+    return b"\xb5\x62" + body + bytes([a, b])
+
+
+# NAV-PVT-like payloads holding '$' and '!' (0x24, 0x21), CR and LF bytes and non-ASCII.
+UBX_1 = ubx(0x01, 0x07, bytes([0x24, 0x00, 0xFF, 0x21, 0x0D, 0x80, 0x0A, 0x24, 0x47]) * 10)
+UBX_2 = ubx(0x01, 0x35, bytes([0x21, 0x24, 0xB5, 0x62, 0x2A, 0x30, 0x0A, 0x0D]) * 6)
+
+
+def test_nmea_right_after_binary_ubx_frames_is_read(pty: PtyPair) -> None:
+    async def main() -> None:
+        ctx = RecordingContext()
+        drv = await started(ctx, device(pty.a, NMEA))
+        fd = pty.open_device_end()
+        try:
+            # A u-blox receiver: binary UBX, then a sentence, no line break between them.
+            os.write(fd, UBX_1 + GGA + UBX_2 + RMC)
+            assert await ctx.next_readings() == {"lat": pytest.approx(48.1173), "sats": 8}
+            assert await ctx.next_readings() == {"speed": 22.4}
+            st = drv.stats("dev")
+            assert st.frames == 2
+            assert st.malformed == 2  # the two binary runs, counted, not silently dropped
+        finally:
+            os.close(fd)
+            await drv.stop()
+
+    asyncio.run(main())
+
+
 def test_port_vanishes_and_comes_back(pty: PtyPair, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG, logger="gateway.driver.serial.test")
 

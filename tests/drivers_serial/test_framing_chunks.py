@@ -63,3 +63,32 @@ def test_marker_framings_chunking_gives_same_frames(data: bytes, cuts: list[int]
         dropped = sum(i.size for i in got if isinstance(i, Discarded))
         assert dropped == sum(i.size for i in whole if isinstance(i, Discarded))
         assert d.buffered <= 2 + 2 + 6
+
+
+marked = st.lists(st.sampled_from(b"ab$!\r\n\xb5\x62"), max_size=300).map(bytes)
+
+
+@settings(max_examples=300, deadline=None)
+@given(marked, st.lists(st.integers(min_value=0), max_size=20))
+def test_delimiter_with_start_markers_chunking_is_invisible(data: bytes, cuts: list[int]) -> None:
+    def make() -> DelimiterDeframer:
+        return DelimiterDeframer(b"\r\n", max_frame=8, starts=(b"$", b"!"))
+
+    whole = make().feed(data)
+    d = make()
+    got = feed_all(d, chunked(data, cuts))
+    assert frames(got) == frames(whole)
+    # What is dropped, and how many times it is reported, do not depend on the chunks either.
+    assert [i.size for i in got if isinstance(i, Discarded)] == [
+        i.size for i in whole if isinstance(i, Discarded)
+    ]
+    assert d.buffered <= 8 + 1
+    for f in frames(got):
+        # A frame starts at its last marker and holds no other one.
+        assert f[:1] in (b"$", b"!") and b"$" not in f[1:] and b"!" not in f[1:]
+        assert b"\r\n" not in f and 0 < len(f) <= 8
+    # Nothing is lost silently: after a last delimiter, every byte was framed or reported.
+    got += d.feed(b"\r\n")
+    framed = sum(len(f) for f in frames(got))
+    dropped = sum(i.size for i in got if isinstance(i, Discarded))
+    assert framed + dropped + 2 * (data + b"\r\n").count(b"\r\n") == len(data) + 2

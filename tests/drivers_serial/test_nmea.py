@@ -133,10 +133,10 @@ def test_xdr_and_proprietary() -> None:
         (GGA.replace("4807.038", "4807.039"), "checksum mismatch"),
         (GGA[: GGA.index("*")], "no checksum"),
         (GGA[:-1], "bad checksum field"),
-        ("GPGGA,123519*00", "does not start"),
+        ("GPGGA,123519*00", "starting a sentence"),
         ("$gpgga,1*6B", "bad address"),
         ("$G\x01GGA*00", "non-printable"),
-        ("", "does not start"),
+        ("", "starting a sentence"),
     ],
 )
 def test_bad_sentences_are_rejected(text: str, why: str) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from drivers.serial import parse_options
+from drivers.serial.framing import frames
 from gateway import config
 from gateway.errors import ConfigError
 
@@ -46,6 +47,22 @@ def test_good_config_compiles() -> None:
     assert {p.name: p.field for p in opts.points.values()} == {
         "lat": "gga.lat", "speed": "rmc.speed_knots",
     }  # fmt: skip
+
+
+def test_lines_resynchronise_on_a_start_marker() -> None:
+    # NMEA lines resynchronise on '$'/'!' by themselves; other lines on a configured `start`.
+    gps = parse_options(config.loads(GPS).devices["gps"])
+    assert gps.framing.starts == (b"$", b"!")
+    assert gps.framing.deframer().feed(b"\xb5\x62\x24\x00$GPGGA,1*00\r\n")[-1] == b"$GPGGA,1*00"
+    text = (
+        GPS.replace('delimiter = "\\r\\n" }', 'delimiter = "\\n", start = "#" }')
+        .replace('type = "nmea", sentences = ["GGA", "RMC"]', 'type = "raw"')
+        .replace("gga.lat", "raw")
+        .replace("rmc.speed_knots", "raw")
+    )
+    opts = parse_options(config.loads(text).devices["gps"])
+    assert opts.framing.starts == (b"#",)
+    assert frames(opts.framing.deframer().feed(b"noise#12.5\n#13\n")) == [b"#12.5", b"#13"]
 
 
 def test_binary_framings_and_request_mode() -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from gateway.cli.main import main
-from gateway.errors import EXIT_CONFIG, EXIT_UNAVAILABLE
+from gateway.errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_UNAVAILABLE
 from tests.drivers_serial.ptys import PtyPair
 
 GGA = b"$GPGGA,123519,4807.038,N,01131.000,E,1,08,0.9,545.4,M,46.9,M,,*47\r\n"
@@ -121,3 +121,19 @@ def test_bad_options_and_missing_port(tmp_path: Path, capsys: pytest.CaptureFixt
         EXIT_UNAVAILABLE
     )
     assert "cannot open" in capsys.readouterr().err
+
+
+def test_garbage_only_is_a_failure_and_silence_is_unreachable(
+    pty: PtyPair, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["probe", "serial", str(pty.a), "--parser", "nmea", "--delimiter", "\\r\\n"]
+
+    def talk(fd: int, incoming: bytes) -> None:
+        os.write(fd, GGA_BAD)  # a device that talks, but never a valid sentence
+
+    with Device(pty, talk, 0.05):
+        assert main([*argv, "--frames", "3"]) == EXIT_FAILURE
+    assert "3 malformed frame(s) and none readable" in capsys.readouterr().err
+    # Nobody on the line: nothing within the probe's own --seconds.
+    assert main([*argv, "--seconds", "0.5"]) == EXIT_UNAVAILABLE
+    assert "no frame within 0.5 s" in capsys.readouterr().err
