@@ -105,6 +105,7 @@ class NotificationService(Service):
         for row in await ctx.store.read(alerts):
             st = self.states.setdefault(row["id"], _State())
             st.active, st.episode = row["active"], int(row["episode"])
+        await self._clear_orphans()
         # Devices known to be down at start (an unavailable rule with no event to wait for).
         for d in await ctx.store.read(queries.devices):
             for rule in self.by_device.get(d["id"], []):
@@ -158,6 +159,7 @@ class NotificationService(Service):
 
     async def reload(self, config: GatewayConfig) -> None:
         self._configure(config)
+        await self._clear_orphans()
         for name, (ch, task) in list(self._deliveries.items()):
             if self.channels.get(name) != ch:
                 # Between two events (or inside a command, which is killed): the cursor
@@ -193,6 +195,21 @@ class NotificationService(Service):
                 self.by_point.setdefault(ref, []).append(rule)
             if rule.device is not None:
                 self.by_device.setdefault(rule.device, []).append(rule)
+
+    async def _clear_orphans(self) -> None:
+        """An active alert whose rule left the configuration is cleared (once, with why):
+        nothing else would ever clear it."""
+        for name, st in list(self.states.items()):
+            if name in self.rules or not st.active:
+                continue
+            data = {"rule": name, "episode": st.episode, "reason": "rule removed"}
+            try:
+                await self.ctx.store.append(alert_stream(name), ev.ALERT_CLEARED, data)
+            except StoreError as exc:
+                self.log.warning("alert %s: clear not stored: %s", name, exc)
+                continue
+            st.active = False
+            self.figures["cleared"] += 1
 
     # -- evaluation -----------------------------------------------------------------------
     async def _run(self) -> None:
