@@ -18,7 +18,6 @@ import math
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from functools import partial
 from typing import Any, ClassVar
 
@@ -31,8 +30,10 @@ from gateway.events import Event, NewEvent
 from gateway.service import Health, Service, ServiceContext
 from gateway.store import queries
 from services.expr import EvalError
-from services.processing.config import AnomalyConfig, DerivedPoint, PointProcessing
+from services.processing.anomaly import Detector
+from services.processing.config import DerivedPoint, PointProcessing
 from services.processing.projection import AGGREGATE, ANOMALY, aggregate_stream, watermarks
+from services.processing.windows import Window
 
 GRACE = 1.0  # seconds after a window's end before it closes (commits in flight land)
 SAVE_EVERY = 30.0  # seconds between saves of detector state
@@ -41,59 +42,6 @@ MAX_INFLIGHT = 64  # appends not yet committed before the loop waits
 REPLAY_TAIL = 50_000  # events replayed into a detector that has no saved state
 
 Key = tuple[str, str]
-
-
-@dataclass
-class _Window:
-    start: float
-    end: float
-    count: int = 0
-    min: float = math.inf
-    max: float = -math.inf
-    sum: float = 0.0
-    last: float | int | None = None
-
-    def add(self, v: float | int) -> None:
-        self.count += 1
-        if v < self.min:
-            self.min = v
-        if v > self.max:
-            self.max = v
-        self.sum += v
-        self.last = v
-
-
-@dataclass
-class _Detector:
-    conf: AnomalyConfig
-    n: int = 0
-    mean: float = 0.0
-    var: float = 0.0
-    seq: int = 0  # the last event learnt from (saved with the state)
-
-    def score(self, x: float) -> tuple[float, float, float] | None:
-        """(z, low, high) when `x` is outside the band, else None; then learn from `x`
-        (clipped to the band, so a spike does not widen it)."""
-        c = self.conf
-        flagged = None
-        if self.n == 0:
-            self.mean = x
-            self.n = 1
-            return None
-        sd = math.sqrt(self.var) if self.var > 0 else 0.0
-        floor = 1e-9 * max(1.0, abs(self.mean))
-        lo, hi = self.mean - c.threshold * sd, self.mean + c.threshold * sd
-        if self.n >= c.warmup:
-            z = (x - self.mean) / max(sd, floor)
-            if abs(z) > c.threshold:
-                flagged = (z, lo, hi)
-                x = min(max(x, lo), hi)
-        diff = x - self.mean
-        incr = c.alpha * diff
-        self.mean += incr
-        self.var = (1 - c.alpha) * (self.var + diff * incr)
-        self.n += 1
-        return flagged
 
 
 def _number(v: Any) -> float | int | None:
@@ -116,9 +64,9 @@ class ProcessingService(Service):
         self.state: dict[Key, str] = {}  # derived point -> "value" | "missing"
         self.last_emit: dict[Key, float] = {}
         self.trailing: dict[Key, asyncio.TimerHandle] = {}
-        self.windows: dict[Key, _Window] = {}
+        self.windows: dict[Key, Window] = {}
         self.emitted_to: dict[Key, float] = {}  # window watermark per point
-        self.detectors: dict[Key, _Detector] = {}
+        self.detectors: dict[Key, Detector] = {}
         self.processed = 0  # seq of the last event handled
         self._caught_up: asyncio.Event = asyncio.Event()
         self._target = 0
@@ -194,7 +142,7 @@ class ProcessingService(Service):
             if pp.anomaly is None:
                 self.detectors.pop(key, None)
             elif key not in self.detectors or self.detectors[key].conf != pp.anomaly:
-                self.detectors[key] = _Detector(pp.anomaly)
+                self.detectors[key] = Detector(pp.anomaly)
         for key in [k for k in self.detectors if k not in self.points]:
             del self.detectors[key]
         for key in [k for k in self.windows if not (k in self.points and self.points[k].window)]:
@@ -346,13 +294,13 @@ class ProcessingService(Service):
                 self._close(key, pp, w)
             if pp.empty:
                 self._fill_empty(key, pp, start)
-            w = self.windows[key] = _Window(start, start + pp.window)
+            w = self.windows[key] = Window(start, start + pp.window)
         elif start < w.start:
             self.figures["late"] += 1
             return
         w.add(x)
 
-    def _close(self, key: Key, pp: PointProcessing, w: _Window) -> None:
+    def _close(self, key: Key, pp: PointProcessing, w: Window) -> None:
         self.emitted_to[key] = w.end
         if w.count == 0 and not pp.empty:
             return
@@ -391,7 +339,7 @@ class ProcessingService(Service):
             return
         start = max(start, upto - MAX_BACKFILL)
         while start + pp.window <= upto:
-            self._close(key, pp, _Window(start, start + pp.window))
+            self._close(key, pp, Window(start, start + pp.window))
             start += pp.window
 
     async def _ticker(self) -> None:
