@@ -152,7 +152,8 @@ class ProcessingService(Service):
         rows = await self.ctx.store.read(queries.latest)
         for r in rows:
             key = (r["device"], r["point"])
-            if key in self.by_input:
+            # Newer ones come through the subscription (and make a value then).
+            if key in self.by_input and r["seq"] <= self.sub.cursor:
                 self.inputs[key] = (r["value"], float(r["ts"]))
 
     # -- the event loop -------------------------------------------------------------------
