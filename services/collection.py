@@ -38,6 +38,7 @@ class DeviceStats:
     failures: int = 0
     consecutive: int = 0  # failed polls in a row
     skipped: int = 0  # cycles skipped because a poll overran its interval
+    last_read_s: float | None = None  # how long the last answered read took
     last_error: str = ""
     available: bool | None = None
     last_values: dict[str, Any] = field(default_factory=dict)
@@ -136,7 +137,13 @@ class CollectionService(Service):
             "skipped_cycles": sum(s.skipped for s in self.stats.values()),
             "push_dropped": self._push_dropped,
             "driver_errors": dict(self._driver_errors),
-        }
+            # Per device, for `gatewayctl metrics` (labelled by device there).
+            "per_device": {
+                d: {"polls": st.polls, "failures": st.failures, "available": st.available,
+                    "last_read_s": st.last_read_s}
+                for d, st in self.stats.items() if d in self.specs
+            },
+        }  # fmt: skip
         if down or self._driver_errors:
             return Health.degraded(
                 f"{len(down)} of {len(self.specs)} devices unavailable", **figures
@@ -193,11 +200,13 @@ class CollectionService(Service):
         while True:
             st.polls += 1
             readings: list[RawReading] | None = None
+            started = time.monotonic()
             try:
                 # Not wait_for: on Python 3.11 it can swallow a cancellation (a device removed,
                 # a stop) that lands as the read completes, and this loop would poll on.
                 async with asyncio.timeout(spec.timeout):
                     readings = await drv.read(spec.id, points)
+                st.last_read_s = time.monotonic() - started
             except TimeoutError:
                 self._failed(spec, st, f"no answer within {spec.timeout:g} s")
             except DriverError as exc:
