@@ -114,12 +114,16 @@ class ProcessingService(Service):
         self._configure(config)
 
     def health(self) -> Health:
-        return Health.ok(
+        detail = (
             f"{len(self.derived)} derived, {sum(1 for p in self.points.values() if p.window)}"
-            f" windows, {len(self.detectors)} detectors",
-            processed_seq=self.processed,
-            **self.figures,
+            f" windows, {len(self.detectors)} detectors"
         )
+        if self.figures["not_stored"]:
+            return Health.degraded(
+                f"{self.figures['not_stored']} results not stored; {detail}",
+                processed_seq=self.processed, **self.figures,
+            )  # fmt: skip
+        return Health.ok(detail, processed_seq=self.processed, **self.figures)
 
     def _configure(self, config: GatewayConfig) -> None:
         derived: Mapping[Key, DerivedPoint] = config.sections.get("derived") or {}
