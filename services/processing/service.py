@@ -20,7 +20,6 @@ import math
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from functools import partial
 from typing import Any, ClassVar
 
@@ -33,8 +32,10 @@ from gateway.events import Event, NewEvent
 from gateway.service import Health, Service, ServiceContext
 from gateway.store import queries
 from services.expr import EvalError
-from services.processing.config import AnomalyConfig, DerivedPoint, PointProcessing
+from services.processing.anomaly import Detector
+from services.processing.config import DerivedPoint, PointProcessing
 from services.processing.projection import AGGREGATE, ANOMALY, aggregate_stream, watermarks
+from services.processing.windows import Window
 
 GRACE = 1.0  # seconds after a window's end before it closes (commits in flight land)
 SAVE_EVERY = 30.0  # seconds between saves of detector state
@@ -43,59 +44,6 @@ MAX_INFLIGHT = 64  # appends not yet committed before the loop waits
 REPLAY_TAIL = 50_000  # events replayed into a detector that has no saved state
 
 Key = tuple[str, str]
-
-
-@dataclass
-class _Window:
-    start: float
-    end: float
-    count: int = 0
-    min: float = math.inf
-    max: float = -math.inf
-    sum: float = 0.0
-    last: float | int | None = None
-
-    def add(self, v: float | int) -> None:
-        self.count += 1
-        if v < self.min:
-            self.min = v
-        if v > self.max:
-            self.max = v
-        self.sum += v
-        self.last = v
-
-
-@dataclass
-class _Detector:
-    conf: AnomalyConfig
-    n: int = 0
-    mean: float = 0.0
-    var: float = 0.0
-    seq: int = 0  # the last event learnt from (saved with the state)
-
-    def score(self, x: float) -> tuple[float, float, float] | None:
-        """(z, low, high) when `x` is outside the band, else None; then learn from `x`
-        (clipped to the band, so a spike does not widen it)."""
-        c = self.conf
-        flagged = None
-        if self.n == 0:
-            self.mean = x
-            self.n = 1
-            return None
-        sd = math.sqrt(self.var) if self.var > 0 else 0.0
-        floor = 1e-9 * max(1.0, abs(self.mean))
-        lo, hi = self.mean - c.threshold * sd, self.mean + c.threshold * sd
-        if self.n >= c.warmup:
-            z = (x - self.mean) / max(sd, floor)
-            if abs(z) > c.threshold:
-                flagged = (z, lo, hi)
-                x = min(max(x, lo), hi)
-        diff = x - self.mean
-        incr = c.alpha * diff
-        self.mean += incr
-        self.var = (1 - c.alpha) * (self.var + diff * incr)
-        self.n += 1
-        return flagged
 
 
 def _number(v: Any) -> float | int | None:
@@ -120,9 +68,9 @@ class ProcessingService(Service):
         self.state: dict[Key, str] = {}  # derived point -> "value" | "missing"
         self.last_emit: dict[Key, float] = {}
         self.trailing: dict[Key, asyncio.TimerHandle] = {}
-        self.windows: dict[Key, _Window] = {}
+        self.windows: dict[Key, Window] = {}
         self.emitted_to: dict[Key, float] = {}  # window watermark per point
-        self.detectors: dict[Key, _Detector] = {}
+        self.detectors: dict[Key, Detector] = {}
         self.processed = 0  # seq of the last event handled
         self._caught_up: asyncio.Event = asyncio.Event()
         self._target = 0
@@ -173,12 +121,16 @@ class ProcessingService(Service):
         self._configure(config)
 
     def health(self) -> Health:
-        return Health.ok(
+        detail = (
             f"{len(self.derived)} derived, {sum(1 for p in self.points.values() if p.window)}"
-            f" windows, {len(self.detectors)} detectors",
-            processed_seq=self.processed,
-            **self.figures,
+            f" windows, {len(self.detectors)} detectors"
         )
+        if self.figures["not_stored"]:
+            return Health.degraded(
+                f"{self.figures['not_stored']} results not stored; {detail}",
+                processed_seq=self.processed, **self.figures,
+            )  # fmt: skip
+        return Health.ok(detail, processed_seq=self.processed, **self.figures)
 
     def _configure(self, config: GatewayConfig) -> None:
         derived: Mapping[Key, DerivedPoint] = config.sections.get("derived") or {}
@@ -201,7 +153,7 @@ class ProcessingService(Service):
             if pp.anomaly is None:
                 self.detectors.pop(key, None)
             elif key not in self.detectors or self.detectors[key].conf != pp.anomaly:
-                self.detectors[key] = _Detector(pp.anomaly)
+                self.detectors[key] = Detector(pp.anomaly)
         for key in [k for k in self.detectors if k not in self.points]:
             del self.detectors[key]
         for key in [k for k in self.windows if not (k in self.points and self.points[k].window)]:
@@ -211,7 +163,8 @@ class ProcessingService(Service):
         rows = await self.ctx.store.read(queries.latest)
         for r in rows:
             key = (r["device"], r["point"])
-            if key in self.by_input:
+            # Newer ones come through the subscription (and make a value then).
+            if key in self.by_input and r["seq"] <= self.sub.cursor:
                 self.inputs[key] = (r["value"], float(r["ts"]))
 
     # -- the event loop -------------------------------------------------------------------
@@ -355,13 +308,13 @@ class ProcessingService(Service):
                 self._close(key, pp, w)
             if pp.empty:
                 self._fill_empty(key, pp, start)
-            w = self.windows[key] = _Window(start, start + pp.window)
+            w = self.windows[key] = Window(start, start + pp.window)
         elif start < w.start:
             self.figures["late"] += 1
             return
         w.add(x)
 
-    def _close(self, key: Key, pp: PointProcessing, w: _Window) -> None:
+    def _close(self, key: Key, pp: PointProcessing, w: Window) -> None:
         self.emitted_to[key] = w.end
         if w.count == 0 and not pp.empty:
             return
@@ -400,7 +353,7 @@ class ProcessingService(Service):
             return
         start = max(start, upto - MAX_BACKFILL)
         while start + pp.window <= upto:
-            self._close(key, pp, _Window(start, start + pp.window))
+            self._close(key, pp, Window(start, start + pp.window))
             start += pp.window
 
     async def _ticker(self) -> None:
