@@ -982,12 +982,13 @@ class EventStore:
             if self.sink
             else ""  # nothing will ever deliver them: retention alone decides
         )
+        # No index on wall_time: bisection over seq bounds the scan to the old events.
         victims = conn.execute(
-            "SELECT e.seq, e.stream FROM events e WHERE e.wall_time < ? "
+            "SELECT e.seq, e.stream FROM events e WHERE e.seq < ? AND e.wall_time < ? "
             + undelivered
             + "AND NOT EXISTS (SELECT 1 FROM dead_letters d WHERE d.seq = e.seq) "
             "ORDER BY e.seq LIMIT ?",
-            (cutoff, batch),
+            (queries.seq_at(conn, cutoff), cutoff, batch),
         ).fetchall()
         if not victims:
             return 0
