@@ -119,6 +119,11 @@ def outbox_codec(c: cfg.GatewayConfig) -> OutboxCodec | None:
     return outbox_encoder(sync, c.gateway.id)
 
 
+def local_types(c: cfg.GatewayConfig) -> frozenset[str]:
+    """Event types `[sync] local_types` keeps out of the outbox."""
+    return frozenset(getattr(c.sections.get("sync"), "local_types", ()))
+
+
 def has_sink(c: cfg.GatewayConfig) -> bool:
     """Whether anything delivers the outbox (cloud sync configured and enabled)."""
     sync = c.sections.get("sync")
@@ -206,7 +211,7 @@ class Daemon:
             try:
                 return await EventStore.open(
                     c.db_path, c.store, gateway_id=c.gateway.id, outbox_codec=outbox_codec(c),
-                    sink=has_sink(c),
+                    sink=has_sink(c), local_types=local_types(c),
                 )  # fmt: skip
             except StoreFull as exc:
                 pause = c.store.check_interval

@@ -228,8 +228,10 @@ class EventStore:
         clock: SystemClock,
         outbox_codec: OutboxCodec | None = None,
         sink: bool = True,
+        local_types: frozenset[str] = frozenset(),
     ) -> None:
         self.path = path
+        self.local_types = local_types
         # Without a sink (no [sync]) nothing would ever deliver an outbox row: none is
         # written, and retention does not wait for deliveries that cannot happen.
         self.sink = sink
@@ -290,14 +292,16 @@ class EventStore:
         clock: SystemClock | None = None,
         outbox_codec: OutboxCodec | None = None,
         sink: bool = True,
+        local_types: frozenset[str] = frozenset(),
     ) -> EventStore:
         """Open (or create) the store. With `outbox_codec`, every outbox row also carries
         its event encoded for the sink (see `OutboxCodec`). `sink=False` (no cloud sync
         configured): no outbox rows are written, and retention prunes events (and outbox
-        rows left from before) by age alone."""
+        rows left from before) by age alone. Events of `local_types` get no outbox row:
+        they stay in the local log only."""
         store = cls(
             Path(path), config or StoreConfig(), gateway_id, clock or SystemClock(), outbox_codec,
-            sink,
+            sink, local_types,
         )  # fmt: skip
         loop = asyncio.get_running_loop()
         try:
@@ -743,6 +747,7 @@ class EventStore:
         committed: list[Event] = []
         dumps = cbor2.dumps
         cached = self._versions
+        kept_local = self.local_types
         for p in batch:
             if p.single and p.events[0].expected_version is None:
                 # The common case, one event with no version check: straight through.
@@ -761,7 +766,7 @@ class EventStore:
                 version += 1
                 versions[stream] = version
                 seq += 1
-                if ne.outbox:
+                if ne.outbox and ne.type not in kept_local:
                     outbox.append(len(rows))
                 # A held-back append keeps the time it was made, not the commit's.
                 w, m = (now - (mono - p.lazy), p.lazy) if p.lazy else (now, mono)
@@ -800,7 +805,7 @@ class EventStore:
                     version = self._version_of(conn, ne.stream)
                 version += 1
                 versions[ne.stream] = version
-                if ne.outbox:
+                if ne.outbox and ne.type not in kept_local:
                     outbox.append(len(rows))
                 rows.append((seq, ne.stream, version, ne.type, w, m, boot, synced, blob))
                 numbered.append(

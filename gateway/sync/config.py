@@ -22,6 +22,7 @@ config = "gateways/{gateway}/config"   # with remote_config = true: see gateway.
 from __future__ import annotations
 
 import ipaddress
+import re
 import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
@@ -79,6 +80,9 @@ class FileSinkConfig:
 @dataclass(frozen=True, slots=True)
 class SyncConfig:
     endpoints: tuple[EndpointConfig, ...] = ()
+    #: Event types kept in the local log only, never written to the outbox (e.g. raw
+    #: `readings` where the cloud takes `aggregate` events of processing windows instead).
+    local_types: tuple[str, ...] = ()
     file: FileSinkConfig | None = None
     mqtt_version: str = "5"  # "5" | "3.1.1"
     keepalive: int = 60
@@ -198,6 +202,25 @@ def _endpoint(sec: Section) -> EndpointConfig | None:
     )  # fmt: skip
 
 
+_EVENT_TYPE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*$")
+
+
+def _local_types(sec: Section) -> tuple[str, ...]:
+    raw: Any = sec.list("local_types", [])
+    out: list[str] = []
+    if not isinstance(raw, list):
+        return ()
+    for i, t in enumerate(raw):
+        if not isinstance(t, str) or not _EVENT_TYPE.match(t):
+            sec.issues.add(
+                f"{sec.at('local_types')}[{i}]",
+                f"must be an event type such as 'readings' or 'alert.raised', got {t!r}",
+            )
+        else:
+            out.append(t)
+    return tuple(out)
+
+
 def parse(sec: Section) -> SyncConfig:
     """Read `[sync]`; every issue goes to the section's Issues with its TOML path."""
     endpoints: list[EndpointConfig] = []
@@ -272,6 +295,7 @@ def parse(sec: Section) -> SyncConfig:
         commands=sec.bool("commands", True),
         max_payload=sec.int("max_payload", None, min=256),
         remote_config=sec.bool("remote_config", False),
+        local_types=_local_types(sec),
         remote_config_probation=sec.float("remote_config_probation", 60.0, gt=0, max=3600),
     )
     if cfg.remote_config and file_cfg is not None:
