@@ -37,7 +37,8 @@ def add_parsers(sub: Any) -> None:
         "export",
         help="readings from the log as CSV or NDJSON (any range, while the daemon runs)",
         description=(
-            "Stream readings from the event log. DEVICE selects a device, DEVICE/POINT one "
+            "Stream readings (or, with --aggregates, the processing windows' aggregates) from "
+            "the event log. DEVICE selects a device, DEVICE/POINT one "
             "point; none means every device. --since/--until take a duration back from now "
             "(30s, 15m, 2h, 7d) or an ISO 8601 time (without an offset: local time)."
         ),
@@ -46,6 +47,10 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--since", help="start (a duration ago, or an ISO 8601 time); default: all")
     p.add_argument("--until", help="end, exclusive (a duration ago, or an ISO 8601 time)")
     p.add_argument("--format", choices=("csv", "ndjson"), default="csv")
+    p.add_argument(
+        "--aggregates", action="store_true",
+        help="the processing windows' aggregates (min/max/mean...) instead of readings",
+    )  # fmt: skip
     p.add_argument("-o", "--output", help="write to this file instead of standard output")
     p.set_defaults(func=cmd_export)
 
@@ -87,45 +92,89 @@ def iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def _pages(
+    conn: sqlite3.Connection,
+    etype: str,
+    streams: tuple[str, list[str]],
+    since: float | None,
+    until: float | None,
+) -> Iterator[tuple[int, str, float, bytes]]:
+    """(seq, stream, wall_time, data) of `etype` events in log order, page by page."""
+    # Bisection over seq bounds the range; the filter on wall_time stays, since a clock
+    # step can put an event's wall time out of order with its sequence number.
+    lo = 0 if since is None else queries.seq_at(conn, since) - 1
+    hi = None if until is None else queries.seq_at(conn, until) - 1
+    sql = "SELECT seq, stream, wall_time, data FROM events WHERE seq > ? AND type = ?"
+    where, names = streams
+    sql += where
+    params: list[Any] = list(names)
+    if hi is not None:
+        sql += " AND seq <= ?"
+        params.append(hi)
+    sql += " ORDER BY seq LIMIT ?"
+    while True:
+        page = conn.execute(sql, [lo, etype, *params, PAGE]).fetchall()
+        if not page:
+            return
+        for seq, stream, wall, blob in page:
+            if (since is None or wall >= since) and (until is None or wall < until):
+                yield seq, stream, wall, blob
+        lo = page[-1][0]
+
+
 def rows(
     conn: sqlite3.Connection,
     selection: dict[str, set[str] | None],
     since: float | None,
     until: float | None,
 ) -> Iterator[Row]:
-    """Readings in log order, page by page."""
-    # Bisection over seq bounds the range; the filter on wall_time stays, since a clock
-    # step can put an event's wall time out of order with its sequence number.
-    lo = 0 if since is None else queries.seq_at(conn, since) - 1
-    hi = None if until is None else queries.seq_at(conn, until) - 1
-    sql = "SELECT seq, stream, wall_time, data FROM events WHERE seq > ? AND type = 'readings'"
-    params: list[Any] = []
+    """Readings in log order."""
+    streams: tuple[str, list[str]] = ("", [])
     if selection:
-        sql += f" AND stream IN ({','.join('?' * len(selection))})"
-        params += [f"device:{d}" for d in selection]
-    if hi is not None:
-        sql += " AND seq <= ?"
-        params.append(hi)
-    sql += " ORDER BY seq LIMIT ?"
-    while True:
-        page = conn.execute(sql, [lo, *params, PAGE]).fetchall()
-        if not page:
-            return
-        for seq, stream, wall, blob in page:
-            if (since is not None and wall < since) or (until is not None and wall >= until):
+        where = f" AND stream IN ({','.join('?' * len(selection))})"
+        streams = (where, [f"device:{d}" for d in selection])
+    for seq, stream, wall, blob in _pages(conn, "readings", streams, since, until):
+        device = stream[7:]  # "device:"
+        wanted = selection.get(device) if selection else None
+        for rec in cbor2.loads(blob).get("r", ()):
+            if not isinstance(rec, dict):
                 continue
-            device = stream[7:]  # "device:"
-            wanted = selection.get(device) if selection else None
-            for rec in cbor2.loads(blob).get("r", ()):
-                if not isinstance(rec, dict):
-                    continue
-                point = rec.get("n")
-                if not isinstance(point, str) or (wanted is not None and point not in wanted):
-                    continue
-                t = rec.get("t")
-                ts = float(t) if isinstance(t, int | float) and math.isfinite(t) else wall
-                yield ts, device, point, rec.get("v"), rec.get("u"), seq
-        lo = page[-1][0]
+            point = rec.get("n")
+            if not isinstance(point, str) or (wanted is not None and point not in wanted):
+                continue
+            t = rec.get("t")
+            ts = float(t) if isinstance(t, int | float) and math.isfinite(t) else wall
+            yield ts, device, point, rec.get("v"), rec.get("u"), seq
+
+
+#: The columns of an aggregate (a processing window), after its device and point.
+AGGREGATE_FIELDS = ("window", "count", "min", "max", "mean", "last", "sum")
+AGGREGATE_COLUMNS = ("start", "end", "device", "point", *AGGREGATE_FIELDS, "seq")
+
+
+def aggregate_rows(
+    conn: sqlite3.Connection,
+    selection: dict[str, set[str] | None],
+    since: float | None,
+    until: float | None,
+) -> Iterator[dict[str, Any]]:
+    """Aggregates of processing windows in log order (closed windows only)."""
+    streams: tuple[str, list[str]] = ("", [])
+    if selection:
+        clauses: list[str] = []
+        params: list[str] = []
+        for device, points in selection.items():
+            if points is None:
+                clauses.append("stream GLOB ?")
+                params.append(f"aggregate:{device}:*")
+            else:
+                clauses += ["stream = ?"] * len(points)
+                params += [f"aggregate:{device}:{p}" for p in sorted(points)]
+        streams = (f" AND ({' OR '.join(clauses)})", params)
+    for seq, _stream, _wall, blob in _pages(conn, "aggregate", streams, since, until):
+        data = cbor2.loads(blob)
+        if isinstance(data, dict):
+            yield {**data, "seq": seq}
 
 
 def _cell(v: Any) -> Any:
@@ -156,6 +205,26 @@ def write(out: TextIO, fmt: str, items: Iterator[Row]) -> int:
     return n
 
 
+def write_aggregates(out: TextIO, fmt: str, items: Iterator[dict[str, Any]]) -> int:
+    n = 0
+    if fmt == "csv":
+        w = csv.writer(out, lineterminator="\n")
+        w.writerow(AGGREGATE_COLUMNS)
+        for a in items:
+            w.writerow((iso(a["start"]), iso(a["end"]), a.get("device"), a.get("n"),
+                        *(_cell(a.get(f)) for f in AGGREGATE_FIELDS), a["seq"]))  # fmt: skip
+            n += 1
+    else:
+        for a in items:
+            rec = {"start": iso(a["start"]), "end": iso(a["end"]), "device": a.get("device"),
+                   "point": a.get("n"), **{f: _cell(a.get(f)) for f in AGGREGATE_FIELDS},
+                   "seq": a["seq"]}  # fmt: skip
+            out.write(json.dumps(rec, allow_nan=False))
+            out.write("\n")
+            n += 1
+    return n
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     now = time.time()
     try:
@@ -167,17 +236,22 @@ def cmd_export(args: argparse.Namespace) -> int:
     if since is not None and until is not None and until <= since:
         return fail("export: --until is not after --since", EXIT_USAGE)
 
+    def emit(conn: sqlite3.Connection, out: TextIO) -> int:
+        if args.aggregates:
+            return write_aggregates(out, args.format, aggregate_rows(conn, selection, since, until))
+        return write(out, args.format, rows(conn, selection, since, until))
+
     def run(conn: sqlite3.Connection) -> int:
-        items = rows(conn, selection, since, until)
         if args.output is None:
-            return write(sys.stdout, args.format, items)
+            return emit(conn, sys.stdout)
         with open(args.output, "x", encoding="utf-8", newline="") as f:
-            return write(f, args.format, items)
+            return emit(conn, f)
 
     try:
         n = with_db(args, run)
     except FileExistsError:
         return fail(f"export: {args.output} already exists (not overwritten)", EXIT_USAGE)
     if args.output is not None:
-        print(f"{n} readings written to {args.output}", file=sys.stderr)
+        what = "aggregates" if args.aggregates else "readings"
+        print(f"{n} {what} written to {args.output}", file=sys.stderr)
     return EXIT_OK

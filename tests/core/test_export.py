@@ -12,7 +12,7 @@ from typing import Any
 import cbor2
 
 from gateway import config as cfg
-from tests.core.conftest import Daemon, run_cli, start_daemon, write_config
+from tests.core.conftest import VIRTUAL_CONFIG, Daemon, run_cli, start_daemon, write_config
 from tests.peers import wait_until
 
 
@@ -92,3 +92,48 @@ def test_export_rejects_bad_arguments_with_what_is_wrong(tmp_path: Path) -> None
         assert r.returncode == 2 and message in r.stderr, (args, r.stderr)
     r = run_cli(config, "export")  # nothing has run: no database yet
     assert r.returncode == 5 and "no database here" in r.stderr
+
+
+WINDOWED = (
+    VIRTUAL_CONFIG
+    + """
+[processing.meter-1.energy]
+window = "1s"
+counter = true
+"""
+)
+
+
+def aggregates_in(db: Path) -> list[dict[str, Any]]:
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        rows = conn.execute("SELECT seq, data FROM events WHERE type = 'aggregate' ORDER BY seq")
+        return [{**cbor2.loads(blob), "seq": seq} for seq, blob in rows]
+    finally:
+        conn.close()
+
+
+def test_export_aggregates_of_processing_windows(
+    tmp_path: Path, daemon_factory: list[Daemon]
+) -> None:
+    config = write_config(tmp_path, WINDOWED)
+    db = cfg.load(config).db_path
+    d = start_daemon(config, tmp_path)
+    daemon_factory.append(d)
+    wait_until(lambda: len(aggregates_in(db)) >= 2, "two closed windows", attempts=600)
+    assert d.stop() == 0
+    logged = aggregates_in(db)
+    r = run_cli(config, "export", "--aggregates", "--format", "ndjson")
+    assert r.returncode == 0, r.stderr
+    recs = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [(x["seq"], x["device"], x["point"], x["count"], x["sum"]) for x in recs] == [
+        (a["seq"], "meter-1", "energy", a["count"], a["sum"]) for a in logged
+    ]
+    assert all(x["start"].endswith("Z") and x["window"] == 1 for x in recs)
+    r = run_cli(config, "export", "--aggregates", "meter-1/energy")
+    table = list(csv.DictReader(io.StringIO(r.stdout)))
+    assert [int(x["seq"]) for x in table] == [a["seq"] for a in logged]
+    assert list(table[0]) == ["start", "end", "device", "point", "window", "count", "min",
+                              "max", "mean", "last", "sum", "seq"]  # fmt: skip
+    r = run_cli(config, "export", "--aggregates", "boiler-1")  # no windows there
+    assert r.returncode == 0 and len(r.stdout.splitlines()) == 1
