@@ -28,6 +28,7 @@ anything else is cut to its code. What is cached for duplicates is what was sent
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 from collections.abc import Callable
@@ -38,7 +39,7 @@ from aiocoap.messagemanager import MessageManager
 from aiocoap.numbers.codes import Code
 from aiocoap.numbers.types import CON
 from aiocoap.optiontypes import BlockOption
-from aiocoap.pipe import error_to_message, run_driving_pipe
+from aiocoap.pipe import error_to_message
 from aiocoap.protocol import Context
 from aiocoap.resource import Site
 
@@ -289,12 +290,21 @@ class LeanMessageManager(MessageManager):  # type: ignore[misc]  # aiocoap is un
 
 class LeanContext(Context):  # type: ignore[misc]  # aiocoap is untyped
     """aiocoap's Context minus a per-request `repr()` of the request (and so of its remote,
-    which calls getsockname and if_indextoname) that only named the render task."""
+    which calls getsockname and if_indextoname) that only named the render task; and the
+    render coroutine is made inside the task (aiocoap's `run_driving_pipe` makes it first,
+    and a pipe whose interest ends before the task runs leaves it "never awaited")."""
 
     def render_to_pipe(self, pipe: Any) -> None:
-        run_driving_pipe(
-            error_to_message(pipe, self.log), self._render_to_pipe(pipe), name="coap-render"
-        )
+        out = error_to_message(pipe, self.log)
+
+        async def render() -> None:
+            try:
+                await self._render_to_pipe(pipe)
+            except Exception as exc:
+                out.add_exception(exc)
+
+        task = asyncio.create_task(render(), name="coap-render")
+        out.on_interest_end(task.cancel)
 
 
 class LeanSite(Site):  # type: ignore[misc]  # aiocoap is untyped

@@ -32,10 +32,10 @@ from gateway.errors import (
     CapacityError,
     ForbiddenError,
     GatewayError,
+    NotAcceptableError,
     NotFoundError,
     PayloadError,
     PayloadTooLargeError,
-    UnsupportedFormatError,
 )
 from gateway.events import Event, NewEvent
 from gateway.store import queries
@@ -335,7 +335,7 @@ def _accept(request: Message, allowed: Sequence[int], default: int) -> int:
     if accept is None:
         return default
     if int(accept) not in allowed:
-        raise UnsupportedFormatError(
+        raise NotAcceptableError(
             f"cannot answer in content-format {int(accept)}; "
             f"available: {', '.join(map(str, allowed))}"
         )

@@ -80,6 +80,10 @@ class CoapServer:
         self._expiry: asyncio.Task[None] | None = None
         self.addresses: list[tuple[str, int, str]] = []  # (host, port, "udp"|"dtls")
         self.limiter: Any = None
+        from gateway.coap.door import Door
+
+        #: The datagram layer's checks and counts, shared by every UDP endpoint.
+        self.door = Door(config.max_payload, logger)
 
     def set_devices(self, devices: Mapping[str, Any]) -> None:
         """The configured devices (`DeviceSpec`s; again after a reload): names no
@@ -116,8 +120,8 @@ class CoapServer:
 
     async def start(self) -> None:
         from aiocoap.tokenmanager import TokenManager
-        from aiocoap.transports.udp6 import MessageInterfaceUDP6
 
+        from gateway.coap.door import DoorUDP6, OncePerMinute
         from gateway.coap.lean import LeanContext, LeanMessageManager, RateLimiter
 
         await self.directory.load()
@@ -132,6 +136,11 @@ class CoapServer:
 
             site = OscoreSiteWrapper(self.site, creds)
         loop = asyncio.get_running_loop()
+        # aiocoap logs per datagram what any peer can make it say (a response nobody asked
+        # for, a new request before the last was ACKed): one line per kind a minute.
+        aiocoap_log = logging.getLogger("gateway.coap.aiocoap")
+        if not any(isinstance(f, OncePerMinute) for f in aiocoap_log.filters):
+            aiocoap_log.addFilter(OncePerMinute())
         ctx = LeanContext(
             loop=loop, serversite=site, loggername="gateway.coap.aiocoap", server_credentials=creds
         )
@@ -154,7 +163,7 @@ class CoapServer:
         try:
             for host in self.config.bind:
                 transport = await add(
-                    lambda mman, host=host: MessageInterfaceUDP6.create_server_transport_endpoint(
+                    lambda mman, host=host: DoorUDP6.create_server_transport_endpoint(
                         mman,
                         log=ctx.log,
                         loop=loop,
@@ -162,6 +171,7 @@ class CoapServer:
                         multicast=[],
                     )
                 )
+                transport.install(self.door)
                 port = _local_port(transport, self.config.port)
                 self.addresses.append((host, port, "udp"))
             if any(c.psk is not None for c in self.config.credentials.values()):
@@ -203,6 +213,7 @@ class CoapServer:
             async with asyncio.timeout(5.0):  # not wait_for: it can swallow a cancellation
                 await ctx.shutdown()
         self.managers.clear()
+        self.door.log.flush()
 
     def _on_commit(self, events: Any) -> None:
         """A forgotten device leaves the caps' books (and the directory) at once."""
@@ -231,6 +242,9 @@ class CoapServer:
             "unknown_devices": len(self.gate.unknown),
             "unknown_refused": self.gate.unknown_refused,
             "rd_refused": self.directory.refused,
+            # Datagrams that broke RFC 7252's message format, by kind (gateway.coap.door).
+            "rejected_datagrams": sum(self.door.rejected.values()),
+            "rejected": dict(self.door.rejected),
         }
 
 
@@ -283,6 +297,7 @@ class CoapService(Service):
                 ("rate_limited", "rate-limited"),
                 ("unknown_refused", "refused past max_unknown_devices"),
                 ("rd_refused", "refused past rd_max_registrations"),
+                ("rejected_datagrams", "datagrams rejected (RFC 7252 message format)"),
             )
             if figures[key]
         ]
