@@ -1,17 +1,23 @@
 /* CoAP load generator for bench/coap.py (compiled by it with the system cc; not installed).
  *
  *   coapload HOST PORT PATH REQUESTS CONCURRENCY PAYLOAD_HEX CONTENT_FORMAT
+ *            [TRIES [OFFSET IDS_FILE]]
  *
  * Keeps CONCURRENCY confirmable POSTs of PAYLOAD to coap://HOST:PORT/PATH in flight from one
  * UDP socket until REQUESTS have been answered (or given up after 4 tries, 2 s apart, like a
  * device: RFC 7252 ACK_TIMEOUT). A piggybacked answer is matched by message ID, a separate
  * one by token (and acknowledged). Prints one line:
  *   ok=N fail=N elapsed=S p50=MS p99=MS p999=MS max=MS codes=2.04:N,...
- * where ok counts 2.xx answers and the percentiles are over them. */
+ * where ok counts 2.xx answers and the percentiles are over them. TRIES (default 4) bounds
+ * the sends of one request. With OFFSET, the 4 bytes at that offset of the payload are
+ * replaced by the request's number (big-endian; a CBOR uint32 placeholder, 0x1a + 4 bytes)
+ * and the numbers answered 2.xx are written to IDS_FILE, one a line (durability tests).
+ * SIGTERM: no new requests; those in flight are waited for, then the line is printed. */
 #include <arpa/inet.h>
 #include <errno.h>
 #include <netdb.h>
 #include <poll.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -20,7 +26,6 @@
 #include <time.h>
 #include <unistd.h>
 
-#define MAX_TRIES 4
 #define RETRANSMIT_NS 2000000000LL
 
 struct slot {
@@ -28,6 +33,7 @@ struct slot {
     uint16_t mid;
     uint16_t seq;
     int tries;
+    long id;
     long long t0, sent;
     unsigned char msg[2048];
     int len;
@@ -45,13 +51,21 @@ static int cmp_ll(const void *a, const void *b) {
 }
 
 static int codes[256];
+static volatile sig_atomic_t stopping;
+
+static void on_term(int sig) { (void)sig; stopping = 1; }
 static int timeouts;
 
 int main(int argc, char **argv) {
-    if (argc != 8) {
-        fprintf(stderr, "usage: %s HOST PORT PATH REQUESTS CONCURRENCY PAYLOAD_HEX CF\n", argv[0]);
+    if (argc != 8 && argc != 9 && argc != 11) {
+        fprintf(stderr, "usage: %s HOST PORT PATH REQUESTS CONCURRENCY PAYLOAD_HEX CF "
+                        "[TRIES [OFFSET IDS_FILE]]\n", argv[0]);
         return 2;
     }
+    int max_tries = argc >= 9 ? atoi(argv[8]) : 4;
+    long offset = argc == 11 ? atol(argv[9]) : -1;
+    FILE *ids = argc == 11 ? fopen(argv[10], "w") : NULL;
+    if (argc == 11 && !ids) { perror("IDS_FILE"); return 2; }
     const char *host = argv[1], *port = argv[2], *path = argv[3];
     long requests = atol(argv[4]);
     int conc = atoi(argv[5]);
@@ -77,9 +91,11 @@ int main(int argc, char **argv) {
     uint16_t mid = (uint16_t)(getpid() * 7919);
     size_t seglen = strlen(path);
 
+    signal(SIGTERM, on_term);
     long long t_start = now_ns();
     for (;;) {
         /* fill free slots */
+        if (stopping && requests > started) requests = started; /* drain, then stop */
         for (int i = 0; i < conc && started < requests; i++) {
             struct slot *s = &slots[i];
             if (s->active) continue;
@@ -100,7 +116,13 @@ int main(int argc, char **argv) {
             if (cf < 256) { m[n++] = 0x11; m[n++] = cf; }        /* Content-Format */
             else { m[n++] = 0x12; m[n++] = cf >> 8; m[n++] = cf & 0xff; }
             m[n++] = 0xff;
-            memcpy(m + n, payload, plen); n += plen;
+            memcpy(m + n, payload, plen);
+            s->id = started;
+            if (offset >= 0 && offset + 4 <= (long)plen) {
+                m[n + offset] = started >> 24; m[n + offset + 1] = started >> 16;
+                m[n + offset + 2] = started >> 8; m[n + offset + 3] = started;
+            }
+            n += plen;
             s->len = n;
             by_mid[s->mid] = i;
             s->t0 = s->sent = now_ns();
@@ -136,15 +158,17 @@ int main(int argc, char **argv) {
                 s->active = 0;
                 by_mid[s->mid] = -1;
                 codes[code]++;
-                if (code >> 5 == 2) lat[ok++] = t - s->t0;
-                else fail++;
+                if (code >> 5 == 2) {
+                    lat[ok++] = t - s->t0;
+                    if (ids) fprintf(ids, "%ld\n", s->id);
+                } else fail++;
                 done++;
             }
         }
         for (int i = 0; i < conc; i++) {
             struct slot *s = &slots[i];
             if (!s->active || t - s->sent < RETRANSMIT_NS) continue;
-            if (s->tries >= MAX_TRIES) {
+            if (s->tries >= max_tries) {
                 s->active = 0;
                 by_mid[s->mid] = -1;
                 timeouts++;
@@ -167,5 +191,6 @@ int main(int argc, char **argv) {
         if (codes[c]) { printf("%s%d.%02d:%d", first ? "" : ",", c >> 5, c & 31, codes[c]); first = 0; }
     if (timeouts) printf("%stimeout:%d", first ? "" : ",", timeouts);
     printf("\n");
+    if (ids) fclose(ids);
     return 0;
 }

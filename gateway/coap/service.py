@@ -84,6 +84,7 @@ class CoapServer:
 
         #: The datagram layer's checks and counts, shared by every UDP endpoint.
         self.door = Door(config.max_payload, logger)
+        self.fast: list[Any] = []  # the fast ingest path of each UDP endpoint
 
     def set_devices(self, devices: Mapping[str, Any]) -> None:
         """The configured devices (`DeviceSpec`s; again after a reload): names no
@@ -122,6 +123,7 @@ class CoapServer:
         from aiocoap.tokenmanager import TokenManager
 
         from gateway.coap.door import DoorUDP6, OncePerMinute
+        from gateway.coap.fast import FastIngest
         from gateway.coap.lean import LeanContext, LeanMessageManager, RateLimiter
 
         await self.directory.load()
@@ -172,6 +174,11 @@ class CoapServer:
                     )
                 )
                 transport.install(self.door)
+                # Plain telemetry POSTs skip aiocoap's per-message machinery, same rules.
+                transport.fast = FastIngest(
+                    transport, transport._ctx, self.telemetry, self.backend, self.log
+                )
+                self.fast.append(transport.fast)
                 port = _local_port(transport, self.config.port)
                 self.addresses.append((host, port, "udp"))
             if any(c.psk is not None for c in self.config.credentials.values()):
@@ -213,6 +220,7 @@ class CoapServer:
             async with asyncio.timeout(5.0):  # not wait_for: it can swallow a cancellation
                 await ctx.shutdown()
         self.managers.clear()
+        self.fast.clear()
         self.door.log.flush()
 
     def _on_commit(self, events: Any) -> None:
@@ -230,6 +238,7 @@ class CoapServer:
     def figures(self) -> dict[str, Any]:
         return {
             "accepted": self.telemetry.accepted,
+            "fast_path": sum(f.handled for f in self.fast),
             "observations": self.devices.observation_count,
             "registrations": len(self.directory.by_ep),
             "dedup_entries": sum(len(m.dedup) for m in self.managers),
