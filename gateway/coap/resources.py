@@ -273,6 +273,7 @@ def group_readings(
     security context) a record without base name is a point of that device, and a base name
     must name that device."""
     out: dict[str, list[dict[str, Any]]] = {}
+    valid = ""  # the device last found valid (a pack is mostly one device's)
     for r in records:
         if r.base_name:
             device, point = senml.split_name(r.name, r.base_name)
@@ -280,7 +281,8 @@ def group_readings(
             device, point = fixed_device, r.name
         else:
             device, point = senml.split_name(r.name)
-        _valid_device(device)
+        if device != valid:
+            valid = _valid_device(device)
         message = names.problem(point, "point name")
         if message is not None:
             raise PayloadError(message)
