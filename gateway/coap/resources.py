@@ -51,12 +51,20 @@ class Backend:
         self.store = store
 
     async def append_many(self, events: Sequence[NewEvent]) -> list[Event]:
-        result: list[Event] = await self.submit(events)
+        result: list[Event] = await self.store.append_many(events)
         return result
 
-    def submit(self, events: Sequence[NewEvent]) -> asyncio.Future[list[Event]]:
-        """`append_many` without a coroutine: the future resolves after the commit."""
-        future: asyncio.Future[list[Event]] = self.store.append_many(events)
+    def submit(self, events: Sequence[NewEvent]) -> asyncio.Future[Any]:
+        """`append_many` without a coroutine: the future resolves after the commit (one
+        event, the common case, goes as `append`: the store's cheapest way)."""
+        future: asyncio.Future[Any]
+        if len(events) == 1:
+            e = events[0]
+            future = self.store.append(
+                e.stream, e.type, e.data, expected_version=e.expected_version, outbox=e.outbox
+            )
+        else:
+            future = self.store.append_many(events)
         return future
 
     async def latest(self, device: str, point: str | None = None) -> list[tuple[Any, ...]]:
