@@ -154,7 +154,12 @@ class Gate:
 
     @staticmethod
     def identity(request: Message) -> str | None:
-        claims = getattr(request.remote, "authenticated_claims", None) or []
+        return Gate.identity_of(request.remote)
+
+    @staticmethod
+    def identity_of(remote: Any) -> str | None:
+        """The identity a remote's security context proved (DTLS-PSK, OSCORE), or None."""
+        claims = getattr(remote, "authenticated_claims", None) or []
         for claim in claims:
             if isinstance(claim, str):
                 return claim

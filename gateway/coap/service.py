@@ -174,19 +174,18 @@ class CoapServer:
                     )
                 )
                 transport.install(self.door)
-                # Plain telemetry POSTs skip aiocoap's per-message machinery, same rules.
-                transport.fast = FastIngest(
-                    transport, transport._ctx, self.telemetry, self.backend, self.log
-                )
-                self.fast.append(transport.fast)
+                # Telemetry POSTs skip aiocoap's per-message machinery, same rules.
+                fast = FastIngest(self.door, transport._ctx, self.telemetry, self.backend, self.log)
+                transport.fast = fast.udp(transport)
+                self.fast.append(fast)
                 port = _local_port(transport, self.config.port)
                 self.addresses.append((host, port, "udp"))
             if any(c.psk is not None for c in self.config.credentials.values()):
-                from aiocoap.transports.tinydtls_server import MessageInterfaceTinyDTLSServer
+                from gateway.coap.door_dtls import DoorDTLS
 
                 for host in self.config.bind:
-                    await add(
-                        lambda mman, host=host: MessageInterfaceTinyDTLSServer.create_server(
+                    dtls = await add(
+                        lambda mman, host=host: DoorDTLS.create_server(
                             # aiocoap adds 1 (5683 -> 5684) to the port it is given.
                             (host, self.config.dtls_port - 1),
                             mman,
@@ -196,6 +195,10 @@ class CoapServer:
                         ),
                         verify_address=False,  # the DTLS handshake's cookie proved it
                     )
+                    dtls.door = self.door
+                    fast = FastIngest(self.door, dtls._mman, self.telemetry, self.backend, self.log)
+                    dtls.fast = fast.dtls()
+                    self.fast.append(fast)
                     self.addresses.append((host, self.config.dtls_port, "dtls"))
         except BaseException:
             await self.stop()

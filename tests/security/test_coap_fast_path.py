@@ -10,11 +10,13 @@ from __future__ import annotations
 import socket
 import sqlite3
 import struct
+from pathlib import Path
 from typing import Any
 
 import cbor2
 
-from tests.peers import wait_until
+from tests.coap.conftest import coap_client
+from tests.peers import free_port, wait_until
 from tests.security.rawcoap import ACK, CON, NON, POST, Reply, decode, encode, request
 
 OPEN = "allow_unauthenticated = true\naccept_unknown_devices = true\n"
@@ -148,3 +150,41 @@ def test_a_con_retransmitted_while_its_commit_runs_gets_one_answer(coap_daemon: 
         assert CON == 0  # (the requests above are CON)
     finally:
         s.close()
+
+
+def test_fast_path_over_dtls_psk_and_the_door_in_front_of_it(
+    coap_daemon: Any, tmp_path: Path
+) -> None:
+    """DTLS-PSK (libcoap's coap-client-openssl): telemetry POSTs take the fast path with the
+    PSK's identity; the decrypted datagrams pass the door too (a Uri-Path that is not UTF-8
+    gets 4.02, not a traceback)."""
+    dtls_port = free_port(socket.SOCK_DGRAM)
+    gw = coap_daemon(f'dtls_port = {dtls_port}\n[coap.devices.sensor-9]\npsk = "sensor-9-secret"\n')
+    base = f"coaps://127.0.0.1:{dtls_port}"
+
+    def post(path: str, body: str, *extra: str) -> Any:
+        args = ["-u", "sensor-9", "-k", "sensor-9-secret", "-m", "post", "-t", "110",
+                "-e", body, *extra]  # fmt: skip
+        return coap_client("coap-client-openssl", args, base + path, tmp_path)
+
+    before = gw.status()["fast_path"]
+    reply = post("/telemetry", '[{"n":"t","v":7.5}]')
+    assert reply.code == "2.04", reply.log
+    reply = post("/d/other-1", '[{"n":"t","v":1}]')
+    assert reply.code == "4.03", reply.log
+    assert gw.status()["fast_path"] == before + 2
+    db = gw.config.parent / "state" / "gateway.db"
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        rows = conn.execute(
+            "SELECT data FROM events WHERE type = 'readings' AND stream = 'device:sensor-9'"
+        ).fetchall()
+    finally:
+        conn.close()
+    assert [cbor2.loads(d) for (d,) in rows] == [{"r": [{"n": "t", "v": 7.5}]}]
+    # A second Uri-Path segment of one 0xff byte, inside the DTLS session.
+    reply = post("/d", '[{"n":"t","v":1}]', "-O", "11,0xff")
+    assert reply.code == "4.02", reply.log
+    status = gw.status()
+    assert status["rejected"]["bad_option"] == 1
+    assert "Traceback" not in gw.log()
