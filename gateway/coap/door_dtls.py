@@ -11,6 +11,7 @@ from aiocoap.message import Message
 from aiocoap.transports.tinydtls_server import MessageInterfaceTinyDTLSServer
 
 from gateway.coap.door import Datagram, Door, Rejected, parse
+from gateway.coap.lean import source_of
 
 
 class DoorDTLS(MessageInterfaceTinyDTLSServer):  # type: ignore[misc]  # aiocoap is untyped
@@ -23,7 +24,7 @@ class DoorDTLS(MessageInterfaceTinyDTLSServer):  # type: ignore[misc]  # aiocoap
 
     def _received_datagram(self, address: Any, data: bytes) -> None:
         door = self.door
-        source = getattr(getattr(address, "_underlying_address", None), "sockaddr", None)
+        source = source_of(address)
         try:
             msg = parse(data)
         except Rejected as exc:
