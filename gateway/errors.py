@@ -73,6 +73,13 @@ class UnsupportedFormatError(GatewayError):
     exit_status = EXIT_USAGE
 
 
+class NotAcceptableError(GatewayError):
+    """No representation in the content-format the request's Accept asks for (RFC 7252 5.10.4)."""
+
+    coap_code = "4.06"
+    exit_status = EXIT_USAGE
+
+
 class PayloadTooLargeError(GatewayError):
     coap_code = "4.13"
     exit_status = EXIT_USAGE

@@ -28,6 +28,7 @@ anything else is cut to its code. What is cached for duplicates is what was sent
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 from collections.abc import Callable
@@ -38,7 +39,7 @@ from aiocoap.messagemanager import MessageManager
 from aiocoap.numbers.codes import Code
 from aiocoap.numbers.types import CON
 from aiocoap.optiontypes import BlockOption
-from aiocoap.pipe import error_to_message, run_driving_pipe
+from aiocoap.pipe import error_to_message
 from aiocoap.protocol import Context
 from aiocoap.resource import Site
 
@@ -220,6 +221,20 @@ def dedup_key(remote: Any, mid: int) -> Any:
     return (remote, mid)
 
 
+def cap_for_unproven(response: Message, request_size: int, token_length: int) -> Message | None:
+    """RFC 7252 section 11.3 for a peer that has not proven its address: `response` cut to
+    AMPLIFICATION_FACTOR x the request's `request_size` bytes, or None if it fits as is."""
+    size = wire_size(response)
+    # Any request is at least its header and token: most answers (a bare 2.04) fit that
+    # without measuring the request.
+    if size <= AMPLIFICATION_FACTOR * (4 + token_length):
+        return None
+    limit = AMPLIFICATION_FACTOR * request_size
+    if size <= limit:
+        return None
+    return fit_response(response, limit)
+
+
 class LeanMessageManager(MessageManager):  # type: ignore[misc]  # aiocoap is untyped
     """aiocoap's MessageManager with `DedupCache` as its duplicate-detection state."""
 
@@ -241,11 +256,7 @@ class LeanMessageManager(MessageManager):  # type: ignore[misc]  # aiocoap is un
         self.cut = 0
 
     def dispatch_message(self, message: Message) -> None:
-        if (
-            self.limiter is not None
-            and (message.code.is_request() or message.mtype is CON)
-            and not self.limiter.allow(source_of(message.remote))
-        ):
+        if not self.admit(message):
             return  # dropped: a CON sender retransmits later; counted in the limiter
         super().dispatch_message(message)
 
@@ -257,23 +268,35 @@ class LeanMessageManager(MessageManager):  # type: ignore[misc]  # aiocoap is un
             and message.code.is_response()
             and message.opt.oscore is None  # protected: the request was no replay of a spoofer
         ):
-            size = wire_size(message)
-            # Any request is at least its header and token: most answers (a bare 2.04) fit
-            # that without measuring the request.
-            if size > AMPLIFICATION_FACTOR * (4 + len(request.token)):
-                limit = AMPLIFICATION_FACTOR * wire_size(request)
-                if size > limit:
-                    message = fit_response(message, limit)
-                    self.cut += 1
+            cut = cap_for_unproven(message, wire_size(request), len(request.token))
+            if cut is not None:
+                message = cut
+                self.cut += 1
         super().send_message(message, messageerror_monitor)
 
-    def _deduplicate_message(self, message: Message) -> bool:
-        key = dedup_key(message.remote, message.mid)
+    def admit(self, message: Message) -> bool:
+        """The token bucket of the sender (False: drop it; counted in the limiter)."""
+        if message.code.is_request() or message.mtype is CON:
+            return self.allow_source(source_of(message.remote))
+        return True
+
+    def allow_source(self, source: str | None) -> bool:
+        return self.limiter is None or self.limiter.allow(source)
+
+    def first_time(self, key: Any) -> tuple[bool, bytes]:
+        """RFC 7252 section 4.5: (True, b"") for a new (sender, message ID), now remembered;
+        else (False, the answer kept for it: b"" while there is none yet), counted."""
         stored = self.dedup.get(key)
         if stored is None:
             self.dedup.add(key)
-            return False
+            return True, b""
         self.duplicates += 1
+        return False, stored
+
+    def _deduplicate_message(self, message: Message) -> bool:
+        new, stored = self.first_time(dedup_key(message.remote, message.mid))
+        if new:
+            return False
         if message.mtype is CON and stored:
             # Same answer again, re-encoded from the bytes we kept (RFC 7252 section 4.5).
             again = Message.decode(stored, remote=message.remote.as_response_address())
@@ -289,12 +312,21 @@ class LeanMessageManager(MessageManager):  # type: ignore[misc]  # aiocoap is un
 
 class LeanContext(Context):  # type: ignore[misc]  # aiocoap is untyped
     """aiocoap's Context minus a per-request `repr()` of the request (and so of its remote,
-    which calls getsockname and if_indextoname) that only named the render task."""
+    which calls getsockname and if_indextoname) that only named the render task; and the
+    render coroutine is made inside the task (aiocoap's `run_driving_pipe` makes it first,
+    and a pipe whose interest ends before the task runs leaves it "never awaited")."""
 
     def render_to_pipe(self, pipe: Any) -> None:
-        run_driving_pipe(
-            error_to_message(pipe, self.log), self._render_to_pipe(pipe), name="coap-render"
-        )
+        out = error_to_message(pipe, self.log)
+
+        async def render() -> None:
+            try:
+                await self._render_to_pipe(pipe)
+            except Exception as exc:
+                out.add_exception(exc)
+
+        task = asyncio.create_task(render(), name="coap-render")
+        out.on_interest_end(task.cancel)
 
 
 class LeanSite(Site):  # type: ignore[misc]  # aiocoap is untyped

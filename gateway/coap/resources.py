@@ -8,6 +8,7 @@ kept for anyone (aiocoap's Block1Spool would hold partial uploads for 93 s, unbo
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
@@ -32,10 +33,10 @@ from gateway.errors import (
     CapacityError,
     ForbiddenError,
     GatewayError,
+    NotAcceptableError,
     NotFoundError,
     PayloadError,
     PayloadTooLargeError,
-    UnsupportedFormatError,
 )
 from gateway.events import Event, NewEvent
 from gateway.store import queries
@@ -52,6 +53,19 @@ class Backend:
     async def append_many(self, events: Sequence[NewEvent]) -> list[Event]:
         result: list[Event] = await self.store.append_many(events)
         return result
+
+    def submit(self, events: Sequence[NewEvent]) -> asyncio.Future[Any]:
+        """`append_many` without a coroutine: the future resolves after the commit (one
+        event, the common case, goes as `append`: the store's cheapest way)."""
+        future: asyncio.Future[Any]
+        if len(events) == 1:
+            e = events[0]
+            future = self.store.append(
+                e.stream, e.type, e.data, expected_version=e.expected_version, outbox=e.outbox
+            )
+        else:
+            future = self.store.append_many(events)
+        return future
 
     async def latest(self, device: str, point: str | None = None) -> list[tuple[Any, ...]]:
         rows = await self.store.read(lambda c: queries.latest(c, device, point))
@@ -140,7 +154,12 @@ class Gate:
 
     @staticmethod
     def identity(request: Message) -> str | None:
-        claims = getattr(request.remote, "authenticated_claims", None) or []
+        return Gate.identity_of(request.remote)
+
+    @staticmethod
+    def identity_of(remote: Any) -> str | None:
+        """The identity a remote's security context proved (DTLS-PSK, OSCORE), or None."""
+        claims = getattr(remote, "authenticated_claims", None) or []
         for claim in claims:
             if isinstance(claim, str):
                 return claim
@@ -167,7 +186,10 @@ class Gate:
     def authorize(self, request: Message, device: str, *, write: bool = False) -> None:
         """May the sender of `request` act as (`write`) / read `device`? Raises
         4.01/4.03/4.04."""
-        who = self.identity(request)
+        self.authorize_as(self.identity(request), device, write=write)
+
+    def authorize_as(self, who: str | None, device: str, *, write: bool = False) -> None:
+        """`authorize` for a sender authenticated as `who` (None: not authenticated)."""
         if who is not None:
             if who != device:
                 raise ForbiddenError(f"authenticated as {who!r}, not as {device!r}")
@@ -182,17 +204,46 @@ def content_format(request: Message) -> int | None:
     return None if cf is None else int(cf)
 
 
+@dataclass(frozen=True, slots=True)
+class Upload:
+    """What the ingest rules look at in a telemetry POST: taken from aiocoap's `Message`
+    (`upload_of`) or from a datagram by the fast path (gateway.coap.fast)."""
+
+    payload: bytes
+    content_format: int | None
+    #: Identity from the security context (None: not authenticated).
+    who: str | None
+    size1: int | None = None
+    #: (block number, more) of a Block1 option.
+    block1: tuple[int, bool] | None = None
+
+
+def upload_of(request: Message) -> Upload:
+    block1 = request.opt.block1
+    return Upload(
+        request.payload,
+        content_format(request),
+        Gate.identity(request),
+        request.opt.size1,
+        None if block1 is None else (block1.block_number, bool(block1.more)),
+    )
+
+
 def check_size(request: Message, limit: int) -> None:
     """One datagram, at most `limit` bytes: no block-wise upload, nothing reassembled."""
-    block1 = request.opt.block1
-    if block1 is not None and (block1.more or block1.block_number != 0):
+    check_upload_size(upload_of(request), limit)
+
+
+def check_upload_size(upload: Upload, limit: int) -> None:
+    block1 = upload.block1
+    if block1 is not None and (block1[1] or block1[0] != 0):
         raise PayloadTooLargeError(f"block-wise upload not supported: at most {limit} bytes", limit)
-    size1 = request.opt.size1
+    size1 = upload.size1
     if size1 is not None and size1 > limit:
         raise PayloadTooLargeError(f"payload of {size1} bytes is over the limit of {limit}", limit)
-    if len(request.payload) > limit:
+    if len(upload.payload) > limit:
         raise PayloadTooLargeError(
-            f"payload of {len(request.payload)} bytes is over the limit of {limit}", limit
+            f"payload of {len(upload.payload)} bytes is over the limit of {limit}", limit
         )
 
 
@@ -235,6 +286,7 @@ def group_readings(
     security context) a record without base name is a point of that device, and a base name
     must name that device."""
     out: dict[str, list[dict[str, Any]]] = {}
+    valid = ""  # the device last found valid (a pack is mostly one device's)
     for r in records:
         if r.base_name:
             device, point = senml.split_name(r.name, r.base_name)
@@ -242,7 +294,8 @@ def group_readings(
             device, point = fixed_device, r.name
         else:
             device, point = senml.split_name(r.name)
-        _valid_device(device)
+        if device != valid:
+            valid = _valid_device(device)
         message = names.problem(point, "point name")
         if message is not None:
             raise PayloadError(message)
@@ -301,8 +354,19 @@ class TelemetryResource(GatewayResource):
         self.accepted = 0
 
     async def ingest(self, request: Message, path_device: str | None) -> Message:
-        check_size(request, self.gate.config.max_payload)
-        who = self.gate.identity(request)
+        events = self.prepare(upload_of(request), path_device)
+        # The acknowledgement is the commit: nothing is answered before append_many returns.
+        await self.backend.append_many(events)
+        self.accepted += 1
+        return Message(code=Code.CHANGED)
+
+    def prepare(self, upload: Upload, path_device: str | None) -> list[NewEvent]:
+        """Every rule of a telemetry POST (size, identity, names, min/max, caps) and its
+        events; raises a `GatewayError` for the answer. The one implementation, for the
+        aiocoap path (`ingest`) and the fast path alike; the caller appends and answers
+        after the commit."""
+        check_upload_size(upload, self.gate.config.max_payload)
+        who = upload.who
         if who is None and path_device is not None:
             self.gate.check_unauthenticated(path_device, write=True)
         # (Without a device in the path, the devices named in the pack are checked one by
@@ -310,21 +374,17 @@ class TelemetryResource(GatewayResource):
         fixed = path_device or who
         if path_device is not None and who is not None and path_device != who:
             raise ForbiddenError(f"authenticated as {who!r}, not as {path_device!r}")
-        cf = content_format(request)
+        cf = upload.content_format
         if cf == senml.CF_CBOR and fixed is None:
             raise PayloadError("a plain CBOR map needs a device: POST it to /d/<device>")
-        records = senml.decode(request.payload, cf, self.clock())
+        records = senml.decode(upload.payload, cf, self.clock())
         grouped = group_readings(records, fixed)
         for device in grouped:
-            self.gate.authorize(request, device, write=True)
+            self.gate.authorize_as(who, device, write=True)
         check_limits(self.gate.limits, grouped)
         for device, recs in grouped.items():
             self.gate.admit(device, (rec["n"] for rec in recs))
-        events = [ev.readings_event(device, recs) for device, recs in grouped.items()]
-        # The acknowledgement is the commit: nothing is answered before append_many returns.
-        await self.backend.append_many(events)
-        self.accepted += 1
-        return Message(code=Code.CHANGED)
+        return [ev.readings_event(device, recs) for device, recs in grouped.items()]
 
     async def render_post(self, request: Message) -> Message:
         return await self.ingest(request, None)
@@ -335,7 +395,7 @@ def _accept(request: Message, allowed: Sequence[int], default: int) -> int:
     if accept is None:
         return default
     if int(accept) not in allowed:
-        raise UnsupportedFormatError(
+        raise NotAcceptableError(
             f"cannot answer in content-format {int(accept)}; "
             f"available: {', '.join(map(str, allowed))}"
         )
@@ -426,10 +486,14 @@ class DeviceResource(GatewayResource, coap_resource.PathCapable, ObservableResou
         return await self._point(request, device, path[1])
 
     async def render_post(self, request: Message) -> Message:
-        path = self._path(request)
+        return await self.telemetry.ingest(request, self.post_device(self._path(request)))
+
+    @staticmethod
+    def post_device(path: Sequence[str]) -> str:
+        """The device of a telemetry POST to /d/<path> (the fast path's too)."""
         if len(path) != 1:
             raise NotFoundError("POST telemetry to /d/<device> or /telemetry")
-        return await self.telemetry.ingest(request, _valid_device(path[0]))
+        return _valid_device(path[0])
 
     async def _state(self, request: Message, device: str) -> Message:
         cf = _accept(request, (senml.CF_CBOR, senml.CF_JSON), senml.CF_CBOR)

@@ -80,6 +80,11 @@ class CoapServer:
         self._expiry: asyncio.Task[None] | None = None
         self.addresses: list[tuple[str, int, str]] = []  # (host, port, "udp"|"dtls")
         self.limiter: Any = None
+        from gateway.coap.door import Door
+
+        #: The datagram layer's checks and counts, shared by every UDP endpoint.
+        self.door = Door(config.max_payload, logger)
+        self.fast: list[Any] = []  # the fast ingest path of each UDP endpoint
 
     def set_devices(self, devices: Mapping[str, Any]) -> None:
         """The configured devices (`DeviceSpec`s; again after a reload): names no
@@ -116,8 +121,9 @@ class CoapServer:
 
     async def start(self) -> None:
         from aiocoap.tokenmanager import TokenManager
-        from aiocoap.transports.udp6 import MessageInterfaceUDP6
 
+        from gateway.coap.door import DoorUDP6, OncePerMinute
+        from gateway.coap.fast import FastIngest
         from gateway.coap.lean import LeanContext, LeanMessageManager, RateLimiter
 
         await self.directory.load()
@@ -132,6 +138,11 @@ class CoapServer:
 
             site = OscoreSiteWrapper(self.site, creds)
         loop = asyncio.get_running_loop()
+        # aiocoap logs per datagram what any peer can make it say (a response nobody asked
+        # for, a new request before the last was ACKed): one line per kind a minute.
+        aiocoap_log = logging.getLogger("gateway.coap.aiocoap")
+        if not any(isinstance(f, OncePerMinute) for f in aiocoap_log.filters):
+            aiocoap_log.addFilter(OncePerMinute())
         ctx = LeanContext(
             loop=loop, serversite=site, loggername="gateway.coap.aiocoap", server_credentials=creds
         )
@@ -154,7 +165,7 @@ class CoapServer:
         try:
             for host in self.config.bind:
                 transport = await add(
-                    lambda mman, host=host: MessageInterfaceUDP6.create_server_transport_endpoint(
+                    lambda mman, host=host: DoorUDP6.create_server_transport_endpoint(
                         mman,
                         log=ctx.log,
                         loop=loop,
@@ -162,14 +173,19 @@ class CoapServer:
                         multicast=[],
                     )
                 )
+                transport.install(self.door)
+                # Telemetry POSTs skip aiocoap's per-message machinery, same rules.
+                fast = FastIngest(self.door, transport._ctx, self.telemetry, self.backend, self.log)
+                transport.fast = fast.udp(transport)
+                self.fast.append(fast)
                 port = _local_port(transport, self.config.port)
                 self.addresses.append((host, port, "udp"))
             if any(c.psk is not None for c in self.config.credentials.values()):
-                from aiocoap.transports.tinydtls_server import MessageInterfaceTinyDTLSServer
+                from gateway.coap.door_dtls import DoorDTLS
 
                 for host in self.config.bind:
-                    await add(
-                        lambda mman, host=host: MessageInterfaceTinyDTLSServer.create_server(
+                    dtls = await add(
+                        lambda mman, host=host: DoorDTLS.create_server(
                             # aiocoap adds 1 (5683 -> 5684) to the port it is given.
                             (host, self.config.dtls_port - 1),
                             mman,
@@ -179,6 +195,10 @@ class CoapServer:
                         ),
                         verify_address=False,  # the DTLS handshake's cookie proved it
                     )
+                    dtls.door = self.door
+                    fast = FastIngest(self.door, dtls._mman, self.telemetry, self.backend, self.log)
+                    dtls.fast = fast.dtls()
+                    self.fast.append(fast)
                     self.addresses.append((host, self.config.dtls_port, "dtls"))
         except BaseException:
             await self.stop()
@@ -203,6 +223,8 @@ class CoapServer:
             async with asyncio.timeout(5.0):  # not wait_for: it can swallow a cancellation
                 await ctx.shutdown()
         self.managers.clear()
+        self.fast.clear()
+        self.door.log.flush()
 
     def _on_commit(self, events: Any) -> None:
         """A forgotten device leaves the caps' books (and the directory) at once."""
@@ -219,6 +241,7 @@ class CoapServer:
     def figures(self) -> dict[str, Any]:
         return {
             "accepted": self.telemetry.accepted,
+            "fast_path": sum(f.handled for f in self.fast),
             "observations": self.devices.observation_count,
             "registrations": len(self.directory.by_ep),
             "dedup_entries": sum(len(m.dedup) for m in self.managers),
@@ -231,6 +254,9 @@ class CoapServer:
             "unknown_devices": len(self.gate.unknown),
             "unknown_refused": self.gate.unknown_refused,
             "rd_refused": self.directory.refused,
+            # Datagrams that broke RFC 7252's message format, by kind (gateway.coap.door).
+            "rejected_datagrams": sum(self.door.rejected.values()),
+            "rejected": dict(self.door.rejected),
         }
 
 
@@ -283,6 +309,7 @@ class CoapService(Service):
                 ("rate_limited", "rate-limited"),
                 ("unknown_refused", "refused past max_unknown_devices"),
                 ("rd_refused", "refused past rd_max_registrations"),
+                ("rejected_datagrams", "datagrams rejected (RFC 7252 message format)"),
             )
             if figures[key]
         ]
