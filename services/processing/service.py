@@ -5,8 +5,8 @@ on the device's stream). Readings are never dropped or changed.
 
 Windows are by the gateway's clock (an event's append time: a polled reading held back by
 `[store] commit_interval` keeps the time it was polled) and close at wall-clock boundaries
-once everything committed before the boundary plus the grace (`GRACE` + the commit
-interval, which late-committed readings may need) has been seen; the
+once everything appended before the boundary plus `GRACE` has been committed (the ticker
+has the store commit what it holds back) and seen; the
 `windows` watermark commits with each aggregate, and after a restart the windows past it are
 rebuilt from the log. Anomaly detectors save their state every `SAVE_EVERY` seconds and at
 stop, and replay the log after the saved position at start.
@@ -84,9 +84,9 @@ class ProcessingService(Service):
     async def start(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
         self.log = ctx.logger
-        # Readings held back by the store's commit interval arrive that much later.
+        # Readings held back by the store's commit interval arrive that much later (windows
+        # need not wait for them: the ticker has them committed before it closes any).
         self.lag = ctx.config.store.commit_interval
-        self.grace = GRACE + self.lag
         # Started again after a crash: everything is rebuilt from the store, nothing kept.
         for h in self.trailing.values():
             h.cancel()
@@ -367,7 +367,10 @@ class ProcessingService(Service):
             await asyncio.sleep(max(0.01, min(wakes) - now))
             now = time.time()
             if every:
-                # Everything committed before now is seen before windows close.
+                # Readings the store holds back for its commit interval are committed now,
+                # and everything committed before now is seen before windows close.
+                with contextlib.suppress(StoreError):
+                    await self.ctx.store.flush()
                 self._target = self.ctx.bus.last_seq
                 if self.processed < self._target:
                     self._caught_up.clear()
