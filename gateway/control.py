@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import grp
 import json
 import logging
@@ -47,6 +48,11 @@ class Peer:
     def as_dict(self) -> dict[str, int]:
         return {"uid": self.uid, "gid": self.gid, "pid": self.pid}
 
+
+#: The caller of the verb being answered (handlers that record who asked read it).
+current_peer: contextvars.ContextVar[Peer | None] = contextvars.ContextVar(
+    "current_peer", default=None
+)
 
 #: Called after a mutating verb ran: (verb, args, peer, error or None). It records it.
 Audit = Callable[[str, dict[str, Any], Peer, str | None], Awaitable[None]]
@@ -215,6 +221,7 @@ class ControlServer:
             )
             return {"ok": False, "error": str(err), "exit": err.exit_status}
         error: str | None = None
+        token = current_peer.set(peer)
         try:
             answer = {"ok": True, "result": await handler(args)}
         except GatewayError as exc:
@@ -224,6 +231,8 @@ class ControlServer:
             log.exception("control verb %s failed", verb)
             error = f"internal error: {exc}"
             answer = {"ok": False, "error": error, "exit": 1}
+        finally:
+            current_peer.reset(token)
         if mutating and self.audit is not None and peer is not None:
             try:
                 await self.audit(verb, args, peer, error)

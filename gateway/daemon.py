@@ -81,7 +81,9 @@ def build_services(config: cfg.GatewayConfig) -> list[Service]:
     from services.collection import CollectionService
     from services.devices import DevicesService
 
-    out: list[Service] = [DevicesService(), CollectionService()]
+    from services.control.service import ControlService
+
+    out: list[Service] = [DevicesService(), CollectionService(), ControlService()]
     for section, ref in OPTIONAL_SERVICES.items():
         conf = config.sections.get(section)
         if conf is None or getattr(conf, "enabled", True) is False:
@@ -130,6 +132,7 @@ class Daemon:
     async def run(self) -> int:
         c = self.config
         tune_process()
+        importlib.import_module("services.control")  # its tables, before the store opens
         store = await self._open_store()
         if store is None:
             return 0  # stopped while waiting for room to open the database

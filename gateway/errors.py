@@ -97,6 +97,11 @@ class DeviceUnavailable(DriverError):
     coap_code = "5.03"
 
 
+class ConnectError(DeviceUnavailable):
+    """No connection to the device (refused, not yet reconnected, circuit open): nothing
+    reached it, so a write may be tried again without risk of doing it twice."""
+
+
 class DeviceTimeout(DriverError):
     coap_code = "5.04"
 

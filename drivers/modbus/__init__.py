@@ -20,6 +20,7 @@ from drivers.base import Driver, DriverContext, RawReading
 from gateway.breaker import Breaker, State
 from gateway.config import DeviceSpec, PointSpec
 from gateway.errors import (
+    ConnectError,
     ConfigError,
     DeviceProtocolError,
     DeviceTimeout,
@@ -233,7 +234,7 @@ class ModbusDriver(Driver):
         cfg = dev.config
         clock = self.ctx.clock
         if not dev.breaker.allow(clock.monotonic()):
-            raise DeviceUnavailable(
+            raise ConnectError(
                 cfg.id, f"circuit open after {dev.breaker.failures} failures; next probe in "
                 f"{dev.breaker.wait(clock.monotonic()):.1f} s",
             )  # fmt: skip

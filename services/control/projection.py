@@ -1,0 +1,168 @@
+"""Commands as a projection of their events (stream `command:<id>`): one row per command with
+its current status, committed with the event that changes it. A restart finds what was
+accepted or sent without reading the log; `gatewayctl devices ID` shows a device's commands."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from typing import Any, Final
+
+import cbor2
+
+from gateway import events as ev
+from gateway.events import Event
+
+COMMAND_REJECTED: Final = "command.rejected"  # data: {"reason", "error"}
+COMMAND_SENT: Final = "command.sent"  # data: {}
+COMMAND_SUCCEEDED: Final = "command.succeeded"  # data: {"value"?: read back, "attempts"}
+COMMAND_EXPIRED: Final = "command.expired"  # data: {"deadline"}
+#: ev.COMMAND_FAILED: data {"reason": "unknown_outcome" | "unreachable" | "device_error" |
+#: "refused" | ..., "error"}
+
+#: status after each event type
+STATUS: Final = {
+    ev.COMMAND_REQUESTED: "requested",
+    ev.COMMAND_ACCEPTED: "accepted",
+    COMMAND_REJECTED: "rejected",
+    COMMAND_SENT: "sent",
+    COMMAND_SUCCEEDED: "succeeded",
+    ev.COMMAND_FAILED: "failed",
+    COMMAND_EXPIRED: "expired",
+}
+TERMINAL: Final = frozenset({"rejected", "succeeded", "failed", "expired"})
+
+SCHEMA = [
+    """
+    CREATE TABLE commands (
+        id         TEXT PRIMARY KEY,
+        device     TEXT,
+        point      TEXT,
+        value      BLOB,
+        source     TEXT,
+        by         TEXT,
+        status     TEXT NOT NULL,
+        reason     TEXT,
+        error      TEXT,
+        result     BLOB,
+        deadline   REAL,
+        requested  REAL,
+        updated    REAL,
+        saga       TEXT
+    ) WITHOUT ROWID;
+    CREATE INDEX commands_device ON commands (device, requested);
+    CREATE INDEX commands_status ON commands (status);
+    """,
+]
+
+COLS: Final = (
+    "id", "device", "point", "value", "source", "by", "status", "reason", "error", "result",
+    "deadline", "requested", "updated", "saga",
+)  # fmt: skip
+
+
+def command_stream(cid: str) -> str:
+    return f"command:{cid}"
+
+
+class CommandProjection:
+    tables: tuple[str, ...] = ("commands",)
+
+    def reset(self, conn: sqlite3.Connection) -> None:
+        conn.execute("DELETE FROM commands")
+
+    def apply(self, conn: sqlite3.Connection, events: Sequence[Event]) -> None:
+        for e in events:
+            if e.stream.startswith("command:") and e.type in STATUS:
+                self._apply(conn, e.stream[8:], e)
+
+    def _apply(self, conn: sqlite3.Connection, cid: str, e: Event) -> None:
+        d = e.data
+        status = STATUS[e.type]
+        if e.type == ev.COMMAND_REQUESTED:
+            by = d.get("by")
+            conn.execute(
+                "INSERT OR IGNORE INTO commands (id, device, point, value, source, by, status, "
+                "deadline, requested, updated, saga) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (cid, _s(d.get("device")), _s(d.get("point")), cbor2.dumps(d.get("value")),
+                 _s(d.get("source")), None if by is None else str(by), status,
+                 _f(d.get("deadline")), e.wall_time, e.wall_time, _s(d.get("saga"))),
+            )  # fmt: skip
+            return
+        conn.execute(
+            "UPDATE commands SET status = ?, reason = coalesce(?, reason), "
+            "error = coalesce(?, error), result = coalesce(?, result), "
+            "deadline = coalesce(?, deadline), updated = ? WHERE id = ?",
+            (status, _s(d.get("reason")), _s(d.get("error")),
+             cbor2.dumps(d["value"]) if "value" in d else None, _f(d.get("deadline")),
+             e.wall_time, cid),
+        )  # fmt: skip
+
+    def snapshot(self, conn: sqlite3.Connection, stream: str) -> Any:
+        if not stream.startswith("command:"):
+            return None
+        row = conn.execute("SELECT * FROM commands WHERE id = ?", (stream[8:],)).fetchone()
+        return list(row) if row else None
+
+    def restore(self, conn: sqlite3.Connection, stream: str, state: Any) -> None:
+        if isinstance(state, list) and len(state) == len(COLS):
+            conn.execute(f"INSERT OR REPLACE INTO commands VALUES ({','.join('?' * len(COLS))})",
+                         state)  # fmt: skip
+
+
+def _s(v: Any) -> str | None:
+    return None if v is None else str(v)
+
+
+def _f(v: Any) -> float | None:
+    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
+
+
+def row_dict(row: Sequence[Any]) -> dict[str, Any]:
+    out = dict(zip(COLS, row, strict=True))
+    for k in ("value", "result"):
+        out[k] = cbor2.loads(out[k]) if isinstance(out[k], bytes) else out[k]
+    return out
+
+
+def _have(conn: sqlite3.Connection) -> bool:
+    return bool(
+        conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'commands'")
+        .fetchone()
+    )
+
+
+def command(conn: sqlite3.Connection, cid: str) -> dict[str, Any] | None:
+    if not _have(conn):
+        return None
+    row = conn.execute("SELECT * FROM commands WHERE id = ?", (cid,)).fetchone()
+    return row_dict(row) if row else None
+
+
+def commands(
+    conn: sqlite3.Connection, device: str | None = None, limit: int = 20
+) -> list[dict[str, Any]]:
+    """Newest first."""
+    if not _have(conn):
+        return []
+    if device is None:
+        rows = conn.execute(
+            "SELECT * FROM commands ORDER BY requested DESC LIMIT ?", (limit,)
+        ).fetchall()
+    else:
+        rows = conn.execute(
+            "SELECT * FROM commands WHERE device = ? ORDER BY requested DESC LIMIT ?",
+            (device, limit),
+        ).fetchall()
+    return [row_dict(r) for r in rows]
+
+
+def unfinished(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+    """Commands without an outcome, oldest first (for restart recovery)."""
+    if not _have(conn):
+        return []
+    rows = conn.execute(
+        "SELECT * FROM commands WHERE status IN ('requested', 'accepted', 'sent') "
+        "ORDER BY requested"
+    ).fetchall()
+    return [row_dict(r) for r in rows]

@@ -1,0 +1,416 @@
+"""The control service: commands that write a point of a device, from the CLI
+(`gatewayctl command`), CoAP (`POST /d/{device}/commands`) and the cloud (the relay's
+`command.requested`).
+
+Every step is an event in the command's own stream `command:<id>`:
+`requested -> accepted | rejected(reason) -> sent -> succeeded | failed(reason) | expired`.
+The id is the idempotency key, one namespace for every source: `requested` is appended at
+stream version 0, so a second request with the same id is the same command and gets its
+outcome. Requests are judged in one place (the bus consumer below), by the point rules of
+`services.points`. One command is in flight per device; a bounded queue per device holds the
+rest; an expired command is never sent. A write is retried only when nothing reached the
+device (`ConnectError`); a time-out that may have reached it is `failed(unknown_outcome)`.
+After a restart, `sent` commands without an outcome become `failed(unknown_outcome)` and
+`accepted` ones are sent unless expired.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from gateway import events as ev
+from gateway import names
+from gateway.breaker import Backoff
+from gateway.config import GatewayConfig
+from gateway.control import current_peer
+from gateway.errors import (
+    CommandExpiredError,
+    ConcurrencyError,
+    ConnectError,
+    DeviceProtocolError,
+    DeviceTimeout,
+    DriverError,
+    GatewayError,
+    NotFoundError,
+    PayloadError,
+    QueueFullError,
+    StoreError,
+    WriteRefusedError,
+)
+from gateway.service import Health, Service, ServiceContext
+from gateway.store import queries
+from services.control import projection as proj
+from services.points import check_write
+
+if TYPE_CHECKING:
+    from services.collection import CollectionService
+
+#: Retry pacing after a refused connection (the shared Backoff: exponential, jittered).
+RETRY_BASE = 0.1
+RETRY_CAP = 5.0
+
+
+@dataclass
+class _Cmd:
+    id: str
+    device: str
+    point: str
+    value: Any
+    deadline: float  # wall time
+    remote: bool = False
+
+
+@dataclass
+class _Device:
+    queue: deque[_Cmd] = field(default_factory=deque)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    inflight: str | None = None
+    task: asyncio.Task[None] | None = None
+
+
+class ControlService(Service):
+    name: ClassVar[str] = "control"
+    requires: ClassVar[tuple[str, ...]] = ("collection",)
+
+    def __init__(self) -> None:
+        self._devices: dict[str, _Device] = {}
+        self._waiters: dict[str, list[tuple[frozenset[str], asyncio.Future[dict[str, Any]]]]] = {}
+        self._ctx: ServiceContext | None = None
+        self.counts: dict[str, int] = {}
+
+    # -- life -----------------------------------------------------------------------------
+    async def start(self, ctx: ServiceContext) -> None:
+        self._ctx = ctx
+        self.config: GatewayConfig = ctx.config
+        self.store = ctx.store
+        self.log = ctx.logger
+        self.collection: CollectionService = ctx.service("collection")  # type: ignore[assignment]
+        sub = ctx.bus.subscribe("control", [ev.COMMAND_REQUESTED])
+        ctx.control.register("command", self._cmd_command, mutating=True)
+        ctx.control.register("commands", self._cmd_commands, mutating=False)
+        await self._recover()
+        ctx.create_task(self._consume(sub), "requests")
+
+    async def stop(self) -> None:
+        for d in self._devices.values():
+            if d.task is not None:
+                d.task.cancel()
+        for waiters in self._waiters.values():
+            for _, fut in waiters:
+                if not fut.done():
+                    fut.cancel()
+        self._waiters.clear()
+
+    async def reload(self, config: GatewayConfig) -> None:
+        self.config = config
+
+    def health(self) -> Health:
+        queued = sum(len(d.queue) for d in self._devices.values())
+        inflight = sum(1 for d in self._devices.values() if d.inflight)
+        return Health.ok(f"{inflight} in flight, {queued} queued", queued=queued,
+                         inflight=inflight, **self.counts)  # fmt: skip
+
+    # -- requests -------------------------------------------------------------------------
+    async def submit(
+        self, device: str, point: str, value: Any, *, cid: str | None = None,
+        source: str, by: str | None = None, timeout: float | None = None,
+        wait: bool = False, saga: str | None = None,
+    ) -> dict[str, Any]:  # fmt: skip
+        """Request a command; returns its row once it is decided (accepted or rejected),
+        or once it has its outcome with `wait`. A known id returns that command instead."""
+        if cid is None:
+            cid = uuid.uuid4().hex
+        problem = names.problem(cid, "command id")
+        if problem is not None:
+            raise PayloadError(problem)
+        for what, v in (("device", device), ("point", point)):
+            p = names.problem(v, what) if isinstance(v, str) else f"{what} must be a string"
+            if p is not None:
+                raise PayloadError(p)
+        span = self.config.control.deadline if timeout is None else timeout
+        data: dict[str, Any] = {"id": cid, "device": device, "point": point, "value": value,
+                                "source": source, "deadline": time.time() + span}  # fmt: skip
+        if by is not None:
+            data["by"] = by
+        if saga is not None:
+            data["saga"] = saga
+        want = proj.TERMINAL if wait else proj.TERMINAL | {"accepted"}
+        fut = self._waiter(cid, want)
+        try:
+            await self.store.append(
+                proj.command_stream(cid), ev.COMMAND_REQUESTED, data, expected_version=0
+            )
+        except ConcurrencyError:
+            pass  # the same id again: that command's state (or outcome) is the answer
+        except BaseException:
+            self._drop_waiter(cid, fut)
+            raise
+        row = await self.row(cid)
+        if row is not None and row["status"] in want:
+            self._drop_waiter(cid, fut)
+            return row
+        try:
+            return await fut
+        finally:
+            self._drop_waiter(cid, fut)
+
+    async def row(self, cid: str) -> dict[str, Any] | None:
+        return await self.store.read(lambda c: proj.command(c, cid))
+
+    def _waiter(self, cid: str, want: frozenset[str]) -> asyncio.Future[dict[str, Any]]:
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(cid, []).append((want, fut))
+        return fut
+
+    def _drop_waiter(self, cid: str, fut: asyncio.Future[dict[str, Any]]) -> None:
+        left = [(w, f) for w, f in self._waiters.get(cid, []) if f is not fut]
+        if left:
+            self._waiters[cid] = left
+        else:
+            self._waiters.pop(cid, None)
+
+    async def _consume(self, sub: Any) -> None:
+        async for e in sub:
+            if e.stream.startswith("command:") and e.version == 1:
+                await self._judge(e.stream[8:], e.data)
+
+    async def _judge(self, cid: str, d: Mapping[str, Any]) -> None:
+        device, point = d.get("device"), d.get("point")
+        deadline = d.get("deadline")
+        if not isinstance(deadline, int | float) or isinstance(deadline, bool):
+            deadline = time.time() + self.config.control.deadline  # the cloud's: ours
+        remote = d.get("source") == "cloud"
+        try:
+            if not isinstance(device, str) or not isinstance(point, str):
+                raise PayloadError("a command needs a 'device' and a 'point' (strings)")
+            if "value" not in d:
+                raise PayloadError("a command needs a 'value'")
+            check_write(self.config.devices, device, point, d["value"], remote=remote,
+                        allow_remote=self.config.control.allow_remote)  # fmt: skip
+            if time.time() >= deadline:
+                raise CommandExpiredError("the deadline passed before the command was accepted")
+            dev = self._devices.setdefault(device, _Device())
+            if len(dev.queue) >= self.config.control.queue:
+                raise QueueFullError(
+                    f"{device}: {len(dev.queue)} commands already waiting (queue = "
+                    f"{self.config.control.queue})"
+                )
+        except (WriteRefusedError, PayloadError) as exc:
+            reason = getattr(exc, "reason", "invalid")
+            await self._event(cid, proj.COMMAND_REJECTED, {"reason": reason, "error": str(exc)},
+                              expected=1)  # fmt: skip
+            return
+        if not await self._event(cid, ev.COMMAND_ACCEPTED, {"deadline": deadline}, expected=1):
+            return
+        self._enqueue(_Cmd(cid, device, point, d["value"], float(deadline), remote))
+
+    def _enqueue(self, cmd: _Cmd) -> None:
+        dev = self._devices.setdefault(cmd.device, _Device())
+        dev.queue.append(cmd)
+        dev.wake.set()
+        if dev.task is None or dev.task.done():
+            assert self._ctx is not None
+            dev.task = self._ctx.create_task(self._worker(cmd.device, dev), f"device:{cmd.device}")
+        self._publish(cmd.device)
+
+    async def _event(
+        self, cid: str, etype: str, data: dict[str, Any], expected: int | None = None
+    ) -> bool:
+        """Append one lifecycle event and tell whoever waits; False if someone else already
+        moved this command on (a duplicate judgement)."""
+        try:
+            await self.store.append(
+                proj.command_stream(cid), etype, data, expected_version=expected
+            )
+        except ConcurrencyError:
+            return False
+        status = proj.STATUS[etype]
+        self.counts[status] = self.counts.get(status, 0) + 1
+        waiters = [f for w, f in self._waiters.get(cid, []) if status in w and not f.done()]
+        row = await self.row(cid) if waiters else None
+        for f in waiters:
+            if not f.done() and row is not None:
+                f.set_result(row)
+        if row is not None:
+            device = row.get("device")
+        else:
+            device = None
+        if isinstance(device, str):
+            self._publish(device)
+        return True
+
+    # -- the worker: one command in flight per device -------------------------------------
+    async def _worker(self, device: str, dev: _Device) -> None:
+        while True:
+            while not dev.queue:
+                dev.wake.clear()
+                await dev.wake.wait()
+            cmd = dev.queue.popleft()
+            dev.inflight = cmd.id
+            try:
+                await self._execute(cmd)
+            except StoreError as exc:  # cannot record: the next restart says unknown_outcome
+                self.log.error("command %s: its events cannot be recorded: %s", cmd.id, exc)
+            finally:
+                dev.inflight = None
+                self._publish(device)
+
+    async def _execute(self, cmd: _Cmd) -> None:
+        if time.time() >= cmd.deadline:
+            await self._event(cmd.id, proj.COMMAND_EXPIRED, {"deadline": cmd.deadline})
+            return
+        try:  # the config may have changed since the command was accepted
+            w = check_write(self.config.devices, cmd.device, cmd.point, cmd.value,
+                            remote=cmd.remote, allow_remote=self.config.control.allow_remote)
+        except WriteRefusedError as exc:
+            await self._event(cmd.id, ev.COMMAND_FAILED, {"reason": exc.reason,
+                                                          "error": str(exc)})  # fmt: skip
+            return
+        drv = self.collection.driver_for(cmd.device)
+        if drv is None:
+            why = self.collection.why_not(cmd.device)
+            await self._event(cmd.id, ev.COMMAND_FAILED, {"reason": "unreachable", "error": why})
+            return
+        await self._event(cmd.id, proj.COMMAND_SENT, {})
+        backoff = Backoff(RETRY_BASE, RETRY_CAP, floor=0.5)
+        attempts = 0
+        while True:
+            attempts += 1
+            try:
+                # The driver's own time-out comes first; this bound is for one that hangs.
+                async with asyncio.timeout(w.spec.timeout * 2 + 1):
+                    await drv.write(cmd.device, w.point, w.raw)
+                break
+            except ConnectError as exc:
+                delay = backoff.next()
+                left = cmd.deadline - time.time()
+                if attempts > self.config.control.retries or delay >= left:
+                    await self._event(cmd.id, ev.COMMAND_FAILED, {
+                        "reason": "unreachable", "error": str(exc), "attempts": attempts})
+                    return
+                self.log.info("command %s: %s; retrying in %.2f s", cmd.id, exc, delay)
+                await asyncio.sleep(delay)
+            except (TimeoutError, DeviceTimeout) as exc:
+                why = str(exc) or f"no answer within {w.spec.timeout * 2 + 1:g} s"
+                await self._event(cmd.id, ev.COMMAND_FAILED, {
+                    "reason": "unknown_outcome", "attempts": attempts,
+                    "error": f"{why}: the device may or may not have done it"})
+                return
+            except DeviceProtocolError as exc:
+                await self._event(cmd.id, ev.COMMAND_FAILED, {
+                    "reason": "device_error", "error": str(exc), "attempts": attempts})
+                return
+            except DriverError as exc:  # connection lost mid-request: it may have arrived
+                await self._event(cmd.id, ev.COMMAND_FAILED, {
+                    "reason": "unknown_outcome", "error": str(exc), "attempts": attempts})
+                return
+            except GatewayError as exc:  # the driver refused the value (what fits the wire)
+                await self._event(cmd.id, ev.COMMAND_FAILED, {
+                    "reason": "refused", "error": str(exc), "attempts": attempts})
+                return
+        data: dict[str, Any] = {"attempts": attempts, "written": w.value}
+        back = await self._read_back(drv, cmd.device, w.point)
+        if back is not None:
+            data["value"] = back
+        await self._event(cmd.id, proj.COMMAND_SUCCEEDED, data)
+
+    async def _read_back(self, drv: Any, device: str, point: Any) -> Any:
+        from services.collection import convert
+
+        spec = self.config.devices.get(device)
+        if spec is None or not drv.polls(spec):
+            return None
+        try:
+            async with asyncio.timeout(spec.timeout):
+                readings = await drv.read(device, [point])
+        except (GatewayError, TimeoutError):
+            return None
+        for r in readings:
+            if r.point == point.name:
+                return convert(point, r.value)
+        return None
+
+    # -- restart recovery -----------------------------------------------------------------
+    async def _recover(self) -> None:
+        rows = await self.store.read(proj.unfinished)
+        for row in rows:
+            cid = row["id"]
+            if row["status"] == "sent":
+                await self._event(cid, ev.COMMAND_FAILED, {
+                    "reason": "unknown_outcome",
+                    "error": "the gateway restarted while the write was under way: the device "
+                             "may or may not have done it"})  # fmt: skip
+            elif row["status"] == "accepted":
+                deadline = row["deadline"] or 0.0
+                if time.time() >= deadline:
+                    await self._event(cid, proj.COMMAND_EXPIRED, {"deadline": deadline})
+                else:
+                    self._enqueue(_Cmd(cid, row["device"], row["point"], row["value"], deadline,
+                                       row["source"] == "cloud"))  # fmt: skip
+            elif row["status"] == "requested":
+                stream = proj.command_stream(cid)
+                events = await self.store.read(lambda c: queries.events(c, 0, 1, stream))
+                if events:
+                    await self._judge(cid, events[0].data)
+
+    # -- observers ------------------------------------------------------------------------
+    def _publish(self, device: str) -> None:
+        """CoAP observers of /d/{device}/commands hear of every change."""
+        assert self._ctx is not None
+        try:
+            coap = self._ctx.service("coap")
+        except KeyError:
+            return
+        setter = getattr(coap, "set_commands", None)
+        if setter is None:
+            return
+        self._spawn_publish(device, setter)
+
+    def _spawn_publish(self, device: str, setter: Any) -> None:
+        async def run() -> None:
+            with contextlib.suppress(GatewayError):
+                rows = await self.store.read(lambda c: proj.commands(c, device, 10))
+                setter(device, [_public(r) for r in rows])
+
+        assert self._ctx is not None
+        self._ctx.create_task(run(), f"publish:{device}")
+
+    # -- control verbs --------------------------------------------------------------------
+    async def _cmd_command(self, args: dict[str, Any]) -> Any:
+        peer = current_peer.get()
+        by = None if peer is None else f"uid:{peer.uid}"
+        timeout = args.get("timeout")
+        if timeout is not None and (not isinstance(timeout, int | float) or timeout <= 0):
+            raise PayloadError(f"--timeout must be a positive number, got {timeout!r}")
+        row = await self.submit(
+            str(args.get("device", "")), str(args.get("point", "")), args.get("value"),
+            cid=args.get("id"), source="cli", by=by, timeout=timeout,
+            wait=bool(args.get("wait")),
+        )  # fmt: skip
+        return _public(row)
+
+    async def _cmd_commands(self, args: dict[str, Any]) -> Any:
+        cid = args.get("id")
+        if isinstance(cid, str):
+            row = await self.row(cid)
+            if row is None:
+                raise NotFoundError(f"no command {cid!r}")
+            return _public(row)
+        device = args.get("device")
+        rows = await self.store.read(
+            lambda c: proj.commands(c, device if isinstance(device, str) else None, 50)
+        )
+        return [_public(r) for r in rows]
+
+
+def _public(row: Mapping[str, Any]) -> dict[str, Any]:
+    keys = ("id", "device", "point", "value", "source", "by", "status", "reason", "error",
+            "result", "requested", "updated", "deadline", "saga")  # fmt: skip
+    return {k: row.get(k) for k in keys if row.get(k) is not None}

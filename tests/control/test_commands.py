@@ -1,0 +1,60 @@
+"""Commands end to end: `gatewayctl command` -> the control service -> the Modbus driver ->
+a pymodbus slave, read back by mbpoll; each step an event of the command's own stream."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from gateway.errors import EXIT_FAILURE, EXIT_USAGE
+from tests.control.conftest import cli, cli_json, command_events
+from tests.core.conftest import Daemon
+from tests.drivers_modbus.support import ModbusServer, mbpoll
+
+
+def test_cli_command_writes_the_register_once_per_id(
+    gatewayd: Daemon, server: ModbusServer, tmp_path: Path
+) -> None:
+    out = cli(gatewayd.config, "command", "plc", "setpoint", "21.5", "--id", "c-1", "--wait")
+    assert out.returncode == 0, out.stderr
+    assert "command c-1: succeeded, read back 21.5" in out.stdout
+    # scale 0.1 undone once, by the core: the register holds 215
+    assert mbpoll("127.0.0.1", "-m", "tcp", "-p", str(server.port), "-a", "1", "-t", "4",
+                  "-r", "0", "-c", "1") == ["215"]  # fmt: skip
+    assert server.writes() == 1
+    # the same id again: the first one's outcome, no second write (even with another value)
+    again = cli(gatewayd.config, "command", "plc", "setpoint", "50", "--id", "c-1", "--wait")
+    assert again.returncode == 0 and "command c-1: succeeded" in again.stdout
+    assert server.writes() == 1
+    types = [t for t, _ in command_events(tmp_path / "state" / "gateway.db", "c-1")]
+    assert types == ["command.requested", "command.accepted", "command.sent",
+                     "command.succeeded"]  # fmt: skip
+    rc, row = cli_json(gatewayd.config, "commands", "--id", "c-1")
+    assert rc == 0 and row["status"] == "succeeded" and row["by"].startswith("uid:")
+
+
+def test_every_refusal_names_its_reason_and_writes_nothing(
+    gatewayd: Daemon, server: ModbusServer
+) -> None:
+    cases = [
+        (("nope", "setpoint", "1"), "unknown_device", EXIT_USAGE),
+        (("plc", "nope", "1"), "unknown_point", EXIT_USAGE),
+        (("plc", "status", "1"), "not_writable", EXIT_USAGE),
+        (("plc", "setpoint", "100.5"), "out_of_range", EXIT_USAGE),
+        (("plc", "setpoint", '"hot"'), "wrong_type", EXIT_USAGE),
+        (("off", "level", "1"), "device_disabled", EXIT_USAGE),
+        (("plc", "setpoint", "1", "--timeout", "0.000001"), "expired", EXIT_USAGE),
+    ]
+    for args, reason, status in cases:
+        out = cli(gatewayd.config, "command", *args, "--wait")
+        assert out.returncode == status, (args, out.stdout, out.stderr)
+        assert f"rejected ({reason})" in out.stdout, (args, out.stdout)
+    assert server.writes() == 0
+
+
+def test_a_silent_slave_is_an_unknown_outcome_never_retried(
+    gatewayd: Daemon, server: ModbusServer
+) -> None:
+    out = cli(gatewayd.config, "command", "mute", "setpoint", "7", "--id", "m-1", "--wait")
+    assert out.returncode == EXIT_FAILURE, out.stderr
+    assert "command m-1: failed (unknown_outcome)" in out.stdout
+    assert server.asked(9) == 1  # one write request reached it, and only one
