@@ -79,9 +79,8 @@ def release_freed_memory() -> None:
 
 def build_services(config: cfg.GatewayConfig) -> list[Service]:
     from services.collection import CollectionService
-    from services.devices import DevicesService
-
     from services.control.service import ControlService
+    from services.devices import DevicesService
 
     out: list[Service] = [DevicesService(), CollectionService(), ControlService()]
     for section, ref in OPTIONAL_SERVICES.items():

@@ -20,8 +20,8 @@ from drivers.base import Driver, DriverContext, RawReading
 from gateway.breaker import Breaker, State
 from gateway.config import DeviceSpec, PointSpec
 from gateway.errors import (
-    ConnectError,
     ConfigError,
+    ConnectError,
     DeviceProtocolError,
     DeviceTimeout,
     DeviceUnavailable,

@@ -7,10 +7,10 @@ import argparse
 import json
 from typing import Any
 
+from gateway import errors
 from gateway.cli.common import daemon_or_file, emit_json, fmt_time, fmt_value, load_config, table
 from gateway.control import call
 from gateway.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
-from gateway import errors
 
 #: reason of a rejection -> exit status (the error class's, as everywhere else)
 _REJECTED_EXIT = {
@@ -25,7 +25,7 @@ def add_parsers(sub: Any) -> None:
     p = sub.add_parser("command", help="write a point of a device (through the control service)")
     p.add_argument("device")
     p.add_argument("point")
-    p.add_argument("value", help="a JSON value (21.5, true, \"text\"); other text is a string")
+    p.add_argument("value", help='a JSON value (21.5, true, "text"); other text is a string')
     p.add_argument("--id", default=None, help="idempotency key (the same id twice is one write)")
     p.add_argument("--wait", action="store_true", help="wait for the outcome and print it")
     p.add_argument("--timeout", type=float, default=None,

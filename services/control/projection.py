@@ -127,8 +127,9 @@ def row_dict(row: Sequence[Any]) -> dict[str, Any]:
 
 def _have(conn: sqlite3.Connection) -> bool:
     return bool(
-        conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'commands'")
-        .fetchone()
+        conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'commands'"
+        ).fetchone()
     )
 
 

@@ -234,16 +234,21 @@ class ControlService(Service):
         status = proj.STATUS[etype]
         self.counts[status] = self.counts.get(status, 0) + 1
         waiters = [f for w, f in self._waiters.get(cid, []) if status in w and not f.done()]
-        row = await self.row(cid) if waiters else None
+        row = await self.row(cid) if waiters or self._observed() else None
         for f in waiters:
             if not f.done() and row is not None:
                 f.set_result(row)
-        if row is not None:
-            device = row.get("device")
-        else:
-            device = None
+        device = row.get("device") if row is not None else None
         if isinstance(device, str):
             self._publish(device)
+        return True
+
+    def _observed(self) -> bool:
+        assert self._ctx is not None
+        try:
+            self._ctx.service("coap")
+        except KeyError:
+            return False
         return True
 
     # -- the worker: one command in flight per device -------------------------------------
@@ -267,8 +272,14 @@ class ControlService(Service):
             await self._event(cmd.id, proj.COMMAND_EXPIRED, {"deadline": cmd.deadline})
             return
         try:  # the config may have changed since the command was accepted
-            w = check_write(self.config.devices, cmd.device, cmd.point, cmd.value,
-                            remote=cmd.remote, allow_remote=self.config.control.allow_remote)
+            w = check_write(
+                self.config.devices,
+                cmd.device,
+                cmd.point,
+                cmd.value,
+                remote=cmd.remote,
+                allow_remote=self.config.control.allow_remote,
+            )
         except WriteRefusedError as exc:
             await self._event(cmd.id, ev.COMMAND_FAILED, {"reason": exc.reason,
                                                           "error": str(exc)})  # fmt: skip
@@ -292,28 +303,46 @@ class ControlService(Service):
                 delay = backoff.next()
                 left = cmd.deadline - time.time()
                 if attempts > self.config.control.retries or delay >= left:
-                    await self._event(cmd.id, ev.COMMAND_FAILED, {
-                        "reason": "unreachable", "error": str(exc), "attempts": attempts})
+                    await self._event(
+                        cmd.id,
+                        ev.COMMAND_FAILED,
+                        {"reason": "unreachable", "error": str(exc), "attempts": attempts},
+                    )
                     return
                 self.log.info("command %s: %s; retrying in %.2f s", cmd.id, exc, delay)
                 await asyncio.sleep(delay)
             except (TimeoutError, DeviceTimeout) as exc:
                 why = str(exc) or f"no answer within {w.spec.timeout * 2 + 1:g} s"
-                await self._event(cmd.id, ev.COMMAND_FAILED, {
-                    "reason": "unknown_outcome", "attempts": attempts,
-                    "error": f"{why}: the device may or may not have done it"})
+                await self._event(
+                    cmd.id,
+                    ev.COMMAND_FAILED,
+                    {
+                        "reason": "unknown_outcome",
+                        "attempts": attempts,
+                        "error": f"{why}: the device may or may not have done it",
+                    },
+                )
                 return
             except DeviceProtocolError as exc:
-                await self._event(cmd.id, ev.COMMAND_FAILED, {
-                    "reason": "device_error", "error": str(exc), "attempts": attempts})
+                await self._event(
+                    cmd.id,
+                    ev.COMMAND_FAILED,
+                    {"reason": "device_error", "error": str(exc), "attempts": attempts},
+                )
                 return
             except DriverError as exc:  # connection lost mid-request: it may have arrived
-                await self._event(cmd.id, ev.COMMAND_FAILED, {
-                    "reason": "unknown_outcome", "error": str(exc), "attempts": attempts})
+                await self._event(
+                    cmd.id,
+                    ev.COMMAND_FAILED,
+                    {"reason": "unknown_outcome", "error": str(exc), "attempts": attempts},
+                )
                 return
             except GatewayError as exc:  # the driver refused the value (what fits the wire)
-                await self._event(cmd.id, ev.COMMAND_FAILED, {
-                    "reason": "refused", "error": str(exc), "attempts": attempts})
+                await self._event(
+                    cmd.id,
+                    ev.COMMAND_FAILED,
+                    {"reason": "refused", "error": str(exc), "attempts": attempts},
+                )
                 return
         data: dict[str, Any] = {"attempts": attempts, "written": w.value}
         back = await self._read_back(drv, cmd.device, w.point)
@@ -356,7 +385,7 @@ class ControlService(Service):
                                        row["source"] == "cloud"))  # fmt: skip
             elif row["status"] == "requested":
                 stream = proj.command_stream(cid)
-                events = await self.store.read(lambda c: queries.events(c, 0, 1, stream))
+                events = await self.store.read(lambda c, s=stream: queries.events(c, 0, 1, s))
                 if events:
                     await self._judge(cid, events[0].data)
 

@@ -57,4 +57,4 @@ def test_a_silent_slave_is_an_unknown_outcome_never_retried(
     out = cli(gatewayd.config, "command", "mute", "setpoint", "7", "--id", "m-1", "--wait")
     assert out.returncode == EXIT_FAILURE, out.stderr
     assert "command m-1: failed (unknown_outcome)" in out.stdout
-    assert server.asked(9) == 1  # one write request reached it, and only one
+    assert server.writes() == 1  # one write request reached it, and only one
