@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 import uuid
 from collections import deque
@@ -384,8 +385,11 @@ class ControlService(Service):
                     self._enqueue(_Cmd(cid, row["device"], row["point"], row["value"], deadline,
                                        row["source"] == "cloud"))  # fmt: skip
             elif row["status"] == "requested":
-                stream = proj.command_stream(cid)
-                events = await self.store.read(lambda c, s=stream: queries.events(c, 0, 1, s))
+                events = await self.store.read(
+                    functools.partial(
+                        queries.events, after_seq=0, limit=1, stream=proj.command_stream(cid)
+                    )
+                )
                 if events:
                     await self._judge(cid, events[0].data)
 
