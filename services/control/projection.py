@@ -13,12 +13,10 @@ import cbor2
 from gateway import events as ev
 from gateway.events import Event
 
-COMMAND_REJECTED: Final = "command.rejected"  # data: {"reason", "error"}
-COMMAND_SENT: Final = "command.sent"  # data: {}
-COMMAND_SUCCEEDED: Final = "command.succeeded"  # data: {"value"?: read back, "attempts"}
-COMMAND_EXPIRED: Final = "command.expired"  # data: {"deadline"}
-#: ev.COMMAND_FAILED: data {"reason": "unknown_outcome" | "unreachable" | "device_error" |
-#: "refused" | ..., "error"}
+COMMAND_REJECTED: Final = ev.COMMAND_REJECTED
+COMMAND_SENT: Final = ev.COMMAND_SENT
+COMMAND_SUCCEEDED: Final = ev.COMMAND_SUCCEEDED
+COMMAND_EXPIRED: Final = ev.COMMAND_EXPIRED
 
 #: status after each event type
 STATUS: Final = {
