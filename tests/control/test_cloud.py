@@ -76,9 +76,9 @@ def test_cloud_command_writes_and_the_outcome_comes_back(
 
         wait_until(done, "both outcomes on the response topic")
         got = answers(sub)
-        ok = [e for e in got["k-1"] if e["type"] == "command.succeeded"][0]
+        ok = next(e for e in got["k-1"] if e["type"] == "command.succeeded")
         assert ok["data"]["value"] is True
-        no = [e for e in got["k-2"] if e["type"] == "command.rejected"][0]
+        no = next(e for e in got["k-2"] if e["type"] == "command.rejected")
         assert no["data"]["reason"] == "remote_write_not_allowed"
         assert server.writes() == 1
         assert mbpoll("127.0.0.1", "-m", "tcp", "-p", str(server.port), "-a", "1", "-t", "0",
