@@ -470,6 +470,7 @@ SECTION_PARSERS: dict[str, str] = {
     "processing": "services.processing.config:parse_processing",
     "alerts": "services.notification.config:parse_alerts",
     "notify": "services.notification.config:parse_notify",
+    "auth": "services.auth:parse",
 }
 
 GENERIC_DEVICE_KEYS = (

@@ -78,11 +78,12 @@ def release_freed_memory() -> None:
 
 
 def build_services(config: cfg.GatewayConfig) -> list[Service]:
+    from services.auth import AuthService
     from services.collection import CollectionService
     from services.control.service import ControlService
     from services.devices import DevicesService
 
-    out: list[Service] = [DevicesService(), CollectionService(), ControlService()]
+    out: list[Service] = [AuthService(), DevicesService(), CollectionService()]
     for section, ref in OPTIONAL_SERVICES.items():
         conf = config.sections.get(section)
         if conf is None or getattr(conf, "enabled", True) is False:
@@ -91,6 +92,7 @@ def build_services(config: cfg.GatewayConfig) -> list[Service]:
             continue  # one service serving several sections
         module, _, attr = ref.partition(":")
         out.append(getattr(importlib.import_module(module), attr)())
+    out.append(ControlService())  # last: the CoAP front door, if any, runs by then
     return out
 
 

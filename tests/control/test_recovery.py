@@ -73,7 +73,7 @@ def test_sigkill_mid_write_is_an_unknown_outcome_and_queued_ones_are_sent(
         d.notify.close()
         d = start_daemon(config, tmp_path, name="gatewayd-2")
         rc, row = cli_json(config, "commands", "--id", "m-1")
-        assert row["status"] == "failed" and row["reason"] == "unknown_outcome", row
+        assert rc == 0 and row["status"] == "failed" and row["reason"] == "unknown_outcome", row
         assert "restarted" in row["error"]
         # m-2 was accepted, never sent: sent now (and the silent unit leaves it unknown too)
         wait_until(lambda: status(db, "m-2") == "failed", "m-2 sent after the restart",
