@@ -98,6 +98,26 @@ class ControlService(Service):
         ctx.control.register("commands", self._cmd_commands, mutating=False)
         await self._recover()
         ctx.create_task(self._consume(sub), "requests")
+        self._attach_coap()
+
+    def _attach_coap(self) -> None:
+        """POST /d/{device}/commands on the CoAP front door, when it runs (started first)."""
+        assert self._ctx is not None
+        try:
+            server = getattr(self._ctx.service("coap"), "server", None)
+            auth = self._ctx.service("auth")
+        except KeyError:
+            return
+        if server is None:
+            return
+        from services.control.coap import CommandsDoor
+
+        def role(identity: str | None) -> int:
+            policy = getattr(auth, "policy", None)
+            return 0 if policy is None else int(policy.coap_role(identity))
+
+        limit = int(getattr(getattr(server, "config", None), "max_payload", 1024))
+        server.devices.commands_door = CommandsDoor(self.submit, role, limit)
 
     async def stop(self) -> None:
         for d in self._devices.values():
