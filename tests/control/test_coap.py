@@ -51,8 +51,8 @@ psk = "lamp-1-secret"
     try:
         wait_until(lambda: "Observe:" in log.read_text(errors="replace"), "observing")
         body = json.dumps({"point": "setpoint", "value": 33.3, "id": "p-1"})
-        got = coap_client("coap-client-openssl",
-                          [*PANEL, "-m", "post", "-t", "50", "-e", body], uri, tmp_path)  # fmt: skip
+        post = [*PANEL, "-m", "post", "-t", "50", "-e"]
+        got = coap_client("coap-client-openssl", [*post, body], uri, tmp_path)
         assert got.code == "2.01", got.log
         assert (
             "Location-Path:d, Location-Path:plc, Location-Path:commands, Location-Path:p-1"
@@ -65,8 +65,7 @@ psk = "lamp-1-secret"
 
         # refusals: out of range (4.00 with its reason), a viewer (4.03), anonymous (4.01)
         bad = json.dumps({"point": "setpoint", "value": 500})
-        got = coap_client("coap-client-openssl",
-                          [*PANEL, "-m", "post", "-t", "50", "-e", bad], uri, tmp_path)  # fmt: skip
+        got = coap_client("coap-client-openssl", [*post, bad], uri, tmp_path)
         assert got.code == "4.00" and b"above the maximum" in got.payload, got.log
         lamp = ["-u", "lamp-1", "-k", "lamp-1-secret", "-m", "post", "-t", "50", "-e", body]
         got = coap_client("coap-client-openssl", lamp, uri, tmp_path)
