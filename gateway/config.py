@@ -423,6 +423,7 @@ class ControlConfig:
     queue: int = 16  # commands waiting per device; one more is rejected (queue_full)
     retries: int = 3  # re-sends after a refused connection (never after a time-out)
     allow_remote: tuple[str, ...] = ()  # "device/point" or "device/*": cloud writes allowed
+    remote_sagas: tuple[str, ...] = ()  # sagas the cloud may start
 
 
 @dataclass(frozen=True, slots=True)
@@ -471,6 +472,7 @@ SECTION_PARSERS: dict[str, str] = {
     "alerts": "services.notification.config:parse_alerts",
     "notify": "services.notification.config:parse_notify",
     "auth": "services.auth:parse",
+    "sagas": "services.control.sagas:parse",
 }
 
 GENERIC_DEVICE_KEYS = (
@@ -584,6 +586,7 @@ def parse(data: Mapping[str, Any], source: str = "") -> GatewayConfig:
         deadline=c.float("deadline", 30.0, gt=0, max=86400), queue=c.int("queue", 16, min=1,
         max=10_000), retries=c.int("retries", 3, min=0, max=100),
         allow_remote=tuple(str(a) for a in allow_remote),
+        remote_sagas=tuple(str(a) for a in c.list("remote_sagas", [], of=str)),
     )  # fmt: skip
     c.done()
 

@@ -35,6 +35,19 @@ def add_parsers(sub: Any) -> None:
     q.add_argument("device", nargs="?", default=None)
     q.add_argument("--id", default=None)
     q.set_defaults(func=cmd_commands)
+    sp = sub.add_parser("saga", help="run, list and show sagas ([sagas.<name>])")
+    ssub = sp.add_subparsers(dest="action", metavar="ACTION")
+    ssub.required = True
+    r = ssub.add_parser("run", help="start a saga by name")
+    r.add_argument("name")
+    r.add_argument("--id", default=None, help="the saga's id (the same id twice is one saga)")
+    r.add_argument("--wait", action="store_true", help="wait until it completes or is undone")
+    r.set_defaults(func=cmd_saga_run)
+    ls = ssub.add_parser("list", help="sagas, newest first")
+    ls.set_defaults(func=cmd_saga_list)
+    sh = ssub.add_parser("show", help="one saga: each step with its time and outcome")
+    sh.add_argument("id")
+    sh.set_defaults(func=cmd_saga_show)
 
 
 def parse_value(text: str) -> Any:
@@ -101,3 +114,60 @@ def cmd_commands(args: argparse.Namespace) -> int:
                  for r in rows], ["id", "device", "point", "value", "status", "reason",
                                   "requested"]))  # fmt: skip
     return EXIT_OK
+
+
+def _print_saga(row: dict[str, Any]) -> None:
+    print(f"saga {row['id']} ({row['name']}): {row['status']}")
+    for e in row["events"]:
+        what = e["type"].removeprefix("saga.")
+        step = f" step {e['step']}" if "step" in e else ""
+        detail = " ".join(
+            f"{k}={fmt_value(e[k])}"
+            for k in ("command", "value", "reason", "error", "failed_step")
+            if k in e
+        )
+        print(f"  {fmt_time(e['time'])}  {what}{step}  {detail}".rstrip())
+
+
+def saga_status(row: dict[str, Any]) -> int:
+    return EXIT_OK if row["status"] in ("completed", "running", "compensating") else EXIT_FAILURE
+
+
+def cmd_saga_run(args: argparse.Namespace) -> int:
+    c = load_config(args)
+    kw: dict[str, Any] = {"name": args.name, "wait": bool(args.wait)}
+    if args.id is not None:
+        kw["id"] = args.id
+    row = call(c.socket_path, "saga.run", kw, timeout=3600 if args.wait else 30)
+    if args.json:
+        emit_json(row)
+    else:
+        _print_saga(row)
+    return saga_status(row)
+
+
+def cmd_saga_list(args: argparse.Namespace) -> int:
+    from services.control.sagas import list_sagas
+
+    rows, _ = daemon_or_file(args, "sagas", list_sagas)
+    if args.json:
+        emit_json(rows)
+        return EXIT_OK
+    print(table([[r["id"], r["name"], r["status"], fmt_time(r["started"]),
+                  fmt_time(r["updated"])] for r in rows],
+                ["id", "name", "status", "started", "updated"]))  # fmt: skip
+    return EXIT_OK
+
+
+def cmd_saga_show(args: argparse.Namespace) -> int:
+    from services.control.sagas import show
+
+    row, _ = daemon_or_file(args, "sagas", lambda c: show(c, args.id), id=args.id)
+    if row is None:
+        print(f"no saga {args.id!r}")
+        return EXIT_USAGE
+    if args.json:
+        emit_json(row)
+    else:
+        _print_saga(row)
+    return saga_status(row)

@@ -50,6 +50,13 @@ SCHEMA = [
     ) WITHOUT ROWID;
     CREATE INDEX commands_device ON commands (device, requested);
     CREATE INDEX commands_status ON commands (status);
+    CREATE TABLE sagas (
+        id       TEXT PRIMARY KEY,
+        name     TEXT,
+        status   TEXT NOT NULL,
+        started  REAL,
+        updated  REAL
+    ) WITHOUT ROWID;
     """,
 ]
 
@@ -63,16 +70,35 @@ def command_stream(cid: str) -> str:
     return f"command:{cid}"
 
 
+#: a saga's status after its last event of these types (any other: "running")
+SAGA_ENDS: Final = {"saga.completed": "completed", "saga.compensated": "compensated",
+                    "saga.failed": "failed"}  # fmt: skip
+
+
 class CommandProjection:
-    tables: tuple[str, ...] = ("commands",)
+    """`commands` (one row per command) and `sagas` (one row per saga: name and status)."""
+
+    tables: tuple[str, ...] = ("commands", "sagas")
 
     def reset(self, conn: sqlite3.Connection) -> None:
         conn.execute("DELETE FROM commands")
+        conn.execute("DELETE FROM sagas")
 
     def apply(self, conn: sqlite3.Connection, events: Sequence[Event]) -> None:
         for e in events:
             if e.stream.startswith("command:") and e.type in STATUS:
                 self._apply(conn, e.stream[8:], e)
+            elif e.stream.startswith("saga:"):
+                if e.type == "saga.started":
+                    conn.execute(
+                        "INSERT OR IGNORE INTO sagas VALUES (?, ?, 'running', ?, ?)",
+                        (e.stream[5:], _s(e.data.get("name")), e.wall_time, e.wall_time),
+                    )
+                else:
+                    conn.execute(
+                        "UPDATE sagas SET status = ?, updated = ? WHERE id = ?",
+                        (SAGA_ENDS.get(e.type, "running"), e.wall_time, e.stream[5:]),
+                    )
 
     def _apply(self, conn: sqlite3.Connection, cid: str, e: Event) -> None:
         d = e.data
@@ -97,13 +123,18 @@ class CommandProjection:
         )  # fmt: skip
 
     def snapshot(self, conn: sqlite3.Connection, stream: str) -> Any:
+        if stream.startswith("saga:"):
+            row = conn.execute("SELECT * FROM sagas WHERE id = ?", (stream[5:],)).fetchone()
+            return list(row) if row else None
         if not stream.startswith("command:"):
             return None
         row = conn.execute("SELECT * FROM commands WHERE id = ?", (stream[8:],)).fetchone()
         return list(row) if row else None
 
     def restore(self, conn: sqlite3.Connection, stream: str, state: Any) -> None:
-        if isinstance(state, list) and len(state) == len(COLS):
+        if stream.startswith("saga:") and isinstance(state, list) and len(state) == 5:
+            conn.execute("INSERT OR REPLACE INTO sagas VALUES (?, ?, ?, ?, ?)", state)
+        elif isinstance(state, list) and len(state) == len(COLS):
             conn.execute(f"INSERT OR REPLACE INTO commands VALUES ({','.join('?' * len(COLS))})",
                          state)  # fmt: skip
 

@@ -22,7 +22,7 @@ import functools
 import time
 import uuid
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -42,12 +42,17 @@ from gateway.errors import (
     NotFoundError,
     PayloadError,
     QueueFullError,
+    RemoteWriteError,
     StoreError,
     WriteRefusedError,
 )
+from gateway.events import NewEvent
+from gateway.faults import kill_point
 from gateway.service import Health, Service, ServiceContext
 from gateway.store import queries
 from services.control import projection as proj
+from services.control import sagas as sg
+from services.control.runner import SagaRunner
 from services.points import check_write
 
 if TYPE_CHECKING:
@@ -93,11 +98,16 @@ class ControlService(Service):
         self.store = ctx.store
         self.log = ctx.logger
         self.collection: CollectionService = ctx.service("collection")  # type: ignore[assignment]
+        self.bus = ctx.bus
+        self.sagas = SagaRunner(self)
         sub = ctx.bus.subscribe("control", [ev.COMMAND_REQUESTED])
         ctx.control.register("command", self._cmd_command, mutating=True)
         ctx.control.register("commands", self._cmd_commands, mutating=False)
+        ctx.control.register("saga.run", self._cmd_saga_run, mutating=True)
+        ctx.control.register("sagas", self._cmd_sagas, mutating=False)
         await self._recover()
         ctx.create_task(self._consume(sub), "requests")
+        await self.sagas.resume_all()
         self._attach_coap()
 
     def _attach_coap(self) -> None:
@@ -203,6 +213,9 @@ class ControlService(Service):
                 await self._judge(e.stream[8:], e.data)
 
     async def _judge(self, cid: str, d: Mapping[str, Any]) -> None:
+        if "saga" in d and "point" not in d and d.get("source") == "cloud":
+            await self._cloud_saga(cid, d)
+            return
         device, point = d.get("device"), d.get("point")
         deadline = d.get("deadline")
         if not isinstance(deadline, int | float) or isinstance(deadline, bool):
@@ -232,6 +245,34 @@ class ControlService(Service):
             return
         self._enqueue(_Cmd(cid, device, point, d["value"], float(deadline), remote))
 
+    async def _cloud_saga(self, cid: str, d: Mapping[str, Any]) -> None:
+        """A cloud command `{"id", "saga": NAME}`: starts the saga (id = the command's) where
+        `[control] remote_sagas` lists it; the command succeeds when the saga completes."""
+        name = str(d.get("saga"))
+        if name not in self.config.control.remote_sagas:
+            await self._event(cid, proj.COMMAND_REJECTED, {
+                "reason": RemoteWriteError.reason,
+                "error": f"saga {name!r}: not started from the cloud unless [control] "
+                         "remote_sagas lists it"}, expected=1)  # fmt: skip
+            return
+        try:
+            sid = await self.sagas.start(name, sid=cid, source="cloud", by=None)
+        except GatewayError as exc:
+            await self._event(cid, proj.COMMAND_REJECTED,
+                              {"reason": "invalid", "error": str(exc)}, expected=1)  # fmt: skip
+            return
+        if not await self._event(cid, ev.COMMAND_ACCEPTED, {}, expected=1):
+            return
+
+        async def finish() -> None:
+            end = await self.sagas.wait(sid)
+            etype = proj.COMMAND_SUCCEEDED if end == "completed" else ev.COMMAND_FAILED
+            await self._event(cid, etype, {"saga": end, **({} if end == "completed" else {
+                "reason": f"saga_{end}"})})  # fmt: skip
+
+        assert self._ctx is not None
+        self._ctx.create_task(finish(), f"cloud-saga:{sid}")
+
     def _enqueue(self, cmd: _Cmd) -> None:
         dev = self._devices.setdefault(cmd.device, _Device())
         dev.queue.append(cmd)
@@ -242,13 +283,14 @@ class ControlService(Service):
         self._publish(cmd.device)
 
     async def _event(
-        self, cid: str, etype: str, data: dict[str, Any], expected: int | None = None
-    ) -> bool:
-        """Append one lifecycle event and tell whoever waits; False if someone else already
-        moved this command on (a duplicate judgement)."""
+        self, cid: str, etype: str, data: dict[str, Any], expected: int | None = None,
+        extra: Sequence[NewEvent] = (),
+    ) -> bool:  # fmt: skip
+        """Append one lifecycle event (with `extra` events, in one transaction) and tell
+        whoever waits; False if someone else already moved this command on."""
         try:
-            await self.store.append(
-                proj.command_stream(cid), etype, data, expected_version=expected
+            await self.store.append_many(
+                [NewEvent(proj.command_stream(cid), etype, data, expected), *extra]
             )
         except ConcurrencyError:
             return False
@@ -311,6 +353,7 @@ class ControlService(Service):
             await self._event(cmd.id, ev.COMMAND_FAILED, {"reason": "unreachable", "error": why})
             return
         await self._event(cmd.id, proj.COMMAND_SENT, {})
+        kill_point(f"command.sent:{cmd.id}")
         backoff = Backoff(RETRY_BASE, RETRY_CAP, floor=0.5)
         attempts = 0
         while True:
@@ -367,9 +410,13 @@ class ControlService(Service):
                 return
         data: dict[str, Any] = {"attempts": attempts, "written": w.value}
         back = await self._read_back(drv, cmd.device, w.point)
+        extra: list[NewEvent] = []
         if back is not None:
             data["value"] = back
-        await self._event(cmd.id, proj.COMMAND_SUCCEEDED, data)
+            # what the device holds now is a reading too (a saga's `wait` sees it at once)
+            rec = ev.reading_record(w.point.name, back, w.point.unit)
+            extra.append(ev.readings_event(cmd.device, [rec]))
+        await self._event(cmd.id, proj.COMMAND_SUCCEEDED, data, extra=extra)
 
     async def _read_back(self, drv: Any, device: str, point: Any) -> Any:
         from services.collection import convert
@@ -448,6 +495,26 @@ class ControlService(Service):
             wait=bool(args.get("wait")),
         )  # fmt: skip
         return _public(row)
+
+    async def _cmd_saga_run(self, args: dict[str, Any]) -> Any:
+        peer = current_peer.get()
+        sid = await self.sagas.start(
+            str(args.get("name", "")), sid=args.get("id"), source="cli",
+            by=None if peer is None else f"uid:{peer.uid}",
+        )  # fmt: skip
+        if args.get("wait"):
+            await self.sagas.wait(sid)
+        show = await self.store.read(lambda c: sg.show(c, sid))
+        return show
+
+    async def _cmd_sagas(self, args: dict[str, Any]) -> Any:
+        sid = args.get("id")
+        if isinstance(sid, str):
+            row = await self.store.read(lambda c: sg.show(c, sid))
+            if row is None:
+                raise NotFoundError(f"no saga {sid!r}")
+            return row
+        return await self.store.read(sg.list_sagas)
 
     async def _cmd_commands(self, args: dict[str, Any]) -> Any:
         cid = args.get("id")

@@ -87,9 +87,12 @@ EXTRA
 def control_config(
     tmp: Path, port: int, *, timeout: float = 1.0, extra: str = "", extra_control: str = ""
 ) -> Path:
+    def lit(text: str) -> str:  # TOML's inline tables survive write_config's str.format
+        return text.replace("{", "{{").replace("}", "}}")
+
     text = (
         CONFIG.replace("PORT", str(port)).replace("TIMEOUT", str(timeout))
-        .replace("EXTRA_CONTROL", extra_control).replace("EXTRA", extra)
+        .replace("EXTRA_CONTROL", lit(extra_control)).replace("EXTRA", lit(extra))
     )  # fmt: skip
     return write_config(tmp, text)
 
