@@ -88,8 +88,11 @@ def logged(db: Path) -> dict[str, int]:
 
 
 def finished(db: Path, sid: str) -> dict[str, Any]:
-    wait_until(lambda: (s := saga(db, sid)) is not None and s["status"] in
-               ("completed", "compensated", "failed"), f"saga {sid} ends", attempts=600)  # fmt: skip
+    def ended() -> bool:
+        s = saga(db, sid)
+        return s is not None and s["status"] in ("completed", "compensated", "failed")
+
+    wait_until(ended, f"saga {sid} ends", attempts=600)
     row = saga(db, sid)
     assert row is not None
     return row
