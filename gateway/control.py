@@ -234,7 +234,8 @@ class ControlServer:
             )
         if refusal is not None:
             self.refused += 1
-            log.warning("control: %s", refusal)
+            who = "an unknown peer" if peer is None else f"uid {peer.uid} (pid {peer.pid})"
+            log.warning("control: %s refused for %s", verb, who)
             if self.on_denied is not None:
                 try:
                     await self.on_denied(verb, peer, refusal)

@@ -23,10 +23,11 @@ from typing import TYPE_CHECKING, Any, Final
 
 from gateway.config import Section, validate_name
 from gateway.events import Event
-from services.expr import EvalError, Expr, ExprSyntaxError, compile_expr
 
 if TYPE_CHECKING:
     import sqlite3
+
+    from services.expr import Expr
 
 SAGA_STARTED: Final = "saga.started"  # data: {"name", "source", "by"?}
 STEP_STARTED: Final = "saga.step.started"  # data: {"step"}
@@ -76,6 +77,8 @@ class SagaSpec:
 
 
 def compile_wait(text: str) -> tuple[Expr, dict[str, tuple[str, str]]]:
+    from services.expr import compile_expr  # only with [sagas]: a gateway without loads none
+
     refs: dict[str, tuple[str, str]] = {}
 
     def sub(m: re.Match[str]) -> str:
@@ -125,6 +128,8 @@ def parse(root: Section) -> dict[str, SagaSpec]:
                 step.done()
                 if not isinstance(text, str) or not text:
                     continue
+                from services.expr import ExprSyntaxError
+
                 try:
                     expr, refs = compile_wait(text)
                 except ExprSyntaxError as exc:
@@ -236,6 +241,8 @@ def list_sagas(conn: sqlite3.Connection, limit: int = 50) -> list[dict[str, Any]
 
 def evaluate(step: Step, latest: Mapping[tuple[str, str], Any]) -> bool | None:
     """The wait's condition on the latest values: True/False, None when a value is missing."""
+    from services.expr import EvalError
+
     assert step.wait is not None
     env = {name: latest.get(ref) for name, ref in step.refs.items()}
     if any(v is None for v in env.values()):
