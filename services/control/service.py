@@ -89,6 +89,7 @@ class ControlService(Service):
         self._devices: dict[str, _Device] = {}
         self._waiters: dict[str, list[tuple[frozenset[str], asyncio.Future[dict[str, Any]]]]] = {}
         self._ctx: ServiceContext | None = None
+        self._inline: set[str] = set()  # ids judged by `submit` (the bus consumer skips them)
         self.counts: dict[str, int] = {}
 
     # -- life -----------------------------------------------------------------------------
@@ -174,19 +175,26 @@ class ControlService(Service):
             data["saga"] = saga
         want = proj.TERMINAL if wait else proj.TERMINAL | {"accepted"}
         fut = self._waiter(cid, want)
+        # Judged here and committed with the request (one transaction, not two); the bus
+        # consumer, which judges the cloud's requests, leaves this one alone.
+        etype, decided, cmd = self._decide(cid, data)
+        requested = NewEvent(proj.command_stream(cid), ev.COMMAND_REQUESTED, data, 0)
+        self._inline.add(cid)
         try:
-            await self.store.append(
-                proj.command_stream(cid), ev.COMMAND_REQUESTED, data, expected_version=0
-            )
-        except ConcurrencyError:
-            pass  # the same id again: that command's state (or outcome) is the answer
+            new = await self._event(cid, etype, decided, expected=1, before=[requested])
         except BaseException:
+            self._inline.discard(cid)
             self._drop_waiter(cid, fut)
             raise
-        row = await self.row(cid)
-        if row is not None and row["status"] in want:
-            self._drop_waiter(cid, fut)
-            return row
+        if new:
+            if cmd is not None:
+                self._enqueue(cmd)
+        else:  # the same id again: that command's state (or outcome) is the answer
+            self._inline.discard(cid)
+            row = await self.row(cid)
+            if row is not None and row["status"] in want:
+                self._drop_waiter(cid, fut)
+                return row
         try:
             return await fut
         finally:
@@ -210,12 +218,23 @@ class ControlService(Service):
     async def _consume(self, sub: Any) -> None:
         async for e in sub:
             if e.stream.startswith("command:") and e.version == 1:
-                await self._judge(e.stream[8:], e.data)
+                cid = e.stream[8:]
+                if cid in self._inline:  # judged by `submit`, in the same transaction
+                    self._inline.discard(cid)
+                    continue
+                await self._judge(cid, e.data)
 
     async def _judge(self, cid: str, d: Mapping[str, Any]) -> None:
         if "saga" in d and "point" not in d and d.get("source") == "cloud":
             await self._cloud_saga(cid, d)
             return
+        etype, data, cmd = self._decide(cid, d)
+        if await self._event(cid, etype, data, expected=1) and cmd is not None:
+            self._enqueue(cmd)
+
+    def _decide(self, cid: str, d: Mapping[str, Any]) -> tuple[str, dict[str, Any], _Cmd | None]:
+        """The point rules, the deadline and the queue: (accepted or rejected, its data, the
+        command to queue)."""
         device, point = d.get("device"), d.get("point")
         deadline = d.get("deadline")
         if not isinstance(deadline, int | float) or isinstance(deadline, bool):
@@ -238,12 +257,9 @@ class ControlService(Service):
                 )
         except (WriteRefusedError, PayloadError) as exc:
             reason = getattr(exc, "reason", "invalid")
-            await self._event(cid, proj.COMMAND_REJECTED, {"reason": reason, "error": str(exc)},
-                              expected=1)  # fmt: skip
-            return
-        if not await self._event(cid, ev.COMMAND_ACCEPTED, {"deadline": deadline}, expected=1):
-            return
-        self._enqueue(_Cmd(cid, device, point, d["value"], float(deadline), remote))
+            return proj.COMMAND_REJECTED, {"reason": reason, "error": str(exc)}, None
+        cmd = _Cmd(cid, device, point, d["value"], float(deadline), remote)
+        return ev.COMMAND_ACCEPTED, {"deadline": deadline}, cmd
 
     async def _cloud_saga(self, cid: str, d: Mapping[str, Any]) -> None:
         """A cloud command `{"id", "saga": NAME}`: starts the saga (id = the command's) where
@@ -285,12 +301,13 @@ class ControlService(Service):
     async def _event(
         self, cid: str, etype: str, data: dict[str, Any], expected: int | None = None,
         extra: Sequence[NewEvent] = (),
+        before: Sequence[NewEvent] = (),
     ) -> bool:  # fmt: skip
         """Append one lifecycle event (with `extra` events, in one transaction) and tell
         whoever waits; False if someone else already moved this command on."""
         try:
             await self.store.append_many(
-                [NewEvent(proj.command_stream(cid), etype, data, expected), *extra]
+                [*before, NewEvent(proj.command_stream(cid), etype, data, expected), *extra]
             )
         except ConcurrencyError:
             return False
