@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gateway.errors import EXIT_FAILURE, EXIT_USAGE
+from gateway.errors import EXIT_FAILURE, EXIT_UNAVAILABLE, EXIT_USAGE
 from tests.control.conftest import cli, cli_json, command_events
 from tests.core.conftest import Daemon
 from tests.drivers_modbus.support import ModbusServer, mbpoll
@@ -58,3 +58,33 @@ def test_a_silent_slave_is_an_unknown_outcome_never_retried(
     assert out.returncode == EXIT_FAILURE, out.stderr
     assert "command m-1: failed (unknown_outcome)" in out.stdout
     assert server.writes() == 1  # one write request reached it, and only one
+
+
+def test_a_full_queue_rejects_and_an_expired_command_is_never_sent(
+    tmp_path: Path, server: ModbusServer
+) -> None:
+    from tests.control.conftest import control_config
+    from tests.control.test_recovery import status
+    from tests.core.conftest import start_daemon
+    from tests.peers import wait_until
+
+    config = control_config(tmp_path, server.port, timeout=2.0, extra_control="queue = 1")
+    db = tmp_path / "state" / "gateway.db"
+    d = start_daemon(config, tmp_path)
+    try:
+        # q-1 in flight on the silent unit, q-2 waits (its deadline passes meanwhile), q-3
+        # finds the queue full
+        assert cli(config, "command", "mute", "setpoint", "1", "--id", "q-1").returncode == 0
+        wait_until(lambda: status(db, "q-1") == "sent", "q-1 sent")
+        out = cli(config, "command", "mute", "setpoint", "2", "--id", "q-2", "--timeout", "0.5")
+        assert out.returncode == 0 and "accepted" in out.stdout, out.stdout
+        full = cli(config, "command", "mute", "setpoint", "3", "--id", "q-3")
+        assert full.returncode == EXIT_UNAVAILABLE, full.stdout
+        assert "rejected (queue_full)" in full.stdout
+        wait_until(lambda: status(db, "q-2") == "expired", "q-2 expired", attempts=400)
+        assert [t for t, _ in command_events(db, "q-2")] == [
+            "command.requested", "command.accepted", "command.expired"]  # fmt: skip
+        assert server.writes() == 1  # q-1 only
+    finally:
+        d.stop()
+        d.notify.close()
