@@ -95,6 +95,7 @@ class ControlService(Service):
     # -- life -----------------------------------------------------------------------------
     async def start(self, ctx: ServiceContext) -> None:
         self._ctx = ctx
+        self._devices = {}  # (a restart after a crash: the log says what is still to do)
         self.config: GatewayConfig = ctx.config
         self.store = ctx.store
         self.log = ctx.logger
@@ -348,8 +349,11 @@ class ControlService(Service):
                 self._publish(device)
 
     async def _execute(self, cmd: _Cmd) -> None:
+        # `accepted` is version 2 of the stream: a command queued twice (a restarted service
+        # recovering what its predecessor had queued) is run once, the second finds it moved on
         if time.time() >= cmd.deadline:
-            await self._event(cmd.id, proj.COMMAND_EXPIRED, {"deadline": cmd.deadline})
+            await self._event(cmd.id, proj.COMMAND_EXPIRED, {"deadline": cmd.deadline},
+                              expected=2)  # fmt: skip
             return
         try:  # the config may have changed since the command was accepted
             w = check_write(
@@ -362,14 +366,16 @@ class ControlService(Service):
             )
         except WriteRefusedError as exc:
             await self._event(cmd.id, ev.COMMAND_FAILED, {"reason": exc.reason,
-                                                          "error": str(exc)})  # fmt: skip
+                              "error": str(exc)}, expected=2)  # fmt: skip
             return
         drv = self.collection.driver_for(cmd.device)
         if drv is None:
             why = self.collection.why_not(cmd.device)
-            await self._event(cmd.id, ev.COMMAND_FAILED, {"reason": "unreachable", "error": why})
+            await self._event(cmd.id, ev.COMMAND_FAILED, {"reason": "unreachable", "error": why},
+                              expected=2)  # fmt: skip
             return
-        await self._event(cmd.id, proj.COMMAND_SENT, {})
+        if not await self._event(cmd.id, proj.COMMAND_SENT, {}, expected=2):
+            return
         kill_point(f"command.sent:{cmd.id}")
         backoff = Backoff(RETRY_BASE, RETRY_CAP, floor=0.5)
         attempts = 0
