@@ -56,7 +56,10 @@ def test_cloud_command_writes_and_the_outcome_comes_back(
         '\n[sync]\nbackoff_base = 0.05\nbackoff_cap = 0.5\nformat = "json"\n'
         f'[[sync.endpoints]]\nurl = "mqtt://127.0.0.1:{broker.port}"\n'
     )
-    d = start_daemon(control_config(tmp_path, server.port, extra=sync), tmp_path)
+    sagas = '\n[sagas.flip]\nsteps = [{ write = "plc/setpoint", value = 12.5 }]\n'
+    config = control_config(tmp_path, server.port, extra=sync + sagas,
+                            extra_control='remote_sagas = ["flip"]')  # fmt: skip
+    d = start_daemon(config, tmp_path)
     sub = Subscriber(broker.port, tmp_path, topic="gateways/gw-control/responses")
     try:
         wait_until(
@@ -67,12 +70,15 @@ def test_cloud_command_writes_and_the_outcome_comes_back(
         pub(broker.port, '{"id": "k-1", "device": "plc", "point": "run", "value": true}')
         # setpoint has no remote_write and no allow_remote pattern: refused, nothing written
         pub(broker.port, '{"id": "k-2", "device": "plc", "point": "setpoint", "value": 5}')
+        # a saga by name: started where [control] remote_sagas lists it
+        pub(broker.port, '{"id": "k-3", "device": "plc", "saga": "flip"}')
+        pub(broker.port, '{"id": "k-4", "device": "plc", "saga": "other"}')
 
         def done() -> bool:
             got = answers(sub)
-            return any(e["type"] == "command.succeeded" for e in got.get("k-1", [])) and any(
-                e["type"] == "command.rejected" for e in got.get("k-2", [])
-            )
+            return all(any(e["type"] == t for e in got.get(k, [])) for k, t in (
+                ("k-1", "command.succeeded"), ("k-2", "command.rejected"),
+                ("k-3", "command.succeeded"), ("k-4", "command.rejected")))  # fmt: skip
 
         wait_until(done, "both outcomes on the response topic")
         got = answers(sub)
@@ -80,7 +86,13 @@ def test_cloud_command_writes_and_the_outcome_comes_back(
         assert ok["data"]["value"] is True
         no = next(e for e in got["k-2"] if e["type"] == "command.rejected")
         assert no["data"]["reason"] == "remote_write_not_allowed"
-        assert server.writes() == 1
+        saga = next(e for e in got["k-3"] if e["type"] == "command.succeeded")
+        assert saga["data"]["saga"] == "completed"
+        other = next(e for e in got["k-4"] if e["type"] == "command.rejected")
+        assert "remote_sagas" in other["data"]["error"]
+        assert server.writes() == 2  # run (k-1, once), setpoint by the saga (k-3)
+        assert mbpoll("127.0.0.1", "-m", "tcp", "-p", str(server.port), "-a", "1", "-t", "4",
+                      "-r", "0", "-c", "1") == ["125"]  # fmt: skip
         assert mbpoll("127.0.0.1", "-m", "tcp", "-p", str(server.port), "-a", "1", "-t", "0",
                       "-r", "0", "-c", "1") == ["1"]  # fmt: skip
     finally:
