@@ -149,6 +149,14 @@ class AuthService(Service):
         mode = "roles from [auth]" if self.policy is not None else "socket group only"
         return Health.ok(mode, denied=self.denied)
 
+    async def coap_denied(self, identity: str, message: str) -> None:
+        """An authenticated CoAP peer without the role a resource needs."""
+        self.denied += 1
+        role = self.policy.coap_role(identity).label if self.policy is not None else "none"
+        data = {"verb": "coap.command", "identity": identity, "role": role, "needs": "operator",
+                "error": message}  # fmt: skip
+        await self.ctx.store.append(ev.OPERATOR_STREAM, AUTH_DENIED, data)
+
     async def _denied(self, verb: str, peer: Peer | None, message: str) -> None:
         self.denied += 1
         data: dict[str, Any] = {"verb": verb, "error": message}

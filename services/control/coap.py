@@ -40,10 +40,14 @@ Submit = Callable[..., Awaitable[dict[str, Any]]]
 
 
 class CommandsDoor:
-    def __init__(self, submit: Submit, role: Callable[[str | None], int], limit: int) -> None:
+    def __init__(
+        self, submit: Submit, role: Callable[[str | None], int], limit: int,
+        denied: Callable[[str, str], Awaitable[None]] | None = None,
+    ) -> None:  # fmt: skip
         self._submit = submit
         self._role = role  # identity -> services.auth.Role (an int)
         self._limit = limit
+        self._denied = denied  # (identity, message): an `auth.denied` event
 
     def allows(self, request: Message) -> bool:
         from services.auth import Role
@@ -57,7 +61,10 @@ class CommandsDoor:
         if who is None:
             raise AuthError("commands need an authenticated peer (DTLS-PSK or OSCORE)")
         if self._role(who) < Role.OPERATOR:
-            raise ForbiddenError(f"{who!r} may not send commands: it needs role operator")
+            err = ForbiddenError(f"{who!r} may not send commands: it needs role operator")
+            if self._denied is not None:  # authenticated peers only: no event per anonymous packet
+                await self._denied(who, f"POST /d/{device}/commands: {err}")
+            raise err
         check_size(request, self._limit)
         point, value, cid, timeout = parse(request.payload, request.opt.content_format)
         row = await self._submit(device, point, value, cid=cid, source="coap",

@@ -128,8 +128,13 @@ class ControlService(Service):
             policy = getattr(auth, "policy", None)
             return 0 if policy is None else int(policy.coap_role(identity))
 
+        async def denied(identity: str, message: str) -> None:
+            record = getattr(auth, "coap_denied", None)
+            if record is not None:
+                await record(identity, message)
+
         limit = int(getattr(getattr(server, "config", None), "max_payload", 1024))
-        server.devices.commands_door = CommandsDoor(self.submit, role, limit)
+        server.devices.commands_door = CommandsDoor(self.submit, role, limit, denied)
 
     async def stop(self) -> None:
         for d in self._devices.values():

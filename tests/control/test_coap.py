@@ -14,7 +14,7 @@ import pytest
 
 from tests.coap.conftest import coap_client
 from tests.control.conftest import control_config
-from tests.core.conftest import start_daemon
+from tests.core.conftest import run_cli, start_daemon
 from tests.drivers_modbus.support import ModbusServer, mbpoll
 from tests.peers import free_port, require_binary, wait_until
 
@@ -70,6 +70,7 @@ psk = "lamp-1-secret"
         lamp = ["-u", "lamp-1", "-k", "lamp-1-secret", "-m", "post", "-t", "50", "-e", body]
         got = coap_client("coap-client-openssl", lamp, uri, tmp_path)
         assert got.code == "4.03", got.log
+        assert "coap.command" in run_cli(d.config, "events", "tail", "--stream", "operator").stdout
         anon = coap_client("coap-client-notls", ["-m", "post", "-t", "50", "-e", body],
                            f"coap://127.0.0.1:{port}/d/plc/commands", tmp_path)  # fmt: skip
         assert anon.code == "4.01", anon.log
