@@ -118,6 +118,17 @@ def test_viewer_operator_admin(daemon: Daemon, tmp_path: Path) -> None:
         assert out.returncode == EXIT_USAGE, (verb, out.stdout, out.stderr)
         assert "needs role admin" in out.stderr, out.stderr
 
+    # db.prune has no gatewayctl verb: asked on the socket itself, as the operator
+    prune = subprocess.run(
+        [require_binary("setpriv"), f"--reuid={operator}", "--regid=1", "--clear-groups",
+         sys.executable, "-c", "import sys; from gateway.control import call\n"
+         "try:\n call(sys.argv[1], 'db.prune', {})\nexcept Exception as e: print(e)",
+         str(daemon.config.parent / "gw.sock")],
+        capture_output=True, text=True, timeout=60, cwd="/",
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert "db.prune: permission denied: it needs role admin" in prune.stdout, prune
+
     out = as_user(config, nobody, "status")
     assert out.returncode == EXIT_USAGE and "needs role viewer" in out.stderr
 
@@ -128,6 +139,7 @@ def test_viewer_operator_admin(daemon: Daemon, tmp_path: Path) -> None:
         ("command", viewer, "operator"),
         ("reload", operator, "admin"),
         ("db.rebuild", operator, "admin"),
+        ("db.prune", operator, "admin"),
         ("status", nobody, "viewer"),
     ]
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
