@@ -30,6 +30,9 @@ def test_cli_command_writes_the_register_once_per_id(
                      "command.succeeded"]  # fmt: skip
     rc, row = cli_json(gatewayd.config, "commands", "--id", "c-1")
     assert rc == 0 and row["status"] == "succeeded" and row["by"].startswith("uid:")
+    shown = cli(gatewayd.config, "devices", "plc")  # the device with its recent commands
+    assert shown.returncode == 0 and "commands: 0 pending, 1 recent" in shown.stdout
+    assert "c-1" in shown.stdout and "succeeded" in shown.stdout
 
 
 def test_every_refusal_names_its_reason_and_writes_nothing(
