@@ -80,3 +80,29 @@ def test_each_refusal_has_its_class_and_the_scale_is_undone_once() -> None:
 def test_allow_remote_patterns_are_checked() -> None:
     with pytest.raises(cfg.ConfigError, match=r"control.allow_remote\[0\]"):
         cfg.loads('[control]\nallow_remote = ["plc"]\n')
+
+
+def test_auth_and_saga_mistakes_are_reported_with_their_paths() -> None:
+    text = """
+[auth]
+default = "boss"
+[auth.users]
+alice = "god"
+
+[sagas.s1]
+steps = [
+  { write = "plc", value = 1 },
+  { wait = "plc/x >", timeout = 5 },
+  { write = "plc/y", wait = "plc/y > 1" },
+  { write = "plc/y", value = 1, undo = 0, retries = 2 },
+]
+[sagas.empty]
+steps = []
+"""
+    with pytest.raises(cfg.ConfigError) as got:
+        cfg.loads(text)
+    paths = {i.path for i in got.value.issues}
+    assert {
+        "auth.default", "auth.users.alice", "sagas.s1.steps[0].write", "sagas.s1.steps[1].wait",
+        "sagas.s1.steps[2]", "sagas.s1.steps[3].retries", "sagas.empty.steps",
+    } <= paths, got.value  # fmt: skip
