@@ -96,6 +96,12 @@ def build_services(config: cfg.GatewayConfig) -> list[Service]:
     return out
 
 
+def auth_policy(control: ControlServer, c: cfg.GatewayConfig) -> None:
+    from services.auth import apply_policy
+
+    apply_policy(control, c)
+
+
 def outbox_codec(c: cfg.GatewayConfig) -> OutboxCodec | None:
     """With cloud sync configured, outbox rows carry their events already encoded for the
     sink (imported only then: a gateway without sync loads none of it)."""
@@ -144,6 +150,7 @@ class Daemon:
             build_services(c), config=c, store=self.store, bus=bus, control=self.control
         )
         self._register_verbs()
+        auth_policy(self.control, c)  # roles from the socket's first request on
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)

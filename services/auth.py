@@ -21,7 +21,7 @@ from typing import Any, ClassVar, Final
 
 from gateway import events as ev
 from gateway.config import GatewayConfig, Section
-from gateway.control import Peer
+from gateway.control import ControlServer, Peer
 from gateway.service import Health, Service, ServiceContext
 
 AUTH_DENIED: Final = "auth.denied"  # data: {"verb", "role", "needs", "uid", "gid", "pid"}
@@ -121,6 +121,14 @@ class Policy:
                 f"role {have.label} (see [auth])")  # fmt: skip
 
 
+def apply_policy(control: ControlServer, config: GatewayConfig) -> Policy | None:
+    """Roles from `[auth]` on the control socket (None: its plain group rule)."""
+    conf = config.sections.get("auth")
+    policy = Policy(conf) if isinstance(conf, AuthConfig) else None
+    control.policy = policy
+    return policy
+
+
 class AuthService(Service):
     name: ClassVar[str] = "auth"
 
@@ -141,9 +149,7 @@ class AuthService(Service):
         self._apply(config)
 
     def _apply(self, config: GatewayConfig) -> None:
-        conf = config.sections.get("auth")
-        self.policy = Policy(conf) if isinstance(conf, AuthConfig) else None
-        self.ctx.control.policy = self.policy
+        self.policy = apply_policy(self.ctx.control, config)
 
     def health(self) -> Health:
         mode = "roles from [auth]" if self.policy is not None else "socket group only"
