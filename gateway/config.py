@@ -410,6 +410,12 @@ class StoreConfig:
     overflow: str = "reject_new"  # reject_new | drop_oldest
     batch_max: int = 1000  # group commit: at most this many appends per transaction
     linger_ms: float = 0.0  # group commit: wait this long for more appends (0 = none)
+    #: Readings nobody waits for (polled, pushed) are committed at most this often (s); an
+    #: append somebody waits for commits at once and takes them along. 0: every append.
+    commit_interval: float = 3.0
+    #: SQLite page size of a new database (an existing one keeps its own): every commit
+    #: writes each page it touched to the WAL, so small pages mean fewer bytes per commit.
+    page_size: int = 1024
     snapshot_every: int = 1000  # events per stream between snapshots
     check_interval: float = 10.0  # seconds between quota/retention checks
 
@@ -541,6 +547,14 @@ def _parse_device(dev_id: str, sec: Section, issues: Issues) -> DeviceSpec | Non
     return spec
 
 
+def _page_size(s: Section) -> int:
+    size: int = s.int("page_size", 1024, min=512, max=65536)
+    if size & (size - 1):
+        s.error("page_size", f"must be a power of two (512 ... 65536), got {size}")
+        return 1024
+    return size
+
+
 def parse(data: Mapping[str, Any], source: str = "") -> GatewayConfig:
     """Validate a parsed TOML document; raises ConfigError with every issue found."""
     from drivers import DRIVERS
@@ -570,6 +584,8 @@ def parse(data: Mapping[str, Any], source: str = "") -> GatewayConfig:
         overflow=s.str("overflow", "reject_new", choices=["reject_new", "drop_oldest"]),
         batch_max=s.int("batch_max", 1000, min=1, max=100_000),
         linger_ms=s.float("linger_ms", 0.0, min=0, max=1000),
+        commit_interval=s.float("commit_interval", 3.0, min=0, max=60),
+        page_size=_page_size(s),
         snapshot_every=s.int("snapshot_every", 1000, min=1),
         check_interval=s.float("check_interval", 10.0, gt=0),
     )

@@ -93,6 +93,7 @@ class ControlServer:
         self.group = group
         self._handlers: dict[str, Handler] = {}
         self._mutating: set[str] = set()
+        self._local: set[str] = set()  # answered in-process (`ask`) only, never on the socket
         self._server: asyncio.Server | None = None
         self._conns: set[asyncio.Task[None]] = set()
         self._gid: int | None = None
@@ -104,10 +105,15 @@ class ControlServer:
         self.on_denied: Denied | None = None
         self.refused = 0
 
-    def register(self, verb: str, handler: Handler, *, mutating: bool = True) -> None:
+    def register(
+        self, verb: str, handler: Handler, *, mutating: bool = True, local: bool = False
+    ) -> None:
         """`mutating`: the verb changes or deletes state (the default: a verb is only open to
-        every socket user when its author says it reads)."""
+        every socket user when its author says it reads). `local`: for the daemon's own
+        services only (`ask`); the socket answers it as an unknown verb."""
         self._handlers[verb] = handler
+        if local:
+            self._local.add(verb)
         if mutating:
             self._mutating.add(verb)
         else:
@@ -219,7 +225,7 @@ class ControlServer:
         except (ValueError, KeyError, TypeError) as exc:
             return {"ok": False, "error": f"bad request: {exc}", "exit": 2}
         handler = self._handlers.get(verb)
-        if handler is None:
+        if handler is None or verb in self._local:
             return {"ok": False, "error": f"unknown verb {verb!r}", "exit": 2}
         mutating = verb in self._mutating
         refusal: str | None = None

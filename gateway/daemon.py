@@ -18,7 +18,7 @@ import os
 import signal
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway import __version__, names, systemd
 from gateway import config as cfg
@@ -30,6 +30,9 @@ from gateway.logs import RateLimitedLog
 from gateway.service import Service
 from gateway.store import EventStore, OutboxCodec
 from gateway.supervisor import Supervisor
+
+if TYPE_CHECKING:
+    from gateway.sync.remote_config import RemoteConfig
 
 log = logging.getLogger("gateway")
 
@@ -52,6 +55,18 @@ def tune_process() -> None:
     slices: 0.5 ms gave +10..50 % CoAP requests/s and a lower p99.9.
     """
     sys.setswitchinterval(0.0005)
+
+
+def storage_writes() -> int | None:
+    """`write_bytes` of /proc/self/io (None where the kernel does not say)."""
+    try:
+        with open("/proc/self/io", "rb") as f:
+            for line in f:
+                if line.startswith(b"write_bytes:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
 
 
 def freeze_startup_objects() -> None:
@@ -135,6 +150,7 @@ class Daemon:
         self.last_reload_kind = ""  # "config" (the file is invalid) or "internal"
         self._reload_lock = asyncio.Lock()
         self._repeats = RateLimitedLog(log)
+        self.remote: RemoteConfig | None = None  # made when first needed
 
     async def run(self) -> int:
         c = self.config
@@ -164,6 +180,8 @@ class Daemon:
             started_task = await self._started(
                 {"version": __version__, "pid": os.getpid(), "devices": len(c.devices)}
             )
+            if c.sections.get("sync") is not None:
+                self._remote().resume()  # a remote config change still on probation
             freeze_startup_objects()
             systemd.ready(self.status_line())
             log.info("gatewayd %s ready: %s", __version__, self.status_line())
@@ -259,6 +277,8 @@ class Daemon:
 
     async def _shutdown(self) -> None:
         timeout = self.config.gateway.stop_timeout
+        if self.remote is not None:
+            await self.remote.stop()
         if self.supervisor is not None:
             await self.supervisor.stop(timeout * 0.7)
         if self.control is not None:
@@ -376,6 +396,9 @@ class Daemon:
         self.control.register("db.rebuild", self._cmd_rebuild, mutating=True)
         self.control.register("db.prune", self._cmd_prune, mutating=True)
         self.control.register("note", self._cmd_note, mutating=True)
+        # From the sync service's link only (never the socket): a document from the cloud.
+        self.control.register("config.remote", self._cmd_config_remote, local=True)
+        self.control.register("config.rollback", self._cmd_config_rollback, mutating=True)
 
     async def _audit(self, verb: str, args: dict[str, Any], peer: Peer, error: str | None) -> None:
         """A state-changing verb ran: an event says which, with what, by whom, and how."""
@@ -389,6 +412,14 @@ class Daemon:
         log.info("control: %s by uid %d gid %d pid %d%s", verb, peer.uid, peer.gid, peer.pid,
                  "" if error is None else f" failed: {error}")  # fmt: skip
         await self.store.append(ev.OPERATOR_STREAM, ev.CONTROL_VERB, data)
+
+    def _writes(self) -> dict[str, float | None]:
+        """Bytes this process has made the kernel write to storage (`/proc/self/io`; almost
+        all of it the store's WAL and checkpoints): SD-card wear, as a daily rate."""
+        written = storage_writes()
+        up = time.monotonic() - self.started_mono
+        per_day = None if written is None or up <= 0 else written / up * 86400
+        return {"written_bytes": written, "written_per_day": per_day}
 
     async def _cmd_status(self, args: dict[str, Any]) -> Any:
         assert self.store is not None and self.supervisor is not None
@@ -408,6 +439,7 @@ class Daemon:
                 "quota_bytes": st.quota_bytes, "last_seq": st.last_seq, "events": st.events,
                 "dropped": st.dropped, "rejected": st.rejected,
                 "full": None if self.store.full is None else str(self.store.full),
+                **self._writes(),
             },
             "outbox": {
                 "depth": st.outbox_depth, "bytes": st.outbox_bytes,
@@ -423,6 +455,23 @@ class Daemon:
             "applied": ok, "errors": self.last_reload_error, "kind": self.last_reload_kind,
             "devices": len(self.config.devices),
         }  # fmt: skip
+
+    def _remote(self) -> RemoteConfig:
+        if self.remote is None:  # (imported only when used)
+            from gateway.sync.remote_config import RemoteConfig
+
+            self.remote = RemoteConfig(self)
+        return self.remote
+
+    async def _cmd_config_remote(self, args: dict[str, Any]) -> Any:
+        await self._remote().receive(bytes(args["document"]), str(args["endpoint"]))
+
+    async def _cmd_config_rollback(self, args: dict[str, Any]) -> Any:
+        """The caller is recorded by the audit event too (SO_PEERCRED); `user` is as told."""
+        who: dict[str, Any] = {"source": "cli"}
+        if isinstance(args.get("user"), str):
+            who["user"] = args["user"][:64]
+        return await self._remote().rollback(who)
 
     async def _cmd_rebuild(self, args: dict[str, Any]) -> Any:
         assert self.store is not None

@@ -21,7 +21,7 @@ import math
 import os
 import re
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,8 @@ KNOWN: tuple[tuple[str, str, str, str], ...] = (
      "Events dropped by the drop_oldest quota policy."),
     ("store.rejected", "gatewayd_store_rejected_events", "counter",
      "Appends refused by the reject_new quota policy."),
+    ("store.written_bytes", "gatewayd_storage_written_bytes", "counter",
+     "Bytes the daemon made the kernel write to storage (/proc/self/io)."),
     ("outbox.depth", "gatewayd_outbox_events", "gauge", "Events not yet delivered to the cloud."),
     ("outbox.bytes", "gatewayd_outbox_bytes", "gauge", "Bytes of undelivered events."),
     ("outbox.dead_letters", "gatewayd_outbox_dead_letters", "gauge",
@@ -131,6 +133,9 @@ def families(status: Mapping[str, Any]) -> list[_Family]:
         for figure, value in sorted(h.items()):
             if figure in ("state", "detail", "restarts"):
                 continue
+            if figure == "per_device" and isinstance(value, Mapping):
+                _per_device(add, labels, value)
+                continue
             if isinstance(value, list):  # e.g. the unavailable devices
                 add(_generic(service, figure), "gauge", f"How many {figure} ({service}).",
                     labels, float(len(value)))  # fmt: skip
@@ -144,6 +149,30 @@ def families(status: Mapping[str, Any]) -> list[_Family]:
             else:
                 add(_generic(service, figure), "gauge", f"{figure} ({service}).", labels, v)
     return list(out.values())
+
+
+#: Per-device figures of the collection service: figure -> (name, type, help).
+DEVICE_FIGURES: dict[str, tuple[str, str, str]] = {
+    "polls": ("gatewayd_device_polls", "counter", "Polls of the device."),
+    "failures": ("gatewayd_device_poll_failures", "counter", "Polls of the device that failed."),
+    "available": ("gatewayd_device_up", "gauge", "1 when the device answers (absent: unknown)."),
+    "last_read_s": ("gatewayd_device_last_read_seconds", "gauge",
+                    "How long the device's last answered read took."),
+}  # fmt: skip
+
+
+def _per_device(
+    add: Callable[[str, str, str, dict[str, str], float], None],
+    labels: dict[str, str],
+    devices: Mapping[str, Any],
+) -> None:
+    for device, figures in sorted(devices.items()):
+        if not isinstance(figures, Mapping):
+            continue
+        for figure, (name, kind, help_) in DEVICE_FIGURES.items():
+            v = _number(figures.get(figure))
+            if v is not None:
+                add(name, kind, help_, {**labels, "device": str(device)}, v)
 
 
 def _generic(service: str, figure: str) -> str:

@@ -38,6 +38,7 @@ class DeviceStats:
     failures: int = 0
     consecutive: int = 0  # failed polls in a row
     skipped: int = 0  # cycles skipped because a poll overran its interval
+    last_read_s: float | None = None  # how long the last answered read took
     last_error: str = ""
     available: bool | None = None
     last_values: dict[str, Any] = field(default_factory=dict)
@@ -110,8 +111,13 @@ class CollectionService(Service):
             except Exception as exc:
                 self.log.warning("driver %s did not stop cleanly: %s", kind, exc)
         self.drivers.clear()
-        # Readings already handed in by push drivers are committed before we go.
+        # Readings already handed in by push drivers are committed before we go, and so
+        # are the ones held back for the commit interval (their refusals counted below).
         await self._flush_push()
+        if self.store is not None:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(5):  # not wait_for: it can swallow a cancellation
+                    await self.store.flush()
         for t in list(self._status_tasks):
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(2):
@@ -136,7 +142,13 @@ class CollectionService(Service):
             "skipped_cycles": sum(s.skipped for s in self.stats.values()),
             "push_dropped": self._push_dropped,
             "driver_errors": dict(self._driver_errors),
-        }
+            # Per device, for `gatewayctl metrics` (labelled by device there).
+            "per_device": {
+                d: {"polls": st.polls, "failures": st.failures, "available": st.available,
+                    "last_read_s": st.last_read_s}
+                for d, st in self.stats.items() if d in self.specs
+            },
+        }  # fmt: skip
         if down or self._driver_errors:
             return Health.degraded(
                 f"{len(down)} of {len(self.specs)} devices unavailable", **figures
@@ -193,11 +205,13 @@ class CollectionService(Service):
         while True:
             st.polls += 1
             readings: list[RawReading] | None = None
+            started = time.monotonic()
             try:
                 # Not wait_for: on Python 3.11 it can swallow a cancellation (a device removed,
                 # a stop) that lands as the read completes, and this loop would poll on.
                 async with asyncio.timeout(spec.timeout):
                     readings = await drv.read(spec.id, points)
+                st.last_read_s = time.monotonic() - started
             except TimeoutError:
                 self._failed(spec, st, f"no answer within {spec.timeout:g} s")
             except DriverError as exc:
@@ -235,12 +249,21 @@ class CollectionService(Service):
         records = self._records(spec, readings)
         if not records:
             return
-        try:
-            await self.store.append_many([ev.readings_event(spec.id, records)])
-        except StoreError as exc:
-            self.stats[spec.id].last_error = str(exc)
-            self._refusals.warning(f"readings:{type(exc).__name__}",
-                                   "device %s: readings not stored: %s", spec.id, exc)  # fmt: skip
+        # Nobody waits for a polled reading: the store commits it within commit_interval
+        # (fewer, larger commits save the SD card); the poll loop does not wait for that.
+        future = self.store.append_many([ev.readings_event(spec.id, records)], lazy=True)
+        future.add_done_callback(lambda f: self._stored(f, spec.id))
+
+    def _stored(self, future: asyncio.Future[Any], device_id: str | None) -> None:
+        """A lazy append's outcome: refusals are counted in the log, once per kind."""
+        exc = None if future.cancelled() else future.exception()
+        if exc is None:
+            return
+        if device_id is not None and device_id in self.stats:
+            self.stats[device_id].last_error = str(exc)
+        what = f"device {device_id}: readings" if device_id else "pushed readings"
+        kind = "readings" if device_id else "pushed"
+        self._refusals.warning(f"{kind}:{type(exc).__name__}", "%s not stored: %s", what, exc)
 
     def _records(self, spec: DeviceSpec, readings: Sequence[RawReading]) -> list[dict[str, Any]]:
         st = self.stats[spec.id]
@@ -300,11 +323,8 @@ class CollectionService(Service):
             if records:
                 batch.append(ev.readings_event(dev, records))
         if batch:
-            try:
-                await self.store.append_many(batch)
-            except StoreError as exc:
-                self._refusals.warning(f"pushed:{type(exc).__name__}",
-                                       "pushed readings not stored: %s", exc)  # fmt: skip
+            future = self.store.append_many(batch, lazy=True)
+            future.add_done_callback(lambda f: self._stored(f, None))
 
     # -- availability and discovery -------------------------------------------------------
     def _set_available(self, device_id: str, available: bool, reason: str) -> None:

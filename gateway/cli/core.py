@@ -93,6 +93,11 @@ def add_parsers(sub: Any) -> None:
     k = csub.add_parser("check", help="validate a config file; every error with its TOML path")
     k.add_argument("file", nargs="?")
     k.set_defaults(func=cmd_config_check)
+    h = csub.add_parser("history", help="config changes (remote and rollbacks), newest last")
+    h.add_argument("-n", "--lines", type=int, default=50, help="how many to show")
+    h.set_defaults(func=cmd_config_history)
+    r = csub.add_parser("rollback", help="restore the previous config file and apply it")
+    r.set_defaults(func=cmd_config_rollback)
 
 
 # -- status -------------------------------------------------------------------------------
@@ -138,7 +143,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         out.write(
             f"store: {fmt_bytes(s['used_bytes'])} used of {fmt_bytes(s['quota_bytes'])} quota, "
             f"file {fmt_bytes(s['file_bytes'])}, last seq {s['last_seq']}, "
-            f"dropped {s['dropped']}, rejected {s['rejected']}\n"
+            f"dropped {s['dropped']}, rejected {s['rejected']}, "
+            f"writes {fmt_bytes(s.get('written_per_day'))}/day\n"
         )
     out.write(
         f"outbox: {ob['depth']} undelivered ({fmt_bytes(ob['bytes'])}), oldest "
@@ -396,3 +402,35 @@ def cmd_config_check(args: argparse.Namespace) -> int:
         print(f"{path}: ok ({len(c.devices)} devices; state in {c.state_dir}, "
               f"socket {c.socket_path})")  # fmt: skip
     return EXIT_OK
+
+
+def cmd_config_history(args: argparse.Namespace) -> int:
+    from gateway.sync.remote_config import history_rows
+
+    rows = with_db(args, lambda conn: history_rows(conn, args.lines))
+    if args.json:
+        emit_json(rows)
+        return EXIT_OK
+    if not rows:
+        print("no config changes recorded")
+        return EXIT_OK
+    out = []
+    for r in rows:
+        who = r.get("endpoint") or r.get("user") or r.get("source", "")
+        detail = r.get("reason") or "; ".join(r.get("errors") or ()) or r.get("kept_as", "")
+        out.append((r["seq"], fmt_time(r["time"]), r.get("outcome", "?"), r.get("source", ""),
+                    who, (r.get("hash") or "")[:12], detail))  # fmt: skip
+    print(table(out, ("seq", "time", "outcome", "source", "by", "sha256", "detail")))
+    return EXIT_OK
+
+
+def cmd_config_rollback(args: argparse.Namespace) -> int:
+    c = load_config(args)
+    user = os.environ.get("SUDO_USER") or os.environ.get("USER")
+    result = call(c.socket_path, "config.rollback", {"user": user} if user else {}, timeout=120)
+    if args.json:
+        emit_json(result)
+    else:
+        state = "applied" if result["applied"] else f"NOT applied: {result.get('error')}"
+        print(f"restored {result['restored']} (sha256 {result['hash'][:12]}), {state}")
+    return EXIT_OK if result["applied"] else EXIT_FAILURE

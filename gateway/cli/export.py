@@ -23,6 +23,7 @@ import cbor2
 from gateway.cli.common import fail, with_db
 from gateway.cli.core import parse_duration
 from gateway.errors import EXIT_OK, EXIT_USAGE
+from gateway.store import queries
 
 #: Events per read transaction.
 PAGE = 2000
@@ -93,20 +94,10 @@ def rows(
     until: float | None,
 ) -> Iterator[Row]:
     """Readings in log order, page by page."""
-    # The wall-time index bounds the sequence range; the filter on wall_time stays, since a
-    # clock step can put an event's wall time out of order with its sequence number.
-    lo = 0
-    if since is not None:
-        first = conn.execute("SELECT min(seq) FROM events WHERE wall_time >= ?", (since,))
-        start = first.fetchone()[0]
-        if start is None:
-            return
-        lo = start - 1
-    hi = None
-    if until is not None:
-        hi = conn.execute("SELECT max(seq) FROM events WHERE wall_time < ?", (until,)).fetchone()[0]
-        if hi is None:
-            return
+    # Bisection over seq bounds the range; the filter on wall_time stays, since a clock
+    # step can put an event's wall time out of order with its sequence number.
+    lo = 0 if since is None else queries.seq_at(conn, since) - 1
+    hi = None if until is None else queries.seq_at(conn, until) - 1
     sql = "SELECT seq, stream, wall_time, data FROM events WHERE seq > ? AND type = 'readings'"
     params: list[Any] = []
     if selection:

@@ -88,14 +88,20 @@ class _Pending:
     """Appends waiting for the writer. `single`: the future resolves to the one Event (not a
     list): `append` hands that future to its caller as is, no coroutine in between."""
 
-    __slots__ = ("events", "future", "single")
+    __slots__ = ("events", "future", "lazy", "single")
 
     def __init__(
-        self, events: Sequence[NewEvent], future: asyncio.Future[Any] | None, single: bool = False
+        self,
+        events: Sequence[NewEvent],
+        future: asyncio.Future[Any] | None,
+        single: bool = False,
+        lazy: float = 0.0,
     ) -> None:
         self.events = events
         self.future = future
         self.single = single
+        #: For an append nobody waits for: when it was queued (monotonic), else 0.
+        self.lazy = lazy
 
 
 class _Job:
@@ -115,7 +121,9 @@ def _settle(future: asyncio.Future[Any] | None, result: Any) -> None:
         future.set_result(result)
 
 
-def _connect(path: Path, synchronous: str, readonly: bool = False) -> sqlite3.Connection:
+def _connect(
+    path: Path, synchronous: str, readonly: bool = False, page_size: int | None = None
+) -> sqlite3.Connection:
     if readonly:
         conn = sqlite3.connect(
             f"file:{path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False
@@ -127,6 +135,8 @@ def _connect(path: Path, synchronous: str, readonly: bool = False) -> sqlite3.Co
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     try:
         if not readonly:
+            if page_size is not None:  # only takes effect on a new (empty) database
+                conn.execute(f"PRAGMA page_size={int(page_size)}")
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
         conn.execute("PRAGMA busy_timeout=5000")
@@ -233,6 +243,9 @@ class EventStore:
         self._w: sqlite3.Connection | None = None
         self._r: sqlite3.Connection | None = None
         self._queue: deque[_Pending] = deque()
+        #: Queued appends somebody waits for: while there is none, the writer may hold lazy
+        #: ones back for up to `commit_interval` (fewer commits, fewer bytes on the SD card).
+        self._eager = 0
         self._jobs: deque[_Job] = deque()
         self._wake = asyncio.Event()
         self._loop = asyncio.get_running_loop()  # made by `open`, inside the loop it serves
@@ -316,7 +329,7 @@ class EventStore:
             self.quarantined = quarantine(self.path, problem)
         try:
             make_private(self.path)
-            self._w = _connect(self.path, self.config.synchronous)
+            self._w = _connect(self.path, self.config.synchronous, page_size=self.config.page_size)
             migrate(self._w)
         except sqlite3.DatabaseError as exc:
             # quick_check passed but the file still cannot be used: quarantine, start fresh.
@@ -327,7 +340,7 @@ class EventStore:
                 raise
             self.quarantined = quarantine(self.path, str(exc))
             make_private(self.path)
-            self._w = _connect(self.path, self.config.synchronous)
+            self._w = _connect(self.path, self.config.synchronous, page_size=self.config.page_size)
             migrate(self._w)
         self._projections = active_projections(self._w)
         self._r = _connect(self.path, self.config.synchronous, readonly=True)
@@ -384,6 +397,7 @@ class EventStore:
         err = StoreError(f"store writer failed: {self.writer_error}")
         pending, jobs = list(self._queue), list(self._jobs)
         self._queue.clear()
+        self._eager = 0
         self._jobs.clear()
         for p in pending:
             _settle(p.future, err)
@@ -442,28 +456,59 @@ class EventStore:
         *,
         expected_version: int | None = None,
         outbox: bool = True,
+        lazy: bool = False,
     ) -> asyncio.Future[Event]:
         """Append one event; the future resolves once it is committed (durable under
-        `synchronous=full`). Use as `await store.append(...)`."""
+        `synchronous=full`). Use as `await store.append(...)`.
+
+        `lazy`: nobody is waiting for this one (a polled reading): it may wait up to
+        `commit_interval` for company, or for the next append somebody waits for."""
         future: asyncio.Future[Event] = self._loop.create_future()
         if self._closing or self.writer_error is not None:
             self._refuse(future)
         else:  # inlined: this is the hot path of every producer
             self._queue.append(
-                _Pending((NewEvent(stream, type, data, expected_version, outbox),), future, True)
-            )
-            self._wake.set()
+                _Pending(
+                    (NewEvent(stream, type, data, expected_version, outbox),), future, True,
+                    self.clock.monotonic() if lazy else 0.0,
+                )
+            )  # fmt: skip
+            self._queued(lazy)
         return future
 
-    def append_many(self, events: Sequence[NewEvent]) -> asyncio.Future[list[Event]]:
-        """Append events atomically (all or none); the future resolves after the commit."""
+    def append_many(
+        self, events: Sequence[NewEvent], *, lazy: bool = False
+    ) -> asyncio.Future[list[Event]]:
+        """Append events atomically (all or none); the future resolves after the commit.
+        `lazy` as for `append`."""
         future: asyncio.Future[list[Event]] = self._loop.create_future()
         if self._closing or self.writer_error is not None:
             self._refuse(future)
         else:
-            self._queue.append(_Pending(events, future))
-            self._wake.set()
+            held = self.clock.monotonic() if lazy else 0.0
+            self._queue.append(_Pending(events, future, False, held))
+            self._queued(lazy)
         return future
+
+    async def flush(self) -> None:
+        """Commit now what is queued, appends held back for the commit interval included;
+        returns once that commit is done (its outcome goes to each append's future)."""
+        if not self._queue:
+            return
+        last = self._queue[-1]
+        if last.lazy:  # now somebody waits for it: the writer commits it, and all before it
+            last.lazy = 0.0
+            self._eager += 1
+            self._wake.set()
+        if last.future is not None:
+            await asyncio.wait({last.future})
+
+    def _queued(self, lazy: bool) -> None:
+        if not lazy:
+            self._eager += 1
+            self._wake.set()
+        elif len(self._queue) == 1:  # the writer may be idle: it starts the interval
+            self._wake.set()
 
     def _refuse(self, future: asyncio.Future[Any]) -> None:
         if self._closing:
@@ -484,6 +529,7 @@ class EventStore:
         loop = asyncio.get_running_loop()
         linger = self.config.linger_ms / 1000
         limit = self.config.batch_max
+        hold = self.config.commit_interval
         while True:
             if not self._queue and not self._jobs:
                 if self._closing:
@@ -504,12 +550,24 @@ class EventStore:
                     if not job.future.done():
                         job.future.set_result(result)
                 continue
+            if hold and not self._eager and not self._closing and len(self._queue) < limit:
+                # Only lazy appends: wait for the oldest one's deadline, for an append
+                # somebody waits for, for a job, or for close(), whichever comes first.
+                delay = self._queue[0].lazy + hold - self.clock.monotonic()
+                if delay > 0:
+                    self._wake.clear()
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(delay):
+                            await self._wake.wait()
+                    continue
             if linger and len(self._queue) < limit and not self._closing:
                 await asyncio.sleep(linger)
             batch: list[_Pending] = []
             n = 0
             while self._queue and n < limit:
                 p = self._queue.popleft()
+                if not p.lazy:
+                    self._eager -= 1
                 if p.future is None or p.future.cancelled():
                     continue  # the producer gave up before we wrote: nothing was promised
                 batch.append(p)
@@ -705,8 +763,10 @@ class EventStore:
                 seq += 1
                 if ne.outbox:
                     outbox.append(len(rows))
-                rows.append((seq, stream, version, ne.type, now, mono, boot, synced, blob))
-                e = Event(seq, stream, version, ne.type, now, mono, boot, is_synced, ne.data)
+                # A held-back append keeps the time it was made, not the commit's.
+                w, m = (now - (mono - p.lazy), p.lazy) if p.lazy else (now, mono)
+                rows.append((seq, stream, version, ne.type, w, m, boot, synced, blob))
+                e = Event(seq, stream, version, ne.type, w, m, boot, is_synced, ne.data)
                 committed.append(e)
                 out.append(e)
                 continue
@@ -732,6 +792,7 @@ class EventStore:
                 out.append(StoreError(f"event data cannot be encoded as CBOR: {exc}"))
                 continue
             numbered: list[Event] = []
+            w, m = (now - (mono - p.lazy), p.lazy) if p.lazy else (now, mono)
             for ne, blob in zip(p.events, blobs, strict=True):
                 seq += 1
                 version = versions.get(ne.stream)
@@ -741,9 +802,9 @@ class EventStore:
                 versions[ne.stream] = version
                 if ne.outbox:
                     outbox.append(len(rows))
-                rows.append((seq, ne.stream, version, ne.type, now, mono, boot, synced, blob))
+                rows.append((seq, ne.stream, version, ne.type, w, m, boot, synced, blob))
                 numbered.append(
-                    Event(seq, ne.stream, version, ne.type, now, mono, boot, is_synced, ne.data)
+                    Event(seq, ne.stream, version, ne.type, w, m, boot, is_synced, ne.data)
                 )
             committed.extend(numbered)
             out.append(numbered[0] if p.single else numbered)
@@ -921,12 +982,13 @@ class EventStore:
             if self.sink
             else ""  # nothing will ever deliver them: retention alone decides
         )
+        # No index on wall_time: bisection over seq bounds the scan to the old events.
         victims = conn.execute(
-            "SELECT e.seq, e.stream FROM events e WHERE e.wall_time < ? "
+            "SELECT e.seq, e.stream FROM events e WHERE e.seq < ? AND e.wall_time < ? "
             + undelivered
             + "AND NOT EXISTS (SELECT 1 FROM dead_letters d WHERE d.seq = e.seq) "
             "ORDER BY e.seq LIMIT ?",
-            (cutoff, batch),
+            (queries.seq_at(conn, cutoff), cutoff, batch),
         ).fetchall()
         if not victims:
             return 0

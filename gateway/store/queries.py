@@ -114,15 +114,38 @@ def device(conn: sqlite3.Connection, device_id: str) -> dict[str, Any] | None:
     return _device_row(row) if row else None
 
 
+def seq_at(conn: sqlite3.Connection, t: float) -> int:
+    """A seq bound for wall time `t`: the events with seq >= it are those appended at `t`
+    or later (max seq + 1 if none). By bisection over seq: O(log n) primary-key lookups,
+    no index on wall_time.
+
+    Events are appended in wall-clock order; where the clock stepped back (NTP at boot),
+    the answer is exact on either side of the step, and callers still filter on wall_time
+    within the range it gives."""
+    lo, hi = conn.execute("SELECT min(seq), max(seq) FROM events").fetchone()
+    if lo is None:
+        return 1
+    hi += 1  # the answer lies in [lo, hi]
+    step = "SELECT seq, wall_time FROM events WHERE seq >= ? ORDER BY seq LIMIT 1"
+    while lo < hi:
+        mid = (lo + hi) // 2
+        row = conn.execute(step, (mid,)).fetchone()
+        if row is None or row[1] >= t:
+            hi = mid
+        else:
+            lo = row[0] + 1  # seqs may have gaps (pruned, dropped): skip to the next one
+    return int(lo)
+
+
 def history(
     conn: sqlite3.Connection, device: str, point: str, since: float, limit: int = 2000
 ) -> list[tuple[float, Any]]:
     """Recent values of one point, oldest first, from the log (for sparklines)."""
     out: list[tuple[float, Any]] = []
     rows = conn.execute(
-        "SELECT wall_time, data FROM events WHERE stream = ? AND type = 'readings' "
-        "AND wall_time >= ? ORDER BY seq DESC LIMIT ?",
-        (f"device:{device}", since, limit),
+        "SELECT wall_time, data FROM events WHERE seq >= ? AND stream = ? "
+        "AND type = 'readings' AND wall_time >= ? ORDER BY seq DESC LIMIT ?",
+        (seq_at(conn, since), f"device:{device}", since, limit),
     ).fetchall()
     for wall, blob in reversed(rows):
         for rec in cbor2.loads(blob).get("r", ()):

@@ -113,6 +113,13 @@ CORE: list[str] = [
     UPDATE outbox SET sid = (SELECT s.sid FROM outbox_streams s WHERE s.stream = outbox.stream)
         WHERE body IS NOT NULL;
     """,
+    # v4: no index on wall_time. Every commit wrote one or two pages of it (a third of the
+    # WAL bytes per commit, measured by bench/wear.py): SD-card wear for queries that can
+    # find a time in the log by bisection over seq instead (`queries.seq_at`), since
+    # events are appended in wall-clock order.
+    """
+    DROP INDEX IF EXISTS events_wall_time;
+    """,
 ]
 
 _REGISTRY: dict[str, list[str]] = {"core": CORE}

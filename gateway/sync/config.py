@@ -15,6 +15,7 @@ username = "gw-1"
 password_file = "/etc/gateway/mqtt.pass"
 [sync.topics]
 telemetry = "gateways/{gateway}/events/{stream}"
+config = "gateways/{gateway}/config"   # with remote_config = true: see gateway.sync.remote_config
 ```
 """
 
@@ -53,6 +54,10 @@ DEFAULT_TELEMETRY = "gateways/{gateway}/events/{stream}"
 DEFAULT_BACKFILL = "gateways/{gateway}/backfill/{stream}"
 DEFAULT_COMMANDS = "gateways/{gateway}/commands"
 DEFAULT_RESPONSES = "gateways/{gateway}/responses"
+DEFAULT_CONFIG = "gateways/{gateway}/config"
+#: The stream of config changes (`gateway.sync.remote_config`): its events go out through the
+#: outbox like any other, on the response topic rather than the telemetry one.
+CONFIG_STREAM = "config"
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +66,7 @@ class TopicsConfig:
     backfill: str = DEFAULT_BACKFILL
     commands: str = DEFAULT_COMMANDS
     responses: str = DEFAULT_RESPONSES
+    config: str = DEFAULT_CONFIG  # a whole config document (TOML), with remote_config on
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +98,8 @@ class SyncConfig:
     backfill_rate: float = 500.0  # events/s for the backlog while live-first is on
     commands: bool = True  # subscribe to the command topic
     max_payload: int | None = None  # bytes; for brokers that do not announce a maximum
+    remote_config: bool = False  # take config documents from the config topic
+    remote_config_probation: float = 60.0  # seconds for a remote config to come up healthy
 
 
 def _check_template(sec: Section, key: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -224,11 +232,14 @@ def parse(sec: Section) -> SyncConfig:
         backfill=t.str("backfill", DEFAULT_BACKFILL),
         commands=t.str("commands", DEFAULT_COMMANDS),
         responses=t.str("responses", DEFAULT_RESPONSES),
+        config=t.str("config", DEFAULT_CONFIG),
     )
     for key in ("telemetry", "backfill"):
         _check_template(t, key, getattr(topics, key), TOPIC_FIELDS)
-    for key in ("commands", "responses"):
+    for key in ("commands", "responses", "config"):
         _check_template(t, key, getattr(topics, key), ("gateway",))
+    if topics.config in (topics.commands, topics.responses):
+        t.error("config", "must differ from the commands and responses topics")
     t.done()
 
     base = sec.float("backoff_base", 1.0, gt=0, max=600)
@@ -260,6 +271,10 @@ def parse(sec: Section) -> SyncConfig:
         backfill_rate=backfill_rate,
         commands=sec.bool("commands", True),
         max_payload=sec.int("max_payload", None, min=256),
+        remote_config=sec.bool("remote_config", False),
+        remote_config_probation=sec.float("remote_config_probation", 60.0, gt=0, max=3600),
     )
+    if cfg.remote_config and file_cfg is not None:
+        sec.error("remote_config", "needs [[sync.endpoints]]: config documents come over MQTT")
     sec.done()
     return cfg

@@ -27,7 +27,7 @@ from gateway.breaker import Backoff as Backoff  # re-exported: the relay paces w
 from gateway.breaker import Breaker
 from gateway.errors import ConfigError
 from gateway.sync.codec import joined_payload
-from gateway.sync.config import EndpointConfig, SyncConfig
+from gateway.sync.config import CONFIG_STREAM, EndpointConfig, SyncConfig
 
 if TYPE_CHECKING:
     import aiomqtt
@@ -161,6 +161,8 @@ def explain(ep: EndpointConfig, exc: BaseException) -> ConnectFailure:
 
 # -- the MQTT channel ------------------------------------------------------------------------
 DownlinkHandler = Callable[[bytes], Awaitable[bytes | None]]
+#: A document from the config topic and the endpoint it came through (gateway.sync.remote_config).
+ConfigHandler = Callable[[bytes, str], Awaitable[None]]
 
 
 def _client_class() -> type[aiomqtt.Client]:
@@ -298,6 +300,7 @@ class MqttChannel:
         self.closed: asyncio.Future[None] = loop.create_future()
         self._tasks: list[asyncio.Task[None]] = []
         self._props: Any = None
+        self.config_downlink: ConfigHandler | None = None
         if cfg.mqtt_version == "5":
             self._props = _publish_properties(cfg.format)
         client._disconnected.add_done_callback(self._on_disconnected)
@@ -332,6 +335,8 @@ class MqttChannel:
             problem = names.topic_segment_problem(value)
             if problem is not None:
                 raise UnpublishableError(f"no valid topic: {problem}")
+        if stream == CONFIG_STREAM:  # config changes are reported on the response topic
+            t = self._cfg.topics.responses
         return t.format(gateway=self._gw, stream=stream, type=type_)
 
     def send(
@@ -360,17 +365,26 @@ class MqttChannel:
 
     async def subscribe_commands(self) -> None:
         topic = self._cfg.topics.commands.format(gateway=self._gw)
-        await self._client.subscribe(topic, qos=1, timeout=self._cfg.connect_timeout)
+        if self._cfg.commands:
+            await self._client.subscribe(topic, qos=1, timeout=self._cfg.connect_timeout)
+        if self._cfg.remote_config and self.config_downlink is not None:
+            topic = self._cfg.topics.config.format(gateway=self._gw)
+            await self._client.subscribe(topic, qos=1, timeout=self._cfg.connect_timeout)
 
     async def _downlink(self, handler: DownlinkHandler) -> None:
         import aiomqtt
 
         responses = self._cfg.topics.responses.format(gateway=self._gw)
+        config = self._cfg.topics.config.format(gateway=self._gw)
         try:
             async for msg in self._client.messages:
                 payload = msg.payload if isinstance(msg.payload, bytes | bytearray) else b""
                 try:
-                    answer = await handler(bytes(payload))
+                    if self.config_downlink is not None and msg.topic.value == config:
+                        await self.config_downlink(bytes(payload), self.label)
+                        answer = None
+                    else:
+                        answer = await handler(bytes(payload))
                 except Exception:
                     # Not acked: the broker sends it again on the next session.
                     self._log.exception("command handling failed; the broker will redeliver")
@@ -405,11 +419,13 @@ class MqttLink:
         logger: logging.Logger,
         downlink: DownlinkHandler | None = None,
         rng: Callable[[], float] = random.random,
+        config_downlink: ConfigHandler | None = None,
     ) -> None:
         self.cfg = cfg
         self.gateway_id = gateway_id
         self.log = logger
         self.downlink = downlink
+        self.config_downlink = config_downlink
         self.backoff = Backoff(cfg.backoff_base, cfg.backoff_cap, rng)
         self.breakers = {
             ep.label: Breaker(cfg.breaker_threshold, cfg.breaker_cooldown) for ep in cfg.endpoints
@@ -533,7 +549,8 @@ class MqttLink:
                 catcher.failed.cancel()
         ch = MqttChannel(client, ep, self.cfg, self.gateway_id, self.log)
         try:
-            if self.downlink is not None and self.cfg.commands:
+            ch.config_downlink = self.config_downlink
+            if self.downlink is not None and (self.cfg.commands or self.cfg.remote_config):
                 ch.start_downlink(self.downlink)
                 await ch.subscribe_commands()
         except BaseException:

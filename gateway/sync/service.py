@@ -9,6 +9,7 @@ import math
 import time
 from typing import Any, ClassVar
 
+from gateway.config import GatewayConfig
 from gateway.errors import PayloadError
 from gateway.service import Health, Service, ServiceContext
 from gateway.sync.config import SyncConfig
@@ -29,11 +30,12 @@ class SyncService(Service):
         self.cfg: SyncConfig | None = None
         self._ctx: ServiceContext | None = None
         self._task: asyncio.Task[Any] | None = None
+        self._stats_task: asyncio.Task[Any] | None = None
         self._stats: dict[str, Any] = {}
         self._verbs = ("outbox", "outbox.retry", "outbox.dead_letters", "outbox.requeue")
 
-    async def start(self, ctx: ServiceContext) -> None:
-        cfg = ctx.config.sections["sync"]
+    async def start(self, ctx: ServiceContext, cfg: SyncConfig | None = None) -> None:
+        cfg = cfg or ctx.config.sections["sync"]
         assert isinstance(cfg, SyncConfig)
         self.cfg = cfg
         self._ctx = ctx
@@ -43,30 +45,50 @@ class SyncService(Service):
         async def downlink(payload: bytes) -> bytes | None:
             return await relay_box[0].handle_command(payload)
 
+        async def config_downlink(payload: bytes, endpoint: str) -> None:
+            # The daemon owns config changes (gateway.sync.remote_config): an in-process verb.
+            await ctx.control.ask("config.remote", {"document": payload, "endpoint": endpoint})
+
         if cfg.file is not None:
             self.sink = FileSink(cfg.file, ctx.logger, cfg.backoff_base, cfg.backoff_cap)
         else:
-            self.sink = MqttLink(cfg, gw, ctx.logger, downlink=downlink)
+            self.sink = MqttLink(cfg, gw, ctx.logger, downlink=downlink,
+                                 config_downlink=config_downlink)  # fmt: skip
         self.relay = Relay(ctx.store, self.sink, cfg, gw, ctx.logger)
         relay_box.append(self.relay)
         await self._measure()
         self._task = ctx.create_task(self.relay.run(), "relay")
-        ctx.create_task(self._stats_loop(), "stats")
+        if self._stats_task is None or self._stats_task.done():  # (a reload keeps it)
+            self._stats_task = ctx.create_task(self._stats_loop(), "stats")
         ctx.control.register("outbox", self._cmd_outbox, mutating=False)
         ctx.control.register("outbox.retry", self._cmd_retry, mutating=True)
         ctx.control.register("outbox.dead_letters", self._cmd_dead_letters, mutating=False)
         ctx.control.register("outbox.requeue", self._cmd_requeue, mutating=True)
+
+    async def reload(self, config: GatewayConfig) -> None:
+        """A changed `[sync]` takes effect: the relay and its link start again on it (the
+        outbox stays as it is; delivery resumes from the watermark). Without `[sync]` in the
+        new config the running relay stays (the supervisor adds and removes no service)."""
+        new = config.sections.get("sync")
+        if self._ctx is None or not isinstance(new, SyncConfig) or new == self.cfg:
+            return
+        await self._stop_relay()
+        await self.start(self._ctx, new)
 
     async def stop(self) -> None:
         if self._ctx is not None:
             for verb in self._verbs:
                 with contextlib.suppress(KeyError):
                     self._ctx.control.unregister(verb)
+        await self._stop_relay()
+
+    async def _stop_relay(self) -> None:
         if self._task is not None:
             # Cancelling the relay closes the session and records the acks already received.
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
+            self._task = None
         if isinstance(self.sink, FileSink):
             self.sink.close()
 

@@ -1,54 +1,39 @@
 """The notification service: alert rules over committed events, one `alert.raised` and one
-`alert.cleared` per episode, and delivery of both to local command channels.
+`alert.cleared` per episode; delivery to local channels is `delivery.py`'s job.
 
 A rule's state is "active" (from the `alerts` projection, so it survives a restart: an active
 alert is never raised twice) or "pending" (bad, waiting for `min_duration`; not kept across a
 restart: the rule simply waits again). Thresholds have hysteresis: raised above `raise_above`
 (below `raise_below`), cleared only below `clear_below` (above `clear_above`).
-
-Each channel delivers alert events in log order from its cursor (the `alert_channels`
-projection, advanced by `alert.delivered` or a final `alert.delivery_failed` event), so each
-raise and clear is delivered once, and an event committed before a crash is delivered after
-it. A failed command is recorded and retried with the shared backoff; it is never fatal.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import math
-import os
-import signal
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, ClassVar
 
 from gateway import events as ev
-from gateway.breaker import Backoff
-from gateway.bus import Subscription
 from gateway.config import GatewayConfig
 from gateway.errors import NotFoundError, PayloadError, StoreError
 from gateway.events import Event
 from gateway.service import Health, HealthState, Service, ServiceContext
 from gateway.store import queries
 from services.expr import EvalError
-from services.notification.config import AlertRule, Channel, severity_rank
+from services.notification.config import AlertRule, Channel
+from services.notification.delivery import Deliveries
 from services.notification.projection import (
     ALERT_ACKED,
-    ALERT_DELIVERED,
-    ALERT_DELIVERY_FAILED,
     alert_stream,
     alerts,
-    channel_cursors,
 )
 
 ANOMALY = "anomaly"
 PERIODIC = ("outbox_older_than", "store_above", "anomaly", "service_degraded")
 CHECK_EVERY = 5.0  # seconds between outbox/store checks
-OUTPUT_MAX = 2000  # characters of a command's output kept in its event
 
 
 @dataclass
@@ -85,9 +70,6 @@ class NotificationService(Service):
                         "delivery_failures": 0}  # fmt: skip
         self._lock = asyncio.Lock()
         self.coap: Any = None  # the CoAP `/alerts` resource, when [coap] runs
-        self._stopping = False
-        self._live: dict[str, Subscription] = {}
-        self._deliveries: dict[str, tuple[Channel, asyncio.Task[Any]]] = {}
 
     # -- life -----------------------------------------------------------------------------
     async def start(self, ctx: ServiceContext) -> None:
@@ -105,6 +87,7 @@ class NotificationService(Service):
         for row in await ctx.store.read(alerts):
             st = self.states.setdefault(row["id"], _State())
             st.active, st.episode = row["active"], int(row["episode"])
+        await self._clear_orphans()
         # Devices known to be down at start (an unavailable rule with no event to wait for).
         for d in await ctx.store.read(queries.devices):
             for rule in self.by_device.get(d["id"], []):
@@ -115,9 +98,8 @@ class NotificationService(Service):
         ctx.create_task(self._run(), "events")
         if any(r.kind in PERIODIC for r in self.rules.values()):
             ctx.create_task(self._periodic(), "checks")
-        self._stopping = False
-        self._deliveries = {}
-        self._start_deliveries()
+        self.deliveries = Deliveries(ctx, self.figures, self.log)
+        self.deliveries.start(self.channels)
         self._attach_coap()
         ctx.control.register("alerts", self._cmd_alerts, mutating=False)
         ctx.control.register("alerts.ack", self._cmd_ack)
@@ -127,15 +109,7 @@ class NotificationService(Service):
         for st in self.states.values():
             if st.timer is not None:
                 st.timer.cancel()
-        # A delivery under way finishes and is recorded (bounded by its command's time-out):
-        # cut short, it would be delivered again after the restart.
-        self._stopping = True
-        for live in self._live.values():
-            live.close()
-        running = [task for _ch, task in self._deliveries.values() if not task.done()]
-        if running:
-            bound = max(ch.timeout for ch, _t in self._deliveries.values()) + 2.0
-            await asyncio.wait(running, timeout=min(bound, 10.0))
+        await self.deliveries.stop()
         self.ctx.control.unregister("alerts")
         self.ctx.control.unregister("alerts.ack")
 
@@ -158,21 +132,8 @@ class NotificationService(Service):
 
     async def reload(self, config: GatewayConfig) -> None:
         self._configure(config)
-        for name, (ch, task) in list(self._deliveries.items()):
-            if self.channels.get(name) != ch:
-                # Between two events (or inside a command, which is killed): the cursor
-                # has not moved past anything undelivered.
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-                del self._deliveries[name]
-        self._start_deliveries()
-
-    def _start_deliveries(self) -> None:
-        for name, ch in self.channels.items():
-            if name not in self._deliveries:
-                task = self.ctx.create_task(self._deliver(ch), f"deliver:{name}")
-                self._deliveries[name] = (ch, task)
+        await self._clear_orphans()
+        await self.deliveries.reload(self.channels)
 
     def health(self) -> Health:
         active = sorted(n for n, s in self.states.items() if s.active and n in self.rules)
@@ -193,6 +154,21 @@ class NotificationService(Service):
                 self.by_point.setdefault(ref, []).append(rule)
             if rule.device is not None:
                 self.by_device.setdefault(rule.device, []).append(rule)
+
+    async def _clear_orphans(self) -> None:
+        """An active alert whose rule left the configuration is cleared (once, with why):
+        nothing else would ever clear it."""
+        for name, st in list(self.states.items()):
+            if name in self.rules or not st.active:
+                continue
+            data = {"rule": name, "episode": st.episode, "reason": "rule removed"}
+            try:
+                await self.ctx.store.append(alert_stream(name), ev.ALERT_CLEARED, data)
+            except StoreError as exc:
+                self.log.warning("alert %s: clear not stored: %s", name, exc)
+                continue
+            st.active = False
+            self.figures["cleared"] += 1
 
     # -- evaluation -----------------------------------------------------------------------
     async def _run(self) -> None:
@@ -386,75 +362,6 @@ class NotificationService(Service):
             state = HealthState.DEGRADED
         await self._observe(rule, state != HealthState.OK, str(state), None)
 
-    # -- delivery -------------------------------------------------------------------------
-    async def _deliver(self, ch: Channel) -> None:
-        store = self.ctx.store
-        live = self.ctx.bus.subscribe(
-            f"deliver:{ch.name}", types=[ev.ALERT_RAISED, ev.ALERT_CLEARED]
-        )
-        self._live[ch.name] = live
-        try:
-            cursors = await store.read(channel_cursors)
-            cursor = cursors.get(ch.name)
-            if cursor is None:
-                # A new channel: the alerts active now still need to reach it.
-                rows = await store.read(alerts)
-                raised = [r["raise_seq"] for r in rows if r["active"] and r["raise_seq"]]
-                cursor = min(raised) - 1 if raised else live.cursor
-            while cursor < live.cursor:
-                batch = await store.read(partial(_alert_events, after=cursor))
-                batch = [e for e in batch if e.seq <= live.cursor]
-                if not batch:
-                    break
-                for e in batch:
-                    if self._stopping:
-                        return
-                    await self._deliver_one(ch, e)
-                cursor = batch[-1].seq
-            async for e in live:
-                await self._deliver_one(ch, e)
-        finally:
-            live.close()
-            if self._live.get(ch.name) is live:
-                del self._live[ch.name]
-
-    async def _deliver_one(self, ch: Channel, e: Event) -> None:
-        if severity_rank(str(e.data.get("severity"))) < severity_rank(ch.min_severity):
-            return
-        payload = json.dumps({
-            "id": e.stream[6:], "event": e.type, "seq": e.seq, "time": e.wall_time,
-            "gateway": self.ctx.config.gateway.id, **dict(e.data),
-        }, default=str).encode()  # fmt: skip
-        backoff = Backoff(1.0, 60.0, floor=0.5)
-        attempt = 0
-        while True:
-            attempt += 1
-            error, output = await _run_command(ch, payload)
-            base = {"channel": ch.name, "of": e.seq, "attempts": attempt}
-            if error is None:
-                self.figures["delivered"] += 1
-                await self._record(e.stream, ALERT_DELIVERED, {**base, "output": output})
-                return
-            final = attempt > ch.retries
-            self.figures["delivery_failures"] += 1
-            self.log.warning("alert %s: channel %s failed (attempt %d%s): %s", e.stream[6:],
-                             ch.name, attempt, ", giving up" if final else "", error)  # fmt: skip
-            failed = {**base, "error": error, "output": output, "final": final}
-            await self._record(e.stream, ALERT_DELIVERY_FAILED, failed)
-            if final or self._stopping:
-                return  # not final: the cursor stays, it is tried again after the restart
-            await asyncio.sleep(backoff.next())
-
-    async def _record(self, stream: str, etype: str, data: Mapping[str, Any]) -> None:
-        while True:
-            try:
-                await self.ctx.store.append(stream, etype, data)
-                return
-            except StoreError as exc:
-                # Without the record the cursor does not move: retried after a pause.
-                self.log.warning("%s not stored (%s); retrying", etype, exc)
-                await asyncio.sleep(5)
-
     # -- control verbs --------------------------------------------------------------------
     async def _cmd_alerts(self, args: Mapping[str, Any]) -> Any:
         include = bool(args.get("all"))
@@ -473,10 +380,6 @@ class NotificationService(Service):
         if self.coap is not None:
             self.coap.changed()
         return {"seq": e.seq, "episode": st.episode}
-
-
-def _alert_events(conn: Any, after: int) -> list[Event]:
-    return queries.events(conn, after, 500, types=(ev.ALERT_RAISED, ev.ALERT_CLEARED))
 
 
 def _describe(rule: AlertRule) -> str:
@@ -499,39 +402,3 @@ def _describe(rule: AlertRule) -> str:
     if rule.raise_below is not None:
         parts.append(f"below {rule.raise_below:g}")
     return f"{what} {' or '.join(parts)}".strip() if parts else f"{what} holds"
-
-
-async def _run_command(ch: Channel, payload: bytes) -> tuple[str | None, str]:
-    """Run the channel's command with `payload` on stdin: (None, output) on exit 0, else
-    (what went wrong, output). No shell; killed at the timeout."""
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            *ch.command, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT, start_new_session=True,
-            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8"},
-        )  # fmt: skip
-    except OSError as exc:
-        return f"cannot run {ch.command[0]}: {exc.strerror or exc}", ""
-    try:
-        async with asyncio.timeout(ch.timeout):
-            out, _ = await proc.communicate(payload)
-    except asyncio.CancelledError:
-        _kill(proc)  # the daemon is stopping: leave no command behind
-        raise
-    except TimeoutError:
-        _kill(proc)
-        out = b""
-        with contextlib.suppress(Exception):
-            out, _ = await asyncio.wait_for(proc.communicate(), 5)
-        text = out.decode("utf-8", "replace")[-OUTPUT_MAX:]
-        return f"no exit within {ch.timeout:g} s (killed)", text
-    text = out.decode("utf-8", "replace")[-OUTPUT_MAX:]
-    if proc.returncode != 0:
-        return f"exit status {proc.returncode}", text
-    return None, text
-
-
-def _kill(proc: asyncio.subprocess.Process) -> None:
-    """The command and whatever it started (its own session, so its own process group)."""
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)

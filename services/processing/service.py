@@ -3,8 +3,10 @@ concludes as events again: derived points (`readings` on the derived device's st
 window aggregates (`aggregate` on `aggregate:<device>:<point>`) and anomaly flags (`anomaly`
 on the device's stream). Readings are never dropped or changed.
 
-Windows are by the gateway's clock (an event's commit time) and close at wall-clock
-boundaries once everything committed before the boundary (plus `GRACE`) has been seen; the
+Windows are by the gateway's clock (an event's append time: a polled reading held back by
+`[store] commit_interval` keeps the time it was polled) and close at wall-clock boundaries
+once everything committed before the boundary plus the grace (`GRACE` + the commit
+interval, which late-committed readings may need) has been seen; the
 `windows` watermark commits with each aggregate, and after a restart the windows past it are
 rebuilt from the log. Anomaly detectors save their state every `SAVE_EVERY` seconds and at
 stop, and replay the log after the saved position at start.
@@ -18,7 +20,6 @@ import math
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from functools import partial
 from typing import Any, ClassVar
 
@@ -31,8 +32,10 @@ from gateway.events import Event, NewEvent
 from gateway.service import Health, Service, ServiceContext
 from gateway.store import queries
 from services.expr import EvalError
-from services.processing.config import AnomalyConfig, DerivedPoint, PointProcessing
+from services.processing.anomaly import Detector
+from services.processing.config import DerivedPoint, PointProcessing
 from services.processing.projection import AGGREGATE, ANOMALY, aggregate_stream, watermarks
+from services.processing.windows import Window
 
 GRACE = 1.0  # seconds after a window's end before it closes (commits in flight land)
 SAVE_EVERY = 30.0  # seconds between saves of detector state
@@ -41,59 +44,6 @@ MAX_INFLIGHT = 64  # appends not yet committed before the loop waits
 REPLAY_TAIL = 50_000  # events replayed into a detector that has no saved state
 
 Key = tuple[str, str]
-
-
-@dataclass
-class _Window:
-    start: float
-    end: float
-    count: int = 0
-    min: float = math.inf
-    max: float = -math.inf
-    sum: float = 0.0
-    last: float | int | None = None
-
-    def add(self, v: float | int) -> None:
-        self.count += 1
-        if v < self.min:
-            self.min = v
-        if v > self.max:
-            self.max = v
-        self.sum += v
-        self.last = v
-
-
-@dataclass
-class _Detector:
-    conf: AnomalyConfig
-    n: int = 0
-    mean: float = 0.0
-    var: float = 0.0
-    seq: int = 0  # the last event learnt from (saved with the state)
-
-    def score(self, x: float) -> tuple[float, float, float] | None:
-        """(z, low, high) when `x` is outside the band, else None; then learn from `x`
-        (clipped to the band, so a spike does not widen it)."""
-        c = self.conf
-        flagged = None
-        if self.n == 0:
-            self.mean = x
-            self.n = 1
-            return None
-        sd = math.sqrt(self.var) if self.var > 0 else 0.0
-        floor = 1e-9 * max(1.0, abs(self.mean))
-        lo, hi = self.mean - c.threshold * sd, self.mean + c.threshold * sd
-        if self.n >= c.warmup:
-            z = (x - self.mean) / max(sd, floor)
-            if abs(z) > c.threshold:
-                flagged = (z, lo, hi)
-                x = min(max(x, lo), hi)
-        diff = x - self.mean
-        incr = c.alpha * diff
-        self.mean += incr
-        self.var = (1 - c.alpha) * (self.var + diff * incr)
-        self.n += 1
-        return flagged
 
 
 def _number(v: Any) -> float | int | None:
@@ -108,6 +58,8 @@ class ProcessingService(Service):
     name: ClassVar[str] = "processing"
 
     def __init__(self) -> None:
+        self.lag = 0.0
+        self.grace = GRACE
         self.derived: dict[Key, DerivedPoint] = {}
         self.by_input: dict[Key, list[DerivedPoint]] = defaultdict(list)
         self.points: dict[Key, PointProcessing] = {}
@@ -116,9 +68,9 @@ class ProcessingService(Service):
         self.state: dict[Key, str] = {}  # derived point -> "value" | "missing"
         self.last_emit: dict[Key, float] = {}
         self.trailing: dict[Key, asyncio.TimerHandle] = {}
-        self.windows: dict[Key, _Window] = {}
+        self.windows: dict[Key, Window] = {}
         self.emitted_to: dict[Key, float] = {}  # window watermark per point
-        self.detectors: dict[Key, _Detector] = {}
+        self.detectors: dict[Key, Detector] = {}
         self.processed = 0  # seq of the last event handled
         self._caught_up: asyncio.Event = asyncio.Event()
         self._target = 0
@@ -132,6 +84,9 @@ class ProcessingService(Service):
     async def start(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
         self.log = ctx.logger
+        # Readings held back by the store's commit interval arrive that much later.
+        self.lag = ctx.config.store.commit_interval
+        self.grace = GRACE + self.lag
         # Started again after a crash: everything is rebuilt from the store, nothing kept.
         for h in self.trailing.values():
             h.cancel()
@@ -166,12 +121,16 @@ class ProcessingService(Service):
         self._configure(config)
 
     def health(self) -> Health:
-        return Health.ok(
+        detail = (
             f"{len(self.derived)} derived, {sum(1 for p in self.points.values() if p.window)}"
-            f" windows, {len(self.detectors)} detectors",
-            processed_seq=self.processed,
-            **self.figures,
+            f" windows, {len(self.detectors)} detectors"
         )
+        if self.figures["not_stored"]:
+            return Health.degraded(
+                f"{self.figures['not_stored']} results not stored; {detail}",
+                processed_seq=self.processed, **self.figures,
+            )  # fmt: skip
+        return Health.ok(detail, processed_seq=self.processed, **self.figures)
 
     def _configure(self, config: GatewayConfig) -> None:
         derived: Mapping[Key, DerivedPoint] = config.sections.get("derived") or {}
@@ -194,7 +153,7 @@ class ProcessingService(Service):
             if pp.anomaly is None:
                 self.detectors.pop(key, None)
             elif key not in self.detectors or self.detectors[key].conf != pp.anomaly:
-                self.detectors[key] = _Detector(pp.anomaly)
+                self.detectors[key] = Detector(pp.anomaly)
         for key in [k for k in self.detectors if k not in self.points]:
             del self.detectors[key]
         for key in [k for k in self.windows if not (k in self.points and self.points[k].window)]:
@@ -204,7 +163,8 @@ class ProcessingService(Service):
         rows = await self.ctx.store.read(queries.latest)
         for r in rows:
             key = (r["device"], r["point"])
-            if key in self.by_input:
+            # Newer ones come through the subscription (and make a value then).
+            if key in self.by_input and r["seq"] <= self.sub.cursor:
                 self.inputs[key] = (r["value"], float(r["ts"]))
 
     # -- the event loop -------------------------------------------------------------------
@@ -281,7 +241,9 @@ class ProcessingService(Service):
 
     def _evaluate(self, dp: DerivedPoint) -> None:
         key = (dp.device, dp.point)
-        now = time.time()
+        # Inputs are judged as of `commit_interval` ago: a polled reading may be held back
+        # that long before it is committed, so a fresh one can arrive with that age.
+        now = time.time() - self.lag
         env: dict[str, Any] = {}
         stale: list[str] = []
         for name, ref in dp.inputs.items():
@@ -323,7 +285,7 @@ class ProcessingService(Service):
         self._out.append(ev.readings_event(dp.device, [rec]))
 
     def _check_stale(self) -> None:
-        now = time.time()
+        now = time.time() - self.lag
         for dp in self.derived.values():
             if dp.max_age is None or self.state.get((dp.device, dp.point)) != "value":
                 continue
@@ -346,13 +308,13 @@ class ProcessingService(Service):
                 self._close(key, pp, w)
             if pp.empty:
                 self._fill_empty(key, pp, start)
-            w = self.windows[key] = _Window(start, start + pp.window)
+            w = self.windows[key] = Window(start, start + pp.window)
         elif start < w.start:
             self.figures["late"] += 1
             return
         w.add(x)
 
-    def _close(self, key: Key, pp: PointProcessing, w: _Window) -> None:
+    def _close(self, key: Key, pp: PointProcessing, w: Window) -> None:
         self.emitted_to[key] = w.end
         if w.count == 0 and not pp.empty:
             return
@@ -370,17 +332,17 @@ class ProcessingService(Service):
         self._out.append(NewEvent(aggregate_stream(*key), AGGREGATE, data))
 
     def _close_due(self, now: float) -> None:
-        """Close every window that ended at least GRACE ago (empty ones too, when asked)."""
+        """Close every window that ended at least the grace ago (empty ones too, when asked)."""
         for key, pp in self.points.items():
             if not pp.window:
                 continue
             w = self.windows.get(key)
-            if w is not None and w.end + GRACE <= now:
+            if w is not None and w.end + self.grace <= now:
                 del self.windows[key]
                 self._close(key, pp, w)
                 w = None
             if pp.empty and w is None:
-                self._fill_empty(key, pp, math.floor((now - GRACE) / pp.window) * pp.window)
+                self._fill_empty(key, pp, math.floor((now - self.grace) / pp.window) * pp.window)
 
     def _fill_empty(self, key: Key, pp: PointProcessing, upto: float) -> None:
         """Emit count = 0 for the windows without readings between the watermark and `upto`."""
@@ -391,7 +353,7 @@ class ProcessingService(Service):
             return
         start = max(start, upto - MAX_BACKFILL)
         while start + pp.window <= upto:
-            self._close(key, pp, _Window(start, start + pp.window))
+            self._close(key, pp, Window(start, start + pp.window))
             start += pp.window
 
     async def _ticker(self) -> None:
@@ -399,7 +361,7 @@ class ProcessingService(Service):
         stale = [dp.max_age for dp in self.derived.values() if dp.max_age]
         while True:
             now = time.time()
-            wakes = [math.floor(now / w) * w + w + GRACE for w in every]
+            wakes = [math.floor(now / w) * w + w + self.grace for w in every]
             wakes += [now + max(0.2, min(stale) / 4)] if stale else []
             wakes.append(now + SAVE_EVERY)
             await asyncio.sleep(max(0.01, min(wakes) - now))
@@ -561,7 +523,8 @@ def _load_state(conn: Any) -> dict[str, tuple[int, list[Any]]]:
 def _readings_since(conn: Any, since: float, upto: int) -> Iterable[Event]:
     rows = conn.execute(
         "SELECT seq, stream, version, type, wall_time, mono_time, boot_id, synced, data "
-        "FROM events WHERE wall_time >= ? AND seq <= ? AND type = 'readings' ORDER BY seq",
-        (since, upto),
+        "FROM events WHERE seq >= ? AND seq <= ? AND wall_time >= ? AND type = 'readings' "
+        "ORDER BY seq",
+        (queries.seq_at(conn, since), upto, since),
     ).fetchall()
     return [queries.row_to_event(r) for r in rows]

@@ -72,6 +72,11 @@ def test_metrics_verb_and_textfile_parse_and_agree_with_status(
     assert one(found, "gatewayd_service_up", service="metrics") == 1
     assert one(found, "gatewayd_poll_failures_total", service="collection") >= 0
     assert one(found, "gatewayd_store_events") > 0
+    assert one(found, "gatewayd_device_polls_total", service="collection", device="boiler-1") > 0
+    assert one(found, "gatewayd_device_up", service="collection", device="meter-1") == 1
+    assert (
+        one(found, "gatewayd_device_last_read_seconds", service="collection", device="meter-1") >= 0
+    )
     assert one(found, "gatewayd_info", version=status["version"]) == 1
     r = run_cli(config, "metrics", "--format", "prometheus")
     assert r.returncode == 0 and "# EOF" not in r.stdout

@@ -11,6 +11,7 @@ import cbor2
 import pytest
 
 from gateway import events as ev
+from gateway.clock import SystemClock
 from gateway.config import StoreConfig
 from gateway.errors import ConcurrencyError, StoreClosedError, StoreError, StoreFull
 from gateway.events import NewEvent
@@ -347,3 +348,99 @@ async def test_a_crashed_writer_fails_waiters_instead_of_hanging_them(tmp_path: 
     with pytest.raises(StoreError, match="store writer failed"):
         await s.append("s", "t", {})
     await s.close()
+
+
+def test_seq_at_bisects_the_log_by_wall_time(tmp_path: Path) -> None:
+    """No index on wall_time (it cost a third of the WAL per commit): times are found by
+    bisection over seq, which holds with gaps in seq (pruned, dropped events)."""
+    conn = sqlite3.connect(tmp_path / "g.db")
+    migrate(conn)
+    seqs = [s for s in range(1, 400) if s % 7 and not 100 <= s < 180]  # gaps, one large
+    conn.executemany(
+        "INSERT INTO events (seq, stream, version, type, wall_time, mono_time, boot_id, synced,"
+        " data) VALUES (?, 's', ?, 't', ?, 0, 'b', 1, x'a0')",
+        [(s, s, 1000.0 + s / 2) for s in seqs],
+    )
+    for t in [0.0, 1000.0, 1000.5, 1001.0, 1049.9, 1050.0, 1120.0, 1199.5, 1200.0, 5000.0]:
+        bound = queries.seq_at(conn, t)
+        assert [s for s in seqs if s >= bound] == [s for s in seqs if 1000.0 + s / 2 >= t], t
+    conn.close()
+    empty = sqlite3.connect(tmp_path / "empty.db")
+    migrate(empty)
+    assert queries.seq_at(empty, 1.0) == 1
+    empty.close()
+
+
+async def test_lazy_appends_wait_for_the_interval_or_for_an_awaited_append(
+    tmp_path: Path,
+) -> None:
+    s = await EventStore.open(tmp_path / "g.db", StoreConfig(commit_interval=60))
+    try:
+        held = s.append("device:a", ev.READINGS, {"r": [{"n": "t", "v": 1}]}, lazy=True)
+        await asyncio.sleep(0)  # let the writer look at its queue: it holds the reading
+        assert not held.done()
+        assert rows(s.path, "SELECT count(*) FROM events") == [(0,)]
+        # Somebody waits for this one: it commits at once, and takes the held one along.
+        note = await s.append(ev.OPERATOR_STREAM, ev.OPERATOR_NOTE, {"text": "x"})
+        assert held.done() and held.result().seq < note.seq
+        # flush() commits what is held without an awaited append.
+        more = s.append_many(
+            [NewEvent("device:a", ev.READINGS, {"r": [{"n": "t", "v": 2}]})], lazy=True
+        )
+        await s.flush()
+        assert more.done() and rows(s.path, "SELECT count(*) FROM events") == [(3,)]
+        # And close() commits whatever is still held.
+        last = s.append("device:a", ev.READINGS, {"r": [{"n": "t", "v": 3}]}, lazy=True)
+    finally:
+        await s.close()
+    assert last.done() and last.result().seq == 4
+
+
+async def test_page_size_applies_to_new_databases_only(tmp_path: Path) -> None:
+    s = await EventStore.open(tmp_path / "new.db", StoreConfig(page_size=1024))
+    await s.close()
+    assert rows(tmp_path / "new.db", "PRAGMA page_size") == [(1024,)]
+    s = await EventStore.open(tmp_path / "new.db", StoreConfig(page_size=4096))
+    await s.append("device:a", ev.READINGS, {"r": []})
+    await s.close()
+    assert rows(tmp_path / "new.db", "PRAGMA page_size") == [(1024,)]  # kept its own
+
+
+class _SteppedClock(SystemClock):
+    """A clock the test moves by hand (wall and monotonic together)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = 1_700_000_000.0
+        self.mono = 100.0
+
+    def time(self) -> float:
+        return self.now
+
+    def monotonic(self) -> float:
+        return self.mono
+
+    def step(self, seconds: float) -> None:
+        self.now += seconds
+        self.mono += seconds
+
+
+async def test_a_held_back_append_keeps_the_time_it_was_made(tmp_path: Path) -> None:
+    """Polled readings carry the time they were polled, not the time of the commit that
+    took them along (which may come `commit_interval` later)."""
+    clock = _SteppedClock()
+    s = await EventStore.open(tmp_path / "g.db", StoreConfig(commit_interval=60), clock=clock)
+    try:
+        held = s.append("device:a", ev.READINGS, {"r": [{"n": "t", "v": 1}]}, lazy=True)
+        many = s.append_many(
+            [NewEvent("device:b", ev.READINGS, {"r": [{"n": "t", "v": 2}]})], lazy=True
+        )
+        clock.step(2.5)
+        note = await s.append(ev.OPERATOR_STREAM, ev.OPERATOR_NOTE, {"text": "x"})
+    finally:
+        await s.close()
+    assert held.result().wall_time == 1_700_000_000.0 and held.result().mono_time == 100.0
+    assert many.result()[0].wall_time == 1_700_000_000.0
+    assert note.wall_time == 1_700_000_002.5
+    got = rows(tmp_path / "g.db", "SELECT wall_time FROM events ORDER BY seq")
+    assert got == [(1_700_000_000.0,), (1_700_000_000.0,), (1_700_000_002.5,)]

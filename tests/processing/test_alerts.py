@@ -151,7 +151,10 @@ def test_hysteresis_min_duration_ack_and_command_channel(
     # One raise and one clear per episode, exactly where the hand computation puts them.
     hot = [(t, data["at_seq"]) for _, t, _, data in alert_events(config, "hot")]
     assert len(hot) >= 7
-    assert hot == model(temps, 55, 45)[: len(hot)]
+    # (From the first clear on: the readings before the service subscribed are not its.)
+    assert [t for t, _ in hot[:2]] == ["alert.raised", "alert.cleared"]
+    after = [(seq, v) for seq, v in temps if seq > hot[1][1]]
+    assert hot[2:] == model(after, 55, 45)[: len(hot) - 2]
     # The signal did bounce around the threshold: without hysteresis it would have flapped.
     assert len(model(temps, 55, 55)) > len(model(temps, 55, 45))
 
@@ -347,10 +350,22 @@ def test_a_delivery_cut_by_sigkill_is_made_after_the_restart_once(
     d = start_daemon(config, tmp_path, name="second")
     daemon_factory.append(d)
     wait_until(lambda: events(config, "alert.delivered") != [], "delivered after the restart")
-    assert d.stop() == 0
     raised = alert_events(config, "pump-fast")
     assert [t for _, t, _, _ in raised] == ["alert.raised"]
     got = delivered(out)
     assert [(m["id"], m["seq"]) for m in got] == [("pump-fast", raised[0][0])]
     (rec,) = [data for *_x, data in events(config, "alert.delivered")]
     assert rec["of"] == raised[0][0] and rec["channel"] == "gate"
+
+    # The rule leaves the configuration while its alert is active: cleared, with why.
+    text = config.read_text()
+    start = text.index("[alerts.pump-fast]")
+    config.write_text(text[:start] + text[text.index("[alerts.pump-down]") :])
+    d.peer.signal(signal.SIGHUP)
+    wait_until(lambda: len(alert_events(config, "pump-fast")) == 2, "the orphan cleared")
+    cleared = alert_events(config, "pump-fast")[1]
+    assert cleared[1] == "alert.cleared" and cleared[3]["reason"] == "rule removed"
+    wait_until(lambda: len(delivered(out)) == 2, "the clear delivered")
+    assert d.stop() == 0
+    r = run_cli(config, "alerts")
+    assert r.returncode == 0 and "no active alerts" in r.stdout

@@ -95,7 +95,11 @@ def test_derived_points_match_a_hand_computation_and_go_missing_when_stale(
     inputs = [r["v"] for _, r in readings(config, "meter-1", "energy")]
     outputs = [r["v"] for _, r in readings(config, "meter-1", "shaped")]
     assert len(outputs) >= 30
-    assert outputs == [shaped(e) for e in inputs[: len(outputs)]]
+    # (Readings committed before the service subscribed, at most a few, have no value.)
+    assert any(outputs == [shaped(e) for e in inputs[k : k + len(outputs)]] for k in range(5)), (
+        inputs[:40],
+        outputs[:40],
+    )
     assert 41 in outputs and -9 in outputs  # both branches, the clamp and the power
 
     # min_interval: at most one value per 0.5 s, each from an input already committed.

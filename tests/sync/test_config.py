@@ -93,3 +93,31 @@ def test_needs_a_destination() -> None:
     assert issues("[sync]\n") == [
         "sync.endpoints: give at least one [[sync.endpoints]] or a [sync.file] sink"
     ]
+
+
+def test_remote_config_is_off_by_default_and_checked() -> None:
+    cfg = sync('[[sync.endpoints]]\nurl = "mqtt://h"\n')
+    assert cfg.remote_config is False and cfg.remote_config_probation == 60.0
+    assert cfg.topics.config == "gateways/{gateway}/config"
+    cfg = sync('[sync]\nremote_config = true\nremote_config_probation = 5\n'
+               '[[sync.endpoints]]\nurl = "mqtt://h"\n')  # fmt: skip
+    assert cfg.remote_config is True and cfg.remote_config_probation == 5.0
+    got = issues(
+        """
+[sync]
+remote_config = "yes"
+remote_config_probation = 0
+[sync.topics]
+config = "gateways/{gateway}/commands"
+[sync.file]
+directory = "/var/spool/gw"
+"""
+    )
+    assert got == [
+        "sync.topics.config: must differ from the commands and responses topics",
+        "sync.remote_config: must be true or false, got a string 'yes'",
+        "sync.remote_config_probation: must be > 0, got 0",
+    ]
+    assert issues('[sync]\nremote_config = true\n[sync.file]\ndirectory = "/d"\n') == [
+        "sync.remote_config: needs [[sync.endpoints]]: config documents come over MQTT"
+    ]
