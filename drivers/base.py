@@ -96,6 +96,13 @@ class Driver(abc.ABC):
         """Check a device's driver-specific options and points; raise ConfigError. Pure:
         no I/O, no protocol library import (config check must stay cheap)."""
 
+    @classmethod
+    def value_kind(cls, spec: DeviceSpec, point: PointSpec) -> str:
+        """What a write to `point` takes: "number", "bool", "string" or "any" (the driver's
+        encoding decides). Pure, from the config: the control service checks a value against
+        it, with the point's other rules, before the driver sees it."""
+        return "any"
+
     @abc.abstractmethod
     async def start(self) -> None: ...
 

@@ -351,6 +351,7 @@ class PointSpec:
     writable: bool = False
     interval: float | None = None  # overrides the device's polling interval
     deadband: float | None = None  # on-change: emit only when |change| > deadband
+    remote_write: bool = False  # the cloud may write it (services.points)
     options: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -423,6 +424,12 @@ class StoreConfig:
 class ControlConfig:
     socket: str = "gatewayd.sock"
     group: str | None = None
+    # The control service (services/control): commands to devices.
+    deadline: float = 30.0  # seconds a command may wait before it is expired, never sent
+    queue: int = 16  # commands waiting per device; one more is rejected (queue_full)
+    retries: int = 3  # re-sends after a refused connection (never after a time-out)
+    allow_remote: tuple[str, ...] = ()  # "device/point" or "device/*": cloud writes allowed
+    remote_sagas: tuple[str, ...] = ()  # sagas the cloud may start
 
 
 @dataclass(frozen=True, slots=True)
@@ -470,13 +477,15 @@ SECTION_PARSERS: dict[str, str] = {
     "processing": "services.processing.config:parse_processing",
     "alerts": "services.notification.config:parse_alerts",
     "notify": "services.notification.config:parse_notify",
+    "auth": "services.auth:parse",
+    "sagas": "services.control.sagas:parse",
 }
 
 GENERIC_DEVICE_KEYS = (
     "driver", "interval", "jitter", "timeout", "enabled", "description", "offline_after",
 )  # fmt: skip
 GENERIC_POINT_KEYS = (
-    "unit", "scale", "offset", "min", "max", "writable", "interval", "deadband",
+    "unit", "scale", "offset", "min", "max", "writable", "interval", "deadband", "remote_write",
 )  # fmt: skip
 
 
@@ -501,10 +510,11 @@ def _parse_point(name: str, sec: Section) -> PointSpec:
     writable = sec.bool("writable", False)
     interval = sec.float("interval", None, gt=0)
     deadband = sec.float("deadband", None, min=0)
+    remote_write = sec.bool("remote_write", False)
     sec.mark(*GENERIC_POINT_KEYS)
     return PointSpec(
         name=name, unit=unit, scale=scale, offset=offset, min=lo, max=hi, writable=writable,
-        interval=interval, deadband=deadband, options=sec.unread(),
+        interval=interval, deadband=deadband, remote_write=remote_write, options=sec.unread(),
     )  # fmt: skip
 
 
@@ -582,7 +592,18 @@ def parse(data: Mapping[str, Any], source: str = "") -> GatewayConfig:
     s.done()
 
     c = root.table("control")
-    control = ControlConfig(socket=c.str("socket", "gatewayd.sock"), group=c.str("group", None))
+    allow_remote = c.list("allow_remote", [], of=str)
+    for i, pat in enumerate(allow_remote):
+        if isinstance(pat, str) and pat.count("/") != 1:
+            issues.add(f"control.allow_remote[{i}]", f"must be 'device/point' or 'device/*', "
+                       f"got {pat!r}")  # fmt: skip
+    control = ControlConfig(
+        socket=c.str("socket", "gatewayd.sock"), group=c.str("group", None),
+        deadline=c.float("deadline", 30.0, gt=0, max=86400), queue=c.int("queue", 16, min=1,
+        max=10_000), retries=c.int("retries", 3, min=0, max=100),
+        allow_remote=tuple(str(a) for a in allow_remote),
+        remote_sagas=tuple(str(a) for a in c.list("remote_sagas", [], of=str)),
+    )  # fmt: skip
     c.done()
 
     devices: dict[str, DeviceSpec] = {}

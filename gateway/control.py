@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import grp
 import json
 import logging
@@ -23,7 +24,7 @@ import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from gateway.errors import DaemonUnavailableError, ForbiddenError, GatewayError
 
@@ -48,8 +49,21 @@ class Peer:
         return {"uid": self.uid, "gid": self.gid, "pid": self.pid}
 
 
+#: The caller of the verb being answered (handlers that record who asked read it).
+current_peer: contextvars.ContextVar[Peer | None] = contextvars.ContextVar(
+    "current_peer", default=None
+)
+
 #: Called after a mutating verb ran: (verb, args, peer, error or None). It records it.
 Audit = Callable[[str, dict[str, Any], Peer, str | None], Awaitable[None]]
+#: Called when a verb is refused: (verb, peer, message). It records it (`auth.denied`).
+Denied = Callable[[str, Peer | None, str], Awaitable[None]]
+
+
+class Policy(Protocol):
+    """Roles (services.auth): None if `peer` may run `verb`, else the refusal's message."""
+
+    def check(self, verb: str, mutating: bool, peer: Peer | None) -> str | None: ...
 
 
 def peer_of(sock: socket.socket) -> Peer:
@@ -85,6 +99,10 @@ class ControlServer:
         self._gid: int | None = None
         #: Records every mutating verb that ran (set by the daemon).
         self.audit: Audit | None = None
+        #: Roles per verb (set by the auth service when `[auth]` exists), and who records a
+        #: refusal. Without a policy: mutating verbs need root, the daemon's user or the group.
+        self.policy: Policy | None = None
+        self.on_denied: Denied | None = None
         self.refused = 0
 
     def register(
@@ -210,17 +228,29 @@ class ControlServer:
         if handler is None or verb in self._local:
             return {"ok": False, "error": f"unknown verb {verb!r}", "exit": 2}
         mutating = verb in self._mutating
-        if mutating and (peer is None or not self.allowed(peer)):
-            self.refused += 1
+        refusal: str | None = None
+        if self.policy is not None:
+            refusal = self.policy.check(verb, mutating, peer)
+        elif mutating and (peer is None or not self.allowed(peer)):
             who = "an unknown peer" if peer is None else f"uid {peer.uid} (pid {peer.pid})"
-            log.warning("control: %s refused for %s", verb, who)
             group = f"in group {self.group!r}" if self._gid is not None else "the daemon's user"
-            err = ForbiddenError(
+            refusal = (
                 f"{verb}: permission denied: it changes state, so it needs root or {group}"
                 f" (you are {who})"
             )
+        if refusal is not None:
+            self.refused += 1
+            who = "an unknown peer" if peer is None else f"uid {peer.uid} (pid {peer.pid})"
+            log.warning("control: %s refused for %s", verb, who)
+            if self.on_denied is not None:
+                try:
+                    await self.on_denied(verb, peer, refusal)
+                except Exception as exc:
+                    log.warning("control: a refusal could not be recorded: %s", exc)
+            err = ForbiddenError(refusal)
             return {"ok": False, "error": str(err), "exit": err.exit_status}
         error: str | None = None
+        token = current_peer.set(peer)
         try:
             answer = {"ok": True, "result": await handler(args)}
         except GatewayError as exc:
@@ -230,6 +260,8 @@ class ControlServer:
             log.exception("control verb %s failed", verb)
             error = f"internal error: {exc}"
             answer = {"ok": False, "error": error, "exit": 1}
+        finally:
+            current_peer.reset(token)
         if mutating and self.audit is not None and peer is not None:
             try:
                 await self.audit(verb, args, peer, error)

@@ -93,10 +93,12 @@ def release_freed_memory() -> None:
 
 
 def build_services(config: cfg.GatewayConfig) -> list[Service]:
+    from services.auth import AuthService
     from services.collection import CollectionService
+    from services.control.service import ControlService
     from services.devices import DevicesService
 
-    out: list[Service] = [DevicesService(), CollectionService()]
+    out: list[Service] = [AuthService(), DevicesService(), CollectionService()]
     for section, ref in OPTIONAL_SERVICES.items():
         conf = config.sections.get(section)
         if conf is None or getattr(conf, "enabled", True) is False:
@@ -105,7 +107,14 @@ def build_services(config: cfg.GatewayConfig) -> list[Service]:
             continue  # one service serving several sections
         module, _, attr = ref.partition(":")
         out.append(getattr(importlib.import_module(module), attr)())
+    out.append(ControlService())  # last: the CoAP front door, if any, runs by then
     return out
+
+
+def auth_policy(control: ControlServer, c: cfg.GatewayConfig) -> None:
+    from services.auth import apply_policy
+
+    apply_policy(control, c)
 
 
 def outbox_codec(c: cfg.GatewayConfig) -> OutboxCodec | None:
@@ -151,6 +160,7 @@ class Daemon:
     async def run(self) -> int:
         c = self.config
         tune_process()
+        importlib.import_module("services.control")  # its tables, before the store opens
         store = await self._open_store()
         if store is None:
             return 0  # stopped while waiting for room to open the database
@@ -161,6 +171,7 @@ class Daemon:
             build_services(c), config=c, store=self.store, bus=bus, control=self.control
         )
         self._register_verbs()
+        auth_policy(self.control, c)  # roles from the socket's first request on
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)

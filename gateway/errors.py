@@ -104,6 +104,11 @@ class DeviceUnavailable(DriverError):
     coap_code = "5.03"
 
 
+class ConnectError(DeviceUnavailable):
+    """No connection to the device (refused, not yet reconnected, circuit open): nothing
+    reached it, so a write may be tried again without risk of doing it twice."""
+
+
 class DeviceTimeout(DriverError):
     coap_code = "5.04"
 
@@ -145,6 +150,60 @@ class AuthError(GatewayError):
 
 class ForbiddenError(AuthError):
     coap_code = "4.03"
+
+
+class WriteRefusedError(GatewayError):
+    """A write refused by the point rules before any driver saw it (`services.points`).
+    `reason` is the word a `command.rejected` event and a requester see."""
+
+    reason: str = "refused"
+    coap_code = "4.00"
+    exit_status = EXIT_USAGE
+
+
+class UnknownDeviceError(WriteRefusedError):
+    reason = "unknown_device"
+    coap_code = "4.04"
+
+
+class UnknownPointError(WriteRefusedError):
+    reason = "unknown_point"
+    coap_code = "4.04"
+
+
+class NotWritableError(WriteRefusedError):
+    reason = "not_writable"
+    coap_code = "4.05"
+
+
+class WrongTypeError(WriteRefusedError):
+    reason = "wrong_type"
+
+
+class OutOfRangeError(WriteRefusedError):
+    reason = "out_of_range"
+
+
+class DeviceDisabledError(WriteRefusedError):
+    reason = "device_disabled"
+    coap_code = "4.03"
+
+
+class RemoteWriteError(WriteRefusedError):
+    """A cloud write to a point that neither `remote_write` nor `[control] allow_remote` opens."""
+
+    reason = "remote_write_not_allowed"
+    coap_code = "4.03"
+
+
+class CommandExpiredError(WriteRefusedError):
+    reason = "expired"
+
+
+class QueueFullError(WriteRefusedError):
+    reason = "queue_full"
+    coap_code = "5.03"
+    exit_status = EXIT_UNAVAILABLE
 
 
 class StoreError(GatewayError):

@@ -23,10 +23,18 @@ DEVICE_FORGOTTEN: Final = "device.forgotten"
 DEVICE_DISCOVERED: Final = "device.discovered"  # data: {"driver", "address", "kind", "values"}
 ALERT_RAISED: Final = "alert.raised"
 ALERT_CLEARED: Final = "alert.cleared"
-COMMAND_REQUESTED: Final = "command.requested"
-COMMAND_ACCEPTED: Final = "command.accepted"
+# A command's lifecycle, in its stream `command:<id>` (services/control):
+# requested -> accepted | rejected -> sent -> succeeded | failed | expired.
+COMMAND_REQUESTED: Final = "command.requested"  # data: {"device", "point", "value", "source"}
+COMMAND_ACCEPTED: Final = "command.accepted"  # data: {"deadline"}
+COMMAND_REJECTED: Final = "command.rejected"  # data: {"reason", "error"}
+COMMAND_SENT: Final = "command.sent"  # data: {}
+COMMAND_SUCCEEDED: Final = "command.succeeded"  # data: {"written", "value"?: read back}
+COMMAND_FAILED: Final = "command.failed"  # data: {"reason" (e.g. "unknown_outcome"), "error"}
+COMMAND_EXPIRED: Final = "command.expired"  # data: {"deadline"}
 COMMAND_COMPLETED: Final = "command.completed"
-COMMAND_FAILED: Final = "command.failed"
+#: Streams of commands: the cloud gets their events on its response topic.
+COMMAND_STREAM_PREFIX: Final = "command:"
 STORE_DROPPED: Final = "store.dropped"  # data: {"count": n, "up_to_seq": seq}
 GATEWAY_STARTED: Final = "gateway.started"
 GATEWAY_STOPPED: Final = "gateway.stopped"

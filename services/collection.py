@@ -372,6 +372,15 @@ class CollectionService(Service):
         t.add_done_callback(self._status_tasks.discard)
 
     # -- control --------------------------------------------------------------------------
+    def driver_for(self, device_id: str) -> Driver | None:
+        """The driver holding `device_id` (the control service writes through it, so there is
+        one driver instance per kind); None when the device is not added (disabled, failed)."""
+        spec = self.specs.get(device_id)
+        return None if spec is None else self.drivers.get(spec.driver)
+
+    def why_not(self, device_id: str) -> str:
+        return self._driver_errors.get(device_id) or f"{device_id}: not running in any driver"
+
     async def _cmd_read(self, args: Mapping[str, Any]) -> Any:
         """Read a device now (for `gatewayctl probe`-like checks of configured devices)."""
         dev = str(args.get("device", ""))

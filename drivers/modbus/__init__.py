@@ -21,6 +21,7 @@ from gateway.breaker import Breaker, State
 from gateway.config import DeviceSpec, PointSpec
 from gateway.errors import (
     ConfigError,
+    ConnectError,
     DeviceProtocolError,
     DeviceTimeout,
     DeviceUnavailable,
@@ -32,7 +33,7 @@ from gateway.errors import (
 from .config import DeviceConfig, parse_device
 from .errors import BusBusyError
 from .plan import ModbusPoint, ReadRequest, compile_plan
-from .registers import DEAD_UNIT_CODES, CodecError, encode, encode_bit, remove_scale
+from .registers import DEAD_UNIT_CODES, CodecError, encode, encode_bit
 
 if TYPE_CHECKING:
     from .bus import Bus, Session
@@ -83,6 +84,13 @@ class ModbusDriver(Driver):
     @classmethod
     def validate_device(cls, spec: DeviceSpec) -> None:
         parse_device(spec)
+
+    @classmethod
+    def value_kind(cls, spec: DeviceSpec, point: PointSpec) -> str:
+        o = point.options
+        if o.get("table") in ("coil", "discrete_input") or "bit" in o or o.get("type") == "bool":
+            return "bool"
+        return "string" if o.get("type") == "string" else "number"
 
     async def start(self) -> None:
         pass  # buses open lazily, on a device's first request
@@ -226,7 +234,7 @@ class ModbusDriver(Driver):
         cfg = dev.config
         clock = self.ctx.clock
         if not dev.breaker.allow(clock.monotonic()):
-            raise DeviceUnavailable(
+            raise ConnectError(
                 cfg.id, f"circuit open after {dev.breaker.failures} failures; next probe in "
                 f"{dev.breaker.wait(clock.monotonic()):.1f} s",
             )  # fmt: skip
@@ -306,13 +314,9 @@ def _encode_value(device_id: str, mp: ModbusPoint, value: object) -> list[int]:
             raise PayloadError(f"{where}: needs a number, got {value!r}")
         if isinstance(value, float) and math.isnan(value):
             raise PayloadError(f"{where}: NaN cannot be written")
-        if mp.min is not None and value < mp.min:
-            raise PayloadError(f"{where}: {value} is below the minimum {mp.min:g}")
-        if mp.max is not None and value > mp.max:
-            raise PayloadError(f"{where}: {value} is above the maximum {mp.max:g}")
+        # A raw value: `min`/`max` and scale/offset are the core's rules (services.points),
+        # applied once before any driver; what is left here is what fits the wire.
         raw = value
-        if mp.scale != 1.0 or mp.offset != 0.0:
-            raw = remove_scale(float(value), mp.scale, mp.offset)
     try:
         return encode(raw, mp.layout)
     except CodecError as exc:

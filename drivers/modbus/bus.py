@@ -21,7 +21,7 @@ from typing import Any
 from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
 
-from gateway.errors import DeviceProtocolError, DeviceTimeout, DeviceUnavailable
+from gateway.errors import ConnectError, DeviceProtocolError, DeviceTimeout, DeviceUnavailable
 
 from .config import BusSettings
 from .errors import BusBusyError
@@ -83,7 +83,7 @@ class Bus:
             return
         now = time.monotonic()
         if now < self._next_connect:
-            raise DeviceUnavailable(
+            raise ConnectError(
                 device, f"{self.label}: not connected (next attempt in "
                 f"{self._next_connect - now:.1f} s)",
             )  # fmt: skip
@@ -108,7 +108,7 @@ class Bus:
         wait = self._delay * random.uniform(0.5, 1.0)
         self._next_connect = time.monotonic() + wait
         self._delay = min(self._delay * 2, self.settings.reconnect_delay_max)
-        raise DeviceUnavailable(device, f"{self.label}: cannot connect: {reason}")
+        raise ConnectError(device, f"{self.label}: cannot connect: {reason}")
 
     def _timed_out(self) -> None:
         # A TCP link on which nobody answers any more (a half-open connection, a gateway that

@@ -17,7 +17,7 @@ from gateway.clock import SystemClock
 from gateway.config import DeviceSpec, PointSpec
 from gateway.errors import ConfigError, ConfigIssue, PayloadError
 
-from .registers import TABLES, TYPES, apply_scale
+from .registers import TABLES, TYPES, apply_scale, remove_scale
 
 
 def add_parser(sub: argparse._SubParsersAction[Any]) -> None:
@@ -160,7 +160,12 @@ async def _probe(args: argparse.Namespace, spec: DeviceSpec) -> list[RawReading]
             p = spec.points[0]
             flag = args.table in ("coil", "discrete_input") or args.bit is not None
             type_ = "bool" if flag else str(p.options["type"])
-            await drv.write("probe", p, _parse_value(args.write, type_))
+            value = _parse_value(args.write, type_)
+            number = isinstance(value, int | float) and not isinstance(value, bool)
+            if number and (args.scale != 1.0 or args.offset != 0.0):
+                # Drivers take raw values: the probe undoes its own --scale/--offset.
+                value = remove_scale(float(value), args.scale, args.offset)  # type: ignore[arg-type]
+            await drv.write("probe", p, value)
         return await drv.read("probe", spec.points)
     finally:
         await drv.stop()

@@ -78,6 +78,10 @@ class VirtualDriver(Driver):
     def validate_device(cls, spec: DeviceSpec) -> None:
         _parse(spec)
 
+    @classmethod
+    def value_kind(cls, spec: DeviceSpec, point: PointSpec) -> str:
+        return "number"
+
     async def start(self) -> None:
         return None
 

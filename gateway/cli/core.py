@@ -43,12 +43,14 @@ def add_parsers(sub: Any) -> None:
     p = sub.add_parser("status", help="services, devices, store and backlog at a glance")
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("devices", help="devices with availability and last seen")
+    p = sub.add_parser(
+        "devices", help="devices with availability and last seen; `devices ID`: one device "
+        "with its pending and recent commands; `devices forget ID...`: remove devices that "
+        "are not configured (evented)",
+    )  # fmt: skip
+    p.add_argument("device", nargs="?", metavar="ID|forget")
+    p.add_argument("ids", nargs="*", metavar="ID", help="with forget: the devices to remove")
     p.set_defaults(func=cmd_devices)
-    dsub = p.add_subparsers(dest="action", metavar="ACTION")
-    f = dsub.add_parser("forget", help="remove devices that are not configured (evented)")
-    f.add_argument("ids", nargs="+", metavar="ID")
-    f.set_defaults(func=cmd_devices_forget)
 
     p = sub.add_parser("readings", help="latest values of a device, with a sparkline")
     p.add_argument("device")
@@ -155,7 +157,13 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_devices(args: argparse.Namespace) -> int:
     from services.devices import devices_view
 
+    if args.device == "forget":
+        if not args.ids:
+            return fail("devices forget: name the devices to remove", EXIT_USAGE)
+        return cmd_devices_forget(args)
     devs, live = daemon_or_file(args, "devices", devices_view)
+    if args.device is not None:
+        return _device(args, [d for d in devs if d["id"] == args.device], live)
     if args.json:
         emit_json(devs)
         return EXIT_OK
@@ -167,6 +175,32 @@ def cmd_devices(args: argparse.Namespace) -> int:
         rows.append((d["id"], d["driver"] or "-", d["source"], avail, seen, d["points"],
                      d["reason"] or ""))  # fmt: skip
     print(table(rows, ("device", "driver", "source", "state", "last seen", "points", "reason")))
+    if not live:
+        print("(daemon not running: as last recorded)")
+    return EXIT_OK
+
+
+def _device(args: argparse.Namespace, found: list[dict[str, Any]], live: bool) -> int:
+    """One device, with its pending and recent commands (the control service's)."""
+    from services.control import projection
+
+    kw = {"device": args.device}
+    cmds, _ = daemon_or_file(args, "commands", lambda c: projection.commands(c, args.device), **kw)
+    if not found and not cmds:
+        return fail(f"no device {args.device!r} (see `gatewayctl devices`)", EXIT_USAGE)
+    if args.json:
+        emit_json({"device": found[0] if found else None, "commands": cmds})
+        return EXIT_OK
+    for d in found:
+        avail = {True: "up", False: "DOWN", None: "?"}[d["available"]]
+        print(f"{d['id']}: {d['driver'] or '-'}, {avail}, {d['points']} points"
+              + (f" ({d['reason']})" if d["reason"] else ""))  # fmt: skip
+    pending = [c for c in cmds if c.get("status") in ("requested", "accepted", "sent")]
+    print(f"commands: {len(pending)} pending, {len(cmds)} recent")
+    if cmds:
+        print(table([(c.get("id"), c.get("point"), fmt_value(c.get("value")), c.get("status"),
+                      c.get("reason") or "", fmt_time(c.get("requested"))) for c in cmds],
+                    ("id", "point", "value", "status", "reason", "requested")))  # fmt: skip
     if not live:
         print("(daemon not running: as last recorded)")
     return EXIT_OK

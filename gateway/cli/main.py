@@ -20,7 +20,7 @@ from gateway.errors import EXIT_USAGE, ConfigError, GatewayError
 #: Modules that add verbs: each has `add_parsers(sub)`. Missing ones are skipped.
 VERB_MODULES = (
     "gateway.cli.core", "gateway.cli.export", "gateway.cli.metrics", "gateway.sync.cli",
-    "services.notification.cli",
+    "services.notification.cli", "services.control.cli",
 )  # fmt: skip
 #: Drivers with a `probe.py` (`add_parser(sub)`): `gatewayctl probe <kind> ...`.
 PROBE_KINDS = ("modbus", "serial", "ble", "coap")

@@ -437,6 +437,9 @@ class DeviceResource(GatewayResource, coap_resource.PathCapable, ObservableResou
         self._observed: dict[tuple[str, ...], _Observed] = {}
         #: Pending commands per device, filled by the control service (set_commands).
         self.commands: dict[str, list[Any]] = {}
+        #: The control service's door for POST /d/{device}/commands: `post(request, device)`
+        #: and `allows(request)` (a peer whose role may command reads every device's list).
+        self.commands_door: Any = None
 
     # -- paths ----------------------------------------------------------------------------
     @staticmethod
@@ -476,7 +479,7 @@ class DeviceResource(GatewayResource, coap_resource.PathCapable, ObservableResou
     async def render_get(self, request: Message) -> Message:
         path = self._path(request)
         device = path[0]
-        self.gate.authorize(request, device)
+        self._authorize_read(request, path)
         if len(path) == 1:
             return await self._state(request, device)
         if path[1] == "commands":
@@ -485,8 +488,16 @@ class DeviceResource(GatewayResource, coap_resource.PathCapable, ObservableResou
             return Message(payload=_encode_any(pending, cf), content_format=cf)
         return await self._point(request, device, path[1])
 
+    def _authorize_read(self, request: Message, path: tuple[str, ...]) -> None:
+        door = self.commands_door
+        if not (path[1:] == ("commands",) and door is not None and door.allows(request)):
+            self.gate.authorize(request, path[0])
+
     async def render_post(self, request: Message) -> Message:
-        return await self.telemetry.ingest(request, self.post_device(self._path(request)))
+        path = self._path(request)
+        if path[1:] == ("commands",) and self.commands_door is not None:
+            return await self.commands_door.post(request, _valid_device(path[0]))
+        return await self.telemetry.ingest(request, self.post_device(path))
 
     @staticmethod
     def post_device(path: Sequence[str]) -> str:
@@ -531,7 +542,7 @@ class DeviceResource(GatewayResource, coap_resource.PathCapable, ObservableResou
     async def add_observation(self, request: Message, serverobservation: Any) -> None:
         try:
             path = self._path(request)
-            self.gate.authorize(request, path[0])
+            self._authorize_read(request, path)
         except Exception:
             return  # the render that follows answers with the error
         total = sum(len(o.observations) for o in self._observed.values())

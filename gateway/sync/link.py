@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
+from gateway import events as ev
 from gateway import names, secretfiles
 from gateway.aio import wait_event
 from gateway.breaker import Backoff as Backoff  # re-exported: the relay paces with it
@@ -326,6 +327,8 @@ class MqttChannel:
 
     def topic(self, lane: str, stream: str, type_: str) -> str:
         t = self._cfg.topics.backfill if lane == "backfill" else self._cfg.topics.telemetry
+        if stream.startswith(ev.COMMAND_STREAM_PREFIX):
+            t = self._cfg.topics.responses  # a command's lifecycle: where its requester listens
         # Names are checked where they enter (gateway.names); this is the last line: a
         # topic we publish on never holds a wildcard, NUL or a control character.
         for value in (stream, type_):

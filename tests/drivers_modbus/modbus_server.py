@@ -3,7 +3,8 @@
 Usage: python modbus_server.py SPEC.json
 SPEC: {"tcp": port} or {"rtu": path}, "units": {"1": {"hr": [...], "ir": [...], "co": [...],
 "di": [...]}}, "silent": [unit, ...], "ready": path, "asked": path (optional: one line per
-request to a silent unit, its unit id, so a test can count how often it was asked).
+request to a silent unit, its unit id, so a test can count how often it was asked), "writes":
+path (optional: one line per write request received, its function code).
 
 Units not in "units" get pymodbus' own answer (exception 4, SERVER DEVICE FAILURE). Units in
 "silent" get no answer at all, like an absent unit on a real RS-485 line: pymodbus 3.16's
@@ -46,7 +47,14 @@ async def main(spec: dict[str, Any]) -> None:
     rtu = "rtu" in spec
     asked = spec.get("asked")
 
+    writes = spec.get("writes")
+
     def trace_packet(sending: bool, data: bytes) -> bytes:
+        if writes and not sending and data:
+            fc = data[1] if rtu else (data[7] if len(data) > 7 else -1)
+            if fc in (5, 6, 15, 16):  # write coil(s) / register(s): one line per request
+                with open(writes, "a") as f:
+                    f.write(f"{fc}\n")
         if sending and data:
             unit = data[0] if rtu else (data[6] if len(data) > 6 else -1)
             if unit in silent:

@@ -64,6 +64,7 @@ class ModbusServer:
             "silent": list(silent),
             "ready": str(self.ready),
             "asked": str(self.asked_log),
+            "writes": str(tmp / f"{name}.writes"),
         }
         spec.update({"rtu": rtu} if rtu else {"tcp": self.port})
         self.spec_path = tmp / f"{name}.json"
@@ -90,6 +91,11 @@ class ModbusServer:
         if self.peer is not None:
             self.peer.stop()
             self.peer = None
+
+    def writes(self) -> int:
+        """How many write requests the server has received (any unit)."""
+        path = self.tmp / f"{self.name}.writes"
+        return len(path.read_text().split()) if path.exists() else 0
 
     def asked(self, unit: int) -> int:
         """How many requests a silent unit has received (and left unanswered)."""

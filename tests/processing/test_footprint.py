@@ -24,4 +24,7 @@ def test_unconfigured_processing_and_notification_import_nothing() -> None:
                        timeout=60)  # fmt: skip
     assert r.returncode == 0, r.stderr
     # The shipped config runs the CoAP front door too; nothing of processing/notification.
-    assert r.stdout.strip() == "['DevicesService', 'CollectionService', 'CoapService'] []"
+    assert r.stdout.strip() == (
+        "['AuthService', 'DevicesService', 'CollectionService', 'CoapService', "
+        "'ControlService'] []"
+    )
