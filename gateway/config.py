@@ -252,14 +252,18 @@ class Section:
 
     def tables(self, key: _Str) -> dict[_Str, Section]:
         """A table of tables, such as `devices` or `points`: name -> Section."""
-        outer = self.table(key)
+        return self.table(key).children()
+
+    def children(self) -> dict[_Str, Section]:
+        """This table's own entries as tables (`[alerts.<name>]`...): name -> Section; an
+        entry that is not a table is reported."""
         out: dict[_Str, Section] = {}
-        for name, value in outer.data.items():
-            outer.mark(name)
+        for name, value in self.data.items():
+            self.mark(name)
             if not isinstance(value, dict):
-                outer.error(name, f"must be a table, got {_type_name(value)} {value!r}")
+                self.error(name, f"must be a table, got {_type_name(value)} {value!r}")
                 continue
-            out[name] = Section(value, outer.at(name), self.issues)
+            out[name] = Section(value, self.at(name), self.issues)
         return out
 
     def done(self) -> None:

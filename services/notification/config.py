@@ -77,22 +77,12 @@ def severity_rank(severity: str) -> int:
 
 def parse_alerts(root: Section) -> dict[str, AlertRule]:
     out: dict[str, AlertRule] = {}
-    for name, sec in _tables(root):
+    for name, sec in root.children().items():
         rule = _parse_rule(name, sec)
         if rule is not None:
             out[name] = rule
     return out
 
-
-def _tables(sec: Section) -> list[tuple[str, Section]]:
-    out = []
-    for name, value in sec.data.items():
-        sec.mark(name)
-        if not isinstance(value, dict):
-            sec.error(name, f"must be a table, got {value!r}")
-            continue
-        out.append((name, Section(value, sec.at(name), sec.issues)))
-    return out
 
 
 def _parse_rule(name: str, sec: Section) -> AlertRule | None:
@@ -163,7 +153,7 @@ def _parse_rule(name: str, sec: Section) -> AlertRule | None:
 
 def parse_notify(root: Section) -> dict[str, Channel]:
     out: dict[str, Channel] = {}
-    for name, sec in _tables(root):
+    for name, sec in root.children().items():
         validate_name(sec, "", name, "channel")
         command = sec.list("command", of=str)
         if isinstance(command, list) and not command:

@@ -101,9 +101,9 @@ _RESERVED = frozenset({"and", "or", "not", "if", "else", "true", "false",
 
 def parse_derived(root: Section) -> dict[tuple[str, str], DerivedPoint]:
     out: dict[tuple[str, str], DerivedPoint] = {}
-    for device, dsec in _device_tables(root):
+    for device, dsec in root.children().items():
         validate_name(dsec, "", device, "device")
-        for point, psec in _device_tables(dsec):
+        for point, psec in dsec.children().items():
             validate_name(psec, "", point, "point")
             inputs = parse_inputs(psec)
             expr = parse_expr(psec, "expr", inputs)
@@ -123,16 +123,6 @@ def parse_derived(root: Section) -> dict[tuple[str, str], DerivedPoint]:
     _check_cycles(root, out)
     return out
 
-
-def _device_tables(sec: Section) -> list[tuple[str, Section]]:
-    out = []
-    for name, value in sec.data.items():
-        sec.mark(name)
-        if not isinstance(value, dict):
-            sec.error(name, f"must be a table, got {value!r}")
-            continue
-        out.append((name, Section(value, sec.at(name), sec.issues)))
-    return out
 
 
 def _check_cycles(root: Section, points: Mapping[tuple[str, str], DerivedPoint]) -> None:
@@ -158,9 +148,9 @@ def _check_cycles(root: Section, points: Mapping[tuple[str, str], DerivedPoint])
 
 def parse_processing(root: Section) -> dict[tuple[str, str], PointProcessing]:
     out: dict[tuple[str, str], PointProcessing] = {}
-    for device, dsec in _device_tables(root):
+    for device, dsec in root.children().items():
         validate_name(dsec, "", device, "device")
-        for point, psec in _device_tables(dsec):
+        for point, psec in dsec.children().items():
             validate_name(psec, "", point, "point")
             window = read_duration(psec, "window", None)
             if window is not None and _uneven(window):
