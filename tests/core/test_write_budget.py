@@ -60,7 +60,8 @@ def test_held_readings_commit_with_a_waited_append_and_at_stop(
         if any(seq < seqs[-1] for seq, _ in counter_values(db)):
             break
     taken_along = counter_values(db)
-    assert taken_along and taken_along[-1][0] < seqs[-1]
+    # (Readings queued after the note may ride with its audit event, appended just after.)
+    assert any(seq < seqs[-1] for seq, _ in taken_along)
     status = json.loads(run_cli(config, "--json", "status").stdout)
     assert status["store"]["written_bytes"] > 0 and status["store"]["written_per_day"] > 0
     assert "/day" in run_cli(config, "status").stdout
