@@ -287,6 +287,12 @@ def _did_you_mean(word: str, candidates: Sequence[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+#: Serial line speeds devices use (termios' standard rates from 1200 up).
+STANDARD_BAUDRATES: Final = frozenset({
+    1200, 2400, 4800, 9600, 14400, 19200, 38400, 57600, 115200, 230400, 460800, 500000,
+    576000, 921600, 1000000, 1152000, 1500000, 2000000, 2500000, 3000000, 3500000, 4000000,
+})  # fmt: skip
+
 #: Option keys whose values are secrets: never shown in a message, a repr or a log line.
 SECRET_KEYS: Final = frozenset({"bindkey", "psk", "psk_hex", "psk_key", "password"})
 
@@ -540,6 +546,7 @@ def _parse_device(dev_id: str, sec: Section, issues: Issues) -> DeviceSpec | Non
         enabled=enabled, description=description, offline_after=offline_after, points=points,
         options=sec.unread(),
     )  # fmt: skip
+    _odd_baudrate(sec, spec.options.get("baudrate"))
     if driver not in DRIVERS:
         return None
     try:
@@ -549,6 +556,24 @@ def _parse_device(dev_id: str, sec: Section, issues: Issues) -> DeviceSpec | Non
     except ConfigError as exc:
         issues.extend(exc.issues)
     return spec
+
+
+def _odd_baudrate(sec: Section, value: Any) -> None:
+    """A serial line's speed (serial and Modbus RTU devices; the driver checks its range).
+    Linux takes any rate, so an odd one is not an error, but a typo (96000 for 9600) fails
+    silently on the wire: a warning names the standard rates nearest to it."""
+    if not isinstance(value, int) or isinstance(value, bool) or value in STANDARD_BAUDRATES:
+        return
+    if value <= 0:
+        return  # the driver reports it
+    if value % 10 == 0 and value // 10 in STANDARD_BAUDRATES:  # a zero too many
+        hint = f"did you mean {value // 10}?"
+    elif value * 10 in STANDARD_BAUDRATES:  # a zero too few
+        hint = f"did you mean {value * 10}?"
+    else:
+        near = sorted(sorted(STANDARD_BAUDRATES, key=lambda b: abs(math.log(b / value)))[:2])
+        hint = f"the nearest are {near[0]} and {near[1]}"
+    sec.warn("baudrate", f"{value} is not a standard rate ({hint}); fine if the device uses it")
 
 
 def _page_size(s: Section) -> int:

@@ -43,7 +43,6 @@ from .registers import (
 )
 
 PARITIES = ("N", "E", "O")
-BAUDRATES = (1200, 2400, 4800, 9600, 14400, 19200, 38400, 57600, 115200, 230400)
 
 
 @dataclass(frozen=True, slots=True)

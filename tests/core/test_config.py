@@ -141,3 +141,41 @@ def test_missing_config_file(tmp_path: Path) -> None:
     r = run_cli(tmp_path / "nope.toml", "config", "check")
     assert r.returncode == 3
     assert "nope.toml: no such file" in r.stderr
+
+
+def test_an_odd_baud_rate_is_a_warning_naming_the_likely_one() -> None:
+    """Linux takes any rate, so 96000 is valid, and a typo for 9600 fails silently on the
+    wire: say so at load (config check, start, reload) without refusing the config."""
+    text = """
+[gateway]
+id = "gw"
+[devices.gps]
+driver = "serial"
+port = "/dev/ttyUSB0"
+baudrate = 96000
+parser = { type = "nmea" }
+[devices.gps.points.lat]
+field = "gga.lat"
+[devices.rtu]
+driver = "modbus"
+port = "/dev/ttyUSB1"
+baudrate = 20000
+unit = 1
+[devices.rtu.points.p]
+address = 0
+[devices.ok]
+driver = "modbus"
+port = "/dev/ttyUSB2"
+baudrate = 115200
+unit = 2
+[devices.ok.points.p]
+address = 0
+"""
+    c = cfg.loads(text)
+    assert [(w.path, w.message) for w in c.warnings] == [
+        ("devices.gps.baudrate",
+         "96000 is not a standard rate (did you mean 9600?); fine if the device uses it"),
+        ("devices.rtu.baudrate",
+         "20000 is not a standard rate (the nearest are 14400 and 19200); fine if the device "
+         "uses it"),
+    ]  # fmt: skip
