@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import abc
 import logging
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, NamedTuple, Protocol, runtime_checkable
+from typing import Any, ClassVar, NamedTuple, Protocol
 
 from gateway.config import (
     GENERIC_DEVICE_KEYS,
@@ -131,11 +131,6 @@ class Driver(abc.ABC):
         """Whether the collection service polls this device (a driver whose devices differ,
         such as serial streams versus request/response, decides per device)."""
         return self.polled
-
-
-@runtime_checkable
-class Discoverer(Protocol):
-    def discover(self, timeout: float) -> AsyncIterator[DiscoveredDevice]: ...
 
 
 def device_options(spec: DeviceSpec) -> tuple[Section, Issues]:

@@ -204,9 +204,6 @@ class Supervisor:
             out[name]["restarts"] = slot.restarts
         return out
 
-    def all_ok(self) -> bool:
-        return all(s.state in (HealthState.OK, HealthState.DEGRADED) for s in self._slots.values())
-
     async def reload(self, config: GatewayConfig) -> None:
         self.config = config
         for slot in self._slots.values():

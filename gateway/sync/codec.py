@@ -60,7 +60,6 @@ def idempotency_key(gateway: str, seq: int) -> str:
     return f"{gateway}:{seq}"
 
 
-_DOUBLE = struct.Struct(">Bd")
 
 
 _SMALL_UINTS = [bytes((n,)) for n in range(24)]
@@ -77,10 +76,6 @@ def _cbor_uint(n: int) -> bytes:
     if n < 0x100000000:
         return _U32.pack(0x1A, n)
     return _U64.pack(0x1B, n)
-
-
-def _cbor_float(x: float) -> bytes:
-    return _DOUBLE.pack(0xFB, x)
 
 
 def _cbor_int(n: int) -> bytes:
