@@ -56,6 +56,8 @@ CBOR_LABELS: Final[Mapping[int, str]] = {
 _LABEL_NUMBERS: Final = {name: num for num, name in CBOR_LABELS.items()}
 
 _KNOWN: Final = frozenset(CBOR_LABELS.values())
+_BASE: Final = frozenset(("bver", "bn", "bt", "bu", "bv", "bs"))
+_VALUES_BUT_V: Final = frozenset(("vs", "vb", "vd"))
 # RFC 8428 section 4.5.1: a name starts with a letter or digit and uses only these.
 _NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9\-:./_]*\Z")
 
@@ -139,30 +141,35 @@ def resolve(pack: object, now: float, *, binary_vd: bool) -> list[Record]:
     for i, rec in enumerate(pack):
         if not isinstance(rec, dict):
             raise _problem(i, f"must be a map, got {_type(rec)}")
-        for key in rec:
-            if not isinstance(key, str):
-                raise _problem(i, f"label {key!r} is not a SenML label")
-            # Labels ending in "_" must be understood (RFC 8428 section 4.4).
-            if key.endswith("_") and key not in _KNOWN:
-                raise _problem(i, f"must-understand label {key!r} is not supported")
-        if "bver" in rec:
-            ver = rec["bver"]
-            if isinstance(ver, bool) or not isinstance(ver, int):
-                raise _problem(i, f"'bver' must be an integer, got {_type(ver)}")
-            if ver > SENML_VERSION:
-                raise _problem(i, f"SenML version {ver} is newer than {SENML_VERSION}")
-        if "bn" in rec:
-            bn = _string(i, "bn", rec["bn"])
-        if "bt" in rec:
-            bt = _number(i, "bt", rec["bt"])
-        if "bu" in rec:
-            bu = _string(i, "bu", rec["bu"])
-        if "bv" in rec:
-            bv = _number(i, "bv", rec["bv"])
-        if "bs" in rec:
-            bs = _number(i, "bs", rec["bs"])
+        if not _KNOWN.issuperset(rec):  # (known labels only: nothing to check one by one)
+            for key in rec:
+                if not isinstance(key, str):
+                    raise _problem(i, f"label {key!r} is not a SenML label")
+                # Labels ending in "_" must be understood (RFC 8428 section 4.4).
+                if key.endswith("_") and key not in _KNOWN:
+                    raise _problem(i, f"must-understand label {key!r} is not supported")
+        if _BASE.isdisjoint(rec):  # most records of a pack: no base field
+            pass
+        else:
+            if "bver" in rec:
+                ver = rec["bver"]
+                if isinstance(ver, bool) or not isinstance(ver, int):
+                    raise _problem(i, f"'bver' must be an integer, got {_type(ver)}")
+                if ver > SENML_VERSION:
+                    raise _problem(i, f"SenML version {ver} is newer than {SENML_VERSION}")
+            if "bn" in rec:
+                bn = _string(i, "bn", rec["bn"])
+            if "bt" in rec:
+                bt = _number(i, "bt", rec["bt"])
+            if "bu" in rec:
+                bu = _string(i, "bu", rec["bu"])
+            if "bv" in rec:
+                bv = _number(i, "bv", rec["bv"])
+            if "bs" in rec:
+                bs = _number(i, "bs", rec["bs"])
 
-        name = bn + (_string(i, "n", rec["n"]) if "n" in rec else "")
+        n = rec.get("n", "")
+        name = bn + (n if type(n) is str else _string(i, "n", n))
         if not name:
             raise _problem(i, "has no name (neither 'bn' nor 'n')")
         if len(name) > MAX_NAME:
@@ -174,11 +181,21 @@ def resolve(pack: object, now: float, *, binary_vd: bool) -> list[Record]:
                 "letters, digits and - : . / _",
             )
 
-        kinds = [k for k in ("v", "vs", "vb", "vd") if k in rec]
-        if len(kinds) > 1:
-            raise _problem(i, f"has more than one value ({', '.join(kinds)})")
         value: float | str | bool | bytes | None = None
-        if kinds == ["v"]:
+        v = rec.get("v")
+        if type(v) is float and math.isfinite(v) and _VALUES_BUT_V.isdisjoint(rec):
+            # The common case in short (same checks, same outcome as the general one below).
+            value = bv + v
+            if not math.isfinite(value):
+                raise _problem(i, "'bv' + 'v' is out of range")
+            kinds = None
+        else:
+            kinds = [k for k in ("v", "vs", "vb", "vd") if k in rec]
+            if len(kinds) > 1:
+                raise _problem(i, f"has more than one value ({', '.join(kinds)})")
+        if kinds is None:
+            pass
+        elif kinds == ["v"]:
             value = bv + _number(i, "v", rec["v"])
             if not math.isfinite(value):
                 raise _problem(i, "'bv' + 'v' is out of range")
@@ -247,10 +264,14 @@ def _labels_from_cbor(pack: object) -> object:
     if not isinstance(pack, list):
         return pack
     out: list[object] = []
+    labels = CBOR_LABELS
     for rec in pack:
         if isinstance(rec, dict):
             named: dict[object, object] = {}
             for key, value in rec.items():
+                if type(key) is int and key in labels:  # the common case, in short
+                    named[labels[key]] = value
+                    continue
                 if isinstance(key, int) and not isinstance(key, bool):
                     if key not in CBOR_LABELS:
                         if key < 0:  # RFC 8428 section 6: negative = base/must-understand

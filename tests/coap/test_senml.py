@@ -163,3 +163,22 @@ def test_values_stay_finite() -> None:
         senml.decode_cbor(cbor2.dumps([{0: "d/a", 2: math.inf}]), NOW)
     with pytest.raises(PayloadError):
         senml.decode_cbor(cbor2.dumps([{-5: 1.7e308, 0: "d/a", 2: 1.7e308}]), NOW)
+
+
+def test_float_values_and_integer_labels_in_short_same_as_the_general_rules() -> None:
+    """The common case (float `v`, known integer labels) is resolved in short: the same
+    records and the same refusals as through the general rules."""
+    short = senml.decode_cbor(cbor2.dumps([{-2: "d/", -5: 1.0, 0: "a", 2: 2.5, 6: 3.0}]), NOW)
+    general = senml.decode_json(b'[{"bn":"d/","bv":1,"n":"a","v":2.5,"t":3}]', NOW)
+    assert short == general == [Record("d/a", 3.5, None, NOW + 3.0, None, None, "d/")]
+    cases = [
+        ([{0: "d/a", 2: 1.5, 3: "x"}], "has more than one value \\(v, vs\\)"),
+        ([{0: "d/a", 2: math.inf}], "'v' must be finite, got inf"),
+        ([{0: "d/a", 2: math.nan}], "'v' must be finite, got nan"),
+        ([{-5: 1.7e308, 0: "d/a", 2: 1.7e308}], "'bv' \\+ 'v' is out of range"),
+        ([{True: "d/a", 2: 1.5}], "label True is not a SenML label"),
+        ([{0: 7, 2: 1.5}], "'n' must be a string, got number"),
+    ]
+    for pack, message in cases:
+        with pytest.raises(PayloadError, match=f"record 0: {message}"):
+            senml.decode_cbor(cbor2.dumps(pack), NOW)
