@@ -5,8 +5,8 @@ resumes exactly where the log says."""
 from __future__ import annotations
 
 import asyncio
+import os
 import time
-import uuid
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -37,7 +37,7 @@ class SagaRunner:
     async def start(self, name: str, *, sid: str | None, source: str, by: str | None) -> str:
         if name not in self.specs:
             raise NotFoundError(f"no saga {name!r} in the config ([sagas.{name}])")
-        sid = sid or uuid.uuid4().hex[:16]
+        sid = sid or os.urandom(8).hex()
         problem = names.problem(sid, "saga id")
         if problem is not None:
             raise PayloadError(problem)

@@ -19,8 +19,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import os
 import time
-import uuid
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -164,7 +164,7 @@ class ControlService(Service):
         """Request a command; returns its row once it is decided (accepted or rejected),
         or once it has its outcome with `wait`. A known id returns that command instead."""
         if cid is None:
-            cid = uuid.uuid4().hex
+            cid = os.urandom(16).hex()
         problem = names.problem(cid, "command id")
         if problem is not None:
             raise PayloadError(problem)
