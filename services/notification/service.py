@@ -60,6 +60,7 @@ class NotificationService(Service):
     name: ClassVar[str] = "notification"
 
     def __init__(self) -> None:
+        self.lag = 0.0  # the store's commit interval: how late a polled reading may arrive
         self.rules: dict[str, AlertRule] = {}
         self.channels: dict[str, Channel] = {}
         self.states: dict[str, _State] = {}
@@ -75,6 +76,7 @@ class NotificationService(Service):
     async def start(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
         self.log = ctx.logger
+        self.lag = ctx.config.store.commit_interval
         # Started again after a crash: states come from the projection, nothing is kept.
         for st in self.states.values():
             if st.timer is not None:
@@ -180,7 +182,8 @@ class NotificationService(Service):
                 await self._on_readings(device, e)
             elif e.type in (ev.DEVICE_AVAILABLE, ev.DEVICE_UNAVAILABLE):
                 for rule in self.by_device.get(device, []):
-                    await self._observe(rule, e.type == ev.DEVICE_UNAVAILABLE, None, e.seq)
+                    bad = e.type == ev.DEVICE_UNAVAILABLE
+                    await self._observe(rule, bad, None, e.seq, e.wall_time)
             elif e.type == ANOMALY:
                 await self._on_anomaly(device, e)
 
@@ -212,7 +215,7 @@ class NotificationService(Service):
                 value = self.inputs.get(rule.point)
             bad = self._judge(rule, value)
             if bad is not None:
-                await self._observe(rule, bad, value, e.seq)
+                await self._observe(rule, bad, value, e.seq, e.wall_time)
 
     def _rate(self, rule: AlertRule, e: Event) -> float | None:
         """Change per second since the rule's previous reading (by commit time)."""
@@ -246,9 +249,14 @@ class NotificationService(Service):
         for rule in self.rules.values():
             if rule.kind == "anomaly" and rule.point == ref:
                 self.states[rule.name].last_flag = time.monotonic()
-                await self._observe(rule, True, e.data.get("v"), e.seq)
+                await self._observe(rule, True, e.data.get("v"), e.seq, e.wall_time)
 
-    async def _observe(self, rule: AlertRule, bad: bool, value: Any, seq: int | None) -> None:
+    async def _observe(
+        self, rule: AlertRule, bad: bool, value: Any, seq: int | None, at: float | None = None
+    ) -> None:
+        """`at`: the event's time (None: now). `min_duration` is measured in event time: polled
+        readings held back by the store's commit interval arrive in bursts, so arrival time
+        would squeeze a bad stretch to nothing."""
         st = self.states[rule.name]
         st.last_value = value
         st.last_seq = seq
@@ -265,11 +273,19 @@ class NotificationService(Service):
         if rule.min_duration <= 0:
             await self._transition(rule, True, value, seq)
             return
+        now = time.time() if at is None else at
         if st.pending_since is None:
-            st.pending_since = time.monotonic()
+            st.pending_since = now
             st.trigger_seq = seq
-            loop = asyncio.get_running_loop()
-            st.timer = loop.call_later(rule.min_duration, self._pending_due, rule)
+            # If nothing else comes (a device that stops sending), raise by the clock, once
+            # readings of that time have had their commit interval to arrive.
+            delay = max(0.0, now + rule.min_duration + self.lag - time.time())
+            st.timer = asyncio.get_running_loop().call_later(delay, self._pending_due, rule)
+        elif now - st.pending_since >= rule.min_duration:
+            if st.timer is not None:
+                st.timer.cancel()
+                st.timer = None
+            await self._transition(rule, True, value, seq, since=st.pending_since)
 
     def _pending_due(self, rule: AlertRule) -> None:
         st = self.states[rule.name]
