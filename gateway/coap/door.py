@@ -162,6 +162,19 @@ def uint_option(value: int) -> bytes:
     return value.to_bytes((value.bit_length() + 7) // 8, "big")
 
 
+def _extended(
+    nibble: int, data: bytes, pos: int, what: str, mtype: int, mid: int
+) -> tuple[int, int]:
+    """An option delta or length of nibble 13 (one more byte, + 13) or 14 (two more bytes,
+    + 269), RFC 7252 section 3.1: (value, position after it)."""
+    size = 1 if nibble == 13 else 2
+    if pos + size > len(data):
+        raise Rejected("option_format", f"option {what} past the end", "rst", mtype, mid)
+    if size == 1:
+        return data[pos] + 13, pos + 1
+    return (data[pos] << 8 | data[pos + 1]) + 269, pos + 2
+
+
 def parse(data: bytes, *, truncated: bool = False) -> Datagram:
     """`data` as a `Datagram`, or `Rejected` saying why and what to answer. `truncated`:
     only the header and token need to be there (the options may be cut)."""
@@ -205,26 +218,10 @@ def parse(data: bytes, *, truncated: bool = False) -> Datagram:
         length = byte & 0x0F
         if delta == 15 or length == 15:
             raise Rejected("option_format", f"nibble 15 at byte {pos - 1}", "rst", mtype, mid)
-        if delta == 13:
-            if pos >= n:
-                raise Rejected("option_format", "option delta past the end", "rst", mtype, mid)
-            delta = data[pos] + 13
-            pos += 1
-        elif delta == 14:
-            if pos + 2 > n:
-                raise Rejected("option_format", "option delta past the end", "rst", mtype, mid)
-            delta = (data[pos] << 8 | data[pos + 1]) + 269
-            pos += 2
-        if length == 13:
-            if pos >= n:
-                raise Rejected("option_format", "option length past the end", "rst", mtype, mid)
-            length = data[pos] + 13
-            pos += 1
-        elif length == 14:
-            if pos + 2 > n:
-                raise Rejected("option_format", "option length past the end", "rst", mtype, mid)
-            length = (data[pos] << 8 | data[pos + 1]) + 269
-            pos += 2
+        if delta >= 13:
+            delta, pos = _extended(delta, data, pos, "delta", mtype, mid)
+        if length >= 13:
+            length, pos = _extended(length, data, pos, "length", mtype, mid)
         number += delta
         if number > 0xFFFF:
             raise Rejected("option_format", f"option number {number}", "rst", mtype, mid)
