@@ -57,16 +57,14 @@ def _from_file(conn: sqlite3.Connection) -> dict[str, Any]:
     }
 
 
-def _sync_configured(args: argparse.Namespace) -> bool:
-    return "sync" in load_config(args).sections
-
-
-def _not_configured(args: argparse.Namespace) -> str:
-    return NOT_CONFIGURED.format(source=load_config(args).source or "the config")
+def _not_configured(args: argparse.Namespace) -> str | None:
+    """Why the outbox verbs have nothing to talk about (no `[sync]`), or None."""
+    c = load_config(args)
+    return None if "sync" in c.sections else NOT_CONFIGURED.format(source=c.source or "the config")
 
 
 def cmd_outbox(args: argparse.Namespace) -> int:
-    if not _sync_configured(args):
+    if (why := _not_configured(args)) is not None:
         # No sink: the daemon has no outbox verbs; the local log's figures still tell the
         # technician what is waiting (read-only, safe while the daemon runs).
         data = with_db(args, _from_file)
@@ -74,7 +72,7 @@ def cmd_outbox(args: argparse.Namespace) -> int:
         if args.json:
             emit_json(data)
         else:
-            print(_not_configured(args))
+            print(why)
             size, age = fmt_bytes(data["backlog_bytes"]), fmt_age(data["oldest_age"])
             print(f"local backlog: {data['backlog']} events ({size}), "
                   f"oldest {age}, dead letters {data['dead_letters']}")  # fmt: skip
@@ -104,8 +102,8 @@ def cmd_outbox(args: argparse.Namespace) -> int:
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
-    if not _sync_configured(args):
-        return fail(_not_configured(args), EXIT_FAILURE)
+    if (why := _not_configured(args)) is not None:
+        return fail(why, EXIT_FAILURE)
     data = ask_daemon(args, "outbox.retry")
     if args.json:
         emit_json(data)
@@ -115,7 +113,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
 
 
 def cmd_dead_letters(args: argparse.Namespace) -> int:
-    if _sync_configured(args):
+    if _not_configured(args) is None:
         rows, _live = daemon_or_file(
             args, "outbox.dead_letters", lambda c: dead_letter_rows(c, args.limit), limit=args.limit
         )
@@ -135,8 +133,8 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
 
 
 def cmd_requeue(args: argparse.Namespace) -> int:
-    if not _sync_configured(args):
-        return fail(_not_configured(args), EXIT_FAILURE)
+    if (why := _not_configured(args)) is not None:
+        return fail(why, EXIT_FAILURE)
     if not args.all and not args.seqs:
         return fail("outbox requeue: give SEQ... or --all", EXIT_USAGE)
     kw: dict[str, Any] = {"all": True} if args.all else {"seqs": args.seqs}
