@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gateway.config import Issues, Section, StoreConfig
 from gateway.daemon import freeze_startup_objects, tune_process
 from gateway.events import NewEvent
-from gateway.store import EventStore, queries
+from gateway.store import EventStore, outbox, queries
 from gateway.sync.codec import Encoder, Row, batch_payload
 from gateway.sync.config import SyncConfig, parse
 from gateway.sync.link import MqttLink
@@ -140,7 +140,7 @@ async def run_relay(
             # Fine-grained: the end of the drain is seen within a millisecond.
             await asyncio.sleep(0.001)
             if relay.delivered >= n:
-                upto = await store.read(queries.delivered_upto)
+                upto = await store.read(outbox.delivered_upto)
                 if upto >= last:  # delivered AND recorded as delivered
                     break
         elapsed = time.perf_counter() - t0

@@ -33,7 +33,7 @@ from gateway.config import StoreConfig
 from gateway.errors import ConcurrencyError, StoreClosedError, StoreError, StoreFull
 from gateway.events import Event, NewEvent
 from gateway.logs import RateLimitedLog
-from gateway.store import queries
+from gateway.store import outbox, queries
 from gateway.store.errors import is_corruption, rollback, store_error
 from gateway.store.projections import Projection, active_projections
 from gateway.store.schema import migrate
@@ -374,17 +374,11 @@ class EventStore:
         """Bodies encoded under another format or gateway id are dropped (the relay encodes
         those rows itself when it sends them)."""
         sig = 0 if self.outbox_codec is None else zlib.crc32(self.outbox_codec.signature.encode())
-        row = conn.execute("SELECT value FROM counters WHERE name = 'outbox_codec'").fetchone()
-        if row is not None and int(row[0]) == sig:
+        if outbox.codec_signature(conn) == sig:
             return
         conn.execute("BEGIN IMMEDIATE")
         try:
-            conn.execute("UPDATE outbox SET body = NULL, sid = NULL WHERE body IS NOT NULL")
-            conn.execute(
-                "INSERT INTO counters VALUES ('outbox_codec', ?) "
-                "ON CONFLICT(name) DO UPDATE SET value = excluded.value",
-                (sig,),
-            )
+            outbox.drop_bodies(conn, sig)
             conn.execute("COMMIT")
         except BaseException:
             rollback(conn)
@@ -743,7 +737,7 @@ class EventStore:
         versions: dict[str, int] = {}
         out: list[Any] = []
         rows: list[tuple[Any, ...]] = []
-        outbox: list[int] = []  # indexes in `rows`
+        boxed_at: list[int] = []  # indexes in `rows` of the events for the outbox
         committed: list[Event] = []
         dumps = cbor2.dumps
         cached = self._versions
@@ -767,7 +761,7 @@ class EventStore:
                 versions[stream] = version
                 seq += 1
                 if ne.outbox and ne.type not in kept_local:
-                    outbox.append(len(rows))
+                    boxed_at.append(len(rows))
                 # A held-back append keeps the time it was made, not the commit's.
                 w, m = (now - (mono - p.lazy), p.lazy) if p.lazy else (now, mono)
                 rows.append((seq, stream, version, ne.type, w, m, boot, synced, blob))
@@ -806,7 +800,7 @@ class EventStore:
                 version += 1
                 versions[ne.stream] = version
                 if ne.outbox and ne.type not in kept_local:
-                    outbox.append(len(rows))
+                    boxed_at.append(len(rows))
                 rows.append((seq, ne.stream, version, ne.type, w, m, boot, synced, blob))
                 numbered.append(
                     Event(seq, ne.stream, version, ne.type, w, m, boot, is_synced, ne.data)
@@ -815,7 +809,7 @@ class EventStore:
             out.append(numbered[0] if p.single else numbered)
         if not rows:
             return out, []
-        boxed = self._outbox_rows(rows, outbox) if outbox and self.sink else None
+        boxed = self._outbox_rows(rows, boxed_at) if boxed_at and self.sink else None
         fresh: dict[str, int] = {}
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -823,11 +817,7 @@ class EventStore:
             if boxed:
                 if any(r[4] is None and r[3] is not None for r in boxed):
                     boxed = self._resolve_sids(conn, boxed, fresh)
-                conn.executemany(
-                    "INSERT INTO outbox (seq, stream, attempts, version, body, sid) "
-                    "VALUES (?, ?, 0, ?, ?, ?)",
-                    boxed,
-                )
+                outbox.insert_rows(conn, boxed)
             if victims or self._flush_due(versions, seq):
                 self._flush_streams(conn, versions, seq)
             for proj in self._projections:
@@ -894,15 +884,7 @@ class EventStore:
             stream = r[1]
             sid = fresh.get(stream)
             if sid is None:
-                row = conn.execute(
-                    "SELECT sid FROM outbox_streams WHERE stream = ?", (stream,)
-                ).fetchone()
-                if row is None:
-                    cur = conn.execute("INSERT INTO outbox_streams (stream) VALUES (?)", (stream,))
-                    sid = int(cur.lastrowid or 0)
-                else:
-                    sid = int(row[0])
-                fresh[stream] = sid
+                sid = fresh[stream] = outbox.stream_id(conn, stream)
             out.append((r[0], stream, r[2], r[3], sid))
         return out
 
@@ -944,7 +926,7 @@ class EventStore:
                 version = self._version_of(conn, stream)
             self._snapshot(conn, stream, version, seq)
         upto = victims[-1][0]
-        conn.execute("DELETE FROM outbox WHERE seq <= ? AND stream != ?", (upto, ev.GATEWAY_STREAM))
+        outbox.drop_upto(conn, upto, ev.GATEWAY_STREAM)
         conn.execute("DELETE FROM events WHERE seq <= ? AND stream != ?", (upto, ev.GATEWAY_STREAM))
         conn.execute(
             "INSERT INTO counters VALUES ('dropped', ?) "
@@ -971,7 +953,7 @@ class EventStore:
         per transaction so appends go on in between. Returns how many."""
         total = 0
         while True:
-            n = await self.write(lambda conn: queries.prune_delivered(conn, batch))
+            n = await self.write(lambda conn: outbox.prune_delivered(conn, batch))
             total += n
             if n < batch:
                 return total
@@ -979,29 +961,18 @@ class EventStore:
     def _prune_sync(self, conn: sqlite3.Connection, cutoff: float, batch: int) -> int:
         # The events deleted here may be the only record of unflushed stream versions.
         self._flush_streams(conn, {}, self._last_seq)
-        queries.prune_delivered(conn, batch)
-        undelivered = (
-            "AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.seq = e.seq AND ("
-            + queries.UNDELIVERED
-            + ")) "
-            if self.sink
-            else ""  # nothing will ever deliver them: retention alone decides
-        )
+        outbox.prune_delivered(conn, batch)
         # No index on wall_time: bisection over seq bounds the scan to the old events.
-        victims = conn.execute(
-            "SELECT e.seq, e.stream FROM events e WHERE e.seq < ? AND e.wall_time < ? "
-            + undelivered
-            + "AND NOT EXISTS (SELECT 1 FROM dead_letters d WHERE d.seq = e.seq) "
-            "ORDER BY e.seq LIMIT ?",
-            (queries.seq_at(conn, cutoff), cutoff, batch),
-        ).fetchall()
+        victims = outbox.prunable_events(
+            conn, queries.seq_at(conn, cutoff), cutoff, batch, self.sink
+        )
         if not victims:
             return 0
         for stream in {v[1] for v in victims}:
             self._snapshot(conn, stream, self._version_of(conn, stream), self._last_seq)
         gone = [(v[0],) for v in victims]
         if not self.sink:
-            conn.executemany("DELETE FROM outbox WHERE seq = ?", gone)
+            outbox.delete_rows(conn, gone)
         conn.executemany("DELETE FROM events WHERE seq = ?", gone)
         return len(victims)
 

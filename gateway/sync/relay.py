@@ -50,7 +50,7 @@ from gateway import names
 from gateway.aio import wait_event
 from gateway.errors import ConcurrencyError, PayloadError, StoreError
 from gateway.logs import RateLimitedLog
-from gateway.store import queries
+from gateway.store import outbox
 from gateway.sync.codec import Encoder, NotRepresentableError, parse_command
 from gateway.sync.codec import response_payload as _response
 from gateway.sync.config import SyncConfig
@@ -71,57 +71,6 @@ log = logging.getLogger("gateway.sync")
 PRUNE_EVERY = 5.0  # seconds between prunes of delivered rows while a drain keeps going
 RECORD_RETRY_BASE, RECORD_RETRY_CAP = 0.2, 10.0  # pauses between tries of a failed record
 NO_UPPER = 2**62
-
-# In `Row` order; an outbox row whose event is gone has a NULL type (and its own stream).
-_SELECT = (
-    "SELECT o.seq, coalesce(e.stream, o.stream), e.version, e.type, e.wall_time, e.mono_time, "
-    "e.boot_id, e.synced, e.data FROM outbox o LEFT JOIN events e ON e.seq = o.seq "
-)
-
-# A chunk of the outbox (rows with seq in (after, end]) cut into batches by SQLite: per
-# stream, events whose versions fall in the same `size`-wide bucket, bodies joined by the
-# sink's separator. Streams are grouped by their integer id (`sid`, schema v3): SQLite sorts
-# integers much faster than names. Rows without a body come back as groups with count(body)
-# < count(*) (a NULL sid as a group of its own); the chunk then goes the per-event way.
-# SQLite's sorter keeps rows with equal keys in their input (seq) order: each group lists
-# its bodies oldest first (the tests compare every byte with the per-event path).
-# The whole chunk comes back as ONE row (the groups described in a JSON array, their
-# bodies end to end in one blob): every row a query returns costs a hand-over of the GIL
-# between the reader thread and the event loop, which cost more than the query itself.
-# The chunk is a seq range, not a LIMIT: a subquery with a LIMIT would be run as a
-# co-routine that copies every body once more. The same statement reads the newest seq,
-# so "nothing more to read" is judged on the snapshot the rows came from.
-# (The joined bodies travel as TEXT, read with text_factory=bytes: a CAST of the whole to
-# BLOB would copy them twice more. A group's size in bytes is the length of its blob as a
-# BLOB, once per group: length() of TEXT counts characters.)
-_GROUPED = (
-    "SELECT json_group_array(json_array(sid, b, n, lo, hi, nb, length(CAST(blob AS BLOB)))), "
-    "group_concat(blob, ''), coalesce(sum(n), 0), (SELECT coalesce(max(seq), 0) FROM outbox) "
-    "FROM (SELECT sid, (version - 1) / :size AS b, count(*) AS n, min(seq) AS lo, "
-    "max(seq) AS hi, group_concat(body, :sep) AS blob, count(body) AS nb "
-    "FROM outbox o WHERE seq > :after AND seq <= :end AND attempts >= 0 {skip} "
-    "GROUP BY sid, b)"
-)
-# After a restart: rows of batches acked above the watermark by the previous session.
-_SKIP_ACKED = (
-    "AND NOT EXISTS (SELECT 1 FROM outbox_acked a "
-    "WHERE a.stream = o.stream AND a.lo <= o.seq AND a.hi >= o.seq)"
-)
-_QUERIES = {
-    (grouped, skip): (_GROUPED if grouped else _SELECT + (
-        "WHERE o.seq > ? AND o.seq <= ? AND o.attempts >= 0 {skip} ORDER BY o.seq"
-    )).format(skip=_SKIP_ACKED if skip else "")
-    for grouped in (False, True) for skip in (False, True)
-}  # fmt: skip
-
-
-def _rows_in(conn: sqlite3.Connection, seqs: Sequence[int]) -> list[tuple[Any, ...]]:
-    out: list[tuple[Any, ...]] = []
-    for i in range(0, len(seqs), 5000):
-        part = seqs[i : i + 5000]
-        marks = ",".join("?" * len(part))
-        out += conn.execute(_SELECT + f"WHERE o.seq IN ({marks}) ORDER BY o.seq", part).fetchall()
-    return out
 
 
 def _decode_items(blob: bytes, sep: bytes) -> tuple[list[int], list[int]]:
@@ -260,12 +209,7 @@ def _read_chunk(
     in `outbox_acked` ranges. `names`: stream ids -> names, filled as ids are met."""
     end = min(upto, after + limit)
     if grouped:
-        args = {"sep": sep, "size": size, "after": after, "end": end}
-        conn.text_factory = bytes
-        try:
-            meta, joined, n, top = conn.execute(_QUERIES[True, skip], args).fetchone()
-        finally:
-            conn.text_factory = str
+        meta, joined, n, top = outbox.read_grouped(conn, after, end, size, sep, skip)
         last = min(end, max(top, after))
         groups = json.loads(meta)
         # Rows without a body in the chunk (rare), or a stream id with no name (a damaged
@@ -290,9 +234,9 @@ def _read_chunk(
             return out, [], n, last, last >= min(top, upto)
         end = last
     else:
-        top = conn.execute("SELECT coalesce(max(seq), 0) FROM outbox").fetchone()[0]
+        top = outbox.newest_seq(conn)
         end = min(end, max(top, after))
-    raw = conn.execute(_QUERIES[False, skip], (after, end)).fetchall()
+    raw = outbox.read_rows(conn, after, end, skip)
     batches, missing_rows = _pieces(raw, encode, size, sep, by_type)
     return batches, missing_rows, len(raw), end, end >= min(top, upto)
 
@@ -308,9 +252,7 @@ def _stream_names(
         if len(names) > 50_000:
             names.clear()
             missing = sids
-        marks = ",".join("?" * len(missing))
-        q = f"SELECT sid, stream FROM outbox_streams WHERE sid IN ({marks})"
-        names.update(conn.execute(q, missing).fetchall())
+        names.update(outbox.stream_names(conn, missing))
         lost = [s for s in missing if s not in names]
         if lost:
             log.warning("outbox rows name stream ids %s missing from outbox_streams: their "
@@ -594,29 +536,9 @@ class Relay:
 
         threshold = cfg.backfill_threshold
 
-        def survey(c: sqlite3.Connection) -> tuple[int, int, int, list[int], int]:
-            # No count over the whole outbox (its rows carry their bodies: a backlog is a
-            # scan of megabytes): at most `threshold` rows are counted, and only when the
-            # seq range says the backlog may be that deep; a deeper one is counted for the
-            # backfill figure only then.
-            w = queries.delivered_upto(c)
-            mark = max(w, c.execute("SELECT coalesce(max(seq), 0) FROM outbox").fetchone()[0])
-            depth = 0
-            if mark - w > threshold:
-                depth = c.execute(
-                    "SELECT count(*) FROM (SELECT 1 FROM outbox "
-                    "WHERE seq > ? AND attempts >= 0 LIMIT ?)", (w, threshold + 1)
-                ).fetchone()[0]  # fmt: skip
-                if depth > threshold:
-                    depth = c.execute(
-                        "SELECT count(*) FROM outbox WHERE seq > ? AND attempts >= 0", (w,)
-                    ).fetchone()[0]  # fmt: skip
-            requeued = [r[0] for r in c.execute(
-                "SELECT seq FROM outbox WHERE attempts < 0 ORDER BY seq")]  # fmt: skip
-            skip = c.execute("SELECT coalesce(max(hi), 0) FROM outbox_acked").fetchone()[0]
-            return w, depth, mark, requeued, skip
-
-        w, depth, mark, requeued, skip = await self.store.read(survey)
+        w, depth, mark, requeued, skip = await self.store.read(
+            lambda c: outbox.survey(c, threshold)
+        )
         self._w_target = self._w_written = w
         lanes: list[_Lane] = []
         self.live_first = depth > cfg.backfill_threshold
@@ -741,7 +663,7 @@ class Relay:
             chunk, lane.seqs = lane.seqs[:500], lane.seqs[500:]
             pieces, dead = (
                 await self.store.read(
-                    lambda c: _pieces(_rows_in(c, chunk), enc, size, sep, by_type)
+                    lambda c: _pieces(outbox.rows_in(c, chunk), enc, size, sep, by_type)
                 )
                 if chunk else ([], [])
             )  # fmt: skip
@@ -1035,7 +957,7 @@ class Relay:
             acked = [a for a in self._acked[:nacked] if a[2] > mark]  # (the rest: below the mark)
             try:
                 await self.store.write(
-                    lambda c, d=dels, o=ops, u=w, a=acked: _apply_ops(c, u, d, o, a)  # type: ignore[misc]
+                    lambda c, d=dels, o=ops, u=w, a=acked: outbox.record_delivery(c, u, d, o, a)  # type: ignore[misc]
                 )
             except Exception as exc:  # the store's errors, and anything else: never die
                 # Kept for the next write; the rows stay undelivered until then.
@@ -1092,70 +1014,6 @@ def _reraise(f: asyncio.Future[None]) -> bool:
     if exc is not None:
         raise exc
     return False
-
-
-def _apply_ops(
-    conn: sqlite3.Connection, upto: int | None, acked: list[list[int] | tuple[str, int, int]],
-    dead: list[tuple[int, str, str, float]], ranges: Sequence[tuple[str, int, int]] = (),
-) -> None:  # fmt: skip
-    if ranges:
-        conn.executemany("INSERT OR REPLACE INTO outbox_acked VALUES (?, ?, ?)", ranges)
-    if upto is not None:
-        queries.set_delivered_upto(conn, upto)
-    seqs = [s for a in acked if isinstance(a, list) for s in a]
-    if seqs:
-        # One statement for the whole group: SQLite walks the list without the GIL (a
-        # statement per row or per run hands the GIL back and forth once per step).
-        conn.execute(
-            "DELETE FROM outbox WHERE seq IN (SELECT value FROM json_each(?))",
-            ("[" + ",".join(map(str, seqs)) + "]",),
-        )
-    spans = [a for a in acked if isinstance(a, tuple)]
-    if spans:
-        conn.executemany(
-            "DELETE FROM outbox WHERE seq BETWEEN ? AND ? AND stream = ? AND attempts >= 0",
-            [(lo, hi, stream) for stream, lo, hi in spans],
-        )
-    for seq, stream, reason, at in dead:
-        conn.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
-        conn.execute(
-            "INSERT OR REPLACE INTO dead_letters (seq, stream, reason, at) VALUES (?,?,?,?)",
-            (seq, stream, reason, at),
-        )
-
-
-def requeue_rows(conn: sqlite3.Connection, seqs: Sequence[int] | None) -> list[int]:
-    """Move dead letters back to the outbox (all when `seqs` is None); returns their seqs.
-    They are marked requeued (attempts = -1): below the watermark, yet not delivered."""
-    if seqs is None:
-        rows = conn.execute("SELECT seq, stream FROM dead_letters ORDER BY seq").fetchall()
-    else:
-        rows = []
-        for s in seqs:
-            r = conn.execute("SELECT seq, stream FROM dead_letters WHERE seq = ?", (s,)).fetchone()
-            if r is not None:
-                rows.append(r)
-    for seq, stream in rows:
-        conn.execute("DELETE FROM dead_letters WHERE seq = ?", (seq,))
-        conn.execute(
-            "INSERT INTO outbox (seq, stream, attempts, last_error) VALUES (?, ?, -1, ?) "
-            "ON CONFLICT(seq) DO UPDATE SET attempts = -1, last_error = excluded.last_error",
-            (seq, stream, "requeued"),
-        )
-    return [r[0] for r in rows]
-
-
-def dead_letter_rows(conn: sqlite3.Connection, limit: int = 1000) -> list[dict[str, Any]]:
-    rows = conn.execute(
-        "SELECT d.seq, d.stream, d.reason, d.at, e.type, e.version, length(e.data) "
-        "FROM dead_letters d LEFT JOIN events e ON e.seq = d.seq ORDER BY d.seq LIMIT ?",
-        (limit,),
-    ).fetchall()
-    return [
-        {"seq": r[0], "stream": r[1], "reason": r[2], "at": r[3], "type": r[4],
-         "version": r[5], "bytes": r[6]}
-        for r in rows
-    ]  # fmt: skip
 
 
 def _guess_id(payload: bytes) -> str | None:

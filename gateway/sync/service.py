@@ -12,10 +12,11 @@ from typing import Any, ClassVar
 from gateway.config import GatewayConfig
 from gateway.errors import PayloadError
 from gateway.service import Health, Service, ServiceContext
+from gateway.store import outbox
 from gateway.sync.config import SyncConfig
 from gateway.sync.filesink import FileSink
 from gateway.sync.link import MqttLink, Sink
-from gateway.sync.relay import Relay, dead_letter_rows, requeue_rows
+from gateway.sync.relay import Relay
 
 STATS_EVERY = 5.0  # seconds between backlog measurements (count/sum over the outbox)
 STATS_SHARE = 0.02  # at most this share of the time goes to them (a deep backlog is a scan)
@@ -167,7 +168,7 @@ class SyncService(Service):
     async def _cmd_dead_letters(self, args: dict[str, Any]) -> Any:
         assert self._ctx is not None
         limit = int(args.get("limit", 1000))
-        return await self._ctx.store.read(lambda c: dead_letter_rows(c, limit))
+        return await self._ctx.store.read(lambda c: outbox.dead_letters(c, limit))
 
     async def _cmd_requeue(self, args: dict[str, Any]) -> Any:
         assert self._ctx is not None and self.relay is not None
@@ -176,7 +177,7 @@ class SyncService(Service):
             seqs = None
         elif not isinstance(seqs, list) or not all(isinstance(s, int) for s in seqs) or not seqs:
             raise PayloadError("requeue needs 'seqs' (a list of sequence numbers) or 'all'")
-        done = await self._ctx.store.write(lambda c: requeue_rows(c, seqs))
+        done = await self._ctx.store.write(lambda c: outbox.requeue(c, seqs))
         self.relay.requeued(done)
         await self._measure()
         return {"requeued": done}

@@ -25,12 +25,12 @@ import pytest
 from gateway.clock import SystemClock
 from gateway.errors import StoreError
 from gateway.events import NewEvent
-from gateway.store import EventStore, OutboxCodec, queries
+from gateway.store import EventStore, OutboxCodec, outbox, queries
 from gateway.sync.codec import Encoder, decode_batch, item_format, joined_payload, outbox_encoder
 from gateway.sync.config import SyncConfig
 from gateway.sync.filesink import FileSink
 from gateway.sync.link import ACCEPTED, Ack
-from gateway.sync.relay import NO_UPPER, Relay, _Batch, _read_chunk, read_ahead, requeue_rows
+from gateway.sync.relay import NO_UPPER, Relay, _Batch, _read_chunk, read_ahead
 from tests.peers import require_binary
 from tests.sync.conftest import Mosquitto, Subscriber
 from tests.sync.helpers import aio, check_order, mqtt_config, running_relay, sync_config, until
@@ -102,7 +102,7 @@ async def _outbox_rows(store: EventStore) -> int:
 
 
 async def _watermark(store: EventStore) -> int:
-    return await store.read(queries.delivered_upto)
+    return await store.read(outbox.delivered_upto)
 
 
 def _decode(fmt: str, sep: bytes, blob: bytes) -> list[dict[str, Any]]:
@@ -484,8 +484,8 @@ async def test_ranges_acked_by_a_previous_session_are_not_sent_again(
             # What a crashed session left: the watermark at 12 (rows up to it pruned), and
             # batches of b and c acked above it.
             def previous_session(c: sqlite3.Connection) -> None:
-                queries.set_delivered_upto(c, 12)
-                queries.prune_delivered(c, None)
+                outbox.set_delivered_upto(c, 12)
+                outbox.prune_delivered(c, None)
                 c.executemany(
                     "INSERT INTO outbox_acked VALUES (?, ?, ?)",
                     [("device:b", 20, 50), ("device:c", 60, 63)],
@@ -559,15 +559,15 @@ async def test_a_requeued_dead_letter_below_the_watermark_is_delivered_and_never
                 await _drained(store, 30)
                 assert relay.delivered == 29
 
-                assert await store.write(lambda c: requeue_rows(c, [5])) == [5]
+                assert await store.write(lambda c: outbox.requeue(c, [5])) == [5]
                 row = await store.read(
                     lambda c: c.execute("SELECT seq, attempts, body FROM outbox").fetchall()
                 )
                 assert row == [(5, -1, None)]  # below the watermark (30), yet undelivered
                 assert (await store.read(queries.stats))["outbox_depth"] == 1
                 # Pruning (by SQL, by the store, in slices or not) leaves it alone.
-                assert await store.write(lambda c: queries.prune_delivered(c, None)) == 0
-                assert await store.write(lambda c: queries.prune_delivered(c, 10)) == 0
+                assert await store.write(lambda c: outbox.prune_delivered(c, None)) == 0
+                assert await store.write(lambda c: outbox.prune_delivered(c, 10)) == 0
                 assert await store.prune_outbox() == 0
                 assert await _outbox_rows(store) == 1
                 # Nor does retention: the delivered events go, the requeued one stays.
