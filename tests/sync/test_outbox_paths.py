@@ -26,11 +26,13 @@ from gateway.clock import SystemClock
 from gateway.errors import StoreError
 from gateway.events import NewEvent
 from gateway.store import EventStore, OutboxCodec, outbox, queries
+from gateway.sync.batch import Batch
 from gateway.sync.codec import Encoder, decode_batch, item_format, joined_payload, outbox_encoder
 from gateway.sync.config import SyncConfig
 from gateway.sync.filesink import FileSink
 from gateway.sync.link import ACCEPTED, Ack
-from gateway.sync.relay import NO_UPPER, Relay, _Batch, _read_chunk, read_ahead
+from gateway.sync.reader import NO_UPPER, read_ahead, read_chunk
+from gateway.sync.relay import Relay
 from tests.peers import require_binary
 from tests.sync.conftest import Mosquitto, Subscriber
 from tests.sync.helpers import aio, check_order, mqtt_config, running_relay, sync_config, until
@@ -123,15 +125,15 @@ def _decode(fmt: str, sep: bytes, blob: bytes) -> list[dict[str, Any]]:
 # -- SQLite's batches = the per-event path's batches ------------------------------------------
 def _read_all(
     c: sqlite3.Connection, limit: int, size: int, sep: bytes, fmt: str, grouped: bool
-) -> tuple[list[list[_Batch]], list[tuple[int, str, str]]]:
+) -> tuple[list[list[Batch]], list[tuple[int, str, str]]]:
     """The outbox read chunk after chunk, as a lane reads it: (batches per chunk, dead)."""
     enc = Encoder(fmt, "gw")
-    chunks: list[list[_Batch]] = []
+    chunks: list[list[Batch]] = []
     dead: list[tuple[int, str, str]] = []
     after = 0
     names: dict[int, str | None] = {}
     while True:
-        batches, gone, _n, last, short = _read_chunk(
+        batches, gone, _n, last, short = read_chunk(
             c, after, NO_UPPER, limit, size, sep, enc, grouped, False, False, names
         )
         chunks.append(batches)
@@ -141,10 +143,10 @@ def _read_all(
             return chunks, dead
 
 
-def _merged(chunks: list[list[_Batch]]) -> tuple[dict[str, list[_Batch]], int]:
-    """Per stream, neighbours with the same key merged (as `Relay._take` does with batches
+def _merged(chunks: list[list[Batch]]) -> tuple[dict[str, list[Batch]], int]:
+    """Per stream, neighbours with the same key merged (as `Lane.take` does with batches
     cut at a chunk edge); and how many merges that took."""
-    out: dict[str, list[_Batch]] = {}
+    out: dict[str, list[Batch]] = {}
     merges = 0
     for b in (b for chunk in chunks for b in chunk):
         q = out.setdefault(b.stream, [])
@@ -156,7 +158,7 @@ def _merged(chunks: list[list[_Batch]]) -> tuple[dict[str, list[_Batch]], int]:
     return out, merges
 
 
-def _shape(per_stream: dict[str, list[_Batch]]) -> dict[str, list[tuple[int, int, int, bytes]]]:
+def _shape(per_stream: dict[str, list[Batch]]) -> dict[str, list[tuple[int, int, int, bytes]]]:
     return {s: [(b.n, b.first, b.last, b.blob) for b in q] for s, q in per_stream.items()}
 
 
