@@ -40,11 +40,8 @@ from typing import TYPE_CHECKING, Any
 from gateway import events as ev
 from gateway import names
 from gateway.aio import wait_event
-from gateway.errors import ConcurrencyError, PayloadError, StoreError
 from gateway.store import outbox
 from gateway.sync.batch import Batch
-from gateway.sync.codec import parse_command
-from gateway.sync.codec import response_payload as _response
 from gateway.sync.config import SyncConfig
 from gateway.sync.delivery import DeliveryRecord
 from gateway.sync.lanes import Inflight, Lane, schedule, session_lanes, watermark
@@ -149,27 +146,6 @@ class Relay:
             "unrecorded_dead_letters": len(self.record.ops),
             "record_failures": self.record.failures,  # in a row, since the last good write
         }
-
-    async def handle_command(self, payload: bytes) -> bytes | None:
-        """Downlink: a valid command becomes one `command.requested` event (the same id twice
-        is still one event); an invalid one is answered with the reason and not evented."""
-        fmt = self.cfg.format
-        try:
-            cmd = parse_command(payload)
-        except PayloadError as exc:
-            self.log.warning("sync: command refused: %s", exc)
-            return _response(fmt, {"status": "rejected", "reason": str(exc),
-                                   "id": _guess_id(payload)})  # fmt: skip
-        try:
-            await self.store.append(
-                f"command:{cmd.id}", ev.COMMAND_REQUESTED, cmd.data, expected_version=0
-            )
-        except ConcurrencyError:
-            self.log.debug("sync: command %s already requested (duplicate delivery)", cmd.id)
-        except StoreError as exc:
-            return _response(fmt, {"status": "unavailable", "reason": str(exc), "id": cmd.id,
-                                   "retry_after": getattr(exc, "retry_after", 30)})  # fmt: skip
-        return None
 
     async def run(self) -> None:
         self.record.stopping = False
@@ -461,16 +437,3 @@ def _reraise(f: asyncio.Future[None]) -> bool:
     if exc is not None:
         raise exc
     return False
-
-
-def _guess_id(payload: bytes) -> str | None:
-    import json
-
-    import cbor2
-
-    try:
-        obj = json.loads(payload) if payload.lstrip()[:1] == b"{" else cbor2.loads(payload)
-    except Exception:
-        return None
-    cid = obj.get("id") if isinstance(obj, dict) else None
-    return cid if isinstance(cid, str) and len(cid) <= 128 else None

@@ -14,6 +14,7 @@ from gateway.errors import PayloadError
 from gateway.service import Health, Service, ServiceContext
 from gateway.store import outbox
 from gateway.sync.config import SyncConfig
+from gateway.sync.downlink import CommandOwner, Downlink
 from gateway.sync.filesink import FileSink
 from gateway.sync.link import MqttLink, Sink
 from gateway.sync.relay import Relay
@@ -41,11 +42,16 @@ class SyncService(Service):
         self.cfg = cfg
         self._ctx = ctx
         gw = ctx.config.gateway.id
-        relay_box: list[Relay] = []
 
-        async def downlink(payload: bytes) -> bytes | None:
-            return await relay_box[0].handle_command(payload)
+        def commands() -> CommandOwner | None:
+            # Commands belong to the control service (started after this one: asked each time).
+            try:
+                owner = ctx.service("control")
+            except KeyError:
+                return None
+            return owner if isinstance(owner, CommandOwner) else None
 
+        downlink = Downlink(ctx.store, cfg.format, ctx.logger, commands)
         async def config_downlink(payload: bytes, endpoint: str) -> None:
             # The daemon owns config changes (gateway.sync.remote_config): an in-process verb.
             await ctx.control.ask("config.remote", {"document": payload, "endpoint": endpoint})
@@ -56,7 +62,6 @@ class SyncService(Service):
             self.sink = MqttLink(cfg, gw, ctx.logger, downlink=downlink,
                                  config_downlink=config_downlink)  # fmt: skip
         self.relay = Relay(ctx.store, self.sink, cfg, gw, ctx.logger)
-        relay_box.append(self.relay)
         await self._measure()
         self._task = ctx.create_task(self.relay.run(), "relay")
         if self._stats_task is None or self._stats_task.done():  # (a reload keeps it)
