@@ -26,6 +26,7 @@ from gateway.clock import SystemClock
 from gateway.errors import StoreError
 from gateway.events import NewEvent
 from gateway.store import EventStore, OutboxCodec, outbox, queries
+from gateway.store.projections import register_projection
 from gateway.sync.batch import Batch
 from gateway.sync.codec import Encoder, decode_batch, item_format, joined_payload, outbox_encoder
 from gateway.sync.config import SyncConfig
@@ -787,9 +788,11 @@ def _sids_consistent(c: sqlite3.Connection) -> list[tuple[Any, ...]]:
 
 
 class _Boom:
-    """A projection that fails on one event type: the append's transaction rolls back."""
+    """A projection that fails on one event type: the append's transaction rolls back.
+    Registered for the whole process, it is active only in a database that has its table
+    (`active_projections`): the one made by `_boom_db`."""
 
-    tables: tuple[str, ...] = ()
+    tables: tuple[str, ...] = ("test_boom",)
 
     def reset(self, conn: sqlite3.Connection) -> None:
         pass
@@ -811,14 +814,20 @@ async def test_a_stream_id_given_in_a_rolled_back_append_is_not_reused_for_anoth
 ) -> None:
     # SQLite hands out the rolled-back id again: were it kept in the writer's cache, two
     # streams would share an id and SQLite would join their events into one batch.
-    async with _store(tmp_path / "gw.db", Encoder("cbor", "gw")) as store:
-        store._projections.append(_Boom())
+    db = tmp_path / "gw.db"
+    register_projection(_Boom())
+    conn = sqlite3.connect(db)
+    conn.execute("CREATE TABLE test_boom (x)")
+    conn.close()
+    async with _store(db, Encoder("cbor", "gw")) as store:
         await store.append("device:a", "readings", {"i": 0})
         with pytest.raises(StoreError, match="injected failure"):
             await store.append("device:x", "boom", {"i": 1})
         await store.append("device:y", "readings", {"i": 2})
         await store.append("device:x", "readings", {"i": 3})
-        store._sids.clear()  # the cache is bounded: ids are read back from the table
+    # A store opened again starts with no id cached (as after the bounded cache is emptied):
+    # ids are read back from the table.
+    async with _store(db, Encoder("cbor", "gw")) as store:
         await store.append_many([NewEvent("device:x", "readings", {"i": 4}),
                                  NewEvent("device:z", "readings", {"i": 5})])  # fmt: skip
 
