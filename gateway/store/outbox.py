@@ -6,12 +6,29 @@ CLI's read-only one); no other module runs SQL on the outbox tables."""
 from __future__ import annotations
 
 import sqlite3
+import zlib
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
+
+from gateway.store.errors import rollback
 
 #: Groups of a grouped read, as JSON arrays: [sid, version bucket, rows, first seq, last
 #: seq, rows with a body, bytes of the joined bodies].
 Group = list[Any]
+
+
+class OutboxCodec(Protocol):
+    """Encodes events for the outbox at append time, in the sink's wire format (given by
+    the cloud sync: `gateway.sync.codec.Encoder`). `signature` names the format and the
+    gateway id: bodies written under another signature are dropped at open."""
+
+    @property
+    def signature(self) -> str: ...
+
+    def bodies(self, rows: Sequence[tuple[Any, ...]]) -> list[bytes | None]:
+        """Rows in `events` column order; None for an event with no form in the format."""
+        ...
+
 
 # -- appending (writer thread, inside the append's transaction) ------------------------------
 
@@ -31,6 +48,40 @@ def stream_id(conn: sqlite3.Connection, stream: str) -> int:
         return int(row[0])
     cur = conn.execute("INSERT INTO outbox_streams (stream) VALUES (?)", (stream,))
     return int(cur.lastrowid or 0)
+
+
+def resolve_sids(
+    conn: sqlite3.Connection, boxed: list[tuple[Any, ...]], fresh: dict[str, int]
+) -> list[tuple[Any, ...]]:
+    """Inside the append's transaction: the ids of streams not in the cache, read from
+    `outbox_streams` or given there now (so an id is never used before it is durable).
+    `fresh` receives them; the cache takes them once the transaction commits."""
+    out = []
+    for r in boxed:
+        if r[4] is not None or r[3] is None:
+            out.append(r)
+            continue
+        stream = r[1]
+        sid = fresh.get(stream)
+        if sid is None:
+            sid = fresh[stream] = stream_id(conn, stream)
+        out.append((r[0], stream, r[2], r[3], sid))
+    return out
+
+
+def check_codec(conn: sqlite3.Connection, codec: OutboxCodec | None) -> None:
+    """At open: bodies encoded under another format or gateway id are dropped (the relay
+    encodes those rows itself when it sends them)."""
+    sig = 0 if codec is None else zlib.crc32(codec.signature.encode())
+    if codec_signature(conn) == sig:
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        drop_bodies(conn, sig)
+        conn.execute("COMMIT")
+    except BaseException:
+        rollback(conn)
+        raise
 
 
 def codec_signature(conn: sqlite3.Connection) -> int | None:
