@@ -8,11 +8,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from gateway.logs import RateLimitedLog
 from gateway.store import outbox
+from gateway.sync.batch import Batch
 from gateway.sync.link import Backoff
 
 if TYPE_CHECKING:
@@ -55,11 +58,45 @@ class DeliveryRecord:
         self._pruned_upto = 0
         self._last_prune = clock()
         self._repeats = RateLimitedLog(log)
+        self._rates: deque[tuple[float, int]] = deque()  # (second, events acked in it)
 
     def start(self, w: int) -> None:
         """A new session, from the recorded watermark `w`."""
         self.target = self.written = w
         self.acked.clear()
+
+    def delivered(self, batch: Batch, bottom: bool) -> None:
+        """A batch the sink acked: recorded by the watermark for the bottom lane (above it,
+        as a range), row by row for the others; counted in the delivery rate."""
+        n = batch.n
+        now = float(int(self._clock()))  # one entry per second keeps this small
+        if self._rates and self._rates[-1][0] == now:
+            self._rates[-1] = (now, self._rates[-1][1] + n)
+        else:
+            self._rates.append((now, n))
+            if len(self._rates) > 120:
+                self._rates.popleft()
+        if bottom:  # its progress is the watermark; above it, ranges
+            self.acked.append((batch.stream, batch.first, batch.last))
+        else:
+            self.dels.append(batch.seq_list() if batch.seqs is not None else
+                             (batch.stream, batch.first, batch.last))  # fmt: skip
+        self.kick()
+
+    def dead(self, seq: int, stream: str, reason: str) -> None:
+        """An event for the dead letters, with the reason."""
+        self.ops.append((seq, stream, reason, time.time()))
+        self.kick()
+
+    def rate(self, window: float = 60.0) -> float:
+        """Events acked per second over the last `window` seconds."""
+        now = self._clock()
+        while self._rates and now - self._rates[0][0] > window:
+            self._rates.popleft()
+        if not self._rates:
+            return 0.0
+        span = max(now - self._rates[0][0], 1.0)
+        return sum(n for _, n in self._rates) / span
 
     def unrecorded(self) -> int:
         return len(self.dels) + len(self.acked) + len(self.ops)

@@ -216,3 +216,11 @@ class Reader:
             q.append(p)
             lane.npending += p.n
         self._progress.set()
+
+
+def reraise(f: asyncio.Future[None]) -> bool:
+    """A finished read: surface its error (the session then ends); drop it otherwise."""
+    exc = f.exception()
+    if exc is not None:
+        raise exc
+    return False

@@ -54,7 +54,7 @@ from gateway.sync.link import (
     Sink,
     UnpublishableError,
 )
-from gateway.sync.reader import Reader
+from gateway.sync.reader import Reader, reraise
 
 if TYPE_CHECKING:
     from gateway.store import EventStore
@@ -89,7 +89,6 @@ class Relay:
         self._requeued: list[int] = []
         self._restart = False
         self._pause = Backoff(cfg.backoff_base, cfg.backoff_cap)
-        self._rates: deque[tuple[float, int]] = deque()
         self._prefetch, self._chunk = self._reader.prefetch, self._reader.chunk
         self._committed = False
         # Figures.
@@ -120,20 +119,11 @@ class Relay:
         self._requeued.extend(seqs)
         self._progress.set()
 
-    def rate(self, window: float = 60.0) -> float:
-        now = self._clock()
-        while self._rates and now - self._rates[0][0] > window:
-            self._rates.popleft()
-        if not self._rates:
-            return 0.0
-        span = max(now - self._rates[0][0], 1.0)
-        return sum(n for _, n in self._rates) / span
-
     def figures(self) -> dict[str, Any]:
         return {
             "state": self.state,
             "delivered": self.delivered,
-            "delivery_rate": round(self.rate(), 1),
+            "delivery_rate": round(self.record.rate(), 1),
             "dead_lettered": self.dead_lettered,
             "refusals": self.refusals,
             "inflight_batches": self.inflight_batches,
@@ -256,7 +246,7 @@ class Relay:
         cfg = self.cfg
         timer: asyncio.TimerHandle | None = None
         while True:
-            fills[:] = [f for f in fills if not f.done() or _reraise(f)]
+            fills[:] = [f for f in fills if not f.done() or reraise(f)]
             if ch.closed.done():
                 raise LinkDownError(f"{ch.label}: connection lost")
             if self._restart:
@@ -376,19 +366,7 @@ class Relay:
                 self.last_error, self._link_error = None, False
             if lane.name == "backfill":
                 self.backfill_left = max(0, self.backfill_left - n)
-            now = float(int(self._clock()))  # one entry per second keeps this small
-            if self._rates and self._rates[-1][0] == now:
-                self._rates[-1] = (now, self._rates[-1][1] + n)
-            else:
-                self._rates.append((now, n))
-                if len(self._rates) > 120:
-                    self._rates.popleft()
-            if lane.bottom:  # its progress is the watermark; above it, ranges
-                self.record.acked.append((batch.stream, batch.first, batch.last))
-            else:
-                self.record.dels.append(batch.seq_list() if batch.seqs is not None else
-                                  (batch.stream, batch.first, batch.last))  # fmt: skip
-            self.record.kick()
+            self.record.delivered(batch, lane.bottom)
             return
         self.refusals += 1
         reason = f"0x{ack.code:02X} {ack.reason} ({ch.label})"
@@ -419,8 +397,7 @@ class Relay:
         self.last_error = f"event {seq} to dead letters: {reason}"
         self.last_error_at = time.monotonic()
         self._link_error = False
-        self.record.ops.append((seq, stream, reason, time.time()))
-        self.record.kick()
+        self.record.dead(seq, stream, reason)
 
     def _watermark(self) -> int | None:
         lane = self._bottom
@@ -429,11 +406,3 @@ class Relay:
     def _idle(self) -> bool:
         bottom = self._bottom
         return not self._inflight and (bottom is None or bottom.exhausted)
-
-
-def _reraise(f: asyncio.Future[None]) -> bool:
-    """A finished read: surface its error (the session then ends); drop it otherwise."""
-    exc = f.exception()
-    if exc is not None:
-        raise exc
-    return False
