@@ -7,6 +7,9 @@ versions) runs as one function in the writer thread: one thread hop per transact
 is why the writer uses sqlite3 in its own thread rather than aiosqlite, whose API is one
 thread hop per statement. Readers use their own connection in a reader thread, and run the
 same query functions (`gateway.store.queries`) that `gatewayctl` runs on the file read-only.
+This class queues and dispatches; the transaction is `commit`, stream versions and snapshots
+`streams`, every outbox statement `outbox`, then `retention`, `lifecycle` (open, close,
+figures) and `files` (connections, quarantine).
 """
 
 from __future__ import annotations
