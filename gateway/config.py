@@ -552,7 +552,7 @@ def _parse_device(dev_id: str, sec: Section, issues: Issues) -> DeviceSpec | Non
     try:
         from drivers import driver_class
 
-        driver_class(driver).validate_device(spec)
+        issues.warnings.extend(driver_class(driver).validate_device(spec) or ())
     except ConfigError as exc:
         issues.extend(exc.issues)
     return spec
@@ -652,7 +652,7 @@ def parse(data: Mapping[str, Any], source: str = "") -> GatewayConfig:
         try:
             from drivers import driver_class
 
-            driver_class(kind).validate_options(dsec.data, dsec.path)
+            issues.warnings.extend(driver_class(kind).validate_options(dsec.data, dsec.path) or ())
         except ConfigError as exc:
             issues.extend(exc.issues)
         drivers[kind] = dict(dsec.data)
