@@ -21,6 +21,7 @@ from gateway.breaker import Breaker, State
 from gateway.config import DeviceSpec, PointSpec
 from gateway.errors import (
     ConfigError,
+    ConfigIssue,
     ConnectError,
     DeviceProtocolError,
     DeviceTimeout,
@@ -82,8 +83,8 @@ class ModbusDriver(Driver):
         self._buses: dict[tuple[str, str], Bus] = {}
 
     @classmethod
-    def validate_device(cls, spec: DeviceSpec) -> None:
-        parse_device(spec)
+    def validate_device(cls, spec: DeviceSpec) -> Sequence[ConfigIssue]:
+        return parse_device(spec).warnings
 
     @classmethod
     def value_kind(cls, spec: DeviceSpec, point: PointSpec) -> str:
@@ -131,7 +132,7 @@ class ModbusDriver(Driver):
         self._devices[spec.id] = _Device(
             cfg,
             bus,
-            Breaker(cfg.breaker_threshold, cfg.breaker_cooldown),
+            cfg.breaker.breaker(),
             points,
             plan,
             spec.points,

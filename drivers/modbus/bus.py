@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -50,7 +49,7 @@ class Bus:
         self._waiting = 0
         self._last_frame = 0.0
         self._client: AsyncModbusTcpClient | AsyncModbusSerialClient | None = None
-        self._delay = settings.reconnect_delay
+        self.backoff = settings.retry.backoff()  # between failed connects
         self._next_connect = 0.0
         self.requests = 0  # frames sent, for the benchmark and diagnostics
         self._timeouts = 0  # consecutive, any unit
@@ -99,15 +98,13 @@ class Bus:
         else:
             reason = "connection refused or port unavailable"
         if ok and client.connected:
-            self._delay = self.settings.reconnect_delay
+            self.backoff.reset()
             self._next_connect = 0.0
             self.logger.debug("modbus %s: connected", self.label)
             return
         client.close()
-        # Exponential backoff with jitter, so several gateways do not reconnect in step.
-        wait = self._delay * random.uniform(0.5, 1.0)
-        self._next_connect = time.monotonic() + wait
-        self._delay = min(self._delay * 2, self.settings.reconnect_delay_max)
+        # Jittered, so several gateways do not reconnect in step.
+        self._next_connect = time.monotonic() + self.backoff.next()
         raise ConnectError(device, f"{self.label}: cannot connect: {reason}")
 
     def _timed_out(self) -> None:

@@ -90,7 +90,7 @@ def _option(path: str) -> str:
 def _build_spec(args: argparse.Namespace) -> DeviceSpec:
     if args.count < 1 or args.count > 2000:
         raise PayloadError(f"--count must be 1..2000, got {args.count}")
-    options: dict[str, Any] = {"unit": args.unit, "breaker_threshold": 1000}
+    options: dict[str, Any] = {"unit": args.unit, "breaker": {"threshold": 1000}}
     if args.host:
         options.update(host=args.host, port=args.port)
     else:
