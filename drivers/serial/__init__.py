@@ -30,6 +30,7 @@ from drivers.serial.parsers import FrameError, Parser
 from gateway.config import DeviceSpec, PointSpec
 from gateway.errors import (
     ConfigError,
+    ConfigIssue,
     DeviceTimeout,
     DeviceUnavailable,
     DriverError,
@@ -212,8 +213,8 @@ class SerialDriver(Driver):
         self.devices: dict[str, SerialDevice] = {}
 
     @classmethod
-    def validate_device(cls, spec: DeviceSpec) -> None:
-        parse_options(spec)
+    def validate_device(cls, spec: DeviceSpec) -> Sequence[ConfigIssue]:
+        return parse_options(spec).warnings
 
     async def start(self) -> None:
         return None
@@ -242,8 +243,7 @@ class SerialDriver(Driver):
         dev = SerialDevice(spec, opts, self.ctx)
         dev.link = SerialLink(
             spec.id, opts.port, on_data=dev.on_data, on_state=dev.on_state,
-            logger=self.ctx.logger, reconnect_min=opts.reconnect_min,
-            reconnect_max=opts.reconnect_max,
+            logger=self.ctx.logger, retry=opts.retry,
         )  # fmt: skip
         self.devices[spec.id] = dev
         dev.link.start()

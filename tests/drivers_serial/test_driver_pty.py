@@ -46,8 +46,7 @@ async def started(ctx: RecordingContext, spec: DeviceSpec) -> SerialDriver:
 
 
 LINES = """
-reconnect_min = 0.05
-reconnect_max = 0.2
+retry = { initial = 0.05, cap = 0.2 }
 framing = { type = "delimiter", delimiter = "\\r\\n" }
 parser = { type = "regex", pattern = 'T=(?P<temp>-?[0-9.]+) H=(?P<hum>[0-9]+)' }
 [devices.dev.points.temperature]
