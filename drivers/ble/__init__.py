@@ -18,7 +18,13 @@ from drivers.ble.config import BleDevice, BleOptions, compile_device, parse_opti
 from drivers.ble.dispatch import Advert, Dispatcher
 from drivers.ble.gatt import ConnectionPool, GattLink
 from gateway.config import DeviceSpec, PointSpec
-from gateway.errors import DeviceUnavailable, DriverError, NotFoundError, PointNotFound
+from gateway.errors import (
+    ConfigIssue,
+    DeviceUnavailable,
+    DriverError,
+    NotFoundError,
+    PointNotFound,
+)
 
 __all__ = ["BleDriver"]
 
@@ -40,8 +46,8 @@ class BleDriver(Driver):
 
     # -- config ---------------------------------------------------------------------------
     @classmethod
-    def validate_options(cls, options: Mapping[str, Any], path: str) -> None:
-        parse_options(options, path)
+    def validate_options(cls, options: Mapping[str, Any], path: str) -> Sequence[ConfigIssue]:
+        return parse_options(options, path).warnings
 
     @classmethod
     def validate_device(cls, spec: DeviceSpec) -> None:

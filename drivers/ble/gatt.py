@@ -124,7 +124,8 @@ class GattLink:
         self.ctx = ctx
         self.clock: Clock = ctx.clock
         self.log: logging.Logger = ctx.logger
-        self.breaker = Breaker(options.breaker_failures, options.breaker_reset)
+        self.breaker: Breaker = options.breaker.breaker()
+        self.backoff = options.retry.backoff()  # between failed sessions
         self.client: Any = None
         self._conn_lock = asyncio.Lock()
         self._disconnected = asyncio.Event()
@@ -174,7 +175,6 @@ class GattLink:
         """Until cancelled: connect, read on schedule, keep notifications flowing."""
         from drivers.ble.scanner import explain
 
-        delay = self.options.retry_initial
         while True:
             now = self.clock.monotonic()
             if not self.breaker.allow(now):  # open: rest, then one trial (half-open)
@@ -182,7 +182,7 @@ class GattLink:
                 continue
             try:
                 await self._session()
-                delay = self.options.retry_initial
+                self.backoff.reset()
             except asyncio.CancelledError:
                 self.breaker.abandon()  # a cancelled trial must not keep the probe slot
                 raise
@@ -195,12 +195,12 @@ class GattLink:
                 self.breaker.failure(self.clock.monotonic(), why)
                 first = self.last_error != why
                 self.last_error = why
+                delay = self.backoff.next()
                 self.log.log(logging.WARNING if first else logging.DEBUG,
                              "BLE %s: %s (retry in %.3g s, breaker %s)", self.device.id, why,
                              delay, self.breaker.state)  # fmt: skip
                 self._set_available(False, why)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, self.options.retry_max)
                 continue
             if not self._notify_points:
                 await asyncio.sleep(self._until_next_read())

@@ -303,7 +303,7 @@ class Scanner:
 
     async def run(self) -> None:
         """Scan until cancelled; faults are reported and retried, never raised."""
-        delay = self.options.retry_initial
+        backoff = self.options.retry.backoff()
         failures = 0
         while True:
             watch = _Watch(self.options.adapter)
@@ -320,11 +320,10 @@ class Scanner:
                 fault = explain(exc, self.options.adapter)
                 failures += 1
                 self._down(fault, first=failures == 1 or fault != self.fault)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.options.retry_max)
+                await asyncio.sleep(backoff.next())
                 continue
             failures = 0
-            delay = self.options.retry_initial
+            backoff.reset()
             self._up()
             try:
                 why = await watch.lost
@@ -336,7 +335,8 @@ class Scanner:
                         await asyncio.shield(self._stop(scanner))
                 await watch.close()
             self._down(explain_lost(why, self.options.adapter), first=True)
-            await asyncio.sleep(delay)
+            await asyncio.sleep(backoff.next())  # the first step, as the first retry's
+            backoff.reset()
 
     async def _stop(self, scanner: Any) -> None:
         with contextlib.suppress(Exception):

@@ -34,8 +34,7 @@ GATT_MAC = "C0:FF:EE:00:00:01"
 
 FAST = """
 [drivers.ble]
-retry_initial = 0.05
-retry_max = 0.2
+retry = { initial = 0.05, cap = 0.2 }
 """
 
 ADVERT_DEVICES = f"""
@@ -367,7 +366,7 @@ def test_gatt_breaker_opens_and_device_recovers(bus: BluezBus) -> None:
     bus.set_blocked(GATT_MAC, True)
     toml = (
         FAST
-        + "breaker_failures = 2\nbreaker_reset = 0.3\n"
+        + "breaker = { threshold = 2, cooldown = 0.3 }\n"
         + f"""
 [devices.thermostat]
 driver = "ble"
