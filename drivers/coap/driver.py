@@ -24,6 +24,7 @@ from gateway.aio import cancel_and_wait
 from gateway.breaker import Backoff, Breaker
 from gateway.config import DeviceSpec, PointSpec
 from gateway.errors import (
+    ConfigIssue,
     DeviceProtocolError,
     DeviceTimeout,
     DeviceUnavailable,
@@ -42,13 +43,11 @@ READ_BUDGET = 0.9
 MIN_WAIT = 0.05
 
 
-def device_breaker(
-    threshold: int, initial: float, maximum: float, rng: Callable[[], float] = random.random
-) -> Breaker:
-    """A device's breaker: its backoff doubles from `initial` to `maximum`, jittered but never
-    less than half the ceiling (a dead device should not be retried almost at once by bad
-    luck); an authentication failure waits `maximum` straight away."""
-    return Breaker(threshold, Backoff(initial, maximum, rng, floor=0.5))
+def device_breaker(cfg: CoapDevice, rng: Callable[[], float] = random.random) -> Breaker:
+    """A device's breaker: it rests like the device's `retry` backoff (by default doubling
+    from 1 s to 60 s, never less than half the step); an authentication failure waits the
+    cap straight away."""
+    return cfg.breaker.breaker(cfg.retry, rng)
 
 
 @dataclass(eq=False)
@@ -79,8 +78,8 @@ class CoapDriver(Driver):
 
     # -- configuration -----------------------------------------------------------------------
     @classmethod
-    def validate_device(cls, spec: DeviceSpec) -> None:
-        compile_device(spec)
+    def validate_device(cls, spec: DeviceSpec) -> Sequence[ConfigIssue]:
+        return compile_device(spec).warnings
 
     # -- life cycle -----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -109,7 +108,7 @@ class CoapDriver(Driver):
         cfg = compile_device(spec)
         dev = _Device(
             spec=spec, cfg=cfg,
-            breaker=device_breaker(cfg.breaker_threshold, cfg.backoff_initial, cfg.backoff_max),
+            breaker=device_breaker(cfg),
         )  # fmt: skip
         if self._started:
             self._open(dev)  # raises ConfigError for unreadable keys: the device is not added
@@ -335,6 +334,14 @@ class CoapDriver(Driver):
         """Sleep before the next registration: the backoff, or longer while the breaker is open."""
         await asyncio.sleep(max(delay, dev.breaker.wait(self.ctx.clock.monotonic())))
 
+    @staticmethod
+    def _first_step(backoff: Backoff) -> float:
+        """The pause after an observation that had worked ended: the first step, as it was
+        before, and the next failed registration waits the first step again."""
+        delay = backoff.next()
+        backoff.reset()
+        return delay
+
     async def _observe_forever(self, dev: _Device, path: str, points: list[CoapPoint]) -> None:
         """`_observe`, restarted after a bug rather than silently dead (logged with its
         traceback): an observed point must not stop for good on one odd notification."""
@@ -345,13 +352,13 @@ class CoapDriver(Driver):
                 self.ctx.logger.exception(
                     "coap device %s: observing %s failed unexpectedly", dev.cfg.id, path
                 )
-                await asyncio.sleep(dev.cfg.backoff_max)
+                await asyncio.sleep(dev.cfg.retry.cap)
 
     async def _observe(self, dev: _Device, path: str, points: list[CoapPoint]) -> None:
         cfg = dev.cfg
         url = cfg.uri + path
         key = f"observe {path}"
-        retry = cfg.backoff_initial
+        backoff = cfg.retry.backoff()
         log = self.ctx.logger
         while True:
             try:
@@ -359,16 +366,14 @@ class CoapDriver(Driver):
             except DriverError as exc:
                 if isinstance(exc, DeviceProtocolError):
                     self._problem(dev, key, exc.message)
-                await self._pause(dev, retry)
-                retry = min(retry * 2, cfg.backoff_max)
+                await self._pause(dev, backoff.next())
                 continue
             try:
                 if not obs.first.ok:
                     self._problem(dev, key, self._client.protocol_error(cfg.id, obs.first).message)
-                    await self._pause(dev, retry)
-                    retry = min(retry * 2, cfg.backoff_max)
+                    await self._pause(dev, backoff.next())
                     continue
-                retry = cfg.backoff_initial
+                backoff.reset()
                 self._deliver(dev, key, points, obs.first)
                 if not obs.active:
                     # The resource is not observable: fall back to polling it ourselves.
@@ -386,14 +391,14 @@ class CoapDriver(Driver):
                         resp = await obs.next(deadline)
                     except DeviceProtocolError as exc:
                         self._problem(dev, key, f"observation of {url} ended: {exc.message}")
-                        await self._pause(dev, retry)
+                        await self._pause(dev, self._first_step(backoff))
                         break
                     except DriverError as exc:
                         # The link failed under the observation (an ICMP error...): a failure
                         # like any other for the breaker, logged once with the rest.
                         if dev.link is not None:
                             await self._failed(dev, dev.link, exc, auth=False)
-                        await self._pause(dev, retry)
+                        await self._pause(dev, self._first_step(backoff))
                         break
                     if resp is None:
                         log.debug(
@@ -406,7 +411,7 @@ class CoapDriver(Driver):
                     if not resp.ok:
                         # RFC 7641 3.2: an error notification ends the observation.
                         self._problem(dev, key, self._client.protocol_error(cfg.id, resp).message)
-                        await self._pause(dev, retry)
+                        await self._pause(dev, self._first_step(backoff))
                         break
                     self._deliver(dev, key, points, resp)
             finally:

@@ -33,7 +33,7 @@ def spec_for(  # type: ignore[no-untyped-def]
 ):
     return device_spec(
         f'[devices.dev]\ndriver = "coap"\nuri = "{uri}"\ntimeout = {timeout}\n'
-        f"backoff_initial = {backoff}\nbackoff_max = {backoff}\n{extra}\n{points}"
+        f"retry = {{ initial = {backoff}, cap = {backoff} }}\n{extra}\n{points}"
     )
 
 
@@ -183,7 +183,7 @@ def test_breaker_opens_on_a_dead_server_and_closes_when_it_is_back(
     spec = spec_for(
         f"coap://127.0.0.1:{libcoap.port}",
         '[devices.dev.points.temp]\npath = "/temp"\n',
-        extra="breaker_threshold = 2",
+        extra="breaker = { threshold = 2 }",
         timeout=5.0,
         backoff=0.3,
     )
@@ -254,7 +254,7 @@ def test_an_observed_device_that_dies_becomes_unavailable_and_comes_back(
     spec = spec_for(
         f"coap://127.0.0.1:{libcoap.port}",
         '[devices.dev.points.ticks]\npath = "/time?ticks"\nmode = "observe"\n',
-        extra="observe_margin = 0.5\nbreaker_threshold = 1",
+        extra="observe_margin = 0.5\nbreaker = { threshold = 1 }",
         timeout=5.0,
     )
 
