@@ -24,7 +24,6 @@ from gateway import events as ev
 from gateway import names, secretfiles
 from gateway.aio import wait_event
 from gateway.breaker import Backoff as Backoff  # re-exported: the relay paces with it
-from gateway.breaker import Breaker
 from gateway.errors import ConfigError
 from gateway.sync.codec import joined_payload
 from gateway.sync.config import CONFIG_STREAM, EndpointConfig, SyncConfig
@@ -426,10 +425,8 @@ class MqttLink:
         self.log = logger
         self.downlink = downlink
         self.config_downlink = config_downlink
-        self.backoff = Backoff(cfg.backoff_base, cfg.backoff_cap, rng)
-        self.breakers = {
-            ep.label: Breaker(cfg.breaker_threshold, cfg.breaker_cooldown) for ep in cfg.endpoints
-        }
+        self.backoff = cfg.retry.backoff(rng)
+        self.breakers = {ep.label: cfg.breaker.breaker() for ep in cfg.endpoints}
         self.endpoint: str | None = None
         self.last_error: str | None = None
         self.last_error_at = 0.0  # monotonic time of last_error
