@@ -267,6 +267,7 @@ class Scanner:
         self.fault: Fault | None = None
         self.scanning = False
         self.adverts = 0
+        self.backoff = options.retry.backoff()  # between failed starts
         #: Set while scanning (diagnostics, and tests await it instead of sleeping).
         self.running = asyncio.Event()
 
@@ -303,7 +304,8 @@ class Scanner:
 
     async def run(self) -> None:
         """Scan until cancelled; faults are reported and retried, never raised."""
-        backoff = self.options.retry.backoff()
+        backoff = self.backoff
+        backoff.reset()
         failures = 0
         while True:
             watch = _Watch(self.options.adapter)

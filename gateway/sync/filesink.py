@@ -138,7 +138,7 @@ class FileSink:
         self.files = 0
         self.last_error: str | None = None
         self._kick = asyncio.Event()
-        self.retry = retry
+        self.backoff = retry.backoff()  # between failed opens
 
     def kick(self) -> None:
         self._kick.set()
@@ -154,7 +154,8 @@ class FileSink:
         }
 
     async def connect(self) -> FileChannel:
-        backoff = self.retry.backoff()
+        backoff = self.backoff
+        backoff.reset()
         while True:
             try:
                 await asyncio.to_thread(self._open)

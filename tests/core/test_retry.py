@@ -3,12 +3,18 @@ names each part used before (accepted, with a warning naming the new key)."""
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 
 from gateway.breaker import Backoff
-from gateway.config import Issues, Section
+from gateway.config import Issues, Section, loads
 from gateway.retry import BreakerSettings, RetrySettings, read_breaker, read_retry
 
 RETRY = RetrySettings(initial=0.5, cap=30.0)
@@ -114,3 +120,124 @@ def test_a_breaker_resting_like_its_retry_has_no_cooldown_key() -> None:
     sec = Section({"breaker": {"threshold": 2, "cooldown": 5}}, "devices.c", issues)
     assert read_breaker(sec, BreakerSettings(3)) == BreakerSettings(2)
     assert shown(issues.items) == ["devices.c.breaker.cooldown: unknown key"]
+
+
+# -- every part takes its backoff from its own `retry` table, through the shared helper --------
+TABLE = 'retry = { initial = 0.25, cap = 7.0, multiplier = 3, jitter = "none" }'
+WANT = RetrySettings(initial=0.25, cap=7.0, multiplier=3.0, jitter="none")
+LOG = logging.getLogger("test.retry")
+
+
+def _modbus() -> None:
+    from drivers.modbus.bus import Bus
+    from drivers.modbus.config import parse_device
+
+    spec = loads(f'[devices.m]\ndriver = "modbus"\nhost = "127.0.0.1"\n{TABLE}\n'
+                 "[devices.m.points.p]\naddress = 0\n").devices["m"]  # fmt: skip
+    Bus(parse_device(spec).bus, LOG)
+
+
+def _serial() -> None:
+    from drivers.serial.link import SerialLink
+    from drivers.serial.options import parse_options
+
+    spec = loads(f'[devices.s]\ndriver = "serial"\nport = "/dev/ttyX"\n{TABLE}\n'
+                 'parser = { type = "nmea" }\n'
+                 '[devices.s.points.lat]\nfield = "gga.lat"\n').devices["s"]  # fmt: skip
+    opts = parse_options(spec)
+    SerialLink("s", opts.port, on_data=lambda b: None, on_state=lambda up, why: None,
+               logger=LOG, retry=opts.retry)  # fmt: skip
+
+
+def _ble_options() -> Any:
+    from drivers.ble.config import parse_options
+
+    c = loads(f"[drivers.ble]\n{TABLE}\n")
+    return parse_options(c.drivers["ble"], "drivers.ble")
+
+
+def _ble_scanner() -> None:
+    from drivers.ble.scanner import Scanner
+
+    async def main() -> None:  # the scanner's Event wants a loop
+        Scanner(_ble_options(), lambda a: None, lambda ok, why: None, LOG)
+
+    asyncio.run(main())
+
+
+def _ble_gatt() -> None:
+    from drivers.ble.config import compile_device
+    from drivers.ble.gatt import ConnectionPool, GattLink
+
+    spec = loads('[devices.g]\ndriver = "ble"\naddress = "C0:FF:EE:00:00:01"\n'
+                 'format = "gatt"\n[devices.g.points.t]\n'
+                 'char = "2a6e"\ntype = "int16"\n').devices["g"]  # fmt: skip
+    ctx = SimpleNamespace(logger=LOG, clock=SimpleNamespace(monotonic=time.monotonic))
+
+    async def main() -> None:
+        GattLink(compile_device(spec), _ble_options(), ConnectionPool(1), cast(Any, ctx))
+
+    asyncio.run(main())
+
+
+def _coap() -> None:
+    from drivers.coap.driver import device_breaker
+    from drivers.coap.options import compile_device
+
+    spec = loads(f'[devices.c]\ndriver = "coap"\nuri = "coap://h"\n{TABLE}\n').devices["c"]
+    device_breaker(compile_device(spec))
+
+
+def _sync_link() -> None:
+    from gateway.sync.link import MqttLink
+
+    c = loads(f'[sync]\n{TABLE}\n[[sync.endpoints]]\nurl = "mqtt://h"\n')
+    MqttLink(c.sections["sync"], "gw", LOG)
+
+
+def _file_sink() -> None:
+    from gateway.sync.filesink import FileSink
+
+    c = loads(f'[sync]\n{TABLE}\n[sync.file]\ndirectory = "/nonexistent"\n')
+    cfg = c.sections["sync"]
+    FileSink(cfg.file, LOG, cfg.retry)
+
+
+@pytest.mark.parametrize(
+    "build", [_modbus, _serial, _ble_scanner, _ble_gatt, _coap, _sync_link, _file_sink],
+    ids=lambda f: f.__name__.strip("_"),
+)  # fmt: skip
+def test_each_part_backs_off_with_the_shared_backoff_of_its_retry_table(
+    build: Callable[[], None], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    made: list[tuple[RetrySettings, Backoff]] = []
+    real = RetrySettings.backoff
+
+    def spy(self: RetrySettings, rng: Callable[[], float] = random.random) -> Backoff:
+        b = real(self, rng)
+        made.append((self, b))
+        return b
+
+    monkeypatch.setattr(RetrySettings, "backoff", spy)
+    build()
+    assert made, "the part made no Backoff from its retry settings"
+    for settings, b in made:
+        assert settings == WANT
+        assert (b.base, b.cap, b.multiplier, b.floor) == (0.25, 7.0, 3.0, 1.0)
+
+
+def test_a_crashed_service_restarts_after_the_shared_backoff(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from gateway import supervisor
+
+    made: list[RetrySettings] = []
+    real = RetrySettings.backoff
+
+    def spy(self: RetrySettings, rng: Callable[[], float] = random.random) -> Backoff:
+        made.append(self)
+        return real(self, lambda: 1.0)
+
+    monkeypatch.setattr(RetrySettings, "backoff", spy)
+    assert [supervisor.restart_delay(n) for n in (1, 2, 4, 5, 9)] == [1.0, 2.0, 8.0, 60.0, 60.0]
+    assert set(made) == {RetrySettings(initial=0.5, cap=60.0)}
