@@ -74,6 +74,14 @@ class Backoff:
             return self._rng() * ceiling
         return ceiling * (self.floor + (1.0 - self.floor) * self._rng())
 
+    def first(self) -> float:
+        """A delay of the first step (jittered), leaving the backoff at its start: the pause
+        after something that had worked fails, before the first retry of a new series."""
+        self.reset()
+        delay = self.next()
+        self.reset()
+        return delay
+
     def longest(self) -> float:
         """The cap, without jitter; counts one attempt (for failures that will not fix
         themselves soon, such as refused credentials)."""

@@ -337,8 +337,7 @@ class Scanner:
                         await asyncio.shield(self._stop(scanner))
                 await watch.close()
             self._down(explain_lost(why, self.options.adapter), first=True)
-            await asyncio.sleep(backoff.next())  # the first step, as the first retry's
-            backoff.reset()
+            await asyncio.sleep(backoff.first())  # then retries start from the first step
 
     async def _stop(self, scanner: Any) -> None:
         with contextlib.suppress(Exception):

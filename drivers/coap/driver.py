@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 from drivers.base import Driver, DriverContext, RawReading
 from drivers.coap.options import CoapDevice, CoapPoint, compile_device
 from gateway.aio import cancel_and_wait
-from gateway.breaker import Backoff, Breaker
+from gateway.breaker import Breaker
 from gateway.config import DeviceSpec, PointSpec
 from gateway.errors import (
     ConfigIssue,
@@ -334,14 +334,6 @@ class CoapDriver(Driver):
         """Sleep before the next registration: the backoff, or longer while the breaker is open."""
         await asyncio.sleep(max(delay, dev.breaker.wait(self.ctx.clock.monotonic())))
 
-    @staticmethod
-    def _first_step(backoff: Backoff) -> float:
-        """The pause after an observation that had worked ended: the first step, as it was
-        before, and the next failed registration waits the first step again."""
-        delay = backoff.next()
-        backoff.reset()
-        return delay
-
     async def _observe_forever(self, dev: _Device, path: str, points: list[CoapPoint]) -> None:
         """`_observe`, restarted after a bug rather than silently dead (logged with its
         traceback): an observed point must not stop for good on one odd notification."""
@@ -391,14 +383,14 @@ class CoapDriver(Driver):
                         resp = await obs.next(deadline)
                     except DeviceProtocolError as exc:
                         self._problem(dev, key, f"observation of {url} ended: {exc.message}")
-                        await self._pause(dev, self._first_step(backoff))
+                        await self._pause(dev, backoff.first())
                         break
                     except DriverError as exc:
                         # The link failed under the observation (an ICMP error...): a failure
                         # like any other for the breaker, logged once with the rest.
                         if dev.link is not None:
                             await self._failed(dev, dev.link, exc, auth=False)
-                        await self._pause(dev, self._first_step(backoff))
+                        await self._pause(dev, backoff.first())
                         break
                     if resp is None:
                         log.debug(
@@ -411,7 +403,7 @@ class CoapDriver(Driver):
                     if not resp.ok:
                         # RFC 7641 3.2: an error notification ends the observation.
                         self._problem(dev, key, self._client.protocol_error(cfg.id, resp).message)
-                        await self._pause(dev, self._first_step(backoff))
+                        await self._pause(dev, backoff.first())
                         break
                     self._deliver(dev, key, points, resp)
             finally:

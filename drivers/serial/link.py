@@ -149,9 +149,7 @@ class SerialLink:
             self.log.warning("%s: %s lost: %s; reopening with backoff", self.name,
                              self.settings.port, why)  # fmt: skip
             self._set_state(False, why)
-            # The first reopen after a loss waits the first step, as the first retry does.
-            await asyncio.sleep(self.backoff.next())
-            self.backoff.reset()
+            await asyncio.sleep(self.backoff.first())  # then retries start from the first step
 
     def _set_state(self, up: bool, why: str) -> None:
         self.reason = why

@@ -63,6 +63,8 @@ def test_the_settings_make_the_shared_backoff_and_breaker() -> None:
     grows.failure(0.0)
     grows.failure(0.0)
     assert grows.retry_at == 1.0
+    again = RetrySettings(1.0, 10.0, jitter="none").backoff()
+    assert [again.next(), again.next(), again.first(), again.next()] == [1.0, 2.0, 1.0, 1.0]
     with pytest.raises(ValueError, match="needs the retry settings"):
         BreakerSettings(2).breaker()
 
