@@ -11,9 +11,11 @@ import pytest
 from aiocoap import POST, Message
 from aiocoap.message import Direction
 
+from gateway.coap.base import Backend
 from gateway.coap.config import CoapConfig
 from gateway.coap.errors import error_response
-from gateway.coap.resources import Backend, Gate, TelemetryResource
+from gateway.coap.gate import Gate
+from gateway.coap.ingest import TelemetryResource
 from gateway.errors import (
     ConcurrencyError,
     ForbiddenError,
