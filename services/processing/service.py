@@ -153,7 +153,8 @@ class ProcessingService(Service):
     def _on_readings(self, device: str, e: Event, replay: bool = False) -> None:
         dirty: dict[Key, DerivedPoint] = {}
         wall = e.wall_time
-        by_input = self.derived.by_input
+        by_input, inputs = self.derived.by_input, self.derived.inputs
+        window_add = self.windows.add
         for rec in ev.iter_readings(e.data):
             name = rec.get("n")
             if type(name) is not str:
@@ -164,7 +165,7 @@ class ProcessingService(Service):
                 deps = by_input.get(key)
                 if deps:
                     t = rec.get("t")
-                    self.derived.inputs[key] = (v, float(t) if isinstance(t, int | float) else wall)
+                    inputs[key] = (v, float(t) if isinstance(t, int | float) else wall)
                     for dp in deps:
                         dirty[(dp.device, dp.point)] = dp
             pp = self.points.get(key)
@@ -174,7 +175,7 @@ class ProcessingService(Service):
             if x is None:
                 continue
             if pp.window:
-                self.windows.add(key, pp, wall, x)
+                window_add(key, pp, wall, x)
             det = self.detectors.get(key)
             if det is not None and (flag := det.score(float(x))) is not None and not replay:
                 z, lo, hi = flag
