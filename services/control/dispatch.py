@@ -15,7 +15,7 @@ from gateway.breaker import Backoff
 from gateway.errors import (
     ConnectError,
     DeviceProtocolError,
-    DeviceTimeout,
+    DeviceTimeoutError,
     DriverError,
     GatewayError,
     StoreError,
@@ -153,7 +153,7 @@ class Dispatcher:
                     return
                 self.control.log.info("command %s: %s; retrying in %.2f s", cmd.id, exc, delay)
                 await asyncio.sleep(delay)
-            except (TimeoutError, DeviceTimeout) as exc:
+            except (TimeoutError, DeviceTimeoutError) as exc:
                 why = str(exc) or f"no answer within {w.spec.timeout * 2 + 1:g} s"
                 await self.control._event(
                     cmd.id,

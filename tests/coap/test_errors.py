@@ -20,7 +20,7 @@ from gateway.errors import (
     ConcurrencyError,
     ForbiddenError,
     PayloadTooLargeError,
-    StoreFull,
+    StoreFullError,
 )
 from gateway.events import Event, NewEvent
 from gateway.store import EventStore
@@ -29,7 +29,7 @@ LOG = logging.getLogger("test.coap.errors")
 
 
 def test_mapping_codes_and_options() -> None:
-    full = error_response(StoreFull("quota", retry_after=42), LOG)
+    full = error_response(StoreFullError("quota", retry_after=42), LOG)
     assert full.code.dotted == "5.03" and full.opt.max_age == 42
     big = error_response(PayloadTooLargeError("too big", 512), LOG)
     assert big.code.dotted == "4.13" and big.opt.size1 == 512
