@@ -25,7 +25,7 @@ from gateway import config as cfg
 from gateway import events as ev
 from gateway.bus import Bus
 from gateway.control import ControlServer, Peer
-from gateway.errors import ConfigError, GatewayError, PayloadError, StoreFull
+from gateway.errors import ConfigError, GatewayError, PayloadError, StoreFullError
 from gateway.logs import RateLimitedLog
 from gateway.service import Service
 from gateway.store import EventStore, OutboxCodec
@@ -224,7 +224,7 @@ class Daemon:
                     c.db_path, c.store, gateway_id=c.gateway.id, outbox_codec=outbox_codec(c),
                     sink=has_sink(c), local_types=local_types(c),
                 )  # fmt: skip
-            except StoreFull as exc:
+            except StoreFullError as exc:
                 pause = c.store.check_interval
                 if not said:
                     log.error("cannot open the store: %s; retrying every %.1f s until there is "
@@ -246,7 +246,7 @@ class Daemon:
         try:
             await self.store.append(ev.GATEWAY_STREAM, ev.GATEWAY_STARTED, data)
             return None
-        except StoreFull as exc:
+        except StoreFullError as exc:
             log.warning("starting degraded: %s", exc)
         return asyncio.create_task(self._append_started(data), name="started")
 
@@ -257,10 +257,10 @@ class Daemon:
             try:
                 await self.store.append(ev.GATEWAY_STREAM, ev.GATEWAY_STARTED, data)
                 return
-            except StoreFull:
+            except StoreFullError:
                 continue
 
-    def _store_full_changed(self, why: StoreFull | None) -> None:
+    def _store_full_changed(self, why: StoreFullError | None) -> None:
         systemd.status(self.status_line())
 
     async def _bounded_shutdown(self) -> None:

@@ -20,10 +20,10 @@ from drivers.ble.gatt import ConnectionPool, GattLink
 from gateway.config import DeviceSpec, PointSpec
 from gateway.errors import (
     ConfigIssue,
-    DeviceUnavailable,
+    DeviceUnavailableError,
     DriverError,
     NotFoundError,
-    PointNotFound,
+    PointNotFoundError,
 )
 
 __all__ = ["BleDriver"]
@@ -153,15 +153,15 @@ class BleDriver(Driver):
         if not dev.advertises:
             link = self.links.get(device_id)
             if link is None:
-                raise DeviceUnavailable(device_id, "the BLE driver is not started")
+                raise DeviceUnavailableError(device_id, "the BLE driver is not started")
             return await link.read([p.name for p in points])
         state = self.dispatcher.by_id[device_id]
         out = []
         for p in points:
             if p.name not in dev.fields:
-                raise PointNotFound(device_id, f"no point {p.name!r}")
+                raise PointNotFoundError(device_id, f"no point {p.name!r}")
             if p.name not in state.latest:
-                raise DeviceUnavailable(device_id, f"{p.name}: nothing received yet")
+                raise DeviceUnavailableError(device_id, f"{p.name}: nothing received yet")
             out.append(RawReading(p.name, state.latest[p.name]))
         return out
 
@@ -171,7 +171,7 @@ class BleDriver(Driver):
             raise DriverError(device_id, "advertisement devices cannot be written")
         link = self.links.get(device_id)
         if link is None:
-            raise DeviceUnavailable(device_id, "the BLE driver is not started")
+            raise DeviceUnavailableError(device_id, "the BLE driver is not started")
         await link.write(point.name, value)
 
     # -- diagnostics ----------------------------------------------------------------------

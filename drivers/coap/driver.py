@@ -26,11 +26,11 @@ from gateway.config import DeviceSpec, PointSpec
 from gateway.errors import (
     ConfigIssue,
     DeviceProtocolError,
-    DeviceTimeout,
-    DeviceUnavailable,
+    DeviceTimeoutError,
+    DeviceUnavailableError,
     DriverError,
     GatewayError,
-    PointNotFound,
+    PointNotFoundError,
 )
 
 if TYPE_CHECKING:
@@ -145,9 +145,9 @@ class CoapDriver(Driver):
     def _device(self, device_id: str) -> _Device:
         dev = self._devices.get(device_id)
         if dev is None:
-            raise DeviceUnavailable(device_id, "not a configured coap device")
+            raise DeviceUnavailableError(device_id, "not a configured coap device")
         if dev.link is None:
-            raise DeviceUnavailable(device_id, "the coap driver is not started")
+            raise DeviceUnavailableError(device_id, "the coap driver is not started")
         return dev
 
     async def _guarded(self, dev: _Device, call: Callable[[Link], Awaitable[T]]) -> T:
@@ -156,7 +156,7 @@ class CoapDriver(Driver):
         now = self.ctx.clock.monotonic()
         b = dev.breaker
         if not b.allow(now):
-            raise DeviceUnavailable(
+            raise DeviceUnavailableError(
                 dev.cfg.id,
                 f"not tried: {b.failures} failures in a row (last: {b.last_error}); "
                 f"next try in {b.wait(now):.1f} s",
@@ -206,7 +206,7 @@ class CoapDriver(Driver):
             # A fresh context next time: a restarted device has lost our DTLS session.
             if dev.link is link:
                 await link.reset()
-        elif dev.cfg.secure and isinstance(exc, DeviceTimeout) and dev.link is link:
+        elif dev.cfg.secure and isinstance(exc, DeviceTimeoutError) and dev.link is link:
             # Over DTLS, silence usually means the device restarted and drops records of
             # the session it forgot: a new handshake now beats waiting for the breaker.
             await link.reset()
@@ -272,7 +272,7 @@ class CoapDriver(Driver):
         for spec in points:
             cp = dev.cfg.points.get(spec.name)
             if cp is None:
-                raise PointNotFound(device_id, f"point {spec.name!r} is not configured")
+                raise PointNotFoundError(device_id, f"point {spec.name!r} is not configured")
             if cp.mode == "observe" and cp.path in dev.live:
                 continue  # its notifications arrive through ctx.emit; a GET would duplicate them
             by_path.setdefault(cp.path, []).append(cp)
@@ -314,7 +314,7 @@ class CoapDriver(Driver):
         dev = self._device(device_id)
         cp = dev.cfg.points.get(point.name)
         if cp is None:
-            raise PointNotFound(device_id, f"point {point.name!r} is not configured")
+            raise PointNotFoundError(device_id, f"point {point.name!r} is not configured")
         if not point.writable:
             raise DriverError(device_id, f"point {point.name!r} is not writable")
         body, cf = payload.encode(value, cp.write_format, cp.record or cp.name)

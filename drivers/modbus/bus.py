@@ -4,7 +4,8 @@ Every unit on the bus goes through `Bus.session()`, which waits for the lock (fa
 when `queue_size` requests already wait), reconnects with backoff when the link is down, and
 keeps `frame_gap` of silence between frames. Inside a session, `read`/`write_*` turn pymodbus
 outcomes into the gateway's errors: an exception response is a DeviceProtocolError named after
-its code, no answer is a DeviceTimeout, a broken link is dropped and is a DeviceUnavailable.
+its code, no answer is a DeviceTimeoutError, a broken link is dropped and is a
+DeviceUnavailableError.
 Imports pymodbus: only the driver's connection code imports this module.
 """
 
@@ -20,7 +21,12 @@ from typing import Any
 from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
 
-from gateway.errors import ConnectError, DeviceProtocolError, DeviceTimeout, DeviceUnavailable
+from gateway.errors import (
+    ConnectError,
+    DeviceProtocolError,
+    DeviceTimeoutError,
+    DeviceUnavailableError,
+)
 
 from .config import BusSettings
 from .errors import BusBusyError
@@ -161,7 +167,9 @@ class Bus:
                 await asyncio.sleep(wait)
         limit = session.deadline - time.monotonic()
         if limit <= 0:
-            raise DeviceTimeout(device, f"no time left for {what} within the device's time-out")
+            raise DeviceTimeoutError(
+                device, f"no time left for {what} within the device's time-out"
+            )
         self.requests += 1
         try:
             # This device's own deadline, whichever device opened the link (see CLIENT_TIMEOUT).
@@ -169,20 +177,22 @@ class Bus:
                 response = await call()
         except TimeoutError:
             self._timed_out()
-            raise DeviceTimeout(device, f"no answer to {what} within {limit:.2g} s") from None
+            raise DeviceTimeoutError(device, f"no answer to {what} within {limit:.2g} s") from None
         except ConnectionException as exc:
             self.drop()
-            raise DeviceUnavailable(device, f"{self.label}: connection lost ({exc})") from None
+            raise DeviceUnavailableError(device, f"{self.label}: connection lost ({exc})") from None
         except ModbusIOException as exc:
             if self._client is not None and not self._client.connected:
                 self.drop()
-                raise DeviceUnavailable(device, f"{self.label}: connection lost") from None
+                raise DeviceUnavailableError(device, f"{self.label}: connection lost") from None
             # pymodbus (pinned to 3.16) says "No response received..." for its own time-out
             # (not expected: ours comes first); its other I/O errors (a mismatched unit or
             # transaction id) are protocol errors.
             if "No response" in str(exc):
                 self._timed_out()
-                raise DeviceTimeout(device, f"no answer to {what} within {limit:.2g} s") from None
+                raise DeviceTimeoutError(
+                    device, f"no answer to {what} within {limit:.2g} s"
+                ) from None
             raise DeviceProtocolError(device, f"{what}: {exc}") from None
         except ModbusException as exc:
             raise DeviceProtocolError(device, f"{what}: {exc}") from None

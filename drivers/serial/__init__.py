@@ -31,10 +31,10 @@ from gateway.config import DeviceSpec, PointSpec
 from gateway.errors import (
     ConfigError,
     ConfigIssue,
-    DeviceTimeout,
-    DeviceUnavailable,
+    DeviceTimeoutError,
+    DeviceUnavailableError,
     DriverError,
-    PointNotFound,
+    PointNotFoundError,
 )
 
 if TYPE_CHECKING:
@@ -143,7 +143,7 @@ class SerialDevice:
         # A partial frame from before a reopen would glue onto the first new one.
         self.deframer.reset()
         if not up and self.waiter is not None and not self.waiter.future.done():
-            self.waiter.future.set_exception(DeviceUnavailable(self.spec.id, why))
+            self.waiter.future.set_exception(DeviceUnavailableError(self.spec.id, why))
         self.ctx.set_available(self.spec.id, up, why)
 
     # -- reads -------------------------------------------------------------------------------
@@ -151,7 +151,9 @@ class SerialDevice:
         link = self.link
         if link is None or not link.is_open:
             why = link.reason if link is not None else "not started"
-            raise DeviceUnavailable(self.spec.id, f"port {self.opts.port.port} is not open: {why}")
+            raise DeviceUnavailableError(
+                self.spec.id, f"port {self.opts.port.port} is not open: {why}"
+            )
         return link
 
     def latest_readings(self, points: Sequence[PointSpec]) -> list[RawReading]:
@@ -159,13 +161,13 @@ class SerialDevice:
         max_age = self.opts.max_age
         now = self.ctx.clock.monotonic()
         if max_age is not None and self.last_frame is not None and now - self.last_frame > max_age:
-            raise DeviceTimeout(
+            raise DeviceTimeoutError(
                 self.spec.id, f"no frame for {now - self.last_frame:.1f} s (max_age {max_age:g})"
             )
         out = []
         for p in points:
             if p.name not in self.opts.points:
-                raise PointNotFound(self.spec.id, f"no point {p.name!r}")
+                raise PointNotFoundError(self.spec.id, f"no point {p.name!r}")
             got = self.latest.get(p.name)
             if got is not None and (max_age is None or now - got[2] <= max_age):
                 out.append(RawReading(p.name, got[0], got[1]))
@@ -174,7 +176,7 @@ class SerialDevice:
     async def request(self, points: Sequence[PointSpec]) -> list[RawReading]:
         for p in points:
             if p.name not in self.opts.points:
-                raise PointNotFound(self.spec.id, f"no point {p.name!r}")
+                raise PointNotFoundError(self.spec.id, f"no point {p.name!r}")
         timeout = self.opts.response_timeout or self.spec.timeout
         async with self.lock:
             link = self._check_open()
@@ -193,7 +195,7 @@ class SerialDevice:
             except TimeoutError:
                 bad = self.stats.malformed - malformed_before
                 extra = f"; {bad} malformed frame(s): {self.stats.last_error}" if bad else ""
-                raise DeviceTimeout(
+                raise DeviceTimeoutError(
                     self.spec.id,
                     f"no answer to {self.opts.request!r} within {timeout:g} s{extra}",
                 ) from None
@@ -254,7 +256,7 @@ class SerialDriver(Driver):
             return
         w = dev.waiter
         if w is not None and not w.future.done():
-            w.future.set_exception(DeviceUnavailable(device_id, "device removed"))
+            w.future.set_exception(DeviceUnavailableError(device_id, "device removed"))
         if dev.link is not None:
             await dev.link.close()
 
@@ -274,7 +276,7 @@ class SerialDriver(Driver):
         dev = self._device(device_id)
         pm = dev.opts.points.get(point.name)
         if pm is None:
-            raise PointNotFound(device_id, f"no point {point.name!r}")
+            raise PointNotFoundError(device_id, f"no point {point.name!r}")
         if pm.command is None:
             raise DriverError(device_id, f"point {point.name!r} is not writable")
         if isinstance(value, bool):

@@ -26,7 +26,7 @@ from typing import Any
 
 from drivers.serial.options import RETRY, PortSettings
 from gateway.aio import cancel_and_wait
-from gateway.errors import DeviceUnavailable
+from gateway.errors import DeviceUnavailableError
 from gateway.retry import RetrySettings
 
 READ_CHUNK = 4096
@@ -181,7 +181,7 @@ class SerialLink:
                 self._ser.close()
             self._ser = None
         if self._writable is not None and not self._writable.done():
-            self._writable.set_exception(DeviceUnavailable(self.name, why))
+            self._writable.set_exception(DeviceUnavailableError(self.name, why))
         self._writable = None
 
     def _drop(self, why: str) -> None:
@@ -223,15 +223,16 @@ class SerialLink:
             view = memoryview(data)
             while view:
                 if self._fd < 0:
-                    raise DeviceUnavailable(self.name, f"port {self.settings.port} is not open: "
-                                            f"{self.reason}")  # fmt: skip
+                    raise DeviceUnavailableError(
+                        self.name, f"port {self.settings.port} is not open: {self.reason}"
+                    )
                 try:
                     n = os.write(self._fd, view)
                 except (BlockingIOError, InterruptedError):
                     n = 0
                 except OSError as exc:
                     self._drop(f"write failed: {exc}")
-                    raise DeviceUnavailable(self.name, f"write failed: {exc}") from None
+                    raise DeviceUnavailableError(self.name, f"write failed: {exc}") from None
                 view = view[n:]
                 if view:
                     await self._wait_writable()

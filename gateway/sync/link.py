@@ -480,7 +480,7 @@ class MqttLink:
             tls = self._tls_context(ep) if ep.tls else None
             password = self._password(ep)
         except (OSError, ssl.SSLError, ConfigError) as exc:
-            raise _Hard(f"{ep.label}: cannot load credentials ({exc})") from exc
+            raise _HardError(f"{ep.label}: cannot load credentials ({exc})") from exc
         try:
             return await self._attempt(ep, tls, password)
         except BaseException:
@@ -571,7 +571,7 @@ class MqttLink:
                     raise
                 except Exception as exc:
                     fail = (
-                        ConnectFailure(str(exc), True) if isinstance(exc, _Hard)
+                        ConnectFailure(str(exc), True) if isinstance(exc, _HardError)
                         else explain(ep, exc)
                     )  # fmt: skip
                     br.failure(time.monotonic(), fail.message, auth=fail.hard)
@@ -647,5 +647,5 @@ class _PahoErrors(logging.Filter):
             self.failed.set_result(None)
 
 
-class _Hard(Exception):
+class _HardError(Exception):
     """A failure that will not fix itself by retrying soon (bad credentials files)."""

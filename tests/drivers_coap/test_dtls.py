@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from drivers.coap import CoapDriver
-from gateway.errors import DeviceTimeout, DeviceUnavailable
+from gateway.errors import DeviceTimeoutError, DeviceUnavailableError
 from tests.drivers_coap.conftest import (
     LibcoapServer,
     Recorder,
@@ -98,7 +98,7 @@ def test_a_wrong_key_gets_no_data_and_opens_the_breaker(
             valve = spec.point("valve")
             assert valve is not None
             # OpenSSL drops the handshake: no alert reaches tinydtls, so it is a time-out.
-            with pytest.raises((DeviceTimeout, DeviceUnavailable)):
+            with pytest.raises((DeviceTimeoutError, DeviceUnavailableError)):
                 await drv.read("dev", [valve])
             await rec.until(lambda: ("dev", False) in [a[:2] for a in rec.availability],
                             "the device to be reported unavailable")  # fmt: skip
