@@ -26,7 +26,7 @@ from gateway import events as ev
 from gateway.bus import Bus
 from gateway.control import ControlServer, Peer
 from gateway.errors import ConfigError, GatewayError, PayloadError, StoreFull
-from gateway.logs import RateLimitedLog
+from gateway.logs import LibraryNoise, RateLimitedLog
 from gateway.service import Service
 from gateway.store import EventStore, OutboxCodec
 from gateway.supervisor import Supervisor
@@ -532,6 +532,7 @@ def setup_logging(level: str) -> None:
 
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_Fmt(fmt))
+    handler.addFilter(LibraryNoise())  # pymodbus' own chatter: DEBUG (the driver reports)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
