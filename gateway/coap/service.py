@@ -2,7 +2,8 @@
 
 It builds the resource tree, binds one UDP endpoint per configured address (plus DTLS-PSK
 when some device has a PSK, and OSCORE when some device has a context), each with the
-bounded `LeanMessageManager`, and feeds committed events to the Observe machinery.
+bounded `LeanMessageManager` (`gateway.coap.lean`; aiocoap's internals it needs are in
+`gateway.coap.aiocoap_compat`), and feeds committed events to the Observe machinery.
 """
 
 from __future__ import annotations
@@ -64,9 +65,9 @@ class CoapServer:
         self.devices = DeviceResource(self.gate, self.backend, self.telemetry)
         self.directory = Directory(self.gate, self.backend, logger)
 
-        from gateway.coap.lean import LeanSite
+        from gateway.coap import aiocoap_compat
 
-        site = LeanSite()
+        site = aiocoap_compat.site_class()()
         site.add_resource((".well-known", "core"), WellKnownCore(site, self.gate, self.devices))
         site.add_resource(("telemetry",), self.telemetry)
         site.add_resource(("d",), self.devices)
@@ -122,9 +123,10 @@ class CoapServer:
     async def start(self) -> None:
         from aiocoap.tokenmanager import TokenManager
 
+        from gateway.coap import aiocoap_compat
         from gateway.coap.door import DoorUDP6, OncePerMinute
         from gateway.coap.fast import FastIngest
-        from gateway.coap.lean import LeanContext, LeanMessageManager, RateLimiter
+        from gateway.coap.lean import RateLimiter, message_manager_class
 
         await self.directory.load()
         for device, point in await self.store.read(_unknown_points):
@@ -143,7 +145,7 @@ class CoapServer:
         aiocoap_log = logging.getLogger("gateway.coap.aiocoap")
         if not any(isinstance(f, OncePerMinute) for f in aiocoap_log.filters):
             aiocoap_log.addFilter(OncePerMinute())
-        ctx = LeanContext(
+        ctx = aiocoap_compat.context_class()(
             loop=loop, serversite=site, loggername="gateway.coap.aiocoap", server_credentials=creds
         )
         self.context = ctx
@@ -152,7 +154,7 @@ class CoapServer:
 
         async def add(constructor: Any, verify_address: bool = True) -> Any:
             tman = TokenManager(ctx)
-            mman = LeanMessageManager(
+            mman = message_manager_class()(
                 tman, self.config.dedup_max, limiter=self.limiter, verify_address=verify_address
             )
             transport = await constructor(mman)
