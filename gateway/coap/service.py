@@ -162,11 +162,11 @@ class CoapServer:
             tman.token_interface = mman
             ctx.request_interfaces.append(tman)
             self.managers.append(mman)
-            return transport
+            return transport, mman
 
         try:
             for host in self.config.bind:
-                transport = await add(
+                transport, mman = await add(
                     lambda mman, host=host: DoorUDP6.create_server_transport_endpoint(
                         mman,
                         log=ctx.log,
@@ -177,7 +177,7 @@ class CoapServer:
                 )
                 transport.install(self.door)
                 # Telemetry POSTs skip aiocoap's per-message machinery, same rules.
-                fast = FastIngest(self.door, transport._ctx, self.telemetry, self.backend, self.log)
+                fast = FastIngest(self.door, mman, self.telemetry, self.backend, self.log)
                 transport.fast = fast.udp(transport)
                 self.fast.append(fast)
                 port = _local_port(transport, self.config.port)
@@ -186,7 +186,7 @@ class CoapServer:
                 from gateway.coap.door_dtls import DoorDTLS
 
                 for host in self.config.bind:
-                    dtls = await add(
+                    dtls, mman = await add(
                         lambda mman, host=host: DoorDTLS.create_server(
                             # aiocoap adds 1 (5683 -> 5684) to the port it is given.
                             (host, self.config.dtls_port - 1),
@@ -198,7 +198,7 @@ class CoapServer:
                         verify_address=False,  # the DTLS handshake's cookie proved it
                     )
                     dtls.door = self.door
-                    fast = FastIngest(self.door, dtls._mman, self.telemetry, self.backend, self.log)
+                    fast = FastIngest(self.door, mman, self.telemetry, self.backend, self.log)
                     dtls.fast = fast.dtls()
                     self.fast.append(fast)
                     self.addresses.append((host, self.config.dtls_port, "dtls"))
