@@ -29,8 +29,8 @@ from typing import Any
 
 log = logging.getLogger("gateway.coap")
 
-# The private names relied on, with their parameters as in aiocoap 0.4.17; `calls`: a name
-# the library's own method must still call for the override to be reached.
+# The private names relied on, with their parameters as in aiocoap 0.4.17 (and `check()` asks
+# that `dispatch_message` still calls `_deduplicate_message`, so the override is reached).
 MESSAGE_MANAGER = {
     "_deduplicate_message": ("self", "message"),
     "_store_response_for_duplicates": ("self", "message"),
