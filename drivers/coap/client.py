@@ -20,6 +20,7 @@ import aiocoap
 import aiocoap.error
 from aiocoap import defaults as aiocoap_defaults
 
+from drivers.coap import aiocoap_compat
 from drivers.coap.options import CoapDevice
 from gateway import secretfiles
 from gateway.config import join_path
@@ -136,10 +137,8 @@ def load_oscore(device: CoapDevice) -> Any:
 
 
 def release_oscore(context: Any) -> None:
-    # aiocoap has no public release for a filesystem context; _destroy() persists the
-    # sequence number and frees the directory's lock so the next user (a restart) can load it.
-    if context is not None and getattr(context, "lockfile", None) is not None:
-        context._destroy()
+    # aiocoap has no public release for a filesystem context: see drivers.coap.aiocoap_compat.
+    aiocoap_compat.release_oscore(context)
 
 
 def credentials_patterns(uri: str) -> list[str]:

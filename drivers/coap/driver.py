@@ -83,8 +83,9 @@ class CoapDriver(Driver):
 
     # -- life cycle -----------------------------------------------------------------------------
     async def start(self) -> None:
-        from drivers.coap import client
+        from drivers.coap import aiocoap_compat, client
 
+        aiocoap_compat.check(self.ctx.logger)  # which of aiocoap's internals to use: said once
         self._client = client
         self._started = True
         for dev in list(self._devices.values()):

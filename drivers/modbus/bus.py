@@ -33,9 +33,8 @@ from .errors import BusBusyError
 from .registers import exception_name
 
 # pymodbus logs every time-out at ERROR and every reconnect at WARNING; the driver reports
-# faults itself (first failure WARNING, repeats DEBUG), so pymodbus' own chatter is muted.
-logging.getLogger("pymodbus.logging").setLevel(logging.CRITICAL)
-
+# faults itself (first failure WARNING, repeats DEBUG): the daemon's logging setup shows
+# pymodbus' own lines at DEBUG (gateway.logs.LibraryNoise).
 
 #: Consecutive time-outs (of any unit) after which a TCP connection is considered dead.
 TCP_DROP_AFTER_TIMEOUTS = 3

@@ -58,6 +58,9 @@ class _Context:
             # The probe prints the error itself; without a handler, logging's last resort
             # would print the driver's WARNING a second time.
             self.logger.addHandler(logging.NullHandler())
+        pymodbus = logging.getLogger("pymodbus")
+        if not pymodbus.handlers:  # the same for pymodbus' own lines (a failed connect)
+            pymodbus.addHandler(logging.NullHandler())
         self.clock: Clock = SystemClock()
 
     def emit(self, device_id: str, readings: Any) -> None:

@@ -78,14 +78,11 @@ def bus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[BluezBus]:
 
 async def close_bleak() -> None:
     """bleak keeps one D-Bus connection per event loop; close it before the loop ends
-    (else its socket is reported unclosed). Test-only use of bleak internals."""
-    from bleak.backends.bluezdbus import manager
+    (else its socket is reported unclosed)."""
+    from drivers.ble import bleak_compat
 
-    inst = manager._global_instances.pop(asyncio.get_running_loop(), None)
-    if inst is not None and inst._bus is not None:
-        inst._bus.disconnect()
-        if inst._bus_watcher_task is not None:
-            await asyncio.wait({inst._bus_watcher_task}, timeout=5)
+    assert bleak_compat.check()  # the patched path: the tests' bleak is the one pinned
+    await bleak_compat.close_manager(wait=True)
 
 
 def run_driver(
