@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import cbor2
 
 from gateway import events as ev
-from gateway.errors import ConcurrencyError, StoreError, StoreFull
+from gateway.errors import ConcurrencyError, StoreError, StoreFullError
 from gateway.events import Event, NewEvent
 from gateway.store import outbox
 from gateway.store.errors import rollback
@@ -226,9 +226,9 @@ def drop(
     )
 
 
-def quota_full(store: EventStore) -> StoreFull:
+def quota_full(store: EventStore) -> StoreFullError:
     """Why appends are refused: the disk quota is reached (policy reject_new)."""
-    return StoreFull(
+    return StoreFullError(
         f"disk quota reached ({store._used_bytes // 1024} KiB used of "
         f"{store._quota_bytes() // 1024} KiB, policy reject_new)"
     )

@@ -48,7 +48,6 @@ from gateway.sync.lanes import Inflight, Lane, schedule, session_lanes, watermar
 from gateway.sync.link import (
     TRANSIENT_CODES,
     Ack,
-    Backoff,
     Channel,
     LinkDownError,
     Sink,
@@ -88,7 +87,7 @@ class Relay:
         self._reader = Reader(store, cfg, gateway_id, self._progress, self._dead)
         self._requeued: list[int] = []
         self._restart = False
-        self._pause = Backoff(cfg.backoff_base, cfg.backoff_cap)
+        self._pause = cfg.retry.backoff()
         self._prefetch, self._chunk = self._reader.prefetch, self._reader.chunk
         self._committed = False
         # Figures.
