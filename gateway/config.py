@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from gateway import parts
 from gateway.errors import ConfigError, ConfigIssue
+from gateway.parts import DRIVERS, SECTION_PARSERS
 from gateway.spec import GENERIC_DEVICE_KEYS as GENERIC_DEVICE_KEYS
 from gateway.spec import GENERIC_POINT_KEYS as GENERIC_POINT_KEYS
 from gateway.spec import REQUIRED as REQUIRED
@@ -115,29 +117,6 @@ class GatewayConfig:
         return p if p.is_absolute() else self.runtime_dir / p
 
 
-# Sections owned by other packages: name -> "module:function". The function takes a Section
-# and returns the parsed, frozen config object (or None when the section is absent and the
-# feature is off). Loaded lazily so that `config check` costs little.
-SECTION_PARSERS: dict[str, str] = {
-    "coap": "gateway.coap.config:parse",
-    "sync": "gateway.sync.config:parse",
-    "metrics": "gateway.metrics:parse_section",
-    "derived": "services.processing.config:parse_derived",
-    "processing": "services.processing.config:parse_processing",
-    "alerts": "services.notification.config:parse_alerts",
-    "notify": "services.notification.config:parse_notify",
-    "auth": "services.auth:parse",
-    "sagas": "services.control.sagas:parse",
-}
-
-
-def _import(ref: str) -> Any:
-    import importlib
-
-    module, _, attr = ref.partition(":")
-    return getattr(importlib.import_module(module), attr)
-
-
 def _parse_point(name: str, sec: Section) -> PointSpec:
     validate_name(sec, "", name, "point")
     unit = sec.str("unit", None)
@@ -161,8 +140,6 @@ def _parse_point(name: str, sec: Section) -> PointSpec:
 
 
 def _parse_device(dev_id: str, sec: Section, issues: Issues) -> DeviceSpec | None:
-    from drivers import DRIVERS
-
     validate_name(sec, "", dev_id, "device")
     driver = sec.str("driver", REQUIRED, choices=sorted(DRIVERS))
     interval = sec.float("interval", 10.0, gt=0)
@@ -182,9 +159,7 @@ def _parse_device(dev_id: str, sec: Section, issues: Issues) -> DeviceSpec | Non
     if driver not in DRIVERS:
         return None
     try:
-        from drivers import driver_class
-
-        driver_class(driver).validate_device(spec)
+        parts.load(DRIVERS[driver]).validate_device(spec)
     except ConfigError as exc:
         issues.extend(exc.issues)
     return spec
@@ -218,8 +193,6 @@ def _page_size(s: Section) -> int:
 
 def parse(data: Mapping[str, Any], source: str = "") -> GatewayConfig:
     """Validate a parsed TOML document; raises ConfigError with every issue found."""
-    from drivers import DRIVERS
-
     issues = Issues()
     root = Section(data, "", issues)
 
@@ -282,9 +255,7 @@ def parse(data: Mapping[str, Any], source: str = "") -> GatewayConfig:
             issues.add(dsec.path, f"unknown driver {kind!r}{hint}")
             continue
         try:
-            from drivers import driver_class
-
-            driver_class(kind).validate_options(dsec.data, dsec.path)
+            parts.load(DRIVERS[kind]).validate_options(dsec.data, dsec.path)
         except ConfigError as exc:
             issues.extend(exc.issues)
         drivers[kind] = dict(dsec.data)
@@ -293,7 +264,7 @@ def parse(data: Mapping[str, Any], source: str = "") -> GatewayConfig:
     for name, ref in SECTION_PARSERS.items():
         if name in data:
             try:
-                parser: Callable[[Section], Any] = _import(ref)
+                parser: Callable[[Section], Any] = parts.load(ref)
             except ImportError:
                 issues.add(name, "this section is not supported by this build")
                 root.mark(name)

@@ -12,7 +12,6 @@ import argparse
 import asyncio
 import contextlib
 import gc
-import importlib
 import logging
 import os
 import signal
@@ -20,7 +19,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
-from gateway import __version__, names, systemd
+from gateway import __version__, names, parts, systemd
 from gateway import config as cfg
 from gateway import events as ev
 from gateway.bus import Bus
@@ -35,16 +34,6 @@ if TYPE_CHECKING:
     from gateway.sync.remote_config import RemoteConfig
 
 log = logging.getLogger("gateway")
-
-#: Services started when their config section is present: section -> "module:Class".
-OPTIONAL_SERVICES: dict[str, str] = {
-    "coap": "gateway.coap.service:CoapService",
-    "sync": "gateway.sync.service:SyncService",
-    "metrics": "gateway.metrics:MetricsService",
-    "derived": "services.processing.service:ProcessingService",
-    "processing": "services.processing.service:ProcessingService",
-    "alerts": "services.notification.service:NotificationService",
-}
 
 
 def tune_process() -> None:
@@ -93,28 +82,8 @@ def release_freed_memory() -> None:
 
 
 def build_services(config: cfg.GatewayConfig) -> list[Service]:
-    from services.auth import AuthService
-    from services.collection import CollectionService
-    from services.control.service import ControlService
-    from services.devices import DevicesService
-
-    out: list[Service] = [AuthService(), DevicesService(), CollectionService()]
-    for section, ref in OPTIONAL_SERVICES.items():
-        conf = config.sections.get(section)
-        if conf is None or getattr(conf, "enabled", True) is False:
-            continue
-        if any(f"{type(s).__module__}:{type(s).__name__}" == ref for s in out):
-            continue  # one service serving several sections
-        module, _, attr = ref.partition(":")
-        out.append(getattr(importlib.import_module(module), attr)())
-    out.append(ControlService())  # last: the CoAP front door, if any, runs by then
-    return out
-
-
-def auth_policy(control: ControlServer, c: cfg.GatewayConfig) -> None:
-    from services.auth import apply_policy
-
-    apply_policy(control, c)
+    """The services this config runs (`gateway.parts`), in start order."""
+    return [parts.load(ref)() for ref in parts.services(config.sections)]
 
 
 def outbox_codec(c: cfg.GatewayConfig) -> OutboxCodec | None:
@@ -160,7 +129,7 @@ class Daemon:
     async def run(self) -> int:
         c = self.config
         tune_process()
-        importlib.import_module("services.control")  # its tables, before the store opens
+        parts.register_tables(c.sections)  # the parts' tables, before the store opens
         store = await self._open_store()
         if store is None:
             return 0  # stopped while waiting for room to open the database
@@ -171,7 +140,8 @@ class Daemon:
             build_services(c), config=c, store=self.store, bus=bus, control=self.control
         )
         self._register_verbs()
-        auth_policy(self.control, c)  # roles from the socket's first request on
+        for service in self.supervisor.services:  # (roles from the socket's first request on)
+            service.before_serving(self.control, c)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
