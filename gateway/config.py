@@ -13,7 +13,7 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from gateway import parts
 from gateway.errors import ConfigError, ConfigIssue
@@ -34,6 +34,8 @@ from gateway.spec import secret_hex as secret_hex
 from gateway.spec import validate_name as validate_name
 
 DEFAULT_CONFIG_PATH: Final = "/etc/gateway/config.toml"
+
+T = TypeVar("T")
 
 #: Serial line speeds devices use (termios' standard rates from 1200 up).
 STANDARD_BAUDRATES: Final = frozenset({
@@ -91,11 +93,21 @@ class GatewayConfig:
     devices: Mapping[str, DeviceSpec]
     #: `[drivers.<kind>]` tables: driver-wide options (adapter, scan mode...), as given.
     drivers: Mapping[str, Mapping[str, Any]]
-    #: Sections owned by other parts (`coap`, `sync`, ...), parsed by their parsers.
-    sections: Mapping[str, Any]
+    #: Sections owned by other parts (`coap`, `sync`, ...; see `gateway.parts`), as their
+    #: parsers returned them: read one with `section()`, which checks its type.
+    sections: Mapping[str, object]
     source: str = ""
     #: Things that load but deserve a look (a password sent in clear...); logged at load.
     warnings: tuple[ConfigIssue, ...] = ()
+
+    def section(self, name: str, kind: type[T]) -> T | None:
+        """The parsed `[name]` section (None when absent), as the `kind` its part parses it to."""
+        value = self.sections.get(name)
+        if value is None:
+            return None
+        if not isinstance(value, kind):
+            raise TypeError(f"section {name!r} is a {type(value).__name__}, not {kind.__name__}")
+        return value
 
     @property
     def state_dir(self) -> Path:

@@ -78,11 +78,13 @@ def build_services(config: cfg.GatewayConfig) -> list[Service]:
 def outbox_codec(c: cfg.GatewayConfig) -> OutboxCodec | None:
     """With cloud sync configured, outbox rows carry their events already encoded for the
     sink (imported only then: a gateway without sync loads none of it)."""
-    sync = c.sections.get("sync")
-    if sync is None:
+    if c.sections.get("sync") is None:
         return None
     from gateway.sync.codec import outbox_encoder
+    from gateway.sync.config import SyncConfig
 
+    sync = c.section("sync", SyncConfig)
+    assert sync is not None
     return outbox_encoder(sync, c.gateway.id)
 
 

@@ -133,8 +133,8 @@ class ProcessingService(Service):
         return Health.ok(detail, processed_seq=self.processed, **self.figures)
 
     def _configure(self, config: GatewayConfig) -> None:
-        derived: Mapping[Key, DerivedPoint] = config.sections.get("derived") or {}
-        points: Mapping[Key, PointProcessing] = config.sections.get("processing") or {}
+        derived: Mapping[Key, DerivedPoint] = config.section("derived", dict) or {}
+        points: Mapping[Key, PointProcessing] = config.section("processing", dict) or {}
         self.derived = dict(derived)
         for (device, point), dp in self.derived.items():
             spec = config.devices.get(device)
