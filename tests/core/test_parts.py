@@ -5,11 +5,16 @@ come out in the order the daemon always started them."""
 from __future__ import annotations
 
 import importlib
+import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from drivers.base import Driver
 from gateway import parts
 from gateway.service import Service
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_every_reference_in_the_registry_resolves_to_what_its_field_says() -> None:
@@ -64,3 +69,22 @@ def test_services_start_in_the_daemons_order() -> None:
     assert _names({"coap": _Conf(enabled=False), "processing": {}, "notify": {}}) == [
         *core, "ProcessingService", "ControlService",
     ]  # fmt: skip
+
+
+def test_importing_any_module_registers_no_tables() -> None:
+    """Tables are registered where a part is started (`parts.register_tables`), never by an
+    import: the CoAP driver's payload codec used to register the CoAP front door's table."""
+    code = (
+        "import importlib, pathlib\n"
+        "from gateway.store.projections import projections\n"
+        "from gateway.store.schema import schemas\n"
+        "for f in sorted(p for d in ('gateway', 'drivers', 'services')"
+        " for p in pathlib.Path(d).rglob('*.py')):\n"
+        "    parts = f.with_suffix('').parts\n"
+        "    importlib.import_module('.'.join(parts[:-1] if parts[-1] == '__init__' else parts))\n"
+        "print(sorted(schemas()), [type(p).__name__ for p in projections()])\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                       timeout=120, check=False)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "['core'] ['DeviceProjection']"
