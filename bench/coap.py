@@ -131,15 +131,11 @@ async def serve_gateway(port: int, db: str, stock: bool = False) -> None:
     from gateway.store import EventStore
 
     if stock:
-        # For comparison only: aiocoap's own duplicate detection instead of DedupCache.
-        from aiocoap.messagemanager import MessageManager
+        # For comparison only: aiocoap's own duplicate detection instead of DedupCache
+        # (the stock path of gateway.coap.aiocoap_compat).
+        from gateway.coap import aiocoap_compat
 
-        from gateway.coap.lean import LeanMessageManager
-
-        LeanMessageManager._deduplicate_message = MessageManager._deduplicate_message
-        LeanMessageManager._store_response_for_duplicates = (
-            MessageManager._store_response_for_duplicates
-        )
+        aiocoap_compat.use(aiocoap_compat.Internals(dedup=False, render=True, routing=True))
     pauses = GcPauses()
 
     projection.register()  # the coap schema, before the store opens

@@ -52,6 +52,9 @@ class GatewaySection:
     log_level: str = "info"
     stop_timeout: float = 10.0
     watchdog: bool = True
+    #: The GIL switch interval (ms): how long a thread holding the GIL runs before another
+    #: one (the event loop) may take it; Python's own default is 5 ms (gateway.daemon).
+    switch_interval_ms: float = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,7 +174,7 @@ def _parse_device(dev_id: str, sec: Section, issues: Issues) -> DeviceSpec | Non
     if driver not in DRIVERS:
         return None
     try:
-        parts.load(DRIVERS[driver]).validate_device(spec)
+        issues.warnings.extend(parts.load(DRIVERS[driver]).validate_device(spec) or ())
     except ConfigError as exc:
         issues.extend(exc.issues)
     return spec
@@ -218,6 +221,7 @@ def parse(data: Mapping[str, Any], source: str = "") -> GatewayConfig:
         log_level=g.str("log_level", "info", choices=["debug", "info", "warning", "error"]),
         stop_timeout=g.float("stop_timeout", 10.0, gt=0, max=300),
         watchdog=g.bool("watchdog", True),
+        switch_interval_ms=g.float("switch_interval_ms", 0.5, gt=0, max=100),
     )
     g.done()
 
@@ -267,7 +271,8 @@ def parse(data: Mapping[str, Any], source: str = "") -> GatewayConfig:
             issues.add(dsec.path, f"unknown driver {kind!r}{hint}")
             continue
         try:
-            parts.load(DRIVERS[kind]).validate_options(dsec.data, dsec.path)
+            warned = parts.load(DRIVERS[kind]).validate_options(dsec.data, dsec.path)
+            issues.warnings.extend(warned or ())
         except ConfigError as exc:
             issues.extend(exc.issues)
         drivers[kind] = dict(dsec.data)

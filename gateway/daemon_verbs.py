@@ -3,8 +3,10 @@ config.rollback), and the audit event every state-changing verb leaves."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
+import sys
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -95,6 +97,10 @@ class DaemonVerbs:
             },
             "reloads": self.d.reloads,
             "last_reload_error": self.d.last_reload_error,
+            "process": {
+                "gc_frozen": gc.get_freeze_count(),
+                "switch_interval_ms": sys.getswitchinterval() * 1000.0,
+            },
         }  # fmt: skip
 
     async def _cmd_reload(self, args: dict[str, Any]) -> Any:
