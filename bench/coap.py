@@ -124,7 +124,7 @@ async def until_terminated() -> None:
 
 
 async def serve_gateway(port: int, db: str, stock: bool = False) -> None:
-    import gateway.coap  # noqa: F401 - registers the coap schema before the store opens
+    from gateway.coap import projection
     from gateway.coap.config import CoapConfig
     from gateway.coap.service import CoapServer
     from gateway.daemon import freeze_startup_objects, tune_process
@@ -138,6 +138,7 @@ async def serve_gateway(port: int, db: str, stock: bool = False) -> None:
         aiocoap_compat.use(aiocoap_compat.Internals(dedup=False, render=True, routing=True))
     pauses = GcPauses()
 
+    projection.register()  # the coap schema, before the store opens
     store = await EventStore.open(db)
     config = CoapConfig(
         bind=("127.0.0.1",),

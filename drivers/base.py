@@ -12,7 +12,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple, Protocol
 
-from gateway.config import (
+from gateway.errors import ConfigError, ConfigIssue
+from gateway.spec import (
     GENERIC_DEVICE_KEYS,
     GENERIC_POINT_KEYS,
     DeviceSpec,
@@ -20,7 +21,6 @@ from gateway.config import (
     PointSpec,
     Section,
 )
-from gateway.errors import ConfigError, ConfigIssue
 
 #: A reading's value: numbers, booleans, strings, raw bytes; None = "not available".
 Value = float | int | bool | str | bytes | None

@@ -5,7 +5,6 @@ Directory, BLE adoption) register through events too. Serves the `devices` contr
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -88,7 +87,7 @@ class DevicesService(Service):
             await self._sync(self.ctx.config)
 
     async def _cmd_devices(self, args: Mapping[str, Any]) -> Any:
-        return await self.ctx.store.read(devices_view)
+        return await self.ctx.store.read(queries.devices_view)
 
     async def _cmd_forget(self, args: Mapping[str, Any]) -> Any:
         """Forget devices that are not configured (telemetry-only, RD): one
@@ -123,14 +122,3 @@ class DevicesService(Service):
         if self._unrecorded:
             return Health.degraded(self._unrecorded)
         return Health.ok(f"{len(self.ctx.config.devices)} configured")
-
-
-def devices_view(conn: sqlite3.Connection) -> list[dict[str, Any]]:
-    """Devices with their latest values, for `gatewayctl devices` (daemon or file)."""
-    devs = queries.devices(conn)
-    latest: dict[str, list[dict[str, Any]]] = {}
-    for row in queries.latest(conn):
-        latest.setdefault(row["device"], []).append(row)
-    for d in devs:
-        d["points"] = len(latest.get(d["id"], []))
-    return devs

@@ -286,7 +286,8 @@ class CoapService(Service):
         self.server: CoapServer | None = None
 
     async def start(self, ctx: ServiceContext) -> None:
-        config: CoapConfig = ctx.config.sections["coap"]
+        config = ctx.config.section("coap", CoapConfig)
+        assert config is not None  # (started only with a [coap] section)
         self.server = CoapServer(config, ctx.store, logger=ctx.logger, devices=ctx.config.devices)
         await self.server.start()
 

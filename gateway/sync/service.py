@@ -37,8 +37,8 @@ class SyncService(Service):
         self._verbs = ("outbox", "outbox.retry", "outbox.dead_letters", "outbox.requeue")
 
     async def start(self, ctx: ServiceContext, cfg: SyncConfig | None = None) -> None:
-        cfg = cfg or ctx.config.sections["sync"]
-        assert isinstance(cfg, SyncConfig)
+        cfg = cfg or ctx.config.section("sync", SyncConfig)
+        assert cfg is not None  # (started only with a [sync] section)
         self.cfg = cfg
         self._ctx = ctx
         gw = ctx.config.gateway.id

@@ -50,7 +50,7 @@ class DerivedPoints:
             table.clear()
 
     def configure(self, config: GatewayConfig, log: logging.Logger) -> None:
-        derived: Mapping[Key, DerivedPoint] = config.sections.get("derived") or {}
+        derived: Mapping[Key, DerivedPoint] = config.section("derived", dict) or {}
         self.specs = dict(derived)
         for (device, point), dp in self.specs.items():
             spec = config.devices.get(device)

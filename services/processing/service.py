@@ -121,7 +121,7 @@ class ProcessingService(Service):
 
     def _configure(self, config: GatewayConfig) -> None:
         self.derived.configure(config, self.log)
-        points: Mapping[Key, PointProcessing] = config.sections.get("processing") or {}
+        points: Mapping[Key, PointProcessing] = config.section("processing", dict) or {}
         self.points = dict(points)
         self.devices = {d for d, _ in self.derived.by_input} | {d for d, _ in self.points}
         for key, pp in self.points.items():

@@ -9,12 +9,14 @@ import signal
 import sys
 
 from gateway import config as cfg
+from gateway import parts
 from gateway.coap.service import CoapServer
 from gateway.store import EventStore
 
 
 async def main(config_path: str, db: str) -> None:
     config = cfg.load(config_path)
+    parts.register_tables(config.sections)  # as the daemon does, before the store opens
     store = await EventStore.open(db, config.store, gateway_id=config.gateway.id)
     server = CoapServer(config.sections["coap"], store, devices=config.devices)
     await server.start()

@@ -14,8 +14,7 @@ from typing import Any
 import cbor2
 import pytest
 
-import gateway.coap  # noqa: F401 - registers the coap schema before the store opens
-from gateway.coap import aiocoap_compat
+from gateway.coap import aiocoap_compat, projection
 from gateway.coap.config import CoapConfig
 from gateway.coap.service import CoapServer
 from gateway.store import EventStore
@@ -71,6 +70,7 @@ async def test_server_answers_by_both_paths(
 ) -> None:
     from aiocoap import GET, Context, Message
 
+    projection.register()  # the coap schema, before the store opens
     store = await EventStore.open(tmp_path / "gw.db")
     port = free_port(socket.SOCK_DGRAM)
     config = CoapConfig(bind=("127.0.0.1",), port=port, allow_unauthenticated=True,
