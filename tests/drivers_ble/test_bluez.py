@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 from drivers.ble import BleDriver
+from drivers.testing import RecordingContext
 from gateway.config import loads
 from gateway.errors import DriverError
 from tests.drivers_ble.bluez import DENY_BLUEZ, BluezBus
-from tests.drivers_ble.context import RecordingContext
 
 BTHOME_UUID = "0000fcd2-0000-1000-8000-00805f9b34fb"
 KEY_HEX = "231d39c1d7cc1ab1aee224cd096db932"
@@ -96,7 +96,7 @@ def run_driver(
     add_first: bool = False,
 ) -> RecordingContext:
     cfg = loads(toml)
-    ctx = RecordingContext()
+    ctx = RecordingContext("test.ble")
 
     async def main() -> None:
         driver = BleDriver(ctx, cfg.drivers.get("ble", {}))
@@ -160,7 +160,7 @@ def test_scan_decodes_bthome_and_ruuvi_into_readings(bus: BluezBus) -> None:
     (found,) = ctx.found
     assert (found.address, found.kind, found.name) == (STRANGER, "bthome", "ATC")
     assert found.values == {"temperature": 25.06}
-    assert "stranger" not in {d for d, _, _ in ctx.readings}  # not ingested
+    assert "stranger" not in {d for d, _ in ctx.readings}  # not ingested
 
 
 GATT_DEVICE = f"""

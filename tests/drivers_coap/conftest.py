@@ -5,18 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import os
 import signal
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from drivers.base import DiscoveredDevice, RawReading
+from drivers.testing import RecordingContext
 from gateway import config
 from gateway.config import DeviceSpec
 from tests.peers import Peer, free_port, require_binary, wait_until
@@ -129,58 +128,6 @@ class AiocoapDevice:
             self.peer = None
 
 
-class Recorder:
-    """What the core hands a driver: readings and availability are recorded, and a test can
-    await a condition on them (woken by each call, bounded)."""
-
-    def __init__(self) -> None:
-        self.logger = logging.getLogger("test.drivers.coap")
-        self.clock = _Clock()
-        self.readings: list[tuple[str, RawReading]] = []
-        self.availability: list[tuple[str, bool, str]] = []
-        self.discoveries: list[DiscoveredDevice] = []
-        self._waiters: list[asyncio.Event] = []
-
-    def _wake(self) -> None:
-        for ev in self._waiters:
-            ev.set()
-
-    def emit(self, device_id: str, readings: list[RawReading] | tuple[RawReading, ...]) -> None:
-        self.readings.extend((device_id, r) for r in readings)
-        self._wake()
-
-    def set_available(self, device_id: str, available: bool, reason: str = "") -> None:
-        self.availability.append((device_id, available, reason))
-        self._wake()
-
-    def discovered(self, device: DiscoveredDevice) -> None:
-        self.discoveries.append(device)
-
-    def values(self, point: str) -> list[object]:
-        return [r.value for _, r in self.readings if r.point == point]
-
-    async def until(self, check: Callable[[], bool], what: str, bound: float = BOUND) -> None:
-        ev = asyncio.Event()
-        self._waiters.append(ev)
-        try:
-            async with asyncio.timeout(bound):
-                while not check():
-                    await ev.wait()
-                    ev.clear()
-        except TimeoutError:
-            raise AssertionError(f"timed out waiting for {what}") from None
-        finally:
-            self._waiters.remove(ev)
-
-
-class _Clock:
-    def time(self) -> float:
-        return time.time()
-
-    def monotonic(self) -> float:
-        return time.monotonic()
-
-
 def device_spec(toml: str, dev_id: str = "dev") -> DeviceSpec:
     """A DeviceSpec through the real config parser (so tests use the documented keys)."""
     return config.loads(toml).devices[dev_id]
@@ -195,17 +142,17 @@ def assert_observation_survives_restart(spec: DeviceSpec, server: LibcoapServer)
     from drivers.coap import CoapDriver
 
     async def main() -> None:
-        rec = Recorder()
+        rec = RecordingContext("test.drivers.coap")
         drv = CoapDriver(rec)
         await drv.add_device(spec)
         await drv.start()
         try:
-            await rec.until(lambda: len(rec.values("ticks")) >= 2, "notifications")
+            await rec.wait_for(lambda: len(rec.series("ticks")) >= 2, "notifications")
             await asyncio.to_thread(server.kill)
             stopped = math.floor(time.time())
             await asyncio.to_thread(server.start)
-            await rec.until(
-                lambda: any(v >= stopped + 2 for v in rec.values("ticks")),  # type: ignore[operator]
+            await rec.wait_for(
+                lambda: any(v >= stopped + 2 for v in rec.series("ticks")),  # type: ignore[operator]
                 "a notification from the restarted server",
             )
         finally:

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from drivers.coap import CoapDriver
+from drivers.testing import RecordingContext
 from gateway.errors import DeviceProtocolError
-from tests.drivers_coap.conftest import AiocoapDevice, Recorder, device_spec
+from tests.drivers_coap.conftest import AiocoapDevice, device_spec
 from tests.peers import missing
 
 POINTS = """
@@ -52,7 +53,7 @@ def test_read_decodes_senml_records_and_cbor_maps(device: AiocoapDevice) -> None
     spec = spec_for(device.uri)
 
     async def main() -> None:
-        drv = CoapDriver(Recorder())
+        drv = CoapDriver(RecordingContext("test.drivers.coap"))
         await drv.add_device(spec)
         await drv.start()
         try:
@@ -90,21 +91,21 @@ writable = true
     spec = spec_for(device.uri, points)
 
     async def main() -> None:
-        rec = Recorder()
+        rec = RecordingContext("test.drivers.coap")
         drv = CoapDriver(rec)
         await drv.add_device(spec)
         await drv.start()
         try:
-            await rec.until(lambda: rec.values("temp") == [21.5] and rec.values("hum") == [40],
+            await rec.wait_for(lambda: rec.series("temp") == [21.5] and rec.series("hum") == [40],
                             "the registration's values")  # fmt: skip
-            await rec.until(lambda: rec.values("setpoint") == [18], "the setpoint")
+            await rec.wait_for(lambda: rec.series("setpoint") == [18], "the setpoint")
             target = spec.point("target")
             setpoint = spec.point("setpoint")
             assert target is not None and setpoint is not None
             await drv.write("dev", target, 23.25)  # SenML CBOR PUT
-            await rec.until(lambda: 23.25 in rec.values("temp"), "the notification of 23.25")
+            await rec.wait_for(lambda: 23.25 in rec.series("temp"), "the notification of 23.25")
             await drv.write("dev", setpoint, 20)  # text PUT on an observed resource
-            await rec.until(lambda: 20 in rec.values("setpoint"), "the setpoint notification")
+            await rec.wait_for(lambda: 20 in rec.series("setpoint"), "the setpoint notification")
         finally:
             await drv.stop()
 
@@ -124,19 +125,19 @@ def test_observe_registers_again_when_the_device_restarts(device: AiocoapDevice)
     dev2.start()
 
     async def main() -> None:
-        rec = Recorder()
+        rec = RecordingContext("test.drivers.coap")
         drv = CoapDriver(rec)
         await drv.add_device(spec)
         await drv.start()
         try:
-            await rec.until(lambda: rec.values("setpoint") == [18], "the first value")
+            await rec.wait_for(lambda: rec.series("setpoint") == [18], "the first value")
             setpoint = spec.point("setpoint")
             assert setpoint is not None
             await drv.write("dev", setpoint, 25)
-            await rec.until(lambda: rec.values("setpoint")[-1] == 25, "the notification of 25")
+            await rec.wait_for(lambda: rec.series("setpoint")[-1] == 25, "the notification of 25")
             await asyncio.to_thread(dev2.kill)  # a power cut: nothing tells the driver
             await asyncio.to_thread(dev2.start)  # forgets its observers and its value
-            await rec.until(lambda: rec.values("setpoint")[-1] == 18, "the restarted value")
+            await rec.wait_for(lambda: rec.series("setpoint")[-1] == 18, "the restarted value")
         finally:
             await drv.stop()
 
@@ -176,7 +177,7 @@ def test_oscore_protected_device(tmp_path: Path, oscore_pair: tuple[Path, Path])
         plain = spec_for(device.uri)
 
         async def main() -> None:
-            rec = Recorder()
+            rec = RecordingContext("test.drivers.coap")
             drv = CoapDriver(rec)
             await drv.start()
             await drv.add_device(protected)

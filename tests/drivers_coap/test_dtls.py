@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from drivers.coap import CoapDriver
+from drivers.testing import RecordingContext
 from gateway.errors import DeviceTimeout, DeviceUnavailable
 from tests.drivers_coap.conftest import (
     LibcoapServer,
-    Recorder,
     assert_observation_survives_restart,
     device_spec,
 )
@@ -67,12 +67,12 @@ def test_read_write_and_observe_over_dtls_psk(tmp_path: Path, server: LibcoapSer
     spec = spec_for(server, key_file(tmp_path, PSK))
 
     async def main() -> None:
-        rec = Recorder()
+        rec = RecordingContext("test.drivers.coap")
         drv = CoapDriver(rec)
         await drv.add_device(spec)
         await drv.start()
         try:
-            await rec.until(lambda: len(set(rec.values("ticks"))) >= 2, "ticks over DTLS")
+            await rec.wait_for(lambda: len(set(rec.series("ticks"))) >= 2, "ticks over DTLS")
             valve = spec.point("valve")
             assert valve is not None
             await drv.write("dev", valve, 35)
@@ -91,7 +91,7 @@ def test_a_wrong_key_gets_no_data_and_opens_the_breaker(
     )
 
     async def main() -> None:
-        rec = Recorder()
+        rec = RecordingContext("test.drivers.coap")
         drv = CoapDriver(rec)
         await drv.start()
         await drv.add_device(spec)
@@ -101,7 +101,7 @@ def test_a_wrong_key_gets_no_data_and_opens_the_breaker(
             # OpenSSL drops the handshake: no alert reaches tinydtls, so it is a time-out.
             with pytest.raises((DeviceTimeout, DeviceUnavailable)):
                 await drv.read("dev", [valve])
-            await rec.until(lambda: ("dev", False) in [a[:2] for a in rec.availability],
+            await rec.wait_for(lambda: ("dev", False) in [a[:2] for a in rec.availability],
                             "the device to be reported unavailable")  # fmt: skip
             assert rec.readings == []
         finally:

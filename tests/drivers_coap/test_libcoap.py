@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 
 from drivers.coap import CoapDriver
+from drivers.testing import RecordingContext
 from gateway.config import PointSpec
 from gateway.errors import DeviceProtocolError, DeviceTimeout, DeviceUnavailable, DriverError
 from tests.drivers_coap.conftest import (
     LibcoapServer,
-    Recorder,
     assert_observation_survives_restart,
     device_spec,
 )
@@ -64,7 +64,7 @@ def test_read_polls_with_get(libcoap: LibcoapServer) -> None:
     )
 
     async def main() -> None:
-        rec = Recorder()
+        rec = RecordingContext("test.drivers.coap")
         drv = CoapDriver(rec)
         await drv.add_device(spec)
         await drv.start()
@@ -88,7 +88,7 @@ def test_a_missing_resource_is_a_protocol_error_not_a_dead_device(libcoap: Libco
     )
 
     async def main() -> None:
-        rec = Recorder()
+        rec = RecordingContext("test.drivers.coap")
         drv = CoapDriver(rec)
         await drv.start()
         await drv.add_device(spec)
@@ -116,7 +116,7 @@ def test_write_lands_on_the_server(libcoap: LibcoapServer) -> None:
     )
 
     async def main() -> None:
-        drv = CoapDriver(Recorder())
+        drv = CoapDriver(RecordingContext("test.drivers.coap"))
         await drv.start()
         await drv.add_device(spec)
         try:
@@ -143,16 +143,16 @@ def test_observe_notifications_arrive_through_emit(libcoap: LibcoapServer) -> No
     )
 
     async def main() -> None:
-        rec = Recorder()
+        rec = RecordingContext("test.drivers.coap")
         drv = CoapDriver(rec)
         await drv.add_device(spec)
         await drv.start()
         try:
-            await rec.until(lambda: rec.values("level") == [1], "the registration's value")
+            await rec.wait_for(lambda: rec.series("level") == [1], "the registration's value")
             # Another client changes the resource: the server notifies, the driver emits.
             await asyncio.to_thread(put, libcoap, "/level", "2")
-            await rec.until(lambda: 2 in rec.values("level"), "a notification with 2")
-            await rec.until(lambda: len(set(rec.values("ticks"))) >= 2, "two ticks")
+            await rec.wait_for(lambda: 2 in rec.series("level"), "a notification with 2")
+            await rec.wait_for(lambda: len(set(rec.series("ticks"))) >= 2, "two ticks")
             # While observed, a poll of the point does not fetch it again.
             level = [p for p in spec.points if p.name == "level"]
             assert await drv.read("dev", level) == []
@@ -190,7 +190,7 @@ def test_breaker_opens_on_a_dead_server_and_closes_when_it_is_back(
     caplog.set_level(logging.DEBUG, logger="test.drivers.coap")
 
     async def main() -> None:
-        rec = Recorder()
+        rec = RecordingContext("test.drivers.coap")
         drv = CoapDriver(rec)
         await drv.start()
         await drv.add_device(spec)
@@ -237,7 +237,7 @@ def test_psk_key_file_must_be_private(tmp_path: Path, libcoap: LibcoapServer) ->
     )  # fmt: skip
 
     async def main() -> None:
-        drv = CoapDriver(Recorder())
+        drv = CoapDriver(RecordingContext("test.drivers.coap"))
         await drv.start()
         try:
             with pytest.raises(Exception, match="readable by others: chmod 600"):
@@ -259,19 +259,19 @@ def test_an_observed_device_that_dies_becomes_unavailable_and_comes_back(
     )
 
     async def main() -> None:
-        rec = Recorder()
+        rec = RecordingContext("test.drivers.coap")
         drv = CoapDriver(rec)
         await drv.add_device(spec)
         await drv.start()
         try:
-            await rec.until(lambda: rec.values("ticks") != [], "a first notification")
+            await rec.wait_for(lambda: rec.series("ticks") != [], "a first notification")
             await asyncio.to_thread(libcoap.kill)
             # Notifications stop; registering again fails: the breaker opens.
-            await rec.until(lambda: rec.availability[-1][:2] == ("dev", False), "unavailable")
+            await rec.wait_for(lambda: rec.availability[-1][:2] == ("dev", False), "unavailable")
             seen = len(rec.readings)
             await asyncio.to_thread(libcoap.start)
-            await rec.until(lambda: rec.availability[-1][:2] == ("dev", True), "available again")
-            await rec.until(lambda: len(rec.readings) > seen, "notifications again")
+            await rec.wait_for(lambda: rec.availability[-1][:2] == ("dev", True), "available again")
+            await rec.wait_for(lambda: len(rec.readings) > seen, "notifications again")
         finally:
             await drv.stop()
         # A stopped driver leaves no task behind.
@@ -287,12 +287,12 @@ def test_removing_a_device_ends_its_observation(libcoap: LibcoapServer) -> None:
     )
 
     async def main() -> None:
-        rec = Recorder()
+        rec = RecordingContext("test.drivers.coap")
         drv = CoapDriver(rec)
         await drv.start()
         await drv.add_device(spec)
         try:
-            await rec.until(lambda: rec.values("ticks") != [], "a first notification")
+            await rec.wait_for(lambda: rec.series("ticks") != [], "a first notification")
             await drv.remove_device("dev")
             assert [t for t in asyncio.all_tasks() if "coap observe" in t.get_name()] == []
             with pytest.raises(DeviceUnavailable, match="not a configured coap device"):
@@ -318,7 +318,7 @@ def test_a_device_with_a_bad_key_does_not_stop_the_others(
     )
 
     async def main() -> None:
-        rec = Recorder()
+        rec = RecordingContext("test.drivers.coap")
         drv = CoapDriver(rec)
         await drv.add_device(bad)
         await drv.add_device(good)

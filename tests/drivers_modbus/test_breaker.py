@@ -8,10 +8,11 @@ import asyncio
 import pytest
 
 from drivers.modbus import ModbusDriver
+from drivers.testing import RecordingContext
 from gateway.breaker import Breaker, State
 from gateway.config import loads
 from gateway.errors import ConfigError
-from tests.drivers_modbus.support import RecordingContext, device_toml
+from tests.drivers_modbus.support import device_toml
 
 
 def test_breaker_cycle() -> None:
@@ -49,7 +50,7 @@ def test_bus_sharing_rules() -> None:
     s = loads(text).devices
 
     async def main() -> None:
-        drv = ModbusDriver(RecordingContext())
+        drv = ModbusDriver(RecordingContext("test.modbus"))
         await drv.add_device(s["a"])
         with pytest.raises(ConfigError, match="other settings") as info:
             await drv.add_device(s["b"])

@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 
 from drivers.modbus import ModbusDriver
+from drivers.testing import RecordingContext
 from gateway.config import loads
 from gateway.errors import DeviceProtocolError, DeviceTimeout, DeviceUnavailable
 from tests.drivers_modbus.support import (
     ModbusServer,
     PtyPair,
-    RecordingContext,
     device_toml,
     mbpoll,
     type_matrix,
@@ -59,7 +59,7 @@ def test_rtu_types_silent_unit_and_exception_4(line: tuple[PtyPair, ModbusServer
         + device_toml("ghost", rtu(pty.b), "[devices.ghost.points.v]\naddress = 0\n", unit=9)
     )
     s = loads(text).devices
-    ctx = RecordingContext()
+    ctx = RecordingContext("test.modbus")
 
     async def main() -> dict[str, object]:
         drv = ModbusDriver(ctx)
@@ -101,7 +101,7 @@ writable = true
     p = {pt.name: pt for pt in spec.points}
 
     async def main() -> None:
-        drv = ModbusDriver(RecordingContext())
+        drv = ModbusDriver(RecordingContext("test.modbus"))
         await drv.add_device(spec)
         try:
             await drv.write("w", p["level"], -70000)
@@ -126,7 +126,7 @@ def test_rtu_line_that_vanishes_and_returns(tmp_path: Path) -> None:
         reconnect_delay_max=0.2,
     )  # fmt: skip
     spec = loads(text).devices["m"]
-    ctx = RecordingContext()
+    ctx = RecordingContext("test.modbus")
     state = {"pty": pty}
 
     async def poll_until(drv: ModbusDriver, want: list[bool]) -> None:

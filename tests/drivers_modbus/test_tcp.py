@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 
 from drivers.modbus import ModbusDriver
+from drivers.testing import RecordingContext
 from gateway.config import DeviceSpec, loads
 from gateway.errors import DeviceProtocolError, DeviceTimeout, DeviceUnavailable, PayloadError
 from tests.drivers_modbus.support import (
     ModbusServer,
-    RecordingContext,
     device_toml,
     mbpoll,
     type_matrix,
@@ -52,7 +52,7 @@ def test_every_type_and_order_decodes(server: ModbusServer) -> None:
     spec = specs(device_toml("all", tcp(server.port), POINTS, unit=1))["all"]
 
     async def main() -> dict[str, object]:
-        drv = ModbusDriver(RecordingContext())
+        drv = ModbusDriver(RecordingContext("test.modbus"))
         await drv.start()
         try:
             await drv.add_device(spec)
@@ -128,7 +128,7 @@ def test_writes_are_read_back_by_mbpoll(server: ModbusServer) -> None:
     p = {pt.name: pt for pt in spec.points}
 
     async def main() -> None:
-        drv = ModbusDriver(RecordingContext())
+        drv = ModbusDriver(RecordingContext("test.modbus"))
         await drv.start()
         try:
             await drv.add_device(spec)
@@ -200,7 +200,7 @@ def test_unknown_unit_exception_4_opens_the_breaker(server: ModbusServer) -> Non
             "ghost", tcp(server.port), pts, unit=9, breaker_threshold=2, breaker_cooldown=3600.0
         )
     )["ghost"]
-    ctx = RecordingContext()
+    ctx = RecordingContext("test.modbus")
 
     async def main() -> None:
         drv = ModbusDriver(ctx)
@@ -233,7 +233,7 @@ def test_silent_unit_times_out_and_its_neighbour_keeps_working(server: ModbusSer
         breaker_cooldown=3600.0,
     ) + device_toml("alive", tcp(server.port), "[devices.alive.points.v]\naddress = 0\n", unit=3)
     s = specs(text)
-    ctx = RecordingContext()
+    ctx = RecordingContext("test.modbus")
 
     async def main() -> None:
         drv = ModbusDriver(ctx)
@@ -271,7 +271,7 @@ def _short_and_long(port: int) -> dict[str, DeviceSpec]:
 
 def test_each_request_waits_for_its_own_devices_timeout(server: ModbusServer) -> None:
     s = _short_and_long(server.port)
-    ctx = RecordingContext()
+    ctx = RecordingContext("test.modbus")
 
     async def main() -> None:
         drv = ModbusDriver(ctx)
@@ -299,7 +299,7 @@ def test_a_timeout_cut_short_by_the_poll_deadline_counts_for_the_breaker(
     server: ModbusServer,
 ) -> None:
     s = _short_and_long(server.port)
-    ctx = RecordingContext()
+    ctx = RecordingContext("test.modbus")
 
     async def main() -> None:
         drv = ModbusDriver(ctx)
@@ -331,7 +331,7 @@ def test_bounded_queue_fails_fast(server: ModbusServer) -> None:
     )
     spec = specs(text)["q"]
 
-    ctx = RecordingContext()
+    ctx = RecordingContext("test.modbus")
 
     async def main() -> list[object]:
         drv = ModbusDriver(ctx)
@@ -414,7 +414,7 @@ def test_tcp_link_where_nobody_answers_is_reopened(server: ModbusServer) -> None
     )["mute"]
 
     async def main() -> None:
-        drv = ModbusDriver(RecordingContext())
+        drv = ModbusDriver(RecordingContext("test.modbus"))
         await drv.add_device(spec)
         try:
             bus = next(iter(drv._buses.values()))

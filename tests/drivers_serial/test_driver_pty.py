@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 
 from drivers.serial import SerialDriver
+from drivers.testing import RecordingContext
 from gateway import config
 from gateway.config import DeviceSpec
 from gateway.errors import DeviceTimeout, DeviceUnavailable
-from tests.drivers_serial.ptys import PtyPair, RecordingContext
+from tests.drivers_serial.ptys import PtyPair, serial_context
 
 GGA = b"$GPGGA,123519,4807.038,N,01131.000,E,1,08,0.9,545.4,M,46.9,M,,*47\r\n"
 GGA_BAD = b"$GPGGA,123519,4807.038,N,01131.000,E,1,09,0.9,545.4,M,46.9,M,,*47\r\n"
@@ -61,7 +62,7 @@ type = "float"
 
 def test_delimited_lines_are_emitted_and_read(pty: PtyPair) -> None:
     async def main() -> None:
-        ctx = RecordingContext()
+        ctx = serial_context()
         drv = await started(ctx, device(pty.a, LINES))
         fd = pty.open_device_end()
         try:
@@ -104,7 +105,7 @@ def test_nmea_good_bad_checksums_and_garbage(
     caplog.set_level(logging.DEBUG, logger="gateway.driver.serial.test")
 
     async def main() -> None:
-        ctx = RecordingContext()
+        ctx = serial_context()
         drv = await started(ctx, device(pty.a, NMEA))
         fd = pty.open_device_end()
         try:
@@ -122,7 +123,7 @@ def test_nmea_good_bad_checksums_and_garbage(
             st = drv.stats("dev")
             assert st.frames == 2
             assert st.malformed == 3
-            assert ctx.readings.empty()
+            assert ctx.unread_readings() == 0
         finally:
             os.close(fd)
             await drv.stop()
@@ -151,7 +152,7 @@ UBX_2 = ubx(0x01, 0x35, bytes([0x21, 0x24, 0xB5, 0x62, 0x2A, 0x30, 0x0A, 0x0D]) 
 
 def test_nmea_right_after_binary_ubx_frames_is_read(pty: PtyPair) -> None:
     async def main() -> None:
-        ctx = RecordingContext()
+        ctx = serial_context()
         drv = await started(ctx, device(pty.a, NMEA))
         fd = pty.open_device_end()
         try:
@@ -173,7 +174,7 @@ def test_port_vanishes_and_comes_back(pty: PtyPair, caplog: pytest.LogCaptureFix
     caplog.set_level(logging.DEBUG, logger="gateway.driver.serial.test")
 
     async def main() -> None:
-        ctx = RecordingContext()
+        ctx = serial_context()
         drv = await started(ctx, device(pty.a, LINES))
         spec = drv.devices["dev"].spec
         fd = pty.open_device_end()
@@ -194,7 +195,7 @@ def test_port_vanishes_and_comes_back(pty: PtyPair, caplog: pytest.LogCaptureFix
             os.write(fd, b"T=20.5 H=51\r\n")
             assert await ctx.next_readings() == {"temperature": 20.5, "humidity": 51.0}
             os.close(fd)
-            assert ctx.states.empty()  # one change each way, however many attempts
+            assert ctx.unread_states() == 0  # one change each way, however many attempts
         finally:
             await drv.stop()
 
@@ -211,7 +212,7 @@ def test_port_missing_at_start_is_opened_when_it_appears(tmp_path: Path) -> None
     pair = PtyPair(tmp_path)
 
     async def main() -> None:
-        ctx = RecordingContext()
+        ctx = serial_context()
         drv = SerialDriver(ctx)
         await drv.add_device(device(pair.a, LINES))
         try:
@@ -275,7 +276,7 @@ class Responder:
 
 def test_request_response(pty: PtyPair) -> None:
     async def main() -> None:
-        ctx = RecordingContext()
+        ctx = serial_context()
         drv = await started(ctx, device(pty.a, REQUEST))
         spec = drv.devices["dev"].spec
         dev = Responder(
@@ -305,7 +306,7 @@ def test_request_response(pty: PtyPair) -> None:
             assert await asyncio.wait_for(dev.received.get(), 20) == b"SP 42\r\n"
             st = drv.stats("dev")
             assert st.malformed == 1
-            assert ctx.readings.empty()
+            assert ctx.unread_readings() == 0
         finally:
             dev.close()
             await drv.stop()
