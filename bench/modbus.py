@@ -143,7 +143,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=0.5)
     ap.add_argument("--rounds", type=int, default=30)
     args = ap.parse_args()
-    from tests.peers import free_port, wait_until
+    from tests.support.peers import free_port, wait_until
 
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:

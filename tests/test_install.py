@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.peers import Peer, free_port, require_binary
+from tests.support.peers import Peer, free_port, require_binary
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = "etc/systemd/system/gatewayd.service"

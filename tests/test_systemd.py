@@ -27,7 +27,7 @@ import pytest
 
 from gateway import systemd
 from gateway.config import GatewaySection
-from tests.peers import Peer, missing, require_binary
+from tests.support.peers import Peer, missing, require_binary
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "gatewayd.service"

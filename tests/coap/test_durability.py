@@ -13,7 +13,7 @@ from typing import Any
 
 import cbor2
 
-from tests.peers import require_binary, wait_until
+from tests.support.peers import require_binary, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 

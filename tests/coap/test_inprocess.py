@@ -13,7 +13,7 @@ import gateway.coap  # noqa: F401 - registers the coap schema before the store o
 from gateway.coap.config import CoapConfig
 from gateway.coap.service import CoapServer
 from gateway.store import EventStore
-from tests.peers import free_port
+from tests.support.peers import free_port
 
 
 async def _scenario(db: Path, port: int) -> tuple[list[object], list[list[str]]]:

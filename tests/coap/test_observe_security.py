@@ -14,8 +14,8 @@ from typing import Any
 
 import cbor2
 
-from tests.coap.conftest import coap_client
-from tests.peers import require_binary, wait_until
+from tests.support.coap import coap_client
+from tests.support.peers import require_binary, wait_until
 
 
 def _post_json(gw: Any, tmp: Path, body: str, path: str = "/telemetry") -> str | None:

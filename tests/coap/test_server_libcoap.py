@@ -13,8 +13,8 @@ import pytest
 
 import gateway.coap  # noqa: F401 - registers the RD schema and projection
 from gateway.store import EventStore
-from tests.coap.conftest import coap_client
-from tests.peers import wait_until
+from tests.support.coap import coap_client
+from tests.support.peers import wait_until
 
 CLIENT = "coap-client-notls"
 

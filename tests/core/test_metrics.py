@@ -12,7 +12,7 @@ from prometheus_client.openmetrics.parser import (
 )
 from prometheus_client.parser import text_string_to_metric_families as parse_prometheus
 
-from tests.core.conftest import VIRTUAL_CONFIG, Daemon, run_cli, start_daemon, write_config
+from tests.support.daemon import VIRTUAL_CONFIG, Daemon, run_cli, start_daemon, write_config
 
 
 def samples(families: object) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -20,8 +20,8 @@ from gateway.control import call
 from gateway.errors import StoreError, StoreFull
 from gateway.logs import REPEAT_INTERVAL
 from gateway.store import EventStore, NewEvent
-from tests.core.conftest import Daemon, run_cli, start_daemon
-from tests.peers import Peer, free_port, wait_until
+from tests.support.daemon import Daemon, run_cli, start_daemon
+from tests.support.peers import Peer, free_port, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -19,6 +19,7 @@ from drivers.testing import RecordingContext
 from gateway.config import loads
 from gateway.errors import DriverError
 from tests.drivers_ble.bluez import DENY_BLUEZ, BluezBus
+from tests.support.wait import until
 
 BTHOME_UUID = "0000fcd2-0000-1000-8000-00805f9b34fb"
 KEY_HEX = "231d39c1d7cc1ab1aee224cd096db932"
@@ -351,15 +352,6 @@ def test_passive_scan_unsupported_is_explained(
         b.stop()
 
 
-async def poll_until(check: Callable[[], bool], what: str, attempts: int = 500) -> None:
-    """Bounded readiness poll, for state that no report announces (a breaker's state)."""
-    for _ in range(attempts):
-        if check():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"never happened: {what}")
-
-
 def test_gatt_breaker_opens_and_device_recovers(bus: BluezBus) -> None:
     bus.add_adapter()
     bus.add_device(GATT_MAC, name="thermostat")
@@ -385,7 +377,7 @@ type = "int16"
         assert ctx.availability[0][:2] == ("thermostat", False)
         assert "Page Timeout" in ctx.availability[0][2]
         link = driver.links["thermostat"]
-        await poll_until(lambda: link.breaker.state == "open", "breaker open")
+        await until(lambda: link.breaker.state == "open", "breaker open")
         assert driver.status()["devices"]["thermostat"]["breaker"] == "open"
         bus.set_blocked(GATT_MAC, False)  # back in range
         await ctx.wait_for(lambda: "temperature" in ctx.values("thermostat"), "a reading")
@@ -404,13 +396,13 @@ def test_gatt_link_drop_reconnects_and_resubscribes(bus: BluezBus) -> None:
 
     async def scenario(driver: BleDriver, ctx: RecordingContext) -> None:
         await ctx.wait_for(lambda: "temperature" in ctx.values("thermostat"), "first reading")
-        await poll_until(lambda: _notifying(bus, button), "subscribed")
+        await until(lambda: _notifying(bus, button), "subscribed")
         bus.disconnect(GATT_MAC)
         await ctx.wait_for(
             lambda: [a for _, a, _ in ctx.availability] == [True, False, True], "reconnected"
         )
         assert ctx.availability[1][2] == "thermostat: disconnected"
-        await poll_until(lambda: _notifying(bus, button), "subscribed again")
+        await until(lambda: _notifying(bus, button), "subscribed again")
         bus.notify(button, b"\x07")
         await ctx.wait_for(lambda: ctx.values("thermostat").get("button") == 7, "notification")
 
@@ -496,7 +488,7 @@ def test_adapter_powered_off_and_on(bus: BluezBus) -> None:
                            "unavailable")  # fmt: skip
         reason = _fault_of(ctx, "shed")
         assert "adapter hci0 was powered off" in reason and "bluetoothctl power on" in reason
-        await poll_until(lambda: driver._scanner is not None and driver._scanner.fault is not None
+        await until(lambda: driver._scanner is not None and driver._scanner.fault is not None
                          and "is powered off" in driver._scanner.fault.cause,
                          "start refused while off")  # fmt: skip
         bus.power(True)

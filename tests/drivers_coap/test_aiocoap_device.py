@@ -14,8 +14,8 @@ import pytest
 from drivers.coap import CoapDriver
 from drivers.testing import RecordingContext
 from gateway.errors import DeviceProtocolError
-from tests.drivers_coap.conftest import AiocoapDevice, device_spec
-from tests.peers import missing
+from tests.drivers_coap.support import AiocoapDevice, device_spec
+from tests.support.peers import missing
 
 POINTS = """
 [devices.dev.points.temp]

@@ -12,12 +12,12 @@ import pytest
 from drivers.coap import CoapDriver
 from drivers.testing import RecordingContext
 from gateway.errors import DeviceTimeout, DeviceUnavailable
-from tests.drivers_coap.conftest import (
+from tests.drivers_coap.support import (
     LibcoapServer,
     assert_observation_survives_restart,
     device_spec,
 )
-from tests.peers import missing
+from tests.support.peers import missing
 
 PSK = "gateway-secret-psk"
 

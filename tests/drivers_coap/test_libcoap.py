@@ -20,12 +20,12 @@ from drivers.coap import CoapDriver
 from drivers.testing import RecordingContext
 from gateway.config import PointSpec
 from gateway.errors import DeviceProtocolError, DeviceTimeout, DeviceUnavailable, DriverError
-from tests.drivers_coap.conftest import (
+from tests.drivers_coap.support import (
     LibcoapServer,
     assert_observation_survives_restart,
     device_spec,
 )
-from tests.peers import require_binary
+from tests.support.peers import require_binary
 
 
 def spec_for(  # type: ignore[no-untyped-def]

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tests.peers import Peer, free_port, require_binary, wait_until
+from tests.support.peers import Peer, free_port, require_binary, wait_until
 
 SERVER = Path(__file__).with_name("modbus_server.py")
 

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from drivers.testing import RecordingContext
-from tests.peers import Peer, require_binary, wait_until
+from tests.support.peers import Peer, require_binary, wait_until
 
 
 class PtyPair:

@@ -13,9 +13,7 @@ from typing import Any
 
 from gateway.control import call
 from gateway.store import maintenance
-from tests.core.conftest import Daemon, run_cli, start_daemon, write_config
-from tests.peers import wait_until
-from tests.processing.conftest import (
+from tests.processing.support import (
     HEADER,
     alert_events,
     db_path,
@@ -23,6 +21,8 @@ from tests.processing.conftest import (
     readings,
     socket_path,
 )
+from tests.support.daemon import Daemon, run_cli, start_daemon, write_config
+from tests.support.peers import wait_until
 
 APPEND = """import sys
 data = sys.stdin.read()

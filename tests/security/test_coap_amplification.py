@@ -14,10 +14,10 @@ from typing import Any
 import aiocoap.meta
 import cbor2
 
-from tests.coap.conftest import coap_client
 from tests.coap.test_observe_security import _oscore_dirs
-from tests.peers import require_binary, wait_until
 from tests.security.rawcoap import BLOCK2, GET, POST, PUT, Reply, Udp, encode, request
+from tests.support.coap import coap_client
+from tests.support.peers import require_binary, wait_until
 
 OPEN = "allow_unauthenticated = true\naccept_unknown_devices = true\n"
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.core.conftest import Daemon, run_cli, start_daemon, write_config
+from tests.support.daemon import Daemon, run_cli, start_daemon, write_config
 
 NOBODY = 65534
 ADM = 4  # a group `nobody` is not in

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.core.conftest import Daemon, run_cli, start_daemon, write_config
+from tests.support.daemon import Daemon, run_cli, start_daemon, write_config
 
 
 def _mode(p: Path) -> int:
@@ -169,8 +169,8 @@ def test_daemon_logs_in_with_a_password_from_systemd_credentials(
 ) -> None:
     """End to end: gatewayd reads `password_file = "mqtt.pass"` from $CREDENTIALS_DIRECTORY
     and a real Mosquitto that requires the password receives its events."""
-    from tests.peers import free_port, require_binary, wait_until
-    from tests.sync.conftest import Mosquitto, Subscriber
+    from tests.support.mqtt import Mosquitto, Subscriber
+    from tests.support.peers import free_port, require_binary, wait_until
 
     broker = Mosquitto()
     try:

@@ -24,10 +24,11 @@ from gateway import events as ev
 from gateway.errors import ConfigError
 from gateway.events import NewEvent
 from gateway.store import EventStore
-from tests.core.conftest import Daemon, run_cli, start_daemon
-from tests.peers import free_port, wait_until
-from tests.sync.conftest import Mosquitto, Subscriber
-from tests.sync.helpers import aio, dead_letters, mqtt_config, open_store, running_relay, until
+from tests.support.daemon import Daemon, run_cli, start_daemon
+from tests.support.mqtt import Mosquitto, Subscriber
+from tests.support.peers import free_port, wait_until
+from tests.support.wait import until
+from tests.sync.helpers import aio, dead_letters, mqtt_config, open_store, running_relay
 
 ROOT = Path(__file__).resolve().parents[2]
 FORGED = "x\n2026-12-04 05:00:00,000 ERROR gateway.store: store corrupted"

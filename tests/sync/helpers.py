@@ -35,21 +35,6 @@ def mqtt_config(port: int, **extra: Any) -> SyncConfig:
     return sync_config(data)
 
 
-async def until(check: Callable[[], Any], what: str, timeout: float = 30.0) -> None:
-    """Bounded poll of something that offers no event (a peer's output, a table)."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while True:
-        res = check()
-        if asyncio.iscoroutine(res):
-            res = await res
-        if res:
-            return
-        if loop.time() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
 async def outbox_depth(store: EventStore) -> int:
     n: int = await store.read(lambda c: c.execute("SELECT count(*) FROM outbox").fetchone()[0])
     return n

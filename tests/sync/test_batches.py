@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from gateway.store import EventStore
-from tests.sync.conftest import Mosquitto, Subscriber
+from tests.support.mqtt import Mosquitto, Subscriber
+from tests.support.wait import until
 from tests.sync.helpers import (
     aio,
     check_order,
@@ -17,7 +18,6 @@ from tests.sync.helpers import (
     open_store,
     outbox_depth,
     running_relay,
-    until,
 )
 
 pytestmark = pytest.mark.peer("mosquitto")

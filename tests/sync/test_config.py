@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import pytest
-
 from gateway.config import loads
-from gateway.errors import ConfigError
 from gateway.sync.config import SyncConfig
+from tests.support.config import issue_lines
 
 
 def sync(text: str) -> SyncConfig:
@@ -16,9 +14,7 @@ def sync(text: str) -> SyncConfig:
 
 
 def issues(text: str) -> list[str]:
-    with pytest.raises(ConfigError) as ei:
-        loads('[gateway]\nid = "gw"\n' + text)
-    return [str(i) for i in ei.value.issues]
+    return issue_lines('[gateway]\nid = "gw"\n' + text)
 
 
 def test_endpoints_in_failover_order_with_tls_and_credentials() -> None:

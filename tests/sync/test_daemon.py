@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 
 from gateway.store import EventStore
-from tests.peers import Peer, wait_until
-from tests.sync.conftest import Mosquitto, Subscriber
+from tests.support.mqtt import Mosquitto, Subscriber
+from tests.support.peers import Peer, wait_until
 from tests.sync.helpers import check_order
 
 pytestmark = pytest.mark.peer("mosquitto")

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 from gateway.control import call
-from tests.peers import IN_CI, Peer, require_binary, wait_until
-from tests.sync.conftest import Mosquitto, Subscriber
+from tests.support.mqtt import Mosquitto, Subscriber
+from tests.support.peers import IN_CI, Peer, require_binary, wait_until
 from tests.sync.test_daemon import ROOT, ctl, db_query, gatewayd
 
 pytestmark = pytest.mark.peer("mosquitto")

@@ -16,7 +16,8 @@ import pytest
 
 from gateway.sync.filesink import FileSink, complete_length
 from gateway.sync.relay import Relay
-from tests.sync.helpers import aio, check_order, open_store, outbox_depth, sync_config, until
+from tests.support.wait import until
+from tests.sync.helpers import aio, check_order, open_store, outbox_depth, sync_config
 
 
 def read_records(directory: Path, fmt: str) -> list[dict[str, Any]]:

@@ -11,7 +11,8 @@ import pytest
 
 from gateway.store import EventStore
 from gateway.sync.relay import requeue_rows
-from tests.sync.conftest import Mosquitto, Subscriber
+from tests.support.mqtt import Mosquitto, Subscriber
+from tests.support.wait import until
 from tests.sync.helpers import (
     aio,
     check_order,
@@ -20,7 +21,6 @@ from tests.sync.helpers import (
     open_store,
     outbox_depth,
     running_relay,
-    until,
 )
 
 pytestmark = pytest.mark.peer("mosquitto")

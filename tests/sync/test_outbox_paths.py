@@ -31,9 +31,10 @@ from gateway.sync.config import SyncConfig
 from gateway.sync.filesink import FileSink
 from gateway.sync.link import ACCEPTED, Ack
 from gateway.sync.relay import NO_UPPER, Relay, _Batch, _read_chunk, read_ahead, requeue_rows
-from tests.peers import require_binary
-from tests.sync.conftest import Mosquitto, Subscriber
-from tests.sync.helpers import aio, check_order, mqtt_config, running_relay, sync_config, until
+from tests.support.mqtt import Mosquitto, Subscriber
+from tests.support.peers import require_binary
+from tests.support.wait import until
+from tests.sync.helpers import aio, check_order, mqtt_config, running_relay, sync_config
 
 _ROWS = (
     "SELECT seq, stream, version, type, wall_time, mono_time, boot_id, synced, data "

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.sync.conftest import Mosquitto, Subscriber
+from tests.support.mqtt import Mosquitto, Subscriber
+from tests.support.wait import until
 from tests.sync.helpers import (
     aio,
     check_order,
@@ -14,7 +15,6 @@ from tests.sync.helpers import (
     open_store,
     outbox_depth,
     running_relay,
-    until,
 )
 
 pytestmark = pytest.mark.peer("mosquitto")
@@ -53,7 +53,7 @@ async def _zero(store: object) -> bool:
 def _pub(port: int, topic: str, payload: str) -> None:
     import subprocess
 
-    from tests.peers import require_binary
+    from tests.support.peers import require_binary
 
     subprocess.run(
         [require_binary("mosquitto_pub"), "-h", "127.0.0.1", "-p", str(port), "-V", "mqttv5",
@@ -134,7 +134,7 @@ async def test_live_events_overtake_a_rate_limited_backlog(
 async def test_mqtt_311_and_failover_to_the_second_endpoint(
     mosquitto: Mosquitto, tmp_path: Path
 ) -> None:
-    from tests.peers import free_port
+    from tests.support.peers import free_port
 
     dead = free_port()  # nobody listens here: the first endpoint fails, the second works
     sub = Subscriber(mosquitto.port, tmp_path)

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.peers import free_port, require_binary
-from tests.sync.conftest import Mosquitto, Subscriber, make_pki, shared_dir
+from tests.support.mqtt import Mosquitto, Subscriber, make_pki, shared_dir
+from tests.support.peers import free_port, require_binary
+from tests.support.wait import until
 from tests.sync.helpers import (
     aio,
     check_order,
@@ -19,7 +20,6 @@ from tests.sync.helpers import (
     open_store,
     outbox_depth,
     running_relay,
-    until,
 )
 
 pytestmark = pytest.mark.peer("mosquitto")

@@ -1,4 +1,4 @@
-"""Fixtures for the core: a real gatewayd process on a temporary config, with a notify socket."""
+"""gatewayd as a real process on a temporary config, with a notify socket; and its CLI."""
 
 from __future__ import annotations
 
@@ -7,13 +7,10 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
-from tests.peers import Peer
+from tests.support.peers import Peer
 
 VIRTUAL_CONFIG = """
 [gateway]
@@ -118,15 +115,6 @@ def start_daemon(config: Path, tmp: Path, name: str = "gatewayd") -> Daemon:
         sock.close()
         raise
     return d
-
-
-@pytest.fixture
-def daemon_factory(tmp_path: Path) -> Iterator[list[Daemon]]:
-    started: list[Daemon] = []
-    yield started
-    for d in started:
-        d.peer.stop(timeout=30)
-        d.notify.close()
 
 
 def run_cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
