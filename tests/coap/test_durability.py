@@ -45,10 +45,10 @@ async def _flood(uri: str, count: int, kill_after: int, pid: int) -> set[int]:
     return acked
 
 
-def test_every_2_04_survives_sigkill(gateway_factory: Any, tmp_path: Path) -> None:
+async def test_every_2_04_survives_sigkill(gateway_factory: Any, tmp_path: Path) -> None:
     gw = gateway_factory()
     assert gw.peer is not None
-    acked = asyncio.run(_flood(gw.uri("/telemetry"), 200, 60, gw.peer.pid))
+    acked = await _flood(gw.uri("/telemetry"), 200, 60, gw.peer.pid)
     gw.peer.proc.wait(10)
     assert gw.peer.proc.returncode == -signal.SIGKILL
     assert len(acked) >= 60

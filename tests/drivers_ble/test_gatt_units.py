@@ -45,7 +45,7 @@ def test_bad_writes_are_payload_errors(typ: str, value: object) -> None:
         encode(GattPoint("x", "c", typ), value)
 
 
-def test_pool_limits_and_queues_in_order() -> None:
+async def test_pool_limits_and_queues_in_order() -> None:
     async def main() -> tuple[int, list[int]]:
         pool = ConnectionPool(2)
         peak = 0
@@ -66,5 +66,5 @@ def test_pool_limits_and_queues_in_order() -> None:
         await asyncio.gather(*tasks)
         return peak, order
 
-    peak, order = asyncio.run(main())
+    peak, order = await main()
     assert peak == 2 and order == [0, 1, 2, 3, 4]

@@ -122,7 +122,7 @@ def device_spec(toml: str, dev_id: str = "dev") -> DeviceSpec:
     return config.loads(toml).devices[dev_id]
 
 
-def assert_observation_survives_restart(spec: DeviceSpec, server: LibcoapServer) -> None:
+async def assert_observation_survives_restart(spec: DeviceSpec, server: LibcoapServer) -> None:
     """libcoap's /time ticks once a second (Max-Age 1). A restarted server knows neither our
     observation nor a DTLS session: only a new registration brings ticks from it, and the old
     server's last tick is <= the second it stopped, so a tick 2 s later is the new one's."""
@@ -147,4 +147,4 @@ def assert_observation_survives_restart(spec: DeviceSpec, server: LibcoapServer)
         finally:
             await drv.stop()
 
-    asyncio.run(main())
+    await main()

@@ -49,7 +49,7 @@ def device(tmp_path: Path):  # type: ignore[no-untyped-def]
     dev.stop()
 
 
-def test_read_decodes_senml_records_and_cbor_maps(device: AiocoapDevice) -> None:
+async def test_read_decodes_senml_records_and_cbor_maps(device: AiocoapDevice) -> None:
     spec = spec_for(device.uri)
 
     async def main() -> None:
@@ -65,10 +65,10 @@ def test_read_decodes_senml_records_and_cbor_maps(device: AiocoapDevice) -> None
         finally:
             await drv.stop()
 
-    asyncio.run(main())
+    await main()
 
 
-def test_observe_sees_a_write_made_through_the_driver(device: AiocoapDevice) -> None:
+async def test_observe_sees_a_write_made_through_the_driver(device: AiocoapDevice) -> None:
     points = """
 [devices.dev.points.temp]
 path = "/sensors"
@@ -109,10 +109,10 @@ writable = true
         finally:
             await drv.stop()
 
-    asyncio.run(main())
+    await main()
 
 
-def test_observe_registers_again_when_the_device_restarts(device: AiocoapDevice) -> None:
+async def test_observe_registers_again_when_the_device_restarts(device: AiocoapDevice) -> None:
     # Max-Age 30 here: the stale-observation timer is Max-Age + margin. The device comes
     # back with its initial value; only a new registration can deliver it.
     spec = spec_for(
@@ -142,7 +142,7 @@ def test_observe_registers_again_when_the_device_restarts(device: AiocoapDevice)
             await drv.stop()
 
     try:
-        asyncio.run(main())
+        await main()
     finally:
         dev2.stop()
 
@@ -168,7 +168,7 @@ def oscore_pair(tmp_path: Path) -> tuple[Path, Path]:
     return client, server
 
 
-def test_oscore_protected_device(tmp_path: Path, oscore_pair: tuple[Path, Path]) -> None:
+async def test_oscore_protected_device(tmp_path: Path, oscore_pair: tuple[Path, Path]) -> None:
     client_ctx, server_ctx = oscore_pair
     device = AiocoapDevice(tmp_path, oscore=server_ctx)
     device.start()
@@ -198,7 +198,7 @@ def test_oscore_protected_device(tmp_path: Path, oscore_pair: tuple[Path, Path])
             # The context's lock is released at stop: another user (a restart) can load it.
             assert not (client_ctx / "lock").exists()
 
-        asyncio.run(main())
+        await main()
         # Sequence numbers were persisted: a fresh copy of the directory is what a restart uses.
         assert json.loads((client_ctx / "sequence.json").read_text())["next-to-send"] > 0
     finally:

@@ -3,7 +3,6 @@ not ours): read, write, Observe; a wrong key never yields data and opens the bre
 
 from __future__ import annotations
 
-import asyncio
 import json
 from pathlib import Path
 
@@ -63,7 +62,7 @@ def key_file(tmp_path: Path, key: str) -> Path:
     return path
 
 
-def test_read_write_and_observe_over_dtls_psk(tmp_path: Path, server: LibcoapServer) -> None:
+async def test_read_write_and_observe_over_dtls_psk(tmp_path: Path, server: LibcoapServer) -> None:
     spec = spec_for(server, key_file(tmp_path, PSK))
 
     async def main() -> None:
@@ -80,10 +79,10 @@ def test_read_write_and_observe_over_dtls_psk(tmp_path: Path, server: LibcoapSer
         finally:
             await drv.stop()
 
-    asyncio.run(main())
+    await main()
 
 
-def test_a_wrong_key_gets_no_data_and_opens_the_breaker(
+async def test_a_wrong_key_gets_no_data_and_opens_the_breaker(
     tmp_path: Path, server: LibcoapServer
 ) -> None:
     spec = spec_for(
@@ -107,7 +106,7 @@ def test_a_wrong_key_gets_no_data_and_opens_the_breaker(
         finally:
             await drv.stop()
 
-    asyncio.run(main())
+    await main()
 
 
 def test_probe_over_dtls_psk(tmp_path: Path, server: LibcoapServer) -> None:
@@ -136,8 +135,10 @@ def test_credentials_are_found_with_or_without_the_default_port() -> None:
     assert credentials_patterns("coap://h:61616") == ["coap://h:61616/*"]
 
 
-def test_observe_over_dtls_survives_a_server_restart(tmp_path: Path, server: LibcoapServer) -> None:
+async def test_observe_over_dtls_survives_a_server_restart(
+    tmp_path: Path, server: LibcoapServer
+) -> None:
     # The restarted server knows neither our observation nor our DTLS session: the driver
     # must notice the silence and register again over a new handshake.
     spec = spec_for(server, key_file(tmp_path, PSK), extra="observe_margin = 0.5", timeout=3)
-    assert_observation_survives_restart(spec, server)
+    await assert_observation_survives_restart(spec, server)

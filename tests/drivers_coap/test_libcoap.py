@@ -53,7 +53,7 @@ def put(server: LibcoapServer, path: str, body: str) -> None:
     coap_client("-m", "put", "-e", body, f"coap://127.0.0.1:{server.port}{path}")
 
 
-def test_read_polls_with_get(libcoap: LibcoapServer) -> None:
+async def test_read_polls_with_get(libcoap: LibcoapServer) -> None:
     put(libcoap, "/temp", "21.5")
     put(libcoap, "/label", "boiler room")
     spec = spec_for(
@@ -77,10 +77,12 @@ def test_read_polls_with_get(libcoap: LibcoapServer) -> None:
         finally:
             await drv.stop()
 
-    asyncio.run(main())
+    await main()
 
 
-def test_a_missing_resource_is_a_protocol_error_not_a_dead_device(libcoap: LibcoapServer) -> None:
+async def test_a_missing_resource_is_a_protocol_error_not_a_dead_device(
+    libcoap: LibcoapServer,
+) -> None:
     put(libcoap, "/temp", "20")
     spec = spec_for(
         f"coap://127.0.0.1:{libcoap.port}",
@@ -105,10 +107,10 @@ def test_a_missing_resource_is_a_protocol_error_not_a_dead_device(libcoap: Libco
         finally:
             await drv.stop()
 
-    asyncio.run(main())
+    await main()
 
 
-def test_write_lands_on_the_server(libcoap: LibcoapServer) -> None:
+async def test_write_lands_on_the_server(libcoap: LibcoapServer) -> None:
     spec = spec_for(
         f"coap://127.0.0.1:{libcoap.port}",
         '[devices.dev.points.setpoint]\npath = "/setpoint"\nwritable = true\n'
@@ -128,13 +130,13 @@ def test_write_lands_on_the_server(libcoap: LibcoapServer) -> None:
         finally:
             await drv.stop()
 
-    asyncio.run(main())
+    await main()
     url = f"coap://127.0.0.1:{libcoap.port}"
     assert coap_client("-m", "get", f"{url}/setpoint") == b"19.5"
     assert coap_client("-m", "get", f"{url}/mode") == b"\x63eco"
 
 
-def test_observe_notifications_arrive_through_emit(libcoap: LibcoapServer) -> None:
+async def test_observe_notifications_arrive_through_emit(libcoap: LibcoapServer) -> None:
     put(libcoap, "/level", "1")
     spec = spec_for(
         f"coap://127.0.0.1:{libcoap.port}",
@@ -159,10 +161,10 @@ def test_observe_notifications_arrive_through_emit(libcoap: LibcoapServer) -> No
         finally:
             await drv.stop()
 
-    asyncio.run(main())
+    await main()
 
 
-def test_observation_is_registered_again_after_the_server_restarts(
+async def test_observation_is_registered_again_after_the_server_restarts(
     libcoap: LibcoapServer,
 ) -> None:
     # /time has Max-Age 1: once notifications stop for 1 s + margin, the driver registers
@@ -173,10 +175,10 @@ def test_observation_is_registered_again_after_the_server_restarts(
         '[devices.dev.points.ticks]\npath = "/time?ticks"\nmode = "observe"\n',
         extra="observe_margin = 0.5",
     )
-    assert_observation_survives_restart(spec, libcoap)
+    await assert_observation_survives_restart(spec, libcoap)
 
 
-def test_breaker_opens_on_a_dead_server_and_closes_when_it_is_back(
+async def test_breaker_opens_on_a_dead_server_and_closes_when_it_is_back(
     libcoap: LibcoapServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     put(libcoap, "/temp", "20")
@@ -218,7 +220,7 @@ def test_breaker_opens_on_a_dead_server_and_closes_when_it_is_back(
         finally:
             await drv.stop()
 
-    asyncio.run(main())
+    await main()
     levels = [
         (r.levelname, r.getMessage()) for r in caplog.records if "coap device dev" in r.getMessage()
     ]
@@ -227,7 +229,7 @@ def test_breaker_opens_on_a_dead_server_and_closes_when_it_is_back(
     assert any(lvl == "INFO" and "answers again" in m for lvl, m in levels)
 
 
-def test_psk_key_file_must_be_private(tmp_path: Path, libcoap: LibcoapServer) -> None:
+async def test_psk_key_file_must_be_private(tmp_path: Path, libcoap: LibcoapServer) -> None:
     key = tmp_path / "dev.psk"
     key.write_text("secret\n")
     key.chmod(0o644)
@@ -245,10 +247,10 @@ def test_psk_key_file_must_be_private(tmp_path: Path, libcoap: LibcoapServer) ->
         finally:
             await drv.stop()
 
-    asyncio.run(main())
+    await main()
 
 
-def test_an_observed_device_that_dies_becomes_unavailable_and_comes_back(
+async def test_an_observed_device_that_dies_becomes_unavailable_and_comes_back(
     libcoap: LibcoapServer,
 ) -> None:
     spec = spec_for(
@@ -277,10 +279,10 @@ def test_an_observed_device_that_dies_becomes_unavailable_and_comes_back(
         # A stopped driver leaves no task behind.
         assert asyncio.all_tasks() == {asyncio.current_task()}
 
-    asyncio.run(main())
+    await main()
 
 
-def test_removing_a_device_ends_its_observation(libcoap: LibcoapServer) -> None:
+async def test_removing_a_device_ends_its_observation(libcoap: LibcoapServer) -> None:
     spec = spec_for(
         f"coap://127.0.0.1:{libcoap.port}",
         '[devices.dev.points.ticks]\npath = "/time?ticks"\nmode = "observe"\n',
@@ -300,10 +302,10 @@ def test_removing_a_device_ends_its_observation(libcoap: LibcoapServer) -> None:
         finally:
             await drv.stop()
 
-    asyncio.run(main())
+    await main()
 
 
-def test_a_device_with_a_bad_key_does_not_stop_the_others(
+async def test_a_device_with_a_bad_key_does_not_stop_the_others(
     tmp_path: Path, libcoap: LibcoapServer
 ) -> None:
     put(libcoap, "/temp", "20")
@@ -330,4 +332,4 @@ def test_a_device_with_a_bad_key_does_not_stop_the_others(
         finally:
             await drv.stop()
 
-    asyncio.run(main())
+    await main()

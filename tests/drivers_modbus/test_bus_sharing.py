@@ -3,8 +3,6 @@ breaker itself is tested in tests/core/test_breaker.py)."""
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 
 from drivers.modbus import ModbusDriver
@@ -14,7 +12,7 @@ from gateway.errors import ConfigError
 from tests.drivers_modbus.support import device_toml
 
 
-def test_bus_sharing_rules() -> None:
+async def test_bus_sharing_rules() -> None:
     conn = 'host = "127.0.0.1"\nport = 1502'
     text = (
         device_toml("a", conn, unit=1, queue_size=4)
@@ -35,4 +33,4 @@ def test_bus_sharing_rules() -> None:
         assert drv._buses == {}  # the last device closes its bus
         await drv.stop()
 
-    asyncio.run(main())
+    await main()

@@ -49,7 +49,7 @@ def rtu(path: str) -> str:
     return f'port = "{path}"\nbaudrate = 19200\nparity = "N"'
 
 
-def test_rtu_types_silent_unit_and_exception_4(line: tuple[PtyPair, ModbusServer]) -> None:
+async def test_rtu_types_silent_unit_and_exception_4(line: tuple[PtyPair, ModbusServer]) -> None:
     pty, _ = line
     text = (
         device_toml("all", rtu(pty.b), POINTS, unit=1)
@@ -76,7 +76,7 @@ def test_rtu_types_silent_unit_and_exception_4(line: tuple[PtyPair, ModbusServer
             await drv.stop()
         return {r.point: r.value for r in readings}
 
-    got = asyncio.run(main())
+    got = await main()
     for name, want in EXPECTED.items():
         if isinstance(want, float):
             assert got[name] == pytest.approx(want), name
@@ -84,7 +84,7 @@ def test_rtu_types_silent_unit_and_exception_4(line: tuple[PtyPair, ModbusServer
             assert got[name] == want, name
 
 
-def test_rtu_write_is_read_back_by_mbpoll(line: tuple[PtyPair, ModbusServer]) -> None:
+async def test_rtu_write_is_read_back_by_mbpoll(line: tuple[PtyPair, ModbusServer]) -> None:
     pty, _ = line
     pts = """
 [devices.w.points.level]
@@ -109,13 +109,13 @@ writable = true
         finally:
             await drv.stop()  # closes the port: mbpoll opens the same PTY end next
 
-    asyncio.run(main())
+    await main()
     base = ["-m", "rtu", "-b", "19200", "-P", "none", "-a", "2"]
     assert mbpoll(pty.b, *base, "-t", "4:int", "-B", "-r", "3", "-c", "1") == ["-70000"]
     assert mbpoll(pty.b, *base, "-t", "0", "-r", "2", "-c", "1") == ["1"]
 
 
-def test_rtu_line_that_vanishes_and_returns(tmp_path: Path) -> None:
+async def test_rtu_line_that_vanishes_and_returns(tmp_path: Path) -> None:
     # Like a USB RS-485 adapter unplugged and plugged back: the PTY pair and the server go
     # away (same paths afterwards); the breaker opens, then the driver reopens the port.
     pty = PtyPair(tmp_path)
@@ -155,7 +155,7 @@ def test_rtu_line_that_vanishes_and_returns(tmp_path: Path) -> None:
 
     try:
         srv.start()
-        asyncio.run(main())
+        await main()
     finally:
         srv.stop()
         state["pty"].stop()

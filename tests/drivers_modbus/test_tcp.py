@@ -48,7 +48,7 @@ def tcp(port: int) -> str:
     return f'host = "127.0.0.1"\nport = {port}'
 
 
-def test_every_type_and_order_decodes(server: ModbusServer) -> None:
+async def test_every_type_and_order_decodes(server: ModbusServer) -> None:
     spec = specs(device_toml("all", tcp(server.port), POINTS, unit=1))["all"]
 
     async def main() -> dict[str, object]:
@@ -64,7 +64,7 @@ def test_every_type_and_order_decodes(server: ModbusServer) -> None:
             await drv.stop()
         return {r.point: r.value for r in readings}
 
-    got = asyncio.run(main())
+    got = await main()
     assert set(got) == set(EXPECTED)
     for name, want in EXPECTED.items():
         if isinstance(want, float):
@@ -123,7 +123,7 @@ verify = true
 """
 
 
-def test_writes_are_read_back_by_mbpoll(server: ModbusServer) -> None:
+async def test_writes_are_read_back_by_mbpoll(server: ModbusServer) -> None:
     spec = specs(device_toml("w", tcp(server.port), WRITE_POINTS, unit=2))["w"]
     p = {pt.name: pt for pt in spec.points}
 
@@ -150,7 +150,7 @@ def test_writes_are_read_back_by_mbpoll(server: ModbusServer) -> None:
         finally:
             await drv.stop()
 
-    asyncio.run(main())
+    await main()
     base = ["-m", "tcp", "-p", str(server.port), "-a", "2"]
     assert mbpoll("127.0.0.1", *base, "-t", "4", "-r", "0", "-c", "1") == ["215"]
     assert (
@@ -164,7 +164,7 @@ def test_writes_are_read_back_by_mbpoll(server: ModbusServer) -> None:
     assert mbpoll("127.0.0.1", *base, "-t", "4", "-r", "22", "-c", "1") == ["1"]
 
 
-def test_exception_response_is_a_protocol_error(
+async def test_exception_response_is_a_protocol_error(
     server: ModbusServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Unit 3 holds 3 registers: reading register 100 is ILLEGAL DATA ADDRESS. The unit is
@@ -185,14 +185,14 @@ def test_exception_response_is_a_protocol_error(
             await drv.stop()
 
     with caplog.at_level(logging.DEBUG, logger="test.modbus.exc"):
-        asyncio.run(main())
+        await main()
     records = [r for r in caplog.records if r.name == "test.modbus.exc"]
     levels = [r.levelno for r in records if "ILLEGAL DATA ADDRESS" in r.getMessage()]
     assert levels == [logging.WARNING, logging.DEBUG, logging.DEBUG]
     assert ctx.changes("x") == []
 
 
-def test_unknown_unit_exception_4_opens_the_breaker(server: ModbusServer) -> None:
+async def test_unknown_unit_exception_4_opens_the_breaker(server: ModbusServer) -> None:
     # pymodbus answers a unit it does not serve with exception 4 (SERVER DEVICE FAILURE).
     pts = "[devices.ghost.points.v]\naddress = 0\n"
     spec = specs(
@@ -218,11 +218,11 @@ def test_unknown_unit_exception_4_opens_the_breaker(server: ModbusServer) -> Non
         finally:
             await drv.stop()
 
-    asyncio.run(main())
+    await main()
     assert ctx.changes("ghost") == [False]
 
 
-def test_silent_unit_times_out_and_its_neighbour_keeps_working(server: ModbusServer) -> None:
+async def test_silent_unit_times_out_and_its_neighbour_keeps_working(server: ModbusServer) -> None:
     text = device_toml(
         "silent",
         tcp(server.port),
@@ -254,7 +254,7 @@ def test_silent_unit_times_out_and_its_neighbour_keeps_working(server: ModbusSer
         finally:
             await drv.stop()
 
-    asyncio.run(main())
+    await main()
     assert ctx.changes("silent") == [False]
     assert ctx.changes("alive") == [True]
 
@@ -269,7 +269,7 @@ def _short_and_long(port: int) -> dict[str, DeviceSpec]:
     )  # fmt: skip
 
 
-def test_each_request_waits_for_its_own_devices_timeout(server: ModbusServer) -> None:
+async def test_each_request_waits_for_its_own_devices_timeout(server: ModbusServer) -> None:
     s = _short_and_long(server.port)
     ctx = RecordingContext("test.modbus")
 
@@ -291,11 +291,11 @@ def test_each_request_waits_for_its_own_devices_timeout(server: ModbusServer) ->
         finally:
             await drv.stop()
 
-    asyncio.run(main())
+    await main()
     assert ctx.changes("short") == [False]
 
 
-def test_a_timeout_cut_short_by_the_poll_deadline_counts_for_the_breaker(
+async def test_a_timeout_cut_short_by_the_poll_deadline_counts_for_the_breaker(
     server: ModbusServer,
 ) -> None:
     s = _short_and_long(server.port)
@@ -321,11 +321,11 @@ def test_a_timeout_cut_short_by_the_poll_deadline_counts_for_the_breaker(
         finally:
             await drv.stop()
 
-    asyncio.run(main())
+    await main()
     assert ctx.changes("short") == [False]
 
 
-def test_bounded_queue_fails_fast(server: ModbusServer) -> None:
+async def test_bounded_queue_fails_fast(server: ModbusServer) -> None:
     text = device_toml(
         "q", tcp(server.port), "[devices.q.points.v]\naddress = 0\n", unit=3, queue_size=1
     )
@@ -343,7 +343,7 @@ def test_bounded_queue_fails_fast(server: ModbusServer) -> None:
         finally:
             await drv.stop()
 
-    results = asyncio.run(main())
+    results = await main()
     busy = [r for r in results if isinstance(r, DeviceUnavailable)]
     ok = [r for r in results if isinstance(r, list)]
     assert busy and all("bus busy" in str(r) for r in busy)
@@ -352,7 +352,7 @@ def test_bounded_queue_fails_fast(server: ModbusServer) -> None:
     assert ctx.changes("q") == [True]  # a full queue says nothing about the device
 
 
-def test_killed_server_opens_the_breaker_and_recovers(
+async def test_killed_server_opens_the_breaker_and_recovers(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     a = ModbusServer(tmp_path, {1: {"hr": [11, 12]}}, name="a").start()
@@ -395,7 +395,7 @@ def test_killed_server_opens_the_breaker_and_recovers(
 
     try:
         with caplog.at_level(logging.DEBUG, logger="test.modbus.kill"):
-            asyncio.run(main())
+            await main()
     finally:
         a.stop()
         b.stop()
@@ -407,7 +407,7 @@ def test_killed_server_opens_the_breaker_and_recovers(
     assert "recovered" in records[-1].getMessage()
 
 
-def test_tcp_link_where_nobody_answers_is_reopened(server: ModbusServer) -> None:
+async def test_tcp_link_where_nobody_answers_is_reopened(server: ModbusServer) -> None:
     pts = "[devices.mute.points.v]\naddress = 0\n"
     spec = specs(
         device_toml("mute", tcp(server.port), pts, unit=5, timeout=0.2, breaker_threshold=10)
@@ -430,4 +430,4 @@ def test_tcp_link_where_nobody_answers_is_reopened(server: ModbusServer) -> None
         finally:
             await drv.stop()
 
-    asyncio.run(main())
+    await main()

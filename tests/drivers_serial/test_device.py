@@ -125,7 +125,7 @@ def test_length_prefixed_cbor_stream_with_noise() -> None:
     assert dev.stats.malformed == 2  # the noise before the marker, the bad CBOR frame
 
 
-def test_request_answers_and_unsolicited_frames() -> None:
+async def test_request_answers_and_unsolicited_frames() -> None:
     dev, ctx = make(
         'mode = "request"\nrequest = "R\\r"\nresponse_frames = 2\n'
         'parser = { type = "regex", pattern = "(?P<k>[a-z]+)=(?P<v>[0-9]+)" }\n'
@@ -144,13 +144,13 @@ def test_request_answers_and_unsolicited_frames() -> None:
         assert [(r.point, r.value) for r in got] == [("k", "b"), ("v", 2), ("k", "c"), ("v", 3)]
         assert dev.link.sent == [b"R\r"]  # type: ignore[union-attr]
 
-    asyncio.run(main())
+    await main()
     assert dev.stats.unsolicited == 2  # "a=1" before, "d=4" after the answer
     assert dev.stats.malformed == 1
     assert emitted(ctx) == []
 
 
-def test_port_loss_fails_a_waiting_request() -> None:
+async def test_port_loss_fails_a_waiting_request() -> None:
     dev, ctx = make('mode = "request"\nrequest = "R"\nparser = { type = "json" }\n'
                     '[devices.d.points.v]\n')  # fmt: skip
 
@@ -164,5 +164,5 @@ def test_port_loss_fails_a_waiting_request() -> None:
         with pytest.raises(DeviceUnavailable, match="device disconnected"):
             await task
 
-    asyncio.run(main())
+    await main()
     assert [(a, r) for _, a, r in ctx.availability] == [(False, "device disconnected")]

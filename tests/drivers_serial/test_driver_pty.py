@@ -60,7 +60,7 @@ type = "float"
 """
 
 
-def test_delimited_lines_are_emitted_and_read(pty: PtyPair) -> None:
+async def test_delimited_lines_are_emitted_and_read(pty: PtyPair) -> None:
     async def main() -> None:
         ctx = serial_context()
         drv = await started(ctx, device(pty.a, LINES))
@@ -84,7 +84,7 @@ def test_delimited_lines_are_emitted_and_read(pty: PtyPair) -> None:
             os.close(fd)
             await drv.stop()
 
-    asyncio.run(main())
+    await main()
 
 
 NMEA = """
@@ -99,7 +99,7 @@ field = "rmc.speed_knots"
 """
 
 
-def test_nmea_good_bad_checksums_and_garbage(
+async def test_nmea_good_bad_checksums_and_garbage(
     pty: PtyPair, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="gateway.driver.serial.test")
@@ -128,7 +128,7 @@ def test_nmea_good_bad_checksums_and_garbage(
             os.close(fd)
             await drv.stop()
 
-    asyncio.run(main())
+    await main()
     debug = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
     assert any("checksum mismatch" in m for m in debug)
     assert any("longer than 128 bytes" in m for m in debug)
@@ -150,7 +150,7 @@ UBX_1 = ubx(0x01, 0x07, bytes([0x24, 0x00, 0xFF, 0x21, 0x0D, 0x80, 0x0A, 0x24, 0
 UBX_2 = ubx(0x01, 0x35, bytes([0x21, 0x24, 0xB5, 0x62, 0x2A, 0x30, 0x0A, 0x0D]) * 6)
 
 
-def test_nmea_right_after_binary_ubx_frames_is_read(pty: PtyPair) -> None:
+async def test_nmea_right_after_binary_ubx_frames_is_read(pty: PtyPair) -> None:
     async def main() -> None:
         ctx = serial_context()
         drv = await started(ctx, device(pty.a, NMEA))
@@ -167,10 +167,10 @@ def test_nmea_right_after_binary_ubx_frames_is_read(pty: PtyPair) -> None:
             os.close(fd)
             await drv.stop()
 
-    asyncio.run(main())
+    await main()
 
 
-def test_port_vanishes_and_comes_back(pty: PtyPair, caplog: pytest.LogCaptureFixture) -> None:
+async def test_port_vanishes_and_comes_back(pty: PtyPair, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG, logger="gateway.driver.serial.test")
 
     async def main() -> None:
@@ -199,7 +199,7 @@ def test_port_vanishes_and_comes_back(pty: PtyPair, caplog: pytest.LogCaptureFix
         finally:
             await drv.stop()
 
-    asyncio.run(main())
+    await main()
     ours = [r for r in caplog.records if r.name == "gateway.driver.serial.test"]
     warnings = [r for r in ours if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "lost" in warnings[0].getMessage()
@@ -208,7 +208,7 @@ def test_port_vanishes_and_comes_back(pty: PtyPair, caplog: pytest.LogCaptureFix
     assert not [r for r in ours if r.levelno >= logging.ERROR]
 
 
-def test_port_missing_at_start_is_opened_when_it_appears(tmp_path: Path) -> None:
+async def test_port_missing_at_start_is_opened_when_it_appears(tmp_path: Path) -> None:
     pair = PtyPair(tmp_path)
 
     async def main() -> None:
@@ -224,7 +224,7 @@ def test_port_missing_at_start_is_opened_when_it_appears(tmp_path: Path) -> None
             await drv.stop()
 
     try:
-        asyncio.run(main())
+        await main()
     finally:
         pair.stop()
 
@@ -274,7 +274,7 @@ class Responder:
         os.close(self.fd)
 
 
-def test_request_response(pty: PtyPair) -> None:
+async def test_request_response(pty: PtyPair) -> None:
     async def main() -> None:
         ctx = serial_context()
         drv = await started(ctx, device(pty.a, REQUEST))
@@ -311,4 +311,4 @@ def test_request_response(pty: PtyPair) -> None:
             dev.close()
             await drv.stop()
 
-    asyncio.run(main())
+    await main()

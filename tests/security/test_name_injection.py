@@ -28,7 +28,7 @@ from tests.support.daemon import Daemon, run_cli, start_daemon
 from tests.support.mqtt import Mosquitto, Subscriber
 from tests.support.peers import free_port, wait_until
 from tests.support.wait import until
-from tests.sync.helpers import aio, dead_letters, mqtt_config, open_store, running_relay
+from tests.sync.helpers import dead_letters, mqtt_config, open_store, running_relay
 
 ROOT = Path(__file__).resolve().parents[2]
 FORGED = "x\n2026-12-04 05:00:00,000 ERROR gateway.store: store corrupted"
@@ -46,7 +46,6 @@ def _pub(port: int, payload: str) -> None:
 # -- the relay: an event it cannot publish is a dead letter, never "delivered" -------------
 @pytest.mark.peer("mosquitto")
 @pytest.mark.parametrize("stored_bodies", [False, True], ids=["per-event", "grouped"])
-@aio
 async def test_unpublishable_events_are_dead_lettered_not_delivered(
     mosquitto: Mosquitto, tmp_path: Path, stored_bodies: bool
 ) -> None:
@@ -101,7 +100,6 @@ async def test_unpublishable_events_are_dead_lettered_not_delivered(
 
 
 @pytest.mark.peer("mosquitto")
-@aio
 async def test_downlink_commands_naming_bad_devices_or_points_are_refused(
     mosquitto: Mosquitto, tmp_path: Path
 ) -> None:
@@ -200,7 +198,7 @@ def _ctl(config: Path, *args: str) -> Any:
 
 
 @pytest.mark.peer("mosquitto")
-def test_names_from_the_network_cannot_reach_topics_logs_or_tables(tmp_path: Path) -> None:
+async def test_names_from_the_network_cannot_reach_topics_logs_or_tables(tmp_path: Path) -> None:
     coap_port = free_port(socket.SOCK_DGRAM)
     broker = Mosquitto(port=free_port())
     config = tmp_path / "config.toml"
@@ -226,14 +224,14 @@ def test_names_from_the_network_cannot_reach_topics_logs_or_tables(tmp_path: Pat
         link = b"</t>"
         attacks = [("/rd", [f"ep={n}", "lt=600"], link, 40) for n in BAD_NAMES]
         attacks.append(("/rd", ["ep=ok-1", "d=plant+1"], link, 40))  # a bad sector
-        codes = asyncio.run(_coap(coap_port, attacks))
+        codes = await _coap(coap_port, attacks)
         assert codes == ["4.00"] * len(attacks), list(zip(BAD_NAMES, codes, strict=False))
-        codes = asyncio.run(_coap(coap_port, [
+        codes = await _coap(coap_port, [
             ("/rd", ["ep=pump-1"], link, 40),  # a configured device: not an RD endpoint
             ("/telemetry", [], b'[{"bn":"ok-1/","n":"t/x","v":1}]', 110),  # '/' in a point
             ("/rd", ["ep=ok-1", "lt=600"], link, 40),
             ("/telemetry", [], b'[{"bn":"ok-1/","n":"t","v":1}]', 110),
-        ]))  # fmt: skip
+        ])  # fmt: skip
         assert codes == ["4.03", "4.00", "2.01", "2.04"]
 
         wait_until(lambda: {e["type"] for e in sub.events() if e["stream"] == "device:ok-1"}
@@ -273,7 +271,7 @@ def test_daemon_log_lines_escape_control_characters() -> None:
                              "store corrupted\\x1b[2J")  # fmt: skip
 
 
-def test_cli_tables_escape_control_characters(tmp_path: Path) -> None:
+async def test_cli_tables_escape_control_characters(tmp_path: Path) -> None:
     # A database written before names were checked: gatewayctl reads it (daemon down).
     config = tmp_path / "config.toml"
     config.write_text(f'[gateway]\nid = "gw"\nstate_dir = "{tmp_path}"\n'
@@ -291,7 +289,7 @@ def test_cli_tables_escape_control_characters(tmp_path: Path) -> None:
         finally:
             await store.close()
 
-    asyncio.run(fill())
+    await fill()
     p = run_cli(config, "devices")
     assert p.returncode == 0, p.stderr
     lines = p.stdout.splitlines()
@@ -301,7 +299,7 @@ def test_cli_tables_escape_control_characters(tmp_path: Path) -> None:
     assert "evil\\x1b[2J\\nforged  rd  yes" in rows[0]
 
 
-def test_ble_discovery_keeps_an_invalid_advertised_name_only_as_escaped_text(
+async def test_ble_discovery_keeps_an_invalid_advertised_name_only_as_escaped_text(
     tmp_path: Path,
 ) -> None:
     # The door a BLE driver reports a stranger through (its DriverContext) into the store.
@@ -325,7 +323,7 @@ def test_ble_discovery_keeps_an_invalid_advertised_name_only_as_escaped_text(
         finally:
             await store.close()
 
-    found = asyncio.run(go())
+    found = await go()
     assert [(d["name"], d.get("advertised_name")) for d in found] == [
         ("ATC_1234", None),
         (None, "evil\\n2026 ERROR forged+#"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -94,18 +94,3 @@ def check_order(events: list[dict[str, Any]], gateway_id: str = "gw") -> dict[st
     for stream, versions in per_stream.items():
         assert versions == sorted(versions), f"{stream} out of order: {versions}"
     return per_stream
-
-
-Awaitable_ = Awaitable
-
-
-def aio(fn: Callable[..., Awaitable[None]]) -> Callable[..., None]:
-    """Run an async test with asyncio.run (no pytest plugin needed); keeps the signature
-    so fixtures still resolve."""
-    import functools
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> None:
-        asyncio.run(fn(*args, **kwargs))  # type: ignore[arg-type]
-
-    return wrapper

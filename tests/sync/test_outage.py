@@ -14,7 +14,6 @@ from gateway.sync.relay import requeue_rows
 from tests.support.mqtt import Mosquitto, Subscriber
 from tests.support.wait import until
 from tests.sync.helpers import (
-    aio,
     check_order,
     dead_letters,
     mqtt_config,
@@ -35,7 +34,6 @@ async def _produce(store: EventStore, produced: list[int], streams: int = 3) -> 
         await asyncio.sleep(0.002)  # a steady producer, not synchronisation
 
 
-@aio
 async def test_broker_stopped_and_restarted_while_events_keep_coming(
     mosquitto: Mosquitto, tmp_path: Path
 ) -> None:
@@ -135,7 +133,6 @@ class SilentBroker:
         await self.server.wait_closed()
 
 
-@aio
 async def test_a_broker_that_never_acks_never_gets_a_row_deleted(tmp_path: Path) -> None:
     broker = SilentBroker()
     await broker.start()
@@ -156,7 +153,6 @@ async def test_a_broker_that_never_acks_never_gets_a_row_deleted(tmp_path: Path)
         await broker.stop()
 
 
-@aio
 async def test_poison_events_go_to_dead_letters_the_rest_flows_and_requeue_works(
     tmp_path: Path,
 ) -> None:
@@ -204,7 +200,6 @@ async def test_poison_events_go_to_dead_letters_the_rest_flows_and_requeue_works
         broker.remove()
 
 
-@aio
 async def test_an_event_over_the_brokers_maximum_packet_size_is_dead_not_a_loop(
     tmp_path: Path,
 ) -> None:
