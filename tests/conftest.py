@@ -1,4 +1,5 @@
-"""Fixtures shared by several test folders (their helpers live in tests/support)."""
+"""Fixtures shared by several test folders (their helpers live in tests/support), and the
+`slow` marker, applied here to every test that starts a peer or another process."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 from tests.support.coap import CoapGateway
 from tests.support.daemon import Daemon
 from tests.support.mqtt import Mosquitto
+from tests.support.slow import starts_a_process
 
 
 @pytest.fixture
@@ -49,3 +51,13 @@ def gateway_factory(tmp_path: Path) -> Iterator[Callable[..., CoapGateway]]:
     yield make
     for gw in reversed(started):
         gw.stop()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark `slow` what needs a peer (a `peer` mark, or a peer started by the test, its
+    fixtures or the helpers they call): `-m "not slow"` is the quick loop of pure tests."""
+    for item in items:
+        if item.get_closest_marker("slow") is None and (
+            item.get_closest_marker("peer") is not None or starts_a_process(item)
+        ):
+            item.add_marker(pytest.mark.slow)

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import cbor2
+import pytest
 from aiocoap import POST, Message
 from aiocoap.message import Direction
 from hypothesis import HealthCheck, given, settings
@@ -21,6 +22,8 @@ from hypothesis import strategies as st
 from gateway.coap.config import CoapConfig
 from gateway.coap.resources import Backend, DeviceResource, Gate, TelemetryResource
 from gateway.events import Event, NewEvent
+
+pytestmark = pytest.mark.slow  # fuzzing: thousands of generated cases
 
 VALID_CBOR = cbor2.dumps(
     [

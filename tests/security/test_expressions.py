@@ -49,12 +49,14 @@ def check(expr: str) -> None:
         assert type(v) in (int, float, bool), (expr, v)
 
 
+@pytest.mark.slow  # hundreds of generated cases
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.text(alphabet=ALPHABET, max_size=60))
 def test_random_text_loads_or_is_a_config_error_with_a_column(text: str) -> None:
     check(text)
 
 
+@pytest.mark.slow  # hundreds of generated cases
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.sampled_from(TOKENS), max_size=25))
 def test_random_token_soup_loads_or_is_a_config_error_with_a_column(tokens: list[str]) -> None:

@@ -33,6 +33,7 @@ def read_records(directory: Path, fmt: str) -> list[dict[str, Any]]:
     return out
 
 
+@pytest.mark.slow  # thousands of events through the sink
 @pytest.mark.parametrize("fmt", ["ndjson", "cbor-seq"])
 async def test_events_land_in_rotating_files_in_order(tmp_path: Path, fmt: str) -> None:
     out = tmp_path / "spool"

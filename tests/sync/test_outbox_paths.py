@@ -698,6 +698,7 @@ def _sent_in_order(sink: Any, total: int) -> None:
     assert all(q == sorted(q) for q in per_stream.values())
 
 
+@pytest.mark.slow  # thousands of events per case
 @pytest.mark.parametrize(
     ("backfill", "late_job_end"),
     [({"threshold": 100_000}, False), ({"threshold": 100_000}, True),
