@@ -136,8 +136,9 @@ async def serve_gateway(port: int, db: str, stock: bool = False) -> None:
 
         from gateway.coap.lean import LeanMessageManager
 
-        LeanMessageManager._deduplicate_message = MessageManager._deduplicate_message
-        LeanMessageManager._store_response_for_duplicates = (
+        # Swapping the methods back on the class is the point (aiocoap is untyped for us).
+        LeanMessageManager._deduplicate_message = MessageManager._deduplicate_message  # type: ignore[method-assign]
+        LeanMessageManager._store_response_for_duplicates = (  # type: ignore[method-assign]
             MessageManager._store_response_for_duplicates
         )
     pauses = GcPauses()

@@ -65,7 +65,7 @@ def test_closed_until_threshold_consecutive_failures_then_open() -> None:
     b.failure(3.0, "b")
     assert b.state is State.CLOSED and b.allow(3.0)
     assert b.failure(4.0, "c") == Transition(opened=True)
-    assert b.state is State.OPEN and b.failures == 3 and b.last_error == "c"
+    assert b.state_at(4.0) is State.OPEN and b.failures == 3 and b.last_error == "c"
     assert b.retry_at == 14.0 and b.cooldown == 10.0
 
 
@@ -152,7 +152,8 @@ def test_reset_forgets_everything() -> None:
 
 
 def test_states_show_as_their_values() -> None:
-    assert f"{State.HALF_OPEN}" == "half-open" and State.OPEN == "open"
+    shown: str = State.OPEN  # a StrEnum is a str
+    assert f"{State.HALF_OPEN}" == "half-open" and shown == "open"
 
 
 @pytest.mark.parametrize(("threshold", "cooldown"), [(0, 1.0), (1, 0.0), (1, -2.0)])
@@ -169,14 +170,14 @@ def test_fixed_cooldown_cycle_with_one_probe() -> None:
     assert b.success().closed is False  # closed stays closed; the count restarts
     assert not b.failure(2.0).opened and not b.failure(2.5).opened
     assert b.failure(3.0).opened  # third in a row: open
-    assert b.state is State.OPEN and not b.allow(12.9)
+    assert b.state_at(12.9) is State.OPEN and not b.allow(12.9)
     assert b.wait(5.0) == pytest.approx(8.0)
     assert b.allow(13.0) and b.state is State.HALF_OPEN  # one probe after the cool-down...
     assert not b.allow(13.1)  # ...and only one
     t = b.failure(13.2)
-    assert not t.opened and b.state is State.OPEN  # failed probe: open again, no new event
+    assert not t.opened and b.state_at(13.2) is State.OPEN  # failed probe: open again, no event
     assert not b.allow(20.0) and b.allow(23.2)
-    assert b.success().closed is True and b.state is State.CLOSED
+    assert b.success().closed is True and b.state_at(23.2) is State.CLOSED
 
 
 def test_released_probe_may_be_retried() -> None:
@@ -197,7 +198,7 @@ def test_fixed_rest_as_gatt_links_use_it() -> None:
     assert b.wait(13) == 0 and b.allow(13)  # one trial allowed...
     assert b.state is State.HALF_OPEN and not b.allow(13)  # ...and only one
     b.success()
-    assert b.state == "closed" and b.failures == 0
+    assert b.state_at(13) == "closed" and b.failures == 0
 
 
 def test_breaker_opens_after_threshold_rests_then_lets_one_try_through() -> None:

@@ -234,10 +234,7 @@ async def test_adapter_disappearing_is_survived(bus: BluezBus) -> None:
 
         bus.remove_adapter()
         await ctx.wait_for(
-            lambda: (
-                ctx.last_availability("shed") is not None
-                and ctx.last_availability("shed")[0] is False
-            ),  # type: ignore[index]
+            lambda: ctx.changes("shed")[-1:] == [False],
             "shed unavailable after the adapter went away",
         )
         avail = ctx.last_availability("shed")

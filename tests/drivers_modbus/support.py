@@ -8,7 +8,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from tests.support.peers import Peer, free_port, require_binary, wait_until
 
@@ -129,7 +129,13 @@ SAMPLES: dict[str, Any] = {
     "float32": 3.5,
     "float64": -1234.5678,
 }
-ORDERS = [("big", "big"), ("little", "big"), ("big", "little"), ("little", "little")]
+Order = Literal["big", "little"]
+ORDERS: list[tuple[Order, Order]] = [
+    ("big", "big"),
+    ("little", "big"),
+    ("big", "little"),
+    ("little", "little"),
+]
 
 
 def _swap(regs: list[int]) -> list[int]:
@@ -189,7 +195,7 @@ def type_matrix() -> tuple[dict[str, list[Any]], str, dict[str, Any]]:
     expected["coil5"], expected["coil6"] = True, False
     toml.append('[devices.DEV.points.di9]\ntable = "discrete_input"\naddress = 9\n')
     expected["di9"] = True
-    tables = {
+    tables: dict[str, list[Any]] = {
         "hr": hr + [0] * 50,
         "ir": [0, 0, 1, 2, 0, 0],
         "co": [i == 5 for i in range(16)],

@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -32,7 +33,7 @@ TABLES, POINTS, EXPECTED = type_matrix()
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModbusServer]:
     tmp = tmp_path_factory.mktemp("mbtcp")
-    writable = {"hr": [0] * 40, "co": [False] * 16}
+    writable: dict[str, list[Any]] = {"hr": [0] * 40, "co": [False] * 16}
     srv = ModbusServer(
         tmp, {1: TABLES, 2: writable, 3: {"hr": [7, 8, 9]}}, silent=[5], name="tcp"
     ).start()

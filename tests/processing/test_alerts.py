@@ -190,8 +190,8 @@ def test_hysteresis_min_duration_ack_and_command_channel(
     got = [(m["id"], m["seq"]) for m in delivered(out)]
     assert len(got) == len(set(got))
     assert set(got) <= all_alerts and len(got) >= len(all_alerts) - 2
-    done = {(data["channel"], data["of"]) for *_x, data in events(config, "alert.delivered")}
-    assert {("file", seq) for _id, seq in got} == done
+    recorded = {(data["channel"], data["of"]) for *_x, data in events(config, "alert.delivered")}
+    assert {("file", seq) for _id, seq in got} == recorded
     failed = [data for *_x, data in events(config, "alert.delivery_failed")]
     assert failed and all(f["channel"] == "broken" and f["final"] for f in failed)
     assert all(f["error"] == "exit status 1" for f in failed)

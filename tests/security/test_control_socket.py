@@ -12,8 +12,9 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -53,7 +54,9 @@ def shared_run_dir() -> Iterator[Path]:
         shutil.rmtree(d, ignore_errors=True)
 
 
-def _as_user(sock: Path, requests: list[dict[str, object]], groups: list[int]) -> list[dict]:
+def _as_user(
+    sock: Path, requests: Sequence[Mapping[str, object]], groups: list[int]
+) -> list[dict[str, Any]]:
     proc = subprocess.run(
         ["/usr/bin/python3", "-I", "-c", CLIENT, str(sock), *map(json.dumps, requests)],
         user=NOBODY, group=NOBODY, extra_groups=groups, capture_output=True, text=True,
@@ -63,7 +66,7 @@ def _as_user(sock: Path, requests: list[dict[str, object]], groups: list[int]) -
     return list(json.loads(proc.stdout))
 
 
-def _control_events(config: Path) -> list[dict[str, object]]:
+def _control_events(config: Path) -> list[dict[str, Any]]:
     out = run_cli(config, "--json", "events", "tail", "-n", "1000", "--stream", "operator")
     assert out.returncode == 0, out.stderr
     events = [json.loads(line) for line in out.stdout.splitlines() if line.strip()]

@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway import config as cfg
+from gateway.errors import ConfigError
 from services.expr import EvalError, compile_expr
 
 ALPHABET = "ab 0123456789.+-*/%()<>=!,_[]{}'\"\\:;@`~^&|ifelsnotandrucmxpw\n\t"
@@ -29,7 +30,7 @@ def _toml(expr: str) -> str:
 def check(expr: str) -> None:
     try:
         c = cfg.loads(_toml(expr))
-    except cfg.ConfigError as exc:
+    except ConfigError as exc:
         assert exc.issues, expr
         for issue in exc.issues:
             assert issue.path.startswith("derived.dev.p"), (expr, str(issue))
@@ -84,7 +85,7 @@ def test_random_token_soup_loads_or_is_a_config_error_with_a_column(tokens: list
     ],
 )
 def test_known_attacks_are_refused_at_load(expr: str) -> None:
-    with pytest.raises(cfg.ConfigError) as err:
+    with pytest.raises(ConfigError) as err:
         cfg.loads(_toml(expr))
     (issue,) = err.value.issues
     assert issue.path == "derived.dev.p.expr" and issue.message.startswith("column ")

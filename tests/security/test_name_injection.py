@@ -13,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -148,7 +149,9 @@ def test_config_names_follow_the_one_rule_with_their_toml_path() -> None:
 
 
 # -- the daemon: RD, SenML, MQTT, the log, gatewayctl ----------------------------------------
-async def _coap(port: int, requests: list[tuple[str, list[str], bytes, int | None]]) -> list[str]:
+async def _coap(
+    port: int, requests: Sequence[tuple[str, list[str], bytes, int | None]]
+) -> list[str]:
     from aiocoap import POST, Context, Message
 
     ctx = await Context.create_client_context(transports=["udp6"])

@@ -52,11 +52,14 @@ def _starts(obj: object, seen: set[int]) -> bool:
             return False
         seen.add(id(obj))
         return any(_starts(f, seen) for f in _functions_of(obj))
-    code = getattr(inspect.unwrap(obj), "__code__", None) if callable(obj) else None
+    if not callable(obj):
+        return False
+    func = inspect.unwrap(obj)
+    code = getattr(func, "__code__", None)
     if not isinstance(code, types.CodeType) or id(code) in seen:
         return False
     seen.add(id(code))
-    namespace: dict[str, Any] = getattr(inspect.unwrap(obj), "__globals__", {})
+    namespace: dict[str, Any] = getattr(func, "__globals__", {})
     for c in _code_objects(code):
         for name in c.co_names:
             if name in _STARTS_BY_NAME:

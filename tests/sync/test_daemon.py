@@ -94,7 +94,11 @@ async def test_sigkill_during_drain_repeatedly_loses_nothing(
         for threshold in (150, 600, 1200):  # messages of 2 events, of 2000
             daemon = gatewayd(config, tmp_path / f"gatewayd.{kills}.log")
             try:
-                wait_until(lambda t=threshold: len(sub.raw()) >= t, "a drain in progress", 600)
+
+                def draining(t: int = threshold) -> bool:
+                    return len(sub.raw()) >= t
+
+                wait_until(draining, "a drain in progress", 600)
                 assert db_query(db, "SELECT count(*) FROM outbox")[0][0] > 0, "still draining"
             finally:
                 daemon.signal(signal.SIGKILL)
