@@ -105,8 +105,12 @@ class Subscriber:
 
     def raw(self) -> list[tuple[str, bytes]]:
         out = []
-        for line in self.out.read_text(errors="replace").splitlines():
-            topic, _, hexpayload = line.partition(" ")
+        # Only whole lines: the last one may be being written right now, and a cut that
+        # falls between two hex digits still parses (to a cut payload).
+        for line in self.out.read_text(errors="replace").splitlines(keepends=True):
+            if not line.endswith("\n"):
+                continue
+            topic, _, hexpayload = line.rstrip("\n").partition(" ")
             if topic == "gateways/probe" or not hexpayload:
                 continue
             try:
