@@ -12,6 +12,10 @@ from drivers import DRIVERS, driver_class
 from drivers.base import Driver
 from gateway.config import DeviceSpec, PointSpec
 from gateway.errors import ConfigError
+from tests.drivers_ble import test_config as ble_samples
+from tests.drivers_coap import test_options as coap_samples
+from tests.drivers_modbus import test_config as modbus_samples
+from tests.drivers_serial import test_options as serial_samples
 
 ROOT = Path(__file__).resolve().parents[2]
 #: What each driver must not import until a device starts (its protocol library and helpers).
@@ -21,71 +25,15 @@ LIBRARIES = {
     "ble": ("bleak", "dbus_fast", "cryptography"),
     "coap": ("aiocoap",),
 }
-#: A valid config per driver, with the options that pull in most of its config code.
+#: A valid config per driver: each driver's own tests' sample, so this follows them.
 CONFIGS = {
-    "modbus": """
-[devices.boiler]
-driver = "modbus"
-host = "127.0.0.1"
-port = 1502
-unit = 3
-max_gap = 4
-breaker_threshold = 2
-breaker_cooldown = 5.0
-[devices.boiler.points.temp]
-address = 0
-type = "int16"
-scale = 0.1
-[devices.boiler.points.energy]
-table = "input"
-address = 10
-type = "uint32"
-word_order = "little"
-[devices.boiler.points.pump]
-table = "coil"
-address = 3
-writable = true
-[devices.boiler.points.alarm]
-address = 20
-bit = 4
-""",
-    "serial": """
-[devices.gps]
-driver = "serial"
-port = "/dev/ttyUSB0"
-baudrate = 38400
-framing = { type = "delimiter", delimiter = "\\r\\n" }
-parser = { type = "nmea", sentences = ["GGA", "RMC"] }
-[devices.gps.points.lat]
-field = "gga.lat"
-[devices.gps.points.speed]
-field = "rmc.speed_knots"
-""",
-    "ble": """
-[devices.k]
-driver = "ble"
-address = "54:48:E6:8F:80:A5"
-format = "bthome"
-bindkey = "231d39c1d7cc1ab1aee224cd096db932"
-[devices.k.points.temperature]
-""",
-    "coap": """
-[devices.thermo]
-driver = "coap"
-uri = "coaps://127.0.0.1:5684/"
-psk_identity = "thermo"
-psk_key_file = "/etc/gateway/keys/thermo.psk"
-observe_margin = 2
-[devices.thermo.points.temp]
-path = "/sensors"
-mode = "observe"
-format = "senml"
-record = "temp"
-[devices.thermo.points.setpoint]
-path = "/setpoint?unit=C"
-writable = true
-write_method = "post"
-""",
+    "modbus": modbus_samples.GOOD,
+    "serial": serial_samples.GPS,
+    "ble": (
+        '[devices.k]\ndriver = "ble"\naddress = "54:48:E6:8F:80:A5"\nformat = "bthome"\n'
+        f'bindkey = "{ble_samples.KEY}"\n[devices.k.points.temperature]\n'
+    ),
+    "coap": coap_samples.GOOD,
 }
 
 
