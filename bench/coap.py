@@ -124,25 +124,21 @@ async def until_terminated() -> None:
 
 
 async def serve_gateway(port: int, db: str, stock: bool = False) -> None:
-    import gateway.coap  # noqa: F401 - registers the coap schema before the store opens
+    from gateway.coap import projection
     from gateway.coap.config import CoapConfig
     from gateway.coap.service import CoapServer
     from gateway.daemon import freeze_startup_objects, tune_process
     from gateway.store import EventStore
 
     if stock:
-        # For comparison only: aiocoap's own duplicate detection instead of DedupCache.
-        from aiocoap.messagemanager import MessageManager
+        # For comparison only: aiocoap's own duplicate detection instead of DedupCache
+        # (the stock path of gateway.coap.aiocoap_compat).
+        from gateway.coap import aiocoap_compat
 
-        from gateway.coap.lean import LeanMessageManager
-
-        # Swapping the methods back on the class is the point (aiocoap is untyped for us).
-        LeanMessageManager._deduplicate_message = MessageManager._deduplicate_message  # type: ignore[method-assign]
-        LeanMessageManager._store_response_for_duplicates = (  # type: ignore[method-assign]
-            MessageManager._store_response_for_duplicates
-        )
+        aiocoap_compat.use(aiocoap_compat.Internals(dedup=False, render=True, routing=True))
     pauses = GcPauses()
 
+    projection.register()  # the coap schema, before the store opens
     store = await EventStore.open(db)
     config = CoapConfig(
         bind=("127.0.0.1",),

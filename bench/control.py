@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from gateway import config as cfg  # noqa: E402
+from gateway import parts  # noqa: E402
 from gateway.bus import Bus  # noqa: E402
 from gateway.control import ControlServer  # noqa: E402
 from gateway.daemon import build_services  # noqa: E402
@@ -67,9 +68,8 @@ def pct(xs: list[float], p: float) -> float:
 
 
 async def bench(tmp: Path, port: int, n: int) -> None:
-    import services.control  # noqa: F401  (its tables, before the store opens)
-
     c = cfg.loads(CONFIG.format(tmp=tmp, port=port))
+    parts.register_tables(c.sections)  # the parts' tables, before the store opens
     store = await EventStore.open(c.db_path, c.store, gateway_id="bench")
     bus = Bus(store)
     control = ControlServer(tmp / "bench.sock")

@@ -12,7 +12,6 @@ import argparse
 import asyncio
 import contextlib
 import gc
-import importlib
 import logging
 import os
 import signal
@@ -20,13 +19,14 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
-from gateway import __version__, names, systemd
+from gateway import __version__, names, parts, systemd
 from gateway import config as cfg
 from gateway import events as ev
 from gateway.bus import Bus
-from gateway.control import ControlServer, Peer
-from gateway.errors import ConfigError, GatewayError, PayloadError, StoreFull
-from gateway.logs import RateLimitedLog
+from gateway.control import ControlServer
+from gateway.daemon_verbs import DaemonVerbs
+from gateway.errors import ConfigError, GatewayError, StoreFullError
+from gateway.logs import LibraryNoise, RateLimitedLog
 from gateway.service import Service
 from gateway.store import EventStore, OutboxCodec
 from gateway.supervisor import Supervisor
@@ -36,42 +36,25 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gateway")
 
-#: Services started when their config section is present: section -> "module:Class".
-OPTIONAL_SERVICES: dict[str, str] = {
-    "coap": "gateway.coap.service:CoapService",
-    "sync": "gateway.sync.service:SyncService",
-    "metrics": "gateway.metrics:MetricsService",
-    "derived": "services.processing.service:ProcessingService",
-    "processing": "services.processing.service:ProcessingService",
-    "alerts": "services.notification.service:NotificationService",
-}
 
-
-def tune_process() -> None:
+def tune_process(gateway: cfg.GatewaySection | None = None) -> None:
     """Process-wide settings the daemon owns (measured with bench/coap.py and bench/store.py).
 
     The store's writer thread runs Python between its SQLite calls; with the default 5 ms GIL
     switch interval the event loop, back from every sendmsg/epoll, waits for it in 5 ms
-    slices: 0.5 ms gave +10..50 % CoAP requests/s and a lower p99.9.
+    slices: 0.5 ms (`gateway.switch_interval_ms`) gave +10..50 % CoAP requests/s and a
+    lower p99.9.
     """
-    sys.setswitchinterval(0.0005)
-
-
-def storage_writes() -> int | None:
-    """`write_bytes` of /proc/self/io (None where the kernel does not say)."""
-    try:
-        with open("/proc/self/io", "rb") as f:
-            for line in f:
-                if line.startswith(b"write_bytes:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
+    gateway = gateway or cfg.GatewaySection()
+    sys.setswitchinterval(gateway.switch_interval_ms / 1000.0)
 
 
 def freeze_startup_objects() -> None:
     """Everything built at start-up lives as long as the process: keep it out of the GC's
-    generations, so full collections only walk what requests create (short pauses)."""
+    generations, so full collections only walk what requests create (short pauses). After
+    a reload the same again: what the old config held goes back to the GC (it may be
+    garbage now), and what the new one built is frozen."""
+    gc.unfreeze()
     gc.collect()
     gc.freeze()
     release_freed_memory()
@@ -93,38 +76,20 @@ def release_freed_memory() -> None:
 
 
 def build_services(config: cfg.GatewayConfig) -> list[Service]:
-    from services.auth import AuthService
-    from services.collection import CollectionService
-    from services.control.service import ControlService
-    from services.devices import DevicesService
-
-    out: list[Service] = [AuthService(), DevicesService(), CollectionService()]
-    for section, ref in OPTIONAL_SERVICES.items():
-        conf = config.sections.get(section)
-        if conf is None or getattr(conf, "enabled", True) is False:
-            continue
-        if any(f"{type(s).__module__}:{type(s).__name__}" == ref for s in out):
-            continue  # one service serving several sections
-        module, _, attr = ref.partition(":")
-        out.append(getattr(importlib.import_module(module), attr)())
-    out.append(ControlService())  # last: the CoAP front door, if any, runs by then
-    return out
-
-
-def auth_policy(control: ControlServer, c: cfg.GatewayConfig) -> None:
-    from services.auth import apply_policy
-
-    apply_policy(control, c)
+    """The services this config runs (`gateway.parts`), in start order."""
+    return [parts.load(ref)() for ref in parts.services(config.sections)]
 
 
 def outbox_codec(c: cfg.GatewayConfig) -> OutboxCodec | None:
     """With cloud sync configured, outbox rows carry their events already encoded for the
     sink (imported only then: a gateway without sync loads none of it)."""
-    sync = c.sections.get("sync")
-    if sync is None:
+    if c.sections.get("sync") is None:
         return None
     from gateway.sync.codec import outbox_encoder
+    from gateway.sync.config import SyncConfig
 
+    sync = c.section("sync", SyncConfig)
+    assert sync is not None
     return outbox_encoder(sync, c.gateway.id)
 
 
@@ -159,8 +124,8 @@ class Daemon:
 
     async def run(self) -> int:
         c = self.config
-        tune_process()
-        importlib.import_module("services.control")  # its tables, before the store opens
+        tune_process(c.gateway)
+        parts.register_tables(c.sections)  # the parts' tables, before the store opens
         store = await self._open_store()
         if store is None:
             return 0  # stopped while waiting for room to open the database
@@ -170,8 +135,9 @@ class Daemon:
         self.supervisor = Supervisor(
             build_services(c), config=c, store=self.store, bus=bus, control=self.control
         )
-        self._register_verbs()
-        auth_policy(self.control, c)  # roles from the socket's first request on
+        DaemonVerbs(self).register(self.control)
+        for service in self.supervisor.services:  # (roles from the socket's first request on)
+            service.before_serving(self.control, c)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
@@ -186,7 +152,7 @@ class Daemon:
                 {"version": __version__, "pid": os.getpid(), "devices": len(c.devices)}
             )
             if c.sections.get("sync") is not None:
-                self._remote().resume()  # a remote config change still on probation
+                self.remote_config().resume()  # a remote config change still on probation
             freeze_startup_objects()
             systemd.ready(self.status_line())
             log.info("gatewayd %s ready: %s", __version__, self.status_line())
@@ -224,7 +190,7 @@ class Daemon:
                     c.db_path, c.store, gateway_id=c.gateway.id, outbox_codec=outbox_codec(c),
                     sink=has_sink(c), local_types=local_types(c),
                 )  # fmt: skip
-            except StoreFull as exc:
+            except StoreFullError as exc:
                 pause = c.store.check_interval
                 if not said:
                     log.error("cannot open the store: %s; retrying every %.1f s until there is "
@@ -246,7 +212,7 @@ class Daemon:
         try:
             await self.store.append(ev.GATEWAY_STREAM, ev.GATEWAY_STARTED, data)
             return None
-        except StoreFull as exc:
+        except StoreFullError as exc:
             log.warning("starting degraded: %s", exc)
         return asyncio.create_task(self._append_started(data), name="started")
 
@@ -257,10 +223,10 @@ class Daemon:
             try:
                 await self.store.append(ev.GATEWAY_STREAM, ev.GATEWAY_STARTED, data)
                 return
-            except StoreFull:
+            except StoreFullError:
                 continue
 
-    def _store_full_changed(self, why: StoreFull | None) -> None:
+    def _store_full_changed(self, why: StoreFullError | None) -> None:
         systemd.status(self.status_line())
 
     async def _bounded_shutdown(self) -> None:
@@ -348,6 +314,8 @@ class Daemon:
         self.reloads += 1
         self.last_reload_error = ""
         self.last_reload_kind = ""
+        tune_process(new.gateway)
+        freeze_startup_objects()  # what the new config built lives until the next reload
         log.info("config reloaded: %d devices", len(new.devices))
         try:
             await self.store.append(
@@ -392,114 +360,12 @@ class Daemon:
             except GatewayError as exc:
                 self._repeats.warning("retention", "retention failed: %s", exc)
 
-    # -- control verbs --------------------------------------------------------------------
-    def _register_verbs(self) -> None:
-        assert self.control is not None
-        self.control.audit = self._audit
-        self.control.register("status", self._cmd_status, mutating=False)
-        self.control.register("reload", self._cmd_reload, mutating=True)
-        self.control.register("db.rebuild", self._cmd_rebuild, mutating=True)
-        self.control.register("db.prune", self._cmd_prune, mutating=True)
-        self.control.register("note", self._cmd_note, mutating=True)
-        # From the sync service's link only (never the socket): a document from the cloud.
-        self.control.register("config.remote", self._cmd_config_remote, local=True)
-        self.control.register("config.rollback", self._cmd_config_rollback, mutating=True)
-
-    async def _audit(self, verb: str, args: dict[str, Any], peer: Peer, error: str | None) -> None:
-        """A state-changing verb ran: an event says which, with what, by whom, and how."""
-        assert self.store is not None
-        shown: Any = args
-        if len(repr(args)) > 4096:
-            shown = {"truncated": repr(args)[:4000]}
-        data: dict[str, Any] = {"verb": verb, "args": shown, **peer.as_dict(), "ok": error is None}
-        if error is not None:
-            data["error"] = error[:1000]
-        log.info("control: %s by uid %d gid %d pid %d%s", verb, peer.uid, peer.gid, peer.pid,
-                 "" if error is None else f" failed: {error}")  # fmt: skip
-        await self.store.append(ev.OPERATOR_STREAM, ev.CONTROL_VERB, data)
-
-    def _writes(self) -> dict[str, float | None]:
-        """Bytes this process has made the kernel write to storage (`/proc/self/io`; almost
-        all of it the store's WAL and checkpoints): SD-card wear, as a daily rate."""
-        written = storage_writes()
-        up = time.monotonic() - self.started_mono
-        per_day = None if written is None or up <= 0 else written / up * 86400
-        return {"written_bytes": written, "written_per_day": per_day}
-
-    async def _cmd_status(self, args: dict[str, Any]) -> Any:
-        assert self.store is not None and self.supervisor is not None
-        st = await self.store.stats()
-        return {
-            "gateway": self.config.gateway.id,
-            "version": __version__,
-            "pid": os.getpid(),
-            "uptime": time.monotonic() - self.started_mono,
-            "started": self.started_wall,
-            "config": self.config_path,
-            "status": self.status_line(),
-            "services": self.supervisor.health(),
-            "devices": len(self.config.devices),
-            "store": {
-                "path": st.path, "file_bytes": st.file_bytes, "used_bytes": st.used_bytes,
-                "quota_bytes": st.quota_bytes, "last_seq": st.last_seq, "events": st.events,
-                "dropped": st.dropped, "rejected": st.rejected,
-                "full": None if self.store.full is None else str(self.store.full),
-                **self._writes(),
-            },
-            "outbox": {
-                "depth": st.outbox_depth, "bytes": st.outbox_bytes,
-                "oldest_undelivered": st.oldest_undelivered, "dead_letters": st.dead_letters,
-            },
-            "reloads": self.reloads,
-            "last_reload_error": self.last_reload_error,
-        }  # fmt: skip
-
-    async def _cmd_reload(self, args: dict[str, Any]) -> Any:
-        ok = await self.reload()
-        return {
-            "applied": ok, "errors": self.last_reload_error, "kind": self.last_reload_kind,
-            "devices": len(self.config.devices),
-        }  # fmt: skip
-
-    def _remote(self) -> RemoteConfig:
+    def remote_config(self) -> RemoteConfig:
         if self.remote is None:  # (imported only when used)
             from gateway.sync.remote_config import RemoteConfig
 
             self.remote = RemoteConfig(self)
         return self.remote
-
-    async def _cmd_config_remote(self, args: dict[str, Any]) -> Any:
-        await self._remote().receive(bytes(args["document"]), str(args["endpoint"]))
-
-    async def _cmd_config_rollback(self, args: dict[str, Any]) -> Any:
-        """The caller is recorded by the audit event too (SO_PEERCRED); `user` is as told."""
-        who: dict[str, Any] = {"source": "cli"}
-        if isinstance(args.get("user"), str):
-            who["user"] = args["user"][:64]
-        return await self._remote().rollback(who)
-
-    async def _cmd_rebuild(self, args: dict[str, Any]) -> Any:
-        assert self.store is not None
-        return {"replayed": await self.store.rebuild()}
-
-    async def _cmd_note(self, args: dict[str, Any]) -> Any:
-        """An operator's note into the log ("replaced sensor"); answered after the commit."""
-        assert self.store is not None
-        text = args.get("text")
-        if not isinstance(text, str) or not text.strip():
-            raise PayloadError("note: text must be a non-empty string")
-        if len(text) > 4096:
-            raise PayloadError(f"note: text is {len(text)} characters, at most 4096")
-        data: dict[str, Any] = {"text": text}
-        if isinstance(args.get("author"), str):
-            data["author"] = args["author"]
-        e = await self.store.append(ev.OPERATOR_STREAM, ev.OPERATOR_NOTE, data)
-        return {"seq": e.seq, "version": e.version}
-
-    async def _cmd_prune(self, args: dict[str, Any]) -> Any:
-        assert self.store is not None
-        age = args.get("older_than")
-        return {"pruned": await self.store.prune(float(age) if age is not None else None)}
 
 
 def _stack(task: asyncio.Task[Any]) -> list[str]:
@@ -532,6 +398,7 @@ def setup_logging(level: str) -> None:
 
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_Fmt(fmt))
+    handler.addFilter(LibraryNoise())  # pymodbus' own chatter: DEBUG (the driver reports)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -252,7 +252,7 @@ class MetricsService(Service):
         self.last_error = ""
 
     async def start(self, ctx: ServiceContext) -> None:
-        self.config = ctx.config.sections["metrics"]
+        self.config = ctx.config.section("metrics", MetricsConfig)
         self._ctx = ctx
         ctx.create_task(self._loop(), name="metrics")
 
@@ -260,7 +260,7 @@ class MetricsService(Service):
         """Nothing to release: the supervisor cancels the loop; the last file stays."""
 
     async def reload(self, config: GatewayConfig) -> None:
-        self.config = config.sections["metrics"]
+        self.config = config.section("metrics", MetricsConfig)
 
     async def _loop(self) -> None:
         while self.config is not None:

@@ -79,5 +79,9 @@ class Service(abc.ABC):
     def health(self) -> Health:
         return Health.ok()
 
+    def before_serving(self, control: ControlServer, config: GatewayConfig) -> None:  # noqa: B027
+        """Called once before the control socket opens and any service starts: what the socket
+        must enforce from its first request on (the auth service's roles). Default: nothing."""
+
     async def reload(self, config: GatewayConfig) -> None:  # noqa: B027 - optional hook
         """Apply a new, already validated config (SIGHUP). Default: nothing to change."""

@@ -141,6 +141,9 @@ class AuthService(Service):
         self._apply(ctx.config)
         ctx.control.on_denied = self._denied
 
+    def before_serving(self, control: ControlServer, config: GatewayConfig) -> None:
+        apply_policy(control, config)
+
     async def stop(self) -> None:
         self.ctx.control.on_denied = None
         self.ctx.control.policy = None

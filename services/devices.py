@@ -5,13 +5,12 @@ Directory, BLE adoption) register through events too. Serves the `devices` contr
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from gateway import events as ev
 from gateway.config import DeviceSpec, GatewayConfig
-from gateway.errors import StoreFull, UsageError
+from gateway.errors import StoreFullError, UsageError
 from gateway.events import NewEvent
 from gateway.service import Health, Service, ServiceContext
 from gateway.store import queries
@@ -67,7 +66,7 @@ class DevicesService(Service):
         if todo:
             try:
                 await self.ctx.store.append_many(todo)
-            except StoreFull as exc:
+            except StoreFullError as exc:
                 # A full store must not stop the daemon (delivery and retention make room).
                 if not self._unrecorded:  # said once, not at every retry
                     self.ctx.logger.warning(
@@ -88,7 +87,7 @@ class DevicesService(Service):
             await self._sync(self.ctx.config)
 
     async def _cmd_devices(self, args: Mapping[str, Any]) -> Any:
-        return await self.ctx.store.read(devices_view)
+        return await self.ctx.store.read(queries.devices_view)
 
     async def _cmd_forget(self, args: Mapping[str, Any]) -> Any:
         """Forget devices that are not configured (telemetry-only, RD): one
@@ -123,14 +122,3 @@ class DevicesService(Service):
         if self._unrecorded:
             return Health.degraded(self._unrecorded)
         return Health.ok(f"{len(self.ctx.config.devices)} configured")
-
-
-def devices_view(conn: sqlite3.Connection) -> list[dict[str, Any]]:
-    """Devices with their latest values, for `gatewayctl devices` (daemon or file)."""
-    devs = queries.devices(conn)
-    latest: dict[str, list[dict[str, Any]]] = {}
-    for row in queries.latest(conn):
-        latest.setdefault(row["device"], []).append(row)
-    for d in devs:
-        d["points"] = len(latest.get(d["id"], []))
-    return devs

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway import config as cfg
+from gateway import parts
 from gateway.cli.common import (
     ask_daemon,
     daemon_or_file,
@@ -155,13 +156,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 # -- devices ------------------------------------------------------------------------------
 def cmd_devices(args: argparse.Namespace) -> int:
-    from services.devices import devices_view
-
     if args.device == "forget":
         if not args.ids:
             return fail("devices forget: name the devices to remove", EXIT_USAGE)
         return cmd_devices_forget(args)
-    devs, live = daemon_or_file(args, "devices", devices_view)
+    devs, live = daemon_or_file(args, "devices", queries.devices_view)
     if args.device is not None:
         return _device(args, [d for d in devs if d["id"] == args.device], live)
     if args.json:
@@ -181,11 +180,13 @@ def cmd_devices(args: argparse.Namespace) -> int:
 
 
 def _device(args: argparse.Namespace, found: list[dict[str, Any]], live: bool) -> int:
-    """One device, with its pending and recent commands (the control service's)."""
-    from services.control import projection
-
+    """One device, with its pending and recent commands (the control service's: its verbs
+    hand over their reader as `device_commands`)."""
     kw = {"device": args.device}
-    cmds, _ = daemon_or_file(args, "commands", lambda c: projection.commands(c, args.device), **kw)
+    cmds: list[dict[str, Any]] = []
+    reader = getattr(args, "device_commands", None)
+    if reader is not None:
+        cmds, _ = daemon_or_file(args, "commands", lambda c: reader(c, args.device), **kw)
     if not found and not cmds:
         return fail(f"no device {args.device!r} (see `gatewayctl devices`)", EXIT_USAGE)
     if args.json:
@@ -342,6 +343,7 @@ def cmd_db_rebuild(args: argparse.Namespace) -> int:
     except Down:
         if not c.db_path.exists():
             return fail(f"{c.db_path}: no database", EXIT_STORE)
+        parts.register_tables(c.sections)  # the daemon's projections, not only the core's
         result = {"replayed": maintenance.rebuild_offline(c.db_path)}
         where = "on the file (daemon not running)"
     if args.json:

@@ -13,17 +13,9 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from gateway import __version__
+from gateway import __version__, parts
 from gateway import config as cfg
-from gateway.errors import EXIT_USAGE, ConfigError, GatewayError
-
-#: Modules that add verbs: each has `add_parsers(sub)`. Missing ones are skipped.
-VERB_MODULES = (
-    "gateway.cli.core", "gateway.cli.export", "gateway.cli.metrics", "gateway.sync.cli",
-    "services.notification.cli", "services.control.cli",
-)  # fmt: skip
-#: Drivers with a `probe.py` (`add_parser(sub)`): `gatewayctl probe <kind> ...`.
-PROBE_KINDS = ("modbus", "serial", "ble", "coap")
+from gateway.errors import EXIT_UNAVAILABLE, EXIT_USAGE, ConfigError, GatewayError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -59,6 +51,38 @@ def _import_optional(ref: str) -> Any:
         raise
 
 
+class _Unavailable:
+    """Stands in for `gatewayctl probe`'s subparsers when a probe cannot run here: its entry
+    (in `probe --help` and its own) says why, and running it says so instead."""
+
+    def __init__(self, sub: argparse._SubParsersAction[Any], why: str) -> None:
+        self.sub = sub
+        self.why = why
+
+    def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        note = f"[unavailable: {self.why}]"
+        kwargs["help"] = f"{kwargs['help']} {note}" if kwargs.get("help") else note
+        kwargs["description"] = f"{kwargs.get('description') or ''} {note}".strip()
+        parser: argparse.ArgumentParser = self.sub.add_parser(name, **kwargs)
+        parser.set_defaults(unavailable=f"probe {name}: {self.why}")
+        return parser
+
+
+def _add_probes(psub: argparse._SubParsersAction[Any]) -> None:
+    """Every driver's probe (`gateway.parts`); one that cannot run here is listed all the same,
+    saying which library it lacks."""
+    for part in parts.probes():
+        why = parts.missing_library(part)
+        try:
+            module = importlib.import_module(part.probe)
+        except ImportError as exc:  # not in this build, or its library imported at load
+            missing = exc.name or part.probe
+            stub = _Unavailable(psub, why or f"cannot load {part.probe} ({missing} is missing)")
+            stub.add_parser(part.name).add_argument("args", nargs=argparse.REMAINDER)
+            continue
+        module.add_parser(psub if why is None else _Unavailable(psub, why))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="gatewayctl",
@@ -68,17 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"gatewayctl {__version__}")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     sub.required = True
-    for ref in VERB_MODULES:
+    for ref in parts.verb_modules():
         module = _import_optional(ref)
         if module is not None:
             module.add_parsers(sub)
     probe = sub.add_parser("probe", help="talk to a device directly, without the config")
     psub = probe.add_subparsers(dest="kind", metavar="KIND")
     psub.required = True
-    for kind in PROBE_KINDS:
-        module = _import_optional(f"drivers.{kind}.probe")
-        if module is not None:
-            module.add_parser(psub)
+    _add_probes(psub)
     return parser
 
 
@@ -89,6 +110,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.json = False
     if not hasattr(args, "config"):
         args.config = None
+    if getattr(args, "unavailable", None):
+        print(f"gatewayctl: {args.unavailable}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
     try:
         status: int = args.func(args)
     except ConfigError as exc:

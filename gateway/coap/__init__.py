@@ -1,12 +1,7 @@
 """CoAP front door: SenML ingest, device state with Observe, Resource Directory, DTLS/OSCORE.
 
-Importing this package registers the `coap` schema and the RD projection with the store
-(cheap: no aiocoap import); the server itself is `gateway.coap.service.CoapService`.
+The server is `gateway.coap.service.CoapService`; its table (`coap_rd`) is registered with
+the store by `gateway.coap.projection.register`, which the daemon calls (through
+`gateway.parts`) before the store opens. Importing this package does nothing: the CoAP
+driver uses its SenML codec without the front door.
 """
-
-from gateway.coap.projection import SCHEMA, RdProjection
-from gateway.store.projections import register_projection
-from gateway.store.schema import register_schema
-
-register_schema("coap", SCHEMA)
-register_projection(RdProjection())

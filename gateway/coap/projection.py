@@ -1,7 +1,7 @@
 """The CoAP front door's own table: `coap_rd`, live Resource Directory registrations.
 
-Registered with the store at import of `gateway.coap` (which the config loader imports when
-a `[coap]` section exists), so the schema and projection are in place before the store opens.
+Registered with the store by `register()`, called (through `gateway.parts`) before a store
+is opened for a config with a `[coap]` section.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from typing import Any
 
 from gateway import events as ev
 from gateway.events import Event
+from gateway.store.projections import register_projection
+from gateway.store.schema import register_schema
 
 SCHEMA = [
     # v1
@@ -78,3 +80,9 @@ class RdProjection:
             " VALUES (?, ?, ?, ?, ?, ?, ?)",
             (ep, *state),
         )
+
+
+def register() -> None:
+    """Declare the `coap` schema and the RD projection to the store (before it opens)."""
+    register_schema("coap", SCHEMA)
+    register_projection(RdProjection())

@@ -30,7 +30,7 @@ import cbor2
 from gateway import events as ev
 from gateway.clock import SystemClock
 from gateway.config import StoreConfig
-from gateway.errors import ConcurrencyError, StoreClosedError, StoreError, StoreFull
+from gateway.errors import ConcurrencyError, StoreClosedError, StoreError, StoreFullError
 from gateway.events import Event, NewEvent
 from gateway.logs import RateLimitedLog
 from gateway.store import queries
@@ -277,8 +277,8 @@ class EventStore:
         self.writer_error: BaseException | None = None
         #: Why appends are refused right now (quota reached, disk full), else None. Set by a
         #: refused append, cleared by the next commit: producers retrying is what resumes it.
-        self.full: StoreFull | None = None
-        self.on_full_change: Callable[[StoreFull | None], None] | None = None
+        self.full: StoreFullError | None = None
+        self.on_full_change: Callable[[StoreFullError | None], None] | None = None
         self._repeats = RateLimitedLog(log)  # a failing commit can repeat thousands of times
 
     # -- life -----------------------------------------------------------------------------
@@ -584,7 +584,7 @@ class EventStore:
                 err = store_error(exc, "commit", str(self.path.parent))
                 if not isinstance(err, StoreError):
                     err = StoreError(f"commit failed: {exc!r}")
-                if isinstance(err, StoreFull):
+                if isinstance(err, StoreFullError):
                     self._set_full(err)
                 self._repeats.error(f"commit:{type(err).__name__}", "store commit failed: %s", err)
                 for p in batch:
@@ -593,7 +593,7 @@ class EventStore:
             self.last_commit_mono = time.monotonic()
             if committed:
                 self._set_full(None)
-            elif outcome and isinstance(outcome[0], StoreFull):
+            elif outcome and isinstance(outcome[0], StoreFullError):
                 self._set_full(outcome[0])
             for p, result in zip(batch, outcome, strict=True):
                 _settle(p.future, result)
@@ -604,7 +604,7 @@ class EventStore:
                     except Exception:
                         log.exception("store listener failed")
 
-    def _set_full(self, why: StoreFull | None) -> None:
+    def _set_full(self, why: StoreFullError | None) -> None:
         """Appends refused (`why`) or accepted again (None): said once per change."""
         was = self.full
         self.full = why
@@ -635,8 +635,8 @@ class EventStore:
         self._measure()
         return result
 
-    def _quota_full(self) -> StoreFull:
-        return StoreFull(
+    def _quota_full(self) -> StoreFullError:
+        return StoreFullError(
             f"disk quota reached ({self._used_bytes // 1024} KiB used of "
             f"{self._quota_bytes() // 1024} KiB, policy reject_new)"
         )

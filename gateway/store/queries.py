@@ -114,6 +114,17 @@ def device(conn: sqlite3.Connection, device_id: str) -> dict[str, Any] | None:
     return _device_row(row) if row else None
 
 
+def devices_view(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+    """Devices with their number of points, for `gatewayctl devices` (daemon or file)."""
+    devs = devices(conn)
+    points: dict[str, int] = {}
+    for row in latest(conn):
+        points[row["device"]] = points.get(row["device"], 0) + 1
+    for d in devs:
+        d["points"] = points.get(d["id"], 0)
+    return devs
+
+
 def seq_at(conn: sqlite3.Connection, t: float) -> int:
     """A seq bound for wall time `t`: the events with seq >= it are those appended at `t`
     or later (max seq + 1 if none). By bisection over seq: O(log n) primary-key lookups,

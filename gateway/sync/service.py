@@ -35,8 +35,8 @@ class SyncService(Service):
         self._verbs = ("outbox", "outbox.retry", "outbox.dead_letters", "outbox.requeue")
 
     async def start(self, ctx: ServiceContext, cfg: SyncConfig | None = None) -> None:
-        cfg = cfg or ctx.config.sections["sync"]
-        assert isinstance(cfg, SyncConfig)
+        cfg = cfg or ctx.config.section("sync", SyncConfig)
+        assert cfg is not None  # (started only with a [sync] section)
         self.cfg = cfg
         self._ctx = ctx
         gw = ctx.config.gateway.id
@@ -50,7 +50,7 @@ class SyncService(Service):
             await ctx.control.ask("config.remote", {"document": payload, "endpoint": endpoint})
 
         if cfg.file is not None:
-            self.sink = FileSink(cfg.file, ctx.logger, cfg.backoff_base, cfg.backoff_cap)
+            self.sink = FileSink(cfg.file, ctx.logger, cfg.retry)
         else:
             self.sink = MqttLink(cfg, gw, ctx.logger, downlink=downlink,
                                  config_downlink=config_downlink)  # fmt: skip

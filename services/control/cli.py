@@ -31,6 +31,12 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--timeout", type=float, default=None,
                    help="deadline in seconds (default: [control] deadline)")  # fmt: skip
     p.set_defaults(func=cmd_command)
+    # `gatewayctl devices ID` (the kernel's verb) shows the device's commands: read them so.
+    devices = sub.choices.get("devices")
+    if devices is not None:
+        from services.control import projection
+
+        devices.set_defaults(device_commands=projection.commands)
     q = sub.add_parser("commands", help="recent commands (of one device), or one by --id")
     q.add_argument("device", nargs="?", default=None)
     q.add_argument("--id", default=None)

@@ -1,6 +1,6 @@
 """Notification: alert rules over committed events; raised/cleared events; delivery to local
-channels with dedupe. Imported when `[alerts]` is configured (its config parser lives here):
-it declares its tables (open alerts, delivery cursors) before the store opens."""
+channels with dedupe. `register()` declares its tables (open alerts, delivery cursors) before
+a store opens for a config with `[alerts]` or `[notify]`."""
 
 from __future__ import annotations
 
@@ -8,5 +8,8 @@ from gateway.store.projections import register_projection
 from gateway.store.schema import register_schema
 from services.notification.projection import SCHEMA, AlertProjection
 
-register_schema("notification", SCHEMA)
-register_projection(AlertProjection())
+
+def register() -> None:
+    """Declare its tables to the store (before it opens): called through `gateway.parts`."""
+    register_schema("notification", SCHEMA)
+    register_projection(AlertProjection())

@@ -143,8 +143,8 @@ class NotificationService(Service):
                          active=active, **self.figures)  # fmt: skip
 
     def _configure(self, config: GatewayConfig) -> None:
-        self.rules = dict(config.sections.get("alerts") or {})
-        self.channels = dict(config.sections.get("notify") or {})
+        self.rules = dict(config.section("alerts", dict) or {})
+        self.channels = dict(config.section("notify", dict) or {})
         self.by_point = {}
         self.by_device = {}
         for rule in self.rules.values():

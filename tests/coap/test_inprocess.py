@@ -9,7 +9,7 @@ from pathlib import Path
 
 import cbor2
 
-import gateway.coap  # noqa: F401 - registers the coap schema before the store opens
+from gateway.coap import projection
 from gateway.coap.config import CoapConfig
 from gateway.coap.service import CoapServer
 from gateway.store import EventStore
@@ -19,6 +19,7 @@ from tests.support.peers import free_port
 async def _scenario(db: Path, port: int) -> tuple[list[object], list[list[str]]]:
     from aiocoap import GET, POST, Context, Message
 
+    projection.register()  # the coap schema, before the store opens
     store = await EventStore.open(db)
     config = CoapConfig(bind=("127.0.0.1",), port=port, allow_unauthenticated=True,
                         accept_unknown_devices=True)  # fmt: skip

@@ -10,7 +10,7 @@ from typing import Any
 import cbor2
 import pytest
 
-import gateway.coap  # noqa: F401 - registers the RD schema and projection
+from gateway.coap import projection
 from gateway.store import EventStore
 from tests.support.coap import coap_client
 from tests.support.peers import wait_until
@@ -272,6 +272,7 @@ async def test_rd_registrations_survive_a_restart_and_a_rebuild(
 
     # The projection can be rebuilt from the log (gatewayctl db rebuild does this).
     async def rebuild() -> list[tuple[Any, ...]]:
+        projection.register()  # the RD schema and projection, before the store opens
         store = await EventStore.open(gw.db)
         try:
             await store.rebuild()

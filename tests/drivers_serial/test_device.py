@@ -12,7 +12,7 @@ from drivers.serial import SerialDevice
 from drivers.serial.options import parse_options
 from drivers.testing import ManualClock, RecordingContext
 from gateway import config
-from gateway.errors import DeviceTimeout, DeviceUnavailable, PointNotFound
+from gateway.errors import DeviceTimeoutError, DeviceUnavailableError, PointNotFoundError
 
 
 def emitted(ctx: RecordingContext) -> list[dict[str, tuple[object, float | None]]]:
@@ -88,7 +88,7 @@ def test_max_age_drops_stale_values_and_times_out() -> None:
     advance(ctx, 20)  # count is 40 s old, temp 20 s
     assert [r.point for r in dev.latest_readings(dev.spec.points)] == ["temp"]
     advance(ctx, 20)
-    with pytest.raises(DeviceTimeout, match=r"no frame for 40\.0 s"):
+    with pytest.raises(DeviceTimeoutError, match=r"no frame for 40\.0 s"):
         dev.latest_readings(dev.spec.points)
 
 
@@ -96,10 +96,10 @@ def test_unknown_point_and_closed_port() -> None:
     dev, _ = make(JSON)
     from gateway.config import PointSpec
 
-    with pytest.raises(PointNotFound):
+    with pytest.raises(PointNotFoundError):
         dev.latest_readings([PointSpec("nope")])
     dev.link.is_open = False  # type: ignore[misc,union-attr]
-    with pytest.raises(DeviceUnavailable, match="/dev/ttyS0 is not open"):
+    with pytest.raises(DeviceUnavailableError, match="/dev/ttyS0 is not open"):
         dev.latest_readings(dev.spec.points)
 
 
@@ -161,7 +161,7 @@ async def test_port_loss_fails_a_waiting_request() -> None:
                 break
             await asyncio.sleep(0)
         dev.on_state(False, "device disconnected")
-        with pytest.raises(DeviceUnavailable, match="device disconnected"):
+        with pytest.raises(DeviceUnavailableError, match="device disconnected"):
             await task
 
     await main()

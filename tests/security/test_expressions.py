@@ -38,7 +38,9 @@ def check(expr: str) -> None:
                 known = ("column ", "uses none of its inputs", "must not be empty")
                 assert issue.message.startswith(known), issue
         return
-    dp = c.sections["derived"][("dev", "p")]
+    derived = c.section("derived", dict)
+    assert derived is not None
+    dp = derived[("dev", "p")]
     for env in ({"a": 3, "b": -2.5}, {"a": 0, "b": 0}, {"a": 1e308, "b": -1e308}):
         t0 = time.perf_counter()
         try:

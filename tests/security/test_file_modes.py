@@ -120,6 +120,7 @@ def test_systemd_credentials_directory(tmp_path: Path, monkeypatch: pytest.Monke
     in $CREDENTIALS_DIRECTORY; the config names it by its credential name."""
     from drivers.ble.config import compile_device
     from gateway import config as cfg
+    from gateway.sync.config import SyncConfig
 
     creds = tmp_path / "credentials"
     creds.mkdir()
@@ -135,7 +136,9 @@ def test_systemd_credentials_directory(tmp_path: Path, monkeypatch: pytest.Monke
     assert compile_device(c.devices["kitchen"], load_secrets=True).key == bytes.fromhex(
         "00112233445566778899aabbccddeeff"
     )
-    ep = c.sections["sync"].endpoints[0]
+    sync = c.section("sync", SyncConfig)
+    assert sync is not None
+    ep = sync.endpoints[0]
     assert ep.password_file == str(creds / "mqtt.pass")
     assert ep.key_file == str(creds / "gw.key")
 

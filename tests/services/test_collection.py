@@ -20,7 +20,7 @@ from drivers.testing import ManualClock
 from gateway import events as ev
 from gateway.config import DeviceSpec, GatewayConfig, PointSpec, loads
 from gateway.control import ControlServer
-from gateway.errors import DeviceTimeout
+from gateway.errors import DeviceTimeoutError
 from gateway.events import Event
 from gateway.service import Service, ServiceContext
 from gateway.store import EventStore
@@ -207,7 +207,7 @@ async def test_a_poll_that_overruns_skips_the_cycles_it_missed(tmp_path: Path) -
 async def test_a_device_is_unavailable_after_offline_after_failed_polls_in_a_row(
     tmp_path: Path,
 ) -> None:
-    timeout = DeviceTimeout("d", "no answer")
+    timeout = DeviceTimeoutError("d", "no answer")
     async with collecting(tmp_path, device("offline_after = 3")) as run:
         drv = run.driver
         await drv.reads(1)
