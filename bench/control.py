@@ -123,7 +123,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--commands", type=int, default=300)
     args = ap.parse_args()
-    from tests.peers import free_port, wait_until
+    from tests.support.peers import free_port, wait_until
 
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:

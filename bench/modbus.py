@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import subprocess
 import sys
 import tempfile
@@ -24,27 +23,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from drivers.base import DiscoveredDevice, RawReading  # noqa: E402
 from drivers.modbus import ModbusDriver  # noqa: E402
-from gateway.clock import SystemClock  # noqa: E402
+from drivers.testing import RecordingContext  # noqa: E402
 from gateway.config import loads  # noqa: E402
 
 SERVER = ROOT / "tests" / "drivers_modbus" / "modbus_server.py"
-
-
-class Ctx:
-    def __init__(self) -> None:
-        self.logger = logging.getLogger("bench.modbus")
-        self.clock = SystemClock()
-
-    def emit(self, device_id: str, readings: list[RawReading]) -> None:
-        pass
-
-    def set_available(self, device_id: str, available: bool, reason: str = "") -> None:
-        pass
-
-    def discovered(self, device: DiscoveredDevice) -> None:
-        pass
 
 
 def build_map(port: int) -> tuple[str, dict[str, list[int]]]:
@@ -73,7 +56,7 @@ async def bench(port: int, seconds: float, rounds: int) -> None:
 
     text, _ = build_map(port)
     spec = loads(text).devices["m"]
-    drv = ModbusDriver(Ctx())
+    drv = ModbusDriver(RecordingContext("bench.modbus", record=False))
     await drv.add_device(spec)
     plan = drv.plan("m")
     per_point = len(spec.points)
@@ -160,7 +143,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=0.5)
     ap.add_argument("--rounds", type=int, default=30)
     args = ap.parse_args()
-    from tests.peers import free_port, wait_until
+    from tests.support.peers import free_port, wait_until
 
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:

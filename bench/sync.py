@@ -232,7 +232,8 @@ def breakdown(db: Path, n: int, chunk: int) -> str:
     try:
         for grouped in (True, False):
             t0 = time.perf_counter()
-            after, names = 0, {}
+            after = 0
+            names: dict[int, str | None] = {}
             while True:
                 _b, _d, _n, after, short = read_chunk(
                     conn, after, NO_UPPER, chunk, 100, b"", enc, grouped, False, False, names

@@ -12,14 +12,13 @@ import asyncio
 import contextlib
 import logging
 import random
-import time
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from drivers import driver_class
-from drivers.base import DiscoveredDevice, Driver, RawReading
+from drivers.base import Clock, DiscoveredDevice, Driver, RawReading
 from gateway import events as ev
 from gateway import names
 from gateway.aio import cancel_and_wait
@@ -75,8 +74,12 @@ class CollectionService(Service):
     name: ClassVar[str] = "collection"
     requires: ClassVar[tuple[str, ...]] = ("devices",)
 
-    def __init__(self) -> None:
-        self.clock = SystemClock()
+    def __init__(
+        self, clock: Clock | None = None, sleep: Callable[[float], Awaitable[None]] | None = None
+    ) -> None:
+        # Both injectable so the poll schedule can be tested in the clock's time.
+        self.clock: Clock = clock if clock is not None else SystemClock()
+        self._sleep = sleep if sleep is not None else asyncio.sleep
         self.drivers: dict[str, Driver] = {}
         self.specs: dict[str, DeviceSpec] = {}
         self.stats: dict[str, DeviceStats] = defaultdict(DeviceStats)
@@ -200,18 +203,18 @@ class CollectionService(Service):
         st = self.stats[spec.id]
         task = asyncio.current_task()
         # Spread the first polls of many devices over the interval.
-        await asyncio.sleep(random.uniform(0, min(interval, 1.0) * spec.jitter))
-        next_at = time.monotonic()
+        await self._sleep(random.uniform(0, min(interval, 1.0) * spec.jitter))
+        next_at = self.clock.monotonic()
         while True:
             st.polls += 1
             readings: list[RawReading] | None = None
-            started = time.monotonic()
+            started = self.clock.monotonic()
             try:
                 # Not wait_for: on Python 3.11 it can swallow a cancellation (a device removed,
                 # a stop) that lands as the read completes, and this loop would poll on.
                 async with asyncio.timeout(spec.timeout):
                     readings = await drv.read(spec.id, points)
-                st.last_read_s = time.monotonic() - started
+                st.last_read_s = self.clock.monotonic() - started
             except TimeoutError:
                 self._failed(spec, st, f"no answer within {spec.timeout:g} s")
             except DriverError as exc:
@@ -226,7 +229,7 @@ class CollectionService(Service):
                     self._set_available(spec.id, True, "")
                 await self._record(spec, readings)
             next_at += interval
-            now = time.monotonic()
+            now = self.clock.monotonic()
             if now > next_at:  # overran: skip the missed cycles, do not pile up
                 missed = int((now - next_at) // interval) + 1
                 st.skipped += missed
@@ -234,7 +237,7 @@ class CollectionService(Service):
             delay = next_at - now
             if spec.jitter:
                 delay += random.uniform(0, spec.jitter * interval * 0.1)
-            await asyncio.sleep(max(0.0, delay))
+            await self._sleep(max(0.0, delay))
 
     def _failed(self, spec: DeviceSpec, st: DeviceStats, why: str) -> None:
         st.failures += 1
@@ -347,7 +350,7 @@ class CollectionService(Service):
 
     def _discovered(self, d: DiscoveredDevice) -> None:
         key = (d.driver, d.address)
-        now = time.monotonic()
+        now = self.clock.monotonic()
         if now - self._discovered_seen.get(key, -1e9) < 3600:
             return
         self._discovered_seen[key] = now

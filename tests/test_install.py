@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.peers import Peer, free_port, require_binary
+from tests.support.daemon import notify_until
+from tests.support.peers import Peer, free_port, require_binary
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = "etc/systemd/system/gatewayd.service"
@@ -99,12 +100,7 @@ class Service:
         self.peer = Peer(argv, cwd=tmp, env=env, log=self.log)
 
     def wait_ready(self) -> None:
-        got = b""
-        while b"READY=1" not in got:
-            try:
-                got = self.notify.recv(4096)
-            except TimeoutError:
-                raise AssertionError(f"no READY=1; log:\n{self.log.read_text()}") from None
+        notify_until(self.notify, "READY=1", self.log)
 
     def stop(self) -> int | None:
         try:

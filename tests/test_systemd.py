@@ -27,7 +27,7 @@ import pytest
 
 from gateway import systemd
 from gateway.config import GatewaySection
-from tests.peers import Peer, missing, require_binary
+from tests.support.peers import Peer, missing, require_binary
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "gatewayd.service"
@@ -304,7 +304,7 @@ def test_watchdog_interval(
     assert systemd.watchdog_interval() == expected
 
 
-def test_watchdog_pings_only_while_healthy(receiver: socket.socket) -> None:
+async def test_watchdog_pings_only_while_healthy(receiver: socket.socket) -> None:
     """Each tick asks the health check; healthy ticks ping, failing or raising ones skip."""
     script: list[bool | str] = [True, True, False, "raise", False, True]
 
@@ -328,14 +328,16 @@ def test_watchdog_pings_only_while_healthy(receiver: socket.socket) -> None:
         assert not wd.running
         return wd
 
-    wd = asyncio.run(main())
+    wd = await main()
     assert texts(receiver) == ["WATCHDOG=1"] * 3
     assert wd.sent == 3
     assert wd.skipped >= 4  # False, raise, False, then the script's end
     assert wd.last_healthy is False
 
 
-def test_watchdog_skips_once_the_check_raises_and_keeps_going(receiver: socket.socket) -> None:
+async def test_watchdog_skips_once_the_check_raises_and_keeps_going(
+    receiver: socket.socket,
+) -> None:
     calls: list[str] = []
 
     async def main() -> systemd.Watchdog:
@@ -354,14 +356,14 @@ def test_watchdog_skips_once_the_check_raises_and_keeps_going(receiver: socket.s
         await wd.stop()
         return wd
 
-    wd = asyncio.run(main())
+    wd = await main()
     assert wd.last_error is None  # the last check passed
     assert wd.skipped == 1
     assert wd.sent >= 1
     assert texts(receiver) == ["WATCHDOG=1"] * wd.sent
 
 
-def test_watchdog_follows_systemd_environment(
+async def test_watchdog_follows_systemd_environment(
     receiver: socket.socket, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("WATCHDOG_USEC", "4000000")
@@ -379,12 +381,12 @@ def test_watchdog_follows_systemd_environment(
         await wd.stop()
         return wd
 
-    wd = asyncio.run(main())
+    wd = await main()
     assert texts(receiver) == ["WATCHDOG=1"]
     assert wd.sent == 1
 
 
-def test_watchdog_off_without_systemd(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_watchdog_off_without_systemd(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("WATCHDOG_USEC", raising=False)
 
     async def main() -> None:
@@ -394,7 +396,7 @@ def test_watchdog_off_without_systemd(monkeypatch: pytest.MonkeyPatch) -> None:
         assert not wd.running
         await wd.stop()
 
-    asyncio.run(main())
+    await main()
 
 
 def test_watchdog_rejects_a_nonpositive_interval() -> None:

@@ -12,8 +12,8 @@ import logging
 import sys
 from typing import Any
 
-from drivers.base import Clock, DiscoveredDevice, RawReading
-from gateway.clock import SystemClock
+from drivers.base import RawReading
+from drivers.testing import RecordingContext
 from gateway.config import DeviceSpec, PointSpec
 from gateway.errors import ConfigError, ConfigIssue, PayloadError
 
@@ -51,26 +51,16 @@ def add_parser(sub: argparse._SubParsersAction[Any]) -> None:
     p.set_defaults(func=run)
 
 
-class _Context:
-    def __init__(self) -> None:
-        self.logger = logging.getLogger("gatewayctl.probe.modbus")
-        if not self.logger.handlers:
-            # The probe prints the error itself; without a handler, logging's last resort
-            # would print the driver's WARNING a second time.
-            self.logger.addHandler(logging.NullHandler())
-        pymodbus = logging.getLogger("pymodbus")
-        if not pymodbus.handlers:  # the same for pymodbus' own lines (a failed connect)
-            pymodbus.addHandler(logging.NullHandler())
-        self.clock: Clock = SystemClock()
-
-    def emit(self, device_id: str, readings: Any) -> None:
-        pass
-
-    def set_available(self, device_id: str, available: bool, reason: str = "") -> None:
-        pass
-
-    def discovered(self, device: DiscoveredDevice) -> None:
-        pass
+def _context() -> RecordingContext:
+    logger = logging.getLogger("gatewayctl.probe.modbus")
+    if not logger.handlers:
+        # The probe prints the error itself; without a handler, logging's last resort
+        # would print the driver's WARNING a second time.
+        logger.addHandler(logging.NullHandler())
+    pymodbus = logging.getLogger("pymodbus")
+    if not pymodbus.handlers:  # the same for pymodbus' own lines (a failed connect)
+        pymodbus.addHandler(logging.NullHandler())
+    return RecordingContext(logger, record=False)
 
 
 def _spec(args: argparse.Namespace) -> DeviceSpec:
@@ -155,7 +145,7 @@ def _parse_value(text: str, type_: str) -> object:
 async def _probe(args: argparse.Namespace, spec: DeviceSpec) -> list[RawReading]:
     from . import ModbusDriver
 
-    drv = ModbusDriver(_Context())
+    drv = ModbusDriver(_context())
     await drv.start()
     try:
         await drv.add_device(spec)

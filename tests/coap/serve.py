@@ -10,6 +10,7 @@ import sys
 
 from gateway import config as cfg
 from gateway import parts
+from gateway.coap.config import CoapConfig
 from gateway.coap.service import CoapServer
 from gateway.store import EventStore
 
@@ -18,7 +19,9 @@ async def main(config_path: str, db: str) -> None:
     config = cfg.load(config_path)
     parts.register_tables(config.sections)  # as the daemon does, before the store opens
     store = await EventStore.open(db, config.store, gateway_id=config.gateway.id)
-    server = CoapServer(config.sections["coap"], store, devices=config.devices)
+    coap = config.section("coap", CoapConfig)
+    assert coap is not None
+    server = CoapServer(coap, store, devices=config.devices)
     await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -18,8 +18,8 @@ from gateway.coap import aiocoap_compat, projection
 from gateway.coap.config import CoapConfig
 from gateway.coap.service import CoapServer
 from gateway.store import EventStore
-from tests.coap.conftest import coap_client
-from tests.peers import free_port
+from tests.support.coap import coap_client
+from tests.support.peers import free_port
 
 
 @pytest.fixture(params=["patched", "stock"])

@@ -13,7 +13,7 @@ from typing import Any
 
 import cbor2
 
-from tests.peers import require_binary, wait_until
+from tests.support.peers import require_binary, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -45,10 +45,10 @@ async def _flood(uri: str, count: int, kill_after: int, pid: int) -> set[int]:
     return acked
 
 
-def test_every_2_04_survives_sigkill(gateway_factory: Any, tmp_path: Path) -> None:
+async def test_every_2_04_survives_sigkill(gateway_factory: Any, tmp_path: Path) -> None:
     gw = gateway_factory()
     assert gw.peer is not None
-    acked = asyncio.run(_flood(gw.uri("/telemetry"), 200, 60, gw.peer.pid))
+    acked = await _flood(gw.uri("/telemetry"), 200, 60, gw.peer.pid)
     gw.peer.proc.wait(10)
     assert gw.peer.proc.returncode == -signal.SIGKILL
     assert len(acked) >= 60

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -49,7 +48,7 @@ PACK = b'[{"bn":"d1/","n":"t","v":1}]'
 OPEN = CoapConfig(allow_unauthenticated=True, accept_unknown_devices=True)
 
 
-def test_store_shutting_down_is_5_03_with_max_age(tmp_path: Path) -> None:
+async def test_store_shutting_down_is_5_03_with_max_age(tmp_path: Path) -> None:
     async def run() -> Message:
         store = await EventStore.open(tmp_path / "db.sqlite")
         await store.close()  # a real store that is closed: it refuses appends
@@ -57,7 +56,7 @@ def test_store_shutting_down_is_5_03_with_max_age(tmp_path: Path) -> None:
         response: Message = await resource.render(_post(PACK))
         return response
 
-    response = asyncio.run(run())
+    response = await run()
     assert response.code.dotted == "5.03"
     assert response.opt.max_age is not None and response.opt.max_age >= 1
 
@@ -72,12 +71,12 @@ class BrokenBackend(Backend):
         raise RuntimeError("secret internal detail")
 
 
-def test_unexpected_exception_is_5_00_logged_with_traceback(
+async def test_unexpected_exception_is_5_00_logged_with_traceback(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     resource = TelemetryResource(Gate(OPEN), BrokenBackend())
     with caplog.at_level(logging.ERROR, logger="gateway.coap"):
-        response = asyncio.run(resource.render(_post(PACK)))
+        response = await resource.render(_post(PACK))
     assert response.code.dotted == "5.00"
     assert b"secret" not in response.payload
     (record,) = [r for r in caplog.records if r.levelno >= logging.ERROR]

@@ -7,13 +7,13 @@ other CoAP tests (durability included)."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import random
 from collections.abc import Sequence
 from typing import Any
 
 import cbor2
+import pytest
 from aiocoap import POST, Message
 from aiocoap.message import Direction
 from hypothesis import HealthCheck, given, settings
@@ -25,6 +25,8 @@ from gateway.coap.gate import Gate
 from gateway.coap.ingest import TelemetryResource
 from gateway.coap.resources import DeviceResource
 from gateway.events import Event, NewEvent
+
+pytestmark = pytest.mark.slow  # fuzzing: thousands of generated cases
 
 VALID_CBOR = cbor2.dumps(
     [
@@ -88,7 +90,6 @@ def _request(payload: bytes, cf: int | None, path: tuple[str, ...] = ()) -> Mess
 
 class Harness:
     def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
         self.telemetry, self.devices = _resources()
         self.errors = ErrorLog()
         logging.getLogger("gateway.coap").addHandler(self.errors)
@@ -96,14 +97,13 @@ class Harness:
 
     def close(self) -> None:
         logging.getLogger("gateway.coap").removeHandler(self.errors)
-        self.loop.close()
 
-    def check(self, payload: bytes, cf: int | None, device_path: bool = False) -> None:
+    async def check(self, payload: bytes, cf: int | None, device_path: bool = False) -> None:
         if device_path:
             coro = self.devices.render(_request(payload, cf, ("fuzz-dev",)))
         else:
             coro = self.telemetry.render(_request(payload, cf))
-        response = self.loop.run_until_complete(coro)
+        response = await coro
         code = response.code.dotted
         self.codes[code] = self.codes.get(code, 0) + 1
         assert code in ("2.04", "4.00", "4.03", "4.13", "4.15"), (code, payload, cf)
@@ -136,7 +136,7 @@ def _mutate(seed: bytes, rng: random.Random) -> bytes:
 MUTATIONS = 20000  # plain random mutations: cheaper per case than hypothesis, so more of them
 
 
-def test_mutated_valid_packs_never_crash() -> None:
+async def test_mutated_valid_packs_never_crash() -> None:
     h = Harness()
     rng = random.Random(8428)
     seeds = [
@@ -147,11 +147,11 @@ def test_mutated_valid_packs_never_crash() -> None:
     ]
     try:
         for seed, cf, device_path in seeds:  # the seeds themselves are accepted
-            h.check(seed, cf, device_path)
+            await h.check(seed, cf, device_path)
         assert h.codes == {"2.04": 4}
         for _ in range(MUTATIONS):
             seed, cf, device_path = rng.choice(seeds)
-            h.check(_mutate(seed, rng), cf, device_path)
+            await h.check(_mutate(seed, rng), cf, device_path)
         assert h.codes.get("4.00", 0) > MUTATIONS // 4  # mutations do get refused
     finally:
         h.close()
@@ -180,24 +180,24 @@ _values = st.recursive(
 )
 
 
-def test_structured_cbor_and_json_never_crash() -> None:
+async def _check_once(payload: bytes, cf: int | None) -> None:
     h = Harness()
-
-    @FAST
-    @given(
-        st.lists(st.dictionaries(_keys, _values, max_size=6), max_size=4) | _values,
-        st.sampled_from([112, 60, None]),
-    )
-    def run_cbor(value: Any, cf: int | None) -> None:
-        h.check(cbor2.dumps(value), cf, device_path=cf == 60)
-
-    @FAST
-    @given(st.binary(max_size=64), st.sampled_from([110, 112, 60, 0, 50, 41, None]))
-    def run_bytes(payload: bytes, cf: int | None) -> None:
-        h.check(payload, cf, device_path=cf == 60)
-
     try:
-        run_cbor()
-        run_bytes()
+        await h.check(payload, cf, device_path=cf == 60)
     finally:
         h.close()
+
+
+@FAST
+@given(
+    st.lists(st.dictionaries(_keys, _values, max_size=6), max_size=4) | _values,
+    st.sampled_from([112, 60, None]),
+)
+async def test_structured_cbor_never_crashes(value: Any, cf: int | None) -> None:
+    await _check_once(cbor2.dumps(value), cf)
+
+
+@FAST
+@given(st.binary(max_size=64), st.sampled_from([110, 112, 60, 0, 50, 41, None]))
+async def test_any_bytes_never_crash(payload: bytes, cf: int | None) -> None:
+    await _check_once(payload, cf)

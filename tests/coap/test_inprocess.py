@@ -13,7 +13,7 @@ from gateway.coap import projection
 from gateway.coap.config import CoapConfig
 from gateway.coap.service import CoapServer
 from gateway.store import EventStore
-from tests.peers import free_port
+from tests.support.peers import free_port
 
 
 async def _scenario(db: Path, port: int) -> tuple[list[object], list[list[str]]]:
@@ -58,7 +58,7 @@ async def _scenario(db: Path, port: int) -> tuple[list[object], list[list[str]]]
         await store.close()
 
 
-def test_device_state_and_commands_are_observable(tmp_path: Path) -> None:
-    values, commands = asyncio.run(_scenario(tmp_path / "db", free_port(socket.SOCK_DGRAM)))
+async def test_device_state_and_commands_are_observable(tmp_path: Path) -> None:
+    values, commands = await _scenario(tmp_path / "db", free_port(socket.SOCK_DGRAM))
     assert values == [1.5, 2.5]
     assert commands == [[], ["open-valve"]]

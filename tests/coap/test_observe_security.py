@@ -14,8 +14,8 @@ from typing import Any
 
 import cbor2
 
-from tests.coap.conftest import coap_client
-from tests.peers import require_binary, wait_until
+from tests.support.coap import coap_client
+from tests.support.peers import require_binary, wait_until
 
 
 def _post_json(gw: Any, tmp: Path, body: str, path: str = "/telemetry") -> str | None:
@@ -61,10 +61,12 @@ async def _observe(gw: Any, tmp: Path) -> list[float]:
         await ctx.shutdown()
 
 
-def test_observe_point_sees_a_new_committed_value(gateway_factory: Any, tmp_path: Path) -> None:
+async def test_observe_point_sees_a_new_committed_value(
+    gateway_factory: Any, tmp_path: Path
+) -> None:
     gw = gateway_factory()
     assert _post_json(gw, tmp_path, '[{"bn":"obs-1/","n":"temp","v":20.0}]') == "2.04"
-    assert asyncio.run(_observe(gw, tmp_path)) == [20.0, 23.5]
+    assert await _observe(gw, tmp_path) == [20.0, 23.5]
 
 
 def test_observe_with_coap_client(gateway_factory: Any, tmp_path: Path) -> None:
@@ -223,12 +225,12 @@ async def _oscore_requests(gw: Any, client_dir: Path) -> tuple[str, str, str]:
     return f"{r1.code.dotted}", r2.payload.decode(), f"{r3.code.dotted}"
 
 
-def test_oscore_with_aiocoap_client(gateway_factory: Any, tmp_path: Path) -> None:
+async def test_oscore_with_aiocoap_client(gateway_factory: Any, tmp_path: Path) -> None:
     server_dir, client_dir = _oscore_dirs(tmp_path)
     gw = gateway_factory(
         f'accept_unknown_devices = false\n[coap.devices.valve-2]\noscore_context = "{server_dir}"\n'
     )
-    posted, value, unprotected = asyncio.run(_oscore_requests(gw, client_dir))
+    posted, value, unprotected = await _oscore_requests(gw, client_dir)
     assert posted == "2.04"
     assert json.loads(value)[0]["v"] == 3
     assert unprotected == "4.01"

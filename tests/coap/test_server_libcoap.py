@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sqlite3
 from pathlib import Path
@@ -13,8 +12,8 @@ import pytest
 
 from gateway.coap import projection
 from gateway.store import EventStore
-from tests.coap.conftest import coap_client
-from tests.peers import wait_until
+from tests.support.coap import coap_client
+from tests.support.peers import wait_until
 
 CLIENT = "coap-client-notls"
 
@@ -257,7 +256,7 @@ def test_rd_expiry_of_a_credentialed_device_keeps_it_known(
     assert reply.code == "2.04", reply.log
 
 
-def test_rd_registrations_survive_a_restart_and_a_rebuild(
+async def test_rd_registrations_survive_a_restart_and_a_rebuild(
     gateway_factory: Any, tmp_path: Path
 ) -> None:
     gw = gateway_factory()
@@ -284,4 +283,4 @@ def test_rd_registrations_survive_a_restart_and_a_rebuild(
         finally:
             await store.close()
 
-    assert asyncio.run(rebuild()) == [("node-9", 600, "</s>")]
+    assert await rebuild() == [("node-9", 600, "</s>")]

@@ -13,11 +13,11 @@ from typing import Any
 import pytest
 
 from gateway.sync.codec import decode_batch
-from tests.control.conftest import control_config
-from tests.core.conftest import run_cli, start_daemon
+from tests.control.support import control_config
 from tests.drivers_modbus.support import ModbusServer, mbpoll
-from tests.peers import require_binary, wait_until
-from tests.sync.conftest import Mosquitto, Subscriber
+from tests.support.daemon import run_cli, start_daemon
+from tests.support.mqtt import Mosquitto, Subscriber
+from tests.support.peers import require_binary, wait_until
 
 
 @pytest.fixture

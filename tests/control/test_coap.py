@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.coap.conftest import coap_client
-from tests.control.conftest import control_config
-from tests.core.conftest import run_cli, start_daemon
+from tests.control.support import control_config
 from tests.drivers_modbus.support import ModbusServer, mbpoll
-from tests.peers import free_port, require_binary, wait_until
+from tests.support.coap import coap_client
+from tests.support.daemon import run_cli, start_daemon
+from tests.support.peers import free_port, require_binary, wait_until
 
 pytestmark = pytest.mark.peer("libcoap")
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from gateway.errors import EXIT_FAILURE, EXIT_UNAVAILABLE, EXIT_USAGE
-from tests.control.conftest import cli, cli_json, command_events
-from tests.core.conftest import Daemon
+from tests.control.support import cli, cli_json, command_events
 from tests.drivers_modbus.support import ModbusServer, mbpoll
+from tests.support.daemon import Daemon
 
 
 def test_cli_command_writes_the_register_once_per_id(
@@ -66,10 +66,10 @@ def test_a_silent_slave_is_an_unknown_outcome_never_retried(
 def test_a_full_queue_rejects_and_an_expired_command_is_never_sent(
     tmp_path: Path, server: ModbusServer
 ) -> None:
-    from tests.control.conftest import control_config
+    from tests.control.support import control_config
     from tests.control.test_recovery import status
-    from tests.core.conftest import start_daemon
-    from tests.peers import wait_until
+    from tests.support.daemon import start_daemon
+    from tests.support.peers import wait_until
 
     config = control_config(tmp_path, server.port, timeout=2.0, extra_control="queue = 1")
     db = tmp_path / "state" / "gateway.db"

@@ -6,6 +6,7 @@ import pytest
 
 from gateway import config as cfg
 from gateway.errors import (
+    ConfigError,
     DeviceDisabledError,
     NotWritableError,
     OutOfRangeError,
@@ -78,7 +79,7 @@ def test_each_refusal_has_its_class_and_the_scale_is_undone_once() -> None:
 
 
 def test_allow_remote_patterns_are_checked() -> None:
-    with pytest.raises(cfg.ConfigError, match=r"control.allow_remote\[0\]"):
+    with pytest.raises(ConfigError, match=r"control.allow_remote\[0\]"):
         cfg.loads('[control]\nallow_remote = ["plc"]\n')
 
 
@@ -99,7 +100,7 @@ steps = [
 [sagas.empty]
 steps = []
 """
-    with pytest.raises(cfg.ConfigError) as got:
+    with pytest.raises(ConfigError) as got:
         cfg.loads(text)
     paths = {i.path for i in got.value.issues}
     assert {

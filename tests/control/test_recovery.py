@@ -9,10 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.control.conftest import cli, cli_json, command_events, control_config
-from tests.core.conftest import start_daemon
+from tests.control.support import cli, cli_json, command_events, control_config
 from tests.drivers_modbus.support import ModbusServer, mbpoll
-from tests.peers import free_port, wait_until
+from tests.support.daemon import start_daemon
+from tests.support.peers import free_port, wait_until
 
 
 def status(db: Path, cid: str) -> str | None:

@@ -18,8 +18,8 @@ import cbor2
 import pytest
 
 from gateway.errors import EXIT_USAGE
-from tests.core.conftest import Daemon, start_daemon
-from tests.peers import missing, require_binary
+from tests.support.daemon import Daemon, start_daemon
+from tests.support.peers import missing, require_binary
 
 ROOT = Path(__file__).resolve().parents[2]
 

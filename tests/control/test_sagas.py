@@ -14,10 +14,10 @@ import cbor2
 import pytest
 
 from services.control.sagas import show
-from tests.control.conftest import cli, control_config
-from tests.core.conftest import Daemon, start_daemon
+from tests.control.support import cli, control_config
 from tests.drivers_modbus.support import ModbusServer, mbpoll
-from tests.peers import require_binary, wait_until
+from tests.support.daemon import Daemon, start_daemon
+from tests.support.peers import require_binary, wait_until
 
 SAGAS = """
 [devices.plc.points.valve]

@@ -65,7 +65,7 @@ def test_closed_until_threshold_consecutive_failures_then_open() -> None:
     b.failure(3.0, "b")
     assert b.state is State.CLOSED and b.allow(3.0)
     assert b.failure(4.0, "c") == Transition(opened=True)
-    assert b.state is State.OPEN and b.failures == 3 and b.last_error == "c"
+    assert b.state_at(4.0) is State.OPEN and b.failures == 3 and b.last_error == "c"
     assert b.retry_at == 14.0 and b.cooldown == 10.0
 
 
@@ -152,13 +152,78 @@ def test_reset_forgets_everything() -> None:
 
 
 def test_states_show_as_their_values() -> None:
-    assert f"{State.HALF_OPEN}" == "half-open" and State.OPEN == "open"
+    shown: str = State.OPEN  # a StrEnum is a str
+    assert f"{State.HALF_OPEN}" == "half-open" and shown == "open"
 
 
 @pytest.mark.parametrize(("threshold", "cooldown"), [(0, 1.0), (1, 0.0), (1, -2.0)])
 def test_breaker_refuses_nonsense(threshold: int, cooldown: float) -> None:
     with pytest.raises(ValueError):
         Breaker(threshold, cooldown)
+
+
+# -- Breaker, fixed cool-down, as the drivers and the relay use it --------------------------
+def test_fixed_cooldown_cycle_with_one_probe() -> None:
+    b = Breaker(threshold=3, cooldown=10.0)
+    assert b.allow(0.0)
+    assert not b.failure(0.0).opened and not b.failure(1.0).opened
+    assert b.success().closed is False  # closed stays closed; the count restarts
+    assert not b.failure(2.0).opened and not b.failure(2.5).opened
+    assert b.failure(3.0).opened  # third in a row: open
+    assert b.state_at(12.9) is State.OPEN and not b.allow(12.9)
+    assert b.wait(5.0) == pytest.approx(8.0)
+    assert b.allow(13.0) and b.state is State.HALF_OPEN  # one probe after the cool-down...
+    assert not b.allow(13.1)  # ...and only one
+    t = b.failure(13.2)
+    assert not t.opened and b.state_at(13.2) is State.OPEN  # failed probe: open again, no event
+    assert not b.allow(20.0) and b.allow(23.2)
+    assert b.success().closed is True and b.state_at(23.2) is State.CLOSED
+
+
+def test_released_probe_may_be_retried() -> None:
+    b = Breaker(threshold=1, cooldown=1.0)
+    b.failure(0.0)
+    assert b.allow(1.0)
+    b.abandon()  # e.g. the bus was busy: the probe said nothing about the device
+    assert b.allow(1.0)
+
+
+def test_fixed_rest_as_gatt_links_use_it() -> None:
+    b = Breaker(threshold=3, cooldown=10)
+    b.failure(0)
+    b.failure(1)
+    assert b.state == "closed" and b.wait(1) == 0
+    b.failure(2)
+    assert b.state == "open" and b.wait(5) == 7
+    assert b.wait(13) == 0 and b.allow(13)  # one trial allowed...
+    assert b.state is State.HALF_OPEN and not b.allow(13)  # ...and only one
+    b.success()
+    assert b.state_at(13) == "closed" and b.failures == 0
+
+
+def test_breaker_opens_after_threshold_rests_then_lets_one_try_through() -> None:
+    br = Breaker(threshold=3, cooldown=30.0)
+    br.failure(0.0)
+    br.failure(0.0)
+    assert br.state_at(0.0) is State.CLOSED and br.allow(0.0)
+    br.failure(0.0)
+    assert br.state_at(0.0) is State.OPEN and not br.allow(0.0)
+    assert not br.allow(29.0) and br.wait(29.0) == 1.0
+    assert br.state_at(30.0) is State.HALF_OPEN and br.allow(30.0)
+    br.failure(30.0)  # the trial failed: open again for a full cool-down
+    assert br.state_at(30.0) is State.OPEN and br.wait(30.0) == 30.0
+    br.success()
+    assert br.state_at(60.0) is State.CLOSED and br.failures == 0
+
+
+def test_a_hard_failure_opens_the_breaker_at_once() -> None:
+    br = Breaker(threshold=5, cooldown=60.0)
+    br.failure(0.0, "login refused", auth=True)  # a refused password will not fix itself
+    assert br.state_at(0.0) is State.OPEN and br.wait(0.0) == 60.0
+
+
+def test_the_shown_states_are_what_gatewayctl_outbox_prints() -> None:
+    assert [s.value for s in State] == ["closed", "open", "half-open"]
 
 
 # -- Breaker with a Backoff cool-down --------------------------------------------------------

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.core.conftest import Daemon, run_cli, start_daemon, write_config
+from tests.support.daemon import Daemon, run_cli, start_daemon, write_config
 
 
 def test_outbox_without_sync_says_so_and_shows_the_local_backlog(

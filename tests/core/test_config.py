@@ -10,7 +10,8 @@ import pytest
 
 from gateway import config as cfg
 from gateway.errors import ConfigError
-from tests.core.conftest import run_cli
+from tests.support.config import issues
+from tests.support.daemon import run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -21,12 +22,6 @@ interval = 1.0
 [devices.boiler-1.points.temp]
 signal = "sine"
 """
-
-
-def issues(text: str) -> dict[str, str]:
-    with pytest.raises(ConfigError) as info:
-        cfg.loads(text)
-    return {i.path: i.message for i in info.value.issues}
 
 
 def test_shipped_config_is_valid() -> None:

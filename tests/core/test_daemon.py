@@ -15,8 +15,8 @@ from gateway import config as cfg
 from gateway.control import call
 from gateway.errors import GatewayError
 from gateway.store import maintenance
-from tests.core.conftest import Daemon, run_cli, start_daemon, write_config
-from tests.peers import wait_until
+from tests.support.daemon import Daemon, run_cli, start_daemon, write_config
+from tests.support.peers import wait_until
 
 
 def db_path(config: Path) -> Path:

@@ -12,8 +12,8 @@ from typing import Any
 import cbor2
 
 from gateway import config as cfg
-from tests.core.conftest import VIRTUAL_CONFIG, Daemon, run_cli, start_daemon, write_config
-from tests.peers import wait_until
+from tests.support.daemon import VIRTUAL_CONFIG, Daemon, run_cli, start_daemon, write_config
+from tests.support.peers import wait_until
 
 
 def readings_in(db: Path) -> list[tuple[int, str, str, Any]]:

@@ -12,7 +12,7 @@ from prometheus_client.openmetrics.parser import (
 )
 from prometheus_client.parser import text_string_to_metric_families as parse_prometheus
 
-from tests.core.conftest import VIRTUAL_CONFIG, Daemon, run_cli, start_daemon, write_config
+from tests.support.daemon import VIRTUAL_CONFIG, Daemon, run_cli, start_daemon, write_config
 
 
 def samples(families: object) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -64,7 +64,7 @@ def test_metrics_verb_and_textfile_parse_and_agree_with_status(
     r = run_cli(config, "metrics")
     assert r.returncode == 0, r.stderr
     assert r.stdout.endswith("# EOF\n")
-    found = samples(parse_openmetrics(r.stdout))
+    found = samples(parse_openmetrics(r.stdout))  # type: ignore[no-untyped-call]
     status = json.loads(run_cli(config, "--json", "status").stdout)
     assert one(found, "gatewayd_up") == 1
     assert one(found, "gatewayd_store_quota_bytes") == status["store"]["quota_bytes"]
@@ -85,7 +85,7 @@ def test_metrics_verb_and_textfile_parse_and_agree_with_status(
     assert d.stop() == 0
     r = run_cli(config, "metrics")  # the daemon is down: figures from the file, up = 0
     assert r.returncode == 0, r.stderr
-    found = samples(parse_openmetrics(r.stdout))
+    found = samples(parse_openmetrics(r.stdout))  # type: ignore[no-untyped-call]
     assert one(found, "gatewayd_up") == 0 and one(found, "gatewayd_store_events") > 0
 
 

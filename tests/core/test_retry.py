@@ -14,8 +14,9 @@ from typing import Any, cast
 import pytest
 
 from gateway.breaker import Backoff
-from gateway.config import Issues, Section, loads
+from gateway.config import GatewayConfig, Issues, Section, loads
 from gateway.retry import BreakerSettings, RetrySettings, read_breaker, read_retry
+from gateway.sync.config import SyncConfig
 
 RETRY = RetrySettings(initial=0.5, cap=30.0)
 BREAKER = BreakerSettings(threshold=3, cooldown=30.0)
@@ -194,14 +195,15 @@ def _sync_link() -> None:
     from gateway.sync.link import MqttLink
 
     c = loads(f'[sync]\n{TABLE}\n[[sync.endpoints]]\nurl = "mqtt://h"\n')
-    MqttLink(c.sections["sync"], "gw", LOG)
+    MqttLink(_sync(c), "gw", LOG)
 
 
 def _file_sink() -> None:
     from gateway.sync.filesink import FileSink
 
     c = loads(f'[sync]\n{TABLE}\n[sync.file]\ndirectory = "/nonexistent"\n')
-    cfg = c.sections["sync"]
+    cfg = _sync(c)
+    assert cfg.file is not None
     FileSink(cfg.file, LOG, cfg.retry)
 
 
@@ -243,3 +245,9 @@ def test_a_crashed_service_restarts_after_the_shared_backoff(
     monkeypatch.setattr(RetrySettings, "backoff", spy)
     assert [supervisor.restart_delay(n) for n in (1, 2, 4, 5, 9)] == [1.0, 2.0, 8.0, 60.0, 60.0]
     assert set(made) == {RetrySettings(initial=0.5, cap=60.0)}
+
+
+def _sync(c: GatewayConfig) -> SyncConfig:
+    cfg = c.section("sync", SyncConfig)
+    assert cfg is not None
+    return cfg

@@ -10,9 +10,9 @@ import sys
 import tomllib
 from pathlib import Path
 
-from tests.coap.conftest import coap_client
-from tests.core.conftest import Daemon, run_cli, start_daemon
-from tests.peers import free_port
+from tests.support.coap import coap_client
+from tests.support.daemon import Daemon, run_cli, start_daemon
+from tests.support.peers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 

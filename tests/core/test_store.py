@@ -67,23 +67,25 @@ async def test_optimistic_concurrency(store: EventStore) -> None:
 
 
 async def test_conflict_fails_only_its_own_append(store: EventStore) -> None:
-    ok, bad, ok2 = await asyncio.gather(
+    results = await asyncio.gather(
         store.append("s:1", "t", {}),
         store.append("s:2", "t", {}, expected_version=5),
         store.append("s:3", "t", {}),
         return_exceptions=True,
     )
+    ok, bad, ok2 = results
     assert isinstance(bad, ConcurrencyError)
     assert not isinstance(ok, BaseException) and not isinstance(ok2, BaseException)
     assert rows(store.path, "SELECT stream FROM events ORDER BY seq") == [("s:1",), ("s:3",)]
 
 
 async def test_unencodable_data_is_refused_and_others_commit(store: EventStore) -> None:
-    good, bad = await asyncio.gather(
+    results = await asyncio.gather(
         store.append("s:1", "t", {"v": 1}),
         store.append("s:2", "t", {"v": object()}),
         return_exceptions=True,
     )
+    good, bad = results
     assert isinstance(bad, StoreError) and "CBOR" in str(bad)
     assert not isinstance(good, BaseException)
     assert rows(store.path, "SELECT count(*) FROM events") == [(1,)]
@@ -309,7 +311,7 @@ asyncio.run(main())
     finally:
         await s.close()
     # A clean close writes the table.
-    assert dict(rows(db, "SELECT stream, version FROM streams")) == {
+    assert {k: v for k, v in rows(db, "SELECT stream, version FROM streams")} == {
         "command:abc": 8, "device:x": 4
     }  # fmt: skip
 

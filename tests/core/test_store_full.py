@@ -20,8 +20,8 @@ from gateway.control import call
 from gateway.errors import StoreError, StoreFullError
 from gateway.logs import REPEAT_INTERVAL
 from gateway.store import EventStore, NewEvent
-from tests.core.conftest import Daemon, run_cli, start_daemon
-from tests.peers import Peer, free_port, wait_until
+from tests.support.daemon import Daemon, run_cli, start_daemon
+from tests.support.peers import Peer, free_port, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -97,7 +97,7 @@ async def _post_until(port: int, target: int, refusals_in_a_row: int) -> tuple[i
     return accepted, refused
 
 
-def test_shipped_config_without_sync_keeps_taking_events_past_the_quota(
+async def test_shipped_config_without_sync_keeps_taking_events_past_the_quota(
     tmp_path: Path, daemon_factory: list[Daemon]
 ) -> None:
     """Issue 11 item 8: with no [sync], events were kept as undelivered forever, so a store
@@ -113,7 +113,7 @@ def test_shipped_config_without_sync_keeps_taking_events_past_the_quota(
     daemon_factory.append(d)
     db = cfg.load(config).db_path
     # About 1,000 such events fit in 0.2 MB: 4,000 are four times past where main refused.
-    accepted, _refused = asyncio.run(_post_until(port, 4000, refusals_in_a_row=200))
+    accepted, _refused = await _post_until(port, 4000, refusals_in_a_row=200)
     assert accepted == 4000
     assert count(db, "SELECT count(*) FROM outbox") == 0
     assert count(db, "SELECT count(*) FROM events WHERE stream = 'device:probe-1'") < 4000
@@ -162,7 +162,7 @@ async def _fill(db: Path, used: int) -> None:
         await store.close()
 
 
-def full_store(tmp: Path, interval: float = 0.5, devices: int = 1) -> Path:
+async def full_store(tmp: Path, interval: float = 0.5, devices: int = 1) -> Path:
     more = "".join(
         f'[devices.fast-{i}]\ndriver = "virtual"\ninterval = {interval}\n'
         f'[devices.fast-{i}.points.level]\nsignal = "counter"\n'
@@ -171,7 +171,7 @@ def full_store(tmp: Path, interval: float = 0.5, devices: int = 1) -> Path:
     config = tmp / "config.toml"
     config.write_text(FULL_CONFIG.format(state=tmp / "state", run=tmp / "run",
                                          interval=interval, more=more))  # fmt: skip
-    asyncio.run(_fill(cfg.load(config).db_path, 300 * 1024))
+    await _fill(cfg.load(config).db_path, 300 * 1024)
     return config
 
 
@@ -195,14 +195,14 @@ def start_notified(config: Path, tmp: Path) -> tuple[Daemon, list[str]]:
     return d, ready
 
 
-def test_daemon_starts_degraded_on_a_full_store_and_resumes_when_space_comes_back(
+async def test_daemon_starts_degraded_on_a_full_store_and_resumes_when_space_comes_back(
     tmp_path: Path, daemon_factory: list[Daemon]
 ) -> None:
     """Issue 11 item 10: `gateway.started` and the devices service's registrations were
     refused on a store at its quota, and gatewayd exited 5. Now it comes up degraded, says
     so (READY's STATUS=, gatewayctl status, the log), and once a prune makes room it takes
     events again by itself: the postponed ones and new readings."""
-    config = full_store(tmp_path)
+    config = await full_store(tmp_path)
     db = cfg.load(config).db_path
     d, ready = start_notified(config, tmp_path)
     daemon_factory.append(d)
@@ -241,12 +241,12 @@ def test_daemon_starts_degraded_on_a_full_store_and_resumes_when_space_comes_bac
     d.notify.close()
 
 
-def test_a_flood_of_refused_readings_is_one_log_line_per_interval(
+async def test_a_flood_of_refused_readings_is_one_log_line_per_interval(
     tmp_path: Path, daemon_factory: list[Daemon]
 ) -> None:
     """Issue 11 item 12: one warning per refused reading (~1,600 lines/s with fast devices).
     Now the first refusal is logged, the rest are counted into one line per interval."""
-    config = full_store(tmp_path, interval=0.005, devices=8)
+    config = await full_store(tmp_path, interval=0.005, devices=8)
     began = time.monotonic()
     d, _ = start_notified(config, tmp_path)
     daemon_factory.append(d)
@@ -298,10 +298,10 @@ async def _sqlite_full(tmp: Path) -> None:
         await store.close()
 
 
-def test_sqlite_full_is_storefull_with_its_cause_and_no_raw_sqlite_error_escapes(
+async def test_sqlite_full_is_storefull_with_its_cause_and_no_raw_sqlite_error_escapes(
     tmp_path: Path,
 ) -> None:
     """Issue 11 item 11, in the store's API: SQLITE_FULL was replaced by "cannot rollback -
     no transaction is active" (SQLite had rolled back itself), and raw sqlite3 errors came
     out of `write`/`read`."""
-    asyncio.run(_sqlite_full(tmp_path))
+    await _sqlite_full(tmp_path)

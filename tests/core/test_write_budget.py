@@ -11,7 +11,7 @@ from pathlib import Path
 
 import cbor2
 
-from tests.core.conftest import Daemon, run_cli, start_daemon, write_config
+from tests.support.daemon import Daemon, run_cli, start_daemon, write_config
 
 CONFIG = """
 [gateway]

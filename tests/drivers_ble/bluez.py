@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from tests.peers import Peer, require_binary, wait_until
+from tests.support.peers import Peer, require_binary, wait_until
 
 DEVICE = "org.bluez.Device1"
 SERVICE = "org.bluez.GattService1"
@@ -107,7 +107,7 @@ class BluezBus:
             import dbus  # noqa: F401
             import dbusmock  # noqa: F401
         except ImportError:
-            from tests.peers import missing
+            from tests.support.peers import missing
 
             missing("python-dbusmock / dbus-python")
         self.tmp = tmp

@@ -80,7 +80,7 @@ def test_stock_path_when_bleaks_internals_differ(
     # Left open by the probe, finalized by bleak when the next loop wants one (its stock
     # path): the second read took the first one's; the last one waits for the next user.
     assert len(changed) == 1
-    real.update(changed.data)
+    real.update(changed.data)  # type: ignore[arg-type]  # bleak's own map, given back
     monkeypatch.setattr(manager, "_global_instances", real)
     bleak_compat.reset()
 

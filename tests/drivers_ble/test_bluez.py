@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 
 from drivers.ble import BleDriver
+from drivers.testing import RecordingContext
 from gateway.config import loads
 from gateway.errors import DriverError
 from tests.drivers_ble.bluez import DENY_BLUEZ, BluezBus
-from tests.drivers_ble.context import RecordingContext
+from tests.support.wait import until
 
 BTHOME_UUID = "0000fcd2-0000-1000-8000-00805f9b34fb"
 KEY_HEX = "231d39c1d7cc1ab1aee224cd096db932"
@@ -85,14 +86,14 @@ async def close_bleak() -> None:
     await bleak_compat.close_manager(wait=True)
 
 
-def run_driver(
+async def run_driver(
     toml: str,
     scenario: Callable[[BleDriver, RecordingContext], Awaitable[None]],
     *,
     add_first: bool = False,
 ) -> RecordingContext:
     cfg = loads(toml)
-    ctx = RecordingContext()
+    ctx = RecordingContext("test.ble")
 
     async def main() -> None:
         driver = BleDriver(ctx, cfg.drivers.get("ble", {}))
@@ -109,7 +110,7 @@ def run_driver(
             await driver.stop()
             await close_bleak()
 
-    asyncio.run(main())
+    await main()
     return ctx
 
 
@@ -118,7 +119,7 @@ async def scanning(driver: BleDriver) -> None:
     await asyncio.wait_for(driver._scanner.running.wait(), 20)
 
 
-def test_scan_decodes_bthome_and_ruuvi_into_readings(bus: BluezBus) -> None:
+async def test_scan_decodes_bthome_and_ruuvi_into_readings(bus: BluezBus) -> None:
     bus.add_adapter()
 
     async def scenario(driver: BleDriver, ctx: RecordingContext) -> None:
@@ -146,7 +147,7 @@ def test_scan_decodes_bthome_and_ruuvi_into_readings(bus: BluezBus) -> None:
         got = {r.point: r.value for r in await driver.read("shed", points)}
         assert got == {"temperature": 24.3, "pressure": 100044, "battery": 2.977}
 
-    ctx = run_driver(FAST + ADVERT_DEVICES, scenario)
+    ctx = await run_driver(FAST + ADVERT_DEVICES, scenario)
     assert [[(r.point, r.value) for r in e] for e in ctx.emitted("kitchen")] == [
         [("temperature", 25.06), ("humidity", 50.55)],
         [("temperature", 25.07), ("humidity", 50.55)],
@@ -156,7 +157,7 @@ def test_scan_decodes_bthome_and_ruuvi_into_readings(bus: BluezBus) -> None:
     (found,) = ctx.found
     assert (found.address, found.kind, found.name) == (STRANGER, "bthome", "ATC")
     assert found.values == {"temperature": 25.06}
-    assert "stranger" not in {d for d, _, _ in ctx.readings}  # not ingested
+    assert "stranger" not in {d for d, _ in ctx.readings}  # not ingested
 
 
 GATT_DEVICE = f"""
@@ -180,7 +181,7 @@ notify = true
 """
 
 
-def test_gatt_read_notify_write(bus: BluezBus) -> None:
+async def test_gatt_read_notify_write(bus: BluezBus) -> None:
     bus.add_adapter()
     bus.add_device(GATT_MAC, name="thermostat")
     bus.add_characteristic(GATT_MAC, TEMP_CHAR, struct.pack("<h", 2150), handle=0x0B)
@@ -205,7 +206,7 @@ def test_gatt_read_notify_write(bus: BluezBus) -> None:
         got = await driver.read("thermostat", [led_point])
         assert [(r.point, r.value) for r in got] == [("led", 1)]
 
-    ctx = run_driver(FAST + GATT_DEVICE, scenario, add_first=True)
+    ctx = await run_driver(FAST + GATT_DEVICE, scenario, add_first=True)
     assert ctx.last_availability("thermostat") is not None
     assert ctx.availability[0] == ("thermostat", True, "connected")
 
@@ -219,7 +220,7 @@ def _notifying(bus: BluezBus, char_path: str) -> bool:
     return bool(props.Get("org.bluez.GattCharacteristic1", "Notifying"))
 
 
-def test_adapter_disappearing_is_survived(bus: BluezBus) -> None:
+async def test_adapter_disappearing_is_survived(bus: BluezBus) -> None:
     bus.add_adapter()
 
     async def scenario(driver: BleDriver, ctx: RecordingContext) -> None:
@@ -229,10 +230,7 @@ def test_adapter_disappearing_is_survived(bus: BluezBus) -> None:
 
         bus.remove_adapter()
         await ctx.wait_for(
-            lambda: (
-                ctx.last_availability("shed") is not None
-                and ctx.last_availability("shed")[0] is False
-            ),  # type: ignore[index]
+            lambda: ctx.changes("shed")[-1:] == [False],
             "shed unavailable after the adapter went away",
         )
         avail = ctx.last_availability("shed")
@@ -247,7 +245,7 @@ def test_adapter_disappearing_is_survived(bus: BluezBus) -> None:
         await ctx.wait_for(lambda: len(ctx.emitted("shed")) == 2, "reading after recovery")
         assert ctx.last_availability("shed") == (True, "advertising")
 
-    run_driver(FAST + ADVERT_DEVICES, scenario, add_first=True)
+    await run_driver(FAST + ADVERT_DEVICES, scenario, add_first=True)
 
 
 def _fault_of(ctx: RecordingContext, device: str) -> str:
@@ -256,7 +254,7 @@ def _fault_of(ctx: RecordingContext, device: str) -> str:
     return avail[1]
 
 
-def test_no_adapter_is_reported_with_its_fix_and_retried(bus: BluezBus) -> None:
+async def test_no_adapter_is_reported_with_its_fix_and_retried(bus: BluezBus) -> None:
     # BlueZ runs, but has no adapter (a Pi whose dongle is unplugged)
     async def scenario(driver: BleDriver, ctx: RecordingContext) -> None:
         await ctx.wait_for(lambda: bool(ctx.availability), "a fault report")
@@ -267,10 +265,10 @@ def test_no_adapter_is_reported_with_its_fix_and_retried(bus: BluezBus) -> None:
         bus.add_device(RUUVI_MAC, manufacturer_data={0x0499: RUUVI})
         await ctx.wait_for(lambda: len(ctx.emitted("shed")) == 1, "reading after plug-in")
 
-    run_driver(FAST + ADVERT_DEVICES, scenario)
+    await run_driver(FAST + ADVERT_DEVICES, scenario)
 
 
-def test_bluez_not_running(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_bluez_not_running(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     b = BluezBus(tmp_path, bluez=False)
     monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", b.address)
     try:
@@ -285,12 +283,12 @@ def test_bluez_not_running(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
             b.add_adapter()
             await scanning(driver)
 
-        run_driver(FAST + ADVERT_DEVICES, scenario)
+        await run_driver(FAST + ADVERT_DEVICES, scenario)
     finally:
         b.stop()
 
 
-def test_dbus_permission_denied(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_dbus_permission_denied(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     b = BluezBus(tmp_path, extra_policy=DENY_BLUEZ)
     monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", b.address)
     try:
@@ -302,22 +300,22 @@ def test_dbus_permission_denied(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
             assert "permission denied" in reason
             assert "SupplementaryGroups=bluetooth" in reason
 
-        run_driver(FAST + ADVERT_DEVICES, scenario)
+        await run_driver(FAST + ADVERT_DEVICES, scenario)
     finally:
         b.stop()
 
 
-def test_no_system_bus_at_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_no_system_bus_at_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", f"unix:path={tmp_path}/none.sock")
 
     async def scenario(driver: BleDriver, ctx: RecordingContext) -> None:
         await ctx.wait_for(lambda: bool(ctx.availability), "a fault report")
         assert "D-Bus system bus is not reachable" in _fault_of(ctx, "kitchen")
 
-    run_driver(FAST + ADVERT_DEVICES, scenario)
+    await run_driver(FAST + ADVERT_DEVICES, scenario)
 
 
-def test_passive_scan(bus: BluezBus) -> None:
+async def test_passive_scan(bus: BluezBus) -> None:
     bus.add_adapter()
 
     async def scenario(driver: BleDriver, ctx: RecordingContext) -> None:
@@ -325,10 +323,10 @@ def test_passive_scan(bus: BluezBus) -> None:
         bus.add_device(RUUVI_MAC, manufacturer_data={0x0499: RUUVI})
         await ctx.wait_for(lambda: len(ctx.emitted("shed")) == 1, "a reading, passively")
 
-    run_driver(FAST + 'scan_mode = "passive"\n' + ADVERT_DEVICES, scenario)
+    await run_driver(FAST + 'scan_mode = "passive"\n' + ADVERT_DEVICES, scenario)
 
 
-def test_passive_scan_unsupported_is_explained(
+async def test_passive_scan_unsupported_is_explained(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     b = BluezBus(tmp_path, parameters={"enable_monitor_api": False})
@@ -342,21 +340,12 @@ def test_passive_scan_unsupported_is_explained(
             assert "passive scanning is not supported" in reason
             assert 'scan_mode = "active"' in reason
 
-        run_driver(FAST + 'scan_mode = "passive"\n' + ADVERT_DEVICES, scenario)
+        await run_driver(FAST + 'scan_mode = "passive"\n' + ADVERT_DEVICES, scenario)
     finally:
         b.stop()
 
 
-async def poll_until(check: Callable[[], bool], what: str, attempts: int = 500) -> None:
-    """Bounded readiness poll, for state that no report announces (a breaker's state)."""
-    for _ in range(attempts):
-        if check():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"never happened: {what}")
-
-
-def test_gatt_breaker_opens_and_device_recovers(bus: BluezBus) -> None:
+async def test_gatt_breaker_opens_and_device_recovers(bus: BluezBus) -> None:
     bus.add_adapter()
     bus.add_device(GATT_MAC, name="thermostat")
     bus.add_characteristic(GATT_MAC, TEMP_CHAR, struct.pack("<h", 2150), handle=0x0B)
@@ -381,17 +370,17 @@ type = "int16"
         assert ctx.availability[0][:2] == ("thermostat", False)
         assert "Page Timeout" in ctx.availability[0][2]
         link = driver.links["thermostat"]
-        await poll_until(lambda: link.breaker.state == "open", "breaker open")
+        await until(lambda: link.breaker.state == "open", "breaker open")
         assert driver.status()["devices"]["thermostat"]["breaker"] == "open"
         bus.set_blocked(GATT_MAC, False)  # back in range
         await ctx.wait_for(lambda: "temperature" in ctx.values("thermostat"), "a reading")
         assert link.breaker.state == "closed"
         assert ctx.last_availability("thermostat") == (True, "connected")
 
-    run_driver(toml, scenario)
+    await run_driver(toml, scenario)
 
 
-def test_gatt_link_drop_reconnects_and_resubscribes(bus: BluezBus) -> None:
+async def test_gatt_link_drop_reconnects_and_resubscribes(bus: BluezBus) -> None:
     bus.add_adapter()
     bus.add_device(GATT_MAC, name="thermostat")
     bus.add_characteristic(GATT_MAC, TEMP_CHAR, struct.pack("<h", 2150), handle=0x0B)
@@ -400,20 +389,20 @@ def test_gatt_link_drop_reconnects_and_resubscribes(bus: BluezBus) -> None:
 
     async def scenario(driver: BleDriver, ctx: RecordingContext) -> None:
         await ctx.wait_for(lambda: "temperature" in ctx.values("thermostat"), "first reading")
-        await poll_until(lambda: _notifying(bus, button), "subscribed")
+        await until(lambda: _notifying(bus, button), "subscribed")
         bus.disconnect(GATT_MAC)
         await ctx.wait_for(
             lambda: [a for _, a, _ in ctx.availability] == [True, False, True], "reconnected"
         )
         assert ctx.availability[1][2] == "thermostat: disconnected"
-        await poll_until(lambda: _notifying(bus, button), "subscribed again")
+        await until(lambda: _notifying(bus, button), "subscribed again")
         bus.notify(button, b"\x07")
         await ctx.wait_for(lambda: ctx.values("thermostat").get("button") == 7, "notification")
 
-    run_driver(FAST + GATT_DEVICE, scenario)
+    await run_driver(FAST + GATT_DEVICE, scenario)
 
 
-def test_connection_limit_queues_devices(bus: BluezBus) -> None:
+async def test_connection_limit_queues_devices(bus: BluezBus) -> None:
     bus.add_adapter()
     macs = ["C0:FF:EE:00:00:0A", "C0:FF:EE:00:00:0B", "C0:FF:EE:00:00:0C"]
     toml = FAST + "max_connections = 1\n"
@@ -450,10 +439,10 @@ type = "int16"
         with pytest.raises(DriverError, match="not writable"):
             await driver.write("t2", spec.points[0], 5)
 
-    run_driver(toml, scenario)
+    await run_driver(toml, scenario)
 
 
-def test_bluez_restart_while_scanning_is_survived(bus: BluezBus) -> None:
+async def test_bluez_restart_while_scanning_is_survived(bus: BluezBus) -> None:
     bus.add_adapter()
 
     async def scenario(driver: BleDriver, ctx: RecordingContext) -> None:
@@ -476,10 +465,10 @@ def test_bluez_restart_while_scanning_is_survived(bus: BluezBus) -> None:
         bus.add_device(RUUVI_MAC, manufacturer_data={0x0499: bytes(later)})
         await ctx.wait_for(lambda: len(ctx.emitted("shed")) == 2, "reading after restart")
 
-    run_driver(FAST + ADVERT_DEVICES, scenario)
+    await run_driver(FAST + ADVERT_DEVICES, scenario)
 
 
-def test_adapter_powered_off_and_on(bus: BluezBus) -> None:
+async def test_adapter_powered_off_and_on(bus: BluezBus) -> None:
     bus.add_adapter()
 
     async def scenario(driver: BleDriver, ctx: RecordingContext) -> None:
@@ -492,7 +481,7 @@ def test_adapter_powered_off_and_on(bus: BluezBus) -> None:
                            "unavailable")  # fmt: skip
         reason = _fault_of(ctx, "shed")
         assert "adapter hci0 was powered off" in reason and "bluetoothctl power on" in reason
-        await poll_until(lambda: driver._scanner is not None and driver._scanner.fault is not None
+        await until(lambda: driver._scanner is not None and driver._scanner.fault is not None
                          and "is powered off" in driver._scanner.fault.cause,
                          "start refused while off")  # fmt: skip
         bus.power(True)
@@ -502,4 +491,4 @@ def test_adapter_powered_off_and_on(bus: BluezBus) -> None:
         bus.advertise(RUUVI_MAC, rssi=-40, manufacturer_data={0x0499: bytes(later)})
         await ctx.wait_for(lambda: len(ctx.emitted("shed")) == 2, "reading after power on")
 
-    run_driver(FAST + 'adapter = "hci0"\n' + ADVERT_DEVICES, scenario)
+    await run_driver(FAST + 'adapter = "hci0"\n' + ADVERT_DEVICES, scenario)

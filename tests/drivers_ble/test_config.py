@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,14 +10,9 @@ from drivers.ble.config import compile_device, normalize_uuid, parse_options
 from gateway.config import loads
 from gateway.errors import ConfigError
 from gateway.retry import BreakerSettings, RetrySettings
+from tests.support.config import issue_lines as issues
 
 KEY = "231d39c1d7cc1ab1aee224cd096db932"
-
-
-def issues(toml: str) -> list[str]:
-    with pytest.raises(ConfigError) as exc:
-        loads(toml)
-    return [str(i) for i in exc.value.issues]
 
 
 def test_good_devices_compile() -> None:
@@ -213,18 +206,3 @@ def test_device_without_points() -> None:
 )
 def test_normalize_uuid(text: str, uuid: str | None) -> None:
     assert normalize_uuid(text) == uuid
-
-
-def test_importing_the_driver_does_not_import_bleak() -> None:
-    code = (
-        "import sys, drivers.ble, drivers.ble.probe\n"
-        "from drivers import driver_class\n"
-        "from gateway.config import loads\n"
-        "assert driver_class('ble').kind == 'ble'\n"
-        'loads(\'[devices.k]\\ndriver = "ble"\\naddress = "54:48:E6:8F:80:A5"\\n'
-        'format = "bthome"\\nbindkey = "' + KEY + "\"\\n[devices.k.points.temperature]\\n')\n"
-        "heavy = [m for m in ('bleak', 'dbus_fast', 'cryptography') if m in sys.modules]\n"
-        "assert not heavy, heavy\n"
-    )
-    root = Path(__file__).resolve().parents[2]
-    subprocess.run([sys.executable, "-c", code], cwd=root, check=True)

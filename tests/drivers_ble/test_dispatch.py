@@ -8,8 +8,8 @@ import pytest
 
 from drivers.ble.config import compile_device
 from drivers.ble.dispatch import Advert, Dispatcher
+from drivers.testing import ManualClock, RecordingContext
 from gateway.config import loads
-from tests.drivers_ble.context import FakeClock, RecordingContext
 
 UUID = "0000fcd2-0000-1000-8000-00805f9b34fb"
 MAC = "54:48:E6:8F:80:A5"
@@ -17,13 +17,13 @@ MAC = "54:48:E6:8F:80:A5"
 
 def setup(
     extra: str = "", points: str = "temperature"
-) -> tuple[Dispatcher, RecordingContext, FakeClock]:
+) -> tuple[Dispatcher, RecordingContext, ManualClock]:
     toml = f'[devices.k]\ndriver = "ble"\naddress = "{MAC}"\nformat = "bthome"\n{extra}\n'
     for p in points.split():
         toml += f"[devices.k.points.{p}]\n"
     spec = loads(toml).devices["k"]
-    clock = FakeClock()
-    ctx = RecordingContext(clock)
+    clock = ManualClock()
+    ctx = RecordingContext("test.ble", clock)
     d = Dispatcher(ctx)
     d.add(compile_device(spec, load_secrets=True))
     return d, ctx, clock
@@ -38,7 +38,7 @@ def test_repeats_are_deduplicated_and_changes_emitted() -> None:
     assert d.handle(adv("4002ca09")) == 1
     assert d.handle(adv("4002ca09", rssi=-50)) == 0  # a repeat
     assert d.handle(adv("4002cb09")) == 1  # value changed
-    assert [v for _, _, v in ctx.readings] == [25.06, 25.07]
+    assert [r.value for _, r in ctx.readings] == [25.06, 25.07]
 
 
 def test_new_packet_id_with_same_values_is_a_new_measurement() -> None:
@@ -52,19 +52,19 @@ def test_new_packet_id_with_same_values_is_a_new_measurement() -> None:
 def test_min_interval_holds_back_changes_until_due() -> None:
     d, ctx, clock = setup("min_interval = 10")
     d.handle(adv("4002ca09"))
-    clock.t += 1
+    clock.now += 1
     assert d.handle(adv("4002cb09")) == 0  # changed, but too soon
-    clock.t += 1
+    clock.now += 1
     assert d.handle(adv("4002cb09")) == 0  # the device repeats it; still too soon
-    clock.t += 9
+    clock.now += 9
     assert d.handle(adv("4002cb09")) == 1  # the held-back change, once due
-    assert [v for _, _, v in ctx.readings] == [25.06, 25.07]
+    assert [r.value for _, r in ctx.readings] == [25.06, 25.07]
 
 
 def test_events_bypass_min_interval() -> None:
     d, ctx, clock = setup("min_interval = 60", points="temperature button")
     d.handle(adv("4000013a01"))
-    clock.t += 1
+    clock.now += 1
     assert d.handle(adv("4000023a02")) == 1
     assert ctx.values("k") == {"button": "double_press"}
 
@@ -72,9 +72,9 @@ def test_events_bypass_min_interval() -> None:
 def test_heartbeat_re_emits_unchanged_values() -> None:
     d, ctx, clock = setup("heartbeat = 30")
     d.handle(adv("4002ca09"))
-    clock.t += 10
+    clock.now += 10
     assert d.handle(adv("4002ca09")) == 0
-    clock.t += 25
+    clock.now += 25
     assert d.handle(adv("4002ca09")) == 1
     assert len(ctx.emits) == 2
 
@@ -83,10 +83,10 @@ def test_unseen_timeout_makes_device_unavailable_and_back() -> None:
     d, ctx, clock = setup("unseen_timeout = 30")
     d.handle(adv("4002ca09"))
     assert ctx.availability == [("k", True, "advertising")]
-    clock.t += 29
+    clock.now += 29
     d.check_unseen()
     assert len(ctx.availability) == 1
-    clock.t += 2
+    clock.now += 2
     d.check_unseen()
     d.check_unseen()  # reported once per change
     assert ctx.availability[1:] == [("k", False, "no advertisement for 30 s")]
@@ -96,7 +96,7 @@ def test_unseen_timeout_makes_device_unavailable_and_back() -> None:
 
 def test_never_seen_device_times_out_too() -> None:
     d, ctx, clock = setup("unseen_timeout = 5")
-    clock.t += 6
+    clock.now += 6
     d.check_unseen()
     assert ctx.availability == [("k", False, "no advertisement for 5 s")]
 
@@ -135,7 +135,7 @@ def test_discovery_reports_unknown_devices_once() -> None:
         (other, "bthome"), ("CB:B8:33:4C:88:4F", "ruuvi-5"),
     ]  # fmt: skip
     assert ctx.emits == []  # discovered, never ingested
-    clock.t += 3601
+    clock.now += 3601
     d.handle(adv("4002ca09", address=other))
     assert len(ctx.found) == 3
 
@@ -163,7 +163,7 @@ def test_rejected_packets_are_no_sign_of_life() -> None:
     d.handle(adv("41a47266c95f730011223378237214"))
     assert ctx.availability == [("k", True, "advertising")]
     for _ in range(3):
-        clock.t += 4
+        clock.now += 4
         d.handle(adv("4002ca09"))  # unencrypted packets under its address: rejected
     d.check_unseen()
     assert ctx.availability[-1] == ("k", False, "no advertisement for 10 s")

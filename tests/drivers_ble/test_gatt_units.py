@@ -9,7 +9,6 @@ import pytest
 
 from drivers.ble.config import GattPoint
 from drivers.ble.gatt import ConnectionPool, decode, encode
-from gateway.breaker import Breaker, State
 from gateway.errors import DeviceProtocolError, PayloadError
 
 
@@ -46,7 +45,7 @@ def test_bad_writes_are_payload_errors(typ: str, value: object) -> None:
         encode(GattPoint("x", "c", typ), value)
 
 
-def test_pool_limits_and_queues_in_order() -> None:
+async def test_pool_limits_and_queues_in_order() -> None:
     async def main() -> tuple[int, list[int]]:
         pool = ConnectionPool(2)
         peak = 0
@@ -67,19 +66,5 @@ def test_pool_limits_and_queues_in_order() -> None:
         await asyncio.gather(*tasks)
         return peak, order
 
-    peak, order = asyncio.run(main())
+    peak, order = await main()
     assert peak == 2 and order == [0, 1, 2, 3, 4]
-
-
-def test_breaker() -> None:
-    # The shared breaker as GattLink uses it: a fixed rest of `breaker.cooldown` seconds.
-    b = Breaker(threshold=3, cooldown=10)
-    b.failure(0)
-    b.failure(1)
-    assert b.state == "closed" and b.wait(1) == 0
-    b.failure(2)
-    assert b.state == "open" and b.wait(5) == 7
-    assert b.wait(13) == 0 and b.allow(13)  # one trial allowed...
-    assert b.state is State.HALF_OPEN and not b.allow(13)  # ...and only one
-    b.success()
-    assert b.state == "closed" and b.failures == 0

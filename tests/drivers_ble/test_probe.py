@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.drivers_ble.bluez import BluezBus
-from tests.peers import wait_until
+from tests.support.peers import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 RUUVI = bytes.fromhex("0512FC5394C37C0004FFFC040CAC364200CDCBB8334C884F")

@@ -42,7 +42,7 @@ def refuse(dev: Device, request: aiocoap.Message) -> aiocoap.Message | None:
     return None
 
 
-class Sensors(resource.ObservableResource):
+class Sensors(resource.ObservableResource):  # type: ignore[misc]  # aiocoap is untyped here
     def __init__(self, dev: Device) -> None:
         super().__init__()
         self.dev = dev
@@ -59,7 +59,7 @@ class Sensors(resource.ObservableResource):
         return msg
 
 
-class SensorTemp(resource.Resource):
+class SensorTemp(resource.Resource):  # type: ignore[misc]  # aiocoap is untyped here
     def __init__(self, dev: Device, sensors: Sensors) -> None:
         super().__init__()
         self.dev = dev
@@ -77,7 +77,7 @@ class SensorTemp(resource.Resource):
         return aiocoap.Message(code=aiocoap.CHANGED)
 
 
-class Setpoint(resource.ObservableResource):
+class Setpoint(resource.ObservableResource):  # type: ignore[misc]  # aiocoap is untyped here
     def __init__(self, dev: Device) -> None:
         super().__init__()
         self.dev = dev
@@ -97,7 +97,7 @@ class Setpoint(resource.ObservableResource):
         return aiocoap.Message(code=aiocoap.CHANGED)
 
 
-class Count(resource.Resource):
+class Count(resource.Resource):  # type: ignore[misc]  # aiocoap is untyped here
     def __init__(self, dev: Device) -> None:
         super().__init__()
         self.dev = dev

@@ -15,9 +15,10 @@ from typing import Any
 import pytest
 
 from drivers.coap import CoapDriver, aiocoap_compat
-from tests.drivers_coap.conftest import AiocoapDevice, Recorder
+from drivers.testing import RecordingContext
+from tests.drivers_coap.support import AiocoapDevice
 from tests.drivers_coap.test_aiocoap_device import spec_for, write_context
-from tests.peers import missing
+from tests.support.peers import missing
 
 
 @pytest.fixture(params=["patched", "stock"])
@@ -52,7 +53,7 @@ def test_oscore_context_is_released_by_both_paths(
         spec = spec_for(device.uri, extra=f'oscore = "{client_ctx}"')
 
         async def main() -> None:
-            drv = CoapDriver(Recorder())
+            drv = CoapDriver(RecordingContext("test.drivers.coap"))
             await drv.start()
             await drv.add_device(spec)
             try:

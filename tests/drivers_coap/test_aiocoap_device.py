@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 
 from drivers.coap import CoapDriver
+from drivers.testing import RecordingContext
 from gateway.errors import DeviceProtocolError
-from tests.drivers_coap.conftest import AiocoapDevice, Recorder, device_spec
-from tests.peers import missing
+from tests.drivers_coap.support import AiocoapDevice, device_spec
+from tests.support.peers import missing
 
 POINTS = """
 [devices.dev.points.temp]
@@ -48,11 +49,11 @@ def device(tmp_path: Path):  # type: ignore[no-untyped-def]
     dev.stop()
 
 
-def test_read_decodes_senml_records_and_cbor_maps(device: AiocoapDevice) -> None:
+async def test_read_decodes_senml_records_and_cbor_maps(device: AiocoapDevice) -> None:
     spec = spec_for(device.uri)
 
     async def main() -> None:
-        drv = CoapDriver(Recorder())
+        drv = CoapDriver(RecordingContext("test.drivers.coap"))
         await drv.add_device(spec)
         await drv.start()
         try:
@@ -64,10 +65,10 @@ def test_read_decodes_senml_records_and_cbor_maps(device: AiocoapDevice) -> None
         finally:
             await drv.stop()
 
-    asyncio.run(main())
+    await main()
 
 
-def test_observe_sees_a_write_made_through_the_driver(device: AiocoapDevice) -> None:
+async def test_observe_sees_a_write_made_through_the_driver(device: AiocoapDevice) -> None:
     points = """
 [devices.dev.points.temp]
 path = "/sensors"
@@ -90,28 +91,28 @@ writable = true
     spec = spec_for(device.uri, points)
 
     async def main() -> None:
-        rec = Recorder()
+        rec = RecordingContext("test.drivers.coap")
         drv = CoapDriver(rec)
         await drv.add_device(spec)
         await drv.start()
         try:
-            await rec.until(lambda: rec.values("temp") == [21.5] and rec.values("hum") == [40],
+            await rec.wait_for(lambda: rec.series("temp") == [21.5] and rec.series("hum") == [40],
                             "the registration's values")  # fmt: skip
-            await rec.until(lambda: rec.values("setpoint") == [18], "the setpoint")
+            await rec.wait_for(lambda: rec.series("setpoint") == [18], "the setpoint")
             target = spec.point("target")
             setpoint = spec.point("setpoint")
             assert target is not None and setpoint is not None
             await drv.write("dev", target, 23.25)  # SenML CBOR PUT
-            await rec.until(lambda: 23.25 in rec.values("temp"), "the notification of 23.25")
+            await rec.wait_for(lambda: 23.25 in rec.series("temp"), "the notification of 23.25")
             await drv.write("dev", setpoint, 20)  # text PUT on an observed resource
-            await rec.until(lambda: 20 in rec.values("setpoint"), "the setpoint notification")
+            await rec.wait_for(lambda: 20 in rec.series("setpoint"), "the setpoint notification")
         finally:
             await drv.stop()
 
-    asyncio.run(main())
+    await main()
 
 
-def test_observe_registers_again_when_the_device_restarts(device: AiocoapDevice) -> None:
+async def test_observe_registers_again_when_the_device_restarts(device: AiocoapDevice) -> None:
     # Max-Age 30 here: the stale-observation timer is Max-Age + margin. The device comes
     # back with its initial value; only a new registration can deliver it.
     spec = spec_for(
@@ -124,24 +125,24 @@ def test_observe_registers_again_when_the_device_restarts(device: AiocoapDevice)
     dev2.start()
 
     async def main() -> None:
-        rec = Recorder()
+        rec = RecordingContext("test.drivers.coap")
         drv = CoapDriver(rec)
         await drv.add_device(spec)
         await drv.start()
         try:
-            await rec.until(lambda: rec.values("setpoint") == [18], "the first value")
+            await rec.wait_for(lambda: rec.series("setpoint") == [18], "the first value")
             setpoint = spec.point("setpoint")
             assert setpoint is not None
             await drv.write("dev", setpoint, 25)
-            await rec.until(lambda: rec.values("setpoint")[-1] == 25, "the notification of 25")
+            await rec.wait_for(lambda: rec.series("setpoint")[-1] == 25, "the notification of 25")
             await asyncio.to_thread(dev2.kill)  # a power cut: nothing tells the driver
             await asyncio.to_thread(dev2.start)  # forgets its observers and its value
-            await rec.until(lambda: rec.values("setpoint")[-1] == 18, "the restarted value")
+            await rec.wait_for(lambda: rec.series("setpoint")[-1] == 18, "the restarted value")
         finally:
             await drv.stop()
 
     try:
-        asyncio.run(main())
+        await main()
     finally:
         dev2.stop()
 
@@ -167,7 +168,7 @@ def oscore_pair(tmp_path: Path) -> tuple[Path, Path]:
     return client, server
 
 
-def test_oscore_protected_device(tmp_path: Path, oscore_pair: tuple[Path, Path]) -> None:
+async def test_oscore_protected_device(tmp_path: Path, oscore_pair: tuple[Path, Path]) -> None:
     client_ctx, server_ctx = oscore_pair
     device = AiocoapDevice(tmp_path, oscore=server_ctx)
     device.start()
@@ -176,7 +177,7 @@ def test_oscore_protected_device(tmp_path: Path, oscore_pair: tuple[Path, Path])
         plain = spec_for(device.uri)
 
         async def main() -> None:
-            rec = Recorder()
+            rec = RecordingContext("test.drivers.coap")
             drv = CoapDriver(rec)
             await drv.start()
             await drv.add_device(protected)
@@ -197,7 +198,7 @@ def test_oscore_protected_device(tmp_path: Path, oscore_pair: tuple[Path, Path])
             # The context's lock is released at stop: another user (a restart) can load it.
             assert not (client_ctx / "lock").exists()
 
-        asyncio.run(main())
+        await main()
         # Sequence numbers were persisted: a fresh copy of the directory is what a restart uses.
         assert json.loads((client_ctx / "sequence.json").read_text())["next-to-send"] > 0
     finally:

@@ -39,7 +39,7 @@ def test_opens_after_threshold_and_backs_off_exponentially() -> None:
     assert b.cooldown == 8.0  # capped
     assert b.allow(b.retry_at)
     t = b.success()
-    assert t.recovered and b.state is State.CLOSED and b.allow(0.0) and b.cooldown == 1.0
+    assert t.recovered and b.state_at(0.0) is State.CLOSED and b.allow(0.0) and b.cooldown == 1.0
 
 
 def test_auth_failure_opens_at_once_with_the_longest_backoff() -> None:

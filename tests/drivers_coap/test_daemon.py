@@ -9,10 +9,10 @@ from pathlib import Path
 
 from gateway import config as cfg
 from gateway.store.projections import decode_value
-from tests.core.conftest import Daemon, run_cli, start_daemon, write_config
-from tests.drivers_coap.conftest import LibcoapServer
+from tests.drivers_coap.support import LibcoapServer
 from tests.drivers_coap.test_libcoap import put
-from tests.peers import wait_until
+from tests.support.daemon import Daemon, run_cli, start_daemon, write_config
+from tests.support.peers import wait_until
 
 CONFIG = """
 [gateway]

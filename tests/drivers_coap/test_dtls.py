@@ -3,21 +3,20 @@ not ours): read, write, Observe; a wrong key never yields data and opens the bre
 
 from __future__ import annotations
 
-import asyncio
 import json
 from pathlib import Path
 
 import pytest
 
 from drivers.coap import CoapDriver
+from drivers.testing import RecordingContext
 from gateway.errors import DeviceTimeoutError, DeviceUnavailableError
-from tests.drivers_coap.conftest import (
+from tests.drivers_coap.support import (
     LibcoapServer,
-    Recorder,
     assert_observation_survives_restart,
     device_spec,
 )
-from tests.peers import missing
+from tests.support.peers import missing
 
 PSK = "gateway-secret-psk"
 
@@ -62,16 +61,16 @@ def key_file(tmp_path: Path, key: str) -> Path:
     return path
 
 
-def test_read_write_and_observe_over_dtls_psk(tmp_path: Path, server: LibcoapServer) -> None:
+async def test_read_write_and_observe_over_dtls_psk(tmp_path: Path, server: LibcoapServer) -> None:
     spec = spec_for(server, key_file(tmp_path, PSK))
 
     async def main() -> None:
-        rec = Recorder()
+        rec = RecordingContext("test.drivers.coap")
         drv = CoapDriver(rec)
         await drv.add_device(spec)
         await drv.start()
         try:
-            await rec.until(lambda: len(set(rec.values("ticks"))) >= 2, "ticks over DTLS")
+            await rec.wait_for(lambda: len(set(rec.series("ticks"))) >= 2, "ticks over DTLS")
             valve = spec.point("valve")
             assert valve is not None
             await drv.write("dev", valve, 35)
@@ -79,10 +78,10 @@ def test_read_write_and_observe_over_dtls_psk(tmp_path: Path, server: LibcoapSer
         finally:
             await drv.stop()
 
-    asyncio.run(main())
+    await main()
 
 
-def test_a_wrong_key_gets_no_data_and_opens_the_breaker(
+async def test_a_wrong_key_gets_no_data_and_opens_the_breaker(
     tmp_path: Path, server: LibcoapServer
 ) -> None:
     spec = spec_for(
@@ -90,7 +89,7 @@ def test_a_wrong_key_gets_no_data_and_opens_the_breaker(
     )
 
     async def main() -> None:
-        rec = Recorder()
+        rec = RecordingContext("test.drivers.coap")
         drv = CoapDriver(rec)
         await drv.start()
         await drv.add_device(spec)
@@ -100,13 +99,13 @@ def test_a_wrong_key_gets_no_data_and_opens_the_breaker(
             # OpenSSL drops the handshake: no alert reaches tinydtls, so it is a time-out.
             with pytest.raises((DeviceTimeoutError, DeviceUnavailableError)):
                 await drv.read("dev", [valve])
-            await rec.until(lambda: ("dev", False) in [a[:2] for a in rec.availability],
+            await rec.wait_for(lambda: ("dev", False) in [a[:2] for a in rec.availability],
                             "the device to be reported unavailable")  # fmt: skip
             assert rec.readings == []
         finally:
             await drv.stop()
 
-    asyncio.run(main())
+    await main()
 
 
 def test_probe_over_dtls_psk(tmp_path: Path, server: LibcoapServer) -> None:
@@ -135,8 +134,10 @@ def test_credentials_are_found_with_or_without_the_default_port() -> None:
     assert credentials_patterns("coap://h:61616") == ["coap://h:61616/*"]
 
 
-def test_observe_over_dtls_survives_a_server_restart(tmp_path: Path, server: LibcoapServer) -> None:
+async def test_observe_over_dtls_survives_a_server_restart(
+    tmp_path: Path, server: LibcoapServer
+) -> None:
     # The restarted server knows neither our observation nor our DTLS session: the driver
     # must notice the silence and register again over a new handshake.
     spec = spec_for(server, key_file(tmp_path, PSK), extra="observe_margin = 0.5", timeout=3)
-    assert_observation_survives_restart(spec, server)
+    await assert_observation_survives_restart(spec, server)

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from drivers.coap import CoapDriver
+from drivers.testing import RecordingContext
 from gateway.config import PointSpec
 from gateway.errors import (
     DeviceProtocolError,
@@ -24,13 +25,12 @@ from gateway.errors import (
     DeviceUnavailableError,
     DriverError,
 )
-from tests.drivers_coap.conftest import (
+from tests.drivers_coap.support import (
     LibcoapServer,
-    Recorder,
     assert_observation_survives_restart,
     device_spec,
 )
-from tests.peers import require_binary
+from tests.support.peers import require_binary
 
 
 def spec_for(  # type: ignore[no-untyped-def]
@@ -58,7 +58,7 @@ def put(server: LibcoapServer, path: str, body: str) -> None:
     coap_client("-m", "put", "-e", body, f"coap://127.0.0.1:{server.port}{path}")
 
 
-def test_read_polls_with_get(libcoap: LibcoapServer) -> None:
+async def test_read_polls_with_get(libcoap: LibcoapServer) -> None:
     put(libcoap, "/temp", "21.5")
     put(libcoap, "/label", "boiler room")
     spec = spec_for(
@@ -69,7 +69,7 @@ def test_read_polls_with_get(libcoap: LibcoapServer) -> None:
     )
 
     async def main() -> None:
-        rec = Recorder()
+        rec = RecordingContext("test.drivers.coap")
         drv = CoapDriver(rec)
         await drv.add_device(spec)
         await drv.start()
@@ -82,10 +82,12 @@ def test_read_polls_with_get(libcoap: LibcoapServer) -> None:
         finally:
             await drv.stop()
 
-    asyncio.run(main())
+    await main()
 
 
-def test_a_missing_resource_is_a_protocol_error_not_a_dead_device(libcoap: LibcoapServer) -> None:
+async def test_a_missing_resource_is_a_protocol_error_not_a_dead_device(
+    libcoap: LibcoapServer,
+) -> None:
     put(libcoap, "/temp", "20")
     spec = spec_for(
         f"coap://127.0.0.1:{libcoap.port}",
@@ -93,7 +95,7 @@ def test_a_missing_resource_is_a_protocol_error_not_a_dead_device(libcoap: Libco
     )
 
     async def main() -> None:
-        rec = Recorder()
+        rec = RecordingContext("test.drivers.coap")
         drv = CoapDriver(rec)
         await drv.start()
         await drv.add_device(spec)
@@ -110,10 +112,10 @@ def test_a_missing_resource_is_a_protocol_error_not_a_dead_device(libcoap: Libco
         finally:
             await drv.stop()
 
-    asyncio.run(main())
+    await main()
 
 
-def test_write_lands_on_the_server(libcoap: LibcoapServer) -> None:
+async def test_write_lands_on_the_server(libcoap: LibcoapServer) -> None:
     spec = spec_for(
         f"coap://127.0.0.1:{libcoap.port}",
         '[devices.dev.points.setpoint]\npath = "/setpoint"\nwritable = true\n'
@@ -121,7 +123,7 @@ def test_write_lands_on_the_server(libcoap: LibcoapServer) -> None:
     )
 
     async def main() -> None:
-        drv = CoapDriver(Recorder())
+        drv = CoapDriver(RecordingContext("test.drivers.coap"))
         await drv.start()
         await drv.add_device(spec)
         try:
@@ -133,13 +135,13 @@ def test_write_lands_on_the_server(libcoap: LibcoapServer) -> None:
         finally:
             await drv.stop()
 
-    asyncio.run(main())
+    await main()
     url = f"coap://127.0.0.1:{libcoap.port}"
     assert coap_client("-m", "get", f"{url}/setpoint") == b"19.5"
     assert coap_client("-m", "get", f"{url}/mode") == b"\x63eco"
 
 
-def test_observe_notifications_arrive_through_emit(libcoap: LibcoapServer) -> None:
+async def test_observe_notifications_arrive_through_emit(libcoap: LibcoapServer) -> None:
     put(libcoap, "/level", "1")
     spec = spec_for(
         f"coap://127.0.0.1:{libcoap.port}",
@@ -148,26 +150,26 @@ def test_observe_notifications_arrive_through_emit(libcoap: LibcoapServer) -> No
     )
 
     async def main() -> None:
-        rec = Recorder()
+        rec = RecordingContext("test.drivers.coap")
         drv = CoapDriver(rec)
         await drv.add_device(spec)
         await drv.start()
         try:
-            await rec.until(lambda: rec.values("level") == [1], "the registration's value")
+            await rec.wait_for(lambda: rec.series("level") == [1], "the registration's value")
             # Another client changes the resource: the server notifies, the driver emits.
             await asyncio.to_thread(put, libcoap, "/level", "2")
-            await rec.until(lambda: 2 in rec.values("level"), "a notification with 2")
-            await rec.until(lambda: len(set(rec.values("ticks"))) >= 2, "two ticks")
+            await rec.wait_for(lambda: 2 in rec.series("level"), "a notification with 2")
+            await rec.wait_for(lambda: len(set(rec.series("ticks"))) >= 2, "two ticks")
             # While observed, a poll of the point does not fetch it again.
             level = [p for p in spec.points if p.name == "level"]
             assert await drv.read("dev", level) == []
         finally:
             await drv.stop()
 
-    asyncio.run(main())
+    await main()
 
 
-def test_observation_is_registered_again_after_the_server_restarts(
+async def test_observation_is_registered_again_after_the_server_restarts(
     libcoap: LibcoapServer,
 ) -> None:
     # /time has Max-Age 1: once notifications stop for 1 s + margin, the driver registers
@@ -178,10 +180,10 @@ def test_observation_is_registered_again_after_the_server_restarts(
         '[devices.dev.points.ticks]\npath = "/time?ticks"\nmode = "observe"\n',
         extra="observe_margin = 0.5",
     )
-    assert_observation_survives_restart(spec, libcoap)
+    await assert_observation_survives_restart(spec, libcoap)
 
 
-def test_breaker_opens_on_a_dead_server_and_closes_when_it_is_back(
+async def test_breaker_opens_on_a_dead_server_and_closes_when_it_is_back(
     libcoap: LibcoapServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     put(libcoap, "/temp", "20")
@@ -195,7 +197,7 @@ def test_breaker_opens_on_a_dead_server_and_closes_when_it_is_back(
     caplog.set_level(logging.DEBUG, logger="test.drivers.coap")
 
     async def main() -> None:
-        rec = Recorder()
+        rec = RecordingContext("test.drivers.coap")
         drv = CoapDriver(rec)
         await drv.start()
         await drv.add_device(spec)
@@ -223,7 +225,7 @@ def test_breaker_opens_on_a_dead_server_and_closes_when_it_is_back(
         finally:
             await drv.stop()
 
-    asyncio.run(main())
+    await main()
     levels = [
         (r.levelname, r.getMessage()) for r in caplog.records if "coap device dev" in r.getMessage()
     ]
@@ -232,7 +234,7 @@ def test_breaker_opens_on_a_dead_server_and_closes_when_it_is_back(
     assert any(lvl == "INFO" and "answers again" in m for lvl, m in levels)
 
 
-def test_psk_key_file_must_be_private(tmp_path: Path, libcoap: LibcoapServer) -> None:
+async def test_psk_key_file_must_be_private(tmp_path: Path, libcoap: LibcoapServer) -> None:
     key = tmp_path / "dev.psk"
     key.write_text("secret\n")
     key.chmod(0o644)
@@ -242,7 +244,7 @@ def test_psk_key_file_must_be_private(tmp_path: Path, libcoap: LibcoapServer) ->
     )  # fmt: skip
 
     async def main() -> None:
-        drv = CoapDriver(Recorder())
+        drv = CoapDriver(RecordingContext("test.drivers.coap"))
         await drv.start()
         try:
             with pytest.raises(Exception, match="readable by others: chmod 600"):
@@ -250,10 +252,10 @@ def test_psk_key_file_must_be_private(tmp_path: Path, libcoap: LibcoapServer) ->
         finally:
             await drv.stop()
 
-    asyncio.run(main())
+    await main()
 
 
-def test_an_observed_device_that_dies_becomes_unavailable_and_comes_back(
+async def test_an_observed_device_that_dies_becomes_unavailable_and_comes_back(
     libcoap: LibcoapServer,
 ) -> None:
     spec = spec_for(
@@ -264,40 +266,40 @@ def test_an_observed_device_that_dies_becomes_unavailable_and_comes_back(
     )
 
     async def main() -> None:
-        rec = Recorder()
+        rec = RecordingContext("test.drivers.coap")
         drv = CoapDriver(rec)
         await drv.add_device(spec)
         await drv.start()
         try:
-            await rec.until(lambda: rec.values("ticks") != [], "a first notification")
+            await rec.wait_for(lambda: rec.series("ticks") != [], "a first notification")
             await asyncio.to_thread(libcoap.kill)
             # Notifications stop; registering again fails: the breaker opens.
-            await rec.until(lambda: rec.availability[-1][:2] == ("dev", False), "unavailable")
+            await rec.wait_for(lambda: rec.availability[-1][:2] == ("dev", False), "unavailable")
             seen = len(rec.readings)
             await asyncio.to_thread(libcoap.start)
-            await rec.until(lambda: rec.availability[-1][:2] == ("dev", True), "available again")
-            await rec.until(lambda: len(rec.readings) > seen, "notifications again")
+            await rec.wait_for(lambda: rec.availability[-1][:2] == ("dev", True), "available again")
+            await rec.wait_for(lambda: len(rec.readings) > seen, "notifications again")
         finally:
             await drv.stop()
         # A stopped driver leaves no task behind.
         assert asyncio.all_tasks() == {asyncio.current_task()}
 
-    asyncio.run(main())
+    await main()
 
 
-def test_removing_a_device_ends_its_observation(libcoap: LibcoapServer) -> None:
+async def test_removing_a_device_ends_its_observation(libcoap: LibcoapServer) -> None:
     spec = spec_for(
         f"coap://127.0.0.1:{libcoap.port}",
         '[devices.dev.points.ticks]\npath = "/time?ticks"\nmode = "observe"\n',
     )
 
     async def main() -> None:
-        rec = Recorder()
+        rec = RecordingContext("test.drivers.coap")
         drv = CoapDriver(rec)
         await drv.start()
         await drv.add_device(spec)
         try:
-            await rec.until(lambda: rec.values("ticks") != [], "a first notification")
+            await rec.wait_for(lambda: rec.series("ticks") != [], "a first notification")
             await drv.remove_device("dev")
             assert [t for t in asyncio.all_tasks() if "coap observe" in t.get_name()] == []
             with pytest.raises(DeviceUnavailableError, match="not a configured coap device"):
@@ -305,10 +307,10 @@ def test_removing_a_device_ends_its_observation(libcoap: LibcoapServer) -> None:
         finally:
             await drv.stop()
 
-    asyncio.run(main())
+    await main()
 
 
-def test_a_device_with_a_bad_key_does_not_stop_the_others(
+async def test_a_device_with_a_bad_key_does_not_stop_the_others(
     tmp_path: Path, libcoap: LibcoapServer
 ) -> None:
     put(libcoap, "/temp", "20")
@@ -323,7 +325,7 @@ def test_a_device_with_a_bad_key_does_not_stop_the_others(
     )
 
     async def main() -> None:
-        rec = Recorder()
+        rec = RecordingContext("test.drivers.coap")
         drv = CoapDriver(rec)
         await drv.add_device(bad)
         await drv.add_device(good)
@@ -335,4 +337,4 @@ def test_a_device_with_a_bad_key_does_not_stop_the_others(
         finally:
             await drv.stop()
 
-    asyncio.run(main())
+    await main()

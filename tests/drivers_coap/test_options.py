@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 
 from drivers.coap.options import compile_device
@@ -140,15 +137,3 @@ write_method = "put"
 def test_bad_device_options(options: str, expected: str) -> None:
     got = messages(f'[devices.d]\ndriver = "coap"\n{options}\n')
     assert any(m.startswith(expected) for m in got), got
-
-
-def test_importing_the_driver_and_checking_config_imports_no_aiocoap() -> None:
-    code = (
-        "import sys\n"
-        "from gateway import config\n"
-        f"config.loads({GOOD!r})\n"
-        "import drivers.coap, drivers.coap.probe\n"
-        "print(sorted(m for m in sys.modules if m.startswith('aiocoap')))\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"

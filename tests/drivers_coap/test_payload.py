@@ -158,6 +158,7 @@ def test_encode_refuses_what_it_cannot_write(value: object) -> None:
         pl.encode(value, "cbor", "temp")
 
 
+@pytest.mark.slow  # hundreds of generated cases
 @settings(max_examples=1000, deadline=None)
 @given(
     body=st.one_of(

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.drivers_coap.conftest import LibcoapServer
+from tests.drivers_coap.support import LibcoapServer
 from tests.drivers_coap.test_libcoap import coap_client, put
 
 ROOT = Path(__file__).parents[2]

@@ -24,17 +24,18 @@ from pymodbus.datastore import (
     ModbusDeviceContext,
     ModbusSequentialDataBlock,
     ModbusServerContext,
+    ModbusSimulatorContext,
 )
 from pymodbus.server import ModbusSerialServer, ModbusTcpServer
 
 
 def _block(values: list[Any], default: Any) -> ModbusSequentialDataBlock:
     # Data block address 1 is protocol address 0 (pymodbus 3.16).
-    return ModbusSequentialDataBlock(1, list(values) or [default] * 10)
+    return ModbusSequentialDataBlock(1, list(values) or [default] * 10)  # type: ignore[no-untyped-call]
 
 
 async def main(spec: dict[str, Any]) -> None:
-    devices = {}
+    devices: dict[int, ModbusDeviceContext | ModbusSimulatorContext] = {}
     for unit, tables in spec["units"].items():
         devices[int(unit)] = ModbusDeviceContext(
             hr=_block(tables.get("hr", []), 0),

@@ -1,43 +1,18 @@
-"""Helpers for the Modbus driver's tests: the pymodbus server process, a socat PTY pair, mbpoll,
-and a DriverContext that records what the driver reports (the core's side of the interface)."""
+"""Helpers for the Modbus driver's tests: the pymodbus server process, a socat PTY pair and
+mbpoll (the recording DriverContext is `drivers.testing.RecordingContext`)."""
 
 from __future__ import annotations
 
 import json
-import logging
 import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from drivers.base import DiscoveredDevice, RawReading
-from gateway.clock import SystemClock
-from tests.peers import Peer, free_port, require_binary, wait_until
+from tests.support.peers import Peer, free_port, require_binary, wait_until
 
 SERVER = Path(__file__).with_name("modbus_server.py")
-
-
-class RecordingContext:
-    """The core's side of DriverContext: records availability changes and pushed readings."""
-
-    def __init__(self, name: str = "test.modbus") -> None:
-        self.logger = logging.getLogger(name)
-        self.clock = SystemClock()
-        self.availability: list[tuple[str, bool, str]] = []
-        self.emitted: list[tuple[str, list[RawReading]]] = []
-
-    def emit(self, device_id: str, readings: Sequence[RawReading]) -> None:
-        self.emitted.append((device_id, list(readings)))
-
-    def set_available(self, device_id: str, available: bool, reason: str = "") -> None:
-        self.availability.append((device_id, available, reason))
-
-    def discovered(self, device: DiscoveredDevice) -> None:
-        pass
-
-    def changes(self, device_id: str) -> list[bool]:
-        return [a for d, a, _ in self.availability if d == device_id]
 
 
 class ModbusServer:
@@ -154,7 +129,13 @@ SAMPLES: dict[str, Any] = {
     "float32": 3.5,
     "float64": -1234.5678,
 }
-ORDERS = [("big", "big"), ("little", "big"), ("big", "little"), ("little", "little")]
+Order = Literal["big", "little"]
+ORDERS: list[tuple[Order, Order]] = [
+    ("big", "big"),
+    ("little", "big"),
+    ("big", "little"),
+    ("little", "little"),
+]
 
 
 def _swap(regs: list[int]) -> list[int]:
@@ -214,7 +195,7 @@ def type_matrix() -> tuple[dict[str, list[Any]], str, dict[str, Any]]:
     expected["coil5"], expected["coil6"] = True, False
     toml.append('[devices.DEV.points.di9]\ntable = "discrete_input"\naddress = 9\n')
     expected["di9"] = True
-    tables = {
+    tables: dict[str, list[Any]] = {
         "hr": hr + [0] * 50,
         "ir": [0, 0, 1, 2, 0, 0],
         "co": [i == 5 for i in range(16)],

@@ -5,15 +5,8 @@ from __future__ import annotations
 import pytest
 
 from gateway.config import loads
-from gateway.errors import ConfigError
 from gateway.retry import BreakerSettings, RetrySettings
-
-
-def issues(text: str) -> dict[str, str]:
-    with pytest.raises(ConfigError) as info:
-        loads(text)
-    return {i.path: i.message for i in info.value.issues}
-
+from tests.support.config import issues
 
 GOOD = """
 [devices.boiler]
@@ -232,20 +225,3 @@ bit = 1
     found = issues(text)
     assert list(found) == ["devices.f.points.c.address"]
     assert "bit 1 of holding 5..5 overlaps point 'b'" in found["devices.f.points.c.address"]
-
-
-def test_import_does_not_load_pymodbus() -> None:
-    import subprocess
-    import sys
-
-    code = (
-        "import sys, drivers.modbus, gateway.config as c\n"
-        "c.loads(open(sys.argv[1]).read())\n"
-        "assert 'pymodbus' not in sys.modules, 'pymodbus imported'\n"
-    )
-    import tempfile
-
-    with tempfile.NamedTemporaryFile("w", suffix=".toml") as f:
-        f.write(GOOD)
-        f.flush()
-        subprocess.run([sys.executable, "-c", code, f.name], check=True)

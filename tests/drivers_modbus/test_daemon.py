@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from gateway.store.projections import decode_value
-from tests.core.conftest import start_daemon, write_config
 from tests.drivers_modbus.support import ModbusServer
-from tests.peers import wait_until
+from tests.support.daemon import start_daemon, write_config
+from tests.support.peers import wait_until
 
 CONFIG = """
 [gateway]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.peers import free_port
+from tests.support.peers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -12,7 +12,7 @@ import pytest
 from gateway.cli.main import main
 from gateway.errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_UNAVAILABLE, EXIT_USAGE
 from tests.drivers_modbus.support import ModbusServer
-from tests.peers import free_port
+from tests.support.peers import free_port
 
 
 @pytest.fixture()

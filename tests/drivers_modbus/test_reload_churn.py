@@ -11,8 +11,8 @@ import signal
 import sqlite3
 from pathlib import Path
 
-from tests.core.conftest import start_daemon, write_config
 from tests.drivers_modbus.support import ModbusServer
+from tests.support.daemon import start_daemon, write_config
 
 HEAD = """
 [gateway]

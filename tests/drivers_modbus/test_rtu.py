@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 
 from drivers.modbus import ModbusDriver
+from drivers.testing import RecordingContext
 from gateway.config import loads
 from gateway.errors import DeviceProtocolError, DeviceTimeoutError, DeviceUnavailableError
 from tests.drivers_modbus.support import (
     ModbusServer,
     PtyPair,
-    RecordingContext,
     device_toml,
     mbpoll,
     type_matrix,
@@ -49,7 +49,7 @@ def rtu(path: str) -> str:
     return f'port = "{path}"\nbaudrate = 19200\nparity = "N"'
 
 
-def test_rtu_types_silent_unit_and_exception_4(line: tuple[PtyPair, ModbusServer]) -> None:
+async def test_rtu_types_silent_unit_and_exception_4(line: tuple[PtyPair, ModbusServer]) -> None:
     pty, _ = line
     text = (
         device_toml("all", rtu(pty.b), POINTS, unit=1)
@@ -59,7 +59,7 @@ def test_rtu_types_silent_unit_and_exception_4(line: tuple[PtyPair, ModbusServer
         + device_toml("ghost", rtu(pty.b), "[devices.ghost.points.v]\naddress = 0\n", unit=9)
     )
     s = loads(text).devices
-    ctx = RecordingContext()
+    ctx = RecordingContext("test.modbus")
 
     async def main() -> dict[str, object]:
         drv = ModbusDriver(ctx)
@@ -76,7 +76,7 @@ def test_rtu_types_silent_unit_and_exception_4(line: tuple[PtyPair, ModbusServer
             await drv.stop()
         return {r.point: r.value for r in readings}
 
-    got = asyncio.run(main())
+    got = await main()
     for name, want in EXPECTED.items():
         if isinstance(want, float):
             assert got[name] == pytest.approx(want), name
@@ -84,7 +84,7 @@ def test_rtu_types_silent_unit_and_exception_4(line: tuple[PtyPair, ModbusServer
             assert got[name] == want, name
 
 
-def test_rtu_write_is_read_back_by_mbpoll(line: tuple[PtyPair, ModbusServer]) -> None:
+async def test_rtu_write_is_read_back_by_mbpoll(line: tuple[PtyPair, ModbusServer]) -> None:
     pty, _ = line
     pts = """
 [devices.w.points.level]
@@ -101,7 +101,7 @@ writable = true
     p = {pt.name: pt for pt in spec.points}
 
     async def main() -> None:
-        drv = ModbusDriver(RecordingContext())
+        drv = ModbusDriver(RecordingContext("test.modbus"))
         await drv.add_device(spec)
         try:
             await drv.write("w", p["level"], -70000)
@@ -109,13 +109,13 @@ writable = true
         finally:
             await drv.stop()  # closes the port: mbpoll opens the same PTY end next
 
-    asyncio.run(main())
+    await main()
     base = ["-m", "rtu", "-b", "19200", "-P", "none", "-a", "2"]
     assert mbpoll(pty.b, *base, "-t", "4:int", "-B", "-r", "3", "-c", "1") == ["-70000"]
     assert mbpoll(pty.b, *base, "-t", "0", "-r", "2", "-c", "1") == ["1"]
 
 
-def test_rtu_line_that_vanishes_and_returns(tmp_path: Path) -> None:
+async def test_rtu_line_that_vanishes_and_returns(tmp_path: Path) -> None:
     # Like a USB RS-485 adapter unplugged and plugged back: the PTY pair and the server go
     # away (same paths afterwards); the breaker opens, then the driver reopens the port.
     pty = PtyPair(tmp_path)
@@ -126,7 +126,7 @@ def test_rtu_line_that_vanishes_and_returns(tmp_path: Path) -> None:
         reconnect_delay_max=0.2,
     )  # fmt: skip
     spec = loads(text).devices["m"]
-    ctx = RecordingContext()
+    ctx = RecordingContext("test.modbus")
     state = {"pty": pty}
 
     async def poll_until(drv: ModbusDriver, want: list[bool]) -> None:
@@ -155,7 +155,7 @@ def test_rtu_line_that_vanishes_and_returns(tmp_path: Path) -> None:
 
     try:
         srv.start()
-        asyncio.run(main())
+        await main()
     finally:
         srv.stop()
         state["pty"].stop()

@@ -21,9 +21,9 @@ import signal
 import sqlite3
 from pathlib import Path
 
-from tests.core.conftest import Daemon, run_cli, start_daemon, write_config
 from tests.drivers_modbus.support import ModbusServer
-from tests.peers import wait_until
+from tests.support.daemon import Daemon, run_cli, start_daemon, write_config
+from tests.support.peers import wait_until
 
 HEAD = """
 [gateway]

@@ -12,10 +12,12 @@ import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from drivers.modbus import ModbusDriver
+from drivers.testing import RecordingContext
 from gateway.config import DeviceSpec, loads
 from gateway.errors import (
     DeviceProtocolError,
@@ -25,7 +27,6 @@ from gateway.errors import (
 )
 from tests.drivers_modbus.support import (
     ModbusServer,
-    RecordingContext,
     device_toml,
     mbpoll,
     type_matrix,
@@ -37,7 +38,7 @@ TABLES, POINTS, EXPECTED = type_matrix()
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModbusServer]:
     tmp = tmp_path_factory.mktemp("mbtcp")
-    writable = {"hr": [0] * 40, "co": [False] * 16}
+    writable: dict[str, list[Any]] = {"hr": [0] * 40, "co": [False] * 16}
     srv = ModbusServer(
         tmp, {1: TABLES, 2: writable, 3: {"hr": [7, 8, 9]}}, silent=[5], name="tcp"
     ).start()
@@ -53,11 +54,11 @@ def tcp(port: int) -> str:
     return f'host = "127.0.0.1"\nport = {port}'
 
 
-def test_every_type_and_order_decodes(server: ModbusServer) -> None:
+async def test_every_type_and_order_decodes(server: ModbusServer) -> None:
     spec = specs(device_toml("all", tcp(server.port), POINTS, unit=1))["all"]
 
     async def main() -> dict[str, object]:
-        drv = ModbusDriver(RecordingContext())
+        drv = ModbusDriver(RecordingContext("test.modbus"))
         await drv.start()
         try:
             await drv.add_device(spec)
@@ -69,7 +70,7 @@ def test_every_type_and_order_decodes(server: ModbusServer) -> None:
             await drv.stop()
         return {r.point: r.value for r in readings}
 
-    got = asyncio.run(main())
+    got = await main()
     assert set(got) == set(EXPECTED)
     for name, want in EXPECTED.items():
         if isinstance(want, float):
@@ -128,12 +129,12 @@ verify = true
 """
 
 
-def test_writes_are_read_back_by_mbpoll(server: ModbusServer) -> None:
+async def test_writes_are_read_back_by_mbpoll(server: ModbusServer) -> None:
     spec = specs(device_toml("w", tcp(server.port), WRITE_POINTS, unit=2))["w"]
     p = {pt.name: pt for pt in spec.points}
 
     async def main() -> None:
-        drv = ModbusDriver(RecordingContext())
+        drv = ModbusDriver(RecordingContext("test.modbus"))
         await drv.start()
         try:
             await drv.add_device(spec)
@@ -155,7 +156,7 @@ def test_writes_are_read_back_by_mbpoll(server: ModbusServer) -> None:
         finally:
             await drv.stop()
 
-    asyncio.run(main())
+    await main()
     base = ["-m", "tcp", "-p", str(server.port), "-a", "2"]
     assert mbpoll("127.0.0.1", *base, "-t", "4", "-r", "0", "-c", "1") == ["215"]
     assert (
@@ -169,7 +170,7 @@ def test_writes_are_read_back_by_mbpoll(server: ModbusServer) -> None:
     assert mbpoll("127.0.0.1", *base, "-t", "4", "-r", "22", "-c", "1") == ["1"]
 
 
-def test_exception_response_is_a_protocol_error(
+async def test_exception_response_is_a_protocol_error(
     server: ModbusServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Unit 3 holds 3 registers: reading register 100 is ILLEGAL DATA ADDRESS. The unit is
@@ -190,14 +191,14 @@ def test_exception_response_is_a_protocol_error(
             await drv.stop()
 
     with caplog.at_level(logging.DEBUG, logger="test.modbus.exc"):
-        asyncio.run(main())
+        await main()
     records = [r for r in caplog.records if r.name == "test.modbus.exc"]
     levels = [r.levelno for r in records if "ILLEGAL DATA ADDRESS" in r.getMessage()]
     assert levels == [logging.WARNING, logging.DEBUG, logging.DEBUG]
     assert ctx.changes("x") == []
 
 
-def test_unknown_unit_exception_4_opens_the_breaker(server: ModbusServer) -> None:
+async def test_unknown_unit_exception_4_opens_the_breaker(server: ModbusServer) -> None:
     # pymodbus answers a unit it does not serve with exception 4 (SERVER DEVICE FAILURE).
     pts = "[devices.ghost.points.v]\naddress = 0\n"
     spec = specs(
@@ -205,7 +206,7 @@ def test_unknown_unit_exception_4_opens_the_breaker(server: ModbusServer) -> Non
             "ghost", tcp(server.port), pts, unit=9, breaker_threshold=2, breaker_cooldown=3600.0
         )
     )["ghost"]
-    ctx = RecordingContext()
+    ctx = RecordingContext("test.modbus")
 
     async def main() -> None:
         drv = ModbusDriver(ctx)
@@ -223,11 +224,11 @@ def test_unknown_unit_exception_4_opens_the_breaker(server: ModbusServer) -> Non
         finally:
             await drv.stop()
 
-    asyncio.run(main())
+    await main()
     assert ctx.changes("ghost") == [False]
 
 
-def test_silent_unit_times_out_and_its_neighbour_keeps_working(server: ModbusServer) -> None:
+async def test_silent_unit_times_out_and_its_neighbour_keeps_working(server: ModbusServer) -> None:
     text = device_toml(
         "silent",
         tcp(server.port),
@@ -238,7 +239,7 @@ def test_silent_unit_times_out_and_its_neighbour_keeps_working(server: ModbusSer
         breaker_cooldown=3600.0,
     ) + device_toml("alive", tcp(server.port), "[devices.alive.points.v]\naddress = 0\n", unit=3)
     s = specs(text)
-    ctx = RecordingContext()
+    ctx = RecordingContext("test.modbus")
 
     async def main() -> None:
         drv = ModbusDriver(ctx)
@@ -259,7 +260,7 @@ def test_silent_unit_times_out_and_its_neighbour_keeps_working(server: ModbusSer
         finally:
             await drv.stop()
 
-    asyncio.run(main())
+    await main()
     assert ctx.changes("silent") == [False]
     assert ctx.changes("alive") == [True]
 
@@ -274,9 +275,9 @@ def _short_and_long(port: int) -> dict[str, DeviceSpec]:
     )  # fmt: skip
 
 
-def test_each_request_waits_for_its_own_devices_timeout(server: ModbusServer) -> None:
+async def test_each_request_waits_for_its_own_devices_timeout(server: ModbusServer) -> None:
     s = _short_and_long(server.port)
-    ctx = RecordingContext()
+    ctx = RecordingContext("test.modbus")
 
     async def main() -> None:
         drv = ModbusDriver(ctx)
@@ -296,15 +297,15 @@ def test_each_request_waits_for_its_own_devices_timeout(server: ModbusServer) ->
         finally:
             await drv.stop()
 
-    asyncio.run(main())
+    await main()
     assert ctx.changes("short") == [False]
 
 
-def test_a_timeout_cut_short_by_the_poll_deadline_counts_for_the_breaker(
+async def test_a_timeout_cut_short_by_the_poll_deadline_counts_for_the_breaker(
     server: ModbusServer,
 ) -> None:
     s = _short_and_long(server.port)
-    ctx = RecordingContext()
+    ctx = RecordingContext("test.modbus")
 
     async def main() -> None:
         drv = ModbusDriver(ctx)
@@ -326,17 +327,17 @@ def test_a_timeout_cut_short_by_the_poll_deadline_counts_for_the_breaker(
         finally:
             await drv.stop()
 
-    asyncio.run(main())
+    await main()
     assert ctx.changes("short") == [False]
 
 
-def test_bounded_queue_fails_fast(server: ModbusServer) -> None:
+async def test_bounded_queue_fails_fast(server: ModbusServer) -> None:
     text = device_toml(
         "q", tcp(server.port), "[devices.q.points.v]\naddress = 0\n", unit=3, queue_size=1
     )
     spec = specs(text)["q"]
 
-    ctx = RecordingContext()
+    ctx = RecordingContext("test.modbus")
 
     async def main() -> list[object]:
         drv = ModbusDriver(ctx)
@@ -348,7 +349,7 @@ def test_bounded_queue_fails_fast(server: ModbusServer) -> None:
         finally:
             await drv.stop()
 
-    results = asyncio.run(main())
+    results = await main()
     busy = [r for r in results if isinstance(r, DeviceUnavailableError)]
     ok = [r for r in results if isinstance(r, list)]
     assert busy and all("bus busy" in str(r) for r in busy)
@@ -357,7 +358,7 @@ def test_bounded_queue_fails_fast(server: ModbusServer) -> None:
     assert ctx.changes("q") == [True]  # a full queue says nothing about the device
 
 
-def test_killed_server_opens_the_breaker_and_recovers(
+async def test_killed_server_opens_the_breaker_and_recovers(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     a = ModbusServer(tmp_path, {1: {"hr": [11, 12]}}, name="a").start()
@@ -400,7 +401,7 @@ def test_killed_server_opens_the_breaker_and_recovers(
 
     try:
         with caplog.at_level(logging.DEBUG, logger="test.modbus.kill"):
-            asyncio.run(main())
+            await main()
     finally:
         a.stop()
         b.stop()
@@ -412,14 +413,14 @@ def test_killed_server_opens_the_breaker_and_recovers(
     assert "recovered" in records[-1].getMessage()
 
 
-def test_tcp_link_where_nobody_answers_is_reopened(server: ModbusServer) -> None:
+async def test_tcp_link_where_nobody_answers_is_reopened(server: ModbusServer) -> None:
     pts = "[devices.mute.points.v]\naddress = 0\n"
     spec = specs(
         device_toml("mute", tcp(server.port), pts, unit=5, timeout=0.2, breaker_threshold=10)
     )["mute"]
 
     async def main() -> None:
-        drv = ModbusDriver(RecordingContext())
+        drv = ModbusDriver(RecordingContext("test.modbus"))
         await drv.add_device(spec)
         try:
             bus = next(iter(drv._buses.values()))
@@ -435,4 +436,4 @@ def test_tcp_link_where_nobody_answers_is_reopened(server: ModbusServer) -> None
         finally:
             await drv.stop()
 
-    asyncio.run(main())
+    await main()

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import os
-from collections.abc import Sequence
 from pathlib import Path
 
-from drivers.base import Clock, DiscoveredDevice, RawReading
-from gateway.clock import SystemClock
-from tests.peers import Peer, require_binary, wait_until
+from drivers.testing import RecordingContext
+from tests.support.peers import Peer, require_binary, wait_until
 
 
 class PtyPair:
@@ -47,29 +43,6 @@ class PtyPair:
         return os.open(self.b, os.O_RDWR | os.O_NOCTTY)
 
 
-class RecordingContext:
-    """A DriverContext that queues what the driver reports, so tests can await it."""
-
-    def __init__(self) -> None:
-        self.logger = logging.getLogger("gateway.driver.serial.test")
-        self.clock: Clock = SystemClock()
-        self.readings: asyncio.Queue[tuple[str, list[RawReading]]] = asyncio.Queue()
-        self.states: asyncio.Queue[tuple[str, bool, str]] = asyncio.Queue()
-
-    def emit(self, device_id: str, readings: Sequence[RawReading]) -> None:
-        self.readings.put_nowait((device_id, list(readings)))
-
-    def set_available(self, device_id: str, available: bool, reason: str = "") -> None:
-        self.states.put_nowait((device_id, available, reason))
-
-    def discovered(self, device: DiscoveredDevice) -> None:
-        raise AssertionError("serial devices are not discovered")
-
-    async def next_readings(self) -> dict[str, object]:
-        # The bound only keeps a broken test from hanging; it is not a timing assertion.
-        _dev, readings = await asyncio.wait_for(self.readings.get(), 20)
-        return {r.point: r.value for r in readings}
-
-    async def next_state(self) -> tuple[bool, str]:
-        _dev, up, why = await asyncio.wait_for(self.states.get(), 20)
-        return up, why
+def serial_context() -> RecordingContext:
+    """The recording DriverContext for serial tests (serial devices are never discovered)."""
+    return RecordingContext("gateway.driver.serial.test", discovery=False)

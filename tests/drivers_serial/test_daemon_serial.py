@@ -17,7 +17,7 @@ import pytest
 
 from gateway.store.projections import decode_value
 from tests.drivers_serial.ptys import PtyPair
-from tests.peers import Peer, wait_until
+from tests.support.peers import Peer, wait_until
 
 CONFIG = """
 [gateway]

@@ -5,49 +5,24 @@ exercised over socat PTYs in test_driver_pty.py; here a stand-in link only says 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 import pytest
 
 from drivers.serial import SerialDevice
 from drivers.serial.options import parse_options
+from drivers.testing import ManualClock, RecordingContext
 from gateway import config
 from gateway.errors import DeviceTimeoutError, DeviceUnavailableError, PointNotFoundError
 
 
-class ManualClock:
-    boot_id = "test-boot"
-
-    def __init__(self) -> None:
-        self.now = 1_000.0
-
-    def synced(self) -> bool:
-        return True
-
-    def time(self) -> float:
-        return 1_700_000_000.0 + self.now
-
-    def monotonic(self) -> float:
-        return self.now
+def emitted(ctx: RecordingContext) -> list[dict[str, tuple[object, float | None]]]:
+    """Each emit as {point: (value, ts)}."""
+    return [{r.point: (r.value, r.ts) for r in readings} for _, readings in ctx.emits]
 
 
-class Ctx:
-    def __init__(self) -> None:
-        import logging
-
-        self.logger = logging.getLogger("test.serial.device")
-        self.clock = ManualClock()
-        self.emitted: list[dict[str, Any]] = []
-        self.states: list[tuple[bool, str]] = []
-
-    def emit(self, device_id: str, readings: Any) -> None:
-        self.emitted.append({r.point: (r.value, r.ts) for r in readings})
-
-    def set_available(self, device_id: str, available: bool, reason: str = "") -> None:
-        self.states.append((available, reason))
-
-    def discovered(self, device: Any) -> None:
-        raise AssertionError
+def advance(ctx: RecordingContext, seconds: float) -> None:
+    assert isinstance(ctx.clock, ManualClock)
+    ctx.clock.now += seconds
 
 
 class OpenLink:
@@ -67,10 +42,10 @@ class OpenLink:
         self.sent.append(data)
 
 
-def make(body: str) -> tuple[SerialDevice, Ctx]:
+def make(body: str) -> tuple[SerialDevice, RecordingContext]:
     text = '[devices.d]\ndriver = "serial"\nport = "/dev/ttyS0"\n' + body
     spec = config.loads(text).devices["d"]
-    ctx = Ctx()
+    ctx = RecordingContext("test.serial.device", ManualClock(), discovery=False)
     dev = SerialDevice(spec, parse_options(spec), ctx)
     dev.link = OpenLink()  # type: ignore[assignment]
     return dev, ctx
@@ -94,7 +69,7 @@ def test_json_fields_map_to_points_with_conversion() -> None:
     dev, ctx = make(JSON)
     dev.on_data(b'{"env": {"t": 21.5}, "n": "0012"}\n{"env": {"t": 22}, "n": "x"}\n')
     received = 1_700_001_000.0
-    assert ctx.emitted == [
+    assert emitted(ctx) == [
         {"temp": (21.5, None), "count": (12, None), "label": ("0012", None)},
         {"temp": (22, None), "label": ("x", None)},  # "x" is no int: only that point is skipped
     ]
@@ -108,11 +83,11 @@ def test_json_fields_map_to_points_with_conversion() -> None:
 def test_max_age_drops_stale_values_and_times_out() -> None:
     dev, ctx = make(JSON)
     dev.on_data(b'{"env": {"t": 21.5}, "n": 1}\n')
-    ctx.clock.now += 20
+    advance(ctx, 20)
     dev.on_data(b'{"env": {"t": 21.6}}\n')
-    ctx.clock.now += 20  # count is 40 s old, temp 20 s
+    advance(ctx, 20)  # count is 40 s old, temp 20 s
     assert [r.point for r in dev.latest_readings(dev.spec.points)] == ["temp"]
-    ctx.clock.now += 20
+    advance(ctx, 20)
     with pytest.raises(DeviceTimeoutError, match=r"no frame for 40\.0 s"):
         dev.latest_readings(dev.spec.points)
 
@@ -134,7 +109,7 @@ def test_nmea_rmc_time_becomes_reading_timestamp() -> None:
         '[devices.d.points.valid]\nfield = "rmc.valid"\n'
     )
     dev.on_data(b"$GPRMC,123519,A,4807.038,N,01131.000,E,022.4,084.4,230394,003.1,W*6A\r\n")
-    assert ctx.emitted == [{"speed": (22.4, 764426119.0), "valid": (True, 764426119.0)}]
+    assert emitted(ctx) == [{"speed": (22.4, 764426119.0), "valid": (True, 764426119.0)}]
 
 
 def test_length_prefixed_cbor_stream_with_noise() -> None:
@@ -146,11 +121,11 @@ def test_length_prefixed_cbor_stream_with_noise() -> None:
     frame = b"\xaa" + bytes([len(payload)]) + payload
     dev.on_data(b"\x00\x13" + frame[:4])
     dev.on_data(frame[4:] + b"\xaa\x02\xff\xff" + frame)
-    assert ctx.emitted == [{"a": (1, None), "b1": (3, None)}] * 2
+    assert emitted(ctx) == [{"a": (1, None), "b1": (3, None)}] * 2
     assert dev.stats.malformed == 2  # the noise before the marker, the bad CBOR frame
 
 
-def test_request_answers_and_unsolicited_frames() -> None:
+async def test_request_answers_and_unsolicited_frames() -> None:
     dev, ctx = make(
         'mode = "request"\nrequest = "R\\r"\nresponse_frames = 2\n'
         'parser = { type = "regex", pattern = "(?P<k>[a-z]+)=(?P<v>[0-9]+)" }\n'
@@ -169,13 +144,13 @@ def test_request_answers_and_unsolicited_frames() -> None:
         assert [(r.point, r.value) for r in got] == [("k", "b"), ("v", 2), ("k", "c"), ("v", 3)]
         assert dev.link.sent == [b"R\r"]  # type: ignore[union-attr]
 
-    asyncio.run(main())
+    await main()
     assert dev.stats.unsolicited == 2  # "a=1" before, "d=4" after the answer
     assert dev.stats.malformed == 1
-    assert ctx.emitted == []
+    assert emitted(ctx) == []
 
 
-def test_port_loss_fails_a_waiting_request() -> None:
+async def test_port_loss_fails_a_waiting_request() -> None:
     dev, ctx = make('mode = "request"\nrequest = "R"\nparser = { type = "json" }\n'
                     '[devices.d.points.v]\n')  # fmt: skip
 
@@ -189,5 +164,5 @@ def test_port_loss_fails_a_waiting_request() -> None:
         with pytest.raises(DeviceUnavailableError, match="device disconnected"):
             await task
 
-    asyncio.run(main())
-    assert ctx.states == [(False, "device disconnected")]
+    await main()
+    assert [(a, r) for _, a, r in ctx.availability] == [(False, "device disconnected")]

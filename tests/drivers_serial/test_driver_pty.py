@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 
 from drivers.serial import SerialDriver
+from drivers.testing import RecordingContext
 from gateway import config
 from gateway.config import DeviceSpec
 from gateway.errors import DeviceTimeoutError, DeviceUnavailableError
-from tests.drivers_serial.ptys import PtyPair, RecordingContext
+from tests.drivers_serial.ptys import PtyPair, serial_context
 
 GGA = b"$GPGGA,123519,4807.038,N,01131.000,E,1,08,0.9,545.4,M,46.9,M,,*47\r\n"
 GGA_BAD = b"$GPGGA,123519,4807.038,N,01131.000,E,1,09,0.9,545.4,M,46.9,M,,*47\r\n"
@@ -58,9 +59,9 @@ type = "float"
 """
 
 
-def test_delimited_lines_are_emitted_and_read(pty: PtyPair) -> None:
+async def test_delimited_lines_are_emitted_and_read(pty: PtyPair) -> None:
     async def main() -> None:
-        ctx = RecordingContext()
+        ctx = serial_context()
         drv = await started(ctx, device(pty.a, LINES))
         fd = pty.open_device_end()
         try:
@@ -82,7 +83,7 @@ def test_delimited_lines_are_emitted_and_read(pty: PtyPair) -> None:
             os.close(fd)
             await drv.stop()
 
-    asyncio.run(main())
+    await main()
 
 
 NMEA = """
@@ -97,13 +98,13 @@ field = "rmc.speed_knots"
 """
 
 
-def test_nmea_good_bad_checksums_and_garbage(
+async def test_nmea_good_bad_checksums_and_garbage(
     pty: PtyPair, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="gateway.driver.serial.test")
 
     async def main() -> None:
-        ctx = RecordingContext()
+        ctx = serial_context()
         drv = await started(ctx, device(pty.a, NMEA))
         fd = pty.open_device_end()
         try:
@@ -121,12 +122,12 @@ def test_nmea_good_bad_checksums_and_garbage(
             st = drv.stats("dev")
             assert st.frames == 2
             assert st.malformed == 3
-            assert ctx.readings.empty()
+            assert ctx.unread_readings() == 0
         finally:
             os.close(fd)
             await drv.stop()
 
-    asyncio.run(main())
+    await main()
     debug = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
     assert any("checksum mismatch" in m for m in debug)
     assert any("longer than 128 bytes" in m for m in debug)
@@ -148,9 +149,9 @@ UBX_1 = ubx(0x01, 0x07, bytes([0x24, 0x00, 0xFF, 0x21, 0x0D, 0x80, 0x0A, 0x24, 0
 UBX_2 = ubx(0x01, 0x35, bytes([0x21, 0x24, 0xB5, 0x62, 0x2A, 0x30, 0x0A, 0x0D]) * 6)
 
 
-def test_nmea_right_after_binary_ubx_frames_is_read(pty: PtyPair) -> None:
+async def test_nmea_right_after_binary_ubx_frames_is_read(pty: PtyPair) -> None:
     async def main() -> None:
-        ctx = RecordingContext()
+        ctx = serial_context()
         drv = await started(ctx, device(pty.a, NMEA))
         fd = pty.open_device_end()
         try:
@@ -165,14 +166,14 @@ def test_nmea_right_after_binary_ubx_frames_is_read(pty: PtyPair) -> None:
             os.close(fd)
             await drv.stop()
 
-    asyncio.run(main())
+    await main()
 
 
-def test_port_vanishes_and_comes_back(pty: PtyPair, caplog: pytest.LogCaptureFixture) -> None:
+async def test_port_vanishes_and_comes_back(pty: PtyPair, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG, logger="gateway.driver.serial.test")
 
     async def main() -> None:
-        ctx = RecordingContext()
+        ctx = serial_context()
         drv = await started(ctx, device(pty.a, LINES))
         spec = drv.devices["dev"].spec
         fd = pty.open_device_end()
@@ -193,11 +194,11 @@ def test_port_vanishes_and_comes_back(pty: PtyPair, caplog: pytest.LogCaptureFix
             os.write(fd, b"T=20.5 H=51\r\n")
             assert await ctx.next_readings() == {"temperature": 20.5, "humidity": 51.0}
             os.close(fd)
-            assert ctx.states.empty()  # one change each way, however many attempts
+            assert ctx.unread_states() == 0  # one change each way, however many attempts
         finally:
             await drv.stop()
 
-    asyncio.run(main())
+    await main()
     ours = [r for r in caplog.records if r.name == "gateway.driver.serial.test"]
     warnings = [r for r in ours if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "lost" in warnings[0].getMessage()
@@ -206,11 +207,11 @@ def test_port_vanishes_and_comes_back(pty: PtyPair, caplog: pytest.LogCaptureFix
     assert not [r for r in ours if r.levelno >= logging.ERROR]
 
 
-def test_port_missing_at_start_is_opened_when_it_appears(tmp_path: Path) -> None:
+async def test_port_missing_at_start_is_opened_when_it_appears(tmp_path: Path) -> None:
     pair = PtyPair(tmp_path)
 
     async def main() -> None:
-        ctx = RecordingContext()
+        ctx = serial_context()
         drv = SerialDriver(ctx)
         await drv.add_device(device(pair.a, LINES))
         try:
@@ -222,7 +223,7 @@ def test_port_missing_at_start_is_opened_when_it_appears(tmp_path: Path) -> None
             await drv.stop()
 
     try:
-        asyncio.run(main())
+        await main()
     finally:
         pair.stop()
 
@@ -272,9 +273,9 @@ class Responder:
         os.close(self.fd)
 
 
-def test_request_response(pty: PtyPair) -> None:
+async def test_request_response(pty: PtyPair) -> None:
     async def main() -> None:
-        ctx = RecordingContext()
+        ctx = serial_context()
         drv = await started(ctx, device(pty.a, REQUEST))
         spec = drv.devices["dev"].spec
         dev = Responder(
@@ -304,9 +305,9 @@ def test_request_response(pty: PtyPair) -> None:
             assert await asyncio.wait_for(dev.received.get(), 20) == b"SP 42\r\n"
             st = drv.stats("dev")
             assert st.malformed == 1
-            assert ctx.readings.empty()
+            assert ctx.unread_readings() == 0
         finally:
             dev.close()
             await drv.stop()
 
-    asyncio.run(main())
+    await main()

@@ -3,6 +3,7 @@ returns (nor, for delimiters, what it discards); buffers stay bounded."""
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -14,6 +15,8 @@ from drivers.serial.framing import (
     LengthPrefixDeframer,
     frames,
 )
+
+pytestmark = pytest.mark.slow  # properties over generated streams
 
 alphabet = st.sampled_from(b"ab\r\n\x02\xaa\x00\x05")
 streams = st.lists(alphabet, max_size=300).map(bytes)

@@ -3,17 +3,13 @@ option is reported at once with its TOML path."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 from drivers.serial import parse_options
 from drivers.serial.framing import frames
 from gateway import config
-from gateway.errors import ConfigError
 from gateway.retry import RetrySettings
+from tests.support.config import issue_lines as issues
 
 GPS = """
 [devices.gps]
@@ -31,12 +27,6 @@ unit = "deg"
 field = "rmc.speed_knots"
 unit = "kn"
 """
-
-
-def issues(text: str) -> list[str]:
-    with pytest.raises(ConfigError) as info:
-        config.loads(text)
-    return [str(i) for i in info.value.issues]
 
 
 def test_good_config_compiles() -> None:
@@ -206,13 +196,3 @@ def test_points_required_and_commands_checked() -> None:
     assert got == ["devices.d.points.v.command: only used with writable = true"]
     got = issues(base + '[devices.d.points.v]\nwritable = true\ncommand = "SET {valu}"\n')
     assert got[0].startswith("devices.d.points.v.command: bad template")
-
-
-def test_importing_the_driver_does_not_import_pyserial() -> None:
-    code = (
-        "import sys, drivers.serial, drivers.serial.probe\n"
-        "from gateway import config\n"
-        f"config.loads({GPS!r})\n"
-        "assert 'serial' not in sys.modules, 'pyserial imported'\n"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])

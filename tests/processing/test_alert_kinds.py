@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.core.conftest import Daemon, start_daemon, write_config
-from tests.peers import wait_until
-from tests.processing.conftest import HEADER, alert_events, events
+from tests.processing.support import HEADER, alert_events, events
+from tests.support.daemon import Daemon, start_daemon, write_config
+from tests.support.peers import wait_until
 
 KINDS = (
     HEADER

@@ -13,9 +13,7 @@ from typing import Any
 
 from gateway.control import call
 from gateway.store import maintenance
-from tests.core.conftest import Daemon, run_cli, start_daemon, write_config
-from tests.peers import wait_until
-from tests.processing.conftest import (
+from tests.processing.support import (
     HEADER,
     alert_events,
     db_path,
@@ -23,6 +21,8 @@ from tests.processing.conftest import (
     readings,
     socket_path,
 )
+from tests.support.daemon import Daemon, run_cli, start_daemon, write_config
+from tests.support.peers import wait_until
 
 APPEND = """import sys
 data = sys.stdin.read()
@@ -190,8 +190,8 @@ def test_hysteresis_min_duration_ack_and_command_channel(
     got = [(m["id"], m["seq"]) for m in delivered(out)]
     assert len(got) == len(set(got))
     assert set(got) <= all_alerts and len(got) >= len(all_alerts) - 2
-    done = {(data["channel"], data["of"]) for *_x, data in events(config, "alert.delivered")}
-    assert {("file", seq) for _id, seq in got} == done
+    recorded = {(data["channel"], data["of"]) for *_x, data in events(config, "alert.delivered")}
+    assert {("file", seq) for _id, seq in got} == recorded
     failed = [data for *_x, data in events(config, "alert.delivery_failed")]
     assert failed and all(f["channel"] == "broken" and f["final"] for f in failed)
     assert all(f["error"] == "exit status 1" for f in failed)

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.coap.conftest import coap_client
-from tests.core.conftest import Daemon, start_daemon, write_config
-from tests.peers import free_port, require_binary, wait_until
-from tests.processing.conftest import HEADER, alert_events
+from tests.processing.support import HEADER, alert_events
+from tests.support.coap import coap_client
+from tests.support.daemon import Daemon, start_daemon, write_config
+from tests.support.peers import free_port, require_binary, wait_until
 
 pytestmark = pytest.mark.peer("libcoap")
 

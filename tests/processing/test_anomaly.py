@@ -8,9 +8,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from gateway.control import call
-from tests.core.conftest import Daemon, start_daemon, write_config
-from tests.peers import wait_until
-from tests.processing.conftest import HEADER, events, readings, socket_path
+from tests.processing.support import HEADER, events, readings, socket_path
+from tests.support.daemon import Daemon, start_daemon, write_config
+from tests.support.peers import wait_until
 
 LINE = (
     HEADER

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.core.conftest import Daemon, start_daemon, write_config
-from tests.peers import wait_until
-from tests.processing.conftest import HEADER, alert_events, events
-from tests.sync.conftest import Mosquitto
+from tests.processing.support import HEADER, alert_events, events
+from tests.support.daemon import Daemon, start_daemon, write_config
+from tests.support.mqtt import Mosquitto
+from tests.support.peers import wait_until
 
 pytestmark = pytest.mark.peer("mosquitto")
 

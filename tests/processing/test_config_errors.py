@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.core.conftest import run_cli, write_config
-from tests.processing.conftest import HEADER
+from tests.processing.support import HEADER
+from tests.support.daemon import run_cli, write_config
 
 BAD = (
     HEADER

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.core.conftest import Daemon, run_cli, start_daemon, write_config
-from tests.peers import wait_until
-from tests.processing.conftest import HEADER, events, readings
+from tests.processing.support import HEADER, events, readings
+from tests.support.daemon import Daemon, run_cli, start_daemon, write_config
+from tests.support.peers import wait_until
 
 DERIVED = (
     HEADER

@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from gateway.store import maintenance
-from tests.core.conftest import Daemon, start_daemon, write_config
-from tests.peers import wait_until
-from tests.processing.conftest import HEADER, db_path, events
+from tests.processing.support import HEADER, db_path, events
+from tests.support.daemon import Daemon, start_daemon, write_config
+from tests.support.peers import wait_until
 
 WINDOWS = (
     HEADER

@@ -1,6 +1,5 @@
-"""Fixtures of the attack tests, re-used from the suites that own the peers: the CoAP front
-door in its own process (tests/coap), a real Mosquitto (tests/sync) and gatewayd as a
-process (tests/core); and gatewayd with its CoAP front door (`coap_daemon`)."""
+"""Fixtures of the attack tests: gatewayd with its CoAP front door (`coap_daemon`); the CoAP
+front door alone, Mosquitto and gatewayd come from the root conftest."""
 
 from __future__ import annotations
 
@@ -13,12 +12,8 @@ from typing import Any
 
 import pytest
 
-from tests.coap.conftest import gateway_factory
-from tests.core.conftest import Daemon, daemon_factory, run_cli, start_daemon
-from tests.peers import free_port
-from tests.sync.conftest import mosquitto
-
-__all__ = ["coap_daemon", "daemon_factory", "gateway_factory", "mosquitto"]
+from tests.support.daemon import Daemon, run_cli, start_daemon
+from tests.support.peers import free_port
 
 COAP_DAEMON_CONFIG = """
 [gateway]

@@ -14,10 +14,10 @@ from typing import Any
 import aiocoap.meta
 import cbor2
 
-from tests.coap.conftest import coap_client
 from tests.coap.test_observe_security import _oscore_dirs
-from tests.peers import require_binary, wait_until
 from tests.security.rawcoap import BLOCK2, GET, POST, PUT, Reply, Udp, encode, request
+from tests.support.coap import coap_client
+from tests.support.peers import require_binary, wait_until
 
 OPEN = "allow_unauthenticated = true\naccept_unknown_devices = true\n"
 
@@ -93,7 +93,9 @@ async def _oscore_discovery(gw: Any, client_dir: Path) -> tuple[str, bytes]:
     return r.code.dotted, bytes(r.payload)
 
 
-def test_discovery_lists_only_what_the_asker_may_read(gateway_factory: Any, tmp_path: Path) -> None:
+async def test_discovery_lists_only_what_the_asker_may_read(
+    gateway_factory: Any, tmp_path: Path
+) -> None:
     server_dir, client_dir = _oscore_dirs(tmp_path)
     gw = gateway_factory(
         "allow_unauthenticated = true\naccept_unknown_devices = false\n"
@@ -110,7 +112,7 @@ def test_discovery_lists_only_what_the_asker_may_read(gateway_factory: Any, tmp_
     assert b"</d/open-1>" in plain.payload
     # valve-2 has credentials: an unauthenticated peer may not read it, so is not told of it.
     assert b"valve-2" not in plain.payload
-    code, listing = asyncio.run(_oscore_discovery(gw, client_dir))
+    code, listing = await _oscore_discovery(gw, client_dir)
     assert code == "2.05"
     assert b"</d/valve-2>" in listing and b"open-1" not in listing
 

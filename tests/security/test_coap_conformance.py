@@ -176,11 +176,11 @@ def test_receive_buffer_is_max_payload_and_truncation_gets_413(gateway_factory: 
         huge = request(
             POST, 2, "/telemetry", token=b"T", payload=b"\x80" * 60000, content_format=112
         )
-        answer = raw.first_answer(huge)
-        assert answer is not None and (answer.code, answer.mid, answer.token) == ("4.13", 2, b"T")
-        size1 = answer.option(60)
+        first = raw.first_answer(huge)
+        assert first is not None and (first.code, first.mid, first.token) == ("4.13", 2, b"T")
+        size1 = first.option(60)
         assert size1 is not None and int.from_bytes(size1, "big") == 16384
-        assert str(len(huge)).encode() in answer.payload, answer.payload
+        assert str(len(huge)).encode() in first.payload, first.payload
         # Over max_payload but within the buffer: 4.13 from the resource, same Size1.
         over = request(POST, 3, "/telemetry", payload=b"\x80" * 16400, content_format=112)
         answer = raw.answer(over)

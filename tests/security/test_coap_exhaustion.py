@@ -10,8 +10,8 @@ from typing import Any
 
 import cbor2
 
-from tests.coap.conftest import coap_client
 from tests.security.rawcoap import MAX_AGE, POST, Reply, Udp, request
+from tests.support.coap import coap_client
 
 OPEN = "allow_unauthenticated = true\naccept_unknown_devices = true\n"
 

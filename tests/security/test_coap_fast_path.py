@@ -15,9 +15,9 @@ from typing import Any
 
 import cbor2
 
-from tests.coap.conftest import coap_client
-from tests.peers import free_port, wait_until
 from tests.security.rawcoap import ACK, CON, NON, POST, Reply, decode, encode, request
+from tests.support.coap import coap_client
+from tests.support.peers import free_port, wait_until
 
 OPEN = "allow_unauthenticated = true\naccept_unknown_devices = true\n"
 BLOCK1 = 27

@@ -8,7 +8,7 @@ import signal
 from pathlib import Path
 
 from gateway import config as cfg
-from tests.core.conftest import VIRTUAL_CONFIG, Daemon, run_cli, start_daemon, write_config
+from tests.support.daemon import VIRTUAL_CONFIG, Daemon, run_cli, start_daemon, write_config
 
 # Every secret below is distinctive enough that finding any 8 characters of it in an output
 # means it leaked.

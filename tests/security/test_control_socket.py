@@ -12,12 +12,13 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.core.conftest import Daemon, run_cli, start_daemon, write_config
+from tests.support.daemon import Daemon, run_cli, start_daemon, write_config
 
 NOBODY = 65534
 ADM = 4  # a group `nobody` is not in
@@ -53,7 +54,9 @@ def shared_run_dir() -> Iterator[Path]:
         shutil.rmtree(d, ignore_errors=True)
 
 
-def _as_user(sock: Path, requests: list[dict[str, object]], groups: list[int]) -> list[dict]:
+def _as_user(
+    sock: Path, requests: Sequence[Mapping[str, object]], groups: list[int]
+) -> list[dict[str, Any]]:
     proc = subprocess.run(
         ["/usr/bin/python3", "-I", "-c", CLIENT, str(sock), *map(json.dumps, requests)],
         user=NOBODY, group=NOBODY, extra_groups=groups, capture_output=True, text=True,
@@ -63,7 +66,7 @@ def _as_user(sock: Path, requests: list[dict[str, object]], groups: list[int]) -
     return list(json.loads(proc.stdout))
 
 
-def _control_events(config: Path) -> list[dict[str, object]]:
+def _control_events(config: Path) -> list[dict[str, Any]]:
     out = run_cli(config, "--json", "events", "tail", "-n", "1000", "--stream", "operator")
     assert out.returncode == 0, out.stderr
     events = [json.loads(line) for line in out.stdout.splitlines() if line.strip()]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.core.conftest import Daemon, run_cli, start_daemon, write_config
+from tests.support.daemon import Daemon, run_cli, start_daemon, write_config
 
 
 def _mode(p: Path) -> int:
@@ -120,6 +120,7 @@ def test_systemd_credentials_directory(tmp_path: Path, monkeypatch: pytest.Monke
     in $CREDENTIALS_DIRECTORY; the config names it by its credential name."""
     from drivers.ble.config import compile_device
     from gateway import config as cfg
+    from gateway.sync.config import SyncConfig
 
     creds = tmp_path / "credentials"
     creds.mkdir()
@@ -135,7 +136,9 @@ def test_systemd_credentials_directory(tmp_path: Path, monkeypatch: pytest.Monke
     assert compile_device(c.devices["kitchen"], load_secrets=True).key == bytes.fromhex(
         "00112233445566778899aabbccddeeff"
     )
-    ep = c.sections["sync"].endpoints[0]
+    sync = c.section("sync", SyncConfig)
+    assert sync is not None
+    ep = sync.endpoints[0]
     assert ep.password_file == str(creds / "mqtt.pass")
     assert ep.key_file == str(creds / "gw.key")
 
@@ -169,8 +172,8 @@ def test_daemon_logs_in_with_a_password_from_systemd_credentials(
 ) -> None:
     """End to end: gatewayd reads `password_file = "mqtt.pass"` from $CREDENTIALS_DIRECTORY
     and a real Mosquitto that requires the password receives its events."""
-    from tests.peers import free_port, require_binary, wait_until
-    from tests.sync.conftest import Mosquitto, Subscriber
+    from tests.support.mqtt import Mosquitto, Subscriber
+    from tests.support.peers import free_port, require_binary, wait_until
 
     broker = Mosquitto()
     try:

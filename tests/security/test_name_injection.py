@@ -13,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +25,11 @@ from gateway import events as ev
 from gateway.errors import ConfigError
 from gateway.events import NewEvent
 from gateway.store import EventStore
-from tests.core.conftest import Daemon, run_cli, start_daemon
-from tests.peers import free_port, wait_until
-from tests.sync.conftest import Mosquitto, Subscriber
-from tests.sync.helpers import aio, dead_letters, mqtt_config, open_store, running_relay, until
+from tests.support.daemon import Daemon, run_cli, start_daemon
+from tests.support.mqtt import Mosquitto, Subscriber
+from tests.support.peers import free_port, wait_until
+from tests.support.wait import until
+from tests.sync.helpers import dead_letters, mqtt_config, open_store, running_relay
 
 ROOT = Path(__file__).resolve().parents[2]
 FORGED = "x\n2026-12-04 05:00:00,000 ERROR gateway.store: store corrupted"
@@ -45,7 +47,6 @@ def _pub(port: int, payload: str) -> None:
 # -- the relay: an event it cannot publish is a dead letter, never "delivered" -------------
 @pytest.mark.peer("mosquitto")
 @pytest.mark.parametrize("stored_bodies", [False, True], ids=["per-event", "grouped"])
-@aio
 async def test_unpublishable_events_are_dead_lettered_not_delivered(
     mosquitto: Mosquitto, tmp_path: Path, stored_bodies: bool
 ) -> None:
@@ -100,7 +101,6 @@ async def test_unpublishable_events_are_dead_lettered_not_delivered(
 
 
 @pytest.mark.peer("mosquitto")
-@aio
 async def test_downlink_commands_naming_bad_devices_or_points_are_refused(
     mosquitto: Mosquitto, tmp_path: Path
 ) -> None:
@@ -149,7 +149,9 @@ def test_config_names_follow_the_one_rule_with_their_toml_path() -> None:
 
 
 # -- the daemon: RD, SenML, MQTT, the log, gatewayctl ----------------------------------------
-async def _coap(port: int, requests: list[tuple[str, list[str], bytes, int | None]]) -> list[str]:
+async def _coap(
+    port: int, requests: Sequence[tuple[str, list[str], bytes, int | None]]
+) -> list[str]:
     from aiocoap import POST, Context, Message
 
     ctx = await Context.create_client_context(transports=["udp6"])
@@ -199,7 +201,7 @@ def _ctl(config: Path, *args: str) -> Any:
 
 
 @pytest.mark.peer("mosquitto")
-def test_names_from_the_network_cannot_reach_topics_logs_or_tables(tmp_path: Path) -> None:
+async def test_names_from_the_network_cannot_reach_topics_logs_or_tables(tmp_path: Path) -> None:
     coap_port = free_port(socket.SOCK_DGRAM)
     broker = Mosquitto(port=free_port())
     config = tmp_path / "config.toml"
@@ -225,14 +227,14 @@ def test_names_from_the_network_cannot_reach_topics_logs_or_tables(tmp_path: Pat
         link = b"</t>"
         attacks = [("/rd", [f"ep={n}", "lt=600"], link, 40) for n in BAD_NAMES]
         attacks.append(("/rd", ["ep=ok-1", "d=plant+1"], link, 40))  # a bad sector
-        codes = asyncio.run(_coap(coap_port, attacks))
+        codes = await _coap(coap_port, attacks)
         assert codes == ["4.00"] * len(attacks), list(zip(BAD_NAMES, codes, strict=False))
-        codes = asyncio.run(_coap(coap_port, [
+        codes = await _coap(coap_port, [
             ("/rd", ["ep=pump-1"], link, 40),  # a configured device: not an RD endpoint
             ("/telemetry", [], b'[{"bn":"ok-1/","n":"t/x","v":1}]', 110),  # '/' in a point
             ("/rd", ["ep=ok-1", "lt=600"], link, 40),
             ("/telemetry", [], b'[{"bn":"ok-1/","n":"t","v":1}]', 110),
-        ]))  # fmt: skip
+        ])  # fmt: skip
         assert codes == ["4.03", "4.00", "2.01", "2.04"]
 
         wait_until(lambda: {e["type"] for e in sub.events() if e["stream"] == "device:ok-1"}
@@ -272,7 +274,7 @@ def test_daemon_log_lines_escape_control_characters() -> None:
                              "store corrupted\\x1b[2J")  # fmt: skip
 
 
-def test_cli_tables_escape_control_characters(tmp_path: Path) -> None:
+async def test_cli_tables_escape_control_characters(tmp_path: Path) -> None:
     # A database written before names were checked: gatewayctl reads it (daemon down).
     config = tmp_path / "config.toml"
     config.write_text(f'[gateway]\nid = "gw"\nstate_dir = "{tmp_path}"\n'
@@ -290,7 +292,7 @@ def test_cli_tables_escape_control_characters(tmp_path: Path) -> None:
         finally:
             await store.close()
 
-    asyncio.run(fill())
+    await fill()
     p = run_cli(config, "devices")
     assert p.returncode == 0, p.stderr
     lines = p.stdout.splitlines()
@@ -300,7 +302,7 @@ def test_cli_tables_escape_control_characters(tmp_path: Path) -> None:
     assert "evil\\x1b[2J\\nforged  rd  yes" in rows[0]
 
 
-def test_ble_discovery_keeps_an_invalid_advertised_name_only_as_escaped_text(
+async def test_ble_discovery_keeps_an_invalid_advertised_name_only_as_escaped_text(
     tmp_path: Path,
 ) -> None:
     # The door a BLE driver reports a stranger through (its DriverContext) into the store.
@@ -324,7 +326,7 @@ def test_ble_discovery_keeps_an_invalid_advertised_name_only_as_escaped_text(
         finally:
             await store.close()
 
-    found = asyncio.run(go())
+    found = await go()
     assert [(d["name"], d.get("advertised_name")) for d in found] == [
         ("ATC_1234", None),
         (None, "evil\\n2026 ERROR forged+#"),

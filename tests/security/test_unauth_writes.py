@@ -15,9 +15,9 @@ from typing import Any
 import cbor2
 import pytest
 
-from tests.coap.conftest import Reply, coap_client
-from tests.core.conftest import Daemon, run_cli, start_daemon
-from tests.peers import free_port
+from tests.support.coap import Reply, coap_client
+from tests.support.daemon import Daemon, run_cli, start_daemon
+from tests.support.peers import free_port
 
 pytestmark = pytest.mark.peer("libcoap")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -33,21 +33,6 @@ def mqtt_config(port: int, **extra: Any) -> SyncConfig:
     }
     data.update(extra)
     return sync_config(data)
-
-
-async def until(check: Callable[[], Any], what: str, timeout: float = 30.0) -> None:
-    """Bounded poll of something that offers no event (a peer's output, a table)."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while True:
-        res = check()
-        if asyncio.iscoroutine(res):
-            res = await res
-        if res:
-            return
-        if loop.time() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 async def outbox_depth(store: EventStore) -> int:
@@ -103,18 +88,3 @@ def check_order(events: list[dict[str, Any]], gateway_id: str = "gw") -> dict[st
     for stream, versions in per_stream.items():
         assert versions == sorted(versions), f"{stream} out of order: {versions}"
     return per_stream
-
-
-Awaitable_ = Awaitable
-
-
-def aio(fn: Callable[..., Awaitable[None]]) -> Callable[..., None]:
-    """Run an async test with asyncio.run (no pytest plugin needed); keeps the signature
-    so fixtures still resolve."""
-    import functools
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> None:
-        asyncio.run(fn(*args, **kwargs))  # type: ignore[arg-type]
-
-    return wrapper

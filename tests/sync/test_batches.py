@@ -8,16 +8,15 @@ from pathlib import Path
 import pytest
 
 from gateway.store import EventStore
-from tests.sync.conftest import Mosquitto, Subscriber
+from tests.support.mqtt import Mosquitto, Subscriber
+from tests.support.wait import until
 from tests.sync.helpers import (
-    aio,
     check_order,
     dead_letters,
     mqtt_config,
     open_store,
     outbox_depth,
     running_relay,
-    until,
 )
 
 pytestmark = pytest.mark.peer("mosquitto")
@@ -27,7 +26,6 @@ async def _empty(store: EventStore) -> bool:
     return await outbox_depth(store) == 0
 
 
-@aio
 async def test_with_type_in_the_topic_each_batch_holds_one_type_in_stream_order(
     mosquitto: Mosquitto, tmp_path: Path
 ) -> None:
@@ -57,7 +55,6 @@ async def test_with_type_in_the_topic_each_batch_holds_one_type_in_stream_order(
         sub.stop()
 
 
-@aio
 async def test_an_outbox_row_whose_event_is_gone_is_dead_and_the_rest_flows(
     mosquitto: Mosquitto, tmp_path: Path
 ) -> None:

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import pytest
-
-from gateway.config import loads
-from gateway.errors import ConfigError
+from gateway.config import GatewayConfig, loads
 from gateway.retry import BreakerSettings, RetrySettings
 from gateway.sync.config import SyncConfig
+from tests.support.config import issue_lines
 
 
 def sync(text: str) -> SyncConfig:
@@ -17,9 +15,7 @@ def sync(text: str) -> SyncConfig:
 
 
 def issues(text: str) -> list[str]:
-    with pytest.raises(ConfigError) as ei:
-        loads('[gateway]\nid = "gw"\n' + text)
-    return [str(i) for i in ei.value.issues]
+    return issue_lines('[gateway]\nid = "gw"\n' + text)
 
 
 def test_endpoints_in_failover_order_with_tls_and_credentials() -> None:
@@ -62,13 +58,13 @@ def test_retry_and_breaker_come_from_the_shared_tables_or_their_names_before() -
     assert cfg.breaker == BreakerSettings(threshold=5, cooldown=60.0)
     new = loads('[sync.retry]\ninitial = 2\ncap = 9\nmultiplier = 3\n'
                 '[sync.breaker]\nthreshold = 4\ncooldown = 7\n' + endpoint)  # fmt: skip
-    assert new.sections["sync"].retry == RetrySettings(initial=2.0, cap=9.0, multiplier=3.0)
-    assert new.sections["sync"].breaker == BreakerSettings(threshold=4, cooldown=7.0)
+    assert _sync(new).retry == RetrySettings(initial=2.0, cap=9.0, multiplier=3.0)
+    assert _sync(new).breaker == BreakerSettings(threshold=4, cooldown=7.0)
     assert not new.warnings
     old = loads("[sync]\nbackoff_base = 2\nbackoff_cap = 9\nbreaker_threshold = 4\n"
                 "breaker_cooldown = 7\n" + endpoint)  # fmt: skip
-    assert old.sections["sync"].retry == RetrySettings(initial=2.0, cap=9.0)
-    assert old.sections["sync"].breaker == BreakerSettings(threshold=4, cooldown=7.0)
+    assert _sync(old).retry == RetrySettings(initial=2.0, cap=9.0)
+    assert _sync(old).breaker == BreakerSettings(threshold=4, cooldown=7.0)
     assert [str(w) for w in old.warnings] == [
         "sync.backoff_base: deprecated name: use `retry.initial` instead",
         "sync.backoff_cap: deprecated name: use `retry.cap` instead",
@@ -144,3 +140,9 @@ directory = "/var/spool/gw"
     assert issues('[sync]\nremote_config = true\n[sync.file]\ndirectory = "/d"\n') == [
         "sync.remote_config: needs [[sync.endpoints]]: config documents come over MQTT"
     ]
+
+
+def _sync(c: GatewayConfig) -> SyncConfig:
+    cfg = c.section("sync", SyncConfig)
+    assert cfg is not None
+    return cfg

@@ -3,7 +3,6 @@ loses nothing; `gatewayctl outbox` shows the figures, dead letters, and requeues
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
@@ -16,8 +15,8 @@ from typing import Any
 import pytest
 
 from gateway.store import EventStore
-from tests.peers import Peer, wait_until
-from tests.sync.conftest import Mosquitto, Subscriber
+from tests.support.mqtt import Mosquitto, Subscriber
+from tests.support.peers import Peer, wait_until
 from tests.sync.helpers import check_order
 
 pytestmark = pytest.mark.peer("mosquitto")
@@ -38,7 +37,7 @@ def write_config(tmp: Path, port: int, **sync: Any) -> Path:
     return path
 
 
-def fill(db: Path, streams: dict[str, int]) -> None:
+async def fill(db: Path, streams: dict[str, int]) -> None:
     async def go() -> None:
         store = await EventStore.open(db, gateway_id="gw")
         try:
@@ -48,7 +47,7 @@ def fill(db: Path, streams: dict[str, int]) -> None:
         finally:
             await store.close()
 
-    asyncio.run(go())
+    await go()
 
 
 def _ne(stream: str, data: dict[str, Any]) -> Any:
@@ -83,19 +82,23 @@ def ctl(config: Path, *args: str) -> tuple[int, Any]:
         return p.returncode, p.stdout + p.stderr
 
 
-def test_sigkill_during_drain_repeatedly_loses_nothing(
+async def test_sigkill_during_drain_repeatedly_loses_nothing(
     mosquitto: Mosquitto, tmp_path: Path
 ) -> None:
     sub = Subscriber(mosquitto.port, tmp_path)
     config = write_config(tmp_path, mosquitto.port, batch_size=2, inflight=1)
     db = tmp_path / "state" / "gateway.db"
-    fill(db, {f"device:d{i}": 800 for i in range(5)})
+    await fill(db, {f"device:d{i}": 800 for i in range(5)})
     kills = 0
     try:
         for threshold in (150, 600, 1200):  # messages of 2 events, of 2000
             daemon = gatewayd(config, tmp_path / f"gatewayd.{kills}.log")
             try:
-                wait_until(lambda t=threshold: len(sub.raw()) >= t, "a drain in progress", 600)
+
+                def draining(t: int = threshold) -> bool:
+                    return len(sub.raw()) >= t
+
+                wait_until(draining, "a drain in progress", 600)
                 assert db_query(db, "SELECT count(*) FROM outbox")[0][0] > 0, "still draining"
             finally:
                 daemon.signal(signal.SIGKILL)
@@ -124,7 +127,7 @@ def test_sigkill_during_drain_repeatedly_loses_nothing(
         sub.stop()
 
 
-def test_gatewayctl_outbox_dead_letters_and_requeue(tmp_path: Path) -> None:
+async def test_gatewayctl_outbox_dead_letters_and_requeue(tmp_path: Path) -> None:
     broker = Mosquitto()
     acl = broker.file("acl", "topic deny gateways/gw/events/device:poison\ntopic readwrite #\n")
     broker.extra = f"acl_file {acl}\n"
@@ -132,7 +135,7 @@ def test_gatewayctl_outbox_dead_letters_and_requeue(tmp_path: Path) -> None:
     sub = Subscriber(broker.port, tmp_path)
     config = write_config(tmp_path, broker.port)
     db = tmp_path / "state" / "gateway.db"
-    fill(db, {"device:a": 20, "device:poison": 3})
+    await fill(db, {"device:a": 20, "device:poison": 3})
     daemon = gatewayd(config, tmp_path / "gatewayd.log")
     try:
         wait_until(lambda: db_query(db, "SELECT count(*) FROM outbox")[0][0] == 0,

@@ -4,7 +4,6 @@ dead letter while it cannot record them; it records them, in order, once there i
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import socket
@@ -15,8 +14,8 @@ from typing import Any
 import pytest
 
 from gateway.control import call
-from tests.peers import IN_CI, Peer, require_binary, wait_until
-from tests.sync.conftest import Mosquitto, Subscriber
+from tests.support.mqtt import Mosquitto, Subscriber
+from tests.support.peers import IN_CI, Peer, require_binary, wait_until
 from tests.sync.test_daemon import ROOT, ctl, db_query, gatewayd
 
 pytestmark = pytest.mark.peer("mosquitto")
@@ -157,7 +156,7 @@ def test_disk_full_keeps_acks_and_dead_letters_and_says_disk_full(tmp_path: Path
     assert "Traceback" not in text, text[-3000:]
 
 
-def test_full_store_at_start_delivers_and_prunes_its_way_back(tmp_path: Path) -> None:
+async def test_full_store_at_start_delivers_and_prunes_its_way_back(tmp_path: Path) -> None:
     """Issue 11 item 10 with a real broker: a store at its quota (reject_new) used to stop
     gatewayd at start (exit 5), so the relay that could free space never ran. Now it starts
     degraded, delivers the backlog to Mosquitto, retention prunes what was delivered, and
@@ -174,7 +173,7 @@ def test_full_store_at_start_delivers_and_prunes_its_way_back(tmp_path: Path) ->
         )
     )
     db = tmp_path / "state" / "gateway.db"
-    asyncio.run(_fill(db, 300 * 1024))
+    await _fill(db, 300 * 1024)
     backlog = db_query(db, "SELECT count(*) FROM outbox")[0][0]
     log = tmp_path / "gatewayd.log"
     daemon = gatewayd(config, log)

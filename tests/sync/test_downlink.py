@@ -9,7 +9,7 @@ from pathlib import Path
 
 from gateway import events as ev
 from gateway.sync.downlink import Downlink
-from tests.sync.helpers import aio, open_store
+from tests.sync.helpers import open_store
 
 LOG = logging.getLogger("test.sync")
 
@@ -24,7 +24,6 @@ class Owner:
         return b"answer"
 
 
-@aio
 async def test_a_ready_owner_gets_the_payload_and_nothing_is_recorded_here(tmp_path: Path) -> None:
     owner = Owner(ready=True)
     payload = json.dumps({"id": "c-1", "device": "valve", "point": "open", "value": 1}).encode()
@@ -36,7 +35,6 @@ async def test_a_ready_owner_gets_the_payload_and_nothing_is_recorded_here(tmp_p
     assert [e for e in evs if e.type == ev.COMMAND_REQUESTED] == []
 
 
-@aio
 async def test_without_a_ready_owner_the_request_is_recorded_once(tmp_path: Path) -> None:
     owner = Owner(ready=False)
     payload = json.dumps({"id": "c-1", "device": "valve", "point": "open", "value": 1}).encode()

@@ -16,7 +16,8 @@ import pytest
 
 from gateway.sync.filesink import FileSink, complete_length
 from gateway.sync.relay import Relay
-from tests.sync.helpers import aio, check_order, open_store, outbox_depth, sync_config, until
+from tests.support.wait import until
+from tests.sync.helpers import check_order, open_store, outbox_depth, sync_config
 
 
 def read_records(directory: Path, fmt: str) -> list[dict[str, Any]]:
@@ -32,8 +33,8 @@ def read_records(directory: Path, fmt: str) -> list[dict[str, Any]]:
     return out
 
 
+@pytest.mark.slow  # thousands of events through the sink
 @pytest.mark.parametrize("fmt", ["ndjson", "cbor-seq"])
-@aio
 async def test_events_land_in_rotating_files_in_order(tmp_path: Path, fmt: str) -> None:
     out = tmp_path / "spool"
     cfg = sync_config(
@@ -96,7 +97,6 @@ def test_a_torn_record_is_cut_at_the_next_start(
     assert part.with_suffix("").read_bytes() == good
 
 
-@aio
 async def test_an_event_json_cannot_carry_goes_to_dead_letters(tmp_path: Path) -> None:
     from tests.sync.helpers import dead_letters
 

@@ -8,12 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.core.conftest import Daemon, daemon_factory, run_cli, start_daemon
-from tests.peers import wait_until
-from tests.sync.conftest import Mosquitto, Subscriber
+from tests.support.daemon import Daemon, run_cli, start_daemon
+from tests.support.mqtt import Mosquitto, Subscriber
+from tests.support.peers import wait_until
 
 pytestmark = pytest.mark.peer("mosquitto")
-__all__ = ["daemon_factory"]  # the fixture, from the core suite
 
 CONFIG = """
 [gateway]

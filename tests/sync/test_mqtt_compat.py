@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from tests.peers import Peer, require_binary, wait_until
-from tests.sync.conftest import Mosquitto
-from tests.sync.helpers import aio, mqtt_config
+from tests.support.mqtt import Mosquitto
+from tests.support.peers import Peer, require_binary, wait_until
+from tests.sync.helpers import mqtt_config
 
 pytestmark = pytest.mark.peer("mosquitto")
 
@@ -52,7 +52,6 @@ def _differ(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if "internals differ" in r.getMessage()]
 
 
-@aio
 async def test_publish_acks_refusals_limit_and_session_end_by_both_paths(
     path: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -105,7 +104,6 @@ async def test_publish_acks_refusals_limit_and_session_end_by_both_paths(
         broker.remove()
 
 
-@aio
 async def test_without_a_broker_limit_there_is_none(path: str) -> None:
     from gateway.sync.link import MqttLink
 
@@ -122,7 +120,6 @@ async def test_without_a_broker_limit_there_is_none(path: str) -> None:
         broker.remove()
 
 
-@aio
 @pytest.mark.parametrize("fmt", ["cbor", "json"])
 async def test_every_batch_carries_its_content_type(path: str, fmt: str, tmp_path: Path) -> None:
     # The PUBLISH properties are packed once (patched) or by paho each time (stock): a

@@ -10,16 +10,15 @@ from pathlib import Path
 import pytest
 
 from gateway.store import EventStore, outbox
-from tests.sync.conftest import Mosquitto, Subscriber
+from tests.support.mqtt import Mosquitto, Subscriber
+from tests.support.wait import until
 from tests.sync.helpers import (
-    aio,
     check_order,
     dead_letters,
     mqtt_config,
     open_store,
     outbox_depth,
     running_relay,
-    until,
 )
 
 pytestmark = pytest.mark.peer("mosquitto")
@@ -34,7 +33,6 @@ async def _produce(store: EventStore, produced: list[int], streams: int = 3) -> 
         await asyncio.sleep(0.002)  # a steady producer, not synchronisation
 
 
-@aio
 async def test_broker_stopped_and_restarted_while_events_keep_coming(
     mosquitto: Mosquitto, tmp_path: Path
 ) -> None:
@@ -134,7 +132,6 @@ class SilentBroker:
         await self.server.wait_closed()
 
 
-@aio
 async def test_a_broker_that_never_acks_never_gets_a_row_deleted(tmp_path: Path) -> None:
     broker = SilentBroker()
     await broker.start()
@@ -155,7 +152,6 @@ async def test_a_broker_that_never_acks_never_gets_a_row_deleted(tmp_path: Path)
         await broker.stop()
 
 
-@aio
 async def test_poison_events_go_to_dead_letters_the_rest_flows_and_requeue_works(
     tmp_path: Path,
 ) -> None:
@@ -203,7 +199,6 @@ async def test_poison_events_go_to_dead_letters_the_rest_flows_and_requeue_works
         broker.remove()
 
 
-@aio
 async def test_an_event_over_the_brokers_maximum_packet_size_is_dead_not_a_loop(
     tmp_path: Path,
 ) -> None:

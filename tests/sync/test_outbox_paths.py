@@ -34,9 +34,10 @@ from gateway.sync.filesink import FileSink
 from gateway.sync.link import ACCEPTED, Ack
 from gateway.sync.reader import NO_UPPER, read_ahead, read_chunk
 from gateway.sync.relay import Relay
-from tests.peers import require_binary
-from tests.sync.conftest import Mosquitto, Subscriber
-from tests.sync.helpers import aio, check_order, mqtt_config, running_relay, sync_config, until
+from tests.support.mqtt import Mosquitto, Subscriber
+from tests.support.peers import require_binary
+from tests.support.wait import until
+from tests.sync.helpers import check_order, mqtt_config, running_relay, sync_config
 
 _ROWS = (
     "SELECT seq, stream, version, type, wall_time, mono_time, boot_id, synced, data "
@@ -166,7 +167,6 @@ def _shape(per_stream: dict[str, list[Batch]]) -> dict[str, list[tuple[int, int,
 @pytest.mark.parametrize(
     ("fmt", "sep"), [("cbor", b""), ("json", b","), ("json", b"\n")], ids=["cbor", "json", "ndjson"]
 )
-@aio
 async def test_batches_cut_by_sqlite_are_byte_for_byte_those_of_the_per_event_path(
     tmp_path: Path, fmt: str, sep: bytes
 ) -> None:
@@ -313,7 +313,6 @@ async def _pruned(store: EventStore) -> bool:
 
 
 @pytest.mark.peer("mosquitto")
-@aio
 async def test_pre_encoded_outbox_end_to_end_each_bucket_once_then_pruned(
     mosquitto: Mosquitto, tmp_path: Path
 ) -> None:
@@ -348,7 +347,6 @@ async def test_pre_encoded_outbox_end_to_end_each_bucket_once_then_pruned(
 
 
 @pytest.mark.peer("mosquitto")
-@aio
 async def test_after_a_reconnect_mid_drain_only_the_batches_in_flight_are_sent_again(
     mosquitto: Mosquitto, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -406,7 +404,6 @@ async def test_after_a_reconnect_mid_drain_only_the_batches_in_flight_are_sent_a
 
 
 @pytest.mark.peer("mosquitto")
-@aio
 async def test_rows_written_without_a_body_are_delivered_with_the_rest(
     mosquitto: Mosquitto, tmp_path: Path
 ) -> None:
@@ -437,7 +434,6 @@ async def test_rows_written_without_a_body_are_delivered_with_the_rest(
 
 
 @pytest.mark.peer("mosquitto")
-@aio
 async def test_a_codec_change_drops_the_old_bodies_and_everything_goes_out_as_json(
     mosquitto: Mosquitto, tmp_path: Path
 ) -> None:
@@ -473,7 +469,6 @@ async def test_a_codec_change_drops_the_old_bodies_and_everything_goes_out_as_js
 
 @pytest.mark.peer("mosquitto")
 @pytest.mark.parametrize("codec", [True, False], ids=["bodies", "no-bodies"])
-@aio
 async def test_ranges_acked_by_a_previous_session_are_not_sent_again(
     mosquitto: Mosquitto, tmp_path: Path, codec: bool
 ) -> None:
@@ -510,7 +505,6 @@ async def test_ranges_acked_by_a_previous_session_are_not_sent_again(
 
 @pytest.mark.peer("mosquitto")
 @pytest.mark.parametrize("codec", [True, False], ids=["bodies", "no-bodies"])
-@aio
 async def test_ranges_acked_at_the_tail_of_the_outbox_still_move_the_watermark_to_the_end(
     mosquitto: Mosquitto, tmp_path: Path, codec: bool
 ) -> None:
@@ -538,7 +532,6 @@ async def test_ranges_acked_at_the_tail_of_the_outbox_still_move_the_watermark_t
 
 
 @pytest.mark.peer("mosquitto")
-@aio
 async def test_a_requeued_dead_letter_below_the_watermark_is_delivered_and_never_pruned(
     mosquitto: Mosquitto, tmp_path: Path
 ) -> None:
@@ -608,7 +601,6 @@ def _records(fmt: str, data: bytes) -> list[bytes]:
 
 
 @pytest.mark.parametrize("fmt", ["ndjson", "cbor-seq"])
-@aio
 async def test_the_file_sink_writes_the_bodies_encoded_at_append_time(
     tmp_path: Path, fmt: str
 ) -> None:
@@ -709,13 +701,13 @@ def _sent_in_order(sink: Any, total: int) -> None:
     assert all(q == sorted(q) for q in per_stream.values())
 
 
+@pytest.mark.slow  # thousands of events per case
 @pytest.mark.parametrize(
     ("backfill", "late_job_end"),
     [({"threshold": 100_000}, False), ({"threshold": 100_000}, True),
      ({"threshold": 1000, "rate": 1e9}, False)],
     ids=["one-lane", "one-lane-late-job-end", "live-first"],
 )  # fmt: skip
-@aio
 async def test_a_deep_backlog_of_many_streams_drains_to_the_last_seq(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, backfill: dict[str, Any], late_job_end: bool
 ) -> None:
@@ -746,7 +738,6 @@ async def test_a_deep_backlog_of_many_streams_drains_to_the_last_seq(
             _sent_in_order(relay.sink, n)
 
 
-@aio
 async def test_acks_that_arrive_while_a_prune_runs_still_move_the_watermark(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -808,7 +799,6 @@ class _Boom:
         pass
 
 
-@aio
 async def test_a_stream_id_given_in_a_rolled_back_append_is_not_reused_for_another_stream(
     tmp_path: Path,
 ) -> None:
@@ -846,7 +836,6 @@ async def test_a_stream_id_given_in_a_rolled_back_append_is_not_reused_for_anoth
         }  # fmt: skip
 
 
-@aio
 async def test_a_v2_outbox_gets_stream_ids_at_open_and_drains_the_fast_way(tmp_path: Path) -> None:
     size, limit = 7, 45
     events = _events(300, 9, seed=11)
@@ -875,7 +864,6 @@ async def test_a_v2_outbox_gets_stream_ids_at_open_and_drains_the_fast_way(tmp_p
         assert await _count(store, "SELECT count(DISTINCT sid) FROM outbox") == 10
 
 
-@aio
 async def test_a_stream_id_missing_from_its_table_is_said_once_and_goes_the_per_event_way(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -898,7 +886,6 @@ async def test_a_stream_id_missing_from_its_table_is_said_once_and_goes_the_per_
         assert len(said) == 1
 
 
-@aio
 async def test_rows_without_a_stream_id_go_the_per_event_way(tmp_path: Path) -> None:
     # The invariant (a body has a sid) broken by hand: a NULL sid must never become one
     # batch of several streams.

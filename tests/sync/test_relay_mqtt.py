@@ -6,21 +6,19 @@ from pathlib import Path
 
 import pytest
 
-from tests.sync.conftest import Mosquitto, Subscriber
+from tests.support.mqtt import Mosquitto, Subscriber
+from tests.support.wait import until
 from tests.sync.helpers import (
-    aio,
     check_order,
     mqtt_config,
     open_store,
     outbox_depth,
     running_relay,
-    until,
 )
 
 pytestmark = pytest.mark.peer("mosquitto")
 
 
-@aio
 async def test_delivers_everything_in_order_and_deletes_only_after_puback(
     mosquitto: Mosquitto, tmp_path: Path
 ) -> None:
@@ -53,7 +51,7 @@ async def _zero(store: object) -> bool:
 def _pub(port: int, topic: str, payload: str) -> None:
     import subprocess
 
-    from tests.peers import require_binary
+    from tests.support.peers import require_binary
 
     subprocess.run(
         [require_binary("mosquitto_pub"), "-h", "127.0.0.1", "-p", str(port), "-V", "mqttv5",
@@ -62,7 +60,6 @@ def _pub(port: int, topic: str, payload: str) -> None:
     )  # fmt: skip
 
 
-@aio
 async def test_commands_from_the_cloud_become_one_event_each_and_bad_ones_are_answered(
     mosquitto: Mosquitto, tmp_path: Path
 ) -> None:
@@ -98,7 +95,6 @@ async def test_commands_from_the_cloud_become_one_event_each_and_bad_ones_are_an
         sub.stop()
 
 
-@aio
 async def test_live_events_overtake_a_rate_limited_backlog(
     mosquitto: Mosquitto, tmp_path: Path
 ) -> None:
@@ -130,11 +126,10 @@ async def test_live_events_overtake_a_rate_limited_backlog(
         sub.stop()
 
 
-@aio
 async def test_mqtt_311_and_failover_to_the_second_endpoint(
     mosquitto: Mosquitto, tmp_path: Path
 ) -> None:
-    from tests.peers import free_port
+    from tests.support.peers import free_port
 
     dead = free_port()  # nobody listens here: the first endpoint fails, the second works
     sub = Subscriber(mosquitto.port, tmp_path)
@@ -159,7 +154,6 @@ async def test_mqtt_311_and_failover_to_the_second_endpoint(
         sub.stop()
 
 
-@aio
 async def test_plain_pubacks_skip_pahos_decoding_and_refusals_keep_their_reason(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

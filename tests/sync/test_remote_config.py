@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 
 from gateway.sync.codec import decode_batch
-from tests.core.conftest import Daemon, start_daemon
-from tests.peers import require_binary, wait_until
-from tests.sync.conftest import Mosquitto, Subscriber
+from tests.support.daemon import Daemon, start_daemon
+from tests.support.mqtt import Mosquitto, Subscriber
+from tests.support.peers import require_binary, wait_until
 
 pytestmark = pytest.mark.peer("mosquitto")
 
@@ -264,7 +264,7 @@ def test_invalid_or_not_toml_is_refused_with_config_check_messages(site: Site) -
 
 @pytest.mark.parametrize("site", [{"probation": 2.0}], indirect=True)
 def test_config_that_loses_the_link_is_rolled_back(site: Site) -> None:
-    from tests.peers import free_port
+    from tests.support.peers import free_port
 
     dead = free_port()  # nobody listens there
     new = document(site.tmp, dead, more=METER, probation=2.0)
@@ -294,7 +294,7 @@ def test_config_that_loses_the_link_is_rolled_back(site: Site) -> None:
 
 @pytest.mark.parametrize("site", [{"probation": 6.0}], indirect=True)
 def test_probation_survives_a_kill_and_still_rolls_back(site: Site) -> None:
-    from tests.peers import free_port
+    from tests.support.peers import free_port
 
     new = document(site.tmp, free_port(), more=METER, probation=6.0)
     h = site.send(new)

@@ -10,16 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.peers import free_port, require_binary
-from tests.sync.conftest import Mosquitto, Subscriber, make_pki, shared_dir
+from tests.support.mqtt import Mosquitto, Subscriber, make_pki, shared_dir
+from tests.support.peers import free_port, require_binary
+from tests.support.wait import until
 from tests.sync.helpers import (
-    aio,
     check_order,
     mqtt_config,
     open_store,
     outbox_depth,
     running_relay,
-    until,
 )
 
 pytestmark = pytest.mark.peer("mosquitto")
@@ -76,7 +75,6 @@ def endpoint(port: int, pki: dict[str, Path], **kw: str) -> dict[str, str]:
     return ep
 
 
-@aio
 async def test_tls_with_client_certificate_delivers(
     tls_broker: tuple[Mosquitto, dict[str, Path], int], tmp_path: Path
 ) -> None:
@@ -112,7 +110,6 @@ async def _empty(store: object) -> bool:
     ],
     ids=["wrong-password", "wrong-client-certificate", "untrusted-server"],
 )
-@aio
 async def test_wrong_credentials_are_a_clear_error_and_a_backoff_retry(
     tls_broker: tuple[Mosquitto, dict[str, Path], int],
     tmp_path: Path,

@@ -1,4 +1,4 @@
-"""Peers for the sync tests: a real Mosquitto per test on a free port, with its own config,
+"""Peers for the MQTT (sync) tests: a real Mosquitto per test on a free port, with its own config,
 and a real subscriber (`mosquitto_sub`, QoS 1, persistent session) writing what it sees."""
 
 from __future__ import annotations
@@ -6,14 +6,11 @@ from __future__ import annotations
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from gateway.sync.codec import decode_batch
-from tests.peers import Peer, free_port, port_open, require_binary, wait_until
+from tests.support.peers import Peer, free_port, port_open, require_binary, wait_until
 
 
 def _readable(path: Path) -> None:
@@ -82,16 +79,6 @@ class Mosquitto:
         return p.read_text(errors="replace") if p.exists() else ""
 
 
-@pytest.fixture
-def mosquitto() -> Iterator[Mosquitto]:
-    m = Mosquitto()
-    try:
-        m.start()
-        yield m
-    finally:
-        m.remove()
-
-
 class Subscriber:
     """`mosquitto_sub` at QoS 1 with a persistent session: what the cloud would see."""
 
@@ -118,8 +105,12 @@ class Subscriber:
 
     def raw(self) -> list[tuple[str, bytes]]:
         out = []
-        for line in self.out.read_text(errors="replace").splitlines():
-            topic, _, hexpayload = line.partition(" ")
+        # Only whole lines: the last one may be being written right now, and a cut that
+        # falls between two hex digits still parses (to a cut payload).
+        for line in self.out.read_text(errors="replace").splitlines(keepends=True):
+            if not line.endswith("\n"):
+                continue
+            topic, _, hexpayload = line.rstrip("\n").partition(" ")
             if topic == "gateways/probe" or not hexpayload:
                 continue
             try:

@@ -1,4 +1,4 @@
-"""Fixtures for the core: a real gatewayd process on a temporary config, with a notify socket."""
+"""gatewayd as a real process on a temporary config, with a notify socket; and its CLI."""
 
 from __future__ import annotations
 
@@ -7,13 +7,10 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
-from tests.peers import Peer
+from tests.support.peers import Peer
 
 VIRTUAL_CONFIG = """
 [gateway]
@@ -61,6 +58,23 @@ def write_config(tmp: Path, text: str | None = None, stop_timeout: float = 10.0)
     return path
 
 
+def notify_until(sock: socket.socket, until: str, log: Path, limit: int = 1000) -> list[str]:
+    """sd_notify datagrams until one contains `until` (blocking; bounded by the socket's
+    timeout: a daemon that never says it is a failure, not a hang)."""
+    got: list[str] = []
+    for _ in range(limit):
+        try:
+            data = sock.recv(4096).decode()
+        except TimeoutError:
+            raise AssertionError(
+                f"gatewayd never sent {until!r}; got {got}; log:\n{log.read_text()}"
+            ) from None
+        got.append(data)
+        if until in data:
+            return got
+    raise AssertionError(f"no {until!r} in {limit} notify messages")
+
+
 @dataclass
 class Daemon:
     peer: Peer
@@ -73,20 +87,7 @@ class Daemon:
         return self.peer.pid
 
     def messages(self, until: str, limit: int = 1000) -> list[str]:
-        """Notify datagrams until one contains `until` (blocking; bounded by the socket's
-        timeout: a daemon that never says it is a failure, not a hang)."""
-        got: list[str] = []
-        for _ in range(limit):
-            try:
-                data = self.notify.recv(4096).decode()
-            except TimeoutError:
-                raise AssertionError(
-                    f"gatewayd never sent {until!r}; got {got}; log:\n{self.log.read_text()}"
-                ) from None
-            got.append(data)
-            if until in data:
-                return got
-        raise AssertionError(f"no {until!r} in {limit} notify messages")
+        return notify_until(self.notify, until, self.log, limit)
 
     def stop(self) -> int | None:
         rc = self.peer.stop(timeout=30)
@@ -118,15 +119,6 @@ def start_daemon(config: Path, tmp: Path, name: str = "gatewayd") -> Daemon:
         sock.close()
         raise
     return d
-
-
-@pytest.fixture
-def daemon_factory(tmp_path: Path) -> Iterator[list[Daemon]]:
-    started: list[Daemon] = []
-    yield started
-    for d in started:
-        d.peer.stop(timeout=30)
-        d.notify.close()
 
 
 def run_cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:

@@ -1,4 +1,4 @@
-"""Fixtures for processing and notification: the core's real daemon, plus event-log readers."""
+"""Helpers for the processing and notification tests: a config header and event-log readers."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from typing import Any
 import cbor2
 
 from gateway import config as cfg
-from tests.core.conftest import daemon_factory  # noqa: F401 - a fixture, re-used
 
 HEADER = """
 [gateway]

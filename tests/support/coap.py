@@ -7,13 +7,10 @@ import re
 import socket
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
-from tests.peers import Peer, free_port, require_binary, wait_until
+from tests.support.peers import Peer, free_port, require_binary, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -67,26 +64,6 @@ class CoapGateway:
     def uri(self, path: str, host: str = "127.0.0.1") -> str:
         h = f"[{host}]" if ":" in host else host
         return f"coap://{h}:{self.port}{path}"
-
-
-@pytest.fixture
-def gateway_factory(tmp_path: Path) -> Iterator[Callable[..., CoapGateway]]:
-    started: list[CoapGateway] = []
-
-    def make(
-        coap_toml: str = "allow_unauthenticated = true\naccept_unknown_devices = true",
-        extra_toml: str = "",
-        start: bool = True,
-    ) -> CoapGateway:
-        gw = CoapGateway(tmp_path / f"gw{len(started)}", coap_toml, extra_toml)
-        started.append(gw)
-        if start:
-            gw.start()
-        return gw
-
-    yield make
-    for gw in reversed(started):
-        gw.stop()
 
 
 def coap_client(binary: str, args: list[str], uri: str, tmp: Path, timeout: int = 3) -> Reply:
