@@ -118,7 +118,9 @@ class Subscriber:
 
     def raw(self) -> list[tuple[str, bytes]]:
         out = []
-        for line in self.out.read_text(errors="replace").splitlines():
+        text = self.out.read_text(errors="replace")
+        # Only whole lines: the last one may be half written (its hex can still parse).
+        for line in text[: text.rfind("\n") + 1].splitlines():
             topic, _, hexpayload = line.partition(" ")
             if topic == "gateways/probe" or not hexpayload:
                 continue
