@@ -51,6 +51,19 @@ Listener = Callable[[Sequence[Event]], None]
 STREAMS_FLUSH_COUNT = 4096
 STREAMS_FLUSH_EVENTS = 20_000
 STREAMS_FLUSH_SECONDS = 2.0
+#: How long a connection waits for another one's lock (the writer thread only; see `_stage`).
+BUSY_TIMEOUT_MS = 5000
+#: A COMMIT (the fsync) runs in the event loop's own thread while commits take less than
+#: this (moving average), else in the writer thread. Handing a commit to the thread and
+#: back costs ~30 us of CPU per request on a busy 2-core machine (thread switches, and two
+#: threads touching the same objects): more than a fast disk's fsync keeps the loop waiting.
+#: An SD card's fsync (milliseconds) goes to the thread, where the loop does not wait for it.
+INLINE_COMMIT_LIMIT = 0.002
+#: The WAL is checkpointed by the writer thread (never inside a COMMIT, which may be the
+#: loop's) when it holds about this many pages: SQLite's own default. Pages are not counted
+#: as they are written; each checkpoint says how many there were, which sets how many bytes
+#: of events to let through before the next one.
+CHECKPOINT_PAGES = 1000
 
 
 class OutboxCodec(Protocol):
@@ -112,6 +125,32 @@ class _Job:
         self.future = future
 
 
+class _Staged:
+    """A batch's transaction, written but not committed (see `EventStore._stage`)."""
+
+    __slots__ = ("committed", "conn", "fresh", "out", "seq", "size", "versions", "victims")
+
+    def __init__(
+        self,
+        out: list[Any],
+        committed: list[Event],
+        victims: list[tuple[int, str]],
+        conn: sqlite3.Connection | None,
+        versions: dict[str, int],
+        fresh: dict[str, int],
+        seq: int,
+        size: int = 0,
+    ) -> None:
+        self.out = out  # per append: its Event(s) or its error
+        self.committed = committed
+        self.victims = victims  # events dropped over quota (drop_oldest)
+        self.conn = conn  # None: no transaction (nothing to commit)
+        self.versions = versions
+        self.fresh = fresh
+        self.seq = seq
+        self.size = size  # bytes of event data (what the WAL grows by, roughly)
+
+
 def _settle(future: asyncio.Future[Any] | None, result: Any) -> None:
     if future is None or future.done():
         return
@@ -139,7 +178,9 @@ def _connect(
                 conn.execute(f"PRAGMA page_size={int(page_size)}")
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
-        conn.execute("PRAGMA busy_timeout=5000")
+            # Checkpoints: by the store's writer thread (`EventStore._checkpoint`).
+            conn.execute("PRAGMA wal_autocheckpoint=0")
+        conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         conn.execute("PRAGMA foreign_keys=OFF")
     except BaseException:
         # Not left open: SQLite shares a file's -shm state between the connections of a
@@ -268,6 +309,10 @@ class EventStore:
         self._since_snapshot: dict[str, int] = {}
         self._used_bytes = 0
         self._page_size = 4096
+        #: Moving average of COMMIT durations (s); starts in the writer thread until measured.
+        self._commit_time = INLINE_COMMIT_LIMIT * 2
+        self._wal_bytes = 0  # bytes of events committed since the last checkpoint
+        self._checkpoint_bytes = 256 * 1024  # ... at which the next one runs (learnt)
         # Figures.
         self.batches = 0
         self.appended = 0
@@ -579,7 +624,22 @@ class EventStore:
             if not batch:
                 continue
             try:
-                outcome, committed = await loop.run_in_executor(self._wx, self._commit, batch)
+                # The statements here, the COMMIT (the fsync) in the writer thread: Python
+                # work in the writer thread contends with this one for the GIL, which cost
+                # more CPU than the work itself (bench/coap.py).
+                staged = self._stage(batch, wait=False)
+                if staged is None:
+                    outcome, committed = await loop.run_in_executor(
+                        self._wx, self._commit, batch
+                    )
+                elif staged.conn is None:
+                    outcome, committed = staged.out, []
+                elif self._commit_time < INLINE_COMMIT_LIMIT:
+                    outcome, committed = self._finish(staged)
+                else:
+                    outcome, committed = await loop.run_in_executor(
+                        self._wx, self._finish, staged
+                    )
             except Exception as exc:
                 err = store_error(exc, "commit", str(self.path.parent))
                 if not isinstance(err, StoreError):
@@ -603,6 +663,11 @@ class EventStore:
                         listener(committed)
                     except Exception:
                         log.exception("store listener failed")
+            if self._wal_bytes >= self._checkpoint_bytes:
+                try:
+                    await loop.run_in_executor(self._wx, self._checkpoint)
+                except Exception as exc:  # the next commit tells if the store is unwell
+                    self._repeats.error("checkpoint", "store: WAL checkpoint failed: %s", exc)
 
     def _set_full(self, why: StoreFull | None) -> None:
         """Appends refused (`why`) or accepted again (None): said once per change."""
@@ -634,6 +699,16 @@ class EventStore:
         self._flushed()
         self._measure()
         return result
+
+    def _checkpoint(self) -> None:
+        """Writer thread: copy the WAL into the database (PASSIVE: never waits for
+        readers; what they still use is copied next time)."""
+        assert self._w is not None
+        grown, self._wal_bytes = self._wal_bytes, 0
+        pages = self._w.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[1]
+        if pages > 0 and grown > 0:
+            target = grown * CHECKPOINT_PAGES / pages
+            self._checkpoint_bytes = int(min(max(target, 16 * 1024), 16 * 1024 * 1024))
 
     def _quota_full(self) -> StoreFull:
         return StoreFull(
@@ -715,13 +790,23 @@ class EventStore:
         """Writer thread: one transaction for the whole batch. Returns, per append, what its
         future resolves to (its Event, its list of Events, or its error), and every event
         committed (the store's own store.dropped included) for the listeners."""
+        staged = self._stage(batch, wait=True)
+        assert staged is not None
+        return self._finish(staged)
+
+    def _stage(self, batch: Sequence[_Pending], wait: bool) -> _Staged | None:
+        """Everything of a batch's transaction but its COMMIT: numbering, encoding, the
+        statements (SQLite's page cache only: no fsync, no wait). Run by the event loop's
+        thread (`wait=False`: None if another connection holds the write lock, then the
+        writer thread does it all) or by the writer thread (`_commit`). On error the
+        transaction is rolled back and the error raised."""
         conn = self._w
         assert conn is not None
         over = self._used_bytes >= self._quota_bytes()
         if over and self.config.overflow == "reject_new":
             self.rejected += sum(len(p.events) for p in batch)
             full = self._quota_full()
-            return [full for _ in batch], []
+            return _Staged([full for _ in batch], [], [], None, {}, {}, 0)
         victims: list[tuple[int, str]] = []
         if over and self.config.overflow == "drop_oldest":
             # Single writer: what we select now is still there when we delete it below.
@@ -814,10 +899,23 @@ class EventStore:
             committed.extend(numbered)
             out.append(numbered[0] if p.single else numbered)
         if not rows:
-            return out, []
+            return _Staged(out, [], [], None, {}, {}, seq)
         boxed = self._outbox_rows(rows, outbox) if outbox and self.sink else None
         fresh: dict[str, int] = {}
-        conn.execute("BEGIN IMMEDIATE")
+        if wait:
+            conn.execute("BEGIN IMMEDIATE")
+        else:
+            # Not in the event loop's thread: waiting for another connection's write lock
+            # (busy_timeout) would stop every other task. Busy: the writer thread does it.
+            conn.execute("PRAGMA busy_timeout=0")
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                if getattr(exc, "sqlite_errorcode", None) != sqlite3.SQLITE_BUSY:
+                    raise
+                return None
+            finally:
+                conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         try:
             conn.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
             if boxed:
@@ -835,7 +933,6 @@ class EventStore:
             self._maybe_snapshot(conn, versions, seq)
             if victims:
                 self._drop(conn, victims, versions, seq)
-            conn.execute("COMMIT")
         except BaseException:
             rollback(conn)
             self._reload_versions()
@@ -844,22 +941,44 @@ class EventStore:
             raise
         if victims:
             out.pop()  # the store.dropped event's slot: nobody awaits it
+        size = sum(len(r[8]) for r in rows)
+        return _Staged(out, committed, victims, conn, versions, fresh, seq, size)
+
+    def _finish(self, staged: _Staged) -> tuple[list[Any], list[Event]]:
+        """Writer thread: COMMIT what `_stage` wrote (the fsync: the GIL is free meanwhile),
+        then take its numbering as the store's. On error: rolled back, error raised."""
+        conn = staged.conn
+        if conn is None:  # nothing to commit (all refused, or all failed their checks)
+            return staged.out, []
+        started = time.perf_counter()
+        try:
+            conn.execute("COMMIT")
+        except BaseException:
+            rollback(conn)
+            self._reload_versions()
+            if staged.victims:
+                self.dropped -= len(staged.victims)
+            raise
+        self._commit_time += (time.perf_counter() - started - self._commit_time) * 0.2
+        self._wal_bytes += staged.size
+        victims = staged.victims
+        if victims:
             log.warning(
                 "store over quota: dropped the %d oldest events (up to seq %d)",
                 len(victims), victims[-1][0],
             )  # fmt: skip
-        self._last_seq = seq
-        if fresh:
+        self._last_seq = staged.seq
+        if staged.fresh:
             if len(self._sids) > 50_000:
                 self._sids.clear()
-            self._sids.update(fresh)
-        self._versions.update(versions)
-        self._dirty.update(versions)
+            self._sids.update(staged.fresh)
+        self._versions.update(staged.versions)
+        self._dirty.update(staged.versions)
         self._flushed()
         self.batches += 1
-        self.appended += len(rows)
+        self.appended += len(staged.committed)
         self._measure()
-        return out, committed
+        return staged.out, staged.committed
 
     def _outbox_rows(self, rows: list[tuple[Any, ...]], which: list[int]) -> list[tuple[Any, ...]]:
         """(seq, stream, version, body, sid) for the events that go to the outbox. A row
