@@ -60,10 +60,13 @@ BUSY_TIMEOUT_MS = 5000
 #: An SD card's fsync (milliseconds) goes to the thread, where the loop does not wait for it.
 INLINE_COMMIT_LIMIT = 0.002
 #: The WAL is checkpointed by the writer thread (never inside a COMMIT, which may be the
-#: loop's) when it holds about this many pages: SQLite's own default. Pages are not counted
-#: as they are written; each checkpoint says how many there were, which sets how many bytes
-#: of events to let through before the next one.
+#: loop's) when it holds about this many pages: SQLite's own default. Python cannot see
+#: SQLite's count as pages are written, so it is estimated (a few pages per commit, plus
+#: the events' bytes), and each checkpoint, which says how many there were, corrects the
+#: estimate. (A WAL left to grow costs the SD card more: a longer file means new blocks.)
 CHECKPOINT_PAGES = 1000
+#: Pages a commit writes besides its events' bytes (tables' and indexes' pages touched).
+PAGES_PER_COMMIT = 4
 
 
 class OutboxCodec(Protocol):
@@ -311,8 +314,8 @@ class EventStore:
         self._page_size = 4096
         #: Moving average of COMMIT durations (s); starts in the writer thread until measured.
         self._commit_time = INLINE_COMMIT_LIMIT * 2
-        self._wal_bytes = 0  # bytes of events committed since the last checkpoint
-        self._checkpoint_bytes = 256 * 1024  # ... at which the next one runs (learnt)
+        self._wal_pages = 0.0  # WAL pages written since the last checkpoint (estimated)
+        self._wal_scale = 1.0  # real pages / estimated, as the last checkpoint found
         # Figures.
         self.batches = 0
         self.appended = 0
@@ -663,7 +666,7 @@ class EventStore:
                         listener(committed)
                     except Exception:
                         log.exception("store listener failed")
-            if self._wal_bytes >= self._checkpoint_bytes:
+            if self._wal_pages * self._wal_scale >= CHECKPOINT_PAGES:
                 try:
                     await loop.run_in_executor(self._wx, self._checkpoint)
                 except Exception as exc:  # the next commit tells if the store is unwell
@@ -704,11 +707,10 @@ class EventStore:
         """Writer thread: copy the WAL into the database (PASSIVE: never waits for
         readers; what they still use is copied next time)."""
         assert self._w is not None
-        grown, self._wal_bytes = self._wal_bytes, 0
+        estimate, self._wal_pages = self._wal_pages, 0.0
         pages = self._w.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[1]
-        if pages > 0 and grown > 0:
-            target = grown * CHECKPOINT_PAGES / pages
-            self._checkpoint_bytes = int(min(max(target, 16 * 1024), 16 * 1024 * 1024))
+        if pages > 0 and estimate > 0:
+            self._wal_scale = min(max(pages / estimate, 0.1), 10.0)
 
     def _quota_full(self) -> StoreFull:
         return StoreFull(
@@ -960,7 +962,7 @@ class EventStore:
                 self.dropped -= len(staged.victims)
             raise
         self._commit_time += (time.perf_counter() - started - self._commit_time) * 0.2
-        self._wal_bytes += staged.size
+        self._wal_pages += PAGES_PER_COMMIT + staged.size / self._page_size
         victims = staged.victims
         if victims:
             log.warning(
