@@ -135,15 +135,11 @@ async def serve_gateway(port: int, db: str, stock: bool = False, thread: bool = 
     from gateway.store import EventStore
 
     if stock:
-        # For comparison only: aiocoap's own duplicate detection instead of DedupCache.
-        from aiocoap.messagemanager import MessageManager
+        # For comparison only: aiocoap's own duplicate detection instead of DedupCache
+        # (the stock path of gateway.coap.aiocoap_compat).
+        from gateway.coap import aiocoap_compat
 
-        from gateway.coap.lean import LeanMessageManager
-
-        LeanMessageManager._deduplicate_message = MessageManager._deduplicate_message
-        LeanMessageManager._store_response_for_duplicates = (
-            MessageManager._store_response_for_duplicates
-        )
+        aiocoap_compat.use(aiocoap_compat.Internals(dedup=False, render=True, routing=True))
     if thread:  # as where commits are slow: every COMMIT in the writer thread
         gateway.store.INLINE_COMMIT_LIMIT = 0.0
     pauses = GcPauses()

@@ -20,7 +20,7 @@ from gateway.config import (
     PointSpec,
     Section,
 )
-from gateway.errors import ConfigError
+from gateway.errors import ConfigError, ConfigIssue
 
 #: A reading's value: numbers, booleans, strings, raw bytes; None = "not available".
 Value = float | int | bool | str | bytes | None
@@ -84,17 +84,22 @@ class Driver(abc.ABC):
         self.options: Mapping[str, Any] = options or {}
 
     @classmethod
-    def validate_options(cls, options: Mapping[str, Any], path: str) -> None:
-        """Check the `[drivers.<kind>]` table; raise ConfigError with every issue. Pure."""
+    def validate_options(
+        cls, options: Mapping[str, Any], path: str
+    ) -> Sequence[ConfigIssue] | None:
+        """Check the `[drivers.<kind>]` table; raise ConfigError with every issue, return
+        the warnings (such as a deprecated key). Pure."""
         issues = Issues()
         Section(options, path, issues).done()
         issues.raise_if_any()
+        return issues.warnings
 
     @classmethod
     @abc.abstractmethod
-    def validate_device(cls, spec: DeviceSpec) -> None:
-        """Check a device's driver-specific options and points; raise ConfigError. Pure:
-        no I/O, no protocol library import (config check must stay cheap)."""
+    def validate_device(cls, spec: DeviceSpec) -> Sequence[ConfigIssue] | None:
+        """Check a device's driver-specific options and points; raise ConfigError, return
+        the warnings (such as a deprecated key). Pure: no I/O, no protocol library import
+        (config check must stay cheap)."""
 
     @classmethod
     def value_kind(cls, spec: DeviceSpec, point: PointSpec) -> str:

@@ -34,9 +34,10 @@ __all__ = ["Backoff", "Breaker", "State", "Transition"]
 
 class Backoff:
     """Exponential backoff with jitter: attempt n waits a random delay below the ceiling
-    min(cap, base * 2^n). With `floor` 0 (the default) that is full jitter, uniform in
-    [0, ceiling]; a `floor` of 0.5 waits at least half the ceiling (a dead device is then
-    never retried almost at once by bad luck)."""
+    min(cap, base * multiplier^n). With `floor` 0 (the default) that is full jitter, uniform
+    in [0, ceiling]; a `floor` of 0.5 waits at least half the ceiling (a dead device is then
+    never retried almost at once by bad luck); a `floor` of 1 waits the ceiling itself.
+    Settings from a config file come through `gateway.retry.RetrySettings.backoff()`."""
 
     def __init__(
         self,
@@ -45,21 +46,25 @@ class Backoff:
         rng: Callable[[], float] = random.random,
         *,
         floor: float = 0.0,
+        multiplier: float = 2.0,
     ) -> None:
         if base <= 0 or cap <= 0:
             raise ValueError(f"backoff base and cap must be > 0, got {base!r} and {cap!r}")
         if not 0.0 <= floor <= 1.0:
             raise ValueError(f"backoff floor must be within [0, 1], got {floor!r}")
+        if not 1.0 <= multiplier <= 100.0:
+            raise ValueError(f"backoff multiplier must be within [1, 100], got {multiplier!r}")
         self.base = base
         self.cap = cap
         self.floor = floor
+        self.multiplier = multiplier
         self.attempt = 0  # delays handed out since the last reset
         self._rng = rng
 
     def ceiling(self) -> float:
         """The upper bound of the next delay."""
         # The exponent is bounded: 2.0 ** 1100 overflows, and the cap wins long before.
-        return float(min(self.cap, self.base * (2 ** min(self.attempt, 62))))
+        return float(min(self.cap, self.base * (self.multiplier ** min(self.attempt, 62))))
 
     def next(self) -> float:
         """The next delay (jittered below the ceiling); counts one attempt."""
@@ -68,6 +73,14 @@ class Backoff:
         if self.floor == 0.0:
             return self._rng() * ceiling
         return ceiling * (self.floor + (1.0 - self.floor) * self._rng())
+
+    def first(self) -> float:
+        """A delay of the first step (jittered), leaving the backoff at its start: the pause
+        after something that had worked fails, before the first retry of a new series."""
+        self.reset()
+        delay = self.next()
+        self.reset()
+        return delay
 
     def longest(self) -> float:
         """The cap, without jitter; counts one attempt (for failures that will not fix

@@ -409,6 +409,9 @@ class GatewaySection:
     log_level: str = "info"
     stop_timeout: float = 10.0
     watchdog: bool = True
+    #: The GIL switch interval (ms): how long a thread holding the GIL runs before another
+    #: one (the event loop) may take it; Python's own default is 5 ms (gateway.daemon).
+    switch_interval_ms: float = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -552,7 +555,7 @@ def _parse_device(dev_id: str, sec: Section, issues: Issues) -> DeviceSpec | Non
     try:
         from drivers import driver_class
 
-        driver_class(driver).validate_device(spec)
+        issues.warnings.extend(driver_class(driver).validate_device(spec) or ())
     except ConfigError as exc:
         issues.extend(exc.issues)
     return spec
@@ -601,6 +604,7 @@ def parse(data: Mapping[str, Any], source: str = "") -> GatewayConfig:
         log_level=g.str("log_level", "info", choices=["debug", "info", "warning", "error"]),
         stop_timeout=g.float("stop_timeout", 10.0, gt=0, max=300),
         watchdog=g.bool("watchdog", True),
+        switch_interval_ms=g.float("switch_interval_ms", 0.5, gt=0, max=100),
     )
     g.done()
 
@@ -652,7 +656,7 @@ def parse(data: Mapping[str, Any], source: str = "") -> GatewayConfig:
         try:
             from drivers import driver_class
 
-            driver_class(kind).validate_options(dsec.data, dsec.path)
+            issues.warnings.extend(driver_class(kind).validate_options(dsec.data, dsec.path) or ())
         except ConfigError as exc:
             issues.extend(exc.issues)
         drivers[kind] = dict(dsec.data)

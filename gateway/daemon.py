@@ -25,8 +25,8 @@ from gateway import config as cfg
 from gateway import events as ev
 from gateway.bus import Bus
 from gateway.control import ControlServer, Peer
-from gateway.errors import ConfigError, GatewayError, PayloadError, StoreFull
-from gateway.logs import RateLimitedLog
+from gateway.errors import ConfigError, GatewayError, PayloadError, StoreFullError
+from gateway.logs import LibraryNoise, RateLimitedLog
 from gateway.service import Service
 from gateway.store import EventStore, OutboxCodec
 from gateway.supervisor import Supervisor
@@ -47,14 +47,16 @@ OPTIONAL_SERVICES: dict[str, str] = {
 }
 
 
-def tune_process() -> None:
+def tune_process(gateway: cfg.GatewaySection | None = None) -> None:
     """Process-wide settings the daemon owns (measured with bench/coap.py and bench/store.py).
 
     The store's writer thread runs Python between its SQLite calls; with the default 5 ms GIL
     switch interval the event loop, back from every sendmsg/epoll, waits for it in 5 ms
-    slices: 0.5 ms gave +10..50 % CoAP requests/s and a lower p99.9.
+    slices: 0.5 ms (`gateway.switch_interval_ms`) gave +10..50 % CoAP requests/s and a
+    lower p99.9.
     """
-    sys.setswitchinterval(0.0005)
+    gateway = gateway or cfg.GatewaySection()
+    sys.setswitchinterval(gateway.switch_interval_ms / 1000.0)
 
 
 def storage_writes() -> int | None:
@@ -71,7 +73,10 @@ def storage_writes() -> int | None:
 
 def freeze_startup_objects() -> None:
     """Everything built at start-up lives as long as the process: keep it out of the GC's
-    generations, so full collections only walk what requests create (short pauses)."""
+    generations, so full collections only walk what requests create (short pauses). After
+    a reload the same again: what the old config held goes back to the GC (it may be
+    garbage now), and what the new one built is frozen."""
+    gc.unfreeze()
     gc.collect()
     gc.freeze()
     release_freed_memory()
@@ -159,7 +164,7 @@ class Daemon:
 
     async def run(self) -> int:
         c = self.config
-        tune_process()
+        tune_process(c.gateway)
         importlib.import_module("services.control")  # its tables, before the store opens
         store = await self._open_store()
         if store is None:
@@ -224,7 +229,7 @@ class Daemon:
                     c.db_path, c.store, gateway_id=c.gateway.id, outbox_codec=outbox_codec(c),
                     sink=has_sink(c), local_types=local_types(c),
                 )  # fmt: skip
-            except StoreFull as exc:
+            except StoreFullError as exc:
                 pause = c.store.check_interval
                 if not said:
                     log.error("cannot open the store: %s; retrying every %.1f s until there is "
@@ -246,7 +251,7 @@ class Daemon:
         try:
             await self.store.append(ev.GATEWAY_STREAM, ev.GATEWAY_STARTED, data)
             return None
-        except StoreFull as exc:
+        except StoreFullError as exc:
             log.warning("starting degraded: %s", exc)
         return asyncio.create_task(self._append_started(data), name="started")
 
@@ -257,10 +262,10 @@ class Daemon:
             try:
                 await self.store.append(ev.GATEWAY_STREAM, ev.GATEWAY_STARTED, data)
                 return
-            except StoreFull:
+            except StoreFullError:
                 continue
 
-    def _store_full_changed(self, why: StoreFull | None) -> None:
+    def _store_full_changed(self, why: StoreFullError | None) -> None:
         systemd.status(self.status_line())
 
     async def _bounded_shutdown(self) -> None:
@@ -348,6 +353,8 @@ class Daemon:
         self.reloads += 1
         self.last_reload_error = ""
         self.last_reload_kind = ""
+        tune_process(new.gateway)
+        freeze_startup_objects()  # what the new config built lives until the next reload
         log.info("config reloaded: %d devices", len(new.devices))
         try:
             await self.store.append(
@@ -452,6 +459,10 @@ class Daemon:
             },
             "reloads": self.reloads,
             "last_reload_error": self.last_reload_error,
+            "process": {
+                "gc_frozen": gc.get_freeze_count(),
+                "switch_interval_ms": sys.getswitchinterval() * 1000.0,
+            },
         }  # fmt: skip
 
     async def _cmd_reload(self, args: dict[str, Any]) -> Any:
@@ -532,6 +543,7 @@ def setup_logging(level: str) -> None:
 
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_Fmt(fmt))
+    handler.addFilter(LibraryNoise())  # pymodbus' own chatter: DEBUG (the driver reports)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

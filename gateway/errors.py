@@ -100,16 +100,16 @@ class DriverError(GatewayError):
         self.device = device
 
 
-class DeviceUnavailable(DriverError):
+class DeviceUnavailableError(DriverError):
     coap_code = "5.03"
 
 
-class ConnectError(DeviceUnavailable):
+class ConnectError(DeviceUnavailableError):
     """No connection to the device (refused, not yet reconnected, circuit open): nothing
     reached it, so a write may be tried again without risk of doing it twice."""
 
 
-class DeviceTimeout(DriverError):
+class DeviceTimeoutError(DriverError):
     coap_code = "5.04"
 
 
@@ -124,7 +124,7 @@ class DeviceProtocolError(DriverError):
         self.code = code
 
 
-class PointNotFound(DriverError):
+class PointNotFoundError(DriverError):
     coap_code = "4.04"
     exit_status = EXIT_USAGE
 
@@ -211,7 +211,7 @@ class StoreError(GatewayError):
     exit_status = EXIT_STORE
 
 
-class StoreFull(StoreError):
+class StoreFullError(StoreError):
     """The store cannot take more: its disk quota is reached under the `reject_new` policy
     (`cause` "quota") or the file system is full (`cause` "disk"); retry after `retry_after` s."""
 
@@ -266,3 +266,10 @@ class DaemonUnavailableError(GatewayError):
     """The CLI could not reach the daemon's control socket."""
 
     exit_status = EXIT_UNAVAILABLE
+
+
+# The old names of the errors a driver raises (drivers outside this tree may import them);
+# deprecated: use the `...Error` names.
+DeviceUnavailable = DeviceUnavailableError
+DeviceTimeout = DeviceTimeoutError
+PointNotFound = PointNotFoundError

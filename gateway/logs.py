@@ -91,3 +91,28 @@ class RateLimitedLog:
         for k in self._kinds.values():
             self._summary(k)
         self._kinds.clear()
+
+
+#: Libraries whose own log lines only matter when debugging: the component using them
+#: reports every fault itself (the Modbus driver: first failure WARNING, repeats DEBUG),
+#: while pymodbus logs each time-out at ERROR and each failed connect at WARNING.
+QUIET_LIBRARIES = ("pymodbus",)
+
+
+class LibraryNoise(logging.Filter):
+    """A handler's filter that shows the records of `libraries`' loggers (and their
+    children) at DEBUG, and only when the root logger is at DEBUG; other records pass as
+    they are. Installed by the daemon's logging setup: no logger's level is changed."""
+
+    def __init__(self, libraries: tuple[str, ...] = QUIET_LIBRARIES) -> None:
+        super().__init__()
+        self.libraries = libraries
+        self.prefixes = tuple(f"{name}." for name in libraries)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        name = record.name
+        if name not in self.libraries and not name.startswith(self.prefixes):
+            return True
+        if record.levelno > logging.DEBUG:
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger().isEnabledFor(logging.DEBUG)

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from gateway.aio import cancel_and_wait
+from gateway.retry import RetrySettings
 from gateway.service import Health, HealthState, Service, ServiceContext
 
 if TYPE_CHECKING:
@@ -22,10 +22,20 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gateway.supervisor")
 
+#: A crashed service restarts after the shared backoff: from 0.5 s, doubling per recent crash
+#: up to 60 s (full jitter: restarts of many boxes do not align); in a crash loop, the cap.
 BACKOFF_BASE = 0.5
 BACKOFF_CAP = 60.0
 CRASH_LOOP_COUNT = 5  # crashes within CRASH_LOOP_WINDOW seconds = a crash loop
 CRASH_LOOP_WINDOW = 300.0
+
+
+def restart_delay(crashes: int) -> float:
+    """The pause before restarting a service that crashed `crashes` times within the
+    crash-loop window."""
+    backoff = RetrySettings(initial=BACKOFF_BASE, cap=BACKOFF_CAP).backoff()
+    backoff.attempt = crashes if crashes < CRASH_LOOP_COUNT else 62  # 62: the cap
+    return backoff.next()
 
 
 def order(services: Sequence[Service]) -> list[Service]:
@@ -150,9 +160,7 @@ class Supervisor:
             slot.restarting = asyncio.create_task(self._restart(slot), name="restart")
 
     async def _restart(self, slot: _Slot) -> None:
-        n = len(slot.crashes)
-        delay = BACKOFF_CAP if n >= CRASH_LOOP_COUNT else min(BACKOFF_CAP, BACKOFF_BASE * 2**n)
-        delay = random.uniform(delay / 2, delay)  # jitter: restarts of many boxes do not align
+        delay = restart_delay(len(slot.crashes))
         await self._stop_slot(slot, timeout=5.0)
         await asyncio.sleep(delay)
         if self._stopping:

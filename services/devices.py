@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 
 from gateway import events as ev
 from gateway.config import DeviceSpec, GatewayConfig
-from gateway.errors import StoreFull, UsageError
+from gateway.errors import StoreFullError, UsageError
 from gateway.events import NewEvent
 from gateway.service import Health, Service, ServiceContext
 from gateway.store import queries
@@ -67,7 +67,7 @@ class DevicesService(Service):
         if todo:
             try:
                 await self.ctx.store.append_many(todo)
-            except StoreFull as exc:
+            except StoreFullError as exc:
                 # A full store must not stop the daemon (delivery and retention make room).
                 if not self._unrecorded:  # said once, not at every retry
                     self.ctx.logger.warning(

@@ -18,7 +18,13 @@ from drivers.ble.config import BleDevice, BleOptions, compile_device, parse_opti
 from drivers.ble.dispatch import Advert, Dispatcher
 from drivers.ble.gatt import ConnectionPool, GattLink
 from gateway.config import DeviceSpec, PointSpec
-from gateway.errors import DeviceUnavailable, DriverError, NotFoundError, PointNotFound
+from gateway.errors import (
+    ConfigIssue,
+    DeviceUnavailableError,
+    DriverError,
+    NotFoundError,
+    PointNotFoundError,
+)
 
 __all__ = ["BleDriver"]
 
@@ -40,8 +46,8 @@ class BleDriver(Driver):
 
     # -- config ---------------------------------------------------------------------------
     @classmethod
-    def validate_options(cls, options: Mapping[str, Any], path: str) -> None:
-        parse_options(options, path)
+    def validate_options(cls, options: Mapping[str, Any], path: str) -> Sequence[ConfigIssue]:
+        return parse_options(options, path).warnings
 
     @classmethod
     def validate_device(cls, spec: DeviceSpec) -> None:
@@ -147,15 +153,15 @@ class BleDriver(Driver):
         if not dev.advertises:
             link = self.links.get(device_id)
             if link is None:
-                raise DeviceUnavailable(device_id, "the BLE driver is not started")
+                raise DeviceUnavailableError(device_id, "the BLE driver is not started")
             return await link.read([p.name for p in points])
         state = self.dispatcher.by_id[device_id]
         out = []
         for p in points:
             if p.name not in dev.fields:
-                raise PointNotFound(device_id, f"no point {p.name!r}")
+                raise PointNotFoundError(device_id, f"no point {p.name!r}")
             if p.name not in state.latest:
-                raise DeviceUnavailable(device_id, f"{p.name}: nothing received yet")
+                raise DeviceUnavailableError(device_id, f"{p.name}: nothing received yet")
             out.append(RawReading(p.name, state.latest[p.name]))
         return out
 
@@ -165,7 +171,7 @@ class BleDriver(Driver):
             raise DriverError(device_id, "advertisement devices cannot be written")
         link = self.links.get(device_id)
         if link is None:
-            raise DeviceUnavailable(device_id, "the BLE driver is not started")
+            raise DeviceUnavailableError(device_id, "the BLE driver is not started")
         await link.write(point.name, value)
 
     # -- diagnostics ----------------------------------------------------------------------

@@ -17,7 +17,8 @@ from drivers.ble import bthome, ruuvi
 from drivers.ble.custom import ENDIANS, TYPES, CustomFormat, FieldSpec
 from gateway import secretfiles
 from gateway.config import DeviceSpec, Issues, Section, join_path, secret_hex
-from gateway.errors import ConfigError
+from gateway.errors import ConfigError, ConfigIssue
+from gateway.retry import BreakerSettings, RetrySettings, read_breaker, read_retry
 
 FORMATS: Final = ("bthome", "ruuvi", "custom", "gatt")
 SCAN_MODES: Final = ("active", "passive")
@@ -42,6 +43,14 @@ def normalize_uuid(text: str) -> str | None:
     return t if _UUID128.match(t) else None
 
 
+#: The scanner and GATT links retry after 1 s, doubling up to 60 s; a GATT device's breaker
+#: opens after 5 failures in a row and rests 60 s.
+RETRY = RetrySettings(initial=1.0, cap=60.0)
+BREAKER = BreakerSettings(threshold=5, cooldown=60.0)
+RETRY_OLD_KEYS = {"initial": "retry_initial", "cap": "retry_max"}
+BREAKER_OLD_KEYS = {"threshold": "breaker_failures", "cooldown": "breaker_reset"}
+
+
 @dataclass(frozen=True, slots=True)
 class BleOptions:
     """`[drivers.ble]`."""
@@ -50,10 +59,10 @@ class BleOptions:
     adapter: str | None = None  # None = BlueZ's first powered adapter
     discovery: bool = True  # report unconfigured devices of known formats
     max_connections: int = 3  # simultaneous GATT connections per adapter
-    retry_initial: float = 1.0  # backoff after a failure (scanner, GATT), doubling...
-    retry_max: float = 60.0  # ...up to this
-    breaker_failures: int = 5  # consecutive GATT failures that open a device's breaker
-    breaker_reset: float = 60.0  # seconds an open breaker waits before one trial
+    retry: RetrySettings = RETRY  # backoff after a failure (scanner, GATT)
+    breaker: BreakerSettings = BREAKER  # per GATT device
+    #: What the config check found worth a look (deprecated keys), not errors.
+    warnings: tuple[ConfigIssue, ...] = field(default=(), compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,19 +106,16 @@ def parse_options(options: Mapping[str, Any], path: str) -> BleOptions:
     adapter = sec.str("adapter", None)
     if adapter is not None and not _ADAPTER.match(adapter):
         sec.error("adapter", f"must name a BlueZ adapter such as 'hci0', got {adapter!r}")
-    retry_initial = sec.float("retry_initial", 1.0, gt=0, max=3600)
-    retry_max = sec.float("retry_max", 60.0, gt=0, max=86400)
-    if retry_max < retry_initial:
-        sec.error("retry_max", f"must be >= retry_initial ({retry_initial:g})")
+    retry = read_retry(sec, RETRY, old=RETRY_OLD_KEYS)
+    breaker = read_breaker(sec, BREAKER, old=BREAKER_OLD_KEYS)
     opts = BleOptions(
         scan_mode=sec.str("scan_mode", "active", choices=SCAN_MODES),
         adapter=adapter,
         discovery=sec.bool("discovery", True),
         max_connections=sec.int("max_connections", 3, min=1, max=16),
-        retry_initial=retry_initial,
-        retry_max=retry_max,
-        breaker_failures=sec.int("breaker_failures", 5, min=1, max=1000),
-        breaker_reset=sec.float("breaker_reset", 60.0, gt=0, max=86400),
+        retry=retry,
+        breaker=breaker,
+        warnings=tuple(issues.warnings),
     )
     sec.done()
     issues.raise_if_any()

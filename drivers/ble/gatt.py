@@ -25,11 +25,11 @@ from gateway.aio import wait_event
 from gateway.breaker import Breaker
 from gateway.errors import (
     DeviceProtocolError,
-    DeviceTimeout,
-    DeviceUnavailable,
+    DeviceTimeoutError,
+    DeviceUnavailableError,
     DriverError,
     PayloadError,
-    PointNotFound,
+    PointNotFoundError,
 )
 
 
@@ -124,7 +124,8 @@ class GattLink:
         self.ctx = ctx
         self.clock: Clock = ctx.clock
         self.log: logging.Logger = ctx.logger
-        self.breaker = Breaker(options.breaker_failures, options.breaker_reset)
+        self.breaker: Breaker = options.breaker.breaker()
+        self.backoff = options.retry.backoff()  # between failed sessions
         self.client: Any = None
         self._conn_lock = asyncio.Lock()
         self._disconnected = asyncio.Event()
@@ -174,7 +175,6 @@ class GattLink:
         """Until cancelled: connect, read on schedule, keep notifications flowing."""
         from drivers.ble.scanner import explain
 
-        delay = self.options.retry_initial
         while True:
             now = self.clock.monotonic()
             if not self.breaker.allow(now):  # open: rest, then one trial (half-open)
@@ -182,7 +182,7 @@ class GattLink:
                 continue
             try:
                 await self._session()
-                delay = self.options.retry_initial
+                self.backoff.reset()
             except asyncio.CancelledError:
                 self.breaker.abandon()  # a cancelled trial must not keep the probe slot
                 raise
@@ -195,12 +195,12 @@ class GattLink:
                 self.breaker.failure(self.clock.monotonic(), why)
                 first = self.last_error != why
                 self.last_error = why
+                delay = self.backoff.next()
                 self.log.log(logging.WARNING if first else logging.DEBUG,
                              "BLE %s: %s (retry in %.3g s, breaker %s)", self.device.id, why,
                              delay, self.breaker.state)  # fmt: skip
                 self._set_available(False, why)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, self.options.retry_max)
                 continue
             if not self._notify_points:
                 await asyncio.sleep(self._until_next_read())
@@ -228,12 +228,12 @@ class GattLink:
                     timeout = self._until_next_read() if self._read_points else None
                     await wait_event(self._disconnected, timeout)
                     if self._disconnected.is_set():
-                        raise DeviceUnavailable(self.device.id, "disconnected")
+                        raise DeviceUnavailableError(self.device.id, "disconnected")
             except Exception as exc:
                 # A link that drops mid-read surfaces as whatever bleak was doing at the time
                 # ("Service Discovery has not been performed yet"); name the real cause.
-                if self._disconnected.is_set() and not isinstance(exc, DeviceUnavailable):
-                    raise DeviceUnavailable(self.device.id, "disconnected") from exc
+                if self._disconnected.is_set() and not isinstance(exc, DeviceUnavailableError):
+                    raise DeviceUnavailableError(self.device.id, "disconnected") from exc
                 raise
             finally:
                 self.client = None
@@ -298,7 +298,7 @@ class GattLink:
         for p in self.device.gatt:
             if p.name == name:
                 return p
-        raise PointNotFound(self.device.id, f"no GATT point {name!r}")
+        raise PointNotFoundError(self.device.id, f"no GATT point {name!r}")
 
     async def read(self, names: Sequence[str]) -> list[RawReading]:
         points = [self._point(n) for n in names]
@@ -308,7 +308,7 @@ class GattLink:
         except DriverError:
             raise
         except TimeoutError:
-            raise DeviceTimeout(self.device.id, "GATT read timed out") from None
+            raise DeviceTimeoutError(self.device.id, "GATT read timed out") from None
         except Exception as exc:
             raise self._as_driver_error(exc) from None
 
@@ -322,7 +322,7 @@ class GattLink:
                 async with asyncio.timeout(self.device.timeout):
                     await client.write_gatt_char(point.char, data, response=True)
         except TimeoutError:
-            raise DeviceTimeout(self.device.id, "GATT write timed out") from None
+            raise DeviceTimeoutError(self.device.id, "GATT write timed out") from None
         except DriverError:
             raise
         except Exception as exc:
@@ -334,4 +334,6 @@ class GattLink:
         name = type(exc).__name__
         if name in ("BleakCharacteristicNotFoundError", "BleakDBusError"):
             return DeviceProtocolError(self.device.id, f"{name}: {exc}")
-        return DeviceUnavailable(self.device.id, str(explain(exc, self.options.adapter, gatt=True)))
+        return DeviceUnavailableError(
+            self.device.id, str(explain(exc, self.options.adapter, gatt=True))
+        )

@@ -22,6 +22,7 @@ import sys
 import time
 from typing import Any, cast
 
+from drivers.ble import bleak_compat
 from drivers.ble.config import normalize_uuid
 from drivers.ble.dispatch import Advert, decode_known
 from gateway.errors import EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE
@@ -59,11 +60,7 @@ def _fail(message: str, status: int) -> int:
 async def _close_bleak() -> None:
     # bleak keeps one D-Bus connection per loop; close it so the loop ends cleanly.
     with contextlib.suppress(Exception):
-        from bleak.backends.bluezdbus import manager
-
-        inst = manager._global_instances.pop(asyncio.get_running_loop(), None)
-        if inst is not None and inst._bus is not None:
-            inst._bus.disconnect()
+        await bleak_compat.close_manager()
 
 
 # -- scan ------------------------------------------------------------------------------------
@@ -114,6 +111,7 @@ def run_scan(args: argparse.Namespace) -> int:
 
     if args.seconds <= 0:
         return _fail("--seconds must be > 0", EXIT_USAGE)
+    bleak_compat.check()
 
     async def main() -> dict[str, dict[str, Any]]:
         try:
@@ -188,6 +186,7 @@ def run_read(args: argparse.Namespace) -> int:
     if char is None:
         return _fail(f"not a characteristic UUID: {args.char!r}", EXIT_USAGE)
     address = args.address.upper()
+    bleak_compat.check()
     connected = []  # non-empty: the read failed while the device was still connected
 
     async def main() -> bytes:

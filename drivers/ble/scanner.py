@@ -267,6 +267,7 @@ class Scanner:
         self.fault: Fault | None = None
         self.scanning = False
         self.adverts = 0
+        self.backoff = options.retry.backoff()  # between failed starts
         #: Set while scanning (diagnostics, and tests await it instead of sleeping).
         self.running = asyncio.Event()
 
@@ -303,7 +304,8 @@ class Scanner:
 
     async def run(self) -> None:
         """Scan until cancelled; faults are reported and retried, never raised."""
-        delay = self.options.retry_initial
+        backoff = self.backoff
+        backoff.reset()
         failures = 0
         while True:
             watch = _Watch(self.options.adapter)
@@ -320,11 +322,10 @@ class Scanner:
                 fault = explain(exc, self.options.adapter)
                 failures += 1
                 self._down(fault, first=failures == 1 or fault != self.fault)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.options.retry_max)
+                await asyncio.sleep(backoff.next())
                 continue
             failures = 0
-            delay = self.options.retry_initial
+            backoff.reset()
             self._up()
             try:
                 why = await watch.lost
@@ -336,7 +337,7 @@ class Scanner:
                         await asyncio.shield(self._stop(scanner))
                 await watch.close()
             self._down(explain_lost(why, self.options.adapter), first=True)
-            await asyncio.sleep(delay)
+            await asyncio.sleep(backoff.first())  # then retries start from the first step
 
     async def _stop(self, scanner: Any) -> None:
         with contextlib.suppress(Exception):

@@ -20,14 +20,15 @@ import aiocoap
 import aiocoap.error
 from aiocoap import defaults as aiocoap_defaults
 
+from drivers.coap import aiocoap_compat
 from drivers.coap.options import CoapDevice
 from gateway import secretfiles
 from gateway.config import join_path
 from gateway.errors import (
     ConfigError,
     DeviceProtocolError,
-    DeviceTimeout,
-    DeviceUnavailable,
+    DeviceTimeoutError,
+    DeviceUnavailableError,
     DriverError,
 )
 
@@ -70,7 +71,7 @@ def to_response(message: Any, url: str) -> Response:
     )  # fmt: skip
 
 
-class AuthFailure(DeviceUnavailable):
+class DeviceAuthError(DeviceUnavailableError):
     """The device refused our credentials (4.01) or the DTLS handshake failed fatally."""
 
 
@@ -87,7 +88,7 @@ class _AuthProtocolError(DeviceProtocolError):
 
 
 def is_auth_failure(exc: BaseException) -> bool:
-    return isinstance(exc, AuthFailure | _AuthProtocolError)
+    return isinstance(exc, DeviceAuthError | _AuthProtocolError)
 
 
 def load_psk(device: CoapDevice) -> bytes:
@@ -136,10 +137,8 @@ def load_oscore(device: CoapDevice) -> Any:
 
 
 def release_oscore(context: Any) -> None:
-    # aiocoap has no public release for a filesystem context; _destroy() persists the
-    # sequence number and frees the directory's lock so the next user (a restart) can load it.
-    if context is not None and getattr(context, "lockfile", None) is not None:
-        context._destroy()
+    # aiocoap has no public release for a filesystem context: see drivers.coap.aiocoap_compat.
+    aiocoap_compat.release_oscore(context)
 
 
 def credentials_patterns(uri: str) -> list[str]:
@@ -192,7 +191,9 @@ class Link:
                         transports=self._transports(), loggername=f"coap.client.{self.device.id}"
                     )
                 except OSError as exc:
-                    raise DeviceUnavailable(self.device.id, f"cannot open a socket: {exc}") from exc
+                    raise DeviceUnavailableError(
+                        self.device.id, f"cannot open a socket: {exc}"
+                    ) from exc
                 creds = self.device.credentials
                 entry: Any = None
                 if creds.kind == "dtls-psk":
@@ -234,23 +235,23 @@ class Link:
     def _failure(self, exc: BaseException, url: str, timeout: float) -> DriverError:
         dev = self.device.id
         if isinstance(exc, asyncio.TimeoutError | aiocoap.error.TimeoutError):
-            return DeviceTimeout(dev, f"{url}: no answer within {timeout:g} s")
+            return DeviceTimeoutError(dev, f"{url}: no answer within {timeout:g} s")
         if isinstance(exc, aiocoap.error.ResolutionError):
-            return DeviceUnavailable(dev, f"{url}: cannot resolve host: {exc}")
+            return DeviceUnavailableError(dev, f"{url}: cannot resolve host: {exc}")
         if isinstance(exc, aiocoap.credentials.CredentialsMissingError):
-            return DeviceUnavailable(dev, f"{url}: no credentials for this URI: {exc}")
+            return DeviceUnavailableError(dev, f"{url}: no credentials for this URI: {exc}")
         name = type(exc).__name__
         if name in ("FatalDTLSError", "CloseNotifyReceived"):
-            return AuthFailure(dev, f"{url}: DTLS session failed ({name})")
+            return DeviceAuthError(dev, f"{url}: DTLS session failed ({name})")
         if isinstance(exc, OSError):
-            return DeviceUnavailable(dev, f"{url}: {exc.strerror or exc}")
+            return DeviceUnavailableError(dev, f"{url}: {exc.strerror or exc}")
         if isinstance(exc, aiocoap.error.NetworkError):
             # aiocoap's text is only the class name; the OSError behind it says what happened
             # ("Connection refused": the host is there, nothing listens on that port).
             cause = exc.__cause__
             why = cause.strerror if isinstance(cause, OSError) and cause.strerror else name
-            return DeviceUnavailable(dev, f"{url}: {why}")
-        return DeviceUnavailable(dev, f"{url}: {name}: {exc}")
+            return DeviceUnavailableError(dev, f"{url}: {why}")
+        return DeviceUnavailableError(dev, f"{url}: {name}: {exc}")
 
     async def request(
         self,

@@ -21,15 +21,16 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 from drivers.base import Driver, DriverContext, RawReading
 from drivers.coap.options import CoapDevice, CoapPoint, compile_device
 from gateway.aio import cancel_and_wait
-from gateway.breaker import Backoff, Breaker
+from gateway.breaker import Breaker
 from gateway.config import DeviceSpec, PointSpec
 from gateway.errors import (
+    ConfigIssue,
     DeviceProtocolError,
-    DeviceTimeout,
-    DeviceUnavailable,
+    DeviceTimeoutError,
+    DeviceUnavailableError,
     DriverError,
     GatewayError,
-    PointNotFound,
+    PointNotFoundError,
 )
 
 if TYPE_CHECKING:
@@ -42,13 +43,11 @@ READ_BUDGET = 0.9
 MIN_WAIT = 0.05
 
 
-def device_breaker(
-    threshold: int, initial: float, maximum: float, rng: Callable[[], float] = random.random
-) -> Breaker:
-    """A device's breaker: its backoff doubles from `initial` to `maximum`, jittered but never
-    less than half the ceiling (a dead device should not be retried almost at once by bad
-    luck); an authentication failure waits `maximum` straight away."""
-    return Breaker(threshold, Backoff(initial, maximum, rng, floor=0.5))
+def device_breaker(cfg: CoapDevice, rng: Callable[[], float] = random.random) -> Breaker:
+    """A device's breaker: it rests like the device's `retry` backoff (by default doubling
+    from 1 s to 60 s, never less than half the step); an authentication failure waits the
+    cap straight away."""
+    return cfg.breaker.breaker(cfg.retry, rng)
 
 
 @dataclass(eq=False)
@@ -79,13 +78,14 @@ class CoapDriver(Driver):
 
     # -- configuration -----------------------------------------------------------------------
     @classmethod
-    def validate_device(cls, spec: DeviceSpec) -> None:
-        compile_device(spec)
+    def validate_device(cls, spec: DeviceSpec) -> Sequence[ConfigIssue]:
+        return compile_device(spec).warnings
 
     # -- life cycle -----------------------------------------------------------------------------
     async def start(self) -> None:
-        from drivers.coap import client
+        from drivers.coap import aiocoap_compat, client
 
+        aiocoap_compat.check(self.ctx.logger)  # which of aiocoap's internals to use: said once
         self._client = client
         self._started = True
         for dev in list(self._devices.values()):
@@ -109,7 +109,7 @@ class CoapDriver(Driver):
         cfg = compile_device(spec)
         dev = _Device(
             spec=spec, cfg=cfg,
-            breaker=device_breaker(cfg.breaker_threshold, cfg.backoff_initial, cfg.backoff_max),
+            breaker=device_breaker(cfg),
         )  # fmt: skip
         if self._started:
             self._open(dev)  # raises ConfigError for unreadable keys: the device is not added
@@ -146,9 +146,9 @@ class CoapDriver(Driver):
     def _device(self, device_id: str) -> _Device:
         dev = self._devices.get(device_id)
         if dev is None:
-            raise DeviceUnavailable(device_id, "not a configured coap device")
+            raise DeviceUnavailableError(device_id, "not a configured coap device")
         if dev.link is None:
-            raise DeviceUnavailable(device_id, "the coap driver is not started")
+            raise DeviceUnavailableError(device_id, "the coap driver is not started")
         return dev
 
     async def _guarded(self, dev: _Device, call: Callable[[Link], Awaitable[T]]) -> T:
@@ -157,7 +157,7 @@ class CoapDriver(Driver):
         now = self.ctx.clock.monotonic()
         b = dev.breaker
         if not b.allow(now):
-            raise DeviceUnavailable(
+            raise DeviceUnavailableError(
                 dev.cfg.id,
                 f"not tried: {b.failures} failures in a row (last: {b.last_error}); "
                 f"next try in {b.wait(now):.1f} s",
@@ -207,7 +207,7 @@ class CoapDriver(Driver):
             # A fresh context next time: a restarted device has lost our DTLS session.
             if dev.link is link:
                 await link.reset()
-        elif dev.cfg.secure and isinstance(exc, DeviceTimeout) and dev.link is link:
+        elif dev.cfg.secure and isinstance(exc, DeviceTimeoutError) and dev.link is link:
             # Over DTLS, silence usually means the device restarted and drops records of
             # the session it forgot: a new handshake now beats waiting for the breaker.
             await link.reset()
@@ -273,7 +273,7 @@ class CoapDriver(Driver):
         for spec in points:
             cp = dev.cfg.points.get(spec.name)
             if cp is None:
-                raise PointNotFound(device_id, f"point {spec.name!r} is not configured")
+                raise PointNotFoundError(device_id, f"point {spec.name!r} is not configured")
             if cp.mode == "observe" and cp.path in dev.live:
                 continue  # its notifications arrive through ctx.emit; a GET would duplicate them
             by_path.setdefault(cp.path, []).append(cp)
@@ -315,7 +315,7 @@ class CoapDriver(Driver):
         dev = self._device(device_id)
         cp = dev.cfg.points.get(point.name)
         if cp is None:
-            raise PointNotFound(device_id, f"point {point.name!r} is not configured")
+            raise PointNotFoundError(device_id, f"point {point.name!r} is not configured")
         if not point.writable:
             raise DriverError(device_id, f"point {point.name!r} is not writable")
         body, cf = payload.encode(value, cp.write_format, cp.record or cp.name)
@@ -345,13 +345,13 @@ class CoapDriver(Driver):
                 self.ctx.logger.exception(
                     "coap device %s: observing %s failed unexpectedly", dev.cfg.id, path
                 )
-                await asyncio.sleep(dev.cfg.backoff_max)
+                await asyncio.sleep(dev.cfg.retry.cap)
 
     async def _observe(self, dev: _Device, path: str, points: list[CoapPoint]) -> None:
         cfg = dev.cfg
         url = cfg.uri + path
         key = f"observe {path}"
-        retry = cfg.backoff_initial
+        backoff = cfg.retry.backoff()
         log = self.ctx.logger
         while True:
             try:
@@ -359,16 +359,14 @@ class CoapDriver(Driver):
             except DriverError as exc:
                 if isinstance(exc, DeviceProtocolError):
                     self._problem(dev, key, exc.message)
-                await self._pause(dev, retry)
-                retry = min(retry * 2, cfg.backoff_max)
+                await self._pause(dev, backoff.next())
                 continue
             try:
                 if not obs.first.ok:
                     self._problem(dev, key, self._client.protocol_error(cfg.id, obs.first).message)
-                    await self._pause(dev, retry)
-                    retry = min(retry * 2, cfg.backoff_max)
+                    await self._pause(dev, backoff.next())
                     continue
-                retry = cfg.backoff_initial
+                backoff.reset()
                 self._deliver(dev, key, points, obs.first)
                 if not obs.active:
                     # The resource is not observable: fall back to polling it ourselves.
@@ -386,14 +384,14 @@ class CoapDriver(Driver):
                         resp = await obs.next(deadline)
                     except DeviceProtocolError as exc:
                         self._problem(dev, key, f"observation of {url} ended: {exc.message}")
-                        await self._pause(dev, retry)
+                        await self._pause(dev, backoff.first())
                         break
                     except DriverError as exc:
                         # The link failed under the observation (an ICMP error...): a failure
                         # like any other for the breaker, logged once with the rest.
                         if dev.link is not None:
                             await self._failed(dev, dev.link, exc, auth=False)
-                        await self._pause(dev, retry)
+                        await self._pause(dev, backoff.first())
                         break
                     if resp is None:
                         log.debug(
@@ -406,7 +404,7 @@ class CoapDriver(Driver):
                     if not resp.ok:
                         # RFC 7641 3.2: an error notification ends the observation.
                         self._problem(dev, key, self._client.protocol_error(cfg.id, resp).message)
-                        await self._pause(dev, retry)
+                        await self._pause(dev, backoff.first())
                         break
                     self._deliver(dev, key, points, resp)
             finally:

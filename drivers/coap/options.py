@@ -20,17 +20,27 @@ naming every problem with its TOML path.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 from urllib.parse import urlsplit
 
 from drivers.base import device_options, point_options, raise_issues
 from gateway.config import DeviceSpec, Section, has_userinfo, redact_url
+from gateway.errors import ConfigIssue
+from gateway.retry import BreakerSettings, RetrySettings, read_breaker, read_retry
 
 MODES: Final = ("poll", "observe")
 FORMATS: Final = ("auto", "senml", "cbor", "json", "text")
 WRITE_METHODS: Final = ("put", "post")
 WRITE_FORMATS: Final = ("text", "cbor", "json", "senml", "senml+json")
+
+#: A device's breaker opens after 3 link failures in a row and rests like its retry: from
+#: 1 s, doubling up to 60 s, never less than half the step (a dead device is not retried
+#: almost at once by bad luck); an authentication failure rests the cap at once.
+RETRY: Final = RetrySettings(initial=1.0, cap=60.0, jitter="half")
+BREAKER: Final = BreakerSettings(threshold=3)
+RETRY_OLD_KEYS: Final = {"initial": "backoff_initial", "cap": "backoff_max"}
+BREAKER_OLD_KEYS: Final = {"threshold": "breaker_threshold"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,11 +84,12 @@ class CoapDevice:
     points: Mapping[str, CoapPoint]
     # Observe: re-register when no notification came for Max-Age + this margin (RFC 7641 3.3.1).
     observe_margin: float
-    # Breaker: open after this many consecutive link failures; retry after a backoff that
-    # doubles from backoff_initial up to backoff_max (full jitter).
-    breaker_threshold: int
-    backoff_initial: float
-    backoff_max: float
+    # Re-registrations back off by `retry`; the breaker opens after `breaker.threshold`
+    # consecutive link failures and rests like `retry` (see RETRY).
+    retry: RetrySettings = RETRY
+    breaker: BreakerSettings = BREAKER
+    #: What the config check found worth a look (deprecated keys), not errors.
+    warnings: tuple[ConfigIssue, ...] = field(default=(), compare=False, repr=False)
 
     @property
     def secure(self) -> bool:
@@ -128,11 +139,8 @@ def compile_device(spec: DeviceSpec) -> CoapDevice:
     psk_key_file = sec.str("psk_key_file", None)
     oscore = sec.str("oscore", None)
     observe_margin = sec.float("observe_margin", 5.0, min=0, max=3600)
-    threshold = sec.int("breaker_threshold", 3, min=1, max=1000)
-    backoff_initial = sec.float("backoff_initial", 1.0, gt=0, max=3600)
-    backoff_max = sec.float("backoff_max", 60.0, gt=0, max=86400)
-    if backoff_max < backoff_initial:
-        sec.error("backoff_max", f"must be >= backoff_initial ({backoff_initial:g})")
+    breaker = read_breaker(sec, BREAKER, old=BREAKER_OLD_KEYS)
+    retry = read_retry(sec, RETRY, old=RETRY_OLD_KEYS)
 
     secure = uri.startswith("coaps://")
     if psk_key is not None and psk_key_file is not None:
@@ -176,6 +184,6 @@ def compile_device(spec: DeviceSpec) -> CoapDevice:
     raise_issues(issues)
     return CoapDevice(
         id=spec.id, uri=uri, timeout=spec.timeout, credentials=credentials, points=points,
-        observe_margin=observe_margin, breaker_threshold=threshold,
-        backoff_initial=backoff_initial, backoff_max=backoff_max,
+        observe_margin=observe_margin, retry=retry, breaker=breaker,
+        warnings=tuple(issues.warnings),
     )  # fmt: skip

@@ -135,6 +135,7 @@ def _body(args: argparse.Namespace, cf: int | None) -> bytes:
 
 def _device(args: argparse.Namespace) -> Any:
     from drivers.coap.options import CoapDevice, Credentials
+    from gateway.retry import BreakerSettings, RetrySettings
 
     parts = urlsplit(args.uri)
     if parts.scheme not in ("coap", "coaps") or not parts.hostname:
@@ -152,8 +153,8 @@ def _device(args: argparse.Namespace) -> Any:
     )  # fmt: skip
     return CoapDevice(
         id="probe", uri=f"{parts.scheme}://{parts.netloc}", timeout=args.timeout,
-        credentials=creds, points={}, observe_margin=0.0, breaker_threshold=1,
-        backoff_initial=1.0, backoff_max=1.0,
+        credentials=creds, points={}, observe_margin=0.0,
+        retry=RetrySettings(initial=1.0, cap=1.0), breaker=BreakerSettings(threshold=1),
     )  # fmt: skip
 
 

@@ -21,13 +21,14 @@ from gateway.breaker import Breaker, State
 from gateway.config import DeviceSpec, PointSpec
 from gateway.errors import (
     ConfigError,
+    ConfigIssue,
     ConnectError,
     DeviceProtocolError,
-    DeviceTimeout,
-    DeviceUnavailable,
+    DeviceTimeoutError,
+    DeviceUnavailableError,
     DriverError,
     PayloadError,
-    PointNotFound,
+    PointNotFoundError,
 )
 
 from .config import DeviceConfig, parse_device
@@ -82,8 +83,8 @@ class ModbusDriver(Driver):
         self._buses: dict[tuple[str, str], Bus] = {}
 
     @classmethod
-    def validate_device(cls, spec: DeviceSpec) -> None:
-        parse_device(spec)
+    def validate_device(cls, spec: DeviceSpec) -> Sequence[ConfigIssue]:
+        return parse_device(spec).warnings
 
     @classmethod
     def value_kind(cls, spec: DeviceSpec, point: PointSpec) -> str:
@@ -131,7 +132,7 @@ class ModbusDriver(Driver):
         self._devices[spec.id] = _Device(
             cfg,
             bus,
-            Breaker(cfg.breaker_threshold, cfg.breaker_cooldown),
+            cfg.breaker.breaker(),
             points,
             plan,
             spec.points,
@@ -149,7 +150,7 @@ class ModbusDriver(Driver):
     def _device(self, device_id: str) -> _Device:
         dev = self._devices.get(device_id)
         if dev is None:
-            raise DeviceUnavailable(device_id, "not a device of the modbus driver")
+            raise DeviceUnavailableError(device_id, "not a device of the modbus driver")
         return dev
 
     def plan(self, device_id: str) -> list[ReadRequest]:
@@ -167,7 +168,7 @@ class ModbusDriver(Driver):
             names = frozenset(p.name for p in points)
             for name in names:
                 if name not in dev.points:
-                    raise PointNotFound(device_id, f"no point {name!r}")
+                    raise PointNotFoundError(device_id, f"no point {name!r}")
             plan = dev.plan_for(names)
         readings: list[RawReading] = []
 
@@ -188,7 +189,7 @@ class ModbusDriver(Driver):
         dev = self._device(device_id)
         mp = dev.points.get(point.name)
         if mp is None:
-            raise PointNotFound(device_id, f"no point {point.name!r}")
+            raise PointNotFoundError(device_id, f"no point {point.name!r}")
         if not mp.writable:
             raise PayloadError(f"{device_id}.{mp.name}: the point is not writable")
         flag = mp.is_bit_table or mp.layout.type == "bool" or mp.layout.bit is not None
@@ -240,7 +241,7 @@ class ModbusDriver(Driver):
             )  # fmt: skip
         # Everything (waiting for the bus, connecting, each answer) must fit in the device's
         # timeout, with a margin: the collection service bounds a whole read by that timeout,
-        # and our own DeviceTimeout must arrive first so the breaker hears of it.
+        # and our own DeviceTimeoutError must arrive first so the breaker hears of it.
         deadline = time.monotonic() + cfg.timeout * DEADLINE_SHARE
         try:
             async with dev.bus.session(cfg.id, cfg.unit, deadline) as s:
@@ -253,7 +254,7 @@ class ModbusDriver(Driver):
                 # The poll's deadline cut short what our own time-out should have ended: the
                 # device did not answer in time, and its breaker must hear of it (else a silent
                 # unit is asked on every poll and keeps taking the bus from its neighbours).
-                self._failed(dev, DeviceTimeout(cfg.id, f"no answer within {cfg.timeout:g} s"))
+                self._failed(dev, DeviceTimeoutError(cfg.id, f"no answer within {cfg.timeout:g} s"))
             else:
                 dev.breaker.abandon()  # cancelled: no outcome, free a half-open probe slot
             raise

@@ -4,7 +4,8 @@ Every unit on the bus goes through `Bus.session()`, which waits for the lock (fa
 when `queue_size` requests already wait), reconnects with backoff when the link is down, and
 keeps `frame_gap` of silence between frames. Inside a session, `read`/`write_*` turn pymodbus
 outcomes into the gateway's errors: an exception response is a DeviceProtocolError named after
-its code, no answer is a DeviceTimeout, a broken link is dropped and is a DeviceUnavailable.
+its code, no answer is a DeviceTimeoutError, a broken link is dropped and is a
+DeviceUnavailableError.
 Imports pymodbus: only the driver's connection code imports this module.
 """
 
@@ -13,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -21,16 +21,20 @@ from typing import Any
 from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
 
-from gateway.errors import ConnectError, DeviceProtocolError, DeviceTimeout, DeviceUnavailable
+from gateway.errors import (
+    ConnectError,
+    DeviceProtocolError,
+    DeviceTimeoutError,
+    DeviceUnavailableError,
+)
 
 from .config import BusSettings
 from .errors import BusBusyError
 from .registers import exception_name
 
 # pymodbus logs every time-out at ERROR and every reconnect at WARNING; the driver reports
-# faults itself (first failure WARNING, repeats DEBUG), so pymodbus' own chatter is muted.
-logging.getLogger("pymodbus.logging").setLevel(logging.CRITICAL)
-
+# faults itself (first failure WARNING, repeats DEBUG): the daemon's logging setup shows
+# pymodbus' own lines at DEBUG (gateway.logs.LibraryNoise).
 
 #: Consecutive time-outs (of any unit) after which a TCP connection is considered dead.
 TCP_DROP_AFTER_TIMEOUTS = 3
@@ -50,7 +54,7 @@ class Bus:
         self._waiting = 0
         self._last_frame = 0.0
         self._client: AsyncModbusTcpClient | AsyncModbusSerialClient | None = None
-        self._delay = settings.reconnect_delay
+        self.backoff = settings.retry.backoff()  # between failed connects
         self._next_connect = 0.0
         self.requests = 0  # frames sent, for the benchmark and diagnostics
         self._timeouts = 0  # consecutive, any unit
@@ -99,15 +103,13 @@ class Bus:
         else:
             reason = "connection refused or port unavailable"
         if ok and client.connected:
-            self._delay = self.settings.reconnect_delay
+            self.backoff.reset()
             self._next_connect = 0.0
             self.logger.debug("modbus %s: connected", self.label)
             return
         client.close()
-        # Exponential backoff with jitter, so several gateways do not reconnect in step.
-        wait = self._delay * random.uniform(0.5, 1.0)
-        self._next_connect = time.monotonic() + wait
-        self._delay = min(self._delay * 2, self.settings.reconnect_delay_max)
+        # Jittered, so several gateways do not reconnect in step.
+        self._next_connect = time.monotonic() + self.backoff.next()
         raise ConnectError(device, f"{self.label}: cannot connect: {reason}")
 
     def _timed_out(self) -> None:
@@ -164,7 +166,9 @@ class Bus:
                 await asyncio.sleep(wait)
         limit = session.deadline - time.monotonic()
         if limit <= 0:
-            raise DeviceTimeout(device, f"no time left for {what} within the device's time-out")
+            raise DeviceTimeoutError(
+                device, f"no time left for {what} within the device's time-out"
+            )
         self.requests += 1
         try:
             # This device's own deadline, whichever device opened the link (see CLIENT_TIMEOUT).
@@ -172,20 +176,22 @@ class Bus:
                 response = await call()
         except TimeoutError:
             self._timed_out()
-            raise DeviceTimeout(device, f"no answer to {what} within {limit:.2g} s") from None
+            raise DeviceTimeoutError(device, f"no answer to {what} within {limit:.2g} s") from None
         except ConnectionException as exc:
             self.drop()
-            raise DeviceUnavailable(device, f"{self.label}: connection lost ({exc})") from None
+            raise DeviceUnavailableError(device, f"{self.label}: connection lost ({exc})") from None
         except ModbusIOException as exc:
             if self._client is not None and not self._client.connected:
                 self.drop()
-                raise DeviceUnavailable(device, f"{self.label}: connection lost") from None
+                raise DeviceUnavailableError(device, f"{self.label}: connection lost") from None
             # pymodbus (pinned to 3.16) says "No response received..." for its own time-out
             # (not expected: ours comes first); its other I/O errors (a mismatched unit or
             # transaction id) are protocol errors.
             if "No response" in str(exc):
                 self._timed_out()
-                raise DeviceTimeout(device, f"no answer to {what} within {limit:.2g} s") from None
+                raise DeviceTimeoutError(
+                    device, f"no answer to {what} within {limit:.2g} s"
+                ) from None
             raise DeviceProtocolError(device, f"{what}: {exc}") from None
         except ModbusException as exc:
             raise DeviceProtocolError(device, f"{what}: {exc}") from None

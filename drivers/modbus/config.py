@@ -9,9 +9,11 @@ Device keys (besides the generic driver/interval/timeout/...):
   port (path), baudrate (19200), parity ("E"), stopbits (1), bytesize (8)   Modbus RTU
   unit | device_id (1)               RTU 1..247, TCP 0..255
   frame_gap (s; RTU 3.5 chars, TCP 0), queue_size (16)      per bus: same for all its units
-  reconnect_delay (0.5), reconnect_delay_max (30)           per bus
+  retry = { initial = 0.5, cap = 30 } (s, full jitter)      per bus: reconnecting the link
   max_gap (10 registers; 16x for bits), max_registers (125), max_bits (2000)
-  breaker_threshold (3), breaker_cooldown (30 s), verify_writes (false)
+  breaker = { threshold = 3, cooldown = 30 } (s), verify_writes (false)
+  (before the shared tables: reconnect_delay, reconnect_delay_max, breaker_threshold,
+  breaker_cooldown; still read, with a warning)
 Point keys (besides unit/scale/offset/min/max/writable/...):
   table ("holding" | "input" | "coil" | "discrete_input"), address (0-based, required),
   type ("uint16"; bool, int16, uint16, int32, uint32, int64, uint64, float32, float64,
@@ -21,11 +23,12 @@ Point keys (besides unit/scale/offset/min/max/writable/...):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from drivers.base import device_options, point_options
 from gateway.config import DeviceSpec, Issues, Section
-from gateway.errors import ConfigError
+from gateway.errors import ConfigError, ConfigIssue
+from gateway.retry import BreakerSettings, RetrySettings, read_breaker, read_retry
 
 from .plan import ModbusPoint
 from .registers import (
@@ -44,6 +47,13 @@ from .registers import (
 
 PARITIES = ("N", "E", "O")
 
+#: A bus reconnects after 0.5 s, doubling up to 30 s; a device's breaker opens after 3
+#: failures in a row and rests 30 s.
+RETRY = RetrySettings(initial=0.5, cap=30.0)
+BREAKER = BreakerSettings(threshold=3, cooldown=30.0)
+RETRY_OLD_KEYS = {"initial": "reconnect_delay", "cap": "reconnect_delay_max"}
+BREAKER_OLD_KEYS = {"threshold": "breaker_threshold", "cooldown": "breaker_cooldown"}
+
 
 @dataclass(frozen=True, slots=True)
 class BusSettings:
@@ -59,8 +69,7 @@ class BusSettings:
     bytesize: int = 8
     frame_gap: float = 0.0  # seconds of silence between frames on this bus
     queue_size: int = 16  # requests that may wait for the bus; more fail at once
-    reconnect_delay: float = 0.5
-    reconnect_delay_max: float = 30.0
+    retry: RetrySettings = RETRY  # reconnecting the link
 
     @property
     def key(self) -> tuple[str, str]:
@@ -83,9 +92,10 @@ class DeviceConfig:
     max_gap: int = 10
     max_registers: int = MAX_READ_REGISTERS
     max_bits: int = MAX_READ_BITS
-    breaker_threshold: int = 3  # consecutive failures that open the breaker
-    breaker_cooldown: float = 30.0  # seconds before a half-open probe
+    breaker: BreakerSettings = BREAKER
     verify_writes: bool = False
+    #: What the config check found worth a look (deprecated keys), not errors.
+    warnings: tuple[ConfigIssue, ...] = field(default=(), compare=False, repr=False)
 
 
 def rtu_frame_gap(baudrate: int) -> float:
@@ -101,8 +111,7 @@ def parse_device(spec: DeviceSpec) -> DeviceConfig:
     max_gap = sec.int("max_gap", 10, min=0, max=MAX_READ_REGISTERS)
     max_registers = sec.int("max_registers", MAX_READ_REGISTERS, min=1, max=MAX_READ_REGISTERS)
     max_bits = sec.int("max_bits", MAX_READ_BITS, min=1, max=MAX_READ_BITS)
-    breaker_threshold = sec.int("breaker_threshold", 3, min=1, max=1000)
-    breaker_cooldown = sec.float("breaker_cooldown", 30.0, gt=0, max=86400)
+    breaker = read_breaker(sec, BREAKER, old=BREAKER_OLD_KEYS)
     verify_writes = sec.bool("verify_writes", False)
     sec.done()
 
@@ -125,8 +134,7 @@ def parse_device(spec: DeviceSpec) -> DeviceConfig:
     return DeviceConfig(
         id=spec.id, unit=unit, timeout=spec.timeout, bus=bus, points=tuple(points),
         max_gap=max_gap, max_registers=max_registers, max_bits=max_bits,
-        breaker_threshold=breaker_threshold, breaker_cooldown=breaker_cooldown,
-        verify_writes=verify_writes,
+        breaker=breaker, verify_writes=verify_writes, warnings=tuple(issues.warnings),
     )  # fmt: skip
 
 
@@ -145,10 +153,7 @@ def _parse_unit(sec: Section, transport: str) -> int:
 
 def _parse_bus(sec: Section) -> BusSettings:
     queue_size = sec.int("queue_size", 16, min=1, max=10_000)
-    reconnect_delay = sec.float("reconnect_delay", 0.5, gt=0, max=3600)
-    reconnect_delay_max = sec.float("reconnect_delay_max", 30.0, gt=0, max=86400)
-    if reconnect_delay_max < reconnect_delay:
-        sec.error("reconnect_delay_max", f"must be >= reconnect_delay ({reconnect_delay:g})")
+    retry = read_retry(sec, RETRY, old=RETRY_OLD_KEYS)
     if sec.has("host"):
         host = sec.str("host")
         port = sec.int("port", 502, min=1, max=65535)
@@ -159,7 +164,7 @@ def _parse_bus(sec: Section) -> BusSettings:
         frame_gap = sec.float("frame_gap", 0.0, min=0, max=10)
         return BusSettings(
             transport="tcp", host=host, port=port, frame_gap=frame_gap, queue_size=queue_size,
-            reconnect_delay=reconnect_delay, reconnect_delay_max=reconnect_delay_max,
+            retry=retry,
         )  # fmt: skip
     # On a connection error, the other link keys are not judged (no "unknown key" noise).
     link_keys = ("port", "baudrate", "parity", "stopbits", "bytesize", "frame_gap")
@@ -183,7 +188,7 @@ def _parse_bus(sec: Section) -> BusSettings:
     return BusSettings(
         transport="rtu", serial_port=serial_port, baudrate=baudrate, parity=parity,
         stopbits=stopbits, bytesize=bytesize, frame_gap=frame_gap, queue_size=queue_size,
-        reconnect_delay=reconnect_delay, reconnect_delay_max=reconnect_delay_max,
+        retry=retry,
     )  # fmt: skip
 
 

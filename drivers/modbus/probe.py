@@ -58,6 +58,9 @@ class _Context:
             # The probe prints the error itself; without a handler, logging's last resort
             # would print the driver's WARNING a second time.
             self.logger.addHandler(logging.NullHandler())
+        pymodbus = logging.getLogger("pymodbus")
+        if not pymodbus.handlers:  # the same for pymodbus' own lines (a failed connect)
+            pymodbus.addHandler(logging.NullHandler())
         self.clock: Clock = SystemClock()
 
     def emit(self, device_id: str, readings: Any) -> None:
@@ -90,7 +93,7 @@ def _option(path: str) -> str:
 def _build_spec(args: argparse.Namespace) -> DeviceSpec:
     if args.count < 1 or args.count > 2000:
         raise PayloadError(f"--count must be 1..2000, got {args.count}")
-    options: dict[str, Any] = {"unit": args.unit, "breaker_threshold": 1000}
+    options: dict[str, Any] = {"unit": args.unit, "breaker": {"threshold": 1000}}
     if args.host:
         options.update(host=args.host, port=args.port)
     else:

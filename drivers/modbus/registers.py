@@ -1,4 +1,4 @@
-"""Modbus register codec: raw types <-> 16-bit registers, plus the PDU and RTU CRC bits we need.
+"""Modbus register codec: raw types <-> 16-bit registers (the PDU and RTU framing are pymodbus's).
 
 Pure: values and register lists in, values and register lists out; no asyncio, no pymodbus.
 A value's bytes are laid out most significant first ("big"); `word_order` says whether the
@@ -187,76 +187,3 @@ def apply_scale(raw: int | float | bool | str, scale: float, offset: float) -> o
 
 def remove_scale(value: float, scale: float, offset: float) -> float:
     return (value - offset) / scale
-
-
-# --------------------------------------------------------------------------------------------
-# PDU and RTU framing (used by the probe's raw mode and for tests against the spec's examples;
-# the driver itself talks through pymodbus).
-# --------------------------------------------------------------------------------------------
-
-READ_FUNCTIONS: Final[dict[str, int]] = {
-    "coil": 0x01,
-    "discrete_input": 0x02,
-    "holding": 0x03,
-    "input": 0x04,
-}
-
-
-def read_request_pdu(table: str, address: int, count: int) -> bytes:
-    """Function code, starting address, quantity (Modbus Application Protocol 6.1-6.4)."""
-    return struct.pack(">BHH", READ_FUNCTIONS[table], address, count)
-
-
-class ExceptionResponseError(Exception):
-    def __init__(self, function: int, code: int) -> None:
-        super().__init__(f"function 0x{function:02X}: {exception_name(code)} ({code})")
-        self.function = function
-        self.code = code
-
-
-def parse_read_response(table: str, pdu: bytes, count: int) -> list[int] | list[bool]:
-    """Values from a read response PDU; raises ExceptionResponseError for an exception PDU."""
-    if not pdu:
-        raise CodecError("empty PDU")
-    function = pdu[0]
-    if function & 0x80:
-        if len(pdu) < 2:
-            raise CodecError("truncated exception response")
-        raise ExceptionResponseError(function & 0x7F, pdu[1])
-    if function != READ_FUNCTIONS[table]:
-        raise CodecError(f"expected function 0x{READ_FUNCTIONS[table]:02X}, got 0x{function:02X}")
-    if len(pdu) < 2 or len(pdu) != 2 + pdu[1]:
-        raise CodecError("byte count does not match the PDU length")
-    body = pdu[2:]
-    if table in BIT_TABLES:
-        bits = [bool((body[i // 8] >> (i % 8)) & 1) for i in range(count)]
-        return bits
-    if len(body) != 2 * count:
-        raise CodecError(f"expected {count} registers, got {len(body) // 2}")
-    return [int.from_bytes(body[i : i + 2], "big") for i in range(0, len(body), 2)]
-
-
-def crc16(data: bytes) -> int:
-    """Modbus RTU CRC-16 (polynomial 0xA001 reflected, initial 0xFFFF).
-
-    Sent low byte first (Modbus over Serial Line 1.02, 6.2.2)."""
-    crc = 0xFFFF
-    for byte in data:
-        crc ^= byte
-        for _ in range(8):
-            crc = (crc >> 1) ^ 0xA001 if crc & 1 else crc >> 1
-    return crc
-
-
-def rtu_frame(unit: int, pdu: bytes) -> bytes:
-    body = bytes((unit,)) + pdu
-    return body + crc16(body).to_bytes(2, "little")
-
-
-def rtu_unframe(frame: bytes) -> tuple[int, bytes]:
-    """(unit, pdu) from an RTU frame; raises CodecError on a bad CRC or short frame."""
-    if len(frame) < 4:
-        raise CodecError("RTU frame shorter than 4 bytes")
-    if crc16(frame[:-2]) != int.from_bytes(frame[-2:], "little"):
-        raise CodecError("RTU frame CRC mismatch")
-    return frame[0], frame[1:-2]

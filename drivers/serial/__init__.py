@@ -30,10 +30,11 @@ from drivers.serial.parsers import FrameError, Parser
 from gateway.config import DeviceSpec, PointSpec
 from gateway.errors import (
     ConfigError,
-    DeviceTimeout,
-    DeviceUnavailable,
+    ConfigIssue,
+    DeviceTimeoutError,
+    DeviceUnavailableError,
     DriverError,
-    PointNotFound,
+    PointNotFoundError,
 )
 
 if TYPE_CHECKING:
@@ -142,7 +143,7 @@ class SerialDevice:
         # A partial frame from before a reopen would glue onto the first new one.
         self.deframer.reset()
         if not up and self.waiter is not None and not self.waiter.future.done():
-            self.waiter.future.set_exception(DeviceUnavailable(self.spec.id, why))
+            self.waiter.future.set_exception(DeviceUnavailableError(self.spec.id, why))
         self.ctx.set_available(self.spec.id, up, why)
 
     # -- reads -------------------------------------------------------------------------------
@@ -150,7 +151,9 @@ class SerialDevice:
         link = self.link
         if link is None or not link.is_open:
             why = link.reason if link is not None else "not started"
-            raise DeviceUnavailable(self.spec.id, f"port {self.opts.port.port} is not open: {why}")
+            raise DeviceUnavailableError(
+                self.spec.id, f"port {self.opts.port.port} is not open: {why}"
+            )
         return link
 
     def latest_readings(self, points: Sequence[PointSpec]) -> list[RawReading]:
@@ -158,13 +161,13 @@ class SerialDevice:
         max_age = self.opts.max_age
         now = self.ctx.clock.monotonic()
         if max_age is not None and self.last_frame is not None and now - self.last_frame > max_age:
-            raise DeviceTimeout(
+            raise DeviceTimeoutError(
                 self.spec.id, f"no frame for {now - self.last_frame:.1f} s (max_age {max_age:g})"
             )
         out = []
         for p in points:
             if p.name not in self.opts.points:
-                raise PointNotFound(self.spec.id, f"no point {p.name!r}")
+                raise PointNotFoundError(self.spec.id, f"no point {p.name!r}")
             got = self.latest.get(p.name)
             if got is not None and (max_age is None or now - got[2] <= max_age):
                 out.append(RawReading(p.name, got[0], got[1]))
@@ -173,7 +176,7 @@ class SerialDevice:
     async def request(self, points: Sequence[PointSpec]) -> list[RawReading]:
         for p in points:
             if p.name not in self.opts.points:
-                raise PointNotFound(self.spec.id, f"no point {p.name!r}")
+                raise PointNotFoundError(self.spec.id, f"no point {p.name!r}")
         timeout = self.opts.response_timeout or self.spec.timeout
         async with self.lock:
             link = self._check_open()
@@ -192,7 +195,7 @@ class SerialDevice:
             except TimeoutError:
                 bad = self.stats.malformed - malformed_before
                 extra = f"; {bad} malformed frame(s): {self.stats.last_error}" if bad else ""
-                raise DeviceTimeout(
+                raise DeviceTimeoutError(
                     self.spec.id,
                     f"no answer to {self.opts.request!r} within {timeout:g} s{extra}",
                 ) from None
@@ -212,8 +215,8 @@ class SerialDriver(Driver):
         self.devices: dict[str, SerialDevice] = {}
 
     @classmethod
-    def validate_device(cls, spec: DeviceSpec) -> None:
-        parse_options(spec)
+    def validate_device(cls, spec: DeviceSpec) -> Sequence[ConfigIssue]:
+        return parse_options(spec).warnings
 
     async def start(self) -> None:
         return None
@@ -242,8 +245,7 @@ class SerialDriver(Driver):
         dev = SerialDevice(spec, opts, self.ctx)
         dev.link = SerialLink(
             spec.id, opts.port, on_data=dev.on_data, on_state=dev.on_state,
-            logger=self.ctx.logger, reconnect_min=opts.reconnect_min,
-            reconnect_max=opts.reconnect_max,
+            logger=self.ctx.logger, retry=opts.retry,
         )  # fmt: skip
         self.devices[spec.id] = dev
         dev.link.start()
@@ -254,7 +256,7 @@ class SerialDriver(Driver):
             return
         w = dev.waiter
         if w is not None and not w.future.done():
-            w.future.set_exception(DeviceUnavailable(device_id, "device removed"))
+            w.future.set_exception(DeviceUnavailableError(device_id, "device removed"))
         if dev.link is not None:
             await dev.link.close()
 
@@ -274,7 +276,7 @@ class SerialDriver(Driver):
         dev = self._device(device_id)
         pm = dev.opts.points.get(point.name)
         if pm is None:
-            raise PointNotFound(device_id, f"no point {point.name!r}")
+            raise PointNotFoundError(device_id, f"no point {point.name!r}")
         if pm.command is None:
             raise DriverError(device_id, f"point {point.name!r} is not writable")
         if isinstance(value, bool):

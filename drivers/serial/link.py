@@ -19,15 +19,15 @@ import asyncio
 import contextlib
 import logging
 import os
-import random
 import termios
 import time
 from collections.abc import Callable
 from typing import Any
 
-from drivers.serial.options import PortSettings
+from drivers.serial.options import RETRY, PortSettings
 from gateway.aio import cancel_and_wait
-from gateway.errors import DeviceUnavailable
+from gateway.errors import DeviceUnavailableError
+from gateway.retry import RetrySettings
 
 READ_CHUNK = 4096
 
@@ -71,16 +71,14 @@ class SerialLink:
         on_data: Callable[[bytes], None],
         on_state: Callable[[bool, str], None],
         logger: logging.Logger,
-        reconnect_min: float = 0.5,
-        reconnect_max: float = 30.0,
+        retry: RetrySettings = RETRY,
     ) -> None:
         self.name = name
         self.settings = settings
         self._on_data = on_data
         self._on_state = on_state
         self.log = logger
-        self.reconnect_min = reconnect_min
-        self.reconnect_max = reconnect_max
+        self.backoff = retry.backoff()  # between failed opens
         self._ser: Any = None
         self._fd = -1
         self._lost: asyncio.Future[str] | None = None
@@ -125,7 +123,7 @@ class SerialLink:
                     self._set_state(False, why)
                 else:
                     self.log.debug("%s: still unavailable (try %d): %s", self.name, failed, why)
-                await asyncio.sleep(self._backoff(failed))
+                await asyncio.sleep(self.backoff.next())
                 continue
             self.opens += 1
             if down_since is not None:
@@ -142,6 +140,7 @@ class SerialLink:
                 )  # fmt: skip
             failed = 0
             down_since = None
+            self.backoff.reset()
             self._set_state(True, "")
             assert self._lost is not None
             why = await self._lost
@@ -150,13 +149,7 @@ class SerialLink:
             self.log.warning("%s: %s lost: %s; reopening with backoff", self.name,
                              self.settings.port, why)  # fmt: skip
             self._set_state(False, why)
-            await asyncio.sleep(self._backoff(1))
-
-    def _backoff(self, attempt: int) -> float:
-        # Exponential, capped, with jitter so that several ports on one hub do not retry
-        # in lockstep; never below half the step so a missing port is not hammered.
-        step = min(self.reconnect_max, self.reconnect_min * 2 ** min(attempt - 1, 30))
-        return random.uniform(step / 2, step)
+            await asyncio.sleep(self.backoff.first())  # then retries start from the first step
 
     def _set_state(self, up: bool, why: str) -> None:
         self.reason = why
@@ -188,7 +181,7 @@ class SerialLink:
                 self._ser.close()
             self._ser = None
         if self._writable is not None and not self._writable.done():
-            self._writable.set_exception(DeviceUnavailable(self.name, why))
+            self._writable.set_exception(DeviceUnavailableError(self.name, why))
         self._writable = None
 
     def _drop(self, why: str) -> None:
@@ -230,15 +223,16 @@ class SerialLink:
             view = memoryview(data)
             while view:
                 if self._fd < 0:
-                    raise DeviceUnavailable(self.name, f"port {self.settings.port} is not open: "
-                                            f"{self.reason}")  # fmt: skip
+                    raise DeviceUnavailableError(
+                        self.name, f"port {self.settings.port} is not open: {self.reason}"
+                    )
                 try:
                     n = os.write(self._fd, view)
                 except (BlockingIOError, InterruptedError):
                     n = 0
                 except OSError as exc:
                     self._drop(f"write failed: {exc}")
-                    raise DeviceUnavailable(self.name, f"write failed: {exc}") from None
+                    raise DeviceUnavailableError(self.name, f"write failed: {exc}") from None
                 view = view[n:]
                 if view:
                     await self._wait_writable()

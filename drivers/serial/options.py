@@ -34,6 +34,8 @@ from drivers.serial.parsers import (
     RegexParser,
 )
 from gateway.config import REQUIRED, DeviceSpec, Section
+from gateway.errors import ConfigIssue
+from gateway.retry import RetrySettings, read_retry
 
 PARITIES: Final = ("none", "even", "odd", "mark", "space")
 FLOW_CONTROLS: Final = ("none", "rtscts", "dsrdtr", "xonxoff")
@@ -141,6 +143,11 @@ class PointMap:
     command: str | None = None  # e.g. "SP {value}\r\n"; only for writable points
 
 
+#: A lost or missing port is reopened after 0.5 s, doubling up to 30 s.
+RETRY = RetrySettings(initial=0.5, cap=30.0)
+RETRY_OLD_KEYS = {"initial": "reconnect_min", "cap": "reconnect_max"}
+
+
 @dataclass(frozen=True, slots=True)
 class SerialOptions:
     port: PortSettings
@@ -151,9 +158,10 @@ class SerialOptions:
     response_frames: int = 1
     response_timeout: float | None = None
     max_age: float | None = None
-    reconnect_min: float = 0.5
-    reconnect_max: float = 30.0
+    retry: RetrySettings = RETRY  # reopening the port
     points: Mapping[str, PointMap] = field(default_factory=dict)
+    #: What the config check found worth a look (deprecated keys), not errors.
+    warnings: tuple[ConfigIssue, ...] = field(default=(), compare=False, repr=False)
 
     def fields(self) -> dict[str, list[PointMap]]:
         """Parsed field name -> the points fed by it."""
@@ -338,10 +346,7 @@ def parse_options(spec: DeviceSpec, *, require_points: bool = True) -> SerialOpt
                 dev.mark(key)
                 dev.error(key, "only used with mode = 'request'")
     max_age = dev.float("max_age", None, gt=0)
-    reconnect_min = dev.float("reconnect_min", 0.5, gt=0, max=3600)
-    reconnect_max = dev.float("reconnect_max", 30.0, gt=0, max=3600)
-    if reconnect_min > reconnect_max:
-        dev.error("reconnect_max", f"must be >= reconnect_min ({reconnect_min:g})")
+    retry = read_retry(dev, RETRY, old=RETRY_OLD_KEYS)
     framing = _framing(dev.table("framing"))
     parser = _parser(dev.table("parser", required=True), framing)
     if parser.type == "nmea" and framing.type == "delimiter" and not framing.starts:
@@ -377,7 +382,7 @@ def parse_options(spec: DeviceSpec, *, require_points: bool = True) -> SerialOpt
     return SerialOptions(
         port=settings, framing=framing, parser=parser, mode=mode, request=request,
         response_frames=response_frames, response_timeout=response_timeout, max_age=max_age,
-        reconnect_min=reconnect_min, reconnect_max=reconnect_max, points=points,
+        retry=retry, points=points, warnings=tuple(issues.warnings),
     )  # fmt: skip
 
 

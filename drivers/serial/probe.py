@@ -30,8 +30,8 @@ from gateway.errors import (
     ConfigError,
     ConfigIssue,
     DeviceProtocolError,
-    DeviceTimeout,
-    DeviceUnavailable,
+    DeviceTimeoutError,
+    DeviceUnavailableError,
     PayloadError,
 )
 
@@ -174,7 +174,7 @@ async def _probe(args: argparse.Namespace, opts: SerialOptions, out: TextIO | No
     try:
         ser = open_port(opts.port)
     except Exception as exc:  # SerialException, OSError or ValueError from pyserial
-        raise DeviceUnavailable(opts.port.port, f"cannot open: {exc}") from None
+        raise DeviceUnavailableError(opts.port.port, f"cannot open: {exc}") from None
     loop = asyncio.get_running_loop()
     deframer, parser = opts.framing.deframer(), opts.parser.parser()
     result = _Result()
@@ -272,11 +272,11 @@ def run(args: argparse.Namespace) -> int:
     # The README's exit codes: a line that only carried garbage is a failure (1); a line that
     # carried nothing at all is as good as unreachable (4).
     if result.lost:
-        raise DeviceUnavailable(opts.port.port, result.lost)
+        raise DeviceUnavailableError(opts.port.port, result.lost)
     if not result.frames and not result.ignored:
         if result.malformed:
             raise DeviceProtocolError(
                 opts.port.port, f"{result.malformed} malformed frame(s) and none readable"
             )
-        raise DeviceTimeout(opts.port.port, f"no frame within {args.seconds:g} s")
+        raise DeviceTimeoutError(opts.port.port, f"no frame within {args.seconds:g} s")
     return 0

@@ -17,7 +17,7 @@ from drivers.base import (
     raise_issues,
 )
 from gateway.config import DeviceSpec, PointSpec, Section
-from gateway.errors import DeviceTimeout, DriverError, PointNotFound
+from gateway.errors import DeviceTimeoutError, DriverError, PointNotFoundError
 
 SIGNALS = ("sine", "random_walk", "counter", "constant", "boolean")
 
@@ -107,13 +107,13 @@ class VirtualDriver(Driver):
         except KeyError:
             raise DriverError(device_id, "no such virtual device") from None
         if failure_rate and rng.random() < failure_rate:
-            raise DeviceTimeout(device_id, "simulated failure (failure_rate)")
+            raise DeviceTimeoutError(device_id, "simulated failure (failure_rate)")
         now = self.ctx.clock.time()
         out = []
         for p in points:
             sig = signals.get(p.name)
             if sig is None:
-                raise PointNotFound(device_id, f"no point {p.name!r}")
+                raise PointNotFoundError(device_id, f"no point {p.name!r}")
             out.append(RawReading(p.name, self._value(device_id, p.name, sig, rng, now)))
         return out
 

@@ -87,7 +87,7 @@ KINDS = {
 }
 
 
-class Rejected(Exception):
+class RejectedError(Exception):
     """`data` breaks the message format; `answer` is what RFC 7252 says to do about it:
     "ignore", "rst" (CON: Reset; else ignore) or "4.02" (CON request: Bad Option)."""
 
@@ -169,37 +169,39 @@ def _extended(
     + 269), RFC 7252 section 3.1: (value, position after it)."""
     size = 1 if nibble == 13 else 2
     if pos + size > len(data):
-        raise Rejected("option_format", f"option {what} past the end", "rst", mtype, mid)
+        raise RejectedError("option_format", f"option {what} past the end", "rst", mtype, mid)
     if size == 1:
         return data[pos] + 13, pos + 1
     return (data[pos] << 8 | data[pos + 1]) + 269, pos + 2
 
 
 def parse(data: bytes, *, truncated: bool = False) -> Datagram:
-    """`data` as a `Datagram`, or `Rejected` saying why and what to answer. `truncated`:
+    """`data` as a `Datagram`, or `RejectedError` saying why and what to answer. `truncated`:
     only the header and token need to be there (the options may be cut)."""
     n = len(data)
     if n < 4:
-        raise Rejected("short", f"{n} bytes", "ignore")
+        raise RejectedError("short", f"{n} bytes", "ignore")
     first = data[0]
     mtype = (first >> 4) & 3
     mid = data[2] << 8 | data[3]
     if first >> 6 != 1:
-        raise Rejected("version", f"version {first >> 6}", "ignore", mtype, mid)
+        raise RejectedError("version", f"version {first >> 6}", "ignore", mtype, mid)
     tkl = first & 0x0F
     if tkl > 8:
-        raise Rejected("token_length", f"token length {tkl}", "rst", mtype, mid)
+        raise RejectedError("token_length", f"token length {tkl}", "rst", mtype, mid)
     end_token = 4 + tkl
     if n < end_token:
-        raise Rejected("token_short", f"token of {n - 4} bytes, {tkl} declared", "rst", mtype, mid)
+        raise RejectedError(
+            "token_short", f"token of {n - 4} bytes, {tkl} declared", "rst", mtype, mid
+        )
     code = data[1]
     token = data[4:end_token]
     if code == 0:
         if n != 4:
-            raise Rejected("empty_format", f"{n} bytes with code 0.00", "rst", mtype, mid)
+            raise RejectedError("empty_format", f"{n} bytes with code 0.00", "rst", mtype, mid)
         return Datagram(mtype, 0, mid, b"", [], b"")
     if code >> 5 in (1, 6, 7):
-        raise Rejected("code_class", f"code {code >> 5}.{code & 31:02d}", "rst", mtype, mid)
+        raise RejectedError("code_class", f"code {code >> 5}.{code & 31:02d}", "rst", mtype, mid)
     if truncated:
         return Datagram(mtype, code, mid, token, [], b"")
     options: list[tuple[int, bytes]] = []
@@ -210,23 +212,25 @@ def parse(data: bytes, *, truncated: bool = False) -> Datagram:
         byte = data[pos]
         if byte == PAYLOAD_MARKER:
             if pos + 1 == n:
-                raise Rejected("payload_marker", "payload marker at the end", "rst", mtype, mid)
+                raise RejectedError(
+                    "payload_marker", "payload marker at the end", "rst", mtype, mid
+                )
             payload = data[pos + 1 :]
             break
         pos += 1
         delta = byte >> 4
         length = byte & 0x0F
         if delta == 15 or length == 15:
-            raise Rejected("option_format", f"nibble 15 at byte {pos - 1}", "rst", mtype, mid)
+            raise RejectedError("option_format", f"nibble 15 at byte {pos - 1}", "rst", mtype, mid)
         if delta >= 13:
             delta, pos = _extended(delta, data, pos, "delta", mtype, mid)
         if length >= 13:
             length, pos = _extended(length, data, pos, "length", mtype, mid)
         number += delta
         if number > 0xFFFF:
-            raise Rejected("option_format", f"option number {number}", "rst", mtype, mid)
+            raise RejectedError("option_format", f"option number {number}", "rst", mtype, mid)
         if pos + length > n:
-            raise Rejected("option_format", f"option {number} past the end", "rst", mtype, mid)
+            raise RejectedError("option_format", f"option {number} past the end", "rst", mtype, mid)
         options.append((number, data[pos : pos + length]))
         pos += length
     msg = Datagram(mtype, code, mid, token, options, payload)
@@ -261,7 +265,9 @@ def _check_options(msg: Datagram) -> None:
             keep.append((number, value))
         elif number & 1:  # critical
             answer = "4.02" if msg.is_request else "rst"
-            raise Rejected("bad_option", f"option {number} {problem}", answer, msg.mtype, msg.mid)
+            raise RejectedError(
+                "bad_option", f"option {number} {problem}", answer, msg.mtype, msg.mid
+            )
         else:
             msg.changed = True
     if msg.changed:
@@ -343,7 +349,7 @@ class Door:
             out = encode(rtype, code, rmid, token)
         return out
 
-    def answer_rejected(self, exc: Rejected, data: bytes) -> bytes | None:
+    def answer_rejected(self, exc: RejectedError, data: bytes) -> bytes | None:
         if exc.answer == "rst" and exc.mtype == CON:
             return reset(exc.mid)
         if exc.answer == "4.02":
@@ -417,7 +423,7 @@ class DoorUDP6(MessageInterfaceUDP6):  # type: ignore[misc]  # aiocoap is untype
         door = self.door
         try:
             msg = parse(data, truncated=bool(truncated))
-        except Rejected as exc:
+        except RejectedError as exc:
             door.count(exc.kind, exc.detail, address)
             answer = door.answer_rejected(exc, data)
             if answer is not None:

@@ -10,7 +10,7 @@ from typing import Any
 from aiocoap.message import Message
 from aiocoap.transports.tinydtls_server import MessageInterfaceTinyDTLSServer
 
-from gateway.coap.door import Datagram, Door, Rejected, parse
+from gateway.coap.door import Datagram, Door, RejectedError, parse
 from gateway.coap.lean import source_of
 
 
@@ -27,7 +27,7 @@ class DoorDTLS(MessageInterfaceTinyDTLSServer):  # type: ignore[misc]  # aiocoap
         source = source_of(address)
         try:
             msg = parse(data)
-        except Rejected as exc:
+        except RejectedError as exc:
             door.count(exc.kind, exc.detail, source)
             answer = door.answer_rejected(exc, data)
             if answer is not None:

@@ -17,7 +17,7 @@ from gateway.errors import (
     GatewayError,
     PayloadTooLargeError,
     StoreClosedError,
-    StoreFull,
+    StoreFullError,
 )
 
 #: Diagnostic payloads are for humans reading a packet capture; keep them one datagram.
@@ -42,7 +42,7 @@ def error_response(exc: BaseException, log: logging.Logger) -> Message:
         msg = Message(code=_code(exc.coap_code), payload=diagnostic(exc.message))
         if isinstance(exc, PayloadTooLargeError):
             msg.opt.size1 = exc.limit
-        if isinstance(exc, StoreFull | StoreClosedError | CapacityError):
+        if isinstance(exc, StoreFullError | StoreClosedError | CapacityError):
             msg.opt.max_age = max(1, int(exc.retry_after))
         log.debug("request refused: %s %s", exc.coap_code, exc.message)
         return msg

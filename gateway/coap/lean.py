@@ -9,14 +9,16 @@ payload and remote. At 1000 requests/s that is 247 000 live Message graphs: hund
 and millions of GC-tracked objects that make every full collection pause for ~0.2 s.
 
 `LeanMessageManager` keeps the same RFC 7252 section 4.5 duplicate detection in a
-`DedupCache`: keys are short strings ("host port mid"), values the *encoded* response bytes
-(re-decoded only when a duplicate actually arrives); no timers, no Message objects. Entries
-live in two generations that rotate every EXCHANGE_LIFETIME (an entry is kept between one
-and two lifetimes), each holding at most half of `max_entries`. Under a flood that exceeds
-the cap, the oldest generation is dropped early and counted (`early_evictions`): the dedup
-window then shrinks below EXCHANGE_LIFETIME, which only matters for a client retransmitting
-a request whose response was lost that long ago (RFC 7252 allows bounding this state).
-Neither str nor bytes are tracked by the GC, so the cache adds nothing to collection pauses.
+`DedupCache` (put in aiocoap's place by `gateway.coap.aiocoap_compat`, which holds the
+message layer's uses of aiocoap's internals): keys are short strings ("host port mid"),
+values the *encoded* response bytes (re-decoded only when a duplicate actually arrives); no
+timers, no Message objects. Entries live in two generations that rotate every
+EXCHANGE_LIFETIME (an entry is kept between one and two lifetimes), each holding at most
+half of `max_entries`. Under a flood that exceeds the cap, the oldest generation is dropped
+early and counted (`early_evictions`): the dedup window then shrinks below
+EXCHANGE_LIFETIME, which only matters for a client retransmitting a request whose response
+was lost that long ago (RFC 7252 allows bounding this state). Neither str nor bytes are
+tracked by the GC, so the cache adds nothing to collection pauses.
 
 The manager is also the front door's last word on what goes out and first word on what comes
 in: a per-source `RateLimiter` drops requests past a token bucket (counted), and no response
@@ -28,20 +30,18 @@ anything else is cut to its code. What is cached for duplicates is what was sent
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import time
 from collections.abc import Callable
 from typing import Any
 
-from aiocoap.message import Direction, Message
+from aiocoap.message import Message
 from aiocoap.messagemanager import MessageManager
 from aiocoap.numbers.codes import Code
 from aiocoap.numbers.types import CON
 from aiocoap.optiontypes import BlockOption
-from aiocoap.pipe import error_to_message
-from aiocoap.protocol import Context
-from aiocoap.resource import Site
+
+from gateway.coap import aiocoap_compat
 
 EXCHANGE_LIFETIME = 247.0
 #: RFC 7252 section 11.3: at most this many times the request, to a peer not known to be there.
@@ -90,8 +90,8 @@ class RateLimiter:
 def source_of(remote: Any) -> str | None:
     """The sender's address (without port) of a UDP or DTLS remote; None if unknown."""
     sockaddr = getattr(remote, "sockaddr", None)
-    if sockaddr is None:  # DTLS: the UDP address under the session (aiocoap 0.4.17)
-        sockaddr = getattr(getattr(remote, "_underlying_address", None), "address", None)
+    if sockaddr is None:  # DTLS: the UDP address under the session
+        sockaddr = aiocoap_compat.dtls_udp_address(remote)
     if isinstance(sockaddr, tuple) and sockaddr:
         return str(sockaddr[0])
     return None
@@ -236,7 +236,8 @@ def cap_for_unproven(response: Message, request_size: int, token_length: int) ->
 
 
 class LeanMessageManager(MessageManager):  # type: ignore[misc]  # aiocoap is untyped
-    """aiocoap's MessageManager with `DedupCache` as its duplicate-detection state."""
+    """aiocoap's MessageManager with a `DedupCache`, a rate limiter and the amplification
+    cap; `message_manager_class()` makes the cache aiocoap's duplicate-detection state."""
 
     def __init__(
         self,
@@ -293,66 +294,11 @@ class LeanMessageManager(MessageManager):  # type: ignore[misc]  # aiocoap is un
         self.duplicates += 1
         return False, stored
 
-    def _deduplicate_message(self, message: Message) -> bool:
-        new, stored = self.first_time(dedup_key(message.remote, message.mid))
-        if new:
-            return False
-        if message.mtype is CON and stored:
-            # Same answer again, re-encoded from the bytes we kept (RFC 7252 section 4.5).
-            again = Message.decode(stored, remote=message.remote.as_response_address())
-            again.direction = Direction.OUTGOING
-            self._send_via_transport(again)
-        return True
 
-    def _store_response_for_duplicates(self, message: Message) -> None:
-        key = dedup_key(message.remote, message.mid)
-        if self.dedup.get(key) is not None:
-            self.dedup.set_response(key, message.encode())
-
-
-class LeanContext(Context):  # type: ignore[misc]  # aiocoap is untyped
-    """aiocoap's Context minus a per-request `repr()` of the request (and so of its remote,
-    which calls getsockname and if_indextoname) that only named the render task; and the
-    render coroutine is made inside the task (aiocoap's `run_driving_pipe` makes it first,
-    and a pipe whose interest ends before the task runs leaves it "never awaited")."""
-
-    def render_to_pipe(self, pipe: Any) -> None:
-        out = error_to_message(pipe, self.log)
-
-        async def render() -> None:
-            try:
-                await self._render_to_pipe(pipe)
-            except Exception as exc:
-                out.add_exception(exc)
-
-        task = asyncio.create_task(render(), name="coap-render")
-        out.on_interest_end(task.cancel)
-
-
-class LeanSite(Site):  # type: ignore[misc]  # aiocoap is untyped
-    """aiocoap's Site, routing without the per-request deep copy and URI rebuild.
-
-    `Site` deep-copies every request (`Message.copy`) and rebuilds its full URI (which
-    formats the remote, calling getsockname) before handing it to a resource; measured at
-    ~0.3 ms per request here, more than decoding and storing a SenML pack. A resource at an
-    exact path does not look at the path, so it gets the request as it is; a PathCapable
-    subtree (/d/..., /rd/<id>) still gets a copy with the remaining path, as before."""
-
-    def _find_child_and_pathstripped_message(self, request: Message) -> tuple[Any, Message]:
-        path = request.opt.uri_path
-        child = self._resources.get(path)
-        if child is not None:
-            return child, request
-        if not path:
-            raise KeyError()
-        remainder = [path[-1]]
-        prefix = path[:-1]
-        while prefix:
-            sub = self._subsites.get(prefix)
-            if sub is not None:
-                if remainder == [""]:
-                    remainder = []
-                return sub, request.copy(uri_path=remainder)
-            remainder.insert(0, prefix[-1])
-            prefix = prefix[:-1]
-        raise KeyError()
+def message_manager_class() -> type[LeanMessageManager]:
+    """`LeanMessageManager` with its `DedupCache` as aiocoap's duplicate detection where
+    aiocoap's internals are as expected (`gateway.coap.aiocoap_compat`); else as it is, and
+    aiocoap keeps its own duplicate state for what is not answered on the fast path."""
+    if aiocoap_compat.check().dedup:
+        return aiocoap_compat.with_bounded_dedup(LeanMessageManager, dedup_key)
+    return LeanMessageManager

@@ -2,7 +2,8 @@
 
 It builds the resource tree, binds one UDP endpoint per configured address (plus DTLS-PSK
 when some device has a PSK, and OSCORE when some device has a context), each with the
-bounded `LeanMessageManager`, and feeds committed events to the Observe machinery.
+bounded `LeanMessageManager` (`gateway.coap.lean`; aiocoap's internals it needs are in
+`gateway.coap.aiocoap_compat`), and feeds committed events to the Observe machinery.
 """
 
 from __future__ import annotations
@@ -64,9 +65,9 @@ class CoapServer:
         self.devices = DeviceResource(self.gate, self.backend, self.telemetry)
         self.directory = Directory(self.gate, self.backend, logger)
 
-        from gateway.coap.lean import LeanSite
+        from gateway.coap import aiocoap_compat
 
-        site = LeanSite()
+        site = aiocoap_compat.site_class()()
         site.add_resource((".well-known", "core"), WellKnownCore(site, self.gate, self.devices))
         site.add_resource(("telemetry",), self.telemetry)
         site.add_resource(("d",), self.devices)
@@ -122,9 +123,10 @@ class CoapServer:
     async def start(self) -> None:
         from aiocoap.tokenmanager import TokenManager
 
+        from gateway.coap import aiocoap_compat
         from gateway.coap.door import DoorUDP6, OncePerMinute
         from gateway.coap.fast import FastIngest
-        from gateway.coap.lean import LeanContext, LeanMessageManager, RateLimiter
+        from gateway.coap.lean import RateLimiter, message_manager_class
 
         await self.directory.load()
         for device, point in await self.store.read(_unknown_points):
@@ -143,7 +145,7 @@ class CoapServer:
         aiocoap_log = logging.getLogger("gateway.coap.aiocoap")
         if not any(isinstance(f, OncePerMinute) for f in aiocoap_log.filters):
             aiocoap_log.addFilter(OncePerMinute())
-        ctx = LeanContext(
+        ctx = aiocoap_compat.context_class()(
             loop=loop, serversite=site, loggername="gateway.coap.aiocoap", server_credentials=creds
         )
         self.context = ctx
@@ -152,7 +154,7 @@ class CoapServer:
 
         async def add(constructor: Any, verify_address: bool = True) -> Any:
             tman = TokenManager(ctx)
-            mman = LeanMessageManager(
+            mman = message_manager_class()(
                 tman, self.config.dedup_max, limiter=self.limiter, verify_address=verify_address
             )
             transport = await constructor(mman)
@@ -160,11 +162,11 @@ class CoapServer:
             tman.token_interface = mman
             ctx.request_interfaces.append(tman)
             self.managers.append(mman)
-            return transport
+            return transport, mman
 
         try:
             for host in self.config.bind:
-                transport = await add(
+                transport, mman = await add(
                     lambda mman, host=host: DoorUDP6.create_server_transport_endpoint(
                         mman,
                         log=ctx.log,
@@ -175,7 +177,7 @@ class CoapServer:
                 )
                 transport.install(self.door)
                 # Telemetry POSTs skip aiocoap's per-message machinery, same rules.
-                fast = FastIngest(self.door, transport._ctx, self.telemetry, self.backend, self.log)
+                fast = FastIngest(self.door, mman, self.telemetry, self.backend, self.log)
                 transport.fast = fast.udp(transport)
                 self.fast.append(fast)
                 port = _local_port(transport, self.config.port)
@@ -184,7 +186,7 @@ class CoapServer:
                 from gateway.coap.door_dtls import DoorDTLS
 
                 for host in self.config.bind:
-                    dtls = await add(
+                    dtls, mman = await add(
                         lambda mman, host=host: DoorDTLS.create_server(
                             # aiocoap adds 1 (5683 -> 5684) to the port it is given.
                             (host, self.config.dtls_port - 1),
@@ -196,7 +198,7 @@ class CoapServer:
                         verify_address=False,  # the DTLS handshake's cookie proved it
                     )
                     dtls.door = self.door
-                    fast = FastIngest(self.door, dtls._mman, self.telemetry, self.backend, self.log)
+                    fast = FastIngest(self.door, mman, self.telemetry, self.backend, self.log)
                     dtls.fast = fast.dtls()
                     self.fast.append(fast)
                     self.addresses.append((host, self.config.dtls_port, "dtls"))

@@ -30,7 +30,7 @@ import cbor2
 from gateway import events as ev
 from gateway.clock import SystemClock
 from gateway.config import StoreConfig
-from gateway.errors import ConcurrencyError, StoreClosedError, StoreError, StoreFull
+from gateway.errors import ConcurrencyError, StoreClosedError, StoreError, StoreFullError
 from gateway.events import Event, NewEvent
 from gateway.logs import RateLimitedLog
 from gateway.store import queries
@@ -325,8 +325,8 @@ class EventStore:
         self.writer_error: BaseException | None = None
         #: Why appends are refused right now (quota reached, disk full), else None. Set by a
         #: refused append, cleared by the next commit: producers retrying is what resumes it.
-        self.full: StoreFull | None = None
-        self.on_full_change: Callable[[StoreFull | None], None] | None = None
+        self.full: StoreFullError | None = None
+        self.on_full_change: Callable[[StoreFullError | None], None] | None = None
         self._repeats = RateLimitedLog(log)  # a failing commit can repeat thousands of times
 
     # -- life -----------------------------------------------------------------------------
@@ -647,7 +647,7 @@ class EventStore:
                 err = store_error(exc, "commit", str(self.path.parent))
                 if not isinstance(err, StoreError):
                     err = StoreError(f"commit failed: {exc!r}")
-                if isinstance(err, StoreFull):
+                if isinstance(err, StoreFullError):
                     self._set_full(err)
                 self._repeats.error(f"commit:{type(err).__name__}", "store commit failed: %s", err)
                 for p in batch:
@@ -656,7 +656,7 @@ class EventStore:
             self.last_commit_mono = time.monotonic()
             if committed:
                 self._set_full(None)
-            elif outcome and isinstance(outcome[0], StoreFull):
+            elif outcome and isinstance(outcome[0], StoreFullError):
                 self._set_full(outcome[0])
             for p, result in zip(batch, outcome, strict=True):
                 _settle(p.future, result)
@@ -672,7 +672,7 @@ class EventStore:
                 except Exception as exc:  # the next commit tells if the store is unwell
                     self._repeats.error("checkpoint", "store: WAL checkpoint failed: %s", exc)
 
-    def _set_full(self, why: StoreFull | None) -> None:
+    def _set_full(self, why: StoreFullError | None) -> None:
         """Appends refused (`why`) or accepted again (None): said once per change."""
         was = self.full
         self.full = why
@@ -712,8 +712,8 @@ class EventStore:
         if pages > 0 and estimate > 0:
             self._wal_scale = min(max(pages / estimate, 0.1), 10.0)
 
-    def _quota_full(self) -> StoreFull:
-        return StoreFull(
+    def _quota_full(self) -> StoreFullError:
+        return StoreFullError(
             f"disk quota reached ({self._used_bytes // 1024} KiB used of "
             f"{self._quota_bytes() // 1024} KiB, policy reject_new)"
         )

@@ -7,7 +7,7 @@ import contextlib
 import os
 import sqlite3
 
-from gateway.errors import StoreCorruptError, StoreError, StoreFull, StoreIOError
+from gateway.errors import StoreCorruptError, StoreError, StoreFullError, StoreIOError
 
 # Primary result codes (https://sqlite.org/rescode.html).
 SQLITE_READONLY = 8
@@ -44,9 +44,9 @@ def store_error(exc: BaseException, doing: str, path: str | None = None) -> Base
     what = f"{doing}: {exc} ({name})"
     err: StoreError
     if primary == SQLITE_FULL:
-        err = StoreFull(f"disk full: {what}", retry_after=60, cause="disk")
+        err = StoreFullError(f"disk full: {what}", retry_after=60, cause="disk")
     elif primary == SQLITE_IOERR and _no_space(path):
-        err = StoreFull(f"disk full (no space left in {path}): {what}", retry_after=60,
+        err = StoreFullError(f"disk full (no space left in {path}): {what}", retry_after=60,
                         cause="disk")  # fmt: skip
     elif primary in (SQLITE_CORRUPT, SQLITE_NOTADB):
         err = StoreCorruptError(f"database damaged: {what}")

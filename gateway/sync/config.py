@@ -29,6 +29,7 @@ from typing import Any
 
 from gateway import secretfiles
 from gateway.config import Section, has_userinfo, redact_url
+from gateway.retry import BreakerSettings, RetrySettings, read_breaker, read_retry
 
 TOPIC_FIELDS = ("gateway", "stream", "type")
 
@@ -77,6 +78,14 @@ class FileSinkConfig:
     rotate_bytes: int = 16 * 1024 * 1024
 
 
+#: Connection rounds back off from 1 s, doubling up to 300 s (full jitter); an endpoint's
+#: breaker opens after 5 failures in a row and rests 60 s.
+RETRY = RetrySettings(initial=1.0, cap=300.0)
+BREAKER = BreakerSettings(threshold=5, cooldown=60.0)
+RETRY_OLD_KEYS = {"initial": "backoff_base", "cap": "backoff_cap"}
+BREAKER_OLD_KEYS = {"threshold": "breaker_threshold", "cooldown": "breaker_cooldown"}
+
+
 @dataclass(frozen=True, slots=True)
 class SyncConfig:
     endpoints: tuple[EndpointConfig, ...] = ()
@@ -94,10 +103,8 @@ class SyncConfig:
     format: str = "cbor"  # cbor | json
     batch_size: int = 100
     inflight: int = 16
-    backoff_base: float = 1.0
-    backoff_cap: float = 300.0
-    breaker_threshold: int = 5
-    breaker_cooldown: float = 60.0
+    retry: RetrySettings = RETRY  # between connection rounds, and the relay's pauses
+    breaker: BreakerSettings = BREAKER  # per endpoint
     backfill_threshold: int = 10_000  # backlog depth at (re)connect that turns on live-first
     backfill_rate: float = 500.0  # events/s for the backlog while live-first is on
     commands: bool = True  # subscribe to the command topic
@@ -265,10 +272,8 @@ def parse(sec: Section) -> SyncConfig:
         t.error("config", "must differ from the commands and responses topics")
     t.done()
 
-    base = sec.float("backoff_base", 1.0, gt=0, max=600)
-    cap = sec.float("backoff_cap", 300.0, gt=0, max=86400)
-    if cap < base:
-        sec.error("backoff_cap", f"must be >= backoff_base ({base:g}), got {cap:g}")
+    retry = read_retry(sec, RETRY, old=RETRY_OLD_KEYS)
+    breaker = read_breaker(sec, BREAKER, old=BREAKER_OLD_KEYS)
     b = sec.table("backfill")
     backfill_threshold = b.int("threshold", 10_000, min=0)
     backfill_rate = b.float("rate", 500.0, gt=0)
@@ -286,10 +291,8 @@ def parse(sec: Section) -> SyncConfig:
         format=sec.str("format", "cbor", choices=["cbor", "json"]),
         batch_size=sec.int("batch_size", 100, min=1, max=10_000),
         inflight=sec.int("inflight", 16, min=1, max=1000),
-        backoff_base=base,
-        backoff_cap=cap,
-        breaker_threshold=sec.int("breaker_threshold", 5, min=1),
-        breaker_cooldown=sec.float("breaker_cooldown", 60.0, gt=0),
+        retry=retry,
+        breaker=breaker,
         backfill_threshold=backfill_threshold,
         backfill_rate=backfill_rate,
         commands=sec.bool("commands", True),

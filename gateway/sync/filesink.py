@@ -22,6 +22,7 @@ from typing import Any
 import cbor2
 
 from gateway.aio import wait_event
+from gateway.retry import RetrySettings
 from gateway.sync.codec import item_format
 from gateway.sync.config import FileSinkConfig
 from gateway.sync.link import ACCEPTED, Ack, LinkDownError
@@ -117,11 +118,16 @@ class FileChannel:
 _INDEX = re.compile(r"events-(\d{8})-")
 
 
+#: Reopening the directory after an error (the service passes `[sync] retry` instead).
+RETRY = RetrySettings(initial=1.0, cap=60.0)
+
+
 class FileSink:
     """A Sink writing to files; `connect` opens the directory (retrying on errors)."""
 
-    def __init__(self, cfg: FileSinkConfig, logger: logging.Logger, base: float = 1.0,
-                 cap: float = 60.0) -> None:  # fmt: skip
+    def __init__(
+        self, cfg: FileSinkConfig, logger: logging.Logger, retry: RetrySettings = RETRY
+    ) -> None:
         self.cfg = cfg
         self.dir = Path(cfg.directory)
         self.log = logger
@@ -132,8 +138,7 @@ class FileSink:
         self.files = 0
         self.last_error: str | None = None
         self._kick = asyncio.Event()
-        self._base = base
-        self._cap = cap
+        self.backoff = retry.backoff()  # between failed opens
 
     def kick(self) -> None:
         self._kick.set()
@@ -149,7 +154,8 @@ class FileSink:
         }
 
     async def connect(self) -> FileChannel:
-        delay = self._base
+        backoff = self.backoff
+        backoff.reset()
         while True:
             try:
                 await asyncio.to_thread(self._open)
@@ -158,8 +164,7 @@ class FileSink:
                 self.last_error = f"{self.dir}: {exc}"
                 self.log.warning("sync: file sink: %s", self.last_error)
                 self._kick.clear()
-                await wait_event(self._kick, delay)
-                delay = min(self._cap, delay * 2)
+                await wait_event(self._kick, backoff.next())
 
     def _open(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,8 @@ and hand back the broker's PUBACK reason code; take cloud commands from the comm
 aiomqtt does the connection; two things it hides are taken from paho underneath it: the
 PUBACK reason code (aiomqtt drops it, and it is how a broker refuses one message) and the
 manual acknowledgement of incoming commands (a command is acked only after its event has
-committed: acknowledged means durable).
+committed: acknowledged means durable). How they are reached is `gateway.sync.mqtt_compat`'s
+business (the one place that touches either library's internals).
 """
 
 from __future__ import annotations
@@ -17,20 +18,17 @@ import random
 import ssl
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from gateway import events as ev
 from gateway import names, secretfiles
 from gateway.aio import wait_event
 from gateway.breaker import Backoff as Backoff  # re-exported: the relay paces with it
-from gateway.breaker import Breaker
 from gateway.errors import ConfigError
+from gateway.sync import mqtt_compat
 from gateway.sync.codec import joined_payload
 from gateway.sync.config import CONFIG_STREAM, EndpointConfig, SyncConfig
-
-if TYPE_CHECKING:
-    import aiomqtt
+from gateway.sync.mqtt_errors import ConnectFailure, explain
 
 
 class Ack(NamedTuple):
@@ -94,181 +92,20 @@ class Sink(Protocol):
     def figures(self) -> dict[str, Any]: ...
 
 
-# -- errors made readable ------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class ConnectFailure:
-    message: str
-    hard: bool  # credentials/certificates: will not fix itself
-
-
-def explain(ep: EndpointConfig, exc: BaseException) -> ConnectFailure:
-    """Turn what paho/aiomqtt/ssl raised into one line an operator can act on."""
-    from aiomqtt.exceptions import MqttConnectError
-
-    where = ep.label
-    chain: list[BaseException] = []
-    e: BaseException | None = exc
-    while e is not None and len(chain) < 5:
-        chain.append(e)
-        e = e.__cause__ or e.__context__
-    for c in chain:
-        if isinstance(c, ssl.SSLCertVerificationError):
-            return ConnectFailure(
-                f"{where}: TLS: the broker's certificate was not accepted ({c.verify_message}); "
-                "check ca_file and the broker's certificate (its name must match the host)",
-                True,
-            )
-        if isinstance(c, ssl.SSLError):
-            return ConnectFailure(
-                f"{where}: TLS handshake failed ({c.reason or c}); check cert_file/key_file "
-                "and that the broker trusts the client certificate",
-                True,
-            )
-    if isinstance(exc, MqttConnectError):
-        rc: Any = exc.rc
-        code = int(getattr(rc, "value", rc) or 0)
-        name = str(rc) if not isinstance(rc, int) else str(exc)
-        if code in (4, 5, 0x86, 0x87, 0x8C):
-            return ConnectFailure(
-                f"{where}: the broker refused the login ({name}, code {code}): "
-                "check username and password (or password_file) and the broker's ACL",
-                True,
-            )
-        if code == 0x85 or code == 2:
-            return ConnectFailure(f"{where}: client id refused ({name}, code {code})", True)
-        return ConnectFailure(f"{where}: connection refused by the broker ({name}, code {code})",
-                              False)  # fmt: skip
-    text = str(exc) or type(exc).__name__
-    low = text.lower()
-    if "alert" in low and ep.cert_file:
-        return ConnectFailure(
-            f"{where}: TLS: the broker rejected our client certificate ({text}); check "
-            "cert_file/key_file and that the broker's CA signed them",
-            True,
-        )
-    if "ssl" in low or "tls" in low or "certificate" in low:
-        return ConnectFailure(f"{where}: TLS handshake failed ({text})", True)
-    if ep.cert_file and any(w in low for w in ("reset", "eof", "closed", "lost")):
-        # With TLS 1.3 a broker that rejects our certificate may just drop the connection
-        # after the handshake: the client then sees a reset, not an alert.
-        return ConnectFailure(
-            f"{where}: the broker closed the connection right after TLS ({text}); if it "
-            "requires client certificates, check cert_file/key_file and that its CA signed them",
-            False,
-        )
-    return ConnectFailure(f"{where}: cannot connect ({text})", False)
-
-
 # -- the MQTT channel ------------------------------------------------------------------------
 DownlinkHandler = Callable[[bytes], Awaitable[bytes | None]]
 #: A document from the config topic and the endpoint it came through (gateway.sync.remote_config).
 ConfigHandler = Callable[[bytes, str], Awaitable[None]]
 
 
-def _client_class() -> type[aiomqtt.Client]:
-    import aiomqtt
+def _ack_resolver(acks: dict[int, asyncio.Future[Ack]]) -> mqtt_compat.PubackHandler:
+    def resolve(mid: int, reason_code: Any) -> None:
+        fut = acks.pop(mid, None)
+        if fut is not None and not fut.done():
+            code = int(getattr(reason_code, "value", 0) or 0)
+            fut.set_result(Ack(code, str(reason_code) if code else "Success"))
 
-    class _Client(aiomqtt.Client):
-        """aiomqtt's client, keeping the PUBACK reason code for the relay."""
-
-        acks: dict[int, asyncio.Future[Ack]]
-        max_packet: int | None = None
-
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            _fast_puback(self._client)
-
-        def _on_connect(
-            self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any = None
-        ) -> None:
-            # MQTT 5: the broker says how big a packet it takes; bigger ones get us kicked.
-            size = getattr(properties, "MaximumPacketSize", None) if properties else None
-            self.max_packet = int(size) if isinstance(size, int) else None
-            super()._on_connect(client, userdata, flags, reason_code, properties)
-
-        def _on_publish(
-            self, client: Any, userdata: Any, mid: int, reason_code: Any, properties: Any
-        ) -> None:
-            fut = self.acks.pop(mid, None)
-            if fut is not None and not fut.done():
-                code = int(getattr(reason_code, "value", 0) or 0)
-                fut.set_result(Ack(code, str(reason_code) if code else "Success"))
-            super()._on_publish(client, userdata, mid, reason_code, properties)
-
-    return _Client
-
-
-def _fast_puback(paho: Any) -> bool:
-    """Let paho take a plain success PUBACK without decoding it. For every PUBACK paho
-    builds two Properties and two ReasonCode objects and formats a debug line: about a
-    quarter of the event loop's time per batch in a drain. A PUBACK that is a packet id and
-    at most a success reason code (< 0x80) with no properties is handed to paho's own
-    completion (`_do_on_publish`: the same bookkeeping and callbacks) with a shared
-    ReasonCode; any other PUBACK (a refusal, properties) and every PUBCOMP take paho's own
-    path. Installed only on a paho that has the private names it uses (paho 2.x); returns
-    whether it was."""
-    if not all(
-        hasattr(paho, name)
-        for name in ("_handle_pubackcomp", "_do_on_publish", "_in_packet", "_out_messages",
-                     "_out_message_mutex")
-    ) or not isinstance(getattr(paho, "_in_packet", None), dict):  # fmt: skip
-        return False
-    from paho.mqtt.packettypes import PacketTypes
-    from paho.mqtt.properties import Properties
-    from paho.mqtt.reasoncodes import ReasonCode
-
-    codes: dict[int, Any] = {}  # reason code -> paho's ReasonCode, made once
-    no_props = Properties(PacketTypes.PUBACK)  # type: ignore[no-untyped-call]
-    slow = paho._handle_pubackcomp
-    mutex = paho._out_message_mutex
-    done = paho._do_on_publish
-
-    def handle(cmd: str) -> Any:
-        packet = paho._in_packet["packet"]  # (a new dict for every packet read)
-        n = len(packet)
-        # Packet id [+ reason code < 0x80 [+ empty properties]]: e.g. Mosquitto's 0x10 "No
-        # matching subscribers" is a success with nobody subscribed.
-        if cmd != "PUBACK" or not 2 <= n <= 4 or (n > 2 and packet[2] >= 0x80) or (
-            n == 4 and packet[3] != 0
-        ):  # fmt: skip
-            return slow(cmd)
-        code = packet[2] if n > 2 else 0
-        reason = codes.get(code)
-        if reason is None:
-            try:
-                reason = ReasonCode(PacketTypes.PUBACK, identifier=code)
-            except Exception:  # a code paho does not know: its own path says so
-                return slow(cmd)
-            codes[code] = reason
-        mid = (packet[0] << 8) | packet[1]
-        with mutex:
-            if mid in paho._out_messages:
-                return done(mid, reason, no_props)
-        return 0  # MQTT_ERR_SUCCESS: a PUBACK for nothing we wait for, as paho does
-
-    paho._handle_pubackcomp = handle
-    return True
-
-
-def _publish_properties(fmt: str) -> Any:
-    """The MQTT 5 PUBLISH properties of every batch (Content-Type, and for JSON the
-    payload format indicator), packed once: paho packs the properties it is given on every
-    publish, which cost a quarter of a publish's CPU time."""
-    from paho.mqtt.packettypes import PacketTypes
-    from paho.mqtt.properties import Properties
-
-    class _Packed(Properties):
-        def pack(self) -> bytes:
-            return packed
-
-    props = _Packed(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-    if fmt == "json":
-        props.PayloadFormatIndicator = 1
-        props.ContentType = "application/json"
-    else:
-        props.ContentType = "application/cbor"
-    packed: bytes = Properties.pack(props)  # type: ignore[no-untyped-call]
-    return props
+    return resolve
 
 
 class MqttChannel:
@@ -281,9 +118,11 @@ class MqttChannel:
         cfg: SyncConfig,
         gateway_id: str,
         logger: logging.Logger,
+        acks: dict[int, asyncio.Future[Ack]],
     ) -> None:
+        """`client` from `mqtt_compat.make_client`; `acks` the futures its PUBACKs resolve."""
         self._client = client
-        self._paho = client._client
+        self._paho = client.paho
         self.ep = ep
         self.label = ep.label
         self.item_format = cfg.format
@@ -295,15 +134,15 @@ class MqttChannel:
         self._cfg = cfg
         self._gw = gateway_id
         self._log = logger
-        self._acks: dict[int, asyncio.Future[Ack]] = client.acks
+        self._acks = acks
         loop = asyncio.get_running_loop()
         self.closed: asyncio.Future[None] = loop.create_future()
         self._tasks: list[asyncio.Task[None]] = []
         self._props: Any = None
         self.config_downlink: ConfigHandler | None = None
         if cfg.mqtt_version == "5":
-            self._props = _publish_properties(cfg.format)
-        client._disconnected.add_done_callback(self._on_disconnected)
+            self._props = mqtt_compat.publish_properties(cfg.format)
+        client.session_end.add_done_callback(self._on_disconnected)
 
     def _on_disconnected(self, fut: asyncio.Future[None]) -> None:
         exc = fut.exception() if not fut.cancelled() else None
@@ -426,10 +265,8 @@ class MqttLink:
         self.log = logger
         self.downlink = downlink
         self.config_downlink = config_downlink
-        self.backoff = Backoff(cfg.backoff_base, cfg.backoff_cap, rng)
-        self.breakers = {
-            ep.label: Breaker(cfg.breaker_threshold, cfg.breaker_cooldown) for ep in cfg.endpoints
-        }
+        self.backoff = cfg.retry.backoff(rng)
+        self.breakers = {ep.label: cfg.breaker.breaker() for ep in cfg.endpoints}
         self.endpoint: str | None = None
         self.last_error: str | None = None
         self.last_error_at = 0.0  # monotonic time of last_error
@@ -438,6 +275,7 @@ class MqttLink:
         self.connects = 0
         self._kick = asyncio.Event()
         self._warned: set[str] = set()
+        mqtt_compat.check(logger)  # which of the libraries' internals to use: said once
 
     def kick(self) -> None:
         """Retry now: forget backoff and open breakers, cut the current wait short."""
@@ -483,7 +321,7 @@ class MqttLink:
             tls = self._tls_context(ep) if ep.tls else None
             password = self._password(ep)
         except (OSError, ssl.SSLError, ConfigError) as exc:
-            raise _Hard(f"{ep.label}: cannot load credentials ({exc})") from exc
+            raise _HardError(f"{ep.label}: cannot load credentials ({exc})") from exc
         try:
             return await self._attempt(ep, tls, password)
         except BaseException:
@@ -506,9 +344,10 @@ class MqttLink:
             props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             props.SessionExpiryInterval = self.cfg.session_expiry
         client_id = self.cfg.client_id or f"gatewayd-{self.gateway_id}"
-        cls = _client_class()
-        client: Any = cls(
-            ep.host, ep.port,
+        acks: dict[int, asyncio.Future[Ack]] = {}
+        client: Any = mqtt_compat.make_client(
+            _ack_resolver(acks),
+            hostname=ep.host, port=ep.port,
             username=ep.username, password=password, identifier=client_id,
             protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
             clean_session=None if v5 else False,
@@ -522,8 +361,7 @@ class MqttLink:
             tls_context=tls,
             logger=self.log.getChild("paho"),
         )  # fmt: skip
-        client.acks = {}
-        client._client.manual_ack_set(True)
+        client.paho.manual_ack_set(True)
         # paho only logs a socket error seen while waiting for CONNACK (a TLS alert when the
         # broker rejects our certificate): catch it, so the attempt fails now and says why.
         catcher = _PahoErrors()
@@ -540,14 +378,14 @@ class MqttLink:
                 with contextlib.suppress(BaseException):
                     await entering
                 with contextlib.suppress(Exception):
-                    client._client.disconnect()
+                    client.paho.disconnect()
                 raise ConnectionError(catcher.message or "no CONNACK in time")
             entering.result()
         finally:
             paho_log.removeFilter(catcher)
             if not catcher.failed.done():
                 catcher.failed.cancel()
-        ch = MqttChannel(client, ep, self.cfg, self.gateway_id, self.log)
+        ch = MqttChannel(client, ep, self.cfg, self.gateway_id, self.log, acks)
         try:
             ch.config_downlink = self.config_downlink
             if self.downlink is not None and (self.cfg.commands or self.cfg.remote_config):
@@ -574,7 +412,7 @@ class MqttLink:
                     raise
                 except Exception as exc:
                     fail = (
-                        ConnectFailure(str(exc), True) if isinstance(exc, _Hard)
+                        ConnectFailure(str(exc), True) if isinstance(exc, _HardError)
                         else explain(ep, exc)
                     )  # fmt: skip
                     br.failure(time.monotonic(), fail.message, auth=fail.hard)
@@ -650,5 +488,5 @@ class _PahoErrors(logging.Filter):
             self.failed.set_result(None)
 
 
-class _Hard(Exception):
+class _HardError(Exception):
     """A failure that will not fix itself by retrying soon (bad credentials files)."""

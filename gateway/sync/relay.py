@@ -444,7 +444,7 @@ class Relay:
         self._last_prune = clock()
         self._requeued: list[int] = []
         self._restart = False
-        self._pause = Backoff(cfg.backoff_base, cfg.backoff_cap)
+        self._pause = cfg.retry.backoff()
         self._rates: deque[tuple[float, int]] = deque()
         self._prefetch, self._chunk = read_ahead(cfg)
         self._committed = False

@@ -50,7 +50,7 @@ class SyncService(Service):
             await ctx.control.ask("config.remote", {"document": payload, "endpoint": endpoint})
 
         if cfg.file is not None:
-            self.sink = FileSink(cfg.file, ctx.logger, cfg.backoff_base, cfg.backoff_cap)
+            self.sink = FileSink(cfg.file, ctx.logger, cfg.retry)
         else:
             self.sink = MqttLink(cfg, gw, ctx.logger, downlink=downlink,
                                  config_downlink=config_downlink)  # fmt: skip

@@ -19,7 +19,8 @@ from aiocoap import CREATED, Message
 
 from gateway import errors
 from gateway.coap import senml
-from gateway.coap.resources import Gate, check_size
+from gateway.coap.gate import Gate
+from gateway.coap.ingest import check_size
 from gateway.errors import (
     AuthError,
     ForbiddenError,

@@ -8,10 +8,10 @@ The id is the idempotency key, one namespace for every source: `requested` is ap
 stream version 0, so a second request with the same id is the same command and gets its
 outcome. Requests are judged in one place (the bus consumer below), by the point rules of
 `services.points`. One command is in flight per device; a bounded queue per device holds the
-rest; an expired command is never sent. A write is retried only when nothing reached the
-device (`ConnectError`); a time-out that may have reached it is `failed(unknown_outcome)`.
-After a restart, `sent` commands without an outcome become `failed(unknown_outcome)` and
-`accepted` ones are sent unless expired.
+rest (`services.control.dispatch`); an expired command is never sent. A write is retried
+only when nothing reached the device (`ConnectError`); a time-out that may have reached it
+is `failed(unknown_outcome)`. After a restart, `sent` commands without an outcome become
+`failed(unknown_outcome)` and `accepted` ones are sent unless expired.
 """
 
 from __future__ import annotations
@@ -21,64 +21,32 @@ import contextlib
 import functools
 import os
 import time
-from collections import deque
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from gateway import events as ev
 from gateway import names
-from gateway.breaker import Backoff
 from gateway.config import GatewayConfig
-from gateway.control import current_peer
 from gateway.errors import (
     CommandExpiredError,
     ConcurrencyError,
-    ConnectError,
-    DeviceProtocolError,
-    DeviceTimeout,
-    DriverError,
     GatewayError,
-    NotFoundError,
     PayloadError,
     QueueFullError,
     RemoteWriteError,
-    StoreError,
     WriteRefusedError,
 )
 from gateway.events import NewEvent
-from gateway.faults import kill_point
 from gateway.service import Health, Service, ServiceContext
 from gateway.store import queries
 from services.control import projection as proj
-from services.control import sagas as sg
+from services.control.dispatch import Command, Dispatcher
 from services.control.runner import SagaRunner
+from services.control.verbs import Verbs, public
 from services.points import check_write
 
 if TYPE_CHECKING:
     from services.collection import CollectionService
-
-#: Retry pacing after a refused connection (the shared Backoff: exponential, jittered).
-RETRY_BASE = 0.1
-RETRY_CAP = 5.0
-
-
-@dataclass
-class _Cmd:
-    id: str
-    device: str
-    point: str
-    value: Any
-    deadline: float  # wall time
-    remote: bool = False
-
-
-@dataclass
-class _Device:
-    queue: deque[_Cmd] = field(default_factory=deque)
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
-    inflight: str | None = None
-    task: asyncio.Task[None] | None = None
 
 
 class ControlService(Service):
@@ -86,7 +54,7 @@ class ControlService(Service):
     requires: ClassVar[tuple[str, ...]] = ("collection",)
 
     def __init__(self) -> None:
-        self._devices: dict[str, _Device] = {}
+        self.dispatch = Dispatcher(self)
         self._waiters: dict[str, list[tuple[frozenset[str], asyncio.Future[dict[str, Any]]]]] = {}
         self._ctx: ServiceContext | None = None
         self._inline: set[str] = set()  # ids judged by `submit` (the bus consumer skips them)
@@ -95,7 +63,8 @@ class ControlService(Service):
     # -- life -----------------------------------------------------------------------------
     async def start(self, ctx: ServiceContext) -> None:
         self._ctx = ctx
-        self._devices = {}  # (a restart after a crash: the log says what is still to do)
+        # (a restart after a crash: the log says what is still to do)
+        self.dispatch = Dispatcher(self)
         self.config: GatewayConfig = ctx.config
         self.store = ctx.store
         self.log = ctx.logger
@@ -103,10 +72,7 @@ class ControlService(Service):
         self.bus = ctx.bus
         self.sagas = SagaRunner(self)
         sub = ctx.bus.subscribe("control", [ev.COMMAND_REQUESTED])
-        ctx.control.register("command", self._cmd_command, mutating=True)
-        ctx.control.register("commands", self._cmd_commands, mutating=False)
-        ctx.control.register("saga.run", self._cmd_saga_run, mutating=True)
-        ctx.control.register("sagas", self._cmd_sagas, mutating=False)
+        Verbs(self).register(ctx.control)
         await self._recover()
         ctx.create_task(self._consume(sub), "requests")
         await self.sagas.resume_all()
@@ -137,9 +103,7 @@ class ControlService(Service):
         server.devices.commands_door = CommandsDoor(self.submit, role, limit, denied)
 
     async def stop(self) -> None:
-        for d in self._devices.values():
-            if d.task is not None:
-                d.task.cancel()
+        self.dispatch.stop()
         for waiters in self._waiters.values():
             for _, fut in waiters:
                 if not fut.done():
@@ -150,8 +114,7 @@ class ControlService(Service):
         self.config = config
 
     def health(self) -> Health:
-        queued = sum(len(d.queue) for d in self._devices.values())
-        inflight = sum(1 for d in self._devices.values() if d.inflight)
+        queued, inflight = self.dispatch.queued, self.dispatch.inflight
         return Health.ok(f"{inflight} in flight, {queued} queued", queued=queued,
                          inflight=inflight, **self.counts)  # fmt: skip
 
@@ -238,7 +201,7 @@ class ControlService(Service):
         if await self._event(cid, etype, data, expected=1) and cmd is not None:
             self._enqueue(cmd)
 
-    def _decide(self, cid: str, d: Mapping[str, Any]) -> tuple[str, dict[str, Any], _Cmd | None]:
+    def _decide(self, cid: str, d: Mapping[str, Any]) -> tuple[str, dict[str, Any], Command | None]:
         """The point rules, the deadline and the queue: (accepted or rejected, its data, the
         command to queue)."""
         device, point = d.get("device"), d.get("point")
@@ -255,7 +218,7 @@ class ControlService(Service):
                         allow_remote=self.config.control.allow_remote)  # fmt: skip
             if time.time() >= deadline:
                 raise CommandExpiredError("the deadline passed before the command was accepted")
-            dev = self._devices.setdefault(device, _Device())
+            dev = self.dispatch.device(device)
             if len(dev.queue) >= self.config.control.queue:
                 raise QueueFullError(
                     f"{device}: {len(dev.queue)} commands already waiting (queue = "
@@ -264,7 +227,7 @@ class ControlService(Service):
         except (WriteRefusedError, PayloadError) as exc:
             reason = getattr(exc, "reason", "invalid")
             return proj.COMMAND_REJECTED, {"reason": reason, "error": str(exc)}, None
-        cmd = _Cmd(cid, device, point, d["value"], float(deadline), remote)
+        cmd = Command(cid, device, point, d["value"], float(deadline), remote)
         return ev.COMMAND_ACCEPTED, {"deadline": deadline}, cmd
 
     async def _cloud_saga(self, cid: str, d: Mapping[str, Any]) -> None:
@@ -295,14 +258,8 @@ class ControlService(Service):
         assert self._ctx is not None
         self._ctx.create_task(finish(), f"cloud-saga:{sid}")
 
-    def _enqueue(self, cmd: _Cmd) -> None:
-        dev = self._devices.setdefault(cmd.device, _Device())
-        dev.queue.append(cmd)
-        dev.wake.set()
-        if dev.task is None or dev.task.done():
-            assert self._ctx is not None
-            dev.task = self._ctx.create_task(self._worker(cmd.device, dev), f"device:{cmd.device}")
-        self._publish(cmd.device)
+    def _enqueue(self, cmd: Command) -> None:
+        self.dispatch.enqueue(cmd)
 
     async def _event(
         self, cid: str, etype: str, data: dict[str, Any], expected: int | None = None,
@@ -338,130 +295,6 @@ class ControlService(Service):
         return True
 
     # -- the worker: one command in flight per device -------------------------------------
-    async def _worker(self, device: str, dev: _Device) -> None:
-        while True:
-            while not dev.queue:
-                dev.wake.clear()
-                await dev.wake.wait()
-            cmd = dev.queue.popleft()
-            dev.inflight = cmd.id
-            try:
-                await self._execute(cmd)
-            except StoreError as exc:  # cannot record: the next restart says unknown_outcome
-                self.log.error("command %s: its events cannot be recorded: %s", cmd.id, exc)
-            finally:
-                dev.inflight = None
-                self._publish(device)
-
-    async def _execute(self, cmd: _Cmd) -> None:
-        # `accepted` is version 2 of the stream: a command queued twice (a restarted service
-        # recovering what its predecessor had queued) is run once, the second finds it moved on
-        if time.time() >= cmd.deadline:
-            await self._event(cmd.id, proj.COMMAND_EXPIRED, {"deadline": cmd.deadline},
-                              expected=2)  # fmt: skip
-            return
-        try:  # the config may have changed since the command was accepted
-            w = check_write(
-                self.config.devices,
-                cmd.device,
-                cmd.point,
-                cmd.value,
-                remote=cmd.remote,
-                allow_remote=self.config.control.allow_remote,
-            )
-        except WriteRefusedError as exc:
-            await self._event(cmd.id, ev.COMMAND_FAILED, {"reason": exc.reason,
-                              "error": str(exc)}, expected=2)  # fmt: skip
-            return
-        drv = self.collection.driver_for(cmd.device)
-        if drv is None:
-            why = self.collection.why_not(cmd.device)
-            await self._event(cmd.id, ev.COMMAND_FAILED, {"reason": "unreachable", "error": why},
-                              expected=2)  # fmt: skip
-            return
-        if not await self._event(cmd.id, proj.COMMAND_SENT, {}, expected=2):
-            return
-        kill_point(f"command.sent:{cmd.id}")
-        backoff = Backoff(RETRY_BASE, RETRY_CAP, floor=0.5)
-        attempts = 0
-        while True:
-            attempts += 1
-            try:
-                # The driver's own time-out comes first; this bound is for one that hangs.
-                async with asyncio.timeout(w.spec.timeout * 2 + 1):
-                    await drv.write(cmd.device, w.point, w.raw)
-                break
-            except ConnectError as exc:
-                delay = backoff.next()
-                left = cmd.deadline - time.time()
-                if attempts > self.config.control.retries or delay >= left:
-                    await self._event(
-                        cmd.id,
-                        ev.COMMAND_FAILED,
-                        {"reason": "unreachable", "error": str(exc), "attempts": attempts},
-                    )
-                    return
-                self.log.info("command %s: %s; retrying in %.2f s", cmd.id, exc, delay)
-                await asyncio.sleep(delay)
-            except (TimeoutError, DeviceTimeout) as exc:
-                why = str(exc) or f"no answer within {w.spec.timeout * 2 + 1:g} s"
-                await self._event(
-                    cmd.id,
-                    ev.COMMAND_FAILED,
-                    {
-                        "reason": "unknown_outcome",
-                        "attempts": attempts,
-                        "error": f"{why}: the device may or may not have done it",
-                    },
-                )
-                return
-            except DeviceProtocolError as exc:
-                await self._event(
-                    cmd.id,
-                    ev.COMMAND_FAILED,
-                    {"reason": "device_error", "error": str(exc), "attempts": attempts},
-                )
-                return
-            except DriverError as exc:  # connection lost mid-request: it may have arrived
-                await self._event(
-                    cmd.id,
-                    ev.COMMAND_FAILED,
-                    {"reason": "unknown_outcome", "error": str(exc), "attempts": attempts},
-                )
-                return
-            except GatewayError as exc:  # the driver refused the value (what fits the wire)
-                await self._event(
-                    cmd.id,
-                    ev.COMMAND_FAILED,
-                    {"reason": "refused", "error": str(exc), "attempts": attempts},
-                )
-                return
-        data: dict[str, Any] = {"attempts": attempts, "written": w.value}
-        back = await self._read_back(drv, cmd.device, w.point)
-        extra: list[NewEvent] = []
-        if back is not None:
-            data["value"] = back
-            # what the device holds now is a reading too (a saga's `wait` sees it at once)
-            rec = ev.reading_record(w.point.name, back, w.point.unit)
-            extra.append(ev.readings_event(cmd.device, [rec]))
-        await self._event(cmd.id, proj.COMMAND_SUCCEEDED, data, extra=extra)
-
-    async def _read_back(self, drv: Any, device: str, point: Any) -> Any:
-        from services.collection import convert
-
-        spec = self.config.devices.get(device)
-        if spec is None or not drv.polls(spec):
-            return None
-        try:
-            async with asyncio.timeout(spec.timeout):
-                readings = await drv.read(device, [point])
-        except (GatewayError, TimeoutError):
-            return None
-        for r in readings:
-            if r.point == point.name:
-                return convert(point, r.value)
-        return None
-
     # -- restart recovery -----------------------------------------------------------------
     async def _recover(self) -> None:
         rows = await self.store.read(proj.unfinished)
@@ -477,7 +310,7 @@ class ControlService(Service):
                 if time.time() >= deadline:
                     await self._event(cid, proj.COMMAND_EXPIRED, {"deadline": deadline})
                 else:
-                    self._enqueue(_Cmd(cid, row["device"], row["point"], row["value"], deadline,
+                    self._enqueue(Command(cid, row["device"], row["point"], row["value"], deadline,
                                        row["source"] == "cloud"))  # fmt: skip
             elif row["status"] == "requested":
                 events = await self.store.read(
@@ -505,60 +338,7 @@ class ControlService(Service):
         async def run() -> None:
             with contextlib.suppress(GatewayError):
                 rows = await self.store.read(lambda c: proj.commands(c, device, 10))
-                setter(device, [_public(r) for r in rows])
+                setter(device, [public(r) for r in rows])
 
         assert self._ctx is not None
         self._ctx.create_task(run(), f"publish:{device}")
-
-    # -- control verbs --------------------------------------------------------------------
-    async def _cmd_command(self, args: dict[str, Any]) -> Any:
-        peer = current_peer.get()
-        by = None if peer is None else f"uid:{peer.uid}"
-        timeout = args.get("timeout")
-        if timeout is not None and (not isinstance(timeout, int | float) or timeout <= 0):
-            raise PayloadError(f"--timeout must be a positive number, got {timeout!r}")
-        row = await self.submit(
-            str(args.get("device", "")), str(args.get("point", "")), args.get("value"),
-            cid=args.get("id"), source="cli", by=by, timeout=timeout,
-            wait=bool(args.get("wait")),
-        )  # fmt: skip
-        return _public(row)
-
-    async def _cmd_saga_run(self, args: dict[str, Any]) -> Any:
-        peer = current_peer.get()
-        sid = await self.sagas.start(
-            str(args.get("name", "")), sid=args.get("id"), source="cli",
-            by=None if peer is None else f"uid:{peer.uid}",
-        )  # fmt: skip
-        if args.get("wait"):
-            await self.sagas.wait(sid)
-        show = await self.store.read(lambda c: sg.show(c, sid))
-        return show
-
-    async def _cmd_sagas(self, args: dict[str, Any]) -> Any:
-        sid = args.get("id")
-        if isinstance(sid, str):
-            row = await self.store.read(lambda c: sg.show(c, sid))
-            if row is None:
-                raise NotFoundError(f"no saga {sid!r}")
-            return row
-        return await self.store.read(sg.list_sagas)
-
-    async def _cmd_commands(self, args: dict[str, Any]) -> Any:
-        cid = args.get("id")
-        if isinstance(cid, str):
-            row = await self.row(cid)
-            if row is None:
-                raise NotFoundError(f"no command {cid!r}")
-            return _public(row)
-        device = args.get("device")
-        rows = await self.store.read(
-            lambda c: proj.commands(c, device if isinstance(device, str) else None, 50)
-        )
-        return [_public(r) for r in rows]
-
-
-def _public(row: Mapping[str, Any]) -> dict[str, Any]:
-    keys = ("id", "device", "point", "value", "source", "by", "status", "reason", "error",
-            "result", "requested", "updated", "deadline", "saga")  # fmt: skip
-    return {k: row.get(k) for k in keys if row.get(k) is not None}

@@ -13,7 +13,8 @@ import cbor2
 from aiocoap import Message
 from aiocoap.interfaces import ObservableResource
 
-from gateway.coap.resources import Gate, GatewayResource
+from gateway.coap.base import GatewayResource
+from gateway.coap.gate import Gate
 from gateway.errors import AuthError, UnsupportedFormatError
 
 CF_JSON = 50

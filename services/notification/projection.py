@@ -112,7 +112,7 @@ class AlertProjection:
 
 def alerts(conn: sqlite3.Connection, include_cleared: bool = True) -> list[dict[str, Any]]:
     """Alerts, active first (newest first within each group), for `gatewayctl alerts`."""
-    have = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    have = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     if "alerts" not in have:
         return []
     sql = "SELECT * FROM alerts"

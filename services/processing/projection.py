@@ -56,7 +56,10 @@ class WindowProjection:
         if not stream.startswith("aggregate:"):
             return None
         row = conn.execute("SELECT end FROM windows WHERE stream = ?", (stream,)).fetchone()
-        return None if row is None else {"end": row[0]}
+        if row is None:
+            return None
+        (end,) = row
+        return {"end": end}
 
     def restore(self, conn: sqlite3.Connection, stream: str, state: Any) -> None:
         if isinstance(state, dict) and isinstance(state.get("end"), int | float):

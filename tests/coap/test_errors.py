@@ -11,14 +11,16 @@ import pytest
 from aiocoap import POST, Message
 from aiocoap.message import Direction
 
+from gateway.coap.base import Backend
 from gateway.coap.config import CoapConfig
 from gateway.coap.errors import error_response
-from gateway.coap.resources import Backend, Gate, TelemetryResource
+from gateway.coap.gate import Gate
+from gateway.coap.ingest import TelemetryResource
 from gateway.errors import (
     ConcurrencyError,
     ForbiddenError,
     PayloadTooLargeError,
-    StoreFull,
+    StoreFullError,
 )
 from gateway.events import Event, NewEvent
 from gateway.store import EventStore
@@ -27,7 +29,7 @@ LOG = logging.getLogger("test.coap.errors")
 
 
 def test_mapping_codes_and_options() -> None:
-    full = error_response(StoreFull("quota", retry_after=42), LOG)
+    full = error_response(StoreFullError("quota", retry_after=42), LOG)
     assert full.code.dotted == "5.03" and full.opt.max_age == 42
     big = error_response(PayloadTooLargeError("too big", 512), LOG)
     assert big.code.dotted == "4.13" and big.opt.size1 == 512

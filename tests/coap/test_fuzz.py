@@ -19,8 +19,11 @@ from aiocoap.message import Direction
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from gateway.coap.base import Backend
 from gateway.coap.config import CoapConfig
-from gateway.coap.resources import Backend, DeviceResource, Gate, TelemetryResource
+from gateway.coap.gate import Gate
+from gateway.coap.ingest import TelemetryResource
+from gateway.coap.resources import DeviceResource
 from gateway.events import Event, NewEvent
 
 VALID_CBOR = cbor2.dumps(

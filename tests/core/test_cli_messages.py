@@ -62,3 +62,28 @@ def test_a_broken_config_is_reported_one_issue_per_line(tmp_path: Path) -> None:
         f"gatewayctl: invalid configuration {missing}:",
         f"  {missing}: no such file",
     ]
+
+
+def test_config_check_warns_about_each_deprecated_retry_name_with_its_new_key(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(
+        '[gateway]\nid = "gw"\nstate_dir = "s"\n'
+        "[drivers.ble]\nretry_max = 30\n"
+        '[devices.m]\ndriver = "modbus"\nhost = "127.0.0.1"\nbreaker_cooldown = 5\n'
+        "retry = { cap = 9 }\n"
+        "[devices.m.points.p]\naddress = 0\n"
+    )
+    r = run_cli(config, "config", "check")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.splitlines() == [
+        "warning: devices.m.breaker_cooldown: deprecated name: use `breaker.cooldown` instead",
+        "warning: drivers.ble.retry_max: deprecated name: use `retry.cap` instead",
+    ]
+    r = run_cli(config, "--json", "config", "check")
+    assert json.loads(r.stdout)["warnings"] == [
+        {"path": "devices.m.breaker_cooldown",
+         "message": "deprecated name: use `breaker.cooldown` instead"},
+        {"path": "drivers.ble.retry_max", "message": "deprecated name: use `retry.cap` instead"},
+    ]  # fmt: skip

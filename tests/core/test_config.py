@@ -179,3 +179,20 @@ address = 0
          "20000 is not a standard rate (the nearest are 14400 and 19200); fine if the device "
          "uses it"),
     ]  # fmt: skip
+
+
+def test_switch_interval_default_and_bad_values_name_their_path() -> None:
+    assert cfg.loads(GOOD_DEVICE).gateway.switch_interval_ms == 0.5  # as before it was a key
+    assert (
+        cfg.loads(GOOD_DEVICE + "[gateway]\nswitch_interval_ms = 2\n").gateway.switch_interval_ms
+        == 2.0
+    )
+    for bad, message in (
+        ("0", "must be > 0, got 0"),
+        ("-1", "must be > 0, got -1"),
+        ("1000", "must be <= 100"),
+        ("'fast'", "must be a number"),
+    ):
+        got = issues(GOOD_DEVICE + f"[gateway]\nswitch_interval_ms = {bad}\n")
+        assert list(got) == ["gateway.switch_interval_ms"], got
+        assert got["gateway.switch_interval_ms"].startswith(message), got

@@ -266,3 +266,33 @@ def test_corrupt_database_at_start_is_quarantined_and_the_daemon_runs(
     types = [json.loads(line)["type"] for line in r.stdout.splitlines()]
     assert types[0] == "store.quarantined"
     assert d.stop() == 0
+
+
+def test_a_reload_refreezes_what_it_built_and_applies_the_switch_interval(
+    tmp_path: Path, daemon_factory: list[Daemon]
+) -> None:
+    # gc.freeze() keeps start-up objects out of the GC's generations; a reload builds new
+    # ones (a device, its driver state) that live as long: frozen again after the reload.
+    config = write_config(tmp_path)
+    text = config.read_text().replace("[store]", "switch_interval_ms = 2\n\n[store]", 1)
+    config.write_text(text)
+    d = start_daemon(config, tmp_path)
+    daemon_factory.append(d)
+    sock = socket_path(config)
+    before = call(sock, "status")["process"]
+    assert before["switch_interval_ms"] == 2.0
+    config.write_text(
+        text.replace("switch_interval_ms = 2", "switch_interval_ms = 1")
+        + '\n[devices.pump-7]\ndriver = "virtual"\ninterval = 0.05\n'
+        '[devices.pump-7.points.speed]\nsignal = "constant"\nbase = 1450\n'
+    )
+    d.peer.signal(signal.SIGHUP)
+    d.messages("RELOADING=1")
+    d.messages("READY=1")
+    status = call(sock, "status")
+    assert status["reloads"] == 1 and status["devices"] == 3  # (the config has two)
+    after = status["process"]
+    assert after["switch_interval_ms"] == 1.0
+    # Without a new freeze the count cannot grow (measured: it stayed the same).
+    assert after["gc_frozen"] > before["gc_frozen"]
+    assert d.stop() == 0

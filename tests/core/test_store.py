@@ -13,7 +13,7 @@ import pytest
 from gateway import events as ev
 from gateway.clock import SystemClock
 from gateway.config import StoreConfig
-from gateway.errors import ConcurrencyError, StoreClosedError, StoreError, StoreFull
+from gateway.errors import ConcurrencyError, StoreClosedError, StoreError, StoreFullError
 from gateway.events import NewEvent
 from gateway.store import EventStore, maintenance, queries
 from gateway.store.schema import CORE, migrate, register_schema, schemas
@@ -137,7 +137,7 @@ async def test_quota_reject_new_then_retention_frees(tmp_path: Path) -> None:
     s = await EventStore.open(tmp_path / "q.db", StoreConfig(quota_mb=0.25))
     try:
         blob = "x" * 4000
-        with pytest.raises(StoreFull) as info:
+        with pytest.raises(StoreFullError) as info:
             for i in range(200):
                 await s.append("s:1", "t", {"i": i, "pad": blob})
         assert "policy reject_new" in str(info.value)

@@ -17,7 +17,7 @@ from pathlib import Path
 from gateway import config as cfg
 from gateway.config import StoreConfig
 from gateway.control import call
-from gateway.errors import StoreError, StoreFull
+from gateway.errors import StoreError, StoreFullError
 from gateway.logs import REPEAT_INTERVAL
 from gateway.store import EventStore, NewEvent
 from tests.core.conftest import Daemon, run_cli, start_daemon
@@ -278,7 +278,7 @@ async def _sqlite_full(tmp: Path) -> None:
             except Exception as exc:
                 err = exc
                 break
-        assert isinstance(err, StoreFull), repr(err)
+        assert isinstance(err, StoreFullError), repr(err)
         assert err.cause == "disk" and "disk full" in str(err) and "SQLITE_FULL" in str(err)
         assert store.full is not None and store.healthy()
         # A raw sqlite3 error never leaves the store's API, from a write or a read.

@@ -34,8 +34,7 @@ GATT_MAC = "C0:FF:EE:00:00:01"
 
 FAST = """
 [drivers.ble]
-retry_initial = 0.05
-retry_max = 0.2
+retry = { initial = 0.05, cap = 0.2 }
 """
 
 ADVERT_DEVICES = f"""
@@ -79,14 +78,11 @@ def bus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[BluezBus]:
 
 async def close_bleak() -> None:
     """bleak keeps one D-Bus connection per event loop; close it before the loop ends
-    (else its socket is reported unclosed). Test-only use of bleak internals."""
-    from bleak.backends.bluezdbus import manager
+    (else its socket is reported unclosed)."""
+    from drivers.ble import bleak_compat
 
-    inst = manager._global_instances.pop(asyncio.get_running_loop(), None)
-    if inst is not None and inst._bus is not None:
-        inst._bus.disconnect()
-        if inst._bus_watcher_task is not None:
-            await asyncio.wait({inst._bus_watcher_task}, timeout=5)
+    assert bleak_compat.check()  # the patched path: the tests' bleak is the one pinned
+    await bleak_compat.close_manager(wait=True)
 
 
 def run_driver(
@@ -367,7 +363,7 @@ def test_gatt_breaker_opens_and_device_recovers(bus: BluezBus) -> None:
     bus.set_blocked(GATT_MAC, True)
     toml = (
         FAST
-        + "breaker_failures = 2\nbreaker_reset = 0.3\n"
+        + "breaker = { threshold = 2, cooldown = 0.3 }\n"
         + f"""
 [devices.thermostat]
 driver = "ble"

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from drivers.ble.config import compile_device, normalize_uuid
+from drivers.ble.config import compile_device, normalize_uuid, parse_options
 from gateway.config import loads
 from gateway.errors import ConfigError
+from gateway.retry import BreakerSettings, RetrySettings
 
 KEY = "231d39c1d7cc1ab1aee224cd096db932"
 
@@ -75,6 +76,27 @@ writable = true
     lamp = compile_device(cfg.devices["lamp"])
     assert lamp.gatt[0].char == "00002a6e-0000-1000-8000-00805f9b34fb" and lamp.gatt[0].notify
     assert cfg.drivers["ble"]["scan_mode"] == "passive"
+
+
+def test_retry_and_breaker_come_from_the_shared_tables_or_their_names_before() -> None:
+    new = loads("[drivers.ble]\nretry = { initial = 0.5, cap = 8 }\n"
+                "breaker = { threshold = 2, cooldown = 3 }\n")  # fmt: skip
+    opts = parse_options(new.drivers["ble"], "drivers.ble")
+    assert opts.retry == RetrySettings(initial=0.5, cap=8.0)
+    assert opts.breaker == BreakerSettings(threshold=2, cooldown=3.0)
+    assert not new.warnings
+    assert parse_options({}, "drivers.ble").retry == RetrySettings(initial=1.0, cap=60.0)
+    old = loads("[drivers.ble]\nretry_initial = 0.5\nretry_max = 8\n"
+                "breaker_failures = 2\nbreaker_reset = 3\n")  # fmt: skip
+    opts = parse_options(old.drivers["ble"], "drivers.ble")
+    assert opts.retry == RetrySettings(initial=0.5, cap=8.0)
+    assert opts.breaker == BreakerSettings(threshold=2, cooldown=3.0)
+    assert [str(w) for w in old.warnings] == [
+        "drivers.ble.retry_initial: deprecated name: use `retry.initial` instead",
+        "drivers.ble.retry_max: deprecated name: use `retry.cap` instead",
+        "drivers.ble.breaker_failures: deprecated name: use `breaker.threshold` instead",
+        "drivers.ble.breaker_reset: deprecated name: use `breaker.cooldown` instead",
+    ]
 
 
 def test_every_problem_is_reported_with_its_path() -> None:

@@ -72,7 +72,7 @@ def test_pool_limits_and_queues_in_order() -> None:
 
 
 def test_breaker() -> None:
-    # The shared breaker as GattLink uses it: a fixed rest of `breaker_reset` seconds.
+    # The shared breaker as GattLink uses it: a fixed rest of `breaker.cooldown` seconds.
     b = Breaker(threshold=3, cooldown=10)
     b.failure(0)
     b.failure(1)

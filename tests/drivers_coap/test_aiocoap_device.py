@@ -36,7 +36,7 @@ writable = true
 def spec_for(uri: str, points: str = POINTS, extra: str = ""):  # type: ignore[no-untyped-def]
     return device_spec(
         f'[devices.dev]\ndriver = "coap"\nuri = "{uri}"\ntimeout = 10\n'
-        f"backoff_initial = 0.2\nbackoff_max = 0.5\n{extra}\n{points}"
+        f"retry = {{ initial = 0.2, cap = 0.5 }}\n{extra}\n{points}"
     )
 
 

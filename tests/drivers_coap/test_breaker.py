@@ -1,17 +1,24 @@
 """The per-device circuit breaker as the CoAP driver configures it (shared
-`gateway.breaker`, exponential backoff that waits at least half its ceiling): pure state
-machine, time given by the test."""
+`gateway.breaker` from the device's `retry` and `breaker` tables, an exponential backoff that
+by default waits at least half its ceiling): pure state machine, time given by the test."""
 
 from __future__ import annotations
 
 import random
 
 from drivers.coap.driver import device_breaker
+from drivers.coap.options import compile_device
 from gateway.breaker import Breaker, State
+from gateway.config import loads
 
 
 def coap_breaker(threshold: int, initial: float, maximum: float, seed: int = 0) -> Breaker:
-    return device_breaker(threshold, initial, maximum, random.Random(seed).random)
+    spec = loads(
+        f'[devices.d]\ndriver = "coap"\nuri = "coap://h"\n'
+        f"retry = {{ initial = {initial}, cap = {maximum} }}\n"
+        f"breaker = {{ threshold = {threshold} }}\n"
+    ).devices["d"]
+    return device_breaker(compile_device(spec), random.Random(seed).random)
 
 
 def test_opens_after_threshold_and_backs_off_exponentially() -> None:

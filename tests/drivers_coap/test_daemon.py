@@ -29,8 +29,7 @@ driver = "coap"
 uri = "coap://127.0.0.1:PORT"
 interval = 0.2
 timeout = 5
-backoff_initial = 0.2
-backoff_max = 0.5
+retry = {{ initial = 0.2, cap = 0.5 }}
 observe_margin = 0.5
 
 [devices.panel.points.temp]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from drivers.coap import CoapDriver
-from gateway.errors import DeviceTimeout, DeviceUnavailable
+from gateway.errors import DeviceTimeoutError, DeviceUnavailableError
 from tests.drivers_coap.conftest import (
     LibcoapServer,
     Recorder,
@@ -44,8 +44,7 @@ uri = "coaps://127.0.0.1:{server.dtls_port}"
 timeout = {timeout}
 psk_identity = "gateway"
 psk_key_file = "{key_file}"
-backoff_initial = 0.2
-backoff_max = 0.5
+retry = {{ initial = 0.2, cap = 0.5 }}
 {extra}
 [devices.dev.points.ticks]
 path = "/time?ticks"
@@ -87,7 +86,7 @@ def test_a_wrong_key_gets_no_data_and_opens_the_breaker(
     tmp_path: Path, server: LibcoapServer
 ) -> None:
     spec = spec_for(
-        server, key_file(tmp_path, "not-the-key"), extra="breaker_threshold = 1", timeout=2
+        server, key_file(tmp_path, "not-the-key"), extra="breaker = { threshold = 1 }", timeout=2
     )
 
     async def main() -> None:
@@ -99,7 +98,7 @@ def test_a_wrong_key_gets_no_data_and_opens_the_breaker(
             valve = spec.point("valve")
             assert valve is not None
             # OpenSSL drops the handshake: no alert reaches tinydtls, so it is a time-out.
-            with pytest.raises((DeviceTimeout, DeviceUnavailable)):
+            with pytest.raises((DeviceTimeoutError, DeviceUnavailableError)):
                 await drv.read("dev", [valve])
             await rec.until(lambda: ("dev", False) in [a[:2] for a in rec.availability],
                             "the device to be reported unavailable")  # fmt: skip

@@ -18,7 +18,12 @@ import pytest
 
 from drivers.coap import CoapDriver
 from gateway.config import PointSpec
-from gateway.errors import DeviceProtocolError, DeviceTimeout, DeviceUnavailable, DriverError
+from gateway.errors import (
+    DeviceProtocolError,
+    DeviceTimeoutError,
+    DeviceUnavailableError,
+    DriverError,
+)
 from tests.drivers_coap.conftest import (
     LibcoapServer,
     Recorder,
@@ -33,7 +38,7 @@ def spec_for(  # type: ignore[no-untyped-def]
 ):
     return device_spec(
         f'[devices.dev]\ndriver = "coap"\nuri = "{uri}"\ntimeout = {timeout}\n'
-        f"backoff_initial = {backoff}\nbackoff_max = {backoff}\n{extra}\n{points}"
+        f"retry = {{ initial = {backoff}, cap = {backoff} }}\n{extra}\n{points}"
     )
 
 
@@ -183,7 +188,7 @@ def test_breaker_opens_on_a_dead_server_and_closes_when_it_is_back(
     spec = spec_for(
         f"coap://127.0.0.1:{libcoap.port}",
         '[devices.dev.points.temp]\npath = "/temp"\n',
-        extra="breaker_threshold = 2",
+        extra="breaker = { threshold = 2 }",
         timeout=5.0,
         backoff=0.3,
     )
@@ -199,11 +204,11 @@ def test_breaker_opens_on_a_dead_server_and_closes_when_it_is_back(
             await asyncio.to_thread(libcoap.stop)
             # Nothing listens any more: ICMP port unreachable, or silence until the timeout.
             for _ in range(2):
-                with pytest.raises((DeviceUnavailable, DeviceTimeout)):
+                with pytest.raises((DeviceUnavailableError, DeviceTimeoutError)):
                     await drv.read("dev", spec.points)
             assert rec.availability[-1][:2] == ("dev", False)
             # Open: the next read fails at once, without traffic, and says why.
-            with pytest.raises(DeviceUnavailable, match="not tried: 2 failures in a row"):
+            with pytest.raises(DeviceUnavailableError, match="not tried: 2 failures in a row"):
                 await drv.read("dev", spec.points)
             await asyncio.to_thread(libcoap.start)
             await asyncio.to_thread(put, libcoap, "/temp", "21")
@@ -212,7 +217,7 @@ def test_breaker_opens_on_a_dead_server_and_closes_when_it_is_back(
                 try:
                     assert (await drv.read("dev", spec.points))[0].value == 21
                     break
-                except DeviceUnavailable:
+                except DeviceUnavailableError:
                     await asyncio.sleep(0.05)  # the breaker's backoff, not synchronisation
             assert rec.availability[-1] == ("dev", True, "answered")
         finally:
@@ -254,7 +259,7 @@ def test_an_observed_device_that_dies_becomes_unavailable_and_comes_back(
     spec = spec_for(
         f"coap://127.0.0.1:{libcoap.port}",
         '[devices.dev.points.ticks]\npath = "/time?ticks"\nmode = "observe"\n',
-        extra="observe_margin = 0.5\nbreaker_threshold = 1",
+        extra="observe_margin = 0.5\nbreaker = { threshold = 1 }",
         timeout=5.0,
     )
 
@@ -295,7 +300,7 @@ def test_removing_a_device_ends_its_observation(libcoap: LibcoapServer) -> None:
             await rec.until(lambda: rec.values("ticks") != [], "a first notification")
             await drv.remove_device("dev")
             assert [t for t in asyncio.all_tasks() if "coap observe" in t.get_name()] == []
-            with pytest.raises(DeviceUnavailable, match="not a configured coap device"):
+            with pytest.raises(DeviceUnavailableError, match="not a configured coap device"):
                 await drv.read("dev", spec.points)
         finally:
             await drv.stop()

@@ -10,6 +10,7 @@ import pytest
 from drivers.coap.options import compile_device
 from gateway import config
 from gateway.errors import ConfigError
+from gateway.retry import BreakerSettings, RetrySettings
 
 GOOD = """
 [devices.thermo]
@@ -60,6 +61,27 @@ def test_credentials_never_show_their_key() -> None:
         GOOD.replace('psk_key_file = "/etc/gateway/keys/thermo.psk"', 'psk_key = "s3cret-key"')
     ).devices["thermo"]
     assert "s3cret" not in repr(compile_device(spec))
+
+
+def test_retry_and_breaker_come_from_the_shared_tables_or_their_names_before() -> None:
+    spec = config.loads(GOOD).devices["thermo"]
+    dev = compile_device(spec)
+    assert dev.retry == RetrySettings(initial=1.0, cap=60.0, jitter="half")
+    assert dev.breaker == BreakerSettings(threshold=3)
+    at = "[devices.thermo.points.temp]"
+    new = config.loads(GOOD.replace(at, "retry = { initial = 2, cap = 9 }\n"
+                                    "breaker = { threshold = 4 }\n" + at))  # fmt: skip
+    dev = compile_device(new.devices["thermo"])
+    assert dev.retry == RetrySettings(initial=2.0, cap=9.0, jitter="half")
+    assert dev.breaker == BreakerSettings(threshold=4) and not new.warnings
+    old = config.loads(GOOD.replace(at, "backoff_initial = 2\nbackoff_max = 9\n"
+                                    "breaker_threshold = 4\n" + at))  # fmt: skip
+    assert compile_device(old.devices["thermo"]) == dev
+    assert [str(w) for w in old.warnings] == [
+        "devices.thermo.breaker_threshold: deprecated name: use `breaker.threshold` instead",
+        "devices.thermo.backoff_initial: deprecated name: use `retry.initial` instead",
+        "devices.thermo.backoff_max: deprecated name: use `retry.cap` instead",
+    ]
 
 
 def test_every_issue_is_reported_with_its_path() -> None:

@@ -6,6 +6,7 @@ import pytest
 
 from gateway.config import loads
 from gateway.errors import ConfigError
+from gateway.retry import BreakerSettings, RetrySettings
 
 
 def issues(text: str) -> dict[str, str]:
@@ -21,8 +22,8 @@ host = "127.0.0.1"
 port = 1502
 unit = 3
 max_gap = 4
-breaker_threshold = 2
-breaker_cooldown = 5.0
+breaker = { threshold = 2, cooldown = 5.0 }
+retry = { initial = 0.25, cap = 8 }
 
 [devices.boiler.points.temp]
 address = 0
@@ -74,6 +75,30 @@ def test_a_good_map_loads() -> None:
     meter = parse_device(cfg.devices["meter"])
     assert meter.unit == 7 and meter.bus.transport == "rtu"
     assert meter.bus.frame_gap == pytest.approx(3.5 * 11 / 9600)
+    assert boiler.breaker == BreakerSettings(threshold=2, cooldown=5.0)
+    assert boiler.bus.retry == RetrySettings(initial=0.25, cap=8.0)
+    assert meter.bus.retry == RetrySettings(initial=0.5, cap=30.0, jitter="full")
+    assert not cfg.warnings
+
+
+def test_the_names_before_the_retry_and_breaker_tables_still_work_with_a_warning() -> None:
+    from drivers.modbus.config import parse_device
+
+    old = GOOD.replace(
+        "breaker = { threshold = 2, cooldown = 5.0 }\nretry = { initial = 0.25, cap = 8 }\n",
+        "breaker_threshold = 2\nbreaker_cooldown = 5.0\nreconnect_delay = 0.25\n"
+        "reconnect_delay_max = 8\n",
+    )
+    cfg = loads(old)
+    boiler = parse_device(cfg.devices["boiler"])
+    assert boiler.breaker == BreakerSettings(threshold=2, cooldown=5.0)
+    assert boiler.bus.retry == RetrySettings(initial=0.25, cap=8.0)
+    assert [(w.path, w.message) for w in cfg.warnings] == [
+        ("devices.boiler.reconnect_delay", "deprecated name: use `retry.initial` instead"),
+        ("devices.boiler.reconnect_delay_max", "deprecated name: use `retry.cap` instead"),
+        ("devices.boiler.breaker_threshold", "deprecated name: use `breaker.threshold` instead"),
+        ("devices.boiler.breaker_cooldown", "deprecated name: use `breaker.cooldown` instead"),
+    ]
 
 
 BAD = """

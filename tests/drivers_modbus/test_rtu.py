@@ -18,7 +18,7 @@ import pytest
 
 from drivers.modbus import ModbusDriver
 from gateway.config import loads
-from gateway.errors import DeviceProtocolError, DeviceTimeout, DeviceUnavailable
+from gateway.errors import DeviceProtocolError, DeviceTimeoutError, DeviceUnavailableError
 from tests.drivers_modbus.support import (
     ModbusServer,
     PtyPair,
@@ -67,7 +67,7 @@ def test_rtu_types_silent_unit_and_exception_4(line: tuple[PtyPair, ModbusServer
             await drv.add_device(spec)
         try:
             assert len(drv._buses) == 1  # three units, one serial line, one lock
-            with pytest.raises(DeviceTimeout):
+            with pytest.raises(DeviceTimeoutError):
                 await drv.read("gone", s["gone"].points)
             with pytest.raises(DeviceProtocolError, match="SERVER DEVICE FAILURE"):
                 await drv.read("ghost", s["ghost"].points)
@@ -131,7 +131,7 @@ def test_rtu_line_that_vanishes_and_returns(tmp_path: Path) -> None:
 
     async def poll_until(drv: ModbusDriver, want: list[bool]) -> None:
         for _ in range(400):
-            with contextlib.suppress(DeviceUnavailable, DeviceTimeout):
+            with contextlib.suppress(DeviceUnavailableError, DeviceTimeoutError):
                 await drv.read("m", spec.points)
             if ctx.changes("m") == want:
                 return

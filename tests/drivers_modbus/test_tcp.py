@@ -17,7 +17,12 @@ import pytest
 
 from drivers.modbus import ModbusDriver
 from gateway.config import DeviceSpec, loads
-from gateway.errors import DeviceProtocolError, DeviceTimeout, DeviceUnavailable, PayloadError
+from gateway.errors import (
+    DeviceProtocolError,
+    DeviceTimeoutError,
+    DeviceUnavailableError,
+    PayloadError,
+)
 from tests.drivers_modbus.support import (
     ModbusServer,
     RecordingContext,
@@ -212,7 +217,7 @@ def test_unknown_unit_exception_4_opens_the_breaker(server: ModbusServer) -> Non
                 assert info.value.code == 4
             bus = next(iter(drv._buses.values()))
             sent = bus.requests
-            with pytest.raises(DeviceUnavailable, match="circuit open"):
+            with pytest.raises(DeviceUnavailableError, match="circuit open"):
                 await drv.read("ghost", spec.points)
             assert bus.requests == sent  # an open breaker costs the bus nothing
         finally:
@@ -243,12 +248,12 @@ def test_silent_unit_times_out_and_its_neighbour_keeps_working(server: ModbusSer
             assert len(drv._buses) == 1  # one host:port, one connection, one lock
             for _ in range(2):
                 # bounded like the collection service bounds a read: by the device's timeout;
-                # the driver's own DeviceTimeout comes first, so the breaker counts it
-                with pytest.raises(DeviceTimeout, match="no answer"):
+                # the driver's own DeviceTimeoutError comes first, so the breaker counts it
+                with pytest.raises(DeviceTimeoutError, match="no answer"):
                     await asyncio.wait_for(drv.read("silent", s["silent"].points), 1.0)
                 # the shared connection survives the other unit's silence
                 assert [r.value for r in await drv.read("alive", s["alive"].points)] == [7]
-            with pytest.raises(DeviceUnavailable, match="circuit open"):
+            with pytest.raises(DeviceUnavailableError, match="circuit open"):
                 await drv.read("silent", s["silent"].points)
             assert [r.value for r in await drv.read("alive", s["alive"].points)] == [7]
         finally:
@@ -280,12 +285,12 @@ def test_each_request_waits_for_its_own_devices_timeout(server: ModbusServer) ->
         try:
             assert [r.value for r in await drv.read("long", s["long"].points)] == [7]
             for _ in range(2):
-                # Bounded like the collection service bounds a poll: the driver's DeviceTimeout
+                # Bounded like the collection service bounds a poll: the driver's DeviceTimeoutError
                 # (its own 0.3 s, not the 3 s of the device that opened the link) comes first.
-                with pytest.raises(DeviceTimeout, match=r"no answer to read .*unit 5"):
+                with pytest.raises(DeviceTimeoutError, match=r"no answer to read .*unit 5"):
                     async with asyncio.timeout(s["short"].timeout):
                         await drv.read("short", s["short"].points)
-            with pytest.raises(DeviceUnavailable, match="circuit open"):
+            with pytest.raises(DeviceUnavailableError, match="circuit open"):
                 await drv.read("short", s["short"].points)
             assert [r.value for r in await drv.read("long", s["long"].points)] == [7]
         finally:
@@ -313,10 +318,10 @@ def test_a_timeout_cut_short_by_the_poll_deadline_counts_for_the_breaker(
                 # deadline and the poll's: the poll's cancellation may win. The unit still did
                 # not answer in time, and the breaker must count it.
                 loop.call_soon(time.sleep, s["short"].timeout * 2)
-                with pytest.raises((TimeoutError, DeviceTimeout)):
+                with pytest.raises((TimeoutError, DeviceTimeoutError)):
                     async with asyncio.timeout(s["short"].timeout):
                         await drv.read("short", s["short"].points)
-            with pytest.raises(DeviceUnavailable, match="circuit open"):
+            with pytest.raises(DeviceUnavailableError, match="circuit open"):
                 await drv.read("short", s["short"].points)
         finally:
             await drv.stop()
@@ -344,7 +349,7 @@ def test_bounded_queue_fails_fast(server: ModbusServer) -> None:
             await drv.stop()
 
     results = asyncio.run(main())
-    busy = [r for r in results if isinstance(r, DeviceUnavailable)]
+    busy = [r for r in results if isinstance(r, DeviceUnavailableError)]
     ok = [r for r in results if isinstance(r, list)]
     assert busy and all("bus busy" in str(r) for r in busy)
     assert len(ok) == 2  # the one holding the bus and the one waiting
@@ -371,7 +376,7 @@ def test_killed_server_opens_the_breaker_and_recovers(
         for b_reads in range(1, 401):
             try:
                 await drv.read("a", s["a"].points)
-            except (DeviceUnavailable, DeviceTimeout):
+            except (DeviceUnavailableError, DeviceTimeoutError):
                 a_fails += 1
             assert [r.value for r in await drv.read("b", s["b"].points)] == [22]
             if done():  # type: ignore[operator]
@@ -419,13 +424,13 @@ def test_tcp_link_where_nobody_answers_is_reopened(server: ModbusServer) -> None
         try:
             bus = next(iter(drv._buses.values()))
             for _ in range(2):
-                with pytest.raises(DeviceTimeout):
+                with pytest.raises(DeviceTimeoutError):
                     await drv.read("mute", spec.points)
             assert bus._client is not None and bus._client.connected
-            with pytest.raises(DeviceTimeout):
+            with pytest.raises(DeviceTimeoutError):
                 await drv.read("mute", spec.points)
             assert not bus._client.connected  # third time-out in a row: dropped
-            with pytest.raises(DeviceTimeout):  # reopened, and still silent
+            with pytest.raises(DeviceTimeoutError):  # reopened, and still silent
                 await drv.read("mute", spec.points)
         finally:
             await drv.stop()

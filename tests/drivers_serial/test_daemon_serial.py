@@ -32,8 +32,7 @@ check_interval = 3600
 driver = "serial"
 port = "{port}"
 interval = 0.2
-reconnect_min = 0.05
-reconnect_max = 0.2
+retry = {{ initial = 0.05, cap = 0.2 }}
 framing = {{ delimiter = "\\r\\n" }}
 parser = {{ type = "nmea", sentences = ["GGA", "RMC"] }}
 

@@ -12,7 +12,7 @@ import pytest
 from drivers.serial import SerialDevice
 from drivers.serial.options import parse_options
 from gateway import config
-from gateway.errors import DeviceTimeout, DeviceUnavailable, PointNotFound
+from gateway.errors import DeviceTimeoutError, DeviceUnavailableError, PointNotFoundError
 
 
 class ManualClock:
@@ -113,7 +113,7 @@ def test_max_age_drops_stale_values_and_times_out() -> None:
     ctx.clock.now += 20  # count is 40 s old, temp 20 s
     assert [r.point for r in dev.latest_readings(dev.spec.points)] == ["temp"]
     ctx.clock.now += 20
-    with pytest.raises(DeviceTimeout, match=r"no frame for 40\.0 s"):
+    with pytest.raises(DeviceTimeoutError, match=r"no frame for 40\.0 s"):
         dev.latest_readings(dev.spec.points)
 
 
@@ -121,10 +121,10 @@ def test_unknown_point_and_closed_port() -> None:
     dev, _ = make(JSON)
     from gateway.config import PointSpec
 
-    with pytest.raises(PointNotFound):
+    with pytest.raises(PointNotFoundError):
         dev.latest_readings([PointSpec("nope")])
     dev.link.is_open = False  # type: ignore[misc,union-attr]
-    with pytest.raises(DeviceUnavailable, match="/dev/ttyS0 is not open"):
+    with pytest.raises(DeviceUnavailableError, match="/dev/ttyS0 is not open"):
         dev.latest_readings(dev.spec.points)
 
 
@@ -186,7 +186,7 @@ def test_port_loss_fails_a_waiting_request() -> None:
                 break
             await asyncio.sleep(0)
         dev.on_state(False, "device disconnected")
-        with pytest.raises(DeviceUnavailable, match="device disconnected"):
+        with pytest.raises(DeviceUnavailableError, match="device disconnected"):
             await task
 
     asyncio.run(main())

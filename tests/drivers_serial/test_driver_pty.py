@@ -14,7 +14,7 @@ import pytest
 from drivers.serial import SerialDriver
 from gateway import config
 from gateway.config import DeviceSpec
-from gateway.errors import DeviceTimeout, DeviceUnavailable
+from gateway.errors import DeviceTimeoutError, DeviceUnavailableError
 from tests.drivers_serial.ptys import PtyPair, RecordingContext
 
 GGA = b"$GPGGA,123519,4807.038,N,01131.000,E,1,08,0.9,545.4,M,46.9,M,,*47\r\n"
@@ -46,8 +46,7 @@ async def started(ctx: RecordingContext, spec: DeviceSpec) -> SerialDriver:
 
 
 LINES = """
-reconnect_min = 0.05
-reconnect_max = 0.2
+retry = { initial = 0.05, cap = 0.2 }
 framing = { type = "delimiter", delimiter = "\\r\\n" }
 parser = { type = "regex", pattern = 'T=(?P<temp>-?[0-9.]+) H=(?P<hum>[0-9]+)' }
 [devices.dev.points.temperature]
@@ -185,7 +184,7 @@ def test_port_vanishes_and_comes_back(pty: PtyPair, caplog: pytest.LogCaptureFix
             await asyncio.to_thread(pty.stop)
             up, why = await ctx.next_state()
             assert (not up and "disconnected" in why) or "failed" in why
-            with pytest.raises(DeviceUnavailable):
+            with pytest.raises(DeviceUnavailableError):
                 await drv.read("dev", spec.points)
             # Plugged back in on the same path: the driver reopens it by itself.
             await asyncio.to_thread(pty.start)
@@ -295,7 +294,7 @@ def test_request_response(pty: PtyPair) -> None:
             # The chatter after the first answer is not taken for the second answer.
             got = await drv.read("dev", [spec.points[0]])
             assert [(r.point, r.value) for r in got] == [("temperature", 21.75)]
-            with pytest.raises(DeviceTimeout, match="no answer"):
+            with pytest.raises(DeviceTimeoutError, match="no answer"):
                 await drv.read("dev", spec.points)
             got = await drv.read("dev", spec.points)
             assert {r.point: r.value for r in got}["temperature"] == 22.0

@@ -13,6 +13,7 @@ from drivers.serial import parse_options
 from drivers.serial.framing import frames
 from gateway import config
 from gateway.errors import ConfigError
+from gateway.retry import RetrySettings
 
 GPS = """
 [devices.gps]
@@ -47,6 +48,21 @@ def test_good_config_compiles() -> None:
     assert {p.name: p.field for p in opts.points.values()} == {
         "lat": "gga.lat", "speed": "rmc.speed_knots",
     }  # fmt: skip
+    assert opts.retry == RetrySettings(initial=0.5, cap=30.0, jitter="full")
+
+
+def test_the_reopen_backoff_comes_from_the_retry_table_or_its_names_before() -> None:
+    new = config.loads(GPS.replace("[devices.gps.points.lat]", "retry = { initial = 2, cap = 9 }"
+                                   "\n[devices.gps.points.lat]"))  # fmt: skip
+    assert parse_options(new.devices["gps"]).retry == RetrySettings(initial=2.0, cap=9.0)
+    assert not new.warnings
+    old = config.loads(GPS.replace("[devices.gps.points.lat]", "reconnect_min = 2\n"
+                                   "reconnect_max = 9\n[devices.gps.points.lat]"))  # fmt: skip
+    assert parse_options(old.devices["gps"]).retry == RetrySettings(initial=2.0, cap=9.0)
+    assert [str(w) for w in old.warnings] == [
+        "devices.gps.reconnect_min: deprecated name: use `retry.initial` instead",
+        "devices.gps.reconnect_max: deprecated name: use `retry.cap` instead",
+    ]
 
 
 def test_lines_resynchronise_on_a_start_marker() -> None:

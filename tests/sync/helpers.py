@@ -26,9 +26,8 @@ def sync_config(data: dict[str, Any]) -> SyncConfig:
 def mqtt_config(port: int, **extra: Any) -> SyncConfig:
     data: dict[str, Any] = {
         "endpoints": [{"url": f"mqtt://127.0.0.1:{port}"}],
-        "backoff_base": 0.05,
-        "backoff_cap": 0.5,
-        "breaker_cooldown": 0.5,
+        "retry": {"initial": 0.05, "cap": 0.5},
+        "breaker": {"cooldown": 0.5},
         "connect_timeout": 3.0,
     }
     data.update(extra)

@@ -6,6 +6,7 @@ import pytest
 
 from gateway.config import loads
 from gateway.errors import ConfigError
+from gateway.retry import BreakerSettings, RetrySettings
 from gateway.sync.config import SyncConfig
 
 
@@ -52,6 +53,28 @@ rate = 5.5
     assert (cfg.format, cfg.batch_size, cfg.mqtt_version) == ("json", 50, "3.1.1")
     assert cfg.topics.telemetry == "t/{gateway}/{stream}/{type}"
     assert (cfg.backfill_threshold, cfg.backfill_rate) == (10, 5.5)
+
+
+def test_retry_and_breaker_come_from_the_shared_tables_or_their_names_before() -> None:
+    endpoint = '[[sync.endpoints]]\nurl = "mqtt://h"\n'
+    cfg = sync("[sync]\n" + endpoint)
+    assert cfg.retry == RetrySettings(initial=1.0, cap=300.0, jitter="full")
+    assert cfg.breaker == BreakerSettings(threshold=5, cooldown=60.0)
+    new = loads('[sync.retry]\ninitial = 2\ncap = 9\nmultiplier = 3\n'
+                '[sync.breaker]\nthreshold = 4\ncooldown = 7\n' + endpoint)  # fmt: skip
+    assert new.sections["sync"].retry == RetrySettings(initial=2.0, cap=9.0, multiplier=3.0)
+    assert new.sections["sync"].breaker == BreakerSettings(threshold=4, cooldown=7.0)
+    assert not new.warnings
+    old = loads("[sync]\nbackoff_base = 2\nbackoff_cap = 9\nbreaker_threshold = 4\n"
+                "breaker_cooldown = 7\n" + endpoint)  # fmt: skip
+    assert old.sections["sync"].retry == RetrySettings(initial=2.0, cap=9.0)
+    assert old.sections["sync"].breaker == BreakerSettings(threshold=4, cooldown=7.0)
+    assert [str(w) for w in old.warnings] == [
+        "sync.backoff_base: deprecated name: use `retry.initial` instead",
+        "sync.backoff_cap: deprecated name: use `retry.cap` instead",
+        "sync.breaker_threshold: deprecated name: use `breaker.threshold` instead",
+        "sync.breaker_cooldown: deprecated name: use `breaker.cooldown` instead",
+    ]
 
 
 def test_file_sink() -> None:

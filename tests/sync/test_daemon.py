@@ -29,7 +29,7 @@ def write_config(tmp: Path, port: int, **sync: Any) -> Path:
     lines = [
         "[gateway]", 'id = "gw"', f'state_dir = "{tmp / "state"}"',
         f'runtime_dir = "{tmp / "run"}"', "watchdog = false",
-        "[sync]", "backoff_base = 0.05", "backoff_cap = 0.5", "breaker_cooldown = 0.5",
+        "[sync]", "retry.initial = 0.05", "retry.cap = 0.5", "breaker.cooldown = 0.5",
     ]  # fmt: skip
     lines += [f"{k} = {json.dumps(v)}" for k, v in sync.items()]
     lines += ["[[sync.endpoints]]", f'url = "mqtt://127.0.0.1:{port}"']

@@ -47,9 +47,9 @@ signal = "sine"
 base = 60.0
 
 [sync]
-backoff_base = 0.05
-backoff_cap = 0.5
-breaker_cooldown = 0.5
+retry.initial = 0.05
+retry.cap = 0.5
+breaker.cooldown = 0.5
 
 [[sync.endpoints]]
 url = "mqtt://127.0.0.1:{port}"

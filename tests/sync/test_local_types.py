@@ -33,7 +33,7 @@ window = "1s"
 
 [sync]
 local_types = ["readings"]
-backoff_base = 0.05
+retry.initial = 0.05
 [[sync.endpoints]]
 url = "mqtt://127.0.0.1:{port}"
 """

@@ -163,15 +163,16 @@ async def test_mqtt_311_and_failover_to_the_second_endpoint(
 async def test_plain_pubacks_skip_pahos_decoding_and_refusals_keep_their_reason(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The fast path for success PUBACKs (gateway.sync.link._fast_puback) must give the
+    # The fast path for success PUBACKs (gateway.sync.mqtt_compat.fast_puback) must give the
     # relay what paho's own path gives: the broker's reason code, for every packet id.
     import logging
 
     import paho.mqtt._packet as packet
 
-    from gateway.sync.link import MqttLink, _fast_puback
+    from gateway.sync.link import MqttLink
+    from gateway.sync.mqtt_compat import fast_puback
 
-    assert _fast_puback(object()) is False  # not the paho it was written for: not installed
+    assert fast_puback(object()) is False  # not the paho it was written for: not installed
     decoded: list[int] = []
     real = packet.decode_puback
 

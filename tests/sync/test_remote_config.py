@@ -43,9 +43,9 @@ base = 60.0
 {more}
 [sync]
 format = "json"
-backoff_base = 0.05
-backoff_cap = 0.5
-breaker_cooldown = 0.5
+retry.initial = 0.05
+retry.cap = 0.5
+breaker.cooldown = 0.5
 connect_timeout = 2.0
 remote_config = {remote}
 remote_config_probation = {probation}

@@ -124,7 +124,7 @@ async def test_wrong_credentials_are_a_clear_error_and_a_backoff_retry(
            else v for k, v in bad.items()}  # fmt: skip
     async with open_store(tmp_path / "gw.db") as store:
         await store.append("device:a", "readings", {"r": [{"n": "t", "v": 1}]})
-        cfg = mqtt_config(0, endpoints=[endpoint(tls_port, pki, **bad)], breaker_cooldown=0.2)
+        cfg = mqtt_config(0, endpoints=[endpoint(tls_port, pki, **bad)], breaker={"cooldown": 0.2})
         async with running_relay(store, cfg) as relay:
             link = relay.sink
             await until(lambda: link.figures()["connect_failures"] >= 3, "repeated attempts")

@@ -1,0 +1,241 @@
+"""Every use of aiocoap's private names by the front door's message layer, in one place
+(pyproject caps aiocoap). What they buy is measured in `gateway.coap.lean`:
+
+- duplicate detection in the bounded `DedupCache` instead of aiocoap's per-request timers
+  and kept Messages (`MessageManager._deduplicate_message`, `_store_response_for_duplicates`,
+  `_send_via_transport`); stock path: aiocoap's own (unbounded) duplicate state;
+- no per-request `repr()` of the request when a render task is made
+  (`Context.render_to_pipe` over `Context._render_to_pipe`); stock path: aiocoap's Context;
+- routing without the per-request deep copy (`Site._find_child_and_pathstripped_message`,
+  `Site._resources`, `Site._subsites`); stock path: aiocoap's Site;
+- the UDP address under a DTLS session (`_underlying_address`), for the per-source rate limit;
+  stock path: DTLS requests are not rate-limited by source (the handshake's cookie already
+  bounds what a spoofer can do).
+
+`check()` runs when the server starts (and when the first site is made): what does not have
+the expected shape takes the stock path, said once in the log.
+
+The CoAP transports the door subclasses (`gateway.coap.door`, `door_dtls`) are not here yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger("gateway.coap")
+
+# The private names relied on, with their parameters as in aiocoap 0.4.17 (and `check()` asks
+# that `dispatch_message` still calls `_deduplicate_message`, so the override is reached).
+MESSAGE_MANAGER = {
+    "_deduplicate_message": ("self", "message"),
+    "_store_response_for_duplicates": ("self", "message"),
+    "_send_via_transport": ("self", "message"),
+}
+CONTEXT = {"_render_to_pipe": ("self", "pipe"), "render_to_pipe": ("self", "pipe")}
+SITE = {"_find_child_and_pathstripped_message": ("self", "request")}
+SITE_ATTRS = ("_resources", "_subsites")  # dicts, per instance
+
+
+@dataclass(frozen=True, slots=True)
+class Internals:
+    """Which patched paths this process takes (False: aiocoap's stock path)."""
+
+    dedup: bool
+    render: bool
+    routing: bool
+
+
+_checked: Internals | None = None
+_made: dict[str, type[Any]] = {}  # the classes made on the patched paths, once each
+
+
+def _shape(cls: Any, methods: Mapping[str, tuple[str, ...]]) -> list[str]:
+    wrong = []
+    for name, params in methods.items():
+        fn = getattr(cls, name, None)
+        try:
+            ok = callable(fn) and tuple(inspect.signature(fn).parameters) == params
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            wrong.append(f"{cls.__name__}.{name}")
+    return wrong
+
+
+def _calls(fn: Any, name: str) -> bool:
+    """Whether `fn`'s source still calls `name` (True where the source cannot be read)."""
+    try:
+        return name in inspect.getsource(fn)
+    except (OSError, TypeError):
+        return True
+
+
+def check(logger: logging.Logger = log) -> Internals:
+    """Verify the internals relied on (once per process; `reset()` forgets the answer) and
+    log one line naming what falls back to aiocoap's stock path."""
+    global _checked
+    if _checked is not None:
+        return _checked
+    from aiocoap.messagemanager import MessageManager
+    from aiocoap.protocol import Context
+    from aiocoap.resource import Site
+
+    mm = _shape(MessageManager, MESSAGE_MANAGER)
+    if not mm and not _calls(MessageManager.dispatch_message, "_deduplicate_message"):
+        mm.append("MessageManager.dispatch_message")
+    ctx = _shape(Context, CONTEXT)
+    site = _shape(Site, SITE)
+    if not site:
+        fresh = Site()
+        site += [f"Site.{a}" for a in SITE_ATTRS if not isinstance(getattr(fresh, a, None), dict)]
+    _checked = Internals(not mm, not ctx, not site)
+    wrong = mm + ctx + site
+    if wrong:
+        from importlib.metadata import version
+
+        logger.warning(
+            "CoAP: aiocoap %s internals differ (%s): using aiocoap's stock path for them",
+            version("aiocoap"), ", ".join(wrong),
+        )  # fmt: skip
+    return _checked
+
+
+def reset() -> None:
+    """Forget the checked answer (tests that simulate other internals)."""
+    global _checked
+    _checked = None
+    _made.clear()
+
+
+def use(internals: Internals) -> None:
+    """Take these paths instead of checking (the benchmark's comparison with aiocoap's own)."""
+    global _checked
+    _checked = internals
+
+
+# -- duplicate detection ---------------------------------------------------------------------
+def with_bounded_dedup(cls: type[Any], key: Callable[[Any, int], Any]) -> type[Any]:
+    """`cls` (a MessageManager with `first_time(key)` and a `dedup` cache, as
+    `gateway.coap.lean.LeanMessageManager`) answering aiocoap's duplicate detection from
+    that cache; `key(remote, mid)` makes its keys. Made once per class."""
+    made = _made.get(f"dedup:{cls.__qualname__}")
+    if made is not None:
+        return made
+    from aiocoap.message import Direction, Message
+    from aiocoap.numbers.types import CON
+
+    class Bounded(cls):  # type: ignore[misc]
+        def _deduplicate_message(self, message: Message) -> bool:
+            new, stored = self.first_time(key(message.remote, message.mid))
+            if new:
+                return False
+            if message.mtype is CON and stored:
+                # Same answer again, re-encoded from the bytes we kept (RFC 7252 section 4.5).
+                again = Message.decode(stored, remote=message.remote.as_response_address())
+                again.direction = Direction.OUTGOING
+                self._send_via_transport(again)
+            return True
+
+        def _store_response_for_duplicates(self, message: Message) -> None:
+            k = key(message.remote, message.mid)
+            if self.dedup.get(k) is not None:
+                self.dedup.set_response(k, message.encode())
+
+    Bounded.__name__ = Bounded.__qualname__ = cls.__name__
+    Bounded.__doc__ = cls.__doc__
+    _made[f"dedup:{cls.__qualname__}"] = Bounded
+    return Bounded
+
+
+# -- context and site ------------------------------------------------------------------------
+def context_class() -> type[Any]:
+    """`LeanContext` where aiocoap's Context is as expected, else aiocoap's own."""
+    from aiocoap.protocol import Context
+
+    return _lean_context() if check().render else Context
+
+
+def site_class() -> type[Any]:
+    """`LeanSite` where aiocoap's Site is as expected, else aiocoap's own."""
+    from aiocoap.resource import Site
+
+    return _lean_site() if check().routing else Site
+
+
+def _lean_context() -> type[Any]:
+    if "context" in _made:
+        return _made["context"]
+    from aiocoap.pipe import error_to_message
+    from aiocoap.protocol import Context
+
+    class LeanContext(Context):  # type: ignore[misc]  # aiocoap is untyped
+        """aiocoap's Context minus a per-request `repr()` of the request (and so of its
+        remote, which calls getsockname and if_indextoname) that only named the render task;
+        and the render coroutine is made inside the task (aiocoap's `run_driving_pipe` makes
+        it first, and a pipe whose interest ends before the task runs leaves it "never
+        awaited")."""
+
+        def render_to_pipe(self, pipe: Any) -> None:
+            out = error_to_message(pipe, self.log)
+
+            async def render() -> None:
+                try:
+                    await self._render_to_pipe(pipe)
+                except Exception as exc:
+                    out.add_exception(exc)
+
+            task = asyncio.create_task(render(), name="coap-render")
+            out.on_interest_end(task.cancel)
+
+    _made["context"] = LeanContext
+    return LeanContext
+
+
+def _lean_site() -> type[Any]:
+    if "site" in _made:
+        return _made["site"]
+    from aiocoap.message import Message
+    from aiocoap.resource import Site
+
+    class LeanSite(Site):  # type: ignore[misc]  # aiocoap is untyped
+        """aiocoap's Site, routing without the per-request deep copy and URI rebuild.
+
+        `Site` deep-copies every request (`Message.copy`) and rebuilds its full URI (which
+        formats the remote, calling getsockname) before handing it to a resource; measured
+        at ~0.3 ms per request here, more than decoding and storing a SenML pack. A resource
+        at an exact path does not look at the path, so it gets the request as it is; a
+        PathCapable subtree (/d/..., /rd/<id>) still gets a copy with the remaining path."""
+
+        def _find_child_and_pathstripped_message(self, request: Message) -> tuple[Any, Message]:
+            path = request.opt.uri_path
+            child = self._resources.get(path)
+            if child is not None:
+                return child, request
+            if not path:
+                raise KeyError()
+            remainder = [path[-1]]
+            prefix = path[:-1]
+            while prefix:
+                sub = self._subsites.get(prefix)
+                if sub is not None:
+                    if remainder == [""]:
+                        remainder = []
+                    return sub, request.copy(uri_path=remainder)
+                remainder.insert(0, prefix[-1])
+                prefix = prefix[:-1]
+            raise KeyError()
+
+    _made["site"] = LeanSite
+    return LeanSite
+
+
+# -- addresses -------------------------------------------------------------------------------
+def dtls_udp_address(remote: Any) -> Any:
+    """The UDP socket address under a DTLS session's remote (aiocoap 0.4.17 keeps it in
+    `_underlying_address`), or None."""
+    return getattr(getattr(remote, "_underlying_address", None), "address", None)

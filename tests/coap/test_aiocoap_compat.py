@@ -1,0 +1,125 @@
+"""gateway.coap.aiocoap_compat by both paths, the server in-process against libcoap's client
+and raw datagrams: aiocoap's internals as pinned (bounded duplicate cache, lean context and
+site), and changed (aiocoap's own classes, said once in the log)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import cbor2
+import pytest
+
+import gateway.coap  # noqa: F401 - registers the coap schema before the store opens
+from gateway.coap import aiocoap_compat
+from gateway.coap.config import CoapConfig
+from gateway.coap.service import CoapServer
+from gateway.store import EventStore
+from tests.coap.conftest import coap_client
+from tests.peers import free_port
+
+
+@pytest.fixture(params=["patched", "stock"])
+def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """The "stock" path wraps every private name relied on in a function of other
+    parameters (aiocoap still works; its internals no longer look as pinned)."""
+    from aiocoap.messagemanager import MessageManager
+    from aiocoap.protocol import Context
+    from aiocoap.resource import Site
+
+    if request.param == "stock":
+        for cls, names in (
+            (MessageManager, aiocoap_compat.MESSAGE_MANAGER),
+            (Context, aiocoap_compat.CONTEXT),
+            (Site, aiocoap_compat.SITE),
+        ):
+            for name in names:
+                monkeypatch.setattr(cls, name, _changed(getattr(cls, name)))
+    aiocoap_compat.reset()
+    yield request.param
+    aiocoap_compat.reset()
+
+
+def _changed(real: Any) -> Any:
+    def changed(self: Any, *args: Any) -> Any:
+        return real(self, *args)
+
+    return changed
+
+
+def _con_get_core(mid: int) -> bytes:
+    # CON GET /.well-known/core, token 0x0a: answered by aiocoap's path (not the fast one).
+    return bytes([0x41, 0x01, mid >> 8, mid & 0xFF, 0x0A, 0xBB]) + b".well-known" + b"\x04core"
+
+
+def _twice(port: int, request: bytes) -> tuple[bytes, bytes]:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(5)
+        sock.connect(("127.0.0.1", port))
+        sock.send(request)
+        first = sock.recv(4096)
+        sock.send(request)  # the same message ID again: a retransmission
+        return first, sock.recv(4096)
+
+
+async def test_server_answers_by_both_paths(
+    path: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from aiocoap import GET, Context, Message
+
+    store = await EventStore.open(tmp_path / "gw.db")
+    port = free_port(socket.SOCK_DGRAM)
+    config = CoapConfig(bind=("127.0.0.1",), port=port, allow_unauthenticated=True,
+                        accept_unknown_devices=True)  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="gateway.coap"):
+        server = CoapServer(config, store)
+        await server.start()
+    client = await Context.create_client_context(transports=["udp6"])
+    try:
+        found = aiocoap_compat.check()
+        names = {type(server.site).__name__, type(server.context).__name__}
+        differ = [r.getMessage() for r in caplog.records if "internals differ" in r.getMessage()]
+        if path == "stock":
+            assert found == aiocoap_compat.Internals(False, False, False)
+            assert names == {"Site", "Context"}
+            assert len(differ) == 1
+            assert "MessageManager._deduplicate_message" in differ[0]
+        else:
+            assert found == aiocoap_compat.Internals(True, True, True)
+            assert names == {"LeanSite", "LeanContext"}
+            assert differ == []
+        # libcoap's client: a POST (the fast path) and a GET of a subtree (aiocoap's Site).
+        base = f"coap://127.0.0.1:{port}"
+        reply = await asyncio.to_thread(
+            coap_client, "coap-client-notls", ["-m", "post", "-t", "60", "-f",
+                                               str(_cbor(tmp_path, {"t": 1.5}))],
+            f"{base}/d/unit-1", tmp_path,
+        )  # fmt: skip
+        assert reply.code == "2.04", reply.log
+        reply = await asyncio.to_thread(
+            coap_client, "coap-client-notls", ["-m", "get"], f"{base}/d/unit-1", tmp_path
+        )
+        assert reply.code == "2.05", reply.log
+        assert cbor2.loads(reply.payload)["points"]["t"]["v"] == 1.5
+        # aiocoap's client: an exact path.
+        core = await client.request(Message(code=GET, uri=f"{base}/.well-known/core")).response
+        assert core.code.dotted == "2.05" and b"</telemetry>" in core.payload
+        # A retransmitted CON gets the same answer, from our cache or from aiocoap's.
+        first, second = await asyncio.to_thread(_twice, port, _con_get_core(0x4242))
+        assert first[1] == 0x45 and first[2:4] == b"\x42\x42"  # 2.05, same message ID
+        assert second == first
+        assert server.figures()["duplicates"] == (1 if path == "patched" else 0)
+    finally:
+        await client.shutdown()
+        await server.stop()
+        await store.close()
+
+
+def _cbor(tmp: Path, value: object) -> Path:
+    p = tmp / "payload.cbor"
+    p.write_bytes(cbor2.dumps(value))
+    return p
