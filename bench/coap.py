@@ -128,7 +128,7 @@ async def until_terminated() -> None:
 
 async def serve_gateway(port: int, db: str, stock: bool = False, thread: bool = False) -> None:
     import gateway.coap  # registers the coap schema before the store opens
-    import gateway.store
+    import gateway.store.commit
     from gateway.coap.config import CoapConfig
     from gateway.coap.service import CoapServer
     from gateway.daemon import freeze_startup_objects, tune_process
@@ -141,7 +141,7 @@ async def serve_gateway(port: int, db: str, stock: bool = False, thread: bool = 
 
         aiocoap_compat.use(aiocoap_compat.Internals(dedup=False, render=True, routing=True))
     if thread:  # as where commits are slow: every COMMIT in the writer thread
-        gateway.store.INLINE_COMMIT_LIMIT = 0.0
+        gateway.store.commit.INLINE_COMMIT_LIMIT = 0.0
     pauses = GcPauses()
 
     store = await EventStore.open(db)

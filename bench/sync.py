@@ -39,11 +39,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gateway.config import Issues, Section, StoreConfig
 from gateway.daemon import freeze_startup_objects, tune_process
 from gateway.events import NewEvent
-from gateway.store import EventStore, queries
+from gateway.store import EventStore, outbox, queries
 from gateway.sync.codec import Encoder, Row, batch_payload
 from gateway.sync.config import SyncConfig, parse
 from gateway.sync.link import MqttLink
-from gateway.sync.relay import Relay, read_ahead
+from gateway.sync.reader import read_ahead
+from gateway.sync.relay import Relay
 
 STREAMS = 50
 
@@ -140,7 +141,7 @@ async def run_relay(
             # Fine-grained: the end of the drain is seen within a millisecond.
             await asyncio.sleep(0.001)
             if relay.delivered >= n:
-                upto = await store.read(queries.delivered_upto)
+                upto = await store.read(outbox.delivered_upto)
                 if upto >= last:  # delivered AND recorded as delivered
                     break
         elapsed = time.perf_counter() - t0
@@ -151,7 +152,7 @@ async def run_relay(
             raise SystemExit(f"relay sent {relay.batches} batches, raw {nbatches}")
         # Off the clock: the relay, now idle, prunes the delivered rows (in slices).
         rows = await store.read(lambda c: c.execute("SELECT count(*) FROM outbox").fetchone()[0])
-        await relay._flush_wait()  # its recording and pruning, until nothing is left
+        await relay.record.wait()  # its recording and pruning, until nothing is left
         prune = time.perf_counter() - t0 - elapsed
         if await store.read(lambda c: c.execute("SELECT count(*) FROM outbox").fetchone()[0]):
             raise SystemExit("the idle relay left delivered rows unpruned")
@@ -222,7 +223,7 @@ def breakdown(db: Path, n: int, chunk: int) -> str:
     """Per-event cost of the relay's reads, each way alone on one thread."""
     import sqlite3
 
-    from gateway.sync.relay import NO_UPPER, _read_chunk
+    from gateway.sync.reader import NO_UPPER, read_chunk
 
     conn = sqlite3.connect(db)
     conn.execute("PRAGMA temp_store=MEMORY")  # as the store's reader connection
@@ -233,7 +234,7 @@ def breakdown(db: Path, n: int, chunk: int) -> str:
             t0 = time.perf_counter()
             after, names = 0, {}
             while True:
-                _b, _d, _n, after, short = _read_chunk(
+                _b, _d, _n, after, short = read_chunk(
                     conn, after, NO_UPPER, chunk, 100, b"", enc, grouped, False, False, names
                 )
                 if short:

@@ -10,6 +10,7 @@ from typing import Any
 import cbor2
 
 from gateway.events import Event
+from gateway.store import outbox
 from gateway.store.projections import active_projections, decode_value
 
 _EVENT_COLS = "seq, stream, version, type, wall_time, mono_time, boot_id, synced, data"
@@ -155,69 +156,16 @@ def history(
     return out
 
 
-# Delivery is a watermark: outbox rows at or below it are delivered (and pruned behind it),
-# except requeued dead letters (attempts = -1), which are delivered one by one.
-DELIVERED = "(SELECT coalesce((SELECT value FROM counters WHERE name = 'outbox_delivered'), 0))"
-UNDELIVERED = f"o.seq > {DELIVERED} OR o.attempts < 0"
-
-
-def delivered_upto(conn: sqlite3.Connection) -> int:
-    return int(conn.execute("SELECT " + DELIVERED).fetchone()[0])
-
-
-def set_delivered_upto(conn: sqlite3.Connection, seq: int) -> None:
-    """Raise the watermark (never lowers it); acked ranges below it are no longer needed."""
-    conn.execute(
-        "INSERT INTO counters VALUES ('outbox_delivered', ?) "
-        "ON CONFLICT(name) DO UPDATE SET value = max(value, excluded.value)",
-        (seq,),
-    )
-    conn.execute("DELETE FROM outbox_acked WHERE hi <= ?", (seq,))
-
-
-def prune_delivered(conn: sqlite3.Connection, limit: int | None) -> int:
-    """Delete delivered outbox rows, the oldest `limit` of them (all when None)."""
-    upto = delivered_upto(conn)
-    if limit is None:
-        cur = conn.execute("DELETE FROM outbox WHERE seq <= ? AND attempts >= 0", (upto,))
-    else:
-        cur = conn.execute(
-            "DELETE FROM outbox WHERE seq IN (SELECT seq FROM outbox "
-            "WHERE seq <= ? AND attempts >= 0 ORDER BY seq LIMIT ?)",
-            (upto, limit),
-        )
-    return int(cur.rowcount)
-
-
 def stats(conn: sqlite3.Connection) -> dict[str, Any]:
     n_events = conn.execute("SELECT count(*) FROM events").fetchone()[0]
-    upto = delivered_upto(conn)
-    # The encoded body is what goes on the wire; without one, the event's data.
-    size = "coalesce(sum(coalesce(length(o.body), (SELECT length(e.data) FROM events e "
-    size += "WHERE e.seq = o.seq))), 0)"
-    depth, oldest, outbox_bytes = conn.execute(
-        f"SELECT count(*), min(o.seq), {size} FROM outbox o WHERE o.seq > ? AND o.attempts >= 0",
-        (upto,),
-    ).fetchone()
-    requeued, first, more_bytes = conn.execute(
-        f"SELECT count(*), min(o.seq), {size} FROM outbox o WHERE o.attempts < 0"
-    ).fetchone()
-    if requeued:
-        depth += requeued
-        outbox_bytes += more_bytes
-        oldest = first if oldest is None else min(oldest, first)
-    oldest_wall = None
-    if oldest is not None:
-        row = conn.execute("SELECT wall_time FROM events WHERE seq = ?", (oldest,)).fetchone()
-        oldest_wall = row[0] if row else None
-    dead = conn.execute("SELECT count(*) FROM dead_letters").fetchone()[0]
+    box = outbox.stats(conn)
     last = conn.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0]
     return {
         "events": n_events,
-        "outbox_depth": depth,
-        "outbox_bytes": outbox_bytes,
-        "oldest_undelivered": oldest_wall,
-        "dead_letters": dead,
+        "outbox_depth": box["outbox_depth"],
+        "outbox_bytes": box["outbox_bytes"],
+        "oldest_undelivered": box["oldest_undelivered"],
+        "dead_letters": box["dead_letters"],
         "last_seq": last,
     }
 

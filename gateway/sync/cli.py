@@ -23,8 +23,7 @@ from gateway.cli.common import (
     with_db,
 )
 from gateway.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
-from gateway.store import queries
-from gateway.sync.relay import dead_letter_rows
+from gateway.store import outbox, queries
 
 #: What every outbox verb says when the config has no `[sync]` section (no sink to deliver to).
 NOT_CONFIGURED = "cloud sync is not configured (no [sync] section in {source})"
@@ -115,10 +114,13 @@ def cmd_retry(args: argparse.Namespace) -> int:
 def cmd_dead_letters(args: argparse.Namespace) -> int:
     if _not_configured(args) is None:
         rows, _live = daemon_or_file(
-            args, "outbox.dead_letters", lambda c: dead_letter_rows(c, args.limit), limit=args.limit
+            args,
+            "outbox.dead_letters",
+            lambda c: outbox.dead_letters(c, args.limit),
+            limit=args.limit,
         )
     else:  # dead letters from an earlier [sync] stay readable in the file
-        rows = with_db(args, lambda c: dead_letter_rows(c, args.limit))
+        rows = with_db(args, lambda c: outbox.dead_letters(c, args.limit))
     if args.json:
         emit_json(rows)
         return EXIT_OK

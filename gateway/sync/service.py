@@ -12,10 +12,12 @@ from typing import Any, ClassVar
 from gateway.config import GatewayConfig
 from gateway.errors import PayloadError
 from gateway.service import Health, Service, ServiceContext
+from gateway.store import outbox
 from gateway.sync.config import SyncConfig
+from gateway.sync.downlink import CommandOwner, Downlink
 from gateway.sync.filesink import FileSink
 from gateway.sync.link import MqttLink, Sink
-from gateway.sync.relay import Relay, dead_letter_rows, requeue_rows
+from gateway.sync.relay import Relay
 
 STATS_EVERY = 5.0  # seconds between backlog measurements (count/sum over the outbox)
 STATS_SHARE = 0.02  # at most this share of the time goes to them (a deep backlog is a scan)
@@ -40,11 +42,16 @@ class SyncService(Service):
         self.cfg = cfg
         self._ctx = ctx
         gw = ctx.config.gateway.id
-        relay_box: list[Relay] = []
 
-        async def downlink(payload: bytes) -> bytes | None:
-            return await relay_box[0].handle_command(payload)
+        def commands() -> CommandOwner | None:
+            # Commands belong to the control service (started after this one: asked each time).
+            try:
+                owner = ctx.service("control")
+            except KeyError:
+                return None
+            return owner if isinstance(owner, CommandOwner) else None
 
+        downlink = Downlink(ctx.store, cfg.format, ctx.logger, commands)
         async def config_downlink(payload: bytes, endpoint: str) -> None:
             # The daemon owns config changes (gateway.sync.remote_config): an in-process verb.
             await ctx.control.ask("config.remote", {"document": payload, "endpoint": endpoint})
@@ -55,7 +62,6 @@ class SyncService(Service):
             self.sink = MqttLink(cfg, gw, ctx.logger, downlink=downlink,
                                  config_downlink=config_downlink)  # fmt: skip
         self.relay = Relay(ctx.store, self.sink, cfg, gw, ctx.logger)
-        relay_box.append(self.relay)
         await self._measure()
         self._task = ctx.create_task(self.relay.run(), "relay")
         if self._stats_task is None or self._stats_task.done():  # (a reload keeps it)
@@ -167,7 +173,7 @@ class SyncService(Service):
     async def _cmd_dead_letters(self, args: dict[str, Any]) -> Any:
         assert self._ctx is not None
         limit = int(args.get("limit", 1000))
-        return await self._ctx.store.read(lambda c: dead_letter_rows(c, limit))
+        return await self._ctx.store.read(lambda c: outbox.dead_letters(c, limit))
 
     async def _cmd_requeue(self, args: dict[str, Any]) -> Any:
         assert self._ctx is not None and self.relay is not None
@@ -176,7 +182,7 @@ class SyncService(Service):
             seqs = None
         elif not isinstance(seqs, list) or not all(isinstance(s, int) for s in seqs) or not seqs:
             raise PayloadError("requeue needs 'seqs' (a list of sequence numbers) or 'all'")
-        done = await self._ctx.store.write(lambda c: requeue_rows(c, seqs))
+        done = await self._ctx.store.write(lambda c: outbox.requeue(c, seqs))
         self.relay.requeued(done)
         await self._measure()
         return {"requeued": done}

@@ -119,6 +119,19 @@ class ControlService(Service):
                          inflight=inflight, **self.counts)  # fmt: skip
 
     # -- requests -------------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        """Started: takes cloud commands (`cloud_command`)."""
+        return self._ctx is not None
+
+    async def cloud_command(self, payload: bytes, fmt: str) -> bytes | None:
+        """A command from the cloud, as the sync downlink received it: a valid one becomes
+        its `command.requested` event (judged by the bus consumer, like every request that
+        is not `submit`ted); an invalid one is answered in `fmt`, for the response topic."""
+        from gateway.sync.downlink import record_command  # only with [sync]: not at start
+
+        return await record_command(self.store, payload, fmt, self.log)
+
     async def submit(
         self, device: str, point: str, value: Any, *, cid: str | None = None,
         source: str, by: str | None = None, timeout: float | None = None,

@@ -12,6 +12,7 @@ from typing import Any
 from gateway.config import Issues, Section
 from gateway.store import EventStore
 from gateway.sync.config import SyncConfig, parse
+from gateway.sync.downlink import Downlink
 from gateway.sync.link import MqttLink
 from gateway.sync.relay import Relay
 
@@ -66,14 +67,8 @@ async def running_relay(
     store: EventStore, cfg: SyncConfig, gateway_id: str = "gw"
 ) -> AsyncIterator[Relay]:
     log = logging.getLogger("test.sync")
-    relay_box: list[Relay] = []
-
-    async def downlink(payload: bytes) -> bytes | None:
-        return await relay_box[0].handle_command(payload)
-
-    link = MqttLink(cfg, gateway_id, log, downlink=downlink)
+    link = MqttLink(cfg, gateway_id, log, downlink=Downlink(store, cfg.format, log))
     relay = Relay(store, link, cfg, gateway_id, log)
-    relay_box.append(relay)
     task = asyncio.create_task(relay.run(), name="relay")
     try:
         yield relay

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.store import EventStore
-from gateway.sync.relay import requeue_rows
+from gateway.store import EventStore, outbox
 from tests.sync.conftest import Mosquitto, Subscriber
 from tests.sync.helpers import (
     aio,
@@ -188,7 +187,7 @@ async def test_poison_events_go_to_dead_letters_the_rest_flows_and_requeue_works
                 # Mosquitto 2.0.11 with an acl_file drops messages for a restored session
                 # whose client is not back yet: wait for the subscriber (the "cloud") first.
                 await until(lambda: broker.log().count("as test-sub-") >= 2, "subscriber back")
-                seqs = await store.write(lambda c: requeue_rows(c, None))
+                seqs = await store.write(lambda c: outbox.requeue(c, None))
                 assert len(seqs) == 5
                 relay.requeued(seqs)
                 await until(lambda: _empty(store), "requeued events delivered")

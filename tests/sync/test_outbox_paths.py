@@ -25,12 +25,15 @@ import pytest
 from gateway.clock import SystemClock
 from gateway.errors import StoreError
 from gateway.events import NewEvent
-from gateway.store import EventStore, OutboxCodec, queries
+from gateway.store import EventStore, OutboxCodec, outbox, queries
+from gateway.store.projections import register_projection
+from gateway.sync.batch import Batch
 from gateway.sync.codec import Encoder, decode_batch, item_format, joined_payload, outbox_encoder
 from gateway.sync.config import SyncConfig
 from gateway.sync.filesink import FileSink
 from gateway.sync.link import ACCEPTED, Ack
-from gateway.sync.relay import NO_UPPER, Relay, _Batch, _read_chunk, read_ahead, requeue_rows
+from gateway.sync.reader import NO_UPPER, read_ahead, read_chunk
+from gateway.sync.relay import Relay
 from tests.peers import require_binary
 from tests.sync.conftest import Mosquitto, Subscriber
 from tests.sync.helpers import aio, check_order, mqtt_config, running_relay, sync_config, until
@@ -102,7 +105,7 @@ async def _outbox_rows(store: EventStore) -> int:
 
 
 async def _watermark(store: EventStore) -> int:
-    return await store.read(queries.delivered_upto)
+    return await store.read(outbox.delivered_upto)
 
 
 def _decode(fmt: str, sep: bytes, blob: bytes) -> list[dict[str, Any]]:
@@ -123,15 +126,15 @@ def _decode(fmt: str, sep: bytes, blob: bytes) -> list[dict[str, Any]]:
 # -- SQLite's batches = the per-event path's batches ------------------------------------------
 def _read_all(
     c: sqlite3.Connection, limit: int, size: int, sep: bytes, fmt: str, grouped: bool
-) -> tuple[list[list[_Batch]], list[tuple[int, str, str]]]:
+) -> tuple[list[list[Batch]], list[tuple[int, str, str]]]:
     """The outbox read chunk after chunk, as a lane reads it: (batches per chunk, dead)."""
     enc = Encoder(fmt, "gw")
-    chunks: list[list[_Batch]] = []
+    chunks: list[list[Batch]] = []
     dead: list[tuple[int, str, str]] = []
     after = 0
     names: dict[int, str | None] = {}
     while True:
-        batches, gone, _n, last, short = _read_chunk(
+        batches, gone, _n, last, short = read_chunk(
             c, after, NO_UPPER, limit, size, sep, enc, grouped, False, False, names
         )
         chunks.append(batches)
@@ -141,10 +144,10 @@ def _read_all(
             return chunks, dead
 
 
-def _merged(chunks: list[list[_Batch]]) -> tuple[dict[str, list[_Batch]], int]:
-    """Per stream, neighbours with the same key merged (as `Relay._take` does with batches
+def _merged(chunks: list[list[Batch]]) -> tuple[dict[str, list[Batch]], int]:
+    """Per stream, neighbours with the same key merged (as `Lane.take` does with batches
     cut at a chunk edge); and how many merges that took."""
-    out: dict[str, list[_Batch]] = {}
+    out: dict[str, list[Batch]] = {}
     merges = 0
     for b in (b for chunk in chunks for b in chunk):
         q = out.setdefault(b.stream, [])
@@ -156,7 +159,7 @@ def _merged(chunks: list[list[_Batch]]) -> tuple[dict[str, list[_Batch]], int]:
     return out, merges
 
 
-def _shape(per_stream: dict[str, list[_Batch]]) -> dict[str, list[tuple[int, int, int, bytes]]]:
+def _shape(per_stream: dict[str, list[Batch]]) -> dict[str, list[tuple[int, int, int, bytes]]]:
     return {s: [(b.n, b.first, b.last, b.blob) for b in q] for s, q in per_stream.items()}
 
 
@@ -484,8 +487,8 @@ async def test_ranges_acked_by_a_previous_session_are_not_sent_again(
             # What a crashed session left: the watermark at 12 (rows up to it pruned), and
             # batches of b and c acked above it.
             def previous_session(c: sqlite3.Connection) -> None:
-                queries.set_delivered_upto(c, 12)
-                queries.prune_delivered(c, None)
+                outbox.set_delivered_upto(c, 12)
+                outbox.prune_delivered(c, None)
                 c.executemany(
                     "INSERT INTO outbox_acked VALUES (?, ?, ?)",
                     [("device:b", 20, 50), ("device:c", 60, 63)],
@@ -559,15 +562,15 @@ async def test_a_requeued_dead_letter_below_the_watermark_is_delivered_and_never
                 await _drained(store, 30)
                 assert relay.delivered == 29
 
-                assert await store.write(lambda c: requeue_rows(c, [5])) == [5]
+                assert await store.write(lambda c: outbox.requeue(c, [5])) == [5]
                 row = await store.read(
                     lambda c: c.execute("SELECT seq, attempts, body FROM outbox").fetchall()
                 )
                 assert row == [(5, -1, None)]  # below the watermark (30), yet undelivered
                 assert (await store.read(queries.stats))["outbox_depth"] == 1
                 # Pruning (by SQL, by the store, in slices or not) leaves it alone.
-                assert await store.write(lambda c: queries.prune_delivered(c, None)) == 0
-                assert await store.write(lambda c: queries.prune_delivered(c, 10)) == 0
+                assert await store.write(lambda c: outbox.prune_delivered(c, None)) == 0
+                assert await store.write(lambda c: outbox.prune_delivered(c, 10)) == 0
                 assert await store.prune_outbox() == 0
                 assert await _outbox_rows(store) == 1
                 # Nor does retention: the delivered events go, the requeued one stays.
@@ -785,9 +788,11 @@ def _sids_consistent(c: sqlite3.Connection) -> list[tuple[Any, ...]]:
 
 
 class _Boom:
-    """A projection that fails on one event type: the append's transaction rolls back."""
+    """A projection that fails on one event type: the append's transaction rolls back.
+    Registered for the whole process, it is active only in a database that has its table
+    (`active_projections`): the one made by `_boom_db`."""
 
-    tables: tuple[str, ...] = ()
+    tables: tuple[str, ...] = ("test_boom",)
 
     def reset(self, conn: sqlite3.Connection) -> None:
         pass
@@ -809,14 +814,20 @@ async def test_a_stream_id_given_in_a_rolled_back_append_is_not_reused_for_anoth
 ) -> None:
     # SQLite hands out the rolled-back id again: were it kept in the writer's cache, two
     # streams would share an id and SQLite would join their events into one batch.
-    async with _store(tmp_path / "gw.db", Encoder("cbor", "gw")) as store:
-        store._projections.append(_Boom())
+    db = tmp_path / "gw.db"
+    register_projection(_Boom())
+    conn = sqlite3.connect(db)
+    conn.execute("CREATE TABLE test_boom (x)")
+    conn.close()
+    async with _store(db, Encoder("cbor", "gw")) as store:
         await store.append("device:a", "readings", {"i": 0})
         with pytest.raises(StoreError, match="injected failure"):
             await store.append("device:x", "boom", {"i": 1})
         await store.append("device:y", "readings", {"i": 2})
         await store.append("device:x", "readings", {"i": 3})
-        store._sids.clear()  # the cache is bounded: ids are read back from the table
+    # A store opened again starts with no id cached (as after the bounded cache is emptied):
+    # ids are read back from the table.
+    async with _store(db, Encoder("cbor", "gw")) as store:
         await store.append_many([NewEvent("device:x", "readings", {"i": 4}),
                                  NewEvent("device:z", "readings", {"i": 5})])  # fmt: skip
 
