@@ -10,12 +10,17 @@
   `Site._resources`, `Site._subsites`); stock path: aiocoap's Site;
 - the UDP address under a DTLS session (`_underlying_address`), for the per-source rate limit;
   stock path: DTLS requests are not rate-limited by source (the handshake's cookie already
-  bounds what a spoofer can do).
+  bounds what a spoofer can do);
+- the datagram layer (`gateway.coap.door.DoorUDP6`, `gateway.coap.door_dtls.DoorDTLS`):
+  subclasses of aiocoap's UDP and tinydtls server transports that read the socket
+  themselves and hand aiocoap what passed RFC 7252's checks (`MessageInterfaceUDP6._ctx`,
+  its reader and error hooks; `MessageInterfaceTinyDTLSServer._received_datagram`,
+  `_mman`); stock path: aiocoap's transports, without the door's checks and without the
+  fast ingest path (every request through aiocoap, as before issue 16).
 
 `check()` runs when the server starts (and when the first site is made): what does not have
 the expected shape takes the stock path, said once in the log.
 
-The CoAP transports the door subclasses (`gateway.coap.door`, `door_dtls`) are not here yet.
 """
 
 from __future__ import annotations
@@ -39,6 +44,18 @@ MESSAGE_MANAGER = {
 CONTEXT = {"_render_to_pipe": ("self", "pipe"), "render_to_pipe": ("self", "pipe")}
 SITE = {"_find_child_and_pathstripped_message": ("self", "request")}
 SITE_ATTRS = ("_resources", "_subsites")  # dicts, per instance
+#: What DoorUDP6 relies on in MessageInterfaceUDP6 (and its __init__ keeping `_ctx`).
+UDP6 = {
+    "__init__": ("self", "ctx", "log", "loop"),
+    "datagram_errqueue_received": ("self", "data", "ancdata", "flags", "address"),
+    "error_received": ("self", "exc"),
+}
+UDP6_ADDRESS = ("self", "sockaddr", "interface", "pktinfo")
+#: What DoorDTLS relies on in MessageInterfaceTinyDTLSServer (and `_mman` kept by __init__).
+DTLS_SERVER = {
+    "__init__": ("self", "mman", "log", "loop"),
+    "_received_datagram": ("self", "address", "datagram"),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +65,7 @@ class Internals:
     dedup: bool
     render: bool
     routing: bool
+    door: bool = True  # the datagram layer over aiocoap's UDP transport
 
 
 _checked: Internals | None = None
@@ -93,8 +111,15 @@ def check(logger: logging.Logger = log) -> Internals:
     if not site:
         fresh = Site()
         site += [f"Site.{a}" for a in SITE_ATTRS if not isinstance(getattr(fresh, a, None), dict)]
-    _checked = Internals(not mm, not ctx, not site)
-    wrong = mm + ctx + site
+    from aiocoap.transports.udp6 import MessageInterfaceUDP6, UDP6EndpointAddress
+
+    udp = _shape(MessageInterfaceUDP6, UDP6)
+    if not udp and not _calls(MessageInterfaceUDP6.__init__, "self._ctx = ctx"):
+        udp.append("MessageInterfaceUDP6.__init__")
+    if not udp and _shape(UDP6EndpointAddress, {"__init__": UDP6_ADDRESS}):
+        udp.append("UDP6EndpointAddress.__init__")
+    _checked = Internals(not mm, not ctx, not site, not udp)
+    wrong = mm + ctx + site + udp
     if wrong:
         from importlib.metadata import version
 
@@ -107,8 +132,9 @@ def check(logger: logging.Logger = log) -> Internals:
 
 def reset() -> None:
     """Forget the checked answer (tests that simulate other internals)."""
-    global _checked
+    global _checked, _dtls_door
     _checked = None
+    _dtls_door = None
     _made.clear()
 
 
@@ -116,6 +142,50 @@ def use(internals: Internals) -> None:
     """Take these paths instead of checking (the benchmark's comparison with aiocoap's own)."""
     global _checked
     _checked = internals
+
+
+# -- the datagram layer's transports ---------------------------------------------------------
+def udp_transport_class() -> type[Any]:
+    """`DoorUDP6` where aiocoap's UDP transport is as expected, else aiocoap's own (no door,
+    no fast path)."""
+    from aiocoap.transports.udp6 import MessageInterfaceUDP6
+
+    if not check().door:
+        stock: type[Any] = MessageInterfaceUDP6
+        return stock
+    from gateway.coap.door import DoorUDP6
+
+    return DoorUDP6
+
+
+_dtls_door: bool | None = None
+
+
+def dtls_transport_class(logger: logging.Logger = log) -> type[Any]:
+    """`DoorDTLS` where aiocoap's tinydtls server transport is as expected, else aiocoap's
+    own. Checked apart (and only where DTLS is configured): it imports DTLSSocket."""
+    global _dtls_door
+    from aiocoap.transports.tinydtls_server import MessageInterfaceTinyDTLSServer
+
+    if _dtls_door is None:
+        wrong = _shape(MessageInterfaceTinyDTLSServer, DTLS_SERVER)
+        if not wrong and not _calls(MessageInterfaceTinyDTLSServer.__init__, "self._mman"):
+            wrong.append("MessageInterfaceTinyDTLSServer.__init__")
+        _dtls_door = not wrong
+        if wrong:
+            from importlib.metadata import version
+
+            logger.warning(
+                "CoAP: aiocoap %s internals differ (%s): DTLS requests go through aiocoap's "
+                "own transport (no datagram checks, no fast path)",
+                version("aiocoap"), ", ".join(wrong),
+            )  # fmt: skip
+    if not _dtls_door:
+        stock: type[Any] = MessageInterfaceTinyDTLSServer
+        return stock
+    from gateway.coap.door_dtls import DoorDTLS
+
+    return DoorDTLS
 
 
 # -- duplicate detection ---------------------------------------------------------------------

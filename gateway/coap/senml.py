@@ -14,8 +14,7 @@ import json
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import cbor2
 
@@ -65,11 +64,11 @@ MAX_RECORDS: Final = 1000
 MAX_NAME: Final = 256
 
 
-@dataclass(frozen=True, slots=True)
-class Record:
+class Record(NamedTuple):
     """One resolved SenML record. `value` is float, str, bool or bytes (or None when only a
     sum is given); `time` is absolute (seconds since the epoch) or None when the pack gave
-    no time at all (the receiver's clock then applies)."""
+    no time at all (the receiver's clock then applies). A tuple: made for every reading
+    that arrives, and a frozen dataclass took 1.5 us to make."""
 
     name: str
     value: float | str | bool | bytes | None
@@ -285,9 +284,86 @@ def _labels_from_cbor(pack: object) -> object:
     return out
 
 
+#: Labels `_resolve_plain` takes: bn, bt, bu, n, u, v, t (what a sensor's pack holds).
+_PLAIN: Final = frozenset((-2, -3, -4, 0, 1, 2, 6))
+
+
+def _resolve_plain(pack: object, now: float) -> list[Record] | None:
+    """The common pack in one pass, straight from CBOR's integer labels: records of
+    numeric values with names, units and times only, all valid. None for anything else
+    (another label, a wrong type, a bad name...): `resolve` then decides, and says what
+    is wrong. Same records as `resolve` for every pack it takes (tests compare them)."""
+    if type(pack) is not list or not pack or len(pack) > MAX_RECORDS:
+        return None
+    bn = ""
+    bt = 0.0
+    bu: str | None = None
+    out: list[Record] = []
+    match = _NAME_RE.match
+    isfinite = math.isfinite
+    for rec in pack:
+        if type(rec) is not dict or not rec.keys() <= _PLAIN:
+            return None
+        for key in rec:
+            if type(key) is not int:  # (True == 1 and False == 0 pass the test above)
+                return None
+        if -2 in rec:
+            bn = rec[-2]
+            if type(bn) is not str:
+                return None
+        if -3 in rec:
+            b = rec[-3]
+            if type(b) is not float and type(b) is not int:
+                return None
+            bt = float(b)
+            if not isfinite(bt):
+                return None
+        if -4 in rec:
+            bu = rec[-4]
+            if type(bu) is not str:
+                return None
+        n = rec.get(0, "")
+        if type(n) is not str:
+            return None
+        name = bn + n
+        if not name or len(name) > MAX_NAME or not match(name):
+            return None
+        v = rec.get(2)
+        if type(v) is float:
+            value = 0.0 + v
+        elif type(v) is int and -(2**53) <= v <= 2**53:
+            value = 0.0 + float(v)
+        else:
+            return None
+        if not isfinite(value):
+            return None
+        if 1 in rec:
+            unit = rec[1]
+            if type(unit) is not str:
+                return None
+        else:
+            unit = bu
+        time: float | None = None
+        if 6 in rec or -3 in rec or bt != 0.0:
+            t = rec.get(6, 0.0)
+            if type(t) is not float and type(t) is not int:
+                return None
+            time = bt + float(t)
+            if not isfinite(time):
+                return None
+            if time < RELATIVE_TIME_LIMIT:
+                time = now + time
+        out.append(Record(name, value, unit, time, None, None, bn))
+    return out
+
+
 def decode_cbor(payload: bytes, now: float) -> list[Record]:
     """SenML CBOR (content-format 112), integer labels of RFC 8428 Table 4."""
-    return resolve(_labels_from_cbor(_cbor_loads(payload)), now, binary_vd=True)
+    pack = _cbor_loads(payload)
+    records = _resolve_plain(pack, now)
+    if records is not None:
+        return records
+    return resolve(_labels_from_cbor(pack), now, binary_vd=True)
 
 
 def decode_json(payload: bytes, now: float) -> list[Record]:

@@ -151,6 +151,7 @@ class CoapServer:
         self.context = ctx
 
         self.limiter = RateLimiter(self.config.rate_per_source, self.config.burst)
+        udp = aiocoap_compat.udp_transport_class()  # DoorUDP6, or aiocoap's own
 
         async def add(constructor: Any, verify_address: bool = True) -> Any:
             tman = TokenManager(ctx)
@@ -167,7 +168,7 @@ class CoapServer:
         try:
             for host in self.config.bind:
                 transport, mman = await add(
-                    lambda mman, host=host: DoorUDP6.create_server_transport_endpoint(
+                    lambda mman, host=host: udp.create_server_transport_endpoint(
                         mman,
                         log=ctx.log,
                         loop=loop,
@@ -175,19 +176,19 @@ class CoapServer:
                         multicast=[],
                     )
                 )
-                transport.install(self.door)
-                # Telemetry POSTs skip aiocoap's per-message machinery, same rules.
-                fast = FastIngest(self.door, mman, self.telemetry, self.backend, self.log)
-                transport.fast = fast.udp(transport)
-                self.fast.append(fast)
+                if isinstance(transport, DoorUDP6):
+                    transport.install(self.door)
+                    # Telemetry POSTs skip aiocoap's per-message machinery, same rules.
+                    fast = FastIngest(self.door, mman, self.telemetry, self.backend, self.log)
+                    transport.fast = fast.udp(transport)
+                    self.fast.append(fast)
                 port = _local_port(transport, self.config.port)
                 self.addresses.append((host, port, "udp"))
             if any(c.psk is not None for c in self.config.credentials.values()):
-                from gateway.coap.door_dtls import DoorDTLS
-
+                dtls_class = aiocoap_compat.dtls_transport_class(self.log)
                 for host in self.config.bind:
                     dtls, mman = await add(
-                        lambda mman, host=host: DoorDTLS.create_server(
+                        lambda mman, host=host: dtls_class.create_server(
                             # aiocoap adds 1 (5683 -> 5684) to the port it is given.
                             (host, self.config.dtls_port - 1),
                             mman,
@@ -197,10 +198,11 @@ class CoapServer:
                         ),
                         verify_address=False,  # the DTLS handshake's cookie proved it
                     )
-                    dtls.door = self.door
-                    fast = FastIngest(self.door, mman, self.telemetry, self.backend, self.log)
-                    dtls.fast = fast.dtls()
-                    self.fast.append(fast)
+                    if dtls_class.__name__ == "DoorDTLS":
+                        dtls.door = self.door
+                        fast = FastIngest(self.door, mman, self.telemetry, self.backend, self.log)
+                        dtls.fast = fast.dtls()
+                        self.fast.append(fast)
                     self.addresses.append((host, self.config.dtls_port, "dtls"))
         except BaseException:
             await self.stop()

@@ -138,6 +138,10 @@ class EventStore:
         self._since_snapshot: dict[str, int] = {}
         self._used_bytes = 0
         self._page_size = 4096
+        #: Moving average of COMMIT durations (s); starts in the writer thread until measured.
+        self._commit_time = commit.INLINE_COMMIT_LIMIT * 2
+        self._wal_pages = 0.0  # WAL pages written since the last checkpoint (estimated)
+        self._wal_scale = 1.0  # real pages / estimated, as the last checkpoint found
         # Figures.
         self.batches = 0
         self.appended = 0
@@ -379,7 +383,7 @@ class EventStore:
             if not batch:
                 continue
             try:
-                outcome, committed = await loop.run_in_executor(self._wx, self._commit, batch)
+                outcome, committed = await commit.run(self, batch)
             except Exception as exc:
                 err = store_error(exc, "commit", str(self.path.parent))
                 if not isinstance(err, StoreError):
@@ -403,6 +407,7 @@ class EventStore:
                         listener(committed)
                     except Exception:
                         log.exception("store listener failed")
+            await commit.checkpoint_due(self)
 
     def _set_full(self, why: StoreFullError | None) -> None:
         """Appends refused (`why`) or accepted again (None): said once per change."""
@@ -450,9 +455,6 @@ class EventStore:
 
     def _flushed(self) -> None:
         streams.flushed(self)
-
-    def _commit(self, batch: Sequence[_Pending]) -> tuple[list[Any], list[Event]]:
-        return commit.commit(self, batch)
 
     # -- maintenance ----------------------------------------------------------------------
     async def prune(self, older_than: float | None = None, batch: int = 5000) -> int:

@@ -15,6 +15,10 @@ from gateway.store.errors import is_corruption, store_error
 
 log = logging.getLogger("gateway.store")
 
+#: How long a connection waits for another one's lock (`commit.stage` in the event loop's
+#: thread waits for none).
+BUSY_TIMEOUT_MS = 5000
+
 
 def connect(
     path: Path, synchronous: str, readonly: bool = False, page_size: int | None = None
@@ -34,7 +38,10 @@ def connect(
                 conn.execute(f"PRAGMA page_size={int(page_size)}")
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
-        conn.execute("PRAGMA busy_timeout=5000")
+            # Checkpoints: by the store's writer thread (`commit.checkpoint`), never inside
+            # a COMMIT, which may run in the event loop's thread.
+            conn.execute("PRAGMA wal_autocheckpoint=0")
+        conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         conn.execute("PRAGMA foreign_keys=OFF")
     except BaseException:
         # Not left open: SQLite shares a file's -shm state between the connections of a

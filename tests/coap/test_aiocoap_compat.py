@@ -29,12 +29,14 @@ def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Ite
     from aiocoap.messagemanager import MessageManager
     from aiocoap.protocol import Context
     from aiocoap.resource import Site
+    from aiocoap.transports.udp6 import MessageInterfaceUDP6
 
     if request.param == "stock":
         for cls, names in (
             (MessageManager, aiocoap_compat.MESSAGE_MANAGER),
             (Context, aiocoap_compat.CONTEXT),
             (Site, aiocoap_compat.SITE),
+            (MessageInterfaceUDP6, aiocoap_compat.UDP6),
         ):
             for name in names:
                 monkeypatch.setattr(cls, name, _changed(getattr(cls, name)))
@@ -44,8 +46,8 @@ def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Ite
 
 
 def _changed(real: Any) -> Any:
-    def changed(self: Any, *args: Any) -> Any:
-        return real(self, *args)
+    def changed(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return real(self, *args, **kwargs)
 
     return changed
 
@@ -83,14 +85,18 @@ async def test_server_answers_by_both_paths(
         found = aiocoap_compat.check()
         names = {type(server.site).__name__, type(server.context).__name__}
         differ = [r.getMessage() for r in caplog.records if "internals differ" in r.getMessage()]
+        transports = {type(m.message_interface).__name__ for m in server.managers}
         if path == "stock":
-            assert found == aiocoap_compat.Internals(False, False, False)
+            assert found == aiocoap_compat.Internals(False, False, False, False)
             assert names == {"Site", "Context"}
+            assert transports == {"MessageInterfaceUDP6"}  # no door: aiocoap reads the socket
             assert len(differ) == 1
             assert "MessageManager._deduplicate_message" in differ[0]
+            assert "MessageInterfaceUDP6.__init__" in differ[0]
         else:
-            assert found == aiocoap_compat.Internals(True, True, True)
+            assert found == aiocoap_compat.Internals(True, True, True, True)
             assert names == {"LeanSite", "LeanContext"}
+            assert transports == {"DoorUDP6"}
             assert differ == []
         # libcoap's client: a POST (the fast path) and a GET of a subtree (aiocoap's Site).
         base = f"coap://127.0.0.1:{port}"
@@ -113,6 +119,8 @@ async def test_server_answers_by_both_paths(
         assert first[1] == 0x45 and first[2:4] == b"\x42\x42"  # 2.05, same message ID
         assert second == first
         assert server.figures()["duplicates"] == (1 if path == "patched" else 0)
+        # The POST took the fast path only behind the door.
+        assert server.figures()["fast_path"] == (1 if path == "patched" else 0)
     finally:
         await client.shutdown()
         await server.stop()
@@ -123,3 +131,59 @@ def _cbor(tmp: Path, value: object) -> Path:
     p = tmp / "payload.cbor"
     p.write_bytes(cbor2.dumps(value))
     return p
+
+
+@pytest.mark.parametrize("dtls_path", ["patched", "stock"])
+async def test_dtls_psk_by_both_paths(
+    dtls_path: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """DTLS-PSK behind the door (DoorDTLS: checks and the fast path) or, when aiocoap's
+    tinydtls server transport is not as pinned, through aiocoap's own: a POST with libcoap's
+    client (OpenSSL) is stored either way."""
+    pytest.importorskip("DTLSSocket")
+    from aiocoap.transports.tinydtls_server import MessageInterfaceTinyDTLSServer
+
+    from gateway.coap.config import DeviceCredentials
+
+    if dtls_path == "stock":
+        for name in aiocoap_compat.DTLS_SERVER:
+            monkeypatch.setattr(
+                MessageInterfaceTinyDTLSServer, name,
+                _changed(getattr(MessageInterfaceTinyDTLSServer, name)),
+            )  # fmt: skip
+    aiocoap_compat.reset()
+    projection.register()  # the coap schema, before the store opens
+    store = await EventStore.open(tmp_path / "gw.db")
+    port, dtls_port = free_port(socket.SOCK_DGRAM), free_port(socket.SOCK_DGRAM)
+    creds = {"sensor-9": DeviceCredentials("sensor-9", b"sensor-9", b"sensor-9-secret")}
+    config = CoapConfig(bind=("127.0.0.1",), port=port, dtls_port=dtls_port,
+                        credentials=creds)  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="gateway.coap"):
+        server = CoapServer(config, store)
+        await server.start()
+    try:
+        transports = {type(m.message_interface).__name__ for m in server.managers}
+        differ = [r.getMessage() for r in caplog.records if "internals differ" in r.getMessage()]
+        if dtls_path == "stock":
+            assert transports == {"DoorUDP6", "MessageInterfaceTinyDTLSServer"}
+            assert len(differ) == 1 and "_received_datagram" in differ[0]
+        else:
+            assert transports == {"DoorUDP6", "DoorDTLS"}
+            assert differ == []
+        reply = await asyncio.to_thread(
+            coap_client, "coap-client-openssl",
+            ["-u", "sensor-9", "-k", "sensor-9-secret", "-m", "post", "-t", "110",
+             "-e", '[{"n":"temp","v":18.5}]'],
+            f"coaps://127.0.0.1:{dtls_port}/telemetry", tmp_path,
+        )  # fmt: skip
+        assert reply.code == "2.04", reply.log
+        assert server.figures()["fast_path"] == (1 if dtls_path == "patched" else 0)
+        rows = await store.read(
+            lambda c: c.execute("SELECT stream FROM events WHERE type = 'readings'").fetchall()
+        )
+        assert rows == [("device:sensor-9",)]
+    finally:
+        await server.stop()
+        await store.close()
+        aiocoap_compat.reset()
