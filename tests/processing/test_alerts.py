@@ -242,6 +242,12 @@ def test_unavailable_via_sighup_and_sigkill_while_active_raise_and_deliver_once(
     daemon_factory.append(d)
     wait_until(lambda: len(delivered(out)) == 1, "pump-fast raised and delivered")
     wait_until(lambda: events(config, "alert.delivered") != [], "the delivery recorded")
+    # The flaky channel's first run failed: recorded before the SIGKILL (else the restarted
+    # daemon's first try is the flaky channel's first run, and fails instead).
+    wait_until(
+        lambda: any(f["channel"] == "flaky" for *_x, f in events(config, "alert.delivery_failed")),
+        "the flaky channel's failure recorded",
+    )
     d.kill()  # SIGKILL while pump-fast is active
 
     d = start_daemon(config, tmp_path, name="second")

@@ -143,6 +143,8 @@ def test_disk_full_keeps_acks_and_dead_letters_and_says_disk_full(tmp_path: Path
         assert operator >= set(notes) and len(operator) == refused
         assert all(d["reason"].startswith("0x87") for d in dead)
         assert "recorded again after" in log.read_text()
+        # (mosquitto_sub writes its file in blocks: wait for what it has received)
+        wait_until(lambda: sub.events() != [], "events at the subscriber", 600)
         delivered = {e["seq"] for e in sub.events()}
         assert delivered and not delivered & set(notes)
     finally:
