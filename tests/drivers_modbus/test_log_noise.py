@@ -23,7 +23,8 @@ from drivers.modbus import ModbusDriver
 from gateway.config import loads
 from gateway.daemon import setup_logging
 from gateway.errors import GatewayError
-from tests.drivers_modbus.support import RecordingContext, device_toml
+from drivers.testing import RecordingContext
+from tests.drivers_modbus.support import device_toml
 
 setup_logging(sys.argv[1])
 port = int(sys.argv[2])
