@@ -10,9 +10,10 @@ last reference to it goes. `check()` runs when the driver starts; a difference i
 
 from __future__ import annotations
 
-import inspect
 import logging
 from typing import Any
+
+from gateway.compat import wrong_signatures
 
 log = logging.getLogger("drivers.coap")
 
@@ -47,11 +48,7 @@ def _shape_ok() -> bool:
         from aiocoap.oscore import FilesystemSecurityContext
     except ImportError:  # no OSCORE extra: nothing to release either
         return True
-    fn = getattr(FilesystemSecurityContext, "_destroy", None)
-    try:
-        return callable(fn) and tuple(inspect.signature(fn).parameters) == ("self",)
-    except (TypeError, ValueError):
-        return False
+    return not wrong_signatures(FilesystemSecurityContext, {"_destroy": ("self",)})
 
 
 def release_oscore(context: Any) -> None:

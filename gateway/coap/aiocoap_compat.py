@@ -26,11 +26,12 @@ the expected shape takes the stock path, said once in the log.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from gateway.compat import calls, wrong_signatures
 
 log = logging.getLogger("gateway.coap")
 
@@ -72,27 +73,6 @@ _checked: Internals | None = None
 _made: dict[str, type[Any]] = {}  # the classes made on the patched paths, once each
 
 
-def _shape(cls: Any, methods: Mapping[str, tuple[str, ...]]) -> list[str]:
-    wrong = []
-    for name, params in methods.items():
-        fn = getattr(cls, name, None)
-        try:
-            ok = callable(fn) and tuple(inspect.signature(fn).parameters) == params
-        except (TypeError, ValueError):
-            ok = False
-        if not ok:
-            wrong.append(f"{cls.__name__}.{name}")
-    return wrong
-
-
-def _calls(fn: Any, name: str) -> bool:
-    """Whether `fn`'s source still calls `name` (True where the source cannot be read)."""
-    try:
-        return name in inspect.getsource(fn)
-    except (OSError, TypeError):
-        return True
-
-
 def check(logger: logging.Logger = log) -> Internals:
     """Verify the internals relied on (once per process; `reset()` forgets the answer) and
     log one line naming what falls back to aiocoap's stock path."""
@@ -103,20 +83,20 @@ def check(logger: logging.Logger = log) -> Internals:
     from aiocoap.protocol import Context
     from aiocoap.resource import Site
 
-    mm = _shape(MessageManager, MESSAGE_MANAGER)
-    if not mm and not _calls(MessageManager.dispatch_message, "_deduplicate_message"):
+    mm = wrong_signatures(MessageManager, MESSAGE_MANAGER)
+    if not mm and not calls(MessageManager.dispatch_message, "_deduplicate_message"):
         mm.append("MessageManager.dispatch_message")
-    ctx = _shape(Context, CONTEXT)
-    site = _shape(Site, SITE)
+    ctx = wrong_signatures(Context, CONTEXT)
+    site = wrong_signatures(Site, SITE)
     if not site:
         fresh = Site()
         site += [f"Site.{a}" for a in SITE_ATTRS if not isinstance(getattr(fresh, a, None), dict)]
     from aiocoap.transports.udp6 import MessageInterfaceUDP6, UDP6EndpointAddress
 
-    udp = _shape(MessageInterfaceUDP6, UDP6)
-    if not udp and not _calls(MessageInterfaceUDP6.__init__, "self._ctx = ctx"):
+    udp = wrong_signatures(MessageInterfaceUDP6, UDP6)
+    if not udp and not calls(MessageInterfaceUDP6.__init__, "self._ctx = ctx"):
         udp.append("MessageInterfaceUDP6.__init__")
-    if not udp and _shape(UDP6EndpointAddress, {"__init__": UDP6_ADDRESS}):
+    if not udp and wrong_signatures(UDP6EndpointAddress, {"__init__": UDP6_ADDRESS}):
         udp.append("UDP6EndpointAddress.__init__")
     _checked = Internals(not mm, not ctx, not site, not udp)
     wrong = mm + ctx + site + udp
@@ -168,8 +148,8 @@ def dtls_transport_class(logger: logging.Logger = log) -> type[Any]:
     from aiocoap.transports.tinydtls_server import MessageInterfaceTinyDTLSServer
 
     if _dtls_door is None:
-        wrong = _shape(MessageInterfaceTinyDTLSServer, DTLS_SERVER)
-        if not wrong and not _calls(MessageInterfaceTinyDTLSServer.__init__, "self._mman"):
+        wrong = wrong_signatures(MessageInterfaceTinyDTLSServer, DTLS_SERVER)
+        if not wrong and not calls(MessageInterfaceTinyDTLSServer.__init__, "self._mman"):
             wrong.append("MessageInterfaceTinyDTLSServer.__init__")
         _dtls_door = not wrong
         if wrong:

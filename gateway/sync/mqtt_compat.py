@@ -18,11 +18,12 @@ path, said once in the log.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from gateway.compat import wrong_signatures
 
 log = logging.getLogger("gateway.sync")
 
@@ -54,20 +55,6 @@ class Internals:
 _checked: Internals | None = None
 
 
-def _shape(cls: Any, methods: Mapping[str, tuple[str, ...]]) -> list[str]:
-    """The names of `methods` that `cls` lacks or takes other parameters for."""
-    wrong = []
-    for name, params in methods.items():
-        fn = getattr(cls, name, None)
-        try:
-            ok = callable(fn) and tuple(inspect.signature(fn).parameters) == params
-        except (TypeError, ValueError):
-            ok = False
-        if not ok:
-            wrong.append(name)
-    return wrong
-
-
 def check(logger: logging.Logger = log) -> Internals:
     """Verify the internals relied on (once per process; `reset()` forgets the answer) and
     log one line naming what falls back to the stock path."""
@@ -78,9 +65,9 @@ def check(logger: logging.Logger = log) -> Internals:
     import paho.mqtt.client as mqtt
     from paho.mqtt.properties import Properties
 
-    wrong_aiomqtt = _shape(aiomqtt.Client, AIOMQTT_METHODS)
-    wrong_paho = _shape(mqtt.Client, PAHO_METHODS)
-    packs = _shape(Properties, {"pack": ("self",)})
+    wrong_aiomqtt = wrong_signatures(aiomqtt.Client, AIOMQTT_METHODS, qualified=False)
+    wrong_paho = wrong_signatures(mqtt.Client, PAHO_METHODS, qualified=False)
+    packs = wrong_signatures(Properties, {"pack": ("self",)}, qualified=False)
     _checked = Internals(not wrong_aiomqtt, not wrong_paho, not packs)
     wrong = [f"aiomqtt.Client.{n}" for n in wrong_aiomqtt]
     wrong += [f"paho Client.{n}" for n in wrong_paho] + [f"paho Properties.{n}" for n in packs]
@@ -204,7 +191,8 @@ def fast_puback(paho: Any) -> bool:
     ReasonCode; any other PUBACK (a refusal, properties) and every PUBCOMP take paho's own
     path. Installed only on a paho that has the private names it uses (paho 2.x); returns
     whether it was."""
-    if _shape(type(paho), PAHO_METHODS) or not all(hasattr(paho, n) for n in PAHO_ATTRS):
+    wrong = wrong_signatures(type(paho), PAHO_METHODS, qualified=False)
+    if wrong or not all(hasattr(paho, n) for n in PAHO_ATTRS):
         return False
     if not isinstance(getattr(paho, "_in_packet", None), dict):
         return False
