@@ -98,12 +98,20 @@ def finished(db: Path, sid: str) -> dict[str, Any]:
     return row
 
 
+def bus_idle(d: Daemon) -> None:
+    """The first poll of the silent unit (`mute`, 0.9 s time-out) holds the shared bus at
+    start: a saga started meanwhile has its first write wait behind it, and on a busy
+    machine run out of time (a real outcome, but not the path these tests replay)."""
+    wait_until(lambda: "modbus mute: no answer" in d.log.read_text(), "mute's first poll")
+
+
 def run_once(tmp: Path, server: ModbusServer, name: str, sid: str) -> list[str]:
     """A run without faults; returns its kill points in order."""
     tmp.mkdir()
     config = control_config(tmp, server.port, extra=SAGAS)
     d = start_daemon(config, tmp)
     try:
+        bus_idle(d)
         out = cli(config, "saga", "run", name, "--id", sid, "--wait")
         db = tmp / "state" / "gateway.db"
         row = finished(db, sid)
@@ -144,6 +152,7 @@ def test_saga_resumes_after_a_sigkill_at_every_boundary(
         monkeypatch.delenv("GATEWAY_FAULT_KILL_AT")
         d2: Daemon | None = None
         try:
+            bus_idle(d)
             cli(config, "saga", "run", name, "--id", sid)  # the daemon may die answering
             assert d.peer.proc.wait(60) == -9, f"{point}: the daemon did not die there"
             d.stop()
