@@ -19,9 +19,10 @@ from gateway.config import StoreConfig
 from gateway.control import call
 from gateway.errors import StoreError, StoreFullError
 from gateway.logs import REPEAT_INTERVAL
-from gateway.store import EventStore, NewEvent
+from gateway.store import EventStore
 from tests.support.daemon import Daemon, run_cli, start_daemon
 from tests.support.peers import Peer, free_port, wait_until
+from tests.support.store import fill_store
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -147,21 +148,6 @@ base = 60.0
 """
 
 
-async def _fill(db: Path, used: int) -> None:
-    """A store past `used` bytes, written before the daemon runs (a site that filled up)."""
-    store = await EventStore.open(db, StoreConfig(quota_mb=64), gateway_id="gw-full")
-    try:
-        n = 0
-        while store.used_bytes < used:
-            await store.append_many(
-                [NewEvent("device:old-1", "device.readings", {"r": [n + i, "x" * 100]})
-                 for i in range(200)]
-            )  # fmt: skip
-            n += 200
-    finally:
-        await store.close()
-
-
 async def full_store(tmp: Path, interval: float = 0.5, devices: int = 1) -> Path:
     more = "".join(
         f'[devices.fast-{i}]\ndriver = "virtual"\ninterval = {interval}\n'
@@ -171,7 +157,7 @@ async def full_store(tmp: Path, interval: float = 0.5, devices: int = 1) -> Path
     config = tmp / "config.toml"
     config.write_text(FULL_CONFIG.format(state=tmp / "state", run=tmp / "run",
                                          interval=interval, more=more))  # fmt: skip
-    await _fill(cfg.load(config).db_path, 300 * 1024)
+    await fill_store(cfg.load(config).db_path, 300 * 1024, "gw-full")
     return config
 
 

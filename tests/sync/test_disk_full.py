@@ -16,6 +16,7 @@ import pytest
 from gateway.control import call
 from tests.support.mqtt import Mosquitto, Subscriber
 from tests.support.peers import IN_CI, Peer, require_binary, wait_until
+from tests.support.store import fill_store
 from tests.sync.test_daemon import ROOT, ctl, db_query, gatewayd
 
 pytestmark = pytest.mark.peer("mosquitto")
@@ -175,7 +176,7 @@ async def test_full_store_at_start_delivers_and_prunes_its_way_back(tmp_path: Pa
         )
     )
     db = tmp_path / "state" / "gateway.db"
-    await _fill(db, 300 * 1024)
+    await fill_store(db, 300 * 1024)
     backlog = db_query(db, "SELECT count(*) FROM outbox")[0][0]
     log = tmp_path / "gatewayd.log"
     daemon = gatewayd(config, log)
@@ -196,24 +197,6 @@ async def test_full_store_at_start_delivers_and_prunes_its_way_back(tmp_path: Pa
         sub.stop()
         broker.remove()
     assert daemon.proc.returncode == 0, log.read_text()[-3000:]
-
-
-async def _fill(db: Path, used: int) -> None:
-    from gateway.config import StoreConfig
-    from gateway.events import NewEvent
-    from gateway.store import EventStore
-
-    store = await EventStore.open(db, StoreConfig(quota_mb=64), gateway_id="gw")
-    try:
-        n = 0
-        while store.used_bytes < used:
-            await store.append_many(
-                [NewEvent("device:old-1", "device.readings", {"r": [n + i, "x" * 100]})
-                 for i in range(200)]
-            )  # fmt: skip
-            n += 200
-    finally:
-        await store.close()
 
 
 MAKE_DB = """
